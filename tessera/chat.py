@@ -1,0 +1,172 @@
+"""Tokenizer, chat template and label masks.
+
+The template is InternVL's `internvl2_5` (ChatML):
+
+    <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<img><IMG_CONTEXT>×T</img>\n{question}<|im_end|>\n
+    <|im_start|>assistant\n{answer}<|im_end|>\n
+
+Each image becomes `<img>` + `<IMG_CONTEXT>` × T + `</img>`, T being that image's real token count (from
+`tessera.geometry` or the router), so the model can check that the prompt and the features agree.
+Thinking mode (Qwen3 / InternVL3.5): the answer is `<think>\n…\n</think>\n\n{final}`; with thinking off the
+prompt is prefilled with an empty think block, `<think>\n</think>\n\n`, and the model writes only the final answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+THINK, END_THINK = "<think>", "</think>"
+
+# Order fixes the ids of a tokenizer built by Tessera (tiny preset): <IMG_CONTEXT> is id 3.
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, IMG_CONTEXT, IMG_START, IMG_END, THINK, END_THINK,
+                  "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+
+DEFAULT_SYSTEM = "You are Tessera, a vision-language assistant."
+EMPTY_THINK = f"{THINK}\n{END_THINK}\n\n"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that is missing, unreadable, or lacks a token the template needs."""
+
+
+@dataclass
+class Example:
+    """One tokenised conversation turn for training: ids and a 0/1 mask of the tokens that carry loss."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+
+class ChatTokenizer:
+    """A `tokenizers.Tokenizer` plus the ids and the template InternVL3.5 needs."""
+
+    def __init__(self, tokenizer: Tokenizer, system: str = DEFAULT_SYSTEM):
+        self.tokenizer = tokenizer
+        self.system = system
+        missing = [t for t in (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, THINK, END_THINK) if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise TokenizerError(f"tokenizer lacks the special token(s) {', '.join(missing)}")
+        self.im_start_id = tokenizer.token_to_id(IM_START)
+        self.im_end_id = tokenizer.token_to_id(IM_END)
+        self.img_start_id = tokenizer.token_to_id(IMG_START)
+        self.img_end_id = tokenizer.token_to_id(IMG_END)
+        self.img_context_id = tokenizer.token_to_id(IMG_CONTEXT)
+        self.think_id = tokenizer.token_to_id(THINK)
+        self.end_think_id = tokenizer.token_to_id(END_THINK)
+        eot = tokenizer.token_to_id(ENDOFTEXT)
+        self.pad_id = eot if eot is not None else self.im_end_id
+
+    # ---- files ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ChatTokenizer":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.exists():
+            raise TokenizerError(f"no tokenizer at {path}")
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except TokenizerError:
+            raise
+        except Exception as e:  # the Rust side raises a bare Exception on malformed JSON
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        self.tokenizer.save(str(path / "tokenizer.json" if path.is_dir() else path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    # ---- text ----------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def image_block(self, num_tokens: int) -> str:
+        return IMG_START + IMG_CONTEXT * num_tokens + IMG_END
+
+    def user_text(self, question: str, image_tokens: Sequence[int]) -> str:
+        """The user turn's content: one `<img>…</img>` block per image, then the question."""
+        if len(image_tokens) == 1:
+            images = self.image_block(image_tokens[0]) + "\n"
+        else:
+            images = "".join(f"Image-{i + 1}: {self.image_block(t)}\n" for i, t in enumerate(image_tokens))
+        return images + question
+
+    def build_prompt(self, question: str, image_tokens: Sequence[int] = (), thinking: bool = False,
+                     system: str | None = None) -> list[int]:
+        """Token ids of the prompt, ending where the assistant starts writing."""
+        system = self.system if system is None else system
+        text = ""
+        if system:
+            text += f"{IM_START}system\n{system}{IM_END}\n"
+        text += f"{IM_START}user\n{self.user_text(question, image_tokens)}{IM_END}\n{IM_START}assistant\n"
+        if not thinking:
+            text += EMPTY_THINK
+        ids = self.encode(text)
+        self.check_image_tokens(ids, image_tokens)
+        return ids
+
+    def build_example(self, question: str, answer: str, image_tokens: Sequence[int] = (), thinking: bool = False,
+                      system: str | None = None) -> Example:
+        """A training example: loss on the assistant's tokens and its closing `<|im_end|>`, nothing else.
+
+        With thinking on, `answer` is the whole `<think>\\n…\\n</think>\\n\\nfinal` text the model must write.
+        """
+        prompt = self.build_prompt(question, image_tokens, thinking, system)
+        target = self.encode(answer) + [self.im_end_id]
+        return Example(prompt + target, [0] * len(prompt) + [1] * len(target))
+
+    def check_image_tokens(self, ids: Sequence[int], image_tokens: Sequence[int]) -> None:
+        count = sum(1 for i in ids if i == self.img_context_id)
+        if count != sum(image_tokens):
+            raise ValueError(f"prompt has {count} {IMG_CONTEXT} tokens but the images need {sum(image_tokens)}; "
+                             "does the question text itself contain image tokens?")
+
+    def final_answer(self, text: str) -> str:
+        """The answer after a think block (or the whole text if there is none), stripped."""
+        if END_THINK in text:
+            text = text.split(END_THINK, 1)[1]
+        return text.replace(THINK, "").strip()
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> ChatTokenizer:
+    """Train a small byte-level BPE on `texts` with InternVL3.5's special tokens (ids fixed by SPECIAL_TOKENS).
+
+    Digits are split one per token (as Qwen's tokenizer does), which keeps numbers easy to read and write.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise TokenizerError(f"tokenizer has {tok.get_vocab_size()} tokens, more than vocab_size {vocab_size}")
+    return ChatTokenizer(tok)
+
+
+def fallback_corpus() -> list[str]:
+    """A little English and template text, for `tessera init` when the world is not wanted."""
+    words = ("what is the colour of the shape label read text left right above below how many red green blue "
+             "yellow circle square triangle answer think count number total plus minus image question").split()
+    return [" ".join(words), DEFAULT_SYSTEM] + [str(i) for i in range(100)]

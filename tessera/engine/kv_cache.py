@@ -1,0 +1,90 @@
+"""A preallocated, slot-based KV cache for continuous batching.
+
+Layout: per layer, one key and one value tensor of shape [slots, Hkv, max_len, hd], allocated once.
+A running sequence owns one slot; its tokens live at positions [0, length) of that slot.
+
+Why slots (and not pages or a growing cache):
+- The model's attention takes dense [B, Hkv, S, hd] keys/values plus a bool mask (docs/CONTRACTS.md), so
+  a paged cache would have to gather its pages into a dense tensor at every layer of every step. Slots are
+  already dense.
+- The engine keeps the running sequences in the slot prefix [0, B) (when one finishes, the last one is
+  moved into its hole, see `move`), so a decode step reads the plain view `k[0:B, :, :S]` without copying.
+  New sequences are prefilled into the slots just after the running ones, again a contiguous range.
+- The price is memory: every slot reserves `max_len` positions whether it uses them or not. With the tiny
+  preset that is 8 MB per slot at max_len 2048 in float32; for big models choose `slots` and `max_len` to fit.
+Ragged lengths inside one view are handled by the attention mask the engine builds (keys past a row's
+length are masked out), and `update` writes each row at that row's own positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CacheGeometry:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    slots: int
+    max_len: int
+
+    def bytes(self, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * self.slots * self.num_kv_heads * self.max_len * self.head_dim * elem
+
+
+class SlotKVCache:
+    """Preallocated keys/values for `slots` sequences of up to `max_len` tokens each."""
+
+    def __init__(self, geometry: CacheGeometry, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        g = geometry
+        self.geometry = g
+        shape = (g.slots, g.num_kv_heads, g.max_len, g.head_dim)  # [slots, Hkv, max_len, hd]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(g.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(g.num_layers)]
+
+    def view(self, first_slot: int, positions: torch.Tensor, kv_len: int) -> "SlotView":
+        """A cache object for one forward over slots [first_slot, first_slot + B).
+
+        positions: [B, T] absolute positions the new tokens are written at (row b goes to slot first_slot + b).
+        kv_len: S, how many positions of each slot the attention reads (the longest row's end).
+        """
+        B = positions.shape[0]
+        if first_slot < 0 or first_slot + B > self.geometry.slots:
+            raise ValueError(f"slots [{first_slot}, {first_slot + B}) outside the cache's {self.geometry.slots} slots")
+        if kv_len > self.geometry.max_len or int(positions.max()) >= self.geometry.max_len:
+            raise ValueError(f"positions up to {int(positions.max())} / kv_len {kv_len} exceed max_len {self.geometry.max_len}")
+        return SlotView(self, first_slot, positions, kv_len)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst` (every layer)."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
+
+class SlotView:
+    """The cache protocol for one forward: `update(layer_idx, k, v) -> (k_all, v_all)`."""
+
+    def __init__(self, cache: SlotKVCache, first_slot: int, positions: torch.Tensor, kv_len: int):
+        self.cache = cache
+        self.lo, self.hi = first_slot, first_slot + positions.shape[0]
+        B, T = positions.shape
+        # index_put_ targets: row r, token t → (slot lo + r, position positions[r, t]); both [B, T]
+        self.rows = (torch.arange(B, device=positions.device) + first_slot)[:, None].expand(B, T)
+        self.positions = positions
+        self.kv_len = kv_len
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        B, H, T, hd = k.shape
+        if (B, T) != tuple(self.positions.shape) or H != kc.shape[1] or hd != kc.shape[3]:
+            raise ValueError(f"cache update got k {tuple(k.shape)} for positions {tuple(self.positions.shape)} "
+                             f"and cache heads/dim {kc.shape[1]}/{kc.shape[3]}")
+        # kc[rows, :, positions] has shape [B, T, Hkv, hd] (advanced indices first), so k goes [B,Hkv,T,hd] → [B,T,Hkv,hd]
+        kc[self.rows, :, self.positions] = k.transpose(1, 2).to(kc.dtype)
+        vc[self.rows, :, self.positions] = v.transpose(1, 2).to(vc.dtype)
+        return kc[self.lo:self.hi, :, : self.kv_len], vc[self.lo:self.hi, :, : self.kv_len]
