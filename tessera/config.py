@@ -80,9 +80,10 @@ class FlashConfig:
 
     enabled: bool = False
     compressed_downsample_ratio: float = 0.25  # 1/16 of the patch tokens
-    router_hidden_size: int = 0  # 0 → vision.hidden_size
-    router_num_blocks: int = 2
-    router_num_queries: int = 1
+    router_hidden_size: int = 0  # 0 → vision.hidden_size (released: no projection, the router works at Cv)
+    router_num_blocks: int = 4  # residual MLP blocks of `gating` (released: block1..block4)
+    router_num_queries: int = 1  # learned pooling queries (released: one, `query_token` [1, Cv])
+    router_num_heads: int = 16  # heads of the pooling cross-attention (released: 16)
     relative_threshold: float = 0.5
     absolute_threshold: float = 0.5
 

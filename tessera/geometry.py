@@ -32,8 +32,14 @@ def candidate_grids(min_tiles: int = 1, max_tiles: int = 12) -> tuple[tuple[int,
 def tile_grid(width: int, height: int, tile_size: int = 448, min_tiles: int = 1, max_tiles: int = 12) -> tuple[int, int]:
     """InternVL's dynamic-resolution grid (cols, rows) for a width×height image.
 
-    The closest aspect ratio wins; on an exact tie a later (larger) grid wins only when the image's
-    area exceeds half the area of that grid's canvas.
+    Candidates are visited in `candidate_grids` order; the closest aspect ratio wins, and on an exact tie
+    the later candidate replaces the current one only when the image's area exceeds half the area of that
+    candidate's canvas (S²·cols·rows / 2). Equal-ratio ties ((1, 1) vs (2, 2)) therefore grow the grid with
+    the image. transformers' `get_optimal_tiled_canvas` applies the same rule over a different order inside
+    one tile count. Both orders give the same grid for every image size whenever min_tiles <= 3 (every
+    InternVL configuration; checked exhaustively for max_tiles <= 40). With a larger min_tiles they can
+    differ on an exact tie between two grids of equal tile count, e.g. min = max = 24 at aspect exactly 15:1;
+    tests/test_geometry.py pins both sides of that case.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")

@@ -36,12 +36,15 @@ class Pipeline:
         tok = self.model.tokenizer
         features, image_tokens, tiles, compressed = None, [], 0, 0
         if image is not None:
+            from tessera.routing import RoutingPolicy, encode_routed
+
             batch = self.processor([load_image(image)])
-            compress = self.route(batch.pixel_values, batch.tiles_per_image, routing)
-            features, per_tile = self.model.encode_images(batch.pixel_values, compress=compress)
-            image_tokens = [sum(per_tile)]
-            tiles = len(per_tile)
-            compressed = int(compress.sum()) if compress is not None else 0
+            # ViT once, router only when the policy needs it, then only the chosen branch per tile
+            features, decision = encode_routed(self.model, batch.pixel_values, batch.tiles_per_image,
+                                               RoutingPolicy.parse(routing, **({"seed": seed} if seed is not None else {})))
+            image_tokens = decision.image_tokens
+            tiles = len(decision.tokens_per_tile)
+            compressed = decision.compressed_tiles
         ids = tok.build_prompt(question, image_tokens, thinking=thinking)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         out = self.model.generate(torch.tensor([ids]), features, max_new_tokens=max_new_tokens, temperature=temperature,

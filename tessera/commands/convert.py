@@ -1,0 +1,36 @@
+"""`tessera convert SRC DST --to hf|tessera|official`: rewrite a checkpoint folder in another layout.
+
+The source layout (tessera, official InternVL3.5, transformers) is detected from its config.json; tensors
+are copied bit for bit and tokenizer.json is copied along.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="checkpoint folder to read (any layout)")
+    p.add_argument("dst", help="folder to write")
+    p.add_argument("--to", choices=["hf", "tessera", "official"], default="hf",
+                   help="target layout: hf = transformers InternVLForConditionalGeneration (default)")
+    p.add_argument("--force", action="store_true", help="overwrite a destination that already holds a checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tessera.config import ConfigError
+    from tessera.model.checkpoint import CheckpointError, convert, load_config
+
+    dst = Path(args.dst)
+    if (dst / "config.json").exists() and not args.force:
+        print(f"error: {dst} already holds a checkpoint (use --force to overwrite)")
+        return 2
+    try:
+        _, layout = load_config(args.src)
+        convert(args.src, dst, to=args.to)
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}")
+        return 1
+    print(f"converted {args.src} ({layout} layout) -> {dst} ({args.to} layout)")
+    return 0

@@ -1,0 +1,22 @@
+"""`tessera recipe --preset tiny --out DIR [--quick]`: init → pretrain → sft → eval → report (markdown, PNG, JSON)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", choices=["tiny"], help="model preset (the recipe's schedule is for tiny)")
+    p.add_argument("--out", required=True, help="run folder; rerunning with the same folder resumes")
+    p.add_argument("--quick", action="store_true", help="every stage at toy scale (about a minute)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tessera.train.recipe import run_recipe
+
+    result = run_recipe(args.preset, args.out, quick=args.quick, progress=not args.no_progress)
+    ev = result.summary["eval"]
+    print(f"overall {ev['overall']:.1%} on {ev['n']} held-out questions; "
+          f"final checkpoint {result.final_checkpoint}; report {result.out / 'report.md'}")
+    return 0

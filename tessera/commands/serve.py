@@ -1,0 +1,59 @@
+"""`tessera serve CKPT`: the OpenAI-compatible API, coupled or decoupled (DvD) vision."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint")
+    p.add_argument("--mode", choices=["coupled", "decoupled"], default="coupled",
+                   help="coupled: vision inside this process, between engine steps; decoupled: vision servers (DvD)")
+    p.add_argument("--vision-workers", type=int, default=0, metavar="N", help="decoupled: start N local vision servers")
+    p.add_argument("--vision-server", action="append", default=[], metavar="tcp://HOST:PORT",
+                   help="decoupled: a remote `tessera vision-server` (repeat for several)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("TESSERA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $TESSERA_API_KEY, else open)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the checkpoint's folder name)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots)")
+    p.add_argument("--max-len", type=int, default=None, help="context per sequence in tokens")
+    p.add_argument("--max-waiting", type=int, default=64, help="engine queue bound; beyond it requests get 429")
+    p.add_argument("--max-vision-inflight", type=int, default=32, help="image requests being encoded; beyond → 429")
+    p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--max-tiles-per-request", type=int, default=64)
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="pixels per image (decompression-bomb guard)")
+    p.add_argument("--routing", choices=["full", "compressed", "router"], default="full",
+                   help="default routing when a request does not say (Flash models)")
+    p.add_argument("--allow-remote-images", action="store_true", help="also fetch http(s) image URLs (off by default)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of this process")
+    p.add_argument("--worker-threads", type=int, default=1, help="torch threads per local vision worker")
+    p.add_argument("--max-batch-tiles", type=int, default=32, help="vision workers: tiles per ViT batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="vision workers: longest wait to fill a batch")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tessera.serve.language_server import ServeOptions
+    from tessera.serve.launch import Topology, serve
+    from tessera.serve.vision import VisionLimits
+
+    topology = Topology(args.mode, args.vision_workers, args.vision_server, args.worker_threads, args.max_batch_tiles,
+                        args.max_wait_ms)
+    try:
+        topology.validate()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key", file=sys.stderr)
+    options = ServeOptions(model_name=args.model_name or Path(args.checkpoint).resolve().name, max_batch=args.max_batch,
+                           max_len=args.max_len, max_waiting=args.max_waiting, max_vision_inflight=args.max_vision_inflight,
+                           max_images=args.max_images, allow_remote_images=args.allow_remote_images,
+                           default_routing=args.routing)
+    limits = VisionLimits(max_pixels=args.max_pixels, max_tiles_per_request=args.max_tiles_per_request)
+    return serve(args.checkpoint, topology, options, args.host, args.port, args.api_key, args.threads, limits)

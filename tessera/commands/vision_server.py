@@ -1,0 +1,23 @@
+"""`tessera vision-server CKPT --bind tcp://HOST:PORT`: a standalone DvD vision server (ViT + router + projector)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ address; port * picks a free one")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--max-batch-tiles", type=int, default=32, help="tiles per ViT batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    p.add_argument("--cache-entries", type=int, default=256, help="LRU feature cache size (0 disables)")
+    p.add_argument("--max-pixels", type=int, default=None, help="pixels per image (decompression-bomb guard)")
+    p.add_argument("--exit-with-parent", action="store_true", help="exit when the process that started this one exits")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tessera.serve.vision_server import run_vision_server
+
+    return run_vision_server(args.checkpoint, args.bind, args.threads, args.max_batch_tiles, args.max_wait_ms,
+                             args.cache_entries, args.max_pixels, args.exit_with_parent)

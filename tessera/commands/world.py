@@ -1,0 +1,53 @@
+"""`tessera world sample --n 8 --out DIR [--seed S] [--family F] [--split SPLIT] [--difficulty D]`: render scenes
+and their questions for a person to look at (PNG files plus samples.jsonl).
+
+`tessera world probe [--steps N]`: the learnability probe (tessera/world/probe.py): glyph geometry per patch
+and token, and a short training run comparing how well 16 (1/4) and 4 (1/16) tokens per tile carry a document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = sub.add_parser("sample", help="render samples to PNG + samples.jsonl")
+    p.add_argument("--n", type=int, default=8, help="number of samples")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="first seed (samples use seed, seed+1, ...)")
+    p.add_argument("--family", default=None, help="one family (default: drawn from each seed)")
+    p.add_argument("--split", default="train", choices=["train", "eval", "test"])
+    p.add_argument("--difficulty", type=float, default=1.0, help="curriculum level in [0, 1] (1 = evaluation)")
+    q = sub.add_parser("probe", help="measure what 1/4 and 1/16 tokens of a text tile can carry")
+    from tessera.world.probe import add_arguments as probe_arguments
+
+    probe_arguments(q)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "probe":
+        from tessera.world.probe import run as probe_run
+
+        return probe_run(args)
+    from tessera.world import ALL_FAMILIES, make_sample
+
+    if args.family is not None and args.family not in ALL_FAMILIES:
+        raise SystemExit(f"unknown family {args.family!r}; choose from {', '.join(ALL_FAMILIES)}")
+    if args.n < 1:
+        raise SystemExit("--n must be at least 1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl", "w") as f:
+        for seed in range(args.seed, args.seed + args.n):
+            s = make_sample(seed, args.family, args.split, args.difficulty)
+            name = f"{args.split}_{seed:06d}_{s.family}.png"
+            s.image.save(out / name)
+            record = {"image": name, "family": s.family, "question": s.question, "answer": s.answer,
+                      "thinking_answer": s.thinking_answer, **s.meta}
+            f.write(json.dumps(record) + "\n")
+            print(f"{name}  {s.meta['grid'][0]}x{s.meta['grid'][1]} tiles  Q: {s.question}  A: {s.answer}")
+    print(f"wrote {args.n} samples to {out}")
+    return 0

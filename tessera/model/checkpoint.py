@@ -1,0 +1,266 @@
+"""Checkpoint folders: config.json + model.safetensors (or a sharded index) + tokenizer.json.
+
+`load_checkpoint` reads the tessera, official InternVL3.5 and transformers layouts (tessera.model.layouts
+tells them apart from config.json) and loads strictly: every missing key, unexpected key and shape mismatch
+is reported by name. Weights are read with safetensors only — never pickle.
+`save_checkpoint(model, dir, layout=...)` writes any of the three; `convert` goes from one to another,
+tensors copied bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from tessera.config import ConfigError, ModelConfig
+from tessera.model import layouts
+
+LAYOUTS = ("tessera", "official", "hf")
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded as it is: missing files, bad weights, key or shape mismatches."""
+
+
+# ---- reading --------------------------------------------------------------------------------------------
+
+def read_config(path: Path) -> dict[str, Any]:
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no config.json (is this a checkpoint folder?)")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / WEIGHTS).is_file():
+        return [path / WEIGHTS]
+    if (path / INDEX).is_file():
+        try:
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / INDEX}: not a safetensors index with a weight_map ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{path / INDEX} names shard(s) that do not exist: {', '.join(missing)}")
+        return [path / f for f in files]
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    hint = f" (found {', '.join(pickles)}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
+    raise CheckpointError(f"{path}: no {WEIGHTS} or {INDEX}{hint}")
+
+
+def read_weight_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for file in _weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names.update(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
+    return names
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors file(s), on CPU, as stored."""
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    if name in state:
+                        raise CheckpointError(f"tensor {name!r} appears in more than one shard")
+                    state[name] = f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
+    return state
+
+
+def _img_context_id(path: Path) -> int | None:
+    """The id of <IMG_CONTEXT> in the folder's tokenizer.json, if both exist."""
+    file = path / TOKENIZER
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    for token in data.get("added_tokens") or []:
+        if token.get("content") == "<IMG_CONTEXT>":
+            return int(token["id"])
+    vocab = (data.get("model") or {}).get("vocab")
+    return vocab.get("<IMG_CONTEXT>") if isinstance(vocab, dict) else None
+
+
+def load_config(path: str | Path) -> tuple[ModelConfig, str]:
+    """(ModelConfig, layout) of a checkpoint folder, without reading the tensors."""
+    path = Path(path)
+    raw = read_config(path)
+    try:
+        layout = layouts.detect_layout(raw)
+        if layout == "tessera":
+            return ModelConfig.from_dict(raw), layout
+        keys = read_weight_names(path)
+        if layout == "official":
+            return layouts.official_to_config(raw, keys, _img_context_id(path)), layout
+        return layouts.hf_to_config(raw, keys), layout
+    except ConfigError as e:
+        raise ConfigError(f"{path / 'config.json'}: {e}") from None
+
+
+def to_tessera_state(state: dict[str, torch.Tensor], layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(tessera-named tensors, names with no tessera counterpart)."""
+    if layout in ("tessera", "official"):
+        return state, []
+    return layouts.hf_to_tessera_keys(state)
+
+
+def _expected(model: torch.nn.Module) -> dict[str, torch.Size]:
+    """Every state-dict entry the model needs (a tied LM head is the embedding, so it is not stored)."""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.language.tie_word_embeddings:
+        shapes.pop("language_model.lm_head.weight", None)
+    return shapes
+
+
+def _drop_tied_head(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """A tied model may still store its head (some exporters do); it must equal the embedding."""
+    head = state.get("language_model.lm_head.weight")
+    if head is None or not config.language.tie_word_embeddings:
+        return
+    embed = state.get("language_model.model.embed_tokens.weight")
+    if embed is not None and (head.shape != embed.shape or not torch.equal(head, embed)):
+        raise CheckpointError("tie_word_embeddings is true but the stored LM head differs from embed_tokens "
+                              "(set tie_word_embeddings false in config.json if the head is separate)")
+    del state["language_model.lm_head.weight"]
+
+
+def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], unknown: list[str], where: str) -> None:
+    """Raise a CheckpointError listing missing keys, unexpected keys and shape mismatches, by name."""
+    def listed(names):
+        names = sorted(names)
+        return ", ".join(names[:12]) + (f" ... (+{len(names) - 12} more)" if len(names) > 12 else "")
+
+    missing = set(expected) - set(state)
+    unexpected = [*unknown, *(set(state) - set(expected))]
+    shapes = [f"{k} {tuple(state[k].shape)} (model expects {tuple(expected[k])})"
+              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {listed(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches: {listed(shapes)}")
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    tokenizer: bool = True):
+    """A VisionLanguageModel from a checkpoint folder in any layout, strictly.
+
+    dtype None keeps the stored dtypes. The model is built on the meta device and takes the loaded tensors
+    directly, so a large checkpoint is never held twice in memory. The tokenizer is attached when the folder
+    has a tokenizer.json (and `tokenizer` is True).
+    """
+    from tessera.model.vlm import VisionLanguageModel
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    config, layout = load_config(path)
+    state, unknown = to_tessera_state(read_weights(path), layout)
+    _drop_tied_head(state, config)
+    with torch.device("meta"):
+        model = VisionLanguageModel(config)
+    check_state(state, _expected(model), unknown, f"{path} ({layout} layout)")
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.to(device) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.language_model.tie_weights()
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{path}: tensors left unloaded: {', '.join(leftover[:12])}")
+    model.eval()
+    if tokenizer and (path / TOKENIZER).is_file():
+        model.tokenizer = _load_tokenizer(path / TOKENIZER)
+    return model
+
+
+def _load_tokenizer(file: Path):
+    try:
+        from tessera.chat import ChatTokenizer
+    except ImportError:
+        return None
+    return ChatTokenizer.from_file(file)
+
+
+# ---- writing --------------------------------------------------------------------------------------------
+
+def tessera_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores: the state dict without a tied LM head, detached, contiguous, on CPU."""
+    expected = _expected(model)
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in expected}
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path, layout: str = "tessera",
+                    tokenizer_file: str | Path | None = None) -> Path:
+    """Write `model` as config.json + model.safetensors (+ tokenizer.json) in `layout` (tessera | official | hf).
+
+    The tokenizer is copied from `tokenizer_file` when given, else saved from `model.tokenizer` when set.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    path = Path(path)
+    state = tessera_state(model)
+    config: ModelConfig = model.config
+    if layout == "tessera":
+        raw, tensors = config.to_dict(), state
+    elif layout == "official":
+        raw, tensors = layouts.config_to_official(config), state
+    else:
+        raw, tensors = layouts.config_to_hf(config), layouts.tessera_to_hf_keys(state)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    if tokenizer_file is not None:
+        if Path(tokenizer_file).resolve() != (path / TOKENIZER).resolve():
+            shutil.copyfile(tokenizer_file, path / TOKENIZER)
+    elif getattr(model, "tokenizer", None) is not None:
+        model.tokenizer.save(path / TOKENIZER)
+    return path
+
+
+def convert(src: str | Path, dst: str | Path, to: str = "hf") -> Path:
+    """Rewrite checkpoint `src` (any layout) as `dst` in layout `to` (hf | tessera | official), bit for bit."""
+    if to not in LAYOUTS:
+        raise ValueError(f"unknown target layout {to!r}; choose from {', '.join(LAYOUTS)}")
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise CheckpointError(f"source and destination are the same folder: {src}")
+    model = load_checkpoint(src, tokenizer=False)
+    tok = src / TOKENIZER
+    return save_checkpoint(model, dst, layout=to, tokenizer_file=tok if tok.is_file() else None)
+
+
+def init_checkpoint(config, out: str | Path, seed: int = 0) -> Path:
+    """A random-initialised checkpoint (see tessera.model.init); re-exported for `tessera init`."""
+    from tessera.model.init import init_checkpoint as build
+
+    return build(config, out, seed=seed)

@@ -1,0 +1,212 @@
+"""VisionLanguageModel: InternViT → pixel shuffle → MLP projector → Qwen3 decoder (InternVL3.5 / -Flash).
+
+The model accepts precomputed image features everywhere (`embed`, `forward`, `generate`), so the engine
+and the decoupled (DvD) language server never need the vision tower.
+
+Flash: each tile goes through either the 1/4 branch (`mlp1`, `config.downsample_ratio`) or the 1/16 branch
+(`mlp2`, `config.flash.compressed_downsample_ratio`). The ViT runs once on all tiles; each projector
+then runs only on its own tiles. The router's modules (`pooling_before_gating`, `gating`; tessera/model/router.py)
+exist when Flash is enabled; routing decisions come in as the `compress` mask or a router hook (tessera.routing).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+from tessera.config import ModelConfig
+from tessera.model.connector import make_mlp1, make_mlp2, pixel_shuffle
+from tessera.model.llm import DynamicCache, Qwen3ForCausalLM
+from tessera.model.router import VisualResolutionRouter, build_router_parts
+from tessera.model.vit import InternVisionModel
+
+# per-tile routing: None (all at 1/4), bool [N] (True → 1/16), or a hook: last-layer patch tokens [N, P, Cv] → bool [N]
+Compress = Union[torch.Tensor, Sequence[bool], Callable[[torch.Tensor], torch.Tensor], None]
+
+class VisionLanguageModel(nn.Module):
+    """InternVL3.5. Submodules: `vision_model`, `mlp1`, `language_model`; with Flash also `mlp2` and the router's
+    `pooling_before_gating` + `gating` (official key names). `model.router` is a VisualResolutionRouter view
+    over those two (None for a plain model), so the weights are stored once."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        cv, cl = config.vision.hidden_size, config.language.hidden_size
+        self.vision_model = InternVisionModel(config.vision)
+        self.mlp1 = make_mlp1(cv, cl, config.downsample_ratio)
+        if config.flash.enabled:
+            self.mlp2 = make_mlp2(cv, cl, config.flash.compressed_downsample_ratio)
+            # the router's two parts sit at the top level under their official key names
+            self.pooling_before_gating, self.gating = build_router_parts(cv, config.flash)
+        self.language_model = Qwen3ForCausalLM(config.language)
+        self.tokenizer = None  # a tessera.chat.ChatTokenizer, attached by the checkpoint loader
+
+    # ---- small helpers -------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.embed_tokens.weight.dtype
+
+    @property
+    def image_context_token_id(self) -> int:
+        return self.config.image_context_token_id
+
+    @property
+    def router(self) -> VisualResolutionRouter | None:
+        """The ViR (a view sharing `pooling_before_gating` and `gating`), None for a plain model."""
+        if not hasattr(self, "gating"):
+            return None
+        return VisualResolutionRouter(self.pooling_before_gating, self.gating)
+
+    # ---- vision --------------------------------------------------------------------------------
+
+    def vision_patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Last-layer ViT patch tokens [N, P, Cv] (CLS dropped): what the router reads."""
+        return self.vision_model(pixel_values, layer=-1)[:, 1:]
+
+    def vision_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """ViT output at `select_layer` without the CLS token, as the patch grid: [N, h, w, Cv]."""
+        return self._grid(self.vision_model(pixel_values, layer=self.config.select_layer)[:, 1:])
+
+    @staticmethod
+    def _grid(patch_tokens: torch.Tensor) -> torch.Tensor:
+        n, p, c = patch_tokens.shape
+        side = math.isqrt(p)
+        if side * side != p:
+            raise ValueError(f"{p} patch tokens do not form a square grid")
+        return patch_tokens.reshape(n, side, side, c)  # [N, P, Cv] → [N, h, w, Cv]
+
+    def project(self, grid: torch.Tensor, compress: torch.Tensor | Sequence[bool] | None = None
+                ) -> tuple[torch.Tensor, list[int]]:
+        """Pixel-shuffle and project ViT grids [N, h, w, Cv] tile by tile → (features [ΣT, D], tokens per tile)."""
+        n = grid.shape[0]
+        mask = self._compress_mask(compress, n, grid.device)
+        if not bool(mask.any()):
+            feats = self._branch(grid, self.config.downsample_ratio, self.mlp1)  # [N, t, D]
+            return feats.reshape(-1, feats.shape[-1]), [feats.shape[1]] * n
+        keep_idx, comp_idx = (~mask).nonzero().flatten(), mask.nonzero().flatten()
+        per_tile: list[torch.Tensor | None] = [None] * n
+        if keep_idx.numel():
+            full = self._branch(grid[keep_idx], self.config.downsample_ratio, self.mlp1)  # [n1, t1, D]
+            for row, i in enumerate(keep_idx.tolist()):
+                per_tile[i] = full[row]
+        small = self._branch(grid[comp_idx], self.config.flash.compressed_downsample_ratio, self.mlp2)  # [n2, t2, D]
+        for row, i in enumerate(comp_idx.tolist()):
+            per_tile[i] = small[row]
+        return torch.cat(per_tile, dim=0), [t.shape[0] for t in per_tile]  # [ΣT, D]
+
+    def encode_images(self, pixel_values: torch.Tensor, compress: Compress = None) -> tuple[torch.Tensor, list[int]]:
+        """Tiles [N, 3, S, S] → (features [ΣT, D] in tile order, tokens per tile). compress[i] → tile i at 1/16.
+
+        `compress` may be a callable (the router hook of tessera.routing): it receives the last-layer patch tokens
+        [N, P, Cv] once the ViT has run and returns the bool mask, so the ViT runs once and each projector only
+        on its own tiles.
+        """
+        if not callable(compress):
+            return self.project(self.vision_tokens(pixel_values), compress)
+        # one ViT pass gives both the select_layer tokens (projected) and the last-layer tokens (routed)
+        selected, last = self.vision_model.hidden_states(pixel_values, [self.config.select_layer, -1])  # [N, 1+P, Cv]
+        grid = self._grid(selected[:, 1:])  # [N, h, w, Cv]
+        compress = compress(last[:, 1:])  # [N, P, Cv] → bool [N]
+        return self.project(grid, compress)
+
+    @staticmethod
+    def _branch(grid: torch.Tensor, ratio: float, mlp: nn.Module) -> torch.Tensor:
+        x = pixel_shuffle(grid, ratio)  # [n, h·r, w·r, Cv/r²]
+        return mlp(x.reshape(x.shape[0], -1, x.shape[-1]))  # [n, t, D]
+
+    def _compress_mask(self, compress, n: int, device: torch.device) -> torch.Tensor:
+        if compress is None:
+            return torch.zeros(n, dtype=torch.bool, device=device)
+        mask = torch.as_tensor(compress, device=device)
+        if mask.dtype != torch.bool or mask.shape != (n,):
+            raise ValueError(f"compress must be a bool tensor of shape [{n}] (one per tile), got {mask.dtype} {tuple(mask.shape)}")
+        if bool(mask.any()) and not hasattr(self, "mlp2"):
+            raise ValueError("compress asks for the 1/16 branch but this model has no mlp2 (config.flash.enabled is False)")
+        return mask
+
+    # ---- language ------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with image features spliced in, in order, at the <IMG_CONTEXT> positions."""
+        embeds = self.language_model.embed_tokens(input_ids)  # [B, T, D]
+        slots = input_ids == self.config.image_context_token_id  # [B, T]
+        n_slots = int(slots.sum())
+        n_rows = 0 if image_features is None else image_features.shape[0]
+        if n_slots != n_rows:
+            raise ValueError(f"the prompt has {n_slots} <IMG_CONTEXT> tokens (id {self.config.image_context_token_id}) "
+                             f"but {n_rows} image feature rows were given")
+        if image_features is None or n_rows == 0:
+            return embeds
+        if image_features.dim() != 2 or image_features.shape[1] != embeds.shape[-1]:
+            raise ValueError(f"image_features must be [rows, {embeds.shape[-1]}], got {tuple(image_features.shape)}")
+        return embeds.masked_scatter(slots[..., None], image_features.to(embeds.dtype))  # [B, T, D]
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, cache=None, compress: Compress = None) -> torch.Tensor:
+        """Logits [B, T, V]. Give either `pixel_values` (encoded here, with `compress`) or `image_features`."""
+        if pixel_values is not None:
+            if image_features is not None:
+                raise ValueError("give pixel_values or image_features, not both")
+            image_features, _ = self.encode_images(pixel_values, compress)
+        embeds = self.embed(input_ids, image_features)
+        return self.language_model(embeds, position_ids, cache, attn_mask)
+
+    # ---- simple generation ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, stop_ids: Iterable[int] = (), cache: bool = True,
+                 generator: torch.Generator | None = None) -> list[int]:
+        """Decode one prompt [1, T]. Returns the new token ids (a stop id, when hit, is the last element).
+
+        temperature 0 → greedy; otherwise softmax(logits / temperature) restricted to the top-p nucleus.
+        `cache=False` recomputes the whole sequence each step (the reference the KV cache is tested against).
+        """
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"generate decodes one prompt: input_ids must be [1, T], got {tuple(input_ids.shape)}")
+        stop = set(int(s) for s in stop_ids)
+        lm = self.language_model
+        embeds = self.embed(input_ids, image_features)  # [1, T, D]
+        t = embeds.shape[1]
+        kv = DynamicCache() if cache else None
+        positions = torch.arange(t, device=embeds.device)[None]  # [1, T]
+        hidden = lm.hidden(embeds, positions, kv)[:, -1]  # [1, D]
+        out: list[int] = []
+        while len(out) < max_new_tokens:
+            token = sample_token(lm.lm_head(hidden)[0], temperature, top_p, generator)
+            out.append(token)
+            if token in stop or len(out) == max_new_tokens:
+                break
+            new = lm.embed_tokens(torch.tensor([[token]], device=embeds.device))  # [1, 1, D]
+            if kv is not None:
+                hidden = lm.hidden(new, torch.tensor([[t + len(out) - 1]], device=embeds.device), kv)[:, -1]
+            else:
+                embeds = torch.cat([embeds, new], dim=1)  # [1, T+k, D]
+                positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+                hidden = lm.hidden(embeds, positions)[:, -1]
+        return out
+
+
+def sample_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> int:
+    """One token from logits [V]: argmax at temperature 0, else nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [V]
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)  # [V]
+        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+        drop = (sorted_p.cumsum(0) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))

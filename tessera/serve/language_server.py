@@ -1,0 +1,280 @@
+"""The language server: OpenAI request → images to the vision side → prompt → engine → token stream.
+
+It runs on the API's asyncio loop and never computes on tensors itself: vision work happens in the vision
+backend (on the engine thread between steps when coupled; in other processes when decoupled), generation on
+the engine's thread. While a request's features are awaited, the engine keeps decoding everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+import torch
+
+from tessera.engine import Engine, EngineFull, GenerationRequest, SamplingParams, TokenEvent
+from tessera.serve.detok import Delta, TextAssembler
+from tessera.serve.metrics import Metrics
+from tessera.serve.prompt import Conversation, read_conversation, render_prompt
+from tessera.serve.protocol import EncodedImage, Routing
+from tessera.serve.schema import APIError, ChatCompletionRequest
+from tessera.serve.vision import VisionEncoder, VisionInputError
+
+
+class VisionUnavailable(RuntimeError):
+    """No vision worker can take the request right now (HTTP 503)."""
+
+
+class VisionBackend(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def encode(self, images: list[bytes], routing: Routing, max_tiles: int | None) -> list[EncodedImage]: ...
+    def status(self) -> dict: ...
+
+
+@dataclass
+class ServeOptions:
+    model_name: str = "tessera"
+    max_batch: int = 16
+    max_len: int | None = None  # context per sequence; None → min(model's max positions, 4096)
+    max_waiting: int = 64  # engine queue bound (beyond → 429)
+    max_vision_inflight: int = 32  # requests waiting for features (beyond → 429)
+    max_images: int = 8
+    max_image_bytes: int = 20 * 2**20
+    allow_remote_images: bool = False
+    remote_fetch_timeout: float = 10.0
+    default_routing: str = "full"
+    default_max_tokens: int = 512
+    vision_timeout: float = 120.0
+
+
+class CoupledVision:
+    """Vision inside the language process, run on the engine thread between steps: the sequential baseline."""
+
+    def __init__(self, encoder: VisionEncoder):
+        self.encoder = encoder
+        self.engine: Engine | None = None  # set by the LanguageServer
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def encode(self, images: list[bytes], routing: Routing, max_tiles: int | None) -> list[EncodedImage]:
+        fut = self.engine.call_in_loop(lambda: self.encoder.encode(images, routing, max_tiles))
+        return await asyncio.wrap_future(fut)
+
+    def status(self) -> dict:
+        c = self.encoder.cache
+        return {"mode": "coupled", "workers_alive": 1, "workers_total": 1, "cache_hits": c.hits, "cache_entries": len(c)}
+
+
+@dataclass
+class Prepared:
+    """A request ready for the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    features: torch.Tensor | None
+    images: list[EncodedImage]
+    thinking: bool
+    max_tokens: int
+    arrival: float
+
+    @property
+    def visual_tokens(self) -> int:
+        return sum(im.meta.rows for im in self.images)
+
+    @property
+    def visual_tokens_saved(self) -> int:
+        return sum(im.meta.full_tokens - im.meta.rows for im in self.images)
+
+
+@dataclass
+class ChoiceEvent:
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Generation:
+    """The n sequences of one request, merged into one event stream."""
+
+    server: "LanguageServer"
+    prepared: Prepared
+    ids: list[str]
+    queue: asyncio.Queue
+    assemblers: list[TextAssembler]
+    completion_tokens: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+
+    async def events(self) -> AsyncIterator[ChoiceEvent]:
+        open_ = set(range(len(self.ids)))
+        index = {rid: i for i, rid in enumerate(self.ids)}
+        try:
+            while open_:
+                ev: TokenEvent = await self.queue.get()
+                i = index[ev.request_id]
+                if i not in open_:
+                    continue
+                asm = self.assemblers[i]
+                delta = Delta()
+                if ev.token_id is not None:
+                    self.completion_tokens[i] += 1
+                    if self.first_token_at is None:
+                        self.first_token_at = time.monotonic()
+                        self.server.metrics.observe_ttft(self.first_token_at - self.prepared.arrival)
+                    if not (ev.finished and ev.finish_reason == "stop"):
+                        delta = asm.push(ev.token_id)
+                reason = ev.finish_reason if ev.finished else None
+                if delta.stopped and not ev.finished:  # a stop string: end this choice now
+                    self.server.engine.abort(ev.request_id)
+                    reason = "stop"
+                if reason is not None:
+                    tail = asm.finish()
+                    delta = Delta(delta.content + tail.content, delta.reasoning + tail.reasoning, True)
+                    open_.discard(i)
+                    if reason == "abort" and asm.stopped:
+                        reason = "stop"
+                yield ChoiceEvent(i, delta, reason, ev.error)
+        finally:
+            for i in open_:
+                self.server.engine.abort(self.ids[i])
+
+
+class LanguageServer:
+    def __init__(self, model, vision: VisionBackend | None, options: ServeOptions | None = None):
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError("the model has no tokenizer; load it with tessera.load(checkpoint_dir)")
+        self.options = opts = options or ServeOptions()
+        self.model = model.eval()
+        self.tokenizer = model.tokenizer
+        lm_cfg = model.config.language
+        self.max_len = opts.max_len or min(lm_cfg.max_position_embeddings, 4096)
+        self.engine = Engine(model.language_model, max_batch=opts.max_batch, max_len=self.max_len,
+                             max_waiting=opts.max_waiting, embed_fn=model.embed)
+        self.vision = vision
+        if isinstance(vision, CoupledVision):
+            vision.engine = self.engine
+        self.metrics = Metrics()
+        self.vision_inflight = 0
+        self.stop_ids = frozenset({self.tokenizer.im_end_id, self.tokenizer.pad_id})
+
+    async def start(self) -> None:
+        self.engine.start()
+        if self.vision is not None:
+            await self.vision.start()
+
+    async def stop(self) -> None:
+        if self.vision is not None:
+            await self.vision.stop()
+        self.engine.stop()
+
+    # ---- request → prepared -------------------------------------------------------------------------------
+
+    async def prepare(self, req: ChatCompletionRequest) -> Prepared:
+        opts = self.options
+        arrival = time.monotonic()
+        conv = read_conversation(req, opts.max_images, opts.max_image_bytes, opts.allow_remote_images)
+        images = await self._encode_images(conv, req) if conv.images else []
+        thinking = req.thinking_enabled
+        try:
+            prompt = render_prompt(self.tokenizer, conv, [im.meta.rows for im in images], thinking)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        room = self.max_len - len(prompt)
+        limit = req.token_limit
+        if room < 1 or (limit is not None and limit > room):
+            asked = f" + max_tokens ({limit})" if limit is not None else ""
+            raise APIError(400, f"this model's context is {self.max_len} tokens; the prompt has {len(prompt)}{asked}",
+                           param="messages", code="context_length_exceeded")
+        features = torch.cat([im.features for im in images]) if images else None  # [ΣT, D]
+        return Prepared(uuid.uuid4().hex[:16], prompt, features, images, thinking,
+                        limit or min(opts.default_max_tokens, room), arrival)
+
+    async def _encode_images(self, conv: Conversation, req: ChatCompletionRequest) -> list[EncodedImage]:
+        if self.vision is None:
+            raise APIError(400, "this server has no vision backend; send text only", param="messages")
+        opts = self.options
+        if self.vision_inflight >= opts.max_vision_inflight:
+            self.metrics.rejected += 1
+            raise APIError(429, f"{self.vision_inflight} image requests are already being encoded; retry later",
+                           code="rate_limit_exceeded")
+        blobs = [ref.data if ref.data is not None else await self._fetch(ref.url, ref.param) for ref in conv.images]
+        try:
+            routing = Routing(req.routing or opts.default_routing, req.visual_token_budget)
+        except ValueError as e:
+            raise APIError(400, str(e), param="routing") from None
+        self.vision_inflight += 1
+        try:
+            images = await asyncio.wait_for(self.vision.encode(blobs, routing, req.max_tiles), opts.vision_timeout)
+        except VisionInputError as e:
+            raise APIError(e.status, str(e), param=e.param, code="invalid_image") from None
+        except VisionUnavailable as e:
+            raise APIError(503, f"vision is unavailable: {e}", code="vision_unavailable") from None
+        except asyncio.TimeoutError:
+            raise APIError(503, f"vision did not answer within {opts.vision_timeout:.0f} s", code="vision_timeout") from None
+        finally:
+            self.vision_inflight -= 1
+        self.metrics.record_images(images)
+        return images
+
+    async def _fetch(self, url: str, param: str) -> bytes:
+        import httpx
+
+        limit = self.options.max_image_bytes
+        try:
+            async with httpx.AsyncClient(timeout=self.options.remote_fetch_timeout, follow_redirects=True) as client:
+                async with client.stream("GET", url) as r:
+                    r.raise_for_status()
+                    data = bytearray()
+                    async for chunk in r.aiter_bytes():
+                        data += chunk
+                        if len(data) > limit:
+                            raise APIError(413, f"image at {url} is larger than {limit} bytes", param=param)
+                    return bytes(data)
+        except httpx.HTTPError as e:
+            raise APIError(400, f"could not fetch {url}: {e}", param=param, code="image_fetch_failed") from None
+
+    # ---- prepared → tokens --------------------------------------------------------------------------------
+
+    def generate(self, prepared: Prepared, req: ChatCompletionRequest) -> Generation:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        on_event = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)  # noqa: E731  (engine thread → loop)
+        n = req.n
+        ids = [f"{prepared.request_id}-{i}" for i in range(n)]
+        temperature = 1.0 if req.temperature is None else req.temperature
+        submitted = []
+        try:
+            for i, rid in enumerate(ids):
+                seed = None if req.seed is None else req.seed + i
+                params = SamplingParams(max_tokens=prepared.max_tokens, temperature=temperature,
+                                        top_p=1.0 if req.top_p is None else req.top_p, seed=seed, stop_ids=self.stop_ids)
+                self.engine.submit(GenerationRequest(rid, prepared.prompt_ids, params, on_event, prepared.features,
+                                                     prepared.arrival))
+                submitted.append(rid)
+        except EngineFull as e:
+            for rid in submitted:
+                self.engine.abort(rid)
+            self.metrics.rejected += 1
+            raise APIError(429, f"the server is at capacity ({e}); retry later", code="rate_limit_exceeded") from None
+        except ValueError as e:
+            for rid in submitted:
+                self.engine.abort(rid)
+            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+        self.metrics.requests += 1
+        self.metrics.prompt_tokens += len(prepared.prompt_ids)
+        assemblers = [TextAssembler(self.tokenizer, prepared.thinking, req.stop) for _ in ids]
+        return Generation(self, prepared, ids, queue, assemblers, [0] * n)
+
+    def status(self) -> dict:
+        s = self.engine.snapshot()
+        v = self.vision.status() if self.vision is not None else {"mode": "none", "workers_alive": 0, "workers_total": 0}
+        return {"engine": s, "vision": v, "vision_inflight": self.vision_inflight}

@@ -1,0 +1,123 @@
+"""Put a serving topology together and run it.
+
+- coupled: the vision encoder lives in the language process and runs on the engine thread between steps,
+  so a request's vision work pauses everyone's decoding (the baseline DvD is measured against);
+- decoupled: vision runs in other processes — local children (`vision_workers=N`) and/or remote servers
+  (`vision_servers=[tcp://...]`), load-balanced — while the engine keeps decoding.
+`LocalServer` runs the HTTP API on a background thread bound to 127.0.0.1 and an ephemeral port, for tests
+and benchmarks; `serve` runs it in the foreground for the `tessera serve` command.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import uvicorn
+
+from tessera.serve.api import build_app
+from tessera.serve.language_server import CoupledVision, LanguageServer, ServeOptions
+from tessera.serve.vision import VisionEncoder, VisionLimits
+
+
+@dataclass
+class Topology:
+    mode: str = "coupled"  # coupled | decoupled
+    vision_workers: int = 0  # local vision processes (decoupled)
+    vision_servers: list[str] = field(default_factory=list)  # remote vision servers (decoupled)
+    worker_threads: int = 1  # torch threads per local vision worker
+    max_batch_tiles: int = 32
+    max_wait_ms: float = 5.0
+    heartbeat_timeout: float = 10.0
+
+    def validate(self) -> None:
+        if self.mode not in ("coupled", "decoupled"):
+            raise ValueError(f"mode must be coupled or decoupled, got {self.mode!r}")
+        if self.mode == "coupled" and (self.vision_workers or self.vision_servers):
+            raise ValueError("--vision-workers / --vision-server need --mode decoupled")
+        if self.mode == "decoupled" and not (self.vision_workers or self.vision_servers):
+            raise ValueError("--mode decoupled needs --vision-workers N (local) and/or --vision-server tcp://HOST:PORT")
+        for e in self.vision_servers:
+            if not e.startswith(("tcp://", "ipc://")):
+                raise ValueError(f"vision server address {e!r} must look like tcp://HOST:PORT")
+
+
+def build_server(checkpoint: str, topology: Topology, options: ServeOptions | None = None,
+                 limits: VisionLimits | None = None, model=None) -> LanguageServer:
+    """A LanguageServer for the topology. `model` (already loaded from `checkpoint`) skips loading it again."""
+    import tessera
+
+    topology.validate()
+    if model is None:
+        model = tessera.load(checkpoint)
+    limits = limits or VisionLimits()
+    if topology.mode == "coupled":
+        vision = CoupledVision(VisionEncoder(model, limits))
+    else:
+        from tessera.serve.vision_client import LocalWorkerSpec, RemoteVision
+
+        spec = LocalWorkerSpec(str(checkpoint), topology.worker_threads, topology.max_batch_tiles, topology.max_wait_ms,
+                               limits.cache_entries)
+        vision = RemoteVision(topology.vision_servers, spec, topology.vision_workers,
+                              heartbeat_timeout=topology.heartbeat_timeout)
+    return LanguageServer(model, vision, options)
+
+
+class LocalServer:
+    """The API on a background thread, bound to 127.0.0.1 on an ephemeral port. Use as a context manager."""
+
+    def __init__(self, server: LanguageServer, api_key: str | None = None, host: str = "127.0.0.1"):
+        self.language_server = server
+        self.app = build_app(server, api_key)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.host, self.port = self.sock.getsockname()
+        config = uvicorn.Config(self.app, log_level="warning", loop="asyncio", lifespan="on", timeout_graceful_shutdown=2)
+        self.uvicorn = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                       name="tessera-api")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 180.0) -> "LocalServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.uvicorn.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the API server exited during startup (see the log above)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the API server did not start within {timeout:.0f} s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> "LocalServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(checkpoint: str, topology: Topology, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, threads: int | None = None, limits: VisionLimits | None = None) -> int:
+    """Run the API in the foreground until interrupted."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif topology.mode == "decoupled" and topology.vision_workers:
+        torch.set_num_threads(1)  # the cores belong to the vision workers and the engine, one each
+    server = build_server(checkpoint, topology, options, limits)
+    app = build_app(server, api_key)
+    print(f"tessera: serving {options.model_name} ({topology.mode}) on http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", loop="asyncio")
+    return 0

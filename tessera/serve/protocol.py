@@ -1,0 +1,168 @@
+"""The DvD wire format between the language server and the vision servers (ZeroMQ multipart messages).
+
+Every message is `[MAGIC, kind, header JSON, *blobs]`:
+
+  language → vision (DEALER → ROUTER)
+    b"encode"  {"id", "routing": {"mode", "budget"}, "max_tiles"}          blobs: one encoded image file each
+    b"ping"    {"id"}
+  vision → language
+    b"features" {"id", "dim", "dtype": "bfloat16", "images": [ImageMeta...]}  blobs: per image, rows×dim bf16
+    b"error"    {"id", "status", "message", "param"}                        (status: HTTP-like 400 / 413 / 500)
+    b"pong"     {"id", "stats": {...}}
+
+Features travel one way, in bfloat16 (half the bytes of float32; what the paper sends), row-major
+[rows, dim], little-endian as the machine stores them. The tokens-per-tile list of each image travels in its
+header so the language server can build the prompt (`<IMG_CONTEXT>` × sum) without touching the tensor.
+Malformed messages raise `ProtocolError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+MAGIC = b"TSV1"
+ROUTING_MODES = ("full", "compressed", "router")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the wire format."""
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How tiles are resolved: all at 1/4 ("full"), all at 1/16 ("compressed"), or as the ViR decides ("router").
+
+    budget: optional cap on an image's visual tokens; tiles are compressed (most compressible first) until the
+    image fits. Part of the feature-cache key, since it changes the features.
+    """
+
+    mode: str = "full"
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ROUTING_MODES:
+            raise ValueError(f"routing mode {self.mode!r} is not one of {', '.join(ROUTING_MODES)}")
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+            raise ValueError(f"visual token budget must be a positive integer, got {self.budget!r}")
+
+    def key(self) -> str:
+        return f"{self.mode}:{self.budget}"
+
+
+@dataclass
+class ImageMeta:
+    """What the language server needs to know about one encoded image."""
+
+    tokens_per_tile: list[int]
+    grid: tuple[int, int]  # (cols, rows) of the tiling, thumbnail not counted
+    full_tokens: int  # visual tokens had every tile stayed at 1/4 (for "visual tokens saved")
+    cache_hit: bool = False
+
+    @property
+    def rows(self) -> int:
+        return sum(self.tokens_per_tile)
+
+    @property
+    def compressed_tiles(self) -> int:
+        return sum(1 for t in self.tokens_per_tile if t < max(self.tokens_per_tile))
+
+
+@dataclass
+class EncodedImage:
+    meta: ImageMeta
+    features: torch.Tensor  # [rows, D]
+
+
+@dataclass
+class Message:
+    kind: str
+    header: dict[str, Any]
+    blobs: list[bytes] = field(default_factory=list)
+
+
+def pack(kind: str, header: dict[str, Any], blobs: list[bytes] | tuple[bytes, ...] = ()) -> list[bytes]:
+    return [MAGIC, kind.encode(), json.dumps(header).encode(), *blobs]
+
+
+def unpack(frames: list[bytes]) -> Message:
+    if len(frames) < 3 or frames[0] != MAGIC:
+        raise ProtocolError(f"not a tessera vision message ({len(frames)} frames, magic {frames[0][:8]!r})" if frames
+                            else "empty message")
+    try:
+        header = json.loads(frames[2])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict) or "id" not in header:
+        raise ProtocolError("header must be an object with an 'id'")
+    return Message(frames[1].decode(errors="replace"), header, [bytes(b) for b in frames[3:]])
+
+
+# ---- requests -------------------------------------------------------------------------------------------
+
+def encode_request(request_id: str, images: list[bytes], routing: Routing, max_tiles: int | None = None) -> list[bytes]:
+    return pack("encode", {"id": request_id, "routing": asdict(routing), "max_tiles": max_tiles}, images)
+
+
+def parse_encode_request(msg: Message) -> tuple[list[bytes], Routing, int | None]:
+    r = msg.header.get("routing") or {}
+    try:
+        routing = Routing(mode=r.get("mode", "full"), budget=r.get("budget"))
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None
+    if not msg.blobs:
+        raise ProtocolError("an encode request needs at least one image")
+    return msg.blobs, routing, msg.header.get("max_tiles")
+
+
+# ---- replies --------------------------------------------------------------------------------------------
+
+def features_to_bytes(features: torch.Tensor) -> bytes:
+    """[rows, D] → bfloat16 bytes, row-major."""
+    return features.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+
+
+def bytes_to_features(blob: bytes, rows: int, dim: int) -> torch.Tensor:
+    """bfloat16 bytes → [rows, D] bfloat16 (the caller casts to the LLM's dtype)."""
+    if len(blob) != rows * dim * 2:
+        raise ProtocolError(f"feature blob has {len(blob)} bytes, expected rows {rows} × dim {dim} × 2")
+    if rows == 0:
+        return torch.empty(0, dim, dtype=torch.bfloat16)
+    return torch.frombuffer(bytearray(blob), dtype=torch.bfloat16).view(rows, dim)  # [rows, D]
+
+
+def features_reply(request_id: str, images: list[EncodedImage]) -> list[bytes]:
+    dims = {im.features.shape[1] for im in images}
+    if len(dims) != 1:
+        raise ProtocolError(f"images of one reply must share the feature dim, got {sorted(dims)}")
+    for im in images:
+        if im.features.shape[0] != im.meta.rows:
+            raise ProtocolError(f"image has {im.features.shape[0]} feature rows but its tiles sum to {im.meta.rows}")
+    header = {"id": request_id, "dim": dims.pop(), "dtype": "bfloat16",
+              "images": [{**asdict(im.meta), "grid": list(im.meta.grid)} for im in images]}
+    return pack("features", header, [features_to_bytes(im.features) for im in images])
+
+
+def parse_features(msg: Message) -> list[EncodedImage]:
+    h = msg.header
+    if h.get("dtype") != "bfloat16":
+        raise ProtocolError(f"unsupported feature dtype {h.get('dtype')!r}")
+    metas = h.get("images")
+    if not isinstance(metas, list) or len(metas) != len(msg.blobs):
+        raise ProtocolError(f"{len(msg.blobs)} feature blobs for {len(metas) if isinstance(metas, list) else '?'} images")
+    out = []
+    for m, blob in zip(metas, msg.blobs):
+        try:
+            meta = ImageMeta(tokens_per_tile=[int(t) for t in m["tokens_per_tile"]], grid=tuple(m["grid"]),
+                             full_tokens=int(m["full_tokens"]), cache_hit=bool(m.get("cache_hit", False)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"bad image metadata {m!r}: {e}") from None
+        out.append(EncodedImage(meta, bytes_to_features(blob, meta.rows, int(h["dim"]))))
+    return out
+
+
+def error_reply(request_id: str, status: int, message: str, param: str | None = None) -> list[bytes]:
+    return pack("error", {"id": request_id, "status": status, "message": message, "param": param})

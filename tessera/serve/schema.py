@@ -1,0 +1,167 @@
+"""OpenAI chat-completions request/response shapes, validation, and OpenAI-style error bodies.
+
+Only what Tessera serves is modelled; unknown top-level fields are ignored (as OpenAI-compatible servers do)
+so clients that send e.g. `user` or `logit_bias: null` keep working. Tessera's own extras (sent by the
+official client through `extra_body`): `thinking` (or vLLM/Qwen3's `chat_template_kwargs.enable_thinking`),
+`routing` ("full" | "compressed" | "router"), `visual_token_budget` (max visual tokens per image) and
+`max_tiles` (tiling limit per image, at most the model's).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tessera.serve.protocol import ROUTING_MODES
+
+
+class APIError(Exception):
+    """An error with an HTTP status and an OpenAI-style body."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+             500: "server_error", 503: "service_unavailable"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+# ---- request --------------------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Union[TextPart, ImagePart]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. `name`
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+
+    @field_validator("content")
+    @classmethod
+    def _not_empty_list(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("content must not be an empty list")
+        return v
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatTemplateKwargs(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    enable_thinking: bool | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=16)
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    # Tessera extras
+    thinking: bool | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    routing: Literal[ROUTING_MODES] | None = None  # type: ignore[valid-type]
+    visual_token_budget: int | None = Field(default=None, ge=1)
+    max_tiles: int | None = Field(default=None, ge=1)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return stops
+
+    @property
+    def thinking_enabled(self) -> bool:
+        if self.thinking is not None:
+            return self.thinking
+        if self.chat_template_kwargs is not None and self.chat_template_kwargs.enable_thinking is not None:
+            return self.chat_template_kwargs.enable_thinking
+        return False
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def parse_request(data: Any) -> ChatCompletionRequest:
+    """Validate a decoded JSON body; the first problem becomes a 400 naming its parameter."""
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        missing = err["type"] == "missing"
+        message = f"missing required parameter '{param}'" if missing else f"invalid '{param}': {err['msg']}"
+        raise APIError(400, message, param=param, code="missing_required_parameter" if missing else "invalid_value") from None
+
+
+# ---- responses ------------------------------------------------------------------------------------------
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt: int, completion: int, visual: int = 0, visual_saved: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"image_tokens": visual, "image_tokens_saved": visual_saved}}
+
+
+def message_body(text: str, reasoning: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"role": "assistant", "content": text}
+    if reasoning is not None:
+        body["reasoning_content"] = reasoning
+    return body
+
+
+def completion_body(cid: str, model: str, choices: list[dict[str, Any]], use: dict[str, Any]) -> dict[str, Any]:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": use}
+
+
+def chunk_body(cid: str, model: str, created: int, choices: list[dict[str, Any]], use: dict[str, Any] | None = None,
+               with_usage_field: bool = False) -> dict[str, Any]:
+    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+    if with_usage_field:
+        body["usage"] = use
+    return body

@@ -1,0 +1,272 @@
+"""Samples → model inputs: tiles, prompts with image tokens, packed rows, square-averaged loss weights.
+
+The pipeline for one stream position `index`:
+    source(index) → (world Sample, thinking?) ─encode→ Encoded (ids, loss mask, tiles)
+a stream of Encoded ─Packer→ Batch: several samples concatenated per row up to `row_tokens`, position ids
+restarting at 0 for every sample and segment ids (1, 2, … per row; 0 = padding) from which the block-diagonal
+causal mask is built, so attention never crosses samples. Packing saves the padding a per-sample batch would
+waste when prompts differ in length (tile counts vary with the image's aspect ratio).
+
+Every sample is a pure function of its stream index, so a data position is one integer and resuming from a
+checkpoint replays exactly the same batches. Rendering (PIL) and tiling run in a DataLoader worker process
+(`stream_batches(..., workers=1)`), which overlaps with the training step.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from tessera.train.losses import IGNORE
+
+
+@dataclass
+class Encoded:
+    """One tokenised sample with its tiles. `loss_mask[t]` = 1 when token t is a target the model must write."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    pixel_values: torch.Tensor  # [N,3,S,S], the tiles of every image of the sample in prompt order
+    image_tokens: list[int]  # visual tokens per image (their sum = number of <IMG_CONTEXT> ids)
+    family: str = ""
+    index: int = -1  # stream position, for debugging and resume checks
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        # the first token is never a target (nothing predicts it)
+        return sum(self.loss_mask[1:])
+
+
+def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, answer: str, thinking: bool = False,
+           family: str = "", index: int = -1) -> Encoded:
+    """Tile `image` (tessera.image.ImageProcessor), expand the prompt with the real token count, mask the labels."""
+    pixels = processor([image])
+    image_tokens = [n * tokens_per_tile for n in pixels.tiles_per_image]
+    example = tokenizer.build_example(question, answer, image_tokens, thinking=thinking)
+    return Encoded(example.input_ids, example.loss_mask, pixels.pixel_values, image_tokens, family, index)
+
+
+def square_average_weights(num_loss_tokens: int) -> float:
+    """InternVL's square averaging: each of a sample's N loss tokens weighs N^-0.5 (between per-token and per-sample)."""
+    if num_loss_tokens <= 0:
+        raise ValueError("a training sample must have at least one loss token")
+    return num_loss_tokens ** -0.5
+
+
+@dataclass
+class Batch:
+    """Packed rows. Position t of a row predicts `targets[:, t]` (the next token of the same sample)."""
+
+    input_ids: torch.Tensor  # [B,L] long, pad_id on padding
+    targets: torch.Tensor  # [B,L] long, IGNORE where no loss (prompt, padding, last token of a sample)
+    weights: torch.Tensor  # [B,L] float, N^-0.5 on the loss positions of a sample with N of them, else 0
+    position_ids: torch.Tensor  # [B,L] long, restarting at 0 for every sample
+    segment_ids: torch.Tensor  # [B,L] long, 1.. per sample within a row, 0 on padding
+    pixel_values: torch.Tensor  # [ΣN,3,S,S], the tiles in the order their <IMG_CONTEXT> tokens appear (row-major)
+    image_tokens: list[int]  # per image, same order
+    families: list[str]  # per sample, in packing order
+    indices: list[int] = field(default_factory=list)  # stream positions of the samples
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.families)
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.segment_ids > 0).sum())
+
+    @property
+    def weight_sum(self) -> float:
+        return float(self.weights.sum())
+
+    def attn_mask(self) -> torch.Tensor:
+        """bool [B,1,L,L], True = may attend: same segment and causal. Padding (segment 0) attends to padding."""
+        from tessera.model.llm import packed_causal_mask
+
+        return packed_causal_mask(self.segment_ids)
+
+
+def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None = None) -> Batch:
+    """Build a Batch from rows of samples (one list of Encoded per row), padded to the longest row or `pad_to`."""
+    if not rows or any(not r for r in rows):
+        raise ValueError("collate needs at least one non-empty row")
+    L = max(sum(len(e) for e in row) for row in rows)
+    if pad_to is not None:
+        if pad_to < L:
+            raise ValueError(f"a row of {L} tokens does not fit pad_to={pad_to}")
+        L = pad_to
+    B = len(rows)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    targets = torch.full((B, L), IGNORE, dtype=torch.long)
+    weights = torch.zeros(B, L)
+    position_ids = torch.zeros(B, L, dtype=torch.long)
+    segment_ids = torch.zeros(B, L, dtype=torch.long)
+    tiles, image_tokens, families, indices = [], [], [], []
+    for b, row in enumerate(rows):
+        start = 0
+        for seg, e in enumerate(row, start=1):
+            n = len(e)
+            ids = torch.tensor(e.input_ids, dtype=torch.long)
+            mask = torch.tensor(e.loss_mask, dtype=torch.bool)
+            input_ids[b, start:start + n] = ids
+            position_ids[b, start:start + n] = torch.arange(n)
+            segment_ids[b, start:start + n] = seg
+            # position t predicts token t+1 of the same sample; the sample's last position predicts nothing
+            shifted = torch.where(mask[1:], ids[1:], torch.full_like(ids[1:], IGNORE))  # [n-1]
+            targets[b, start:start + n - 1] = shifted
+            weights[b, start:start + n - 1] = mask[1:].float() * square_average_weights(e.num_loss_tokens)
+            tiles.append(e.pixel_values)
+            image_tokens.extend(e.image_tokens)
+            families.append(e.family)
+            indices.append(e.index)
+            start += n
+    pixel_values = torch.cat(tiles) if tiles else torch.zeros(0)
+    return Batch(input_ids, targets, weights, position_ids, segment_ids, pixel_values, image_tokens, families, indices)
+
+
+class Packer:
+    """Turns an ordered stream of (position, Encoded) into packed Batches of at most `rows` × `row_tokens`.
+
+    A batch closes when the next sample fits in no row; that sample opens the next batch. Each yielded
+    item is `(batch, next_position)`: the stream position of the first sample *not* in this or an earlier
+    batch, which is what a checkpoint stores to resume exactly.
+    """
+
+    def __init__(self, rows: int, row_tokens: int, pad_id: int):
+        if rows < 1 or row_tokens < 1:
+            raise ValueError(f"rows ({rows}) and row_tokens ({row_tokens}) must be positive")
+        self.rows, self.row_tokens, self.pad_id = rows, row_tokens, pad_id
+
+    def __call__(self, stream: Iterable[tuple[int, Encoded]]) -> Iterator[tuple[Batch, int]]:
+        rows: list[list[Encoded]] = []
+        used = 0  # tokens in the last row
+        for position, e in stream:
+            if len(e) > self.row_tokens:
+                raise ValueError(f"sample {e.index} has {len(e)} tokens, more than row_tokens={self.row_tokens}; raise row_tokens")
+            if rows and used + len(e) <= self.row_tokens:
+                rows[-1].append(e)
+                used += len(e)
+                continue
+            if len(rows) == self.rows:  # e fits nowhere: close the batch, e opens the next one
+                yield collate(rows, self.pad_id), position
+                rows = []
+            rows.append([e])
+            used = len(e)
+
+
+class _IndexedStream(IterableDataset):
+    """Encoded samples at positions start, start+1, … of one rank's stream (global index = pos·world + rank)."""
+
+    def __init__(self, make: Callable[[int], Encoded], start: int, rank: int = 0, world: int = 1):
+        self.make, self.start, self.rank, self.world = make, start, rank, world
+
+    def __iter__(self) -> Iterator[tuple[int, Encoded]]:
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise ValueError("the sample stream is ordered; use at most one worker")
+        pos = self.start
+        while True:
+            yield pos, self.make(pos * self.world + self.rank)
+            pos += 1
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def stream_batches(make: Callable[[int], Encoded], packer: Packer, start: int = 0, rank: int = 0, world: int = 1,
+                   workers: int = 1, prefetch: int = 32) -> Iterator[tuple[Batch, int]]:
+    """Packed batches of `make(i)` from stream position `start`; rendering runs in `workers` (0 or 1) processes.
+
+    `make` must be picklable when workers > 0 (a module-level function or a dataclass instance).
+    """
+    dataset = _IndexedStream(make, start, rank, world)
+    if workers > 0:
+        loader = DataLoader(dataset, batch_size=None, num_workers=1, prefetch_factor=prefetch,
+                            collate_fn=_identity, persistent_workers=False)
+        stream: Iterable[tuple[int, Encoded]] = loader
+    else:
+        stream = iter(dataset)
+    return packer(stream)
+
+
+def tokens_summary(batch: Batch) -> dict[str, float]:
+    """Counts for logging: samples, real tokens, padding fraction, tiles, loss tokens."""
+    total = batch.input_ids.numel()
+    return {"samples": float(batch.num_samples), "tokens": float(batch.num_tokens),
+            "pad_frac": 1.0 - batch.num_tokens / max(total, 1), "tiles": float(batch.pixel_values.shape[0]),
+            "loss_tokens": float((batch.targets != IGNORE).sum())}
+
+
+
+@dataclass
+class Curriculum:
+    """The world's difficulty as a function of the global stream index: linear between (index, difficulty) points.
+
+    A function of the index (not of the step) keeps the data a pure function of the position, so resume is exact.
+    """
+
+    points: tuple[tuple[int, float], ...] = ((0, 1.0),)
+
+    def __post_init__(self) -> None:
+        self.points = tuple((int(i), float(d)) for i, d in self.points)
+        if not self.points or any(b[0] <= a[0] for a, b in zip(self.points, self.points[1:])):
+            raise ValueError(f"curriculum points must be non-empty with increasing indices, got {self.points}")
+        if any(not 0.0 <= d <= 1.0 for _, d in self.points):
+            raise ValueError(f"curriculum difficulties must lie in [0, 1], got {self.points}")
+
+    def __call__(self, index: int) -> float:
+        pts = self.points
+        if index <= pts[0][0]:
+            return pts[0][1]
+        for (i0, d0), (i1, d1) in zip(pts, pts[1:]):
+            if index < i1:
+                return d0 + (d1 - d0) * (index - i0) / (i1 - i0)
+        return pts[-1][1]
+
+
+@dataclass
+class WorldStream:
+    """Global stream index → Encoded world sample (train split): picklable, so it runs in the data worker.
+
+    `families` maps family → relative weight (None: the world's own uniform pick over FAMILIES). A sample whose
+    family has a worked chain (reasoning) is asked in thinking mode with probability `thinking_prob`.
+    """
+
+    tokenizer: Any  # tessera.chat.ChatTokenizer
+    config: Any  # tessera.config.ModelConfig (tiling settings and tokens per tile)
+    families: dict[str, float] | None = None
+    thinking_prob: float = 0.0
+    curriculum: Curriculum = field(default_factory=Curriculum)
+    seed: int = 0  # offset into the world's train seeds, so stages can use disjoint scenes
+    _processor: Any = field(default=None, repr=False, compare=False)
+
+    def sample(self, index: int):
+        """The world Sample and the thinking flag at `index` (no tokenisation; used by tests and reports)."""
+        from tessera.world import make_sample
+
+        rng = random.Random(self.seed * 1_000_003 + index)
+        family = None
+        if self.families:
+            names = sorted(self.families)
+            family = rng.choices(names, weights=[self.families[n] for n in names])[0]
+        s = make_sample(self.seed + index, family=family, split="train", difficulty=self.curriculum(index))
+        return s, s.thinking_answer is not None and rng.random() < self.thinking_prob
+
+    def __call__(self, index: int) -> Encoded:
+        if self._processor is None:
+            from tessera.image import ImageProcessor
+
+            self._processor = ImageProcessor.from_config(self.config)
+        s, thinking = self.sample(index)
+        answer = s.thinking_answer if thinking else s.answer
+        return encode(self.tokenizer, self._processor, self.config.tokens_per_tile, s.image, s.question, answer,
+                      thinking=thinking, family=s.family, index=index)

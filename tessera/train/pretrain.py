@@ -1,0 +1,33 @@
+"""Stage `pretrain`: dense scene descriptions (the world's `describe` samples), every component trained.
+
+InternVL3.5's native pre-training learns vision and language jointly on captions and documents; here the
+caption is the world's exhaustive description (background, each shape with its label and position, every
+document line), which teaches the ViT to see colours, shapes and small text before any question is asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tessera.train import dataclass_from
+from tessera.train.data import Curriculum, WorldStream
+from tessera.train.stage import LanguageModelingStage
+
+SEED_OFFSET = 0  # train seeds [0, 5e8) for pretraining, SFT uses the upper half
+
+
+@dataclass
+class PretrainData:
+    rows: int = 8  # packed rows per micro-batch
+    row_tokens: int = 512
+    curriculum: tuple[tuple[int, float], ...] = ((0, 1.0),)
+    workers: int = 1
+    families: dict[str, float] = field(default_factory=lambda: {"describe": 1.0})
+
+
+def build_stage(model, data: PretrainData | dict | None = None) -> LanguageModelingStage:
+    """The pretrain stage for `model` (which carries the tokenizer and config)."""
+    data = dataclass_from(PretrainData, data)
+    stream = WorldStream(model.tokenizer, model.config, families=dict(data.families), thinking_prob=0.0,
+                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET)
+    return LanguageModelingStage("pretrain", stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers)

@@ -1,0 +1,255 @@
+"""Stage `router` (ViCO stage 2): train only the Visual Resolution Router; every other weight is frozen.
+
+Labels come from the frozen model itself. For each tile i of a sample, the loss ratio
+    r_i = L(answer | tile i at 1/16, every other tile at 1/4) / L(answer | every tile at 1/4)
+is computed exactly: one tile compressed at a time, all variants of a batch in one LLM forward (the ViT runs
+once per tile; both projector branches are cheap). L is the sample's mean answer-token cross-entropy; a small
+`eps` is added to numerator and denominator so that answers the model is already sure of (L ≈ 0) give r ≈ 1
+instead of noise. A tile is labelled *compress* when r_i < τ, τ = the k-th percentile of r over a sliding
+window of recent tiles (so about k % of tiles are labelled compress whatever the absolute loss scale).
+The router reads the tile's last-layer ViT tokens (never the question) and is trained with binary
+cross-entropy on these labels (2-way softmax CE, class 0 = compress, exactly the released output).
+
+The sliding window is stage state and is not checkpointed: after a resume it refills within
+`window / tiles-per-batch` steps, before which τ comes from the tiles seen since the restart.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tessera.model.router import COMPRESS, KEEP
+from tessera.train.data import Encoded, stream_batches
+from tessera.train.vico import shrink_image_tokens
+
+
+@dataclass
+class TileRatios:
+    r: torch.Tensor  # [ΣN] loss ratio per tile
+    loss_full: torch.Tensor  # [S] each sample's answer loss with every tile at 1/4
+    loss_tile: torch.Tensor  # [ΣN] the sample's loss with only that tile at 1/16
+    tiles_per_sample: list[int]
+    patch_tokens: torch.Tensor  # [ΣN, P, Cv] last-layer ViT tokens (what the router reads)
+
+
+def _row_losses(model, rows: list[tuple[list[int], list[int], torch.Tensor]], pad_id: int, chunk: int) -> torch.Tensor:
+    """Mean answer cross-entropy of each (ids, loss_mask, features) row → [R]; right padding, `chunk` rows a forward."""
+    out = []
+    for lo in range(0, len(rows), chunk):
+        part = rows[lo:lo + chunk]
+        L = max(len(ids) for ids, _, _ in part)
+        ids = torch.full((len(part), L), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(part), L, dtype=torch.bool)
+        for b, (row_ids, row_mask, _) in enumerate(part):
+            ids[b, :len(row_ids)] = torch.tensor(row_ids)
+            mask[b, :len(row_mask)] = torch.tensor(row_mask, dtype=torch.bool)
+        logits = model(ids, image_features=torch.cat([f for _, _, f in part]))  # [R,L,V], causal: padding is after
+        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")  # [R,L-1]
+        target = mask[:, 1:].float()  # position t predicts token t+1, a loss token when its mask is set
+        out.append((ce * target).sum(1) / target.sum(1).clamp_min(1.0))  # [R]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def tile_loss_ratios(model, samples: list[Encoded], eps: float = 1e-3, chunk: int = 64) -> TileRatios:
+    """Exact per-tile loss ratios for `samples` (Encoded at 1/4) under the model as it is (call in eval mode)."""
+    cfg = model.config
+    full, small, ctx = cfg.tokens_per_tile, cfg.compressed_tokens_per_tile, cfg.image_context_token_id
+    pad_id = getattr(getattr(model, "tokenizer", None), "pad_id", 0)
+    pixel_values = torch.cat([s.pixel_values for s in samples])  # [ΣN,3,S,S]
+    grid = model.vision_tokens(pixel_values)  # [ΣN,h,w,Cv]
+    n = grid.shape[0]
+    feats_full = model.project(grid, None)[0].view(n, full, -1)  # [ΣN,t1,D]
+    feats_small = model.project(grid, torch.ones(n, dtype=torch.bool))[0].view(n, small, -1)  # [ΣN,t2,D]
+    rows, tiles, offset = [], [], 0
+    for s in samples:
+        k = s.pixel_values.shape[0]
+        tiles.append(k)
+        for v in range(k + 1):  # v = 0: every tile at 1/4; v = i + 1: only tile i at 1/16
+            compress = [i == v - 1 for i in range(k)]
+            enc = shrink_image_tokens(s, compress, full, small, ctx) if v else s
+            feats = torch.cat([feats_small[offset + i] if c else feats_full[offset + i] for i, c in enumerate(compress)])
+            rows.append((enc.input_ids, enc.loss_mask, feats))
+        offset += k
+    losses = _row_losses(model, rows, pad_id, chunk)  # [Σ(N_s + 1)]
+    base, per_tile, at = [], [], 0
+    for k in tiles:
+        base.append(losses[at])
+        per_tile.append(losses[at + 1:at + 1 + k])
+        at += k + 1
+    loss_full = torch.stack(base)  # [S]
+    loss_tile = torch.cat(per_tile)  # [ΣN]
+    base_per_tile = torch.repeat_interleave(loss_full, torch.tensor(tiles))  # [ΣN]
+    r = (loss_tile + eps) / (base_per_tile + eps)  # [ΣN]
+    return TileRatios(r, loss_full, loss_tile, tiles, grid.reshape(n, -1, grid.shape[-1]))
+
+
+@dataclass
+class SampleBatch:
+    samples: list[Encoded]
+
+    @property
+    def tiles(self) -> int:
+        return sum(s.pixel_values.shape[0] for s in self.samples)
+
+
+class SampleGrouper:
+    """Groups the sample stream `size` at a time (no packing: each sample is expanded into its tile variants)."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"samples per batch must be >= 1, got {size}")
+        self.size = size
+
+    def __call__(self, stream: Iterable[tuple[int, Encoded]]) -> Iterator[tuple[SampleBatch, int]]:
+        group: list[Encoded] = []
+        for position, enc in stream:
+            if len(group) == self.size:
+                yield SampleBatch(group), position
+                group = []
+            group.append(enc)
+
+
+class RatioWindow:
+    """The last `size` loss ratios; τ = their k-th percentile."""
+
+    def __init__(self, size: int, percentile: float):
+        if not 0 < percentile < 100 or size < 1:
+            raise ValueError(f"need 0 < percentile < 100 and window >= 1 (got {percentile}, {size})")
+        self.values: deque[float] = deque(maxlen=size)
+        self.percentile = percentile
+
+    def update(self, r: torch.Tensor) -> float:
+        self.values.extend(float(x) for x in r.flatten())
+        return float(torch.quantile(torch.tensor(list(self.values)), self.percentile / 100))
+
+
+def router_labels(r: torch.Tensor, tau: float) -> torch.Tensor:
+    """bool [N]: True = compress (compressing this tile costs relatively little answer loss)."""
+    return r < tau
+
+
+def router_bce(logits: torch.Tensor, compress: torch.Tensor, normalizer: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Binary cross-entropy of the router's 2-way softmax: logits [N,2], compress bool [N] → (Σ CE / normalizer, metrics)."""
+    target = torch.where(compress, COMPRESS, KEEP)  # [N] class index
+    ce = F.cross_entropy(logits.float(), target, reduction="none")  # [N]
+    loss = ce.sum() / (normalizer if normalizer is not None else max(1, ce.numel()))
+    with torch.no_grad():
+        pred = logits.argmax(-1) == COMPRESS  # [N]
+        acc = float((pred == compress).float().mean()) if ce.numel() else 0.0
+    return loss, {"bce": float(ce.detach().mean()) if ce.numel() else 0.0, "router_acc": acc,
+                  "label_compress": float(compress.float().mean()) if ce.numel() else 0.0}
+
+
+@dataclass
+class RouterStage:
+    make: object  # global stream index → Encoded at 1/4 (a picklable WorldStream)
+    samples_per_batch: int = 8
+    percentile: float = 50.0  # k: τ is the k-th percentile of r
+    window: int = 1024  # tiles in the sliding window
+    eps: float = 1e-3
+    workers: int = 1
+    name: str = "router"
+    trainable: dict[str, bool] = field(default_factory=lambda: {"vision": False, "connector": False, "language": False,
+                                                                 "router": True})
+    component_lr: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._window = RatioWindow(self.window, self.percentile)
+
+    def setup(self, model) -> None:
+        if model.router is None:
+            raise ValueError("the router stage needs a Flash model (config.flash.enabled): this one has no router")
+
+    def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[SampleBatch, int]]:
+        return stream_batches(self.make, SampleGrouper(self.samples_per_batch), position, rank, world, self.workers)
+
+    def weight(self, batch: SampleBatch) -> float:
+        return float(batch.tiles)
+
+    def loss(self, model, batch: SampleBatch, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
+        model.eval()  # the frozen parts label in eval mode (no dropout in mlp2) ...
+        router = model.router
+        router.train()  # ... while the router trains with its released dropout
+        ratios = tile_loss_ratios(model, batch.samples, self.eps)
+        tau = self._window.update(ratios.r)
+        labels = router_labels(ratios.r, tau)
+        logits = router(ratios.patch_tokens)  # [ΣN,2]
+        loss, metrics = router_bce(logits, labels, normalizer)
+        metrics.update(tau=tau, r_mean=float(ratios.r.mean()), loss_full=float(ratios.loss_full.mean()),
+                       tiles=float(batch.tiles))
+        return loss, metrics
+
+
+def binary_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve (probability a random positive outranks a random negative; ties count half)."""
+    pos, neg = scores[positive].float(), scores[~positive].float()
+    if not len(pos) or not len(neg):
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]  # [P,N]
+    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
+
+
+@torch.no_grad()
+def evaluate_router(model, samples: list[Encoded], percentile: float = 50.0, eps: float = 1e-3,
+                    tau: float | None = None, chunk_samples: int = 8) -> dict[str, float]:
+    """Router accuracy on held-out tiles: exact r, labels at τ (default: the k-th percentile of these tiles' r)."""
+    was_training = model.training
+    model.eval()
+    rs, ps = [], []
+    router = model.router
+    for lo in range(0, len(samples), chunk_samples):
+        ratios = tile_loss_ratios(model, samples[lo:lo + chunk_samples], eps)
+        rs.append(ratios.r)
+        ps.append(router.p_compress(ratios.patch_tokens))
+    model.train(was_training)
+    r, p = torch.cat(rs), torch.cat(ps)  # [N], [N]
+    tau = float(torch.quantile(r, percentile / 100)) if tau is None else tau
+    labels = router_labels(r, tau)
+    pred = p >= 0.5
+    tp = float((pred & labels).sum()) / max(1, int(labels.sum()))
+    tn = float((~pred & ~labels).sum()) / max(1, int((~labels).sum()))
+    return {"tiles": float(len(r)), "tau": tau, "accuracy": float((pred == labels).float().mean()),
+            "balanced_accuracy": 0.5 * (tp + tn), "auc": binary_auc(p, labels),
+            "label_compress": float(labels.float().mean()), "predicted_compress": float(pred.float().mean())}
+
+
+@dataclass
+class RouterData:
+    samples_per_batch: int = 8
+    percentile: float = 50.0
+    window: int = 1024
+    eps: float = 1e-3
+    workers: int = 1
+    thinking_prob: float = 0.5
+
+
+def build_stage(model, data: RouterData | None = None) -> RouterStage:
+    """The router stage on the SFT stream (same families and seeds as `sft`)."""
+    from tessera.train.data import Curriculum, WorldStream
+    from tessera.train.sft import SEED_OFFSET, default_families
+
+    data = data or RouterData()
+    stream = WorldStream(model.tokenizer, model.config, families=default_families(), thinking_prob=data.thinking_prob,
+                         curriculum=Curriculum(((0, 1.0),)), seed=SEED_OFFSET)
+    return RouterStage(stream, data.samples_per_batch, data.percentile, data.window, data.eps, data.workers)
+
+
+def heldout_samples(model, n: int = 64, seed: int = 2_000_000) -> list[Encoded]:
+    """n held-out (eval-split) world samples at 1/4, every family in turn, for `evaluate_router`."""
+    from tessera.image import ImageProcessor
+    from tessera.train.data import encode
+    from tessera.world import FAMILIES, make_sample
+
+    processor = ImageProcessor.from_config(model.config)
+    out = []
+    for i in range(n):
+        s = make_sample(seed + i, family=FAMILIES[i % len(FAMILIES)], split="eval")
+        out.append(encode(model.tokenizer, processor, model.config.tokens_per_tile, s.image, s.question, s.answer,
+                          family=s.family, index=seed + i))
+    return out

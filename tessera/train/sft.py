@@ -1,0 +1,39 @@
+"""Stage `sft`: the world's questions, with and without thinking.
+
+Every question family is asked with thinking off (the prompt is prefilled with an empty think block, as
+InternVL3.5 does); the reasoning family additionally appears in thinking mode with its worked `<think>` chain,
+so the model learns both ways to answer and `--thinking` works at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tessera.train import dataclass_from
+from tessera.train.data import Curriculum, WorldStream
+from tessera.train.stage import LanguageModelingStage
+
+SEED_OFFSET = 500_000_000  # the upper half of the train seeds: scenes disjoint from pretraining
+
+
+def default_families() -> dict[str, float]:
+    from tessera.world import FAMILIES
+
+    return {f: 1.0 for f in FAMILIES}
+
+
+@dataclass
+class SFTData:
+    rows: int = 8
+    row_tokens: int = 512
+    curriculum: tuple[tuple[int, float], ...] = ((0, 1.0),)
+    workers: int = 1
+    families: dict[str, float] = field(default_factory=default_families)
+    thinking_prob: float = 0.5  # share of reasoning questions asked in thinking mode
+
+
+def build_stage(model, data: SFTData | dict | None = None) -> LanguageModelingStage:
+    data = dataclass_from(SFTData, data)
+    stream = WorldStream(model.tokenizer, model.config, families=dict(data.families), thinking_prob=data.thinking_prob,
+                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET)
+    return LanguageModelingStage("sft", stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers)

@@ -1,0 +1,86 @@
+"""What a training stage is, for the one trainer loop (tessera.train.trainer).
+
+A stage answers three questions and nothing else:
+  * `batches(position, rank, world)`: an endless iterator of `(batch, next_position)` starting at an integer
+    stream position of this rank (what a checkpoint stores for an exact resume);
+  * `weight(batch)`: the batch's share of the loss denominator (Σ of its token weights, or 1.0 for a stage whose
+    loss is already a mean). The trainer sums it over every micro-batch of an optimiser step on every rank;
+  * `loss(model, batch, normalizer)`: `(loss, metrics)` with the loss divided by that global `normalizer`, so the
+    gradients of all micro-batches and ranks add up to the gradient of one big batch.
+Optionally `trainable` (component → bool) and `component_lr` (component → lr) override the TrainConfig, and
+`setup(model)` runs once before the loop (e.g. to build a frozen reference model).
+
+Components are the model's parts, by top-level attribute: vision (vision_model), connector (mlp1, mlp2),
+router (pooling_before_gating, gating: official Flash key names), language (language_model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from tessera.train.data import Batch, Encoded, Packer, stream_batches
+from tessera.train.losses import weighted_cross_entropy
+
+COMPONENTS = {"vision_model": "vision", "mlp1": "connector", "mlp2": "connector", "router": "router",
+              "pooling_before_gating": "router", "gating": "router", "language_model": "language"}
+
+
+def component_of(param_name: str) -> str:
+    """The component a parameter belongs to, from its top-level module name; unknown names fail loudly."""
+    top = param_name.split(".", 1)[0]
+    if top not in COMPONENTS:
+        raise ValueError(f"parameter {param_name!r} belongs to no known component ({', '.join(sorted(COMPONENTS))})")
+    return COMPONENTS[top]
+
+
+@runtime_checkable
+class Stage(Protocol):
+    name: str
+
+    def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Any, int]]: ...
+
+    def weight(self, batch: Any) -> float: ...
+
+    def loss(self, model: torch.nn.Module, batch: Any, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@dataclass
+class LanguageModelingStage:
+    """Next-token cross-entropy on packed world samples (pretrain and SFT differ only in `make`).
+
+    `make(i)` returns the Encoded sample at global stream index i; it runs in a worker process when
+    `workers` > 0, so it must be picklable.
+    """
+
+    name: str
+    make: Callable[[int], Encoded]
+    rows: int
+    row_tokens: int
+    pad_id: int
+    workers: int = 1
+    trainable: dict[str, bool] = field(default_factory=dict)
+    component_lr: dict[str, float] = field(default_factory=dict)
+
+    def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Batch, int]]:
+        return stream_batches(self.make, Packer(self.rows, self.row_tokens, self.pad_id), position, rank, world, self.workers)
+
+    def weight(self, batch: Batch) -> float:
+        return batch.weight_sum
+
+    def loss(self, model: torch.nn.Module, batch: Batch, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
+        return packed_lm_loss(model, batch, normalizer)
+
+
+def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward a packed batch (block-diagonal causal mask, per-sample positions) and take the weighted CE."""
+    logits = model(batch.input_ids, pixel_values=batch.pixel_values, position_ids=batch.position_ids,
+                   attn_mask=batch.attn_mask())  # [B,L,V]
+    loss, metrics = weighted_cross_entropy(logits, batch.targets, batch.weights, normalizer)
+    metrics["samples"] = float(batch.num_samples)
+    metrics["tokens"] = float(batch.num_tokens)
+    metrics["tiles"] = float(batch.pixel_values.shape[0])
+    return loss, metrics

@@ -1,0 +1,300 @@
+"""Test-time scaling: Best-of-N with a learned critic.
+
+Sample N answers, score each with a critic, keep the best. InternVL3.5 uses a process reward model
+(VisualPRM) as its critic. The world can only label *outcomes* (its verifiers judge final answers), so
+Tessera's critic is an outcome reward model, built as small as it can be:
+
+* **Inputs**: one forward pass of the policy itself over (image, question, answer), with the policy frozen.
+  The critic reads the final-norm hidden state at the answer's last token (where the model has seen the
+  whole answer next to the image), the mean hidden state over the answer tokens, and the policy's own
+  confidence in its answer: the mean and the minimum token log-probability, and the answer length.
+  Reusing the policy's representation is what makes a tiny critic possible: it does not have to learn to
+  see or read, only to tell whether what the policy wrote agrees with what the policy saw.
+* **Head**: LayerNorm → Linear(F, 128) → GELU → Linear(128, 1), a logit of P(answer correct).
+* **Training**: binary cross-entropy on the policy's own rollouts of *training* queries, labelled by the
+  world's verifiers (tessera.train.rollout); only the head learns (features are extracted once), a
+  held-out fifth of the queries measures it. Minutes of CPU, no human labels.
+* **Selection**: `critic` keeps the sample with the highest P(correct). `weighted` (default) sums the
+  critic's probabilities over samples that give the same final answer and keeps the best-supported answer:
+  agreement between samples is evidence too, but the critic decides how much each sample counts (a plain
+  majority vote, `vote`, is kept only as a baseline; it is not a critic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tessera.train.rl_losses import token_logprobs
+from tessera.train.rollout import (Group, Prepared, Query, Rollout, SamplingConfig, SequenceBatch, generate_groups,
+                                   score, sequence_batch)
+
+CRITIC_DIR = "critic"  # the critic lives in this folder of a checkpoint: critic.json + critic.safetensors
+STRATEGIES = ("weighted", "critic", "vote")
+NUM_SCALARS = 3  # mean log-prob, min log-prob, log(1 + answer length)
+
+
+@dataclass
+class CriticConfig:
+    hidden_size: int  # the policy LM's hidden size D
+    inner_size: int = 128
+
+    @property
+    def input_size(self) -> int:
+        return 2 * self.hidden_size + NUM_SCALARS
+
+
+class Critic(nn.Module):
+    """P(answer correct) from the policy's features of (image, question, answer): features [B,F] → logits [B]."""
+
+    def __init__(self, config: CriticConfig):
+        super().__init__()
+        self.config = config
+        f = config.input_size
+        self.head = nn.Sequential(nn.LayerNorm(f), nn.Linear(f, config.inner_size), nn.GELU(),
+                                  nn.Linear(config.inner_size, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 2 or features.shape[1] != self.config.input_size:
+            raise ValueError(f"critic features must be [B, {self.config.input_size}], got {tuple(features.shape)}")
+        return self.head(features).squeeze(-1)  # [B,1] → [B]
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "critic.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / "critic.safetensors"))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Critic":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if (path / CRITIC_DIR / "critic.json").exists():
+            path = path / CRITIC_DIR  # a checkpoint folder holding its critic
+        if not (path / "critic.json").exists():
+            raise FileNotFoundError(f"no critic at {path} (expected critic.json and critic.safetensors); train one with "
+                                    f"`tessera critic CHECKPOINT`")
+        critic = cls(CriticConfig(**json.loads((path / "critic.json").read_text())))
+        critic.load_state_dict(load_file(str(path / "critic.safetensors")), strict=True)
+        return critic.eval()
+
+
+# ---- features ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def critic_features(model, seqs: SequenceBatch) -> torch.Tensor:
+    """The policy's view of each (prompt, answer) row: [h_last ; mean_t h_t ; mean log p ; min log p ; log(1+len)].
+
+    h are final-norm hidden states over the answer tokens (the positions that predict them, as in
+    teacher forcing, plus the last token itself); → [B, 2D + 3]."""
+    b = seqs.batch
+    lm = model.language_model
+    embeds = model.embed(b.input_ids, seqs.image_features)  # [B,L,D]
+    hidden = lm.hidden(embeds, b.position_ids)  # [B,L,D]
+    logp = token_logprobs(lm.lm_head(hidden), b.targets.clamp_min(0))  # [B,L]
+    mask = seqs.mask  # [B,L] positions predicting an answer token
+    m = mask.to(hidden.dtype)
+    lengths = m.sum(dim=1)  # [B]
+    last = (mask.long().cumsum(dim=1).argmax(dim=1) + 1).clamp_max(hidden.shape[1] - 1)  # [B] index of the last answer token
+    h_last = hidden[torch.arange(hidden.shape[0]), last]  # [B,D]
+    h_mean = (hidden * m[..., None]).sum(dim=1) / lengths[:, None]  # [B,L,D] → [B,D]
+    mean_lp = (logp * m).sum(dim=1) / lengths  # [B]
+    min_lp = logp.masked_fill(~mask, 0.0).min(dim=1).values  # [B]
+    scalars = torch.stack([mean_lp, min_lp, torch.log1p(lengths)], dim=1)  # [B,3]
+    return torch.cat([h_last, h_mean, scalars], dim=1).float()  # [B, 2D+3]
+
+
+def group_features(model, groups: Sequence[Group], prepared: dict, batch_rows: int = 32) -> torch.Tensor:
+    """Critic features of every rollout of every group, in order: → [Σ G, F]."""
+    rows = [(prepared[g.query.key()], r) for g in groups for r in g.rollouts]
+    out = []
+    for lo in range(0, len(rows), batch_rows):
+        part = rows[lo:lo + batch_rows]
+        seqs = sequence_batch([p for p, _ in part], [r.tokens for _, r in part], model.tokenizer.pad_id)
+        out.append(critic_features(model, seqs))
+    return torch.cat(out) if out else torch.zeros(0, 2 * model.config.language.hidden_size + NUM_SCALARS)
+
+
+# ---- training ----------------------------------------------------------------------------------------
+
+@dataclass
+class CriticTrainConfig:
+    epochs: int = 300  # full-batch passes over the extracted features
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    val_fraction: float = 0.2  # held-out share of the queries
+    inner_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class CriticReport:
+    examples: int
+    positives: float  # share of correct rollouts
+    train_accuracy: float
+    val_accuracy: float
+    val_auc: float
+    val_queries: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train_critic(features: torch.Tensor, labels: torch.Tensor, query_ids: Sequence[int], hidden_size: int,
+                 config: CriticTrainConfig = CriticTrainConfig()) -> tuple[Critic, CriticReport]:
+    """Fit the head on features [E,F] with 0/1 labels [E]; queries are split (not rollouts), so no query's
+    answers sit on both sides. Class-balanced BCE (the rollouts of a good policy are mostly correct)."""
+    if features.shape[0] != labels.shape[0] or features.shape[0] != len(query_ids):
+        raise ValueError(f"features {tuple(features.shape)}, labels {tuple(labels.shape)}, query_ids {len(query_ids)} disagree")
+    torch.manual_seed(config.seed)
+    distinct = sorted(set(query_ids))
+    random.Random(config.seed).shuffle(distinct)
+    val_q = set(distinct[:int(len(distinct) * config.val_fraction)])
+    val = torch.tensor([q in val_q for q in query_ids])  # [E]
+    critic = Critic(CriticConfig(hidden_size, config.inner_size))
+    y = labels.float()
+    pos = float(y[~val].mean()) if (~val).any() else 0.5
+    pos_weight = torch.tensor((1 - pos) / pos if 0 < pos < 1 else 1.0)
+    opt = torch.optim.AdamW(critic.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    critic.train()
+    for _ in range(config.epochs):
+        loss = loss_fn(critic(features[~val]), y[~val])  # [E_train] → []
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    critic.eval()
+    with torch.no_grad():
+        logits = critic(features)  # [E]
+    acc = lambda sel: float(((logits[sel] > 0).float() == y[sel]).float().mean()) if sel.any() else float("nan")  # noqa: E731
+    report = CriticReport(int(features.shape[0]), float(y.mean()), acc(~val), acc(val),
+                          auc(logits[val], y[val]) if val.any() else float("nan"), len(val_q),
+                          {"final_loss": float(loss)})
+    return critic, report
+
+
+def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties count ½."""
+    pos, neg = scores[labels > 0.5], scores[labels <= 0.5]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).float().mean()  # [P,N] → []
+    ties = (pos[:, None] == neg[None, :]).float().mean()
+    return float(greater + 0.5 * ties)
+
+
+# ---- selection -----------------------------------------------------------------------------------------
+
+def answer_key(rollout: Rollout) -> str:
+    """Samples giving the same final answer (case and spacing aside) support the same answer."""
+    return " ".join(rollout.final.lower().split())
+
+
+def select(rollouts: Sequence[Rollout], probs: Sequence[float], strategy: str = "weighted") -> int:
+    """Index of the kept sample. Ties go to the earliest sample, so the choice is deterministic."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if not rollouts or len(rollouts) != len(probs):
+        raise ValueError(f"need one probability per sample, got {len(rollouts)} samples and {len(probs)} probabilities")
+    if strategy == "critic":
+        return max(range(len(probs)), key=lambda i: (probs[i], -i))
+    support: dict[str, float] = {}
+    for r, p in zip(rollouts, probs):
+        if r.format_ok and r.final:
+            support[answer_key(r)] = support.get(answer_key(r), 0.0) + (p if strategy == "weighted" else 1.0)
+    if not support:  # no well-formed answer at all: fall back to the critic's favourite sample
+        return max(range(len(probs)), key=lambda i: (probs[i], -i))
+    best = max(support, key=lambda k: (support[k], -min(i for i, r in enumerate(rollouts) if answer_key(r) == k)))
+    members = [i for i, r in enumerate(rollouts) if r.format_ok and answer_key(r) == best]
+    return max(members, key=lambda i: (probs[i], -i))
+
+
+@torch.no_grad()
+def best_of_n_rollouts(model, critic: Critic | None, prepared: Sequence[Prepared], n: int, sampling: SamplingConfig,
+                       strategy: str = "weighted", verify=None) -> list[tuple[Rollout, list[Rollout], list[float]]]:
+    """For each prompt: sample n answers, score them, keep one. → [(kept, all samples, critic probabilities)].
+
+    `verify` only fills in correctness for reporting; the choice never looks at it."""
+    if n < 1:
+        raise ValueError(f"best-of-N needs n >= 1, got {n}")
+    if critic is None and strategy != "vote":
+        raise ValueError(f"strategy {strategy!r} needs a critic; train one with `tessera critic CHECKPOINT`")
+    was_training = model.training
+    model.eval()
+    cfg = SamplingConfig(**{**asdict(sampling), "group_size": n})
+    out = []
+    try:
+        for k, lo in enumerate(range(0, len(prepared), cfg.queries_per_batch)):
+            chunk = list(prepared[lo:lo + cfg.queries_per_batch])
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+            groups = generate_groups(model, chunk, n, cfg, gen, [model.tokenizer.im_end_id])
+            for p, rolls in zip(chunk, groups):
+                rolls = [score(model.tokenizer, r, p.query, verify or (lambda *_: False)) for r in rolls]
+                if critic is not None:
+                    seqs = sequence_batch([p] * len(rolls), [r.tokens for r in rolls], model.tokenizer.pad_id)
+                    probs = torch.sigmoid(critic(critic_features(model, seqs))).tolist()
+                else:
+                    probs = [1.0] * len(rolls)
+                out.append((rolls[select(rolls, probs, strategy)], rolls, probs))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def generate_best_of_n(model, critic: Critic | None, prompts: Sequence[Sequence[int]], image_features: torch.Tensor | None,
+                       thinking: bool, n: int, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
+                       seed: int = 0, strategy: str = "weighted") -> list[list[int]]:
+    """The `tessera.evaluate` hook: like its greedy_generate (one row per prompt, new tokens without the stop id),
+    but each row is the kept one of n samples. image_features [ΣT, D] are split by each prompt's <IMG_CONTEXT> count."""
+    img = model.config.image_context_token_id
+    prepared, start = [], 0
+    for i, ids in enumerate(prompts):
+        t = sum(1 for x in ids if x == img)
+        feats = image_features[start:start + t] if image_features is not None else torch.zeros(0, 1)
+        start += t
+        prepared.append(Prepared(Query(i, "", "", "", thinking), list(ids), torch.zeros(0), feats, [t]))
+    budget = max_new_tokens
+    cfg = SamplingConfig(temperature, top_p, n, budget, budget, queries_per_batch=max(1, 32 // n), seed=seed)
+    kept = best_of_n_rollouts(model, critic, prepared, n, cfg, strategy)
+    stop = model.tokenizer.im_end_id
+    return [[t for t in r.tokens if t != stop] for r, _, _ in kept]
+
+
+def best_of_n(pipe, image, question: str, n: int, thinking: bool = False, routing: str = "full",
+              max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 1.0, seed: int | None = None,
+              critic: Critic | None = None, strategy: str = "weighted"):
+    """The `tessera chat --best-of N` hook: a tessera.pipeline.Answer chosen among n samples."""
+    from tessera.image import load_image
+    from tessera.pipeline import Answer
+    from tessera.routing import RoutingPolicy, encode_routed
+
+    model, tok = pipe.model, pipe.model.tokenizer
+    critic = critic if critic is not None else getattr(model, "critic", None)
+    features, image_tokens, tiles, compressed = None, [], 0, 0
+    with torch.inference_mode():
+        if image is not None:
+            batch = pipe.processor([load_image(image)])
+            features, decision = encode_routed(model, batch.pixel_values, batch.tiles_per_image,
+                                               RoutingPolicy.parse(routing, **({"seed": seed} if seed is not None else {})))
+            image_tokens, tiles, compressed = decision.image_tokens, len(decision.tokens_per_tile), decision.compressed_tiles
+    ids = tok.build_prompt(question, image_tokens, thinking=thinking)
+    [out] = generate_best_of_n(model, critic, [ids], features, thinking, n, max_new_tokens, temperature, top_p,
+                               seed or 0, strategy)
+    text = tok.decode(out)
+    return Answer(text=text, final=tok.final_answer(text), visual_tokens=sum(image_tokens), tiles=tiles,
+                  compressed_tiles=compressed, token_ids=list(out))
+
+
+def expected_gain(accuracies: dict[int, float]) -> dict[int, float]:
+    """Points gained over N = 1 for each N of a {N: accuracy} table (for the report)."""
+    base = accuracies.get(1, math.nan)
+    return {k: 100 * (v - base) for k, v in sorted(accuracies.items())}

@@ -1,0 +1,61 @@
+"""Fixed evaluation sets and scoring.
+
+An evaluation set is a list of (seed, family) pairs in the `eval` split's seed range (disjoint from training
+by construction, see tasks.SPLIT_OFFSETS), balanced over families: index i of family f uses seed
+i·len(families) + position of f, so growing `n_per_family` only appends samples and sets for different family
+lists never share a seed. Difficulty is always 1 (the full distribution).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from tessera.world.tasks import FAMILIES, READING_FAMILIES, Sample, make_sample
+from tessera.world.verify import verify
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    seed: int
+    family: str
+    split: str = "eval"
+
+    def sample(self) -> Sample:
+        return make_sample(self.seed, self.family, self.split)
+
+
+def eval_items(n_per_family: int = 50, families: Sequence[str] = FAMILIES, split: str = "eval",
+               offset: int = 0) -> list[EvalItem]:
+    """The fixed evaluation set: n_per_family items per family, interleaved by family."""
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown eval families {unknown}; choose from {', '.join(FAMILIES)}")
+    if split == "train":
+        raise ValueError("evaluation sets come from the 'eval' or 'test' split, never from 'train'")
+    k = len(FAMILIES)
+    return [EvalItem((offset + i) * k + FAMILIES.index(f), f, split) for i in range(n_per_family) for f in families]
+
+
+def eval_set(n_per_family: int = 50, families: Sequence[str] = FAMILIES, split: str = "eval",
+             offset: int = 0) -> list[Sample]:
+    """The fixed evaluation set, rendered."""
+    return [item.sample() for item in eval_items(n_per_family, families, split, offset)]
+
+
+def score(results: Iterable[tuple[str, str, str]]) -> dict[str, float]:
+    """Accuracy per family, plus `overall` (mean over families, so each family weighs the same), `reading`
+    (mean over the reading families present) and `n`. `results` holds (family, prediction, answer)."""
+    hits: dict[str, list[bool]] = {}
+    for family, prediction, answer in results:
+        hits.setdefault(family, []).append(verify(family, prediction, answer))
+    if not hits:
+        raise ValueError("no results to score")
+    acc = {f: sum(h) / len(h) for f, h in hits.items()}
+    out = dict(sorted(acc.items(), key=lambda kv: FAMILIES.index(kv[0]) if kv[0] in FAMILIES else len(FAMILIES)))
+    out["overall"] = sum(acc.values()) / len(acc)
+    reading = [acc[f] for f in READING_FAMILIES if f in acc]
+    if reading:
+        out["reading"] = sum(reading) / len(reading)
+    out["n"] = float(sum(len(h) for h in hits.values()))
+    return out

@@ -1,0 +1,199 @@
+"""Learnability probe: how much of the world's text a tile, a 1/4 token and a 1/16 token can carry.
+
+Two parts.
+1. Geometry (exact, instant): glyph ink per 14 px patch, glyph slots per 1/4 token (2×2 patches) and per 1/16
+   token (4×4 patches), glyph width in the thumbnail for every grid, and a template reader that reads every
+   glyph of a document tile perfectly at full resolution but not from the thumbnail-scale image.
+2. Training (minutes, one thread): a throw-away model shaped like the tiny preset's vision side (ViT patch 14,
+   dim 192 → pixel shuffle → MLP → 256-d tokens) and a small reader (learned queries = the asked line key and
+   the digit position, cross-attending to the visual tokens) learns the document question "code on line K" on
+   single-tile documents at random, patch-aligned positions. Run once with 16 tokens per tile (1/4, mlp1
+   shape) and once with 4 (1/16, mlp2 shape); the learning curves show what the 1/16 squeeze costs.
+This is a probe of the data, not the model: it does not use tessera.model, so it runs before the model exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import numpy as np
+from PIL import Image
+
+from tessera.geometry import candidate_grids
+from tessera.world.curriculum import level
+from tessera.world.scenes import CELL, CELLS_PER_TILE, DOC_KEYS, PITCH, TILE, Document, Scene, _Occupancy, _place_document, font, render
+
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # ImageNet, as the processor uses
+
+
+# ---- 1. geometry ----------------------------------------------------------------------------------
+
+def geometry() -> dict:
+    """Glyph and token arithmetic for the world's text at the tiny preset's geometry."""
+    f = font()
+    ink = [f.getbbox(ch) for ch in "0123456789" + DOC_KEYS]
+    w = max(b[2] - b[0] for b in ink)
+    h = max(b[3] - b[1] for b in ink)
+    glyph_slots = (CELL // PITCH) * 1  # glyphs per patch on one text line (one line per cell row)
+    # glyph pitch × ink height (px) once the whole canvas is squeezed into the 112 px thumbnail
+    thumb = {f"{c}x{r}": [round(PITCH / c, 2), round(h / r, 2)] for c, r in candidate_grids(2, 6)}
+    return {
+        "glyph_ink_px": [w, h], "glyph_pitch_px": PITCH, "patch_px": CELL,
+        "glyphs_per_patch": glyph_slots, "glyph_boxes_fraction_of_patch": round(glyph_slots * w * h / CELL**2, 2),
+        "glyph_slots_per_token_1_4": 4 * glyph_slots, "glyph_slots_per_token_1_16": 16 * glyph_slots,
+        "one_hot_features_per_token_1_4": 4 * glyph_slots * 16, "one_hot_features_per_token_1_16": 16 * glyph_slots * 16,
+        "llm_token_dims_tiny": 256, "thumbnail_glyph_pitch_and_height_px": thumb,
+    }
+
+
+def _templates() -> dict[str, np.ndarray]:
+    """Each glyph rendered alone in one 7×14 slot (black on white), as a float array."""
+    out = {}
+    for ch in "0123456789" + DOC_KEYS:
+        doc = Document(1, 1, (ch,), ("00",))
+        image = render(Scene(1, 1, "white", "plain", (0, 0, 0), (), doc)).convert("L")
+        out[ch] = np.asarray(image, np.float32)[CELL:2 * CELL, CELL:CELL + PITCH]
+    return out
+
+
+def template_reading(n: int = 40, squeeze: int = 1, seed: int = 0) -> float:
+    """Fraction of document glyphs a nearest-template reader gets right after the tile is shrunk `squeeze`×
+    horizontally and stretched back (what a `squeeze`-wide grid does to its thumbnail), at known positions."""
+    tpl = _templates()
+    keys, arrays = list(tpl), np.stack(list(tpl.values()))
+    rng, right, total = random.Random(seed), 0, 0
+    for _ in range(n):
+        image, doc = _document_tile(rng)
+        if squeeze > 1:
+            image = image.resize((TILE // squeeze, TILE), Image.BICUBIC).resize((TILE, TILE), Image.BICUBIC)
+        g = np.asarray(image.convert("L"), np.float32)
+        for i, (key, code) in enumerate(zip(doc.keys, doc.codes)):
+            y = (doc.y + i) * CELL
+            for k, ch in enumerate(code):
+                x = (doc.x + 1) * CELL + k * PITCH
+                patch = g[y:y + CELL, x:x + PITCH]
+                guess = keys[int(np.argmin(((arrays - patch) ** 2).sum(axis=(1, 2))))]
+                right += guess == ch
+                total += 1
+    return right / total
+
+
+def _document_tile(rng: random.Random) -> tuple[Image.Image, Document]:
+    """One 112 px tile holding only a full-difficulty document at a random (patch-aligned) position."""
+    occ = _Occupancy(CELLS_PER_TILE, CELLS_PER_TILE)
+    doc = _place_document(rng, occ, level(1.0))
+    scene = Scene(1, 1, rng.choice(["white", "cream", "grey", "pale blue"]), "plain", (20, 20, 20), (), doc)
+    return render(scene), doc
+
+
+# ---- 2. training ----------------------------------------------------------------------------------
+
+def _batch(rng: random.Random, n: int):
+    import torch
+
+    images, keys, codes = [], [], []
+    for _ in range(n):
+        image, doc = _document_tile(rng)
+        key = rng.choice(doc.keys)
+        images.append((np.asarray(image, np.float32) / 255 - MEAN) / STD)
+        keys.append(DOC_KEYS.index(key))
+        codes.append([int(c) for c in doc.code_for(key)])
+    x = torch.tensor(np.stack(images), dtype=torch.float32).permute(0, 3, 1, 2)  # [B,H,W,3] → [B,3,H,W]
+    return x, torch.tensor(keys), torch.tensor(codes)
+
+
+def _model(ratio: int, dim: int = 192, layers: int = 4, d_llm: int = 256):
+    """ViT (patch 14) → pixel shuffle by `ratio` (2: 16 tokens, 4: 4 tokens) → MLP → reader queries → digits."""
+    import torch
+    from torch import nn
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            side = TILE // CELL
+            self.patch = nn.Conv2d(3, dim, CELL, CELL)
+            self.pos = nn.Parameter(torch.randn(1, side * side, dim) * 0.02)
+            self.vit = nn.TransformerEncoder(nn.TransformerEncoderLayer(dim, 3, 4 * dim, 0.0, "gelu", batch_first=True,
+                                                                        norm_first=True), layers,
+                                             enable_nested_tensor=False)
+            c = dim * ratio * ratio
+            if ratio == 2:  # mlp1 shape
+                self.mlp = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, d_llm), nn.GELU(), nn.Linear(d_llm, d_llm))
+            else:  # mlp2 shape
+                self.mlp = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, 2 * d_llm), nn.GELU(), nn.Linear(2 * d_llm, 2 * d_llm),
+                                         nn.GELU(), nn.Linear(2 * d_llm, d_llm))
+            self.tok_pos = nn.Parameter(torch.randn(1, (side // ratio) ** 2, d_llm) * 0.02)
+            self.key = nn.Embedding(len(DOC_KEYS), d_llm)
+            self.digit = nn.Parameter(torch.randn(1, 4, d_llm) * 0.02)
+            self.reader = nn.TransformerDecoder(nn.TransformerDecoderLayer(d_llm, 4, 3 * d_llm, 0.0, "gelu",
+                                                                           batch_first=True, norm_first=True), 2)
+            self.head = nn.Linear(d_llm, 10)
+            self.ratio, self.side = ratio, side
+
+        def forward(self, x, keys):
+            B, r, s = x.shape[0], self.ratio, self.side
+            h = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # [B,D,s,s] → [B,s·s,D]
+            h = self.vit(h)
+            h = h.view(B, s // r, r, s // r, r, dim).permute(0, 1, 3, 2, 4, 5)  # [B,s/r,s/r,r,r,D] blocks
+            h = h.reshape(B, (s // r) ** 2, r * r * dim)  # [B,T,r²D], T = (s/r)² tokens, row-major
+            tokens = self.mlp(h) + self.tok_pos  # [B,T,d_llm]
+            q = self.key(keys)[:, None, :] + self.digit  # [B,4,d_llm]: one query per code digit
+            return self.head(self.reader(q, tokens))  # [B,4,10]
+
+    return Probe()
+
+
+def train(ratio: int, steps: int, batch: int = 32, lr: float = 2e-4, warmup: int = 50, seed: int = 0,
+          eval_every: int = 50, log=print) -> list[dict]:
+    """Train the probe at pixel-shuffle `ratio`; returns the learning curve on a fixed held-out batch."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = _model(ratio)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    rng, held_rng = random.Random(seed), random.Random(10**6 + seed)
+    hx, hk, hc = _batch(held_rng, 256)
+    curve, start = [], time.time()
+    for step in range(1, steps + 1):
+        x, k, c = _batch(rng, batch)
+        logits = model(x, k)  # [B,4,10]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), c.reshape(-1))  # [B·4,10] vs [B·4]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                pred = model(hx, hk).argmax(-1)  # [256,4]
+            point = {"step": step, "loss": round(loss.item(), 4), "digit_acc": round((pred == hc).float().mean().item(), 4),
+                     "code_acc": round((pred == hc).all(-1).float().mean().item(), 4), "seconds": round(time.time() - start, 1)}
+            curve.append(point)
+            log(f"tokens/tile={(TILE // CELL // ratio) ** 2:2d} {json.dumps(point)}")
+    return curve
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=600, help="training steps per run (0: geometry only)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="write the results to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = {"geometry": geometry(),
+              "template_reading": {f"squeeze_{k}": round(template_reading(squeeze=k), 3) for k in (1, 2, 3)}}
+    print(json.dumps(result, indent=1))
+    if args.steps > 0:
+        result["training"] = {str((TILE // CELL // r) ** 2): train(r, args.steps, args.batch, args.lr) for r in (2, 4)}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0

@@ -1,0 +1,144 @@
+"""GSPO: the accuracy filter, mini-batch building, one step on a toy model, and the stage under the Trainer."""
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from tessera.train.gspo import GSPOConfig, GSPOStage, gspo_minibatch_loss, make_minibatches, select_queries
+from tessera.train.mpo import QueryStat
+from tessera.train.rl_losses import sequence_logprobs
+from tessera.train.rollout import Group, Prepared, Query, Rollout, response_logprobs, sequence_batch
+
+
+class ToyLM(nn.Module):
+    """A bigram language model with the VisionLanguageModel forward signature (no images)."""
+
+    def __init__(self, vocab: int = 12, dim: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.language_model = nn.Sequential(nn.Embedding(vocab, dim), nn.Tanh(), nn.Linear(dim, vocab))
+
+    def forward(self, input_ids, pixel_values=None, image_features=None, position_ids=None, **_):
+        return self.language_model(input_ids)  # [B,T,V]
+
+
+def _toy_prepared(query):
+    return Prepared(query, [1, 2, 3], torch.zeros(0, 3, 4, 4), torch.zeros(0, 8), [0])
+
+
+def _rollout(model, prep, tokens, reward):
+    """A rollout whose old log-probs are the toy model's own (as if sampled from it just now)."""
+    seqs = sequence_batch([prep], [tokens], pad_id=0)
+    with torch.no_grad():
+        lp, mask = response_logprobs(model, seqs)
+    return Rollout(tokens, lp[mask].tolist(), True, correct=reward > 0, reward=reward)
+
+
+def _seq_logp(model, prep, tokens):
+    with torch.no_grad():
+        lp, mask = response_logprobs(model, sequence_batch([prep], [tokens], pad_id=0))
+    return float(sequence_logprobs(lp, mask))
+
+
+def test_accuracy_filter_keeps_the_middle_band_inclusive():
+    accs = [0.0, 0.125, 0.2, 0.5, 0.8, 0.875, 1.0]
+    stats = [QueryStat(Query(i, "reasoning", "q", "1"), a, 8) for i, a in enumerate(accs)]
+    assert [q.seed for q in select_queries(stats)] == [2, 3, 4]
+    assert [q.seed for q in select_queries(stats, 0.0, 0.1)] == [0]
+    with pytest.raises(ValueError):
+        select_queries(stats, 0.9, 0.1)
+
+
+def test_a_gspo_step_raises_the_rewarded_completion():
+    model = ToyLM()
+    q = Query(0, "reasoning", "q", "7", thinking=False)
+    prep = _toy_prepared(q)
+    good, bad = [5, 6, 2], [7, 8, 2]
+    group = Group(q, [_rollout(model, prep, good, 1.0), _rollout(model, prep, bad, 0.0)])
+    before = (_seq_logp(model, prep, good), _seq_logp(model, prep, bad))
+    cfg = GSPOConfig(group_size=2, mini_batches=1)
+    [mb] = make_minibatches([group], {q.key(): prep}, cfg, pad_id=0, rng=random.Random(0))
+    assert sorted(mb.advantages.tolist()) == [-1.0, 1.0]
+    loss, metrics = gspo_minibatch_loss(model, mb, cfg)
+    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # on-policy: s_i = 1
+    assert metrics["clip_fraction"] == 0.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss.backward()
+    opt.step()
+    after = (_seq_logp(model, prep, good), _seq_logp(model, prep, bad))
+    assert after[0] > before[0] + 1e-3
+    assert after[1] < before[1] - 1e-3
+
+
+def test_flat_groups_are_dropped_and_give_a_zero_loss():
+    model = ToyLM()
+    q = Query(0, "reasoning", "q", "7")
+    prep = _toy_prepared(q)
+    group = Group(q, [_rollout(model, prep, [5, 2], 1.0), _rollout(model, prep, [6, 2], 1.0)])
+    [mb] = make_minibatches([group], {q.key(): prep}, GSPOConfig(group_size=2), 0, random.Random(0))
+    assert mb.seqs is None and mb.stats["informative_groups"] == 0.0 and mb.stats["reward"] == 1.0
+    loss, metrics = gspo_minibatch_loss(model, mb, GSPOConfig(group_size=2))
+    assert loss.item() == 0.0 and loss.requires_grad and not torch.isnan(loss)
+
+
+def test_rollout_batch_is_split_and_later_minibatches_are_off_policy():
+    model = ToyLM()
+    queries = [Query(i, "reasoning", "q", "7") for i in range(2)]
+    preps = {q.key(): _toy_prepared(q) for q in queries}
+    completions = [[4, 2], [5, 2], [6, 2], [7, 2]]
+    groups = [Group(q, [_rollout(model, preps[q.key()], c, float(k % 2 == i)) for k, c in enumerate(completions)])
+              for i, q in enumerate(queries)]
+    cfg = GSPOConfig(group_size=4, mini_batches=3, eps_low=3e-4, eps_high=4e-4)
+    minis = make_minibatches(groups, preps, cfg, 0, random.Random(1))
+    assert [m.part for m in minis] == [0, 1, 2]
+    assert sum(m.advantages.shape[0] for m in minis) == 8
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    ratios = []
+    for mb in minis:
+        loss, metrics = gspo_minibatch_loss(model, mb, cfg)
+        ratios.append(metrics["ratio_mean"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert ratios[0] == pytest.approx(1.0, abs=1e-6)
+    assert abs(ratios[1] - 1.0) > 1e-4 and abs(ratios[2] - 1.0) > 1e-4  # the policy moved since the rollout
+
+
+def test_stage_runs_under_the_trainer(tmp_path, monkeypatch):
+    """Two optimiser steps of the real stage (rollouts from the tiny VLM being trained) through the Trainer."""
+    import tessera.train.gspo as gspo_mod
+    from tessera.chat import build_tokenizer, fallback_corpus
+    from tessera.model.init import init_model
+    from tessera.train.trainer import Trainer, TrainConfig
+
+    model = init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0)
+    queries = [Query(i, "reasoning", f"what is {i} plus one?", str(i + 1), thinking=False) for i in range(2)]
+    prepared = {}
+    for q in queries:
+        px = torch.randn(1, 3, 112, 112)
+        with torch.no_grad():
+            feats, per_tile = model.encode_images(px)
+        prepared[q.key()] = Prepared(q, model.tokenizer.build_prompt(q.question, [sum(per_tile)]), px[:0], feats,
+                                     [sum(per_tile)])
+    # a random model never finishes an answer, so the verifier would reward nothing: reward an even first token
+    real = gspo_mod.rollout
+
+    def rollout_with_token_reward(model, qs, sampling, verify=None, prepared=None):
+        groups = real(model, qs, sampling, verify=lambda *_: False, prepared=prepared)
+        for g in groups:
+            for r in g.rollouts:
+                r.reward = float(r.tokens[0] % 2 == 0)
+        return groups
+
+    monkeypatch.setattr(gspo_mod, "rollout", rollout_with_token_reward)
+    stage = GSPOStage(queries, GSPOConfig(group_size=4, queries_per_rollout=2, mini_batches=2, max_new_tokens=4),
+                      prepared=prepared)
+    config = TrainConfig(steps=2, lr=1e-3, warmup_steps=1, log_every=1, progress=False, threads=1)
+    result = Trainer(model, stage, config, tmp_path, save_model=lambda m, p: p.mkdir(exist_ok=True)).fit()
+    assert result.step == 2
+    assert result.history[0]["on_policy"] == 1.0 and result.history[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert result.history[0]["sequences"] > 0
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("vision_model") for n in frozen) and not any(n.startswith("language_model") for n in frozen)

@@ -1,0 +1,125 @@
+"""ViCO stage 2 (router training): exact per-tile loss ratios, percentile labels, BCE, and a learning router."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tessera.train.router_stage import (RatioWindow, RouterStage, SampleBatch, binary_auc, evaluate_router,
+                                        router_bce, router_labels, tile_loss_ratios)
+from tessera.train.vico import shrink_image_tokens
+
+torch.set_num_threads(1)
+
+from test_vico import ListStream, make_sample, tiny  # noqa: E402,F401  (shared fixture and synthetic samples)
+
+
+def answer_loss(model, ids: list[int], mask: list[int], features: torch.Tensor) -> float:
+    """Mean answer CE of one sequence, computed the plain way (reference for the batched variants)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), image_features=features)[0]  # [T,V]
+    targets = torch.tensor(ids[1:])
+    keep = torch.tensor(mask[1:], dtype=torch.bool)
+    return float(F.cross_entropy(logits[:-1][keep], targets[keep]))
+
+
+def test_ratios_are_exact_one_tile_at_a_time(tiny):
+    model = tiny.eval()
+    cfg = model.config
+    samples = [make_sample(model, 3, [3]), make_sample(model, 4, [1])]
+    ratios = tile_loss_ratios(model, samples, eps=0.0)
+    assert ratios.tiles_per_sample == [3, 1] and ratios.r.shape == (4,)
+    assert ratios.patch_tokens.shape == (4, (cfg.tile_size // cfg.vision.patch_size) ** 2, cfg.vision.hidden_size)
+    s = samples[0]
+    with torch.no_grad():
+        feats, _ = model.encode_images(s.pixel_values)
+    base = answer_loss(model, s.input_ids, s.loss_mask, feats)
+    assert ratios.loss_full[0].item() == pytest.approx(base, rel=1e-4)
+    for i in range(3):
+        compress = [j == i for j in range(3)]
+        enc = shrink_image_tokens(s, compress, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile,
+                                  cfg.image_context_token_id)
+        with torch.no_grad():
+            feats, _ = model.encode_images(s.pixel_values, compress=torch.tensor(compress))
+        want = answer_loss(model, enc.input_ids, enc.loss_mask, feats)
+        assert ratios.loss_tile[i].item() == pytest.approx(want, rel=1e-4)
+        assert ratios.r[i].item() == pytest.approx(want / base, rel=1e-4)
+
+
+def test_window_percentile_and_labels():
+    w = RatioWindow(size=4, percentile=50)
+    assert w.update(torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx(2.5)
+    assert w.update(torch.tensor([10.0, 20.0])) == pytest.approx(7.0)  # window keeps the last 4: 3, 4, 10, 20
+    labels = router_labels(torch.tensor([0.9, 1.1, 1.5]), 1.2)
+    assert labels.tolist() == [True, True, False]
+    with pytest.raises(ValueError):
+        RatioWindow(4, 100)
+
+
+def test_bce_matches_binary_cross_entropy_on_p_compress():
+    logits = torch.randn(6, 2)
+    compress = torch.tensor([True, False, True, True, False, False])
+    loss, metrics = router_bce(logits, compress)
+    p0 = torch.softmax(logits, -1)[:, 0]
+    want = F.binary_cross_entropy(p0, compress.float())
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    assert 0 <= metrics["router_acc"] <= 1
+
+
+def test_auc():
+    assert binary_auc(torch.tensor([0.9, 0.8, 0.1, 0.2]), torch.tensor([True, True, False, False])) == 1.0
+    assert binary_auc(torch.tensor([0.1, 0.2, 0.9, 0.8]), torch.tensor([True, True, False, False])) == 0.0
+    assert binary_auc(torch.tensor([0.5, 0.5]), torch.tensor([True, False])) == 0.5
+
+
+def test_router_training_steps_lower_its_loss_and_touch_nothing_else(tiny):
+    model = copy.deepcopy(tiny)
+    stage = RouterStage(ListStream(model, 8), samples_per_batch=4, workers=0)
+    stage.setup(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("pooling_before_gating.", "gating.")))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    batch, _ = next(stage.batches(0, 0, 1))
+    assert isinstance(batch, SampleBatch) and len(batch.samples) == 4
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(3):  # through the stage: labels from the frozen model, BCE on the router
+        loss, metrics = stage.loss(model, batch, stage.weight(batch))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert 0.3 < metrics["label_compress"] < 0.7  # τ at the median labels about half the tiles
+    assert losses[-1] < losses[0]
+    # the same labels, many more router steps (the labels are fixed for this batch): the router fits them
+    ratios = tile_loss_ratios(model, batch.samples, stage.eps)
+    labels = router_labels(ratios.r, float(torch.quantile(ratios.r, 0.5)))
+    model.router.train()
+    for _ in range(40):
+        loss, _ = router_bce(model.router(ratios.patch_tokens), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.5 * losses[0]
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    result = evaluate_router(model, batch.samples)
+    assert result["tiles"] == batch.tiles and result["accuracy"] > 0.7
+    assert {"auc", "balanced_accuracy", "tau", "label_compress", "predicted_compress"} <= set(result)
+
+
+def test_stage_runs_in_the_trainer_with_only_the_router_trainable(tiny, tmp_path):
+    from tessera.train.trainer import TrainConfig, Trainer
+
+    model = copy.deepcopy(tiny)
+    stage = RouterStage(ListStream(model, 8), samples_per_batch=2, workers=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(steps=2, warmup_steps=1, lr=1e-3, log_every=1, progress=False, threads=1)
+    result = Trainer(model, stage, cfg, tmp_path, save_model=lambda m, p: torch.save(m.state_dict(), p / "w.pt")).fit()
+    assert result.step == 2 and "tau" in result.history[-1]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("pooling_before_gating.", "gating.")) for n in changed)

@@ -1,0 +1,162 @@
+"""DvD: the feature wire format, a vision server batching and caching, the worker pool's failure handling,
+and the decoupled API with a local worker that dies and is restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from tessera.chat import build_tokenizer, fallback_corpus
+from tessera.model.checkpoint import save_checkpoint
+from tessera.model.init import init_model
+from tessera.serve import protocol as P
+from tessera.serve.language_server import ServeOptions, VisionUnavailable
+from tessera.serve.launch import LocalServer, Topology, build_server
+from tessera.serve.loadgen import data_url, image_for_tiles, image_message, make_image
+from tessera.serve.vision import VisionEncoder, VisionInputError
+from tessera.serve.vision_client import RemoteVision
+from tessera.serve.vision_server import VisionServer
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return init_model("tiny", tokenizer=build_tokenizer(fallback_corpus(), 1024), seed=0)
+
+
+class ThreadedVisionServer:
+    """A vision server on a thread of this process (same code as the `tessera vision-server` process)."""
+
+    def __init__(self, model, bind="tcp://127.0.0.1:*", max_wait_ms=30.0):
+        self.server = VisionServer(VisionEncoder(model), bind, max_batch_tiles=64, max_wait_ms=max_wait_ms)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"announce": False}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while self.server.endpoint is None:
+            time.sleep(0.01)
+        return self.server
+
+    def __exit__(self, *exc):
+        self.server.stop()
+        self.thread.join(5)
+
+
+def test_wire_format_round_trip_and_errors():
+    feats = torch.randn(20, 8)
+    meta = P.ImageMeta([16, 4], (1, 1), 32)
+    msg = P.unpack(P.features_reply("r1", [P.EncodedImage(meta, feats)]))
+    (back,) = P.parse_features(msg)
+    assert back.meta.tokens_per_tile == [16, 4] and back.meta.compressed_tiles == 1
+    assert back.features.dtype == torch.bfloat16 and torch.equal(back.features, feats.to(torch.bfloat16))
+    req = P.unpack(P.encode_request("r2", [b"png-bytes"], P.Routing("router", budget=40), max_tiles=4))
+    images, routing, max_tiles = P.parse_encode_request(req)
+    assert images == [b"png-bytes"] and routing == P.Routing("router", 40) and max_tiles == 4
+    with pytest.raises(P.ProtocolError, match="magic"):
+        P.unpack([b"HTTP", b"encode", b"{}"])
+    with pytest.raises(P.ProtocolError, match="expected rows"):
+        P.bytes_to_features(b"\x00" * 10, rows=2, dim=8)
+    with pytest.raises(P.ProtocolError, match="feature rows"):
+        P.features_reply("r3", [P.EncodedImage(meta, torch.zeros(5, 8))])
+    with pytest.raises(ValueError):
+        P.Routing("sideways")
+
+
+def test_vision_server_batches_concurrent_requests_and_caches(model):
+    tile = model.config.tile_size
+
+    async def scenario(endpoint):
+        pool = RemoteVision([endpoint])
+        await pool.start()
+        try:
+            imgs = [[image_for_tiles(4, tile, seed=i)] for i in range(4)]
+            first = await asyncio.gather(*(pool.encode(b, P.Routing(), None) for b in imgs))
+            again = await pool.encode(imgs[0], P.Routing(), None)
+            routed = await pool.encode(imgs[0], P.Routing("compressed"), None)
+            with pytest.raises(VisionInputError) as bad:
+                await pool.encode([b"not an image"], P.Routing(), None)
+            return first, again, routed, bad.value
+        finally:
+            await pool.stop()
+
+    with ThreadedVisionServer(model) as server:
+        first, again, routed, bad = asyncio.run(scenario(server.endpoint))
+        stats = server.stats
+    assert all(r[0].meta.tokens_per_tile == [16] * 5 for r in first)
+    assert stats.batches < 4  # the four concurrent requests shared ViT batches
+    assert again[0].meta.cache_hit and torch.equal(again[0].features, first[0][0].features)
+    assert routed[0].meta.tokens_per_tile == [4] * 5 and not routed[0].meta.cache_hit  # routing is part of the key
+    assert bad.status == 400
+    # the bf16 features equal the coupled encoder's, rounded
+    direct = VisionEncoder(model).encode([image_for_tiles(4, tile, seed=0)], P.Routing())
+    assert torch.allclose(first[0][0].features.float(), direct[0].features, atol=0.02, rtol=0.02)
+
+
+def test_remote_worker_without_heartbeat_is_marked_down_and_comes_back(model):
+    async def scenario():
+        with ThreadedVisionServer(model) as server:
+            endpoint = server.endpoint
+            pool = RemoteVision([endpoint], heartbeat=0.1, heartbeat_timeout=0.5)
+            await pool.start()
+            await pool.encode([make_image(50, 50)], P.Routing(), None)
+        try:
+            deadline = time.monotonic() + 5
+            while pool.status()["workers_alive"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert pool.status()["workers_alive"] == 0
+            t = time.monotonic()
+            with pytest.raises(VisionUnavailable):
+                await pool.encode([make_image(50, 50)], P.Routing(), None)
+            assert time.monotonic() - t < 0.5  # refused at once, not after a timeout
+            with ThreadedVisionServer(model, bind=endpoint):
+                deadline = time.monotonic() + 5
+                while not pool.status()["workers_alive"] and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert pool.status()["workers_alive"] == 1
+                out = await pool.encode([make_image(50, 50, seed=1)], P.Routing(), None)
+                assert out[0].meta.rows == 16
+        finally:
+            await pool.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-ckpt")
+    save_checkpoint(model, path)
+    return str(path)
+
+
+def test_decoupled_api_survives_a_dying_worker(model, checkpoint):
+    srv = build_server(checkpoint, Topology("decoupled", vision_workers=1), ServeOptions(model_name="tiny"), model=model)
+    with LocalServer(srv) as s, httpx.Client(base_url=s.base_url, timeout=60) as http:
+        def ask_image(seed):
+            body = {"messages": image_message(data_url(make_image(200, 150, seed)), "what"), "max_tokens": 3}
+            return http.post("/v1/chat/completions", json=body)
+
+        r = ask_image(1)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 7 * 16
+        pid = http.get("/health").json()["vision"]["workers"][0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.3)  # a few supervisor polls
+        t = time.monotonic()
+        r = ask_image(2)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "vision_unavailable"
+        assert time.monotonic() - t < 1.0
+        text = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert text.status_code == 200
+        deadline = time.monotonic() + 60
+        while http.get("/health").json()["vision"]["workers_alive"] < 1:
+            assert time.monotonic() < deadline, "the worker was not restarted"
+            time.sleep(0.1)
+        health = http.get("/health").json()["vision"]
+        assert health["restarts"] == 1 and health["workers"][0]["pid"] != pid
+        assert ask_image(3).status_code == 200

@@ -1,0 +1,145 @@
+"""ViCO stage 1: the (reference at 1/4, policy at ξ) pairs, their alignment, and the KL loss on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessera.config import preset
+from tessera.train.data import Encoded
+from tessera.train.vico import PairPacker, ViCOStage, draw_xi, shrink_image_tokens
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from tessera.chat import build_tokenizer, fallback_corpus
+    from tessera.model.vlm import VisionLanguageModel
+
+    tok = build_tokenizer(fallback_corpus(), vocab_size=1024)
+    cfg = preset("tiny")
+    cfg.image_context_token_id = tok.img_context_id
+    torch.manual_seed(0)
+    model = VisionLanguageModel(cfg)
+    model.tokenizer = tok
+    return model
+
+
+def make_sample(model, index: int, tiles: list[int], answer: str = "red 42") -> Encoded:
+    """A synthetic Encoded: random tiles, one image per entry of `tiles`, tokens at 1/4."""
+    cfg, tok = model.config, model.tokenizer
+    gen = torch.Generator().manual_seed(index)
+    image_tokens = [t * cfg.tokens_per_tile for t in tiles]
+    ex = tok.build_example("what is the label?", answer, image_tokens)
+    pv = torch.randn(sum(tiles), 3, cfg.tile_size, cfg.tile_size, generator=gen)
+    return Encoded(ex.input_ids, ex.loss_mask, pv, image_tokens, "toy", index)
+
+
+class ListStream:
+    """index → a fixed synthetic sample (stands in for the world's SFT stream)."""
+
+    def __init__(self, model, count: int = 64):
+        self.samples = [make_sample(model, i, [1 + i % 3] if i % 4 else [2, 1]) for i in range(count)]
+
+    def __call__(self, index: int) -> Encoded:
+        return self.samples[index % len(self.samples)]
+
+
+def test_shrink_image_tokens_cuts_exactly_the_chosen_tiles(tiny):
+    cfg = tiny.config
+    full, small, ctx = cfg.tokens_per_tile, cfg.compressed_tokens_per_tile, cfg.image_context_token_id
+    enc = make_sample(tiny, 0, [3, 2])
+    out = shrink_image_tokens(enc, [True, False, True, False, False], full, small, ctx)
+    assert out.image_tokens == [2 * small + full, 2 * full]
+    assert sum(1 for t in out.input_ids if t == ctx) == sum(out.image_tokens)
+    assert len(out) == len(enc) - 2 * (full - small)
+    answer = [t for t, m in zip(enc.input_ids, enc.loss_mask) if m]
+    assert [t for t, m in zip(out.input_ids, out.loss_mask) if m] == answer
+    with pytest.raises(ValueError, match="tiles"):
+        shrink_image_tokens(enc, [True] * 4, full, small, ctx)
+
+
+def test_xi_is_per_image_and_deterministic():
+    assert draw_xi(17, 3) == draw_xi(17, 3)
+    draws = [x for i in range(2000) for x in draw_xi(i, 1)]
+    assert 0.45 < sum(draws) / len(draws) < 0.55
+    assert not any(draw_xi(5, 4, compress_prob=0.0)) and all(draw_xi(5, 4, compress_prob=1.0))
+
+
+def packer_for(model, rows=4, compress_prob=0.5, row_tokens=512) -> PairPacker:
+    cfg = model.config
+    return PairPacker(rows, row_tokens, model.tokenizer.pad_id, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile,
+                      cfg.image_context_token_id, compress_prob)
+
+
+def test_pairs_share_rows_answers_and_tiles(tiny):
+    stream = ListStream(tiny, 40)
+    batch, position = next(packer_for(tiny)((i, stream(i)) for i in range(40)))
+    ref, pol = batch.reference, batch.policy
+    assert ref.families == pol.families and ref.indices == pol.indices
+    assert torch.equal(ref.targets[ref.targets != -100], pol.targets[pol.targets != -100])
+    assert batch.compress.numel() == ref.pixel_values.shape[0] == pol.pixel_values.shape[0]
+    cfg = tiny.config
+    n_small = int(batch.compress.sum())
+    assert 0 < n_small < batch.compress.numel()
+    ctx = cfg.image_context_token_id
+    assert int((pol.input_ids == ctx).sum()) == int((ref.input_ids == ctx).sum()) - n_small * (
+        cfg.tokens_per_tile - cfg.compressed_tokens_per_tile)
+    # every tile of an image shares its ξ: the compressed positions are whole samples here (one image each
+    # except the two-image samples, whose images draw separately)
+    assert batch.small_positions.any()
+
+
+def test_kl_is_zero_at_quarter_and_training_reduces_it_at_one_sixteenth(tiny):
+    import copy
+
+    model = copy.deepcopy(tiny)
+    stream = ListStream(model, 8)
+    stage_full = ViCOStage(stream, packer_for(model, rows=1, compress_prob=0.0, row_tokens=160), workers=0)
+    stage_full.setup(model)
+    batch, _ = next(stage_full.batches(0, 0, 1))
+    loss, metrics = stage_full.loss(model.eval(), batch, stage_full.weight(batch))
+    assert abs(float(loss.detach())) < 1e-6 and metrics["compressed_tiles"] == 0.0
+
+    stage = ViCOStage(stream, packer_for(model, rows=1, compress_prob=1.0, row_tokens=160), workers=0)
+    stage.setup(model)
+    batch, _ = next(stage.batches(0, 0, 1))
+    assert bool(batch.compress.all())
+    model.train()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("mlp2."))  # only the 1/16 branch learns here: a fast, focused check
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=2e-3)
+    first = None
+    for _ in range(8):
+        loss, metrics = stage.loss(model, batch, stage.weight(batch))
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in params)
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        last, metrics = stage.loss(model, batch, stage.weight(batch))
+    assert first > 0 and float(last) < 0.7 * first
+    assert metrics["kl_at_1_16"] > 0 and metrics["kl_at_1_4"] == 0.0
+    # the reference stayed frozen
+    for (n, p), (_, q) in zip(tiny.named_parameters(), stage.reference.named_parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+
+
+def test_stage_runs_in_the_trainer(tiny, tmp_path):
+    import copy
+
+    from tessera.train.trainer import TrainConfig, Trainer
+
+    model = copy.deepcopy(tiny)
+    stage = ViCOStage(ListStream(model, 16), packer_for(model, rows=2, row_tokens=160), workers=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(steps=2, warmup_steps=1, lr=1e-3, log_every=1, progress=False, threads=1)
+    result = Trainer(model, stage, cfg, tmp_path, save_model=lambda m, p: torch.save(m.state_dict(), p / "w.pt")).fit()
+    assert result.step == 2 and "kl" in result.history[-1]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("mlp2.") for n in changed)
+    assert not any(n.startswith(("pooling_before_gating.", "gating.")) for n in changed)
