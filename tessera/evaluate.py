@@ -93,12 +93,14 @@ def evaluate(model, seed: int = 0, n: int = 140, routing: str = "full", batch_si
     from tessera.routing import RoutingPolicy, encode_routed
     from tessera.world import FAMILIES, eval_items, score, verify
 
-    if best_of != 1:
-        try:
-            from tessera.tts import best_of_n  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError(f"--best-of needs tessera.tts (Best-of-N with a critic), which is not available: {e}") from None
-        raise RuntimeError("--best-of is not wired into tessera.evaluate yet; use tessera.tts directly")
+    critic = None
+    if best_of != 1:  # Best-of-N: the model must carry a critic (tessera.tts.Critic.load(checkpoint))
+        from tessera.tts import generate_best_of_n
+
+        critic = getattr(model, "critic", None)
+        if critic is None:
+            raise ValueError("best_of > 1 needs a critic: set model.critic = tessera.tts.Critic.load(CHECKPOINT) "
+                             "(train one with `tessera critic CHECKPOINT`)")
     if thinking not in ("auto", "on", "off"):
         raise ValueError(f"thinking must be auto, on or off, got {thinking!r}")
     tok = model.tokenizer
@@ -129,9 +131,12 @@ def evaluate(model, seed: int = 0, n: int = 140, routing: str = "full", batch_si
             image_tokens = decision.image_tokens
             prompts = [tok.build_prompt(samples[i].question, [image_tokens[k]], thinking=think[i]) for k, i in enumerate(part)]
             limit = max_think_tokens if think[part[0]] else max_new_tokens
-            outs = greedy_generate(model, prompts, features, limit, tok.im_end_id, tok.pad_id)
+            if best_of > 1:
+                outs = generate_best_of_n(model, critic, prompts, features, think[part[0]], best_of, limit, seed=seed + lo)
+            else:
+                outs = greedy_generate(model, prompts, features, limit, tok.im_end_id, tok.pad_id)
             for k, i in enumerate(part):
-                s, text = samples[i], tok.decode(outs[k])
+                s, text = samples[i], tok.decode(outs[k], skip_special_tokens=False)  # keep </think>: verify splits on it
                 ok = bool(verify(s.family, text, s.answer))
                 generated += len(outs[k])
                 records.append({"index": i, "family": s.family, "question": s.question, "answer": s.answer,

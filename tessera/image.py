@@ -8,9 +8,10 @@ what the model was trained with:
 - a bicubic resize of the whole image to (S·cols, S·rows), crops in row-major order, and a thumbnail (the
   whole image resized to S×S) appended when the grid has more than one tile;
 - (x / 255 − mean) / std per channel in float32 with the ImageNet mean and std.
-For RGB input the pixels are bit-identical to transformers' `GotOcr2ImageProcessor(Pil)` with InternVL's
-settings (tests/test_image.py). Speed comes from decoding once, converting uint8 → float32 once, straight
-into one preallocated [ΣN, 3, S, S] tensor (no per-tile copies), and optional threads; `fast=True`
+EXIF orientation is not applied (the official loader does not either). For opaque input the pixels are
+bit-identical to transformers' `GotOcr2ImageProcessor(Pil)` with InternVL's settings (tests/test_image.py).
+Speed comes from decoding once and converting uint8 → float32 once, straight into one preallocated
+[ΣN, 3, S, S] tensor (no intermediate per-tile images or arrays), and optional threads; `fast=True`
 additionally decodes large JPEGs at reduced scale and resizes with Pillow's `reducing_gap`, which changes
 pixels slightly (measured in docs/BENCHMARKS.md).
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_MAX_PIXELS = 64_000_000  # 64 Mpx: a 9248×6936 photo passes; Pillow's own warning starts at 89.5 Mpx
+DEFAULT_MAX_PIXELS = 64_000_000  # 64 Mpx: 48 Mpx phone photos pass; Pillow's own warning starts at 89.5 Mpx
 FAST_REDUCING_GAP = 3.0  # Pillow: box-reduce by an integer factor first while the remaining scale is >= 3
 
 ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image, BinaryIO]
@@ -319,10 +320,11 @@ class ImageProcessor:
                     jobs += [(thumbnail_job, i, img) for i, img in zip(chunk, decoded) if counts[i] > grids[i][0] * grids[i][1]]
                     list(mapper(run, jobs))
                     del decoded, jobs
-                    for i in chunk:
+                    for i in chunk:  # free this chunk's pixels and file handles now, not at the end
                         _close(opened[i][0], owned[i])
+                        owned[i] = False
             return BatchedPixels(out, counts, grids, sizes)
-        finally:
+        finally:  # after an error: release whatever is still open
             for (img, _), mine in zip(opened, owned):
                 _close(img, mine)
 

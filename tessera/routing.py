@@ -295,7 +295,7 @@ def draw_routing(model, image, routing: "str | RoutingPolicy", out_png: str, see
         canvas.paste(img.convert("RGB").resize((T // 2, T // 2), Image.BICUBIC), (T * cols + 6, 0))
     overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
-    font = ImageFont.load_default(size=max(10, T // 12))
+    font = ImageFont.load_default(size=max(10, T // 16))
     boxes = [(c * T, r * T, (c + 1) * T - 1, (r + 1) * T - 1) for r in range(rows) for c in range(cols)]
     if thumb:
         boxes.append((T * cols + 6, 0, T * cols + 6 + T // 2 - 1, T // 2 - 1))
@@ -305,7 +305,8 @@ def draw_routing(model, image, routing: "str | RoutingPolicy", out_png: str, see
         if compressed:
             draw.rectangle(box, fill=colour + (70,))
         draw.rectangle(box, outline=colour + (255,), width=max(2, T // 100))
-        label = ("1/16" if compressed else "1/4") + (f" p={float(p[i]):.2f}" if p is not None else "")
+        label = ("thumb " if i == cols * rows else "") + ("1/16" if compressed else "1/4") \
+            + (f" p={float(p[i]):.2f}" if p is not None else "")
         draw.text((box[0] + 4, box[1] + 3), label, fill=(255, 255, 255, 255), font=font, stroke_width=2,
                   stroke_fill=colour + (255,))
     canvas = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")

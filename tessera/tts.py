@@ -10,7 +10,7 @@ Tessera's critic is an outcome reward model, built as small as it can be:
   confidence in its answer: the mean and the minimum token log-probability, and the answer length.
   Reusing the policy's representation is what makes a tiny critic possible: it does not have to learn to
   see or read, only to tell whether what the policy wrote agrees with what the policy saw.
-* **Head**: LayerNorm → Linear(F, 128) → GELU → Linear(128, 1), a logit of P(answer correct).
+* **Head**: per-feature standardisation → Linear(F, 128) → GELU → Linear(128, 1), a logit of P(answer correct).
 * **Training**: binary cross-entropy on the policy's own rollouts of *training* queries, labelled by the
   world's verifiers (tessera.train.rollout); only the head learns (features are extracted once), a
   held-out fifth of the queries measures it. Minutes of CPU, no human labels.
@@ -23,7 +23,6 @@ Tessera's critic is an outcome reward model, built as small as it can be:
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -58,13 +57,20 @@ class Critic(nn.Module):
         super().__init__()
         self.config = config
         f = config.input_size
-        self.head = nn.Sequential(nn.LayerNorm(f), nn.Linear(f, config.inner_size), nn.GELU(),
-                                  nn.Linear(config.inner_size, 1))
+        # per-feature standardisation fitted on the training rollouts (hidden units and log-probs differ in scale)
+        self.register_buffer("feature_mean", torch.zeros(f))
+        self.register_buffer("feature_std", torch.ones(f))
+        self.head = nn.Sequential(nn.Linear(f, config.inner_size), nn.GELU(), nn.Linear(config.inner_size, 1))
+
+    def fit_standardisation(self, features: torch.Tensor) -> None:
+        self.feature_mean.copy_(features.mean(dim=0))  # [F]
+        self.feature_std.copy_(features.std(dim=0, correction=0).clamp_min(1e-6))  # [F]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() != 2 or features.shape[1] != self.config.input_size:
             raise ValueError(f"critic features must be [B, {self.config.input_size}], got {tuple(features.shape)}")
-        return self.head(features).squeeze(-1)  # [B,1] → [B]
+        x = (features - self.feature_mean) / self.feature_std  # [B,F]
+        return self.head(x).squeeze(-1)  # [B,1] → [B]
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
@@ -133,7 +139,8 @@ class CriticTrainConfig:
     epochs: int = 300  # full-batch passes over the extracted features
     lr: float = 3e-3
     weight_decay: float = 0.01
-    val_fraction: float = 0.2  # held-out share of the queries
+    val_fraction: float = 0.2  # held-out share of the queries (reported)
+    stop_fraction: float = 0.15  # share of the remaining queries that picks the epoch (early stopping)
     inner_size: int = 128
     seed: int = 0
 
@@ -151,34 +158,53 @@ class CriticReport:
 
 def train_critic(features: torch.Tensor, labels: torch.Tensor, query_ids: Sequence[int], hidden_size: int,
                  config: CriticTrainConfig = CriticTrainConfig()) -> tuple[Critic, CriticReport]:
-    """Fit the head on features [E,F] with 0/1 labels [E]; queries are split (not rollouts), so no query's
-    answers sit on both sides. Class-balanced BCE (the rollouts of a good policy are mostly correct)."""
+    """Fit the head on features [E,F] with 0/1 labels [E].
+
+    Queries, not rollouts, are split three ways, so no query's answers sit on two sides: a held-out share
+    (`val_fraction`, reported), a stopping share (`stop_fraction` of the rest: the epoch with its lowest
+    loss is kept, since a 100k-parameter head memorises a few thousand rollouts quickly) and the fitting
+    share. The BCE is class-balanced (a good policy's rollouts are mostly correct)."""
     if features.shape[0] != labels.shape[0] or features.shape[0] != len(query_ids):
         raise ValueError(f"features {tuple(features.shape)}, labels {tuple(labels.shape)}, query_ids {len(query_ids)} disagree")
     torch.manual_seed(config.seed)
     distinct = sorted(set(query_ids))
     random.Random(config.seed).shuffle(distinct)
-    val_q = set(distinct[:int(len(distinct) * config.val_fraction)])
+    n_val = int(len(distinct) * config.val_fraction)
+    n_stop = max(1, int((len(distinct) - n_val) * config.stop_fraction))
+    val_q, stop_q = set(distinct[:n_val]), set(distinct[n_val:n_val + n_stop])
     val = torch.tensor([q in val_q for q in query_ids])  # [E]
+    stop = torch.tensor([q in stop_q for q in query_ids])  # [E]
+    fit = ~val & ~stop
+    if not fit.any():
+        raise ValueError(f"too few queries ({len(distinct)}) to train a critic")
     critic = Critic(CriticConfig(hidden_size, config.inner_size))
+    critic.fit_standardisation(features[fit])
     y = labels.float()
-    pos = float(y[~val].mean()) if (~val).any() else 0.5
+    pos = float(y[fit].mean())
     pos_weight = torch.tensor((1 - pos) / pos if 0 < pos < 1 else 1.0)
     opt = torch.optim.AdamW(critic.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    critic.train()
-    for _ in range(config.epochs):
-        loss = loss_fn(critic(features[~val]), y[~val])  # [E_train] → []
+    best, best_state, best_epoch = float("inf"), None, 0
+    for epoch in range(config.epochs):
+        critic.train()
+        loss = loss_fn(critic(features[fit]), y[fit])  # [E_fit] → []
         opt.zero_grad()
         loss.backward()
         opt.step()
+        critic.eval()
+        with torch.no_grad():
+            stop_loss = float(loss_fn(critic(features[stop]), y[stop])) if stop.any() else float(loss)
+        if stop_loss < best:
+            best, best_epoch = stop_loss, epoch + 1
+            best_state = {k: v.clone() for k, v in critic.state_dict().items()}
+    critic.load_state_dict(best_state)
     critic.eval()
     with torch.no_grad():
         logits = critic(features)  # [E]
     acc = lambda sel: float(((logits[sel] > 0).float() == y[sel]).float().mean()) if sel.any() else float("nan")  # noqa: E731
-    report = CriticReport(int(features.shape[0]), float(y.mean()), acc(~val), acc(val),
+    report = CriticReport(int(features.shape[0]), float(y.mean()), acc(fit), acc(val),
                           auc(logits[val], y[val]) if val.any() else float("nan"), len(val_q),
-                          {"final_loss": float(loss)})
+                          {"stop_loss": best, "best_epoch": float(best_epoch)})
     return critic, report
 
 
@@ -190,6 +216,23 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     greater = (pos[:, None] > neg[None, :]).float().mean()  # [P,N] → []
     ties = (pos[:, None] == neg[None, :]).float().mean()
     return float(greater + 0.5 * ties)
+
+
+def fit_critic(model, queries: Sequence[Query], sampling: SamplingConfig, config: CriticTrainConfig = CriticTrainConfig(),
+               verify=None, log=print) -> tuple[Critic, CriticReport]:
+    """Roll the policy out on training queries, label with the verifiers, extract features, train the head."""
+    from tessera.train.rollout import prepare, rollout
+
+    prepared = {p.query.key(): p for p in prepare(model, queries, keep_pixels=False)}
+    groups = rollout(model, queries, sampling, verify=verify, prepared=[prepared[q.key()] for q in queries])
+    feats = group_features(model, groups, prepared)  # [E,F]
+    labels = torch.tensor([r.reward for g in groups for r in g.rollouts])  # [E]
+    qids = [i for i, g in enumerate(groups) for _ in g.rollouts]
+    critic, report = train_critic(feats, labels, qids, model.config.language.hidden_size, config)
+    if log:
+        log(f"critic: {report.examples} rollouts ({report.positives:.0%} correct); held-out accuracy "
+            f"{report.val_accuracy:.3f}, AUC {report.val_auc:.3f} on {report.val_queries} queries")
+    return critic, report
 
 
 # ---- selection -----------------------------------------------------------------------------------------
@@ -259,9 +302,10 @@ def generate_best_of_n(model, critic: Critic | None, prompts: Sequence[Sequence[
     prepared, start = [], 0
     for i, ids in enumerate(prompts):
         t = sum(1 for x in ids if x == img)
-        feats = image_features[start:start + t] if image_features is not None else torch.zeros(0, 1)
+        feats = image_features[start:start + t] if image_features is not None else torch.zeros(0, model.config.language.hidden_size)
         start += t
-        prepared.append(Prepared(Query(i, "", "", "", thinking), list(ids), torch.zeros(0), feats, [t]))
+        tiles = torch.zeros(0, 3, model.config.tile_size, model.config.tile_size)  # features given: no tiles needed
+        prepared.append(Prepared(Query(i, "", "", "", thinking), list(ids), tiles, feats, [t]))
     budget = max_new_tokens
     cfg = SamplingConfig(temperature, top_p, n, budget, budget, queries_per_batch=max(1, 32 // n), seed=seed)
     kept = best_of_n_rollouts(model, critic, prepared, n, cfg, strategy)
@@ -293,8 +337,3 @@ def best_of_n(pipe, image, question: str, n: int, thinking: bool = False, routin
     return Answer(text=text, final=tok.final_answer(text), visual_tokens=sum(image_tokens), tiles=tiles,
                   compressed_tiles=compressed, token_ids=list(out))
 
-
-def expected_gain(accuracies: dict[int, float]) -> dict[int, float]:
-    """Points gained over N = 1 for each N of a {N: accuracy} table (for the report)."""
-    base = accuracies.get(1, math.nan)
-    return {k: 100 * (v - base) for k, v in sorted(accuracies.items())}

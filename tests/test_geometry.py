@@ -12,9 +12,17 @@ import pytest
 from tessera.config import preset, tiny_config
 from tessera.geometry import candidate_grids, num_tiles, routed_tokens, tile_grid, tokens_per_image, tokens_per_tile
 
-got_ocr2 = pytest.importorskip("transformers.models.got_ocr2.image_processing_pil_got_ocr2")
-hf_grid = got_ocr2.get_optimal_tiled_canvas.__wrapped__  # skip its 100-entry lru_cache
-hf_candidates = got_ocr2.get_all_supported_aspect_ratios
+
+
+@pytest.fixture(scope="module")
+def got_ocr2():
+    """transformers' GOT-OCR2 image processing module (InternVL's processor uses its tiling); a test extra."""
+    return pytest.importorskip("transformers.models.got_ocr2.image_processing_pil_got_ocr2")
+
+
+@pytest.fixture(scope="module")
+def hf_grid(got_ocr2):
+    return got_ocr2.get_optimal_tiled_canvas.__wrapped__  # bypass its 100-entry lru_cache
 
 
 def official_candidates(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -47,17 +55,17 @@ def random_sizes(n: int, seed: int) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("max_tiles", [6, 12, 24])
-def test_candidates_are_the_official_list_and_the_transformers_set(max_tiles):
+def test_candidates_are_the_official_list_and_the_transformers_set(max_tiles, got_ocr2):
     ours = list(candidate_grids(1, max_tiles))
     assert ours == official_candidates(1, max_tiles)
-    assert sorted(ours) == sorted(hf_candidates(1, max_tiles))
+    assert sorted(ours) == sorted(got_ocr2.get_all_supported_aspect_ratios(1, max_tiles))
     areas = [c * r for c, r in ours]
     assert areas == sorted(areas) and len(set(ours)) == len(ours)
 
 
 @pytest.mark.parametrize("max_tiles", [6, 12, 24])
 @pytest.mark.parametrize("tile_size", [448, 112])
-def test_tile_grid_equals_transformers_on_random_sizes(max_tiles, tile_size):
+def test_tile_grid_equals_transformers_on_random_sizes(max_tiles, tile_size, hf_grid):
     for width, height in random_sizes(3000, seed=max_tiles * 1000 + tile_size):
         ours = tile_grid(width, height, tile_size, 1, max_tiles)
         assert ours == hf_grid((height, width), (tile_size, tile_size), 1, max_tiles), (width, height)
@@ -65,7 +73,7 @@ def test_tile_grid_equals_transformers_on_random_sizes(max_tiles, tile_size):
 
 @pytest.mark.parametrize("max_tiles", [6, 12, 24])
 @pytest.mark.parametrize("min_tiles", [1, 2, 3])
-def test_equal_tile_count_ties_never_decide_when_min_tiles_is_small(min_tiles, max_tiles):
+def test_equal_tile_count_ties_never_decide_when_min_tiles_is_small(min_tiles, max_tiles, hf_grid):
     """The two candidate orders differ only inside one tile count, so they can disagree only where two grids
     with the same tile count are *exactly* the closest (the tie rule then picks by order). Exact float ties
     happen only at exact rational midpoints of two grid ratios, so enumerating those midpoints is exhaustive:
@@ -83,7 +91,7 @@ def test_equal_tile_count_ties_never_decide_when_min_tiles_is_small(min_tiles, m
             assert tile_grid(p * k, q * k, 448, min_tiles, max_tiles) == hf_grid((q * k, p * k), (448, 448), min_tiles, max_tiles)
 
 
-def test_exact_tie_between_equal_tile_counts_follows_the_official_order():
+def test_exact_tie_between_equal_tile_counts_follows_the_official_order(hf_grid):
     """min = max = 24, aspect exactly 15:1: (24, 1) and (12, 2) are both off by exactly 9 (24 − 15 = 15 − 6).
     The official set order visits (24, 1) before (12, 2); transformers visits (12, 2) first. The later one wins
     the tie when the image's area exceeds half a 24-tile canvas (0.5·448²·24 = 2,408,448 px). So the two
@@ -113,7 +121,7 @@ def test_equal_ratio_ties_grow_the_grid_with_the_image():
     assert tile_grid(5000, 5000, max_tiles=16) == (4, 4)
 
 
-def test_closest_aspect_wins_regardless_of_size():
+def test_closest_aspect_wins_regardless_of_size(hf_grid):
     assert tile_grid(1000, 600, max_tiles=24) == (5, 3)  # aspect exactly 5/3: (5, 3) is exact
     assert tile_grid(1000, 600) == (3, 2)  # 15 tiles is over 12: 3/2 is the closest left
     # aspect 13/12 is closest to 1:1; which square grid then depends on the area (equal-ratio tie rule)
@@ -161,7 +169,7 @@ def test_tokens_match_the_configs():
     assert (cfg.tokens_per_tile, cfg.compressed_tokens_per_tile) == (256, 64)
 
 
-def test_tokens_per_image_matches_transformers_patch_count():
+def test_tokens_per_image_matches_transformers_patch_count(got_ocr2):
     """transformers' processor counts patches with the same rule (grid + thumbnail when > 1) × 256 tokens."""
     processor = got_ocr2.GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True,
                                                   min_patches=1, max_patches=12)

@@ -7,7 +7,6 @@ import base64
 import io
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,17 +270,20 @@ def test_image_hash():
 
 # ---- against transformers -----------------------------------------------------------------------
 
-got_ocr2 = pytest.importorskip("transformers.models.got_ocr2.image_processing_pil_got_ocr2")
+@pytest.fixture(scope="module")
+def transformers_processor():
+    """A factory for transformers' InternVL image processor (GOT-OCR2's, crop_to_patches) as the checkpoints set it."""
+    got_ocr2 = pytest.importorskip("transformers.models.got_ocr2.image_processing_pil_got_ocr2")
 
-
-def transformers_processor(size: int, max_tiles: int):
-    return got_ocr2.GotOcr2ImageProcessorPil(size={"height": size, "width": size}, crop_to_patches=True, min_patches=1,
-                                             max_patches=max_tiles, image_mean=list(IMAGENET_MEAN),
-                                             image_std=list(IMAGENET_STD))
+    def make(size: int, max_tiles: int):
+        return got_ocr2.GotOcr2ImageProcessorPil(size={"height": size, "width": size}, crop_to_patches=True,
+                                                 min_patches=1, max_patches=max_tiles,
+                                                 image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    return make
 
 
 @pytest.mark.parametrize("size, max_tiles", [(448, 12), (112, 6), (112, 24)])
-def test_pixels_equal_transformers(size, max_tiles):
+def test_pixels_equal_transformers(size, max_tiles, transformers_processor):
     """Same grid, same tile order (row-major, thumbnail last), and max abs diff 0 for opaque images."""
     hf = transformers_processor(size, max_tiles)
     cases = [photo(640, 480, 0), photo(1000, 300, 1), photo(300, 1000, 2), photo(100, 30, 3), photo(448, 448, 4),
@@ -294,7 +296,7 @@ def test_pixels_equal_transformers(size, max_tiles):
     assert (theirs["pixel_values"] - ours.pixel_values).abs().max().item() == 0.0
 
 
-def test_transparency_is_where_we_differ_from_transformers():
+def test_transparency_is_where_we_differ_from_transformers(transformers_processor):
     """transformers composites alpha on white; the official loader (and we) drop it. Opaque RGBA agrees."""
     hf = transformers_processor(112, 6)
     opaque = photo(200, 100).convert("RGBA")
@@ -306,3 +308,24 @@ def test_transparency_is_where_we_differ_from_transformers():
     white = (1.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(theirs[:, :, 0, 0], white.expand(theirs.shape[0], 3), atol=1e-5)  # all white
     assert torch.equal(ours, preprocess(opaque, 112, 1, 6)[0])  # the colours underneath
+
+
+def test_preprocess_benchmark_runs_and_agrees(capsys, transformers_processor):
+    import argparse
+    import json
+
+    from tessera.bench import preprocess as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--sizes", "200x100,64x64", "--images", "2", "--rounds", "1", "--tile-size", "112",
+                              "--max-tiles", "6", "--threads", "2", "--json"])
+    assert bench.run(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["size"] for r in result["rows"]] == ["200x100", "64x64"]
+    assert [(r["grid"], r["tiles"]) for r in result["rows"]] == [("2x1", 3), ("1x1", 1)]
+    for row in result["rows"]:
+        assert set(row["images_per_s"]) == {"transformers", "ours", "ours_fast", "ours_2threads"}
+        assert row["max_abs_diff"]["ours"] == 0.0
+    assert result["machine"]["nproc"] >= 1 and result["settings"]["threads"] == 2
+    assert "| 200x100 | 2x1 | 3 |" in bench.markdown(result)

@@ -142,3 +142,19 @@ def test_stage_runs_under_the_trainer(tmp_path, monkeypatch):
     assert result.history[0]["sequences"] > 0
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert any(n.startswith("vision_model") for n in frozen) and not any(n.startswith("language_model") for n in frozen)
+
+
+def test_build_stage_filters_the_stored_offline_accuracies(tmp_path):
+    from tessera.chat import build_tokenizer, fallback_corpus
+    from tessera.model.init import init_model
+    from tessera.train import build_stage
+    from tessera.train.mpo import write_jsonl
+
+    model = init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0)
+    stats = [QueryStat(Query(i, "reasoning", "q", "1", True), a, 8) for i, a in enumerate([0.0, 0.25, 0.75, 1.0])]
+    write_jsonl(tmp_path / "queries.jsonl", stats)
+    stage = build_stage("gspo", model, {"accuracies": str(tmp_path / "queries.jsonl"), "eps_high": 5e-4, "mini_batches": 2})
+    assert [q.seed for q in stage.queries] == [1, 2]
+    assert stage.config.eps_high == 5e-4 and stage.config.eps_low == 3e-4 and stage.config.mini_batches == 2
+    with pytest.raises(ValueError, match="no query"):
+        build_stage("gspo", model, {"accuracies": str(tmp_path / "queries.jsonl"), "low": 0.3, "high": 0.7})

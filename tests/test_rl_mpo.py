@@ -111,3 +111,24 @@ def test_stage_under_the_trainer_prefers_the_chosen_answer(tmp_path):
 def test_stage_refuses_an_empty_pair_set():
     with pytest.raises(ValueError, match="at least one preference pair"):
         MPOStage([])
+
+
+def test_build_stage_from_stored_pairs_renders_the_scenes(tmp_path):
+    """`tessera train mpo` with data.pairs: the scenes come back from their seeds, the reference is recorded."""
+    from tessera.chat import build_tokenizer, fallback_corpus
+    from tessera.model.init import init_model
+    from tessera.train import build_stage
+    from tessera.train.rollout import world_query
+
+    model = init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0)
+    q = world_query(5, "reasoning")
+    end = model.tokenizer.im_end_id
+    pairs = [PreferencePair(q, [40, 41, end], [42, end], accuracy=0.5), PreferencePair(q, [43, end], [44, 45, end])]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    stage = build_stage("mpo", model, {"pairs": str(tmp_path / "pairs.jsonl"), "pairs_per_batch": 2})
+    assert stage.trainable == {"vision": False, "connector": False, "router": False}
+    stage.setup(model)
+    batch, _ = next(stage.batches(0, 0, 1))
+    loss, m = stage.loss(model, batch, 1.0)
+    assert torch.isfinite(loss) and m["dpo"] == pytest.approx(math.log(2), abs=1e-4)
+    assert stage.prepared[q.key()].image_features.shape[0] == stage.prepared[q.key()].image_tokens[0]

@@ -150,3 +150,17 @@ def test_routing_a_plain_model_fails_loudly():
         encode_routed(model, pv, [2], "router")
     feats, decision = encode_routed(model, pv, [2], "full")
     assert feats.shape[0] == 2 * cfg.tokens_per_tile
+
+
+def test_draw_routing_marks_every_tile(tiny, tmp_path):
+    from PIL import Image
+
+    from tessera.routing import draw_routing
+
+    img = Image.new("RGB", (230, 110), "white")  # a 2×1 grid plus the thumbnail
+    decision = draw_routing(tiny, img, "router", str(tmp_path / "r.png"))
+    assert decision.compress.numel() == 3 and decision.p_compress is not None
+    out = Image.open(tmp_path / "r.png")
+    assert out.width > 2 * tiny.config.tile_size and out.height > tiny.config.tile_size
+    with pytest.raises(RoutingError):
+        draw_routing(tiny, img, RoutingPolicy("router", budget=1), str(tmp_path / "x.png"))

@@ -135,28 +135,47 @@ def checkpoint(model, tmp_path_factory):
     return str(path)
 
 
-def test_decoupled_api_survives_a_dying_worker(model, checkpoint):
-    srv = build_server(checkpoint, Topology("decoupled", vision_workers=1), ServeOptions(model_name="tiny"), model=model)
-    with LocalServer(srv) as s, httpx.Client(base_url=s.base_url, timeout=60) as http:
-        def ask_image(seed):
-            body = {"messages": image_message(data_url(make_image(200, 150, seed)), "what"), "max_tokens": 3}
-            return http.post("/v1/chat/completions", json=body)
+def kill_worker(http) -> int:
+    pid = http.get("/health").json()["vision"]["workers"][0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.3)  # a few supervisor polls
+    return pid
 
-        r = ask_image(1)
+
+def ask_image(http, seed):
+    body = {"messages": image_message(data_url(make_image(200, 150, seed)), "what"), "max_tokens": 3}
+    return http.post("/v1/chat/completions", json=body)
+
+
+def decoupled(model, checkpoint):
+    srv = build_server(checkpoint, Topology("decoupled", vision_workers=1), ServeOptions(model_name="tiny"), model=model)
+    return LocalServer(srv)
+
+
+def test_dying_worker_gives_a_prompt_503_and_text_keeps_working(model, checkpoint):
+    with decoupled(model, checkpoint) as s, httpx.Client(base_url=s.base_url, timeout=60) as http:
+        r = ask_image(http, 1)
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 7 * 16
-        pid = http.get("/health").json()["vision"]["workers"][0]["pid"]
-        os.kill(pid, signal.SIGKILL)
-        time.sleep(0.3)  # a few supervisor polls
+        kill_worker(http)
         t = time.monotonic()
-        r = ask_image(2)
+        r = ask_image(http, 2)
         assert r.status_code == 503 and r.json()["error"]["code"] == "vision_unavailable"
         assert time.monotonic() - t < 1.0
         text = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
         assert text.status_code == 200
+        health = http.get("/health").json()
+        assert health["status"] == "degraded" and health["vision"]["restarts"] == 1  # a replacement is starting
+
+
+@pytest.mark.slow
+def test_dead_worker_is_restarted_and_serves_again(model, checkpoint):
+    with decoupled(model, checkpoint) as s, httpx.Client(base_url=s.base_url, timeout=60) as http:
+        assert ask_image(http, 1).status_code == 200
+        pid = kill_worker(http)
         deadline = time.monotonic() + 60
         while http.get("/health").json()["vision"]["workers_alive"] < 1:
             assert time.monotonic() < deadline, "the worker was not restarted"
             time.sleep(0.1)
         health = http.get("/health").json()["vision"]
         assert health["restarts"] == 1 and health["workers"][0]["pid"] != pid
-        assert ask_image(3).status_code == 200
+        assert ask_image(http, 3).status_code == 200

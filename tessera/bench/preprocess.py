@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile-size", type=int, default=448)
     parser.add_argument("--max-tiles", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for both sides; >1 also times our processor with that many workers")
+                        help="torch intra-op threads for both sides; >1 also times our processor with that many workers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-transformers", action="store_true", help="time only our processor")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
@@ -101,7 +101,15 @@ def _median_seconds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[s
 
 
 def measure(args: argparse.Namespace) -> dict:
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _measure(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _measure(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)
     hf = None if args.no_transformers else transformers_processor(args.tile_size, args.max_tiles)
     ours = {"ours": ImageProcessor(args.tile_size, 1, args.max_tiles),

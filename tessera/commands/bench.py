@@ -1,4 +1,8 @@
-"""`tessera bench NAME ...`: each benchmark lives in `tessera/bench/<name>.py` with `add_arguments` and `run`."""
+"""`tessera bench NAME ...`: each benchmark lives in `tessera/bench/<name>.py` with `add_arguments` and `run`.
+
+Only the requested benchmark's module is imported: each pulls in heavy, optional dependencies (transformers,
+servers), so its own arguments are parsed in a second step.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,18 @@ BENCHMARKS = {
     "router": "Flash: accuracy and visual tokens for full / compressed / router / random routing",
     "engine": "our engine's decode throughput vs transformers generate",
     "serve": "coupled vs decoupled (DvD) vs decoupled + router serving throughput and latency",
+    "cascade": "Cascade RL in miniature (Table 16: SFT, +MPO, +GSPO x1/x2, Cascade) and Best-of-N",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name, help_text in BENCHMARKS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(f"tessera.bench.{name}").add_arguments(p)
+    parser.epilog = "benchmarks: " + "; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items())
+    parser.add_argument("benchmark", choices=list(BENCHMARKS))
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (see tessera bench NAME -h)")
 
 
 def run(args: argparse.Namespace) -> int:
-    return importlib.import_module(f"tessera.bench.{args.benchmark}").run(args)
+    module = importlib.import_module(f"tessera.bench.{args.benchmark}")
+    parser = argparse.ArgumentParser(prog=f"tessera bench {args.benchmark}", description=BENCHMARKS[args.benchmark])
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(args.options)) or 0)

@@ -30,11 +30,12 @@ def run(args: argparse.Namespace) -> int:
     pipe = tessera.Pipeline(model)
     try:
         if args.best_of > 1:
-            from tessera.tts import best_of_n
+            from tessera.tts import Critic, best_of_n
 
             answer = best_of_n(pipe, args.image, args.question, n=args.best_of, thinking=args.thinking,
                                routing=args.routing, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed)
+                               temperature=args.temperature or 0.7, top_p=args.top_p, seed=args.seed,
+                               critic=Critic.load(args.checkpoint))
         else:
             answer = pipe.chat(args.image, args.question, thinking=args.thinking, routing=args.routing,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -14,6 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="offset of the held-out set (the world's eval split)")
     p.add_argument("--n", type=int, default=140, help="questions, interleaved over the families")
     p.add_argument("--best-of", type=int, default=1, help="sample N answers and keep the critic's best")
+    p.add_argument("--critic", help="critic folder for --best-of (default: CHECKPOINT/critic)")
     p.add_argument("--thinking", choices=["auto", "on", "off"], default="auto",
                    help="auto: thinking for the reasoning family only")
     p.add_argument("--batch-size", type=int, default=16)
@@ -28,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise SystemExit("--n must be at least 1")
     model = tessera.load(args.checkpoint)
+    if args.best_of > 1:
+        from tessera.tts import Critic
+
+        model.critic = Critic.load(args.critic or args.checkpoint)
     result = evaluate(model, seed=args.seed, n=args.n, routing=args.routing, batch_size=args.batch_size,
                       thinking=args.thinking, best_of=args.best_of)
     if args.json:

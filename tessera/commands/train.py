@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, help="packed rows per micro-batch")
     p.add_argument("--row-tokens", type=int, help="tokens per packed row")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer-corpus", type=int, default=200, help="scenes whose text trains a fresh tokenizer")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -60,7 +61,7 @@ def load_run_config(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     return model_section, train, data
 
 
-def build_model(model_section: dict, init: str | None, seed: int):
+def build_model(model_section: dict, init: str | None, seed: int, corpus_size: int = 200):
     from tessera.chat import build_tokenizer
     from tessera.config import ModelConfig, preset
     from tessera.model.init import init_model
@@ -75,7 +76,7 @@ def build_model(model_section: dict, init: str | None, seed: int):
         config = preset(model_section["preset"])
     else:
         config = ModelConfig.from_dict(model_section)
-    tokenizer = build_tokenizer(corpus(2000), vocab_size=config.language.vocab_size)
+    tokenizer = build_tokenizer(corpus(corpus_size), vocab_size=config.language.vocab_size)
     return init_model(config, tokenizer, seed=seed)
 
 
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     model_section, train, data = load_run_config(args)
     config = TrainConfig.from_dict(train)
-    model = build_model(model_section, args.init, args.seed)
+    model = build_model(model_section, args.init, args.seed, args.tokenizer_corpus)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"stage": args.stage, "model": model_section, "train": train, "data": data,
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stage in ("mpo", "gspo"):
         data.setdefault("out", str(out / "rollouts"))  # the offline rollouts (pairs, accuracies) stay with the run
     stage = build_stage(args.stage, model, data)
-    result = Trainer(model, stage, config, out).fit(resume=not args.no_resume)
+    result = Trainer(model, stage, config, out, eval_fn=getattr(stage, "eval_fn", None)).fit(resume=not args.no_resume)
     last = result.history[-1] if result.history else {}
     print(f"{args.stage}: step {result.step}, loss {last.get('loss', float('nan')):.4f}; model in {result.final_dir}")
     return 0

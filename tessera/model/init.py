@@ -10,7 +10,7 @@ from tessera.chat import ChatTokenizer, build_tokenizer, fallback_corpus
 from tessera.config import ModelConfig, preset
 
 
-def default_tokenizer(vocab_size: int, corpus_size: int = 4000) -> ChatTokenizer:
+def default_tokenizer(vocab_size: int, corpus_size: int = 600) -> ChatTokenizer:
     """A BPE tokenizer trained on the world's text (every word the tiny model reads or writes)."""
     try:
         from tessera.world import corpus

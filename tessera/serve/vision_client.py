@@ -122,6 +122,10 @@ class RemoteVision:
         except asyncio.TimeoutError:
             proc.kill()
             raise RuntimeError(f"vision worker {w.name} did not start within {spec.startup_timeout:.0f} s") from None
+        except asyncio.CancelledError:  # shutting down while it starts: do not leave it behind
+            proc.kill()
+            await proc.wait()
+            raise
         text = line.decode().strip()
         if not text.startswith("READY "):
             await proc.wait()

@@ -13,6 +13,8 @@ from typing import Any
 STAGES: dict[str, str] = {
     "pretrain": "tessera.train.pretrain",
     "sft": "tessera.train.sft",
+    "vico": "tessera.train.vico",
+    "router": "tessera.train.router_stage",
     "mpo": "tessera.train.mpo",
     "gspo": "tessera.train.gspo",
 }

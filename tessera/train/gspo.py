@@ -191,7 +191,7 @@ class GSPOStage:
 class GSPOData(GSPOConfig):
     """The gspo stage's data options: GSPOConfig plus where the offline accuracies come from."""
 
-    queries: str = ""  # a queries.jsonl of offline accuracies (MPO's collection); "" → collect now
+    accuracies: str = ""  # a queries.jsonl of offline accuracies (MPO's collection); "" → collect now
     out: str = ""  # folder for the collection when collecting ("" → not written)
     collect_queries: int = 512  # queries rolled out offline when there is no queries.jsonl
     families: dict[str, float] = field(default_factory=dict)  # for that collection; {} → default_rl_families()
@@ -202,8 +202,8 @@ def build_stage(model, data: GSPOData | dict | None = None) -> GSPOStage:
     from tessera.train.mpo import MPOData, collect_or_load, read_stats
 
     d = dataclass_from(GSPOData, data)
-    if d.queries:
-        stats = read_stats(d.queries)
+    if d.accuracies:
+        stats = read_stats(d.accuracies)
     else:
         offline = MPOData(out=d.out, queries=d.collect_queries, families=d.families, group_size=d.group_size,
                           temperature=d.temperature, top_p=d.top_p, max_new_tokens=d.max_new_tokens,

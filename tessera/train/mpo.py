@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,8 +124,6 @@ class CollectResult:
 def collect_preferences(model, queries: Sequence[Query], sampling: SamplingConfig, max_pairs_per_query: int = 2,
                         out_dir: str | Path | None = None, verify=None, log=print) -> CollectResult:
     """Roll out every query G times, build pairs and per-query accuracies; write them under `out_dir`."""
-    import time
-
     start = time.process_time()
     rng = random.Random(sampling.seed)
     pairs: list[PreferencePair] = []
@@ -276,7 +275,9 @@ def collect_or_load(model, data: MPOData, log=print) -> CollectResult:
 
     out = Path(data.out) if data.out else None
     if out is not None and (out / "pairs.jsonl").exists() and (out / "queries.jsonl").exists():
-        return CollectResult(read_pairs(out / "pairs.jsonl"), read_stats(out / "queries.jsonl"), 0.0)
+        info = json.loads((out / "collect.json").read_text()) if (out / "collect.json").exists() else {}
+        return CollectResult(read_pairs(out / "pairs.jsonl"), read_stats(out / "queries.jsonl"),
+                             float(info.get("cpu_seconds", 0.0)))
     queries = training_queries(data.queries, data.families or None, data.seed)
     result = collect_preferences(model, queries, data.sampling(), data.max_pairs_per_query, out, log=log)
     if out is not None:

@@ -30,11 +30,12 @@ class StagePlan:
 class RecipeConfig:
     preset: str = "tiny"
     seed: int = 0
-    tokenizer_corpus: int = 2000  # scenes whose text trains the tokenizer
+    tokenizer_corpus: int = 200  # scenes whose text trains the tokenizer (the world's words are few)
     stages: list[StagePlan] = field(default_factory=list)
     eval_n: int = 350  # held-out questions for the final report (50 per family)
     eval_seed: int = 0
     probe_n: int = 70  # held-out questions for the accuracy curve during training
+    eval_families: list[str] | None = None  # None = every family of the world
     chance_n: int = 400
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,7 +115,7 @@ def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny
         seconds[plan.name] = time.perf_counter() - start
     final = stage_dirs[config.stages[-1].name] / "final" if config.stages else init_dir
     torch.manual_seed(config.seed)
-    result = evaluate(model, seed=config.eval_seed, n=config.eval_n)
+    result = evaluate(model, seed=config.eval_seed, n=config.eval_n, families=config.eval_families)
     summary = write_report(out, result, stage_dirs, seconds, {"final_checkpoint": str(final), "quick": quick},
                            chance_n=config.chance_n)
     return RecipeResult(out, final, summary)
@@ -125,7 +126,8 @@ def _probe(config: RecipeConfig):
     from tessera.evaluate import evaluate
 
     def probe(model, step: int) -> dict[str, Any]:
-        r = evaluate(model, seed=config.eval_seed + 100_000, n=config.probe_n, keep_records=False)
+        r = evaluate(model, seed=config.eval_seed + 100_000, n=config.probe_n, families=config.eval_families,
+                     keep_records=False)
         return {"overall": r.overall, "families": r.families}
 
     return probe

@@ -14,8 +14,9 @@ Everything is a function of `SamplingConfig.seed`: the same model, queries and c
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,14 +45,15 @@ class Query:
 def world_query(seed: int, family: str | None = None, split: str = "train", thinking: bool | None = None) -> Query:
     """The world's sample at `seed` as a Query. Thinking defaults to on when the sample carries a worked
     `<think>` target (the reasoning family), since that is how SFT taught the model to answer it."""
-    from tessera.world import make_sample
+    from tessera.world import build
 
-    s = make_sample(seed, family=family, split=split)
-    think = (s.thinking_answer is not None) if thinking is None else thinking
-    return Query(seed, s.family, s.question, s.answer, think, split)
+    _, task, family, _ = build(seed, family, split)  # the question without rendering the scene
+    think = (task.think is not None) if thinking is None else thinking
+    return Query(seed, family, task.question, task.answer, think, split)
 
 
 RL_SEED_OFFSET = 900_000_000  # RL's training scenes: train-split seeds disjoint from pretraining and SFT
+CRITIC_SEED_OFFSET = 950_000_000  # the Best-of-N critic's training scenes, disjoint from RL's
 
 
 def default_rl_families() -> dict[str, float]:
@@ -64,8 +66,6 @@ def default_rl_families() -> dict[str, float]:
 def training_queries(n: int, families: dict[str, float] | None = None, seed: int = 0,
                      seed_offset: int = RL_SEED_OFFSET) -> list[Query]:
     """n train-split queries at scene seeds seed_offset + seed·n + i, families drawn by weight (deterministic)."""
-    import random
-
     families = families or default_rl_families()
     names, weights = list(families), [float(families[f]) for f in families]
     if not names or min(weights) < 0 or sum(weights) <= 0:
@@ -123,9 +123,6 @@ class Rollout:
     correct: bool = False
     reward: float = 0.0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class Group:
@@ -146,19 +143,16 @@ class Group:
 # ---- preparing prompts ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def prepare(model, queries: Sequence[Query], compress: bool | None = None, keep_pixels: bool = True) -> list[Prepared]:
-    """Render, tile and encode each query's image; build its prompt with the real visual-token count.
-
-    `compress`: None or False → every tile at 1/4 (full), True → every tile at 1/16 (Flash models only).
-    `keep_pixels=False` stores an empty tile tensor (the features suffice when the vision side is frozen)."""
+def prepare(model, queries: Sequence[Query], keep_pixels: bool = True) -> list[Prepared]:
+    """Render, tile and encode each query's image (every tile at full resolution, 1/4); build its prompt with the
+    real visual-token count. `keep_pixels=False` stores an empty tile tensor (the features suffice when the vision side is frozen)."""
     from tessera.image import ImageProcessor
 
     processor = ImageProcessor.from_config(model.config)
     out = []
     for q in queries:
         pixels = processor([render(q)])
-        flags = None if not compress else torch.ones(pixels.pixel_values.shape[0], dtype=torch.bool)
-        features, per_tile = model.encode_images(pixels.pixel_values, compress=flags)
+        features, per_tile = model.encode_images(pixels.pixel_values)
         image_tokens = [int(sum(per_tile))]
         prompt = model.tokenizer.build_prompt(q.question, image_tokens, thinking=q.thinking)
         tiles = pixels.pixel_values if keep_pixels else pixels.pixel_values[:0]  # [N,3,S,S] or [0,3,S,S]
@@ -261,7 +255,8 @@ def generate_groups(model, prepared: Sequence[Prepared], group_size: int, config
     causal = torch.ones(L, L, dtype=torch.bool).tril()  # [L,L]
     # a padding query position sees only itself, so no attention row is empty
     attn = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool)[None]  # [Q,L,L]
-    features = torch.cat([p.image_features for p in prepared]) if prepared[0].image_features.numel() else None
+    rows = sum(p.image_features.shape[0] for p in prepared)
+    features = torch.cat([p.image_features for p in prepared if p.image_features.shape[0]]) if rows else None  # [ΣT,D]
     cache = RolloutCache()
     embeds = model.embed(ids, features)  # [Q,L,D]
     logits = model.language_model(embeds, position_ids, cache=cache, attn_mask=attn[:, None])[:, -1]  # [Q,V]

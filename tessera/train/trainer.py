@@ -300,14 +300,16 @@ class Trainer:
             if ddp.world > 1:
                 dist.all_reduce(total_weight)
             sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
             loss_value = 0.0
             for batch, _ in micro:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                     loss, metrics = self.stage.loss(self.model, batch, float(total_weight))
                 loss.backward()
                 loss_value += float(loss.detach())
-                for k, v in metrics.items():
+                for k, v in metrics.items():  # averaged over the micro-batches that report k
                     sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
             grad_norm = self._sync_and_clip(params, ddp)
             optimizer.step()
             scheduler.step()
@@ -319,7 +321,7 @@ class Trainer:
                 stats[1] /= ddp.world
             record = {"step": step, "loss": float(stats[0]), "lr": optimizer.param_groups[0]["lr"],
                       "grad_norm": float(stats[1]), "sec": time.perf_counter() - t0, "position": position,
-                      **{k: v / len(micro) for k, v in sums.items()}}
+                      **{k: v / counts[k] for k, v in sums.items()}}
             history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")

@@ -173,12 +173,13 @@ class ViCOData:
     train_vision: bool = True  # the paper trains the whole model; False freezes the ViT
 
 
-def build_stage(model, data: ViCOData | None = None) -> ViCOStage:
+def build_stage(model, data: "ViCOData | dict | None" = None) -> ViCOStage:
     """The ViCO stage on the SFT stream (same families and seeds as `sft`) for a Flash `model` with a tokenizer."""
+    from tessera.train import dataclass_from
     from tessera.train.data import Curriculum, WorldStream
     from tessera.train.sft import SEED_OFFSET, default_families
 
-    data = data or ViCOData()
+    data = dataclass_from(ViCOData, data)
     cfg, tok = model.config, model.tokenizer
     stream = WorldStream(tok, cfg, families=default_families(), thinking_prob=data.thinking_prob,
                          curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET)

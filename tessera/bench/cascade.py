@@ -1,0 +1,228 @@
+"""`tessera bench cascade --init SFT_CKPT --out DIR`: the miniature of InternVL3.5's Table 16, plus Best-of-N.
+
+From one SFT checkpoint:
+  SFT                 the checkpoint itself
+  +MPO                offline RL on preference pairs from the SFT model's own rollouts
+  +GSPO (1 pass)      online RL, one pass over the filtered queries (offline accuracy in [0.2, 0.8])
+  +GSPO (2 passes)    the same run continued for a second pass (constant learning rate, so pass 1 is its midpoint)
+  Cascade             MPO, then GSPO for one pass
+Each row has the reasoning accuracy on a held-out set (greedy, thinking on) and its compute in CPU seconds of
+training (rollouts made during training included). The offline collection (the SFT model's rollouts that give
+MPO its pairs and every GSPO run its query filter) is shared by all RL rows and reported once, beside them.
+Then the per-family accuracy before (SFT) and after (every row), and Best-of-N on the Cascade model: a critic
+(tessera.tts) is trained on the Cascade model's rollouts of fresh training queries, and each held-out reasoning
+question gets 8 samples; N = 4 uses the first 4. Written to DIR/cascade.md and DIR/cascade.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class CascadeConfig:
+    collect_queries: int = 384  # offline rollouts of the SFT model (MPO pairs, GSPO filter)
+    group_size: int = 8
+    families: dict[str, float] = field(default_factory=dict)  # {} → tessera.train.rollout.default_rl_families()
+    mpo_steps: int = 60
+    mpo_lr: float = 2e-5
+    pairs_per_batch: int = 8
+    gspo_lr: float = 1e-5
+    queries_per_rollout: int = 8
+    mini_batches: int = 4
+    eps_low: float = 3e-4
+    eps_high: float = 4e-4
+    eval_per_family: int = 50  # the per-family table
+    eval_reasoning: int = 300  # reasoning questions for the headline accuracy
+    eval_seed: int = 0
+    best_of: tuple[int, ...] = (1, 4, 8)
+    critic_queries: int = 300
+    bon_temperature: float = 0.7
+    seed: int = 0
+    threads: int = 0
+
+
+def quick_config() -> CascadeConfig:
+    """Every step at toy scale (exercises the path in about a minute; measures nothing)."""
+    return CascadeConfig(collect_queries=8, group_size=4, mpo_steps=2, pairs_per_batch=2, queries_per_rollout=2,
+                         mini_batches=2, eval_per_family=2, eval_reasoning=4, best_of=(1, 2, 4), critic_queries=8)
+
+
+def _cpu() -> float:
+    return time.process_time()
+
+
+def _measure(model, cfg: CascadeConfig) -> dict[str, Any]:
+    """Per-family accuracy (eval_per_family each) and reasoning accuracy on eval_reasoning questions, greedy."""
+    from tessera.evaluate import evaluate
+    from tessera.world import FAMILIES
+
+    fam = evaluate(model, seed=cfg.eval_seed, n=cfg.eval_per_family * len(FAMILIES), keep_records=False)
+    rea = evaluate(model, seed=cfg.eval_seed, n=cfg.eval_reasoning, families=["reasoning"], keep_records=False)
+    return {"reasoning": rea.overall, "families": fam.families, "overall": fam.overall}
+
+
+def _train(model, stage, steps: int, lr: float, out: Path, cfg: CascadeConfig, stop_after: int | None = None):
+    from tessera.train.trainer import TrainConfig, Trainer
+
+    # RL runs use a constant learning rate after a short warm-up: a pass boundary is then just a point in the run
+    config = TrainConfig(steps=steps, lr=lr, warmup_steps=min(5, steps), min_lr_ratio=1.0, log_every=1, save_every=0,
+                         keep_checkpoints=1, seed=cfg.seed, threads=cfg.threads, progress=False)
+    trainer = Trainer(model, stage, config, out)
+    start = _cpu()
+    result = trainer.fit(resume=True, stop_after=stop_after)
+    return result, _cpu() - start
+
+
+def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = CascadeConfig(), log=print) -> dict[str, Any]:
+    import tessera
+    from tessera.train.gspo import GSPOConfig, GSPOStage, select_queries
+    from tessera.train.mpo import MPOData, MPOStage, collect_or_load
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rows: dict[str, dict[str, Any]] = {}
+    log("cascade: evaluating SFT")
+    rows["SFT"] = {**_measure(tessera.load(sft_dir), cfg), "cpu_seconds": 0.0}
+
+    offline_dir = out / "offline"
+    sft = tessera.load(sft_dir)
+    data = MPOData(out=str(offline_dir), queries=cfg.collect_queries, families=cfg.families, group_size=cfg.group_size,
+                   seed=cfg.seed, pairs_per_batch=cfg.pairs_per_batch)
+    offline = collect_or_load(sft, data, log=log)
+    collect_cpu = offline.seconds  # measured when collected (and kept in offline/collect.json for a rerun)
+    pool = select_queries(offline.stats)
+    log(f"cascade: {len(offline.pairs)} pairs, {len(pool)}/{len(offline.stats)} queries in [0.2, 0.8], "
+        f"offline accuracy {offline.accuracy:.3f}")
+    gspo_cfg = GSPOConfig(group_size=cfg.group_size, queries_per_rollout=cfg.queries_per_rollout,
+                          mini_batches=cfg.mini_batches, eps_low=cfg.eps_low, eps_high=cfg.eps_high, seed=cfg.seed)
+    steps_per_pass = math.ceil(len(pool) / cfg.queries_per_rollout) * cfg.mini_batches
+
+    log("cascade: +MPO")
+    mpo_model = tessera.load(sft_dir)
+    mpo_stage = MPOStage(offline.pairs, cfg.pairs_per_batch, seed=cfg.seed)
+    mpo_result, mpo_cpu = _train(mpo_model, mpo_stage, cfg.mpo_steps, cfg.mpo_lr, out / "mpo", cfg)
+    rows["+MPO"] = {**_measure(mpo_model, cfg), "cpu_seconds": mpo_cpu}
+
+    log(f"cascade: +GSPO, two passes of {steps_per_pass} steps")
+    g_model = tessera.load(sft_dir)
+    g_stage = GSPOStage(pool, gspo_cfg)
+    _, g1_cpu = _train(g_model, g_stage, 2 * steps_per_pass, cfg.gspo_lr, out / "gspo", cfg, stop_after=steps_per_pass)
+    rows["+GSPO (1 pass)"] = {**_measure(g_model, cfg), "cpu_seconds": g1_cpu}
+    g_result, g2_cpu = _train(g_model, g_stage, 2 * steps_per_pass, cfg.gspo_lr, out / "gspo", cfg)
+    rows["+GSPO (2 passes)"] = {**_measure(g_model, cfg), "cpu_seconds": g1_cpu + g2_cpu}
+
+    log("cascade: MPO → GSPO (one pass)")
+    c_model = tessera.load(out / "mpo" / "final")
+    c_result, c_cpu = _train(c_model, GSPOStage(pool, gspo_cfg), steps_per_pass, cfg.gspo_lr, out / "cascade", cfg)
+    rows["Cascade (MPO → GSPO)"] = {**_measure(c_model, cfg), "cpu_seconds": mpo_cpu + c_cpu}
+
+    log("cascade: Best-of-N on the Cascade model")
+    bon = best_of_n_table(c_model, cfg, out / "critic")
+    summary = {"config": asdict(cfg), "rows": rows, "offline": {"queries": len(offline.stats), "pairs": len(offline.pairs),
+               "accuracy": offline.accuracy, "filtered_queries": len(pool), "cpu_seconds": collect_cpu},
+               "steps_per_pass": steps_per_pass, "best_of_n": bon,
+               "training_curves": {name: [{k: h.get(k) for k in ("step", "loss", "reward", "clip_fraction", "reward_margin")}
+                                          for h in r.history]
+                                   for name, r in (("mpo", mpo_result), ("gspo", g_result), ("cascade", c_result))}}
+    (out / "cascade.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "cascade.md").write_text(format_cascade(summary))
+    return summary
+
+
+def best_of_n_table(model, cfg: CascadeConfig, critic_dir: Path) -> dict[str, Any]:
+    """Accuracy at each N (greedy at N = 1, sampled mean, vote, critic, critic-weighted, oracle pass@N)."""
+    from tessera.evaluate import evaluate
+    from tessera.train.rollout import CRITIC_SEED_OFFSET, SamplingConfig, prepare, training_queries, world_query
+    from tessera.tts import CriticTrainConfig, best_of_n_rollouts, fit_critic, select
+    from tessera.world import eval_items, verify
+
+    start = _cpu()
+    sampling = SamplingConfig(temperature=cfg.bon_temperature, group_size=cfg.group_size, seed=cfg.seed)
+    queries = training_queries(cfg.critic_queries, cfg.families or None, cfg.seed, CRITIC_SEED_OFFSET)
+    critic, report = fit_critic(model, queries, sampling, CriticTrainConfig(seed=cfg.seed))
+    critic.save(critic_dir)
+    critic_cpu = _cpu() - start
+    n_max = max(cfg.best_of)
+    items = eval_items(cfg.eval_reasoning, ["reasoning"], offset=cfg.eval_seed)
+    eval_queries = [world_query(it.seed, it.family, split=it.split) for it in items]
+    prepared = prepare(model, eval_queries, keep_pixels=False)
+    sampled = best_of_n_rollouts(model, critic, prepared, n_max, SamplingConfig(temperature=cfg.bon_temperature,
+                                 seed=cfg.seed + 17), "weighted", verify=verify)
+    greedy = evaluate(model, seed=cfg.eval_seed, n=cfg.eval_reasoning, families=["reasoning"], keep_records=False).overall
+    table = {}
+    for n in cfg.best_of:
+        acc = {s: 0.0 for s in ("vote", "critic", "weighted")}
+        mean_sample = oracle = 0.0
+        for _, rolls, probs in sampled:
+            rolls, probs = rolls[:n], probs[:n]
+            for s in acc:
+                acc[s] += rolls[select(rolls, probs, s)].correct
+            mean_sample += sum(r.correct for r in rolls) / n
+            oracle += any(r.correct for r in rolls)
+        k = len(sampled)
+        table[n] = {"sampled_mean": mean_sample / k, "oracle": oracle / k, **{s: v / k for s, v in acc.items()}}
+    return {"greedy": greedy, "by_n": table, "critic": asdict(report), "critic_cpu_seconds": critic_cpu,
+            "questions": len(sampled)}
+
+
+def format_cascade(summary: dict[str, Any]) -> str:
+    rows, off = summary["rows"], summary["offline"]
+    base = rows["SFT"]["reasoning"]
+    lines = ["# Cascade RL in miniature (InternVL3.5 Table 16)", "",
+             f"Offline collection (shared by every RL row): {off['queries']} training queries × "
+             f"{summary['config']['group_size']} rollouts, {off['pairs']} preference pairs, rollout accuracy "
+             f"{off['accuracy']:.1%}; {off['filtered_queries']} queries with accuracy in [0.2, 0.8]; "
+             f"{off['cpu_seconds']:.0f} CPU s. One GSPO pass = {summary['steps_per_pass']} steps.", "",
+             "| model | reasoning | Δ vs SFT | all families | training CPU s | incl. offline collection |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        total = r["cpu_seconds"] + (off["cpu_seconds"] if name != "SFT" else 0.0)
+        lines.append(f"| {name} | {r['reasoning']:.1%} | {100 * (r['reasoning'] - base):+.1f} | {r['overall']:.1%} | "
+                     f"{r['cpu_seconds']:.0f} | {total:.0f} |")
+    fams = list(rows["SFT"]["families"])
+    lines += ["", "Per family (greedy; thinking on for reasoning):", "",
+              "| family | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
+    for f in fams:
+        lines.append(f"| {f} | " + " | ".join(f"{r['families'].get(f, float('nan')):.1%}" for r in rows.values()) + " |")
+    bon = summary["best_of_n"]
+    c = bon["critic"]
+    lines += ["", f"Best-of-N on the Cascade model ({bon['questions']} held-out reasoning questions, temperature "
+              f"{summary['config']['bon_temperature']}). Greedy (N = 1): {bon['greedy']:.1%}. Critic: held-out accuracy "
+              f"{c['val_accuracy']:.1%}, AUC {c['val_auc']:.3f} on its training rollouts ({c['examples']}, "
+              f"{c['positives']:.0%} correct); {bon['critic_cpu_seconds']:.0f} CPU s to build.", "",
+              "| N | sampled (mean) | vote | critic | critic-weighted | oracle pass@N |", "|---:|---:|---:|---:|---:|---:|"]
+    for n, t in bon["by_n"].items():
+        lines.append(f"| {n} | {t['sampled_mean']:.1%} | {t['vote']:.1%} | {t['critic']:.1%} | {t['weighted']:.1%} | "
+                     f"{t['oracle']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init", required=True, help="the SFT checkpoint every row starts from")
+    parser.add_argument("--out", required=True, help="run folder (offline rollouts, stage runs, cascade.md/json)")
+    parser.add_argument("--config", help="JSON with CascadeConfig fields to override")
+    parser.add_argument("--quick", action="store_true", help="toy sizes: exercise the path, measure nothing")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = quick_config() if args.quick else CascadeConfig()
+    if args.config:
+        overrides = json.loads(Path(args.config).read_text())
+        unknown = sorted(set(overrides) - set(CascadeConfig.__dataclass_fields__))
+        if unknown:
+            raise SystemExit(f"{args.config}: unknown CascadeConfig field(s) {unknown}")
+        cfg = CascadeConfig(**{**asdict(cfg), **overrides})
+    summary = run_cascade(args.init, args.out, cfg)
+    print(json.dumps(summary) if args.json else format_cascade(summary))
+    return 0

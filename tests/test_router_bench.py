@@ -1,0 +1,64 @@
+"""`tessera bench router`: the Flash table's arithmetic, its markdown and the docs section it rewrites."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessera.bench.router import MODES, markdown, replace_section, summarise, vision_cost, vision_macs
+from tessera.config import preset
+from tessera.evaluate import EvalResult
+
+torch.set_num_threads(1)
+
+
+def result(mode: str, accs: dict[str, float], tokens: float, qps: float, compressed: float) -> EvalResult:
+    return EvalResult(overall=sum(accs.values()) / len(accs), families=accs, counts={f: 10 for f in accs},
+                      visual_tokens_per_image=tokens, n=10 * len(accs), routing=mode, seed=0, seconds=1.0,
+                      samples_per_second=qps, generated_tokens_per_second=1.0, compressed_tile_fraction=compressed)
+
+
+def test_summary_ratios_and_targets():
+    fams = ["colour", "label", "document"]
+    results = {
+        "full": result("full", dict(zip(fams, [1.0, 0.8, 0.6])), 64.0, 2.0, 0.0),
+        "compressed": result("compressed", dict(zip(fams, [1.0, 0.2, 0.1])), 16.0, 3.0, 1.0),
+        "router": result("router", dict(zip(fams, [1.0, 0.8, 0.58])), 32.0, 2.5, 0.66),
+        "random": result("random", dict(zip(fams, [1.0, 0.5, 0.3])), 32.0, 2.5, 0.66),
+    }
+    s = summarise(results, None, None)
+    assert s["tokens_saved"] == pytest.approx(50.0)
+    assert s["accuracy_kept"] == pytest.approx(100 * (2.38 / 3) / (2.4 / 3))
+    assert s["compressed_reading_drop"] == pytest.approx(100 * (0.7 - 0.15))
+    assert s["router_minus_random"] == pytest.approx(100 * (0.69 - 0.4))
+    assert s["throughput_ratio"] == pytest.approx(1.25)
+    assert all(s["targets"].values())
+    text = markdown(s, "ckpt")
+    for m in MODES:
+        assert f"| {m} |" in text
+    assert "50.0 % fewer visual tokens" in text and "| yes |" in text
+
+
+def test_replace_section_keeps_the_rest(tmp_path):
+    doc = tmp_path / "B.md"
+    doc.write_text("# Benchmarks\n\n## Preprocessing\n\nkeep me\n\n## Flash\n\nold\n\n## Serving\n\nkeep too\n")
+    replace_section(doc, "## Flash", "new table")
+    text = doc.read_text()
+    assert "old" not in text and "new table" in text and "keep me" in text and "keep too" in text
+    assert text.index("## Preprocessing") < text.index("## Flash") < text.index("## Serving")
+    fresh = tmp_path / "C.md"
+    replace_section(fresh, "## Flash", "body")
+    assert fresh.read_text().startswith("# Benchmarks") and "## Flash\n\nbody" in fresh.read_text()
+
+
+def test_vision_macs_parts_and_timing_on_a_tiny_model():
+    from PIL import Image
+
+    from tessera.model.vlm import VisionLanguageModel
+
+    cfg = preset("tiny")
+    m = vision_macs(cfg)
+    assert m["router"] < 0.1 * m["vit"] and m["mlp1"] < m["vit"] and m["mlp2"] > 0
+    model = VisionLanguageModel(cfg).eval()
+    cost = vision_cost(model, [Image.new("RGB", (200, 100), "white")], rounds=1)
+    assert cost["tiles"] == 3 and cost["sec_full"] > 0 and cost["mac_ratio"] >= 1.0
