@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.bench.router import MODES, markdown, replace_section, summarise, vision_cost, vision_macs
+from tessera.bench.router import MODES, markdown, plot, replace_section, summarise, vision_cost, vision_macs
 from tessera.config import preset
 from tessera.evaluate import EvalResult
 
@@ -18,7 +18,7 @@ def result(mode: str, accs: dict[str, float], tokens: float, qps: float, compres
                       samples_per_second=qps, generated_tokens_per_second=1.0, compressed_tile_fraction=compressed)
 
 
-def test_summary_ratios_and_targets():
+def test_summary_ratios_and_targets(tmp_path):
     fams = ["colour", "label", "document"]
     results = {
         "full": result("full", dict(zip(fams, [1.0, 0.8, 0.6])), 64.0, 2.0, 0.0),
@@ -27,6 +27,9 @@ def test_summary_ratios_and_targets():
         "random": result("random", dict(zip(fams, [1.0, 0.5, 0.3])), 32.0, 2.5, 0.66),
     }
     s = summarise(results, None, None)
+    s.update(relative_threshold=0.5, absolute_threshold=0.5,
+             sweep=[{"relative": 0.3, "router": {"overall": 0.7, "reading": 0.6, "visual_tokens": 30.0},
+                     "random": {"overall": 0.6, "reading": 0.4, "visual_tokens": 30.0}}])
     assert s["tokens_saved"] == pytest.approx(50.0)
     assert s["accuracy_kept"] == pytest.approx(100 * (2.38 / 3) / (2.4 / 3))
     assert s["compressed_reading_drop"] == pytest.approx(100 * (0.7 - 0.15))
@@ -37,6 +40,9 @@ def test_summary_ratios_and_targets():
     for m in MODES:
         assert f"| {m} |" in text
     assert "50.0 % fewer visual tokens" in text and "| yes |" in text
+    assert "| 0.30 | 30.0 | 70.0 | 60.0 | 60.0 | 40.0 |" in text
+    plot(s, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
 
 
 def test_replace_section_keeps_the_rest(tmp_path):

@@ -4,6 +4,8 @@ text, image, streaming, usage, n, thinking, cache hits, metrics, and batching eq
 from __future__ import annotations
 
 import concurrent.futures
+import threading
+import time
 
 import httpx
 import openai
@@ -193,3 +195,70 @@ def test_health_and_metrics(server):
                  "tessera_visual_tokens_saved_total", "tessera_vision_cache_hits_total",
                  "tessera_time_to_first_token_seconds_count"):
         assert f"\n{name}" in "\n" + text
+
+
+def test_closing_a_stream_frees_the_sequence(server):
+    def running():
+        text = httpx.get(server.base_url + "/metrics").text
+        return int(next(l.split()[-1] for l in text.splitlines() if l.startswith("tessera_running_batch")))
+
+    body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()  # kept referenced: dropping a half-read iterator makes httpx close the connection
+        for _ in range(6):
+            next(lines)
+        assert running() == 1
+        r.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running() == 0
+
+
+def test_multi_turn_conversation_renders_in_the_template(model):
+    from tessera.serve.prompt import Conversation, render_prompt
+
+    tok = model.tokenizer
+    single = Conversation(None, [("user", "what colour", [0])], [None])
+    assert render_prompt(tok, single, [16], thinking=False) == tok.build_prompt("what colour", [16])
+    conv = Conversation("be brief", [("user", "first", [0]), ("assistant", "<think>\nhm\n</think>\n\nred", []),
+                                     ("user", "and this one", [1])], [None, None])
+    text = tok.decode(render_prompt(tok, conv, [4, 16], thinking=True), skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nImage-1: <img>")
+    assert "<|im_start|>assistant\nred<|im_end|>\n" in text  # earlier reasoning is not replayed
+    assert "Image-2: <img>" + "<IMG_CONTEXT>" * 16 + "</img>\nand this one<|im_end|>\n<|im_start|>assistant\n" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_remote_image_urls_work_when_enabled(client, server):
+    """A loopback HTTP server stands in for the web; the feature is off unless the server enables it."""
+    import http.server
+
+    png = make_image(120, 90, seed=11)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/cat.png"
+    options = server.language_server.options
+    try:
+        with pytest.raises(openai.BadRequestError, match="remote image URLs are disabled"):
+            client.chat.completions.create(model=MODEL, messages=image_message(url, "what"), max_tokens=2)
+        options.allow_remote_images = True
+        by_url = client.chat.completions.create(model=MODEL, messages=image_message(url, "what"), max_tokens=4, temperature=0)
+        inline = client.chat.completions.create(model=MODEL, messages=image_message(data_url(png), "what"), max_tokens=4,
+                                                temperature=0)
+        assert by_url.choices[0].message.content == inline.choices[0].message.content
+    finally:
+        options.allow_remote_images = False
+        httpd.shutdown()

@@ -17,7 +17,7 @@ from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.model.checkpoint import save_checkpoint
 from tessera.model.init import init_model
 from tessera.serve import protocol as P
-from tessera.serve.language_server import ServeOptions, VisionUnavailable
+from tessera.serve.language_server import CoupledVision, LanguageServer, ServeOptions, VisionUnavailable
 from tessera.serve.launch import LocalServer, Topology, build_server
 from tessera.serve.loadgen import data_url, image_for_tiles, image_message, make_image
 from tessera.serve.vision import VisionEncoder, VisionInputError
@@ -179,3 +179,82 @@ def test_dead_worker_is_restarted_and_serves_again(model, checkpoint):
         health = http.get("/health").json()["vision"]
         assert health["restarts"] == 1 and health["workers"][0]["pid"] != pid
         assert ask_image(http, 3).status_code == 200
+
+
+def test_feature_cache_is_lru_by_entries_and_bytes():
+    from tessera.serve.vision import FeatureCache
+
+    def entry(rows):
+        return [P.EncodedImage(P.ImageMeta([rows], (1, 1), 16), torch.zeros(rows, 4))]  # rows × 16 bytes
+
+    cache = FeatureCache(capacity=2, max_bytes=1000)
+    cache.put("a", entry(16))
+    cache.put("b", entry(16))
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("c", entry(16))
+    assert cache.get("b") is None and cache.get("a") is not None and len(cache) == 2
+    cache.put("d", entry(50))  # 800 bytes: the other entries must go to stay under 1000
+    assert cache.get("d") is not None and cache.bytes <= 1000 and len(cache) == 1
+    cache.put("huge", entry(100))  # larger than the whole budget: not cached at all
+    assert cache.get("huge") is None and cache.get("d") is not None
+    assert P.ImageMeta([4, 4, 4], (1, 1), 48).compressed_tiles == 3  # all at 1/16 counts every tile
+
+
+class SlowEncoder(VisionEncoder):
+    """Vision that takes a second per batch: long enough to see whether decoding waits for it."""
+
+    def run(self, jobs):
+        time.sleep(1.0)
+        return super().run(jobs)
+
+
+def longest_gap_while_an_image_is_encoded(base_url: str) -> float:
+    """Stream a long text answer; midway send an image request; return the longest pause between text chunks."""
+    body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 400, "ignore_eos": True, "stream": True,
+            "temperature": 0}
+    image = {"messages": image_message(data_url(make_image(150, 100, seed=4)), "what"), "max_tokens": 2}
+    stamps, started = [], threading.Event()
+    image_thread = threading.Thread(target=lambda: (started.wait(10),
+                                                    httpx.post(base_url + "/v1/chat/completions", json=image, timeout=60)))
+    image_thread.start()
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                stamps.append(time.monotonic())
+                if len(stamps) == 20:
+                    started.set()
+    image_thread.join(30)
+    return max(b - a for a, b in zip(stamps[20:], stamps[21:]))
+
+
+def test_decoding_continues_while_vision_works_only_when_decoupled(model):
+    server = VisionServer(SlowEncoder(model), "tcp://127.0.0.1:*", max_wait_ms=1.0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"announce": False}, daemon=True)
+    thread.start()
+    while server.endpoint is None:
+        time.sleep(0.01)
+    try:
+        decoupled_srv = LanguageServer(model, RemoteVision([server.endpoint]), ServeOptions(model_name="tiny"))
+        with LocalServer(decoupled_srv) as s:
+            decoupled_gap = longest_gap_while_an_image_is_encoded(s.base_url)
+    finally:
+        server.stop()
+        thread.join(5)
+    coupled_srv = LanguageServer(model, CoupledVision(SlowEncoder(model)), ServeOptions(model_name="tiny"))
+    with LocalServer(coupled_srv) as s:
+        coupled_gap = longest_gap_while_an_image_is_encoded(s.base_url)
+    assert decoupled_gap < 0.5, decoupled_gap  # the engine kept decoding while the vision server worked
+    assert coupled_gap >= 0.9, coupled_gap  # the baseline: vision on the engine thread stalls every stream
+
+
+def test_bf16_vision_side_stays_close_and_leaves_the_llm_alone(model):
+    import copy
+
+    twin = copy.deepcopy(model)
+    image = [image_for_tiles(4, model.config.tile_size, seed=8)]
+    exact = VisionEncoder(model).encode(image, P.Routing())[0]
+    fast = VisionEncoder(twin, dtype=torch.bfloat16).encode(image, P.Routing())[0]
+    assert fast.features.dtype == torch.bfloat16 and twin.language_model.embed_tokens.weight.dtype == torch.float32
+    assert fast.meta.tokens_per_tile == exact.meta.tokens_per_tile
+    rel = (fast.features.float() - exact.features).abs().max() / exact.features.abs().max()
+    assert rel < 0.05

@@ -85,8 +85,8 @@ def test_answers_are_consistent_with_the_scene():
                 name = re.match(r"What is the label of the (\w+ \w+)\?", q).group(1)
                 assert scene.find(name).label == a and a.isdigit() and len(a) == 2
             elif family == "document":
-                key = re.match(r"In the document, what is the code on line (\w)\?", q).group(1)
-                assert scene.document.code_for(key) == a and len(a) == 4
+                key = re.match(r"In the document, what is the number after (\w)\?", q).group(1)
+                assert scene.document.code_for(key) == a and len(a) == 3
             elif family == "spatial":
                 m = re.match(r"Is the (\w+ \w+) (left or right of|above or below) the (\w+ \w+)\?", q)
                 sa, sb = scene.find(m.group(1)), scene.find(m.group(3))
@@ -115,10 +115,11 @@ def test_scene_invariants():
             lx, ly = s.label_cell
             assert lx < scene.cols * CELLS_PER_TILE and ly < scene.rows * CELLS_PER_TILE
         d = scene.document
-        assert d.x % 2 == 1  # key on an odd cell → the code starts on an even cell: one 1/4 token row
+        assert d.x % 2 == 0  # every entry is one row of one 1/4 token (2×2 cells): key and code together
         assert d.x // CELLS_PER_TILE == (d.x + d.width - 1) // CELLS_PER_TILE
         assert d.y // CELLS_PER_TILE == (d.y + d.height - 1) // CELLS_PER_TILE
-        assert len(set(d.keys)) == len(d.keys)
+        assert len(set(d.keys)) == len(d.keys) and 4 <= len(d.keys) <= 8
+        assert all(scene.tile_of(*d.cell(i)) == scene.tile_of(d.x, d.y) for i in range(len(d.keys)))
 
 
 def test_counts_and_objects_follow_the_curriculum():
@@ -137,7 +138,7 @@ def test_counts_and_objects_follow_the_curriculum():
 
 # ---- verifiers ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family,answer", [("colour", "red"), ("count", "3"), ("label", "47"), ("document", "0937"),
+@pytest.mark.parametrize("family,answer", [("colour", "red"), ("count", "3"), ("label", "47"), ("document", "093"),
                                            ("reasoning", "50"), ("shape", "triangle")])
 def test_verifier_accepts_allowed_forms(family, answer):
     forms = [answer, answer.upper(), f"  {answer}  ", f"{answer}.", f"The answer is {answer}.", f"Answer: {answer}",
@@ -152,7 +153,7 @@ def test_verifier_accepts_allowed_forms(family, answer):
     ("colour", "red", ["blue", "reddish", "red or blue", "not red", "", "<think>\nred"]),
     ("count", "3", ["4", "33", "3 or 4", "three", "03", "<think>\n3\n"]),
     ("label", "47", ["74", "470", "4 7", "47 48", "4"]),
-    ("document", "0937", ["937", "0938", "09370", "0 937"]),
+    ("document", "093", ["93", "094", "0930", "0 93", "C093"]),
     ("reasoning", "50", ["49", "51", "<think>\n47 + 3 = 50\n</think>\n\n49", "<think>\n47 + 3 = 50", "500"]),
     ("spatial", "left", ["right", "above", "left or right", "to the right"]),
 ])
@@ -192,7 +193,7 @@ def test_eval_split_is_disjoint_from_train():
 
 
 def test_score():
-    results = [("label", "47", "47"), ("label", "48", "47"), ("document", "0937", "0937"), ("colour", "red", "blue")]
+    results = [("label", "47", "47"), ("label", "48", "47"), ("document", "093", "093"), ("colour", "red", "blue")]
     s = score(results)
     assert s["label"] == 0.5 and s["document"] == 1.0 and s["colour"] == 0.0
     assert s["overall"] == pytest.approx(0.5) and s["reading"] == pytest.approx(0.75) and s["n"] == 4

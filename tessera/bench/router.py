@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of the vision side; the median is reported")
     p.add_argument("--out", help="folder for flash.json, flash_tradeoff.png and flash_routing.png")
     p.add_argument("--docs", help="markdown file whose '## Flash' section is replaced with the result")
+    p.add_argument("--relative-threshold", type=float, help="override the checkpoint's flash.relative_threshold")
+    p.add_argument("--absolute-threshold", type=float, help="override the checkpoint's flash.absolute_threshold")
+    p.add_argument("--sweep", help="comma-separated relative thresholds: router and random at each (the trade-off curve)")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
 
 
@@ -100,12 +103,16 @@ def vision_cost(model, images, rounds: int) -> dict[str, float]:
 
 # ---- the table ---------------------------------------------------------------------------------------------
 
-def summarise(results: dict, vision: dict | None, router_acc: dict | None) -> dict:
+def _reading(r) -> float:
+    """Mean accuracy over the reading families (label, document) of an EvalResult."""
     from tessera.world import READING_FAMILIES
 
-    def reading(r) -> float:
-        vals = [r.families[f] for f in READING_FAMILIES if f in r.families]
-        return sum(vals) / len(vals) if vals else float("nan")
+    vals = [r.families[f] for f in READING_FAMILIES if f in r.families]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarise(results: dict, vision: dict | None, router_acc: dict | None) -> dict:
+    reading = _reading
 
     full, comp, rout, rand = (results[m] for m in MODES)
     s = {
@@ -150,7 +157,8 @@ def markdown(s: dict, checkpoint: str, command: str = "") -> str:
     lines = [INTRO, ""]
     if command:
         lines += ["```", command, "```", ""]
-    lines += [f"Checkpoint `{checkpoint}`, {s['n']} held-out questions per routing (seed {s['seed']}).", "",
+    lines += [f"Checkpoint `{checkpoint}`, {s['n']} held-out questions per routing (seed {s['seed']}); router thresholds "
+              f"relative {s['relative_threshold']:.2f}, absolute {s['absolute_threshold']:.2f}.", "",
              "| routing | " + " | ".join(fams) + " | overall | reading | visual tokens / image | tiles at 1/16 | questions/s |",
              "|---|" + "---:|" * (len(fams) + 5)]
     for m in MODES:
@@ -169,6 +177,14 @@ def markdown(s: dict, checkpoint: str, command: str = "") -> str:
                      f"router / full time **{v['time_ratio']:.2f}×** ({1e3 * v['sec_router']:.0f} ms vs {1e3 * v['sec_full']:.0f} ms; "
                      f"both branches as transformers' Flash does: {1e3 * v['sec_both_branches']:.0f} ms), MACs {v['mac_ratio']:.3f}× "
                      f"(router = {100 * v['router_share_of_vit']:.1f} % of the ViT; one mlp2 tile = {v['mlp2_over_mlp1']:.2f}× an mlp1 tile)")
+    if s.get("sweep"):
+        lines += ["", f"Trade-off (absolute threshold {s['absolute_threshold']:.2f}; random compresses as many tiles as the "
+                  "router at each point):", "",
+                  "| relative threshold | visual tokens / image | router overall | router reading | random overall | random reading |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for pt in s["sweep"]:
+            lines.append(f"| {pt['relative']:.2f} | {pt['router']['visual_tokens']:.1f} | {100 * pt['router']['overall']:.1f} | "
+                         f"{100 * pt['router']['reading']:.1f} | {100 * pt['random']['overall']:.1f} | {100 * pt['random']['reading']:.1f} |")
     if "router_tiles" in s:
         r = s["router_tiles"]
         lines.append(f"- router on {r['tiles']:.0f} held-out tiles vs exact loss-ratio labels (τ = median r = {r['tau']:.3f}): "
@@ -204,6 +220,11 @@ def plot(s: dict, out: Path) -> None:
         ax.scatter(r["visual_tokens"], 100 * r["overall"], marker=marker, s=60, label=f"{m} (overall)")
         ax.scatter(r["visual_tokens"], 100 * r["reading"], marker=marker, s=60, facecolors="none", edgecolors="k")
         ax.annotate(m, (r["visual_tokens"], 100 * r["overall"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if s.get("sweep"):
+        for m, style in (("router", "-"), ("random", "--")):
+            xs = [pt[m]["visual_tokens"] for pt in s["sweep"]]
+            ax.plot(xs, [100 * pt[m]["reading"] for pt in s["sweep"]], style, color="k", lw=1,
+                    label=f"{m} sweep (reading)")
     ax.set_xlabel("visual tokens per image")
     ax.set_ylabel("accuracy (%)  — hollow: reading families")
     ax.set_title("Flash: accuracy vs visual tokens")
@@ -223,12 +244,29 @@ def run(args: argparse.Namespace) -> int:
     model = tessera.load(args.checkpoint).eval()
     if not model.config.flash.enabled:
         raise SystemExit(f"{args.checkpoint} is not a Flash model (no router, no mlp2)")
-    results = {m: evaluate(model, seed=args.seed, n=args.n, routing=m, batch_size=args.batch_size, keep_records=False)
-               for m in MODES}
+    flash = model.config.flash
+    if args.relative_threshold is not None:
+        flash.relative_threshold = args.relative_threshold
+    if args.absolute_threshold is not None:
+        flash.absolute_threshold = args.absolute_threshold
+
+    def run_mode(mode: str):
+        return evaluate(model, seed=args.seed, n=args.n, routing=mode, batch_size=args.batch_size, keep_records=False)
+
+    results = {m: run_mode(m) for m in MODES}
+    sweep = []
+    chosen = flash.relative_threshold
+    for t in [float(x) for x in args.sweep.split(",")] if args.sweep else []:
+        flash.relative_threshold = t  # routing reads the thresholds from the config at each decision
+        pair = {m: run_mode(m) for m in ("router", "random")}
+        sweep.append({"relative": t, **{m: {"overall": r.overall, "reading": _reading(r), "visual_tokens": r.visual_tokens_per_image}
+                                        for m, r in pair.items()}})
+    flash.relative_threshold = chosen
     images = [item.sample().image for item in eval_items(-(-args.vision_images // 7), offset=args.seed + 10_000)]
     vision = vision_cost(model, images[:args.vision_images], args.rounds) if args.vision_images else None
     router_acc = evaluate_router(model, heldout_samples(model, args.router_samples)) if args.router_samples else None
     s = summarise(results, vision, router_acc)
+    s.update(relative_threshold=flash.relative_threshold, absolute_threshold=flash.absolute_threshold, sweep=sweep)
     import shlex
     import sys
 

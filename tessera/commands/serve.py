@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-threads", type=int, default=1, help="torch threads per local vision worker")
     p.add_argument("--max-batch-tiles", type=int, default=32, help="vision workers: tiles per ViT batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="vision workers: longest wait to fill a batch")
+    p.add_argument("--vision-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="precision of the ViT, router and projectors, in either mode (the LLM keeps its own)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from tessera.serve.vision import VisionLimits
 
     topology = Topology(args.mode, args.vision_workers, args.vision_server, args.worker_threads, args.max_batch_tiles,
-                        args.max_wait_ms)
+                        args.max_wait_ms, vision_dtype=args.vision_dtype)
     try:
         topology.validate()
     except ValueError as e:

@@ -133,15 +133,14 @@ class Generation:
                     if not (ev.finished and ev.finish_reason == "stop"):
                         delta = asm.push(ev.token_id)
                 reason = ev.finish_reason if ev.finished else None
-                if delta.stopped and not ev.finished:  # a stop string: end this choice now
-                    self.server.engine.abort(ev.request_id)
+                if delta.stopped:  # a stop string: this choice ends here, whatever the engine does next
+                    if not ev.finished:
+                        self.server.engine.abort(ev.request_id)
                     reason = "stop"
                 if reason is not None:
                     tail = asm.finish()
                     delta = Delta(delta.content + tail.content, delta.reasoning + tail.reasoning, True)
                     open_.discard(i)
-                    if reason == "abort" and asm.stopped:
-                        reason = "stop"
                 yield ChoiceEvent(i, delta, reason, ev.error)
         finally:
             for i in open_:
@@ -256,7 +255,8 @@ class LanguageServer:
             for i, rid in enumerate(ids):
                 seed = None if req.seed is None else req.seed + i
                 params = SamplingParams(max_tokens=prepared.max_tokens, temperature=temperature,
-                                        top_p=1.0 if req.top_p is None else req.top_p, seed=seed, stop_ids=self.stop_ids)
+                                        top_p=1.0 if req.top_p is None else req.top_p, seed=seed,
+                                        stop_ids=frozenset() if req.ignore_eos else self.stop_ids)
                 self.engine.submit(GenerationRequest(rid, prepared.prompt_ids, params, on_event, prepared.features,
                                                      prepared.arrival))
                 submitted.append(rid)

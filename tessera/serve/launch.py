@@ -32,6 +32,7 @@ class Topology:
     max_batch_tiles: int = 32
     max_wait_ms: float = 5.0
     heartbeat_timeout: float = 10.0
+    vision_dtype: str = "float32"  # float32 | bfloat16: precision of the vision side, in either topology
 
     def validate(self) -> None:
         if self.mode not in ("coupled", "decoupled"):
@@ -40,6 +41,8 @@ class Topology:
             raise ValueError("--vision-workers / --vision-server need --mode decoupled")
         if self.mode == "decoupled" and not (self.vision_workers or self.vision_servers):
             raise ValueError("--mode decoupled needs --vision-workers N (local) and/or --vision-server tcp://HOST:PORT")
+        if self.vision_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"vision dtype must be float32 or bfloat16, got {self.vision_dtype!r}")
         for e in self.vision_servers:
             if not e.startswith(("tcp://", "ipc://")):
                 raise ValueError(f"vision server address {e!r} must look like tcp://HOST:PORT")
@@ -55,12 +58,12 @@ def build_server(checkpoint: str, topology: Topology, options: ServeOptions | No
         model = tessera.load(checkpoint)
     limits = limits or VisionLimits()
     if topology.mode == "coupled":
-        vision = CoupledVision(VisionEncoder(model, limits))
+        vision = CoupledVision(VisionEncoder(model, limits, dtype=getattr(torch, topology.vision_dtype)))
     else:
         from tessera.serve.vision_client import LocalWorkerSpec, RemoteVision
 
         spec = LocalWorkerSpec(str(checkpoint), topology.worker_threads, topology.max_batch_tiles, topology.max_wait_ms,
-                               limits.cache_entries)
+                               limits.cache_entries, topology.vision_dtype)
         vision = RemoteVision(topology.vision_servers, spec, topology.vision_workers,
                               heartbeat_timeout=topology.heartbeat_timeout)
     return LanguageServer(model, vision, options)

@@ -84,7 +84,8 @@ async def _one(client, url: str, body: dict, headers: dict, result: LoadResult) 
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-                if first is None and any(c.get("delta", {}).get("content") or c.get("finish_reason")
+                # the first chunk that carries generated text (the role chunk is sent before generation starts)
+                if first is None and any(c.get("delta", {}).get("content") or c.get("delta", {}).get("reasoning_content")
                                          for c in chunk.get("choices", [])):
                     first = time.perf_counter()
     except Exception as e:  # a benchmark records failures instead of dying on them

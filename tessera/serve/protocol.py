@@ -68,7 +68,8 @@ class ImageMeta:
 
     @property
     def compressed_tiles(self) -> int:
-        return sum(1 for t in self.tokens_per_tile if t < max(self.tokens_per_tile))
+        full_per_tile = self.full_tokens // max(len(self.tokens_per_tile), 1)
+        return sum(1 for t in self.tokens_per_tile if t < full_per_tile)
 
 
 @dataclass

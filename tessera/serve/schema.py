@@ -4,7 +4,7 @@ Only what Tessera serves is modelled; unknown top-level fields are ignored (as O
 so clients that send e.g. `user` or `logit_bias: null` keep working. Tessera's own extras (sent by the
 official client through `extra_body`): `thinking` (or vLLM/Qwen3's `chat_template_kwargs.enable_thinking`),
 `routing` ("full" | "compressed" | "router"), `visual_token_budget` (max visual tokens per image) and
-`max_tiles` (tiling limit per image, at most the model's).
+`max_tiles` (tiling limit per image, at most the model's), `ignore_eos` (benchmarks: run to max_tokens).
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ class ChatCompletionRequest(BaseModel):
     routing: Literal[ROUTING_MODES] | None = None  # type: ignore[valid-type]
     visual_token_budget: int | None = Field(default=None, ge=1)
     max_tiles: int | None = Field(default=None, ge=1)
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks; as vLLM's extra parameter)
 
     @field_validator("stop")
     @classmethod

@@ -23,6 +23,9 @@ from tessera.routing import RoutingError, RoutingPolicy, decide, router_of
 from tessera.serve.protocol import EncodedImage, ImageMeta, Routing
 
 
+VISION_MODULES = ("vision_model", "mlp1", "mlp2", "pooling_before_gating", "gating")  # everything before the LLM
+
+
 class VisionInputError(ValueError):
     """A request the vision side refuses: its status and parameter go back to the client unchanged."""
 
@@ -36,6 +39,7 @@ class VisionLimits:
     max_pixels: int = 40_000_000  # per decoded image (width × height)
     max_tiles_per_request: int = 64  # tiles (thumbnails included) over all images of a request
     cache_entries: int = 256
+    cache_bytes: int = 1 << 30  # features held by the LRU cache
 
 
 @dataclass
@@ -55,13 +59,14 @@ class PreparedJob:
 
 
 class FeatureCache:
-    """A thread-safe LRU of EncodedImage lists by key."""
+    """A thread-safe LRU of EncodedImage lists by key, bounded by entries and by bytes of features."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    def __init__(self, capacity: int, max_bytes: int = 1 << 30):
+        self.capacity, self.max_bytes = capacity, max_bytes
         self._data: collections.OrderedDict[str, list[EncodedImage]] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
+        self.bytes = 0
 
     def get(self, key: str) -> list[EncodedImage] | None:
         with self._lock:
@@ -73,14 +78,22 @@ class FeatureCache:
             self.hits += 1
             return value
 
+    @staticmethod
+    def _size(value: list[EncodedImage]) -> int:
+        return sum(e.features.numel() * e.features.element_size() for e in value)
+
     def put(self, key: str, value: list[EncodedImage]) -> None:
-        if self.capacity <= 0:
+        if self.capacity <= 0 or self._size(value) > self.max_bytes:
             return
         with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.bytes -= self._size(old)
             self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.capacity:
-                self._data.popitem(last=False)
+            self.bytes += self._size(value)
+            while len(self._data) > self.capacity or self.bytes > self.max_bytes:
+                _, evicted = self._data.popitem(last=False)
+                self.bytes -= self._size(evicted)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -89,11 +102,19 @@ class FeatureCache:
 class VisionEncoder:
     """Everything between image bytes and projected features for one model."""
 
-    def __init__(self, model, limits: VisionLimits | None = None):
+    def __init__(self, model, limits: VisionLimits | None = None, dtype: torch.dtype | None = None):
+        """dtype: run the vision side in this precision (e.g. torch.bfloat16, as served on GPUs; on CPUs with AMX
+        it is ~3× faster). It casts the model's vision tower, projectors and router *in place*; the language
+        model is untouched, and it casts the features it receives to its own dtype."""
         self.model = model.eval()
+        if dtype is not None:
+            for name in VISION_MODULES:
+                if hasattr(model, name):
+                    getattr(model, name).to(dtype)
+        self.dtype = next(model.vision_model.parameters()).dtype
         self.config = model.config
         self.limits = limits or VisionLimits()
-        self.cache = FeatureCache(self.limits.cache_entries)
+        self.cache = FeatureCache(self.limits.cache_entries, self.limits.cache_bytes)
         self.has_router = bool(self.config.flash.enabled) and getattr(model, "router", None) is not None
 
     # ---- phase 1: decode + tile ---------------------------------------------------------------------------
@@ -115,6 +136,9 @@ class VisionEncoder:
         if routing.mode != "full" and not self.has_router:
             raise VisionInputError(f"routing {routing.mode!r} needs a Flash model (router + mlp2); this one is plain",
                                    param="routing")
+        if routing.budget is not None and not self.has_router:
+            raise VisionInputError("visual_token_budget needs a Flash model (router + mlp2); this one is plain",
+                                   param="visual_token_budget")
         keys = self.cache_key(images, routing, max_tiles)
         hits = [self.cache.get(k) for k in keys]
         if all(h is not None for h in hits):
@@ -141,7 +165,7 @@ class VisionEncoder:
         if not todo:
             return results  # type: ignore[return-value]
         model, cfg = self.model, self.config
-        pixels = torch.cat([jobs[i].pixel_values for i in todo]).to(model.device, model.dtype)  # [ΣN, 3, S, S]
+        pixels = torch.cat([jobs[i].pixel_values for i in todo]).to(model.device, self.dtype)  # [ΣN, 3, S, S]
         grid = model.vision_tokens(pixels)  # [ΣN, h, w, Cv]
         n, h, w, cv = grid.shape
         p = None

@@ -37,6 +37,7 @@ class LocalWorkerSpec:
     max_batch_tiles: int = 32
     max_wait_ms: float = 5.0
     cache_entries: int = 256
+    dtype: str = "float32"
     startup_timeout: float = 120.0
 
 
@@ -49,6 +50,7 @@ class _Worker:
     outstanding: dict[str, asyncio.Future] = field(default_factory=dict)
     alive: bool = False
     last_seen: float = 0.0
+    last_pong: float = 0.0
     restarts: int = 0
     stats: dict = field(default_factory=dict)
     recv_task: asyncio.Task | None = None
@@ -82,14 +84,27 @@ class RemoteVision:
 
     async def start(self) -> None:
         self.ctx = zmq.asyncio.Context()
+        remote = [w for w in self.workers if w.endpoint is not None]
+        for w in remote:
+            self._connect(w)
         local = [w for w in self.workers if w.endpoint is None]
-        await asyncio.gather(*(self._spawn(w) for w in local))
-        for w in self.workers:
-            if w.endpoint is not None and w.sock is None:
-                self._connect(w)
-                w.alive = True  # optimistic; heartbeats correct it
-                w.last_seen = time.monotonic()
+        await asyncio.gather(*(self._spawn(w) for w in local), *(self._handshake(w, 5.0) for w in remote))
         self._monitor = asyncio.create_task(self._watch())
+
+    async def _handshake(self, w: _Worker, timeout: float) -> bool:
+        """Ping until the first pong: the connection is up and the worker's loop is answering."""
+        deadline = time.monotonic() + timeout
+        since = time.monotonic()
+        while w.last_pong < since:
+            if time.monotonic() > deadline or w.sock is None:
+                return False
+            try:
+                await w.sock.send_multipart(P.pack("ping", {"id": "ping"}), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # not connected yet (ZMQ_IMMEDIATE)
+            await asyncio.sleep(0.02)
+        w.alive, w.last_seen = True, time.monotonic()
+        return True
 
     async def stop(self) -> None:
         self._closing = True
@@ -114,7 +129,7 @@ class RemoteVision:
         spec = self.local_spec
         cmd = [sys.executable, "-m", "tessera.cli", "vision-server", spec.checkpoint, "--bind", "tcp://127.0.0.1:*",
                "--threads", str(spec.threads), "--max-batch-tiles", str(spec.max_batch_tiles),
-               "--max-wait-ms", str(spec.max_wait_ms), "--cache-entries", str(spec.cache_entries), "--exit-with-parent"]
+               "--max-wait-ms", str(spec.max_wait_ms), "--cache-entries", str(spec.cache_entries), "--dtype", spec.dtype, "--exit-with-parent"]
         env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads)}
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, env=env)
         try:
@@ -132,7 +147,9 @@ class RemoteVision:
             raise RuntimeError(f"vision worker {w.name} failed to start (exit {proc.returncode}); see its stderr above")
         w.proc, w.endpoint = proc, text.split(" ", 1)[1]
         self._connect(w)
-        w.alive, w.last_seen = True, time.monotonic()
+        if not await self._handshake(w, spec.startup_timeout):
+            proc.kill()
+            raise RuntimeError(f"vision worker {w.name} at {w.endpoint} does not answer pings")
 
     def _connect(self, w: _Worker) -> None:
         sock = self.ctx.socket(zmq.DEALER)
@@ -155,8 +172,9 @@ class RemoteVision:
             w.last_seen = time.monotonic()
             if msg.kind == "pong":
                 w.stats = msg.header.get("stats", {})
+                w.last_pong = w.last_seen
                 if not w.alive and w.sock is sock and not w.local:
-                    w.alive = True  # a remote worker came back
+                    w.alive = True  # a remote worker came back (or answered for the first time)
                 continue
             fut = w.outstanding.pop(str(msg.header.get("id")), None)
             if fut is not None and not fut.done():

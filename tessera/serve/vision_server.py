@@ -140,7 +140,8 @@ class VisionServer:
 
 
 def run_vision_server(checkpoint: str, bind: str, threads: int = 1, max_batch_tiles: int = 32, max_wait_ms: float = 5.0,
-                      cache_entries: int = 256, max_pixels: int | None = None, exit_with_parent: bool = False) -> int:
+                      cache_entries: int = 256, max_pixels: int | None = None, exit_with_parent: bool = False,
+                      dtype: str = "float32") -> int:
     import torch
 
     import tessera
@@ -149,7 +150,8 @@ def run_vision_server(checkpoint: str, bind: str, threads: int = 1, max_batch_ti
     torch.set_num_threads(threads)
     model = tessera.load(checkpoint)
     limits = VisionLimits(cache_entries=cache_entries, **({"max_pixels": max_pixels} if max_pixels else {}))
-    server = VisionServer(VisionEncoder(model, limits), bind, max_batch_tiles, max_wait_ms, exit_with_parent)
+    encoder = VisionEncoder(model, limits, dtype=getattr(torch, dtype))
+    server = VisionServer(encoder, bind, max_batch_tiles, max_wait_ms, exit_with_parent)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -165,6 +165,7 @@ class RouterStage:
                                                                  "router": True})
     component_lr: dict[str, float] = field(default_factory=dict)
     heldout: int = 48  # samples for `eval_fn`
+    thresholds: tuple[float | None, float | None] = (None, None)  # (relative, absolute) to ship; None keeps the config's
 
     def __post_init__(self) -> None:
         self._window = RatioWindow(self.window, self.percentile)
@@ -179,6 +180,11 @@ class RouterStage:
     def setup(self, model) -> None:
         if model.router is None:
             raise ValueError("the router stage needs a Flash model (config.flash.enabled): this one has no router")
+        relative, absolute = self.thresholds  # written into the config, so the saved checkpoint carries them
+        if relative is not None:
+            model.config.flash.relative_threshold = float(relative)
+        if absolute is not None:
+            model.config.flash.absolute_threshold = float(absolute)
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[SampleBatch, int]]:
         return stream_batches(self.make, SampleGrouper(self.samples_per_batch), position, rank, world, self.workers)
@@ -242,6 +248,8 @@ class RouterData:
     workers: int = 1
     thinking_prob: float = 0.5
     heldout: int = 48  # held-out samples for the router's tile accuracy (`eval_fn`, run every train.eval_every steps)
+    relative_threshold: float | None = None  # the decision thresholds the trained checkpoint ships with
+    absolute_threshold: float | None = None
 
 
 def build_stage(model, data: "RouterData | dict | None" = None) -> RouterStage:
@@ -254,7 +262,7 @@ def build_stage(model, data: "RouterData | dict | None" = None) -> RouterStage:
     stream = WorldStream(model.tokenizer, model.config, families=default_families(), thinking_prob=data.thinking_prob,
                          curriculum=Curriculum(((0, 1.0),)), seed=SEED_OFFSET)
     return RouterStage(stream, data.samples_per_batch, data.percentile, data.window, data.eps, data.workers,
-                       heldout=data.heldout)
+                       heldout=data.heldout, thresholds=(data.relative_threshold, data.absolute_threshold))
 
 
 def heldout_samples(model, n: int = 64, seed: int = 2_000_000) -> list[Encoded]:

@@ -5,9 +5,9 @@ Two parts.
    token (4×4 patches), glyph width in the thumbnail for every grid, and a template reader that reads every
    glyph of a document tile perfectly at full resolution but not from the thumbnail-scale image.
 2. Training (minutes, one thread): a throw-away model shaped like the tiny preset's vision side (ViT patch 14,
-   dim 192 → pixel shuffle → MLP → 256-d tokens) and a small reader (learned queries = the asked line key and
-   the digit position, cross-attending to the visual tokens) learns the document question "code on line K" on
-   single-tile documents at random, patch-aligned positions. Run once with 16 tokens per tile (1/4, mlp1
+   dim 192 → pixel shuffle → MLP → 256-d tokens) and a small reader (learned queries = the asked key and
+   the digit position, cross-attending to the visual tokens) learns the document question "number after K" on
+   single-tile full-difficulty documents at random, token-aligned positions. Run once with 16 tokens per tile (1/4, mlp1
    shape) and once with 4 (1/16, mlp2 shape); the learning curves show what the 1/16 squeeze costs.
 This is a probe of the data, not the model: it does not use tessera.model, so it runs before the model exists.
 """
@@ -26,6 +26,7 @@ from tessera.geometry import candidate_grids
 from tessera.world.curriculum import level
 from tessera.world.scenes import CELL, CELLS_PER_TILE, DOC_KEYS, PITCH, TILE, Document, Scene, _Occupancy, _place_document, font, render
 
+CODE_DIGITS = level(1.0).code_digits
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # ImageNet, as the processor uses
 
 
@@ -37,7 +38,7 @@ def geometry() -> dict:
     ink = [f.getbbox(ch) for ch in "0123456789" + DOC_KEYS]
     w = max(b[2] - b[0] for b in ink)
     h = max(b[3] - b[1] for b in ink)
-    glyph_slots = (CELL // PITCH) * 1  # glyphs per patch on one text line (one line per cell row)
+    glyph_slots = CELL // PITCH  # glyphs per patch (one text row per cell row)
     # glyph pitch × ink height (px) once the whole canvas is squeezed into the 112 px thumbnail
     thumb = {f"{c}x{r}": [round(PITCH / c, 2), round(h / r, 2)] for c, r in candidate_grids(2, 6)}
     return {
@@ -53,9 +54,10 @@ def _templates() -> dict[str, np.ndarray]:
     """Each glyph rendered alone in one 7×14 slot (black on white), as a float array."""
     out = {}
     for ch in "0123456789" + DOC_KEYS:
-        doc = Document(1, 1, (ch,), ("00",))
+        doc = Document(2, 1, 1, ("A",), (ch * 3,)) if ch.isdigit() else Document(2, 1, 1, (ch,), ("000",))
         image = render(Scene(1, 1, "white", "plain", (0, 0, 0), (), doc)).convert("L")
-        out[ch] = np.asarray(image, np.float32)[CELL:2 * CELL, CELL:CELL + PITCH]
+        slot = PITCH if ch.isdigit() else 0
+        out[ch] = np.asarray(image, np.float32)[CELL:2 * CELL, 2 * CELL + slot:2 * CELL + slot + PITCH]
     return out
 
 
@@ -71,9 +73,9 @@ def template_reading(n: int = 40, squeeze: int = 1, seed: int = 0) -> float:
             image = image.resize((TILE // squeeze, TILE), Image.BICUBIC).resize((TILE, TILE), Image.BICUBIC)
         g = np.asarray(image.convert("L"), np.float32)
         for i, (key, code) in enumerate(zip(doc.keys, doc.codes)):
-            y = (doc.y + i) * CELL
-            for k, ch in enumerate(code):
-                x = (doc.x + 1) * CELL + k * PITCH
+            cx, cy = doc.cell(i)
+            for k, ch in enumerate(key + code):
+                x, y = cx * CELL + k * PITCH, cy * CELL
                 patch = g[y:y + CELL, x:x + PITCH]
                 guess = keys[int(np.argmin(((arrays - patch) ** 2).sum(axis=(1, 2))))]
                 right += guess == ch
@@ -127,7 +129,7 @@ def _model(ratio: int, dim: int = 192, layers: int = 4, d_llm: int = 256):
                                          nn.GELU(), nn.Linear(2 * d_llm, d_llm))
             self.tok_pos = nn.Parameter(torch.randn(1, (side // ratio) ** 2, d_llm) * 0.02)
             self.key = nn.Embedding(len(DOC_KEYS), d_llm)
-            self.digit = nn.Parameter(torch.randn(1, 4, d_llm) * 0.02)
+            self.digit = nn.Parameter(torch.randn(1, CODE_DIGITS, d_llm) * 0.02)
             self.reader = nn.TransformerDecoder(nn.TransformerDecoderLayer(d_llm, 4, 3 * d_llm, 0.0, "gelu",
                                                                            batch_first=True, norm_first=True), 2)
             self.head = nn.Linear(d_llm, 10)
@@ -140,8 +142,8 @@ def _model(ratio: int, dim: int = 192, layers: int = 4, d_llm: int = 256):
             h = h.view(B, s // r, r, s // r, r, dim).permute(0, 1, 3, 2, 4, 5)  # [B,s/r,s/r,r,r,D] blocks
             h = h.reshape(B, (s // r) ** 2, r * r * dim)  # [B,T,r²D], T = (s/r)² tokens, row-major
             tokens = self.mlp(h) + self.tok_pos  # [B,T,d_llm]
-            q = self.key(keys)[:, None, :] + self.digit  # [B,4,d_llm]: one query per code digit
-            return self.head(self.reader(q, tokens))  # [B,4,10]
+            q = self.key(keys)[:, None, :] + self.digit  # [B,K,d_llm]: one query per code digit
+            return self.head(self.reader(q, tokens))  # [B,K,10]
 
     return Probe()
 
@@ -160,15 +162,15 @@ def train(ratio: int, steps: int, batch: int = 32, lr: float = 2e-4, warmup: int
     curve, start = [], time.time()
     for step in range(1, steps + 1):
         x, k, c = _batch(rng, batch)
-        logits = model(x, k)  # [B,4,10]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), c.reshape(-1))  # [B·4,10] vs [B·4]
+        logits = model(x, k)  # [B,K,10], K code digits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), c.reshape(-1))  # [B·K,10] vs [B·K]
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if step % eval_every == 0 or step == steps:
             with torch.no_grad():
-                pred = model(hx, hk).argmax(-1)  # [256,4]
+                pred = model(hx, hk).argmax(-1)  # [256,K]
             point = {"step": step, "loss": round(loss.item(), 4), "digit_acc": round((pred == hc).float().mean().item(), 4),
                      "code_acc": round((pred == hc).all(-1).float().mean().item(), 4), "seconds": round(time.time() - start, 1)}
             curve.append(point)
@@ -181,6 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tokens", choices=["16", "4", "both"], default="both", help="tokens per tile to train with")
     parser.add_argument("--json", default=None, help="write the results to this file")
 
 
@@ -192,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
               "template_reading": {f"squeeze_{k}": round(template_reading(squeeze=k), 3) for k in (1, 2, 3)}}
     print(json.dumps(result, indent=1))
     if args.steps > 0:
-        result["training"] = {str((TILE // CELL // r) ** 2): train(r, args.steps, args.batch, args.lr) for r in (2, 4)}
+        ratios = {"16": 2, "4": 4} if args.tokens == "both" else {args.tokens: 2 if args.tokens == "16" else 4}
+        result["training"] = {t: train(r, args.steps, args.batch, args.lr) for t, r in ratios.items()}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

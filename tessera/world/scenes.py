@@ -7,10 +7,11 @@ Geometry (chosen for the tiny preset: 112 px tiles, 14 px patches, 1/4 token = 2
   its cell, two glyphs per cell at a 7 px pitch (Aileron 11 px: ink 6×8 px). A glyph never straddles a patch,
   so the patch embedding sees the same pixels for the same glyph wherever it is: the calibration found that
   position variance, not glyph size, is what stops a tiny ViT from learning to read in minutes.
-- A shape's label is one cell (≤ 2 digits) right of the shape; a document is a panel of lines
-  "key letter + code" whose code starts on an even cell (one 1/4 token row holds one whole code) and which
-  stays inside one tile. Dense documents are what the 1/16 branch squeezes: one 1/16 token covers 4×4 cells,
-  up to 32 glyph slots, against 8 for a 1/4 token. The thumbnail (the whole canvas squeezed to 112 px)
+- A shape's label is one cell (≤ 2 digits) right of the shape. A document is a panel of entries "key letter +
+  3-digit code" (C482) in one or two columns, inside one tile; an entry fills two cells starting on an even
+  cell, i.e. exactly one row of a 1/4 token, so the token that shows a key also shows its code (reading is one
+  attention hop). Dense documents are what the 1/16 branch squeezes: a 1/16 token covers 4×4 cells, up to 8
+  entries (32 glyph slots), against 2 entries (8 slots) for a 1/4 token. The thumbnail (the whole canvas squeezed to 112 px)
   shrinks glyphs to ≤ 3.5 px, so reading needs the tiles.
 - Shapes are 2–4 cells (28–56 px) and strongly coloured, so colour, shape, count and position survive both the
   thumbnail and 1/16 compression.
@@ -45,7 +46,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 PATTERNS = ("plain", "stripes", "dots", "gradient")
 INKS = ((20, 20, 20), (25, 30, 85), (70, 30, 20))  # near-black text colours
-DOC_KEYS = "ABCDEF"  # line keys of a document; with digits these are the only glyphs in the world
+DOC_KEYS = "AEFKLPRT"  # entry keys: letters whose ink fits a 7 px slot and looks unlike a digit (no B, S, D, G)
+KEY_INK = (165, 25, 25)  # keys are dark red so an entry (C482) reads as key + code
+ENTRY_CELLS = 2  # an entry is 4 glyph slots: the key and up to 3 code digits
 PAPER = (253, 253, 250)
 TILE_WEIGHTS = {1: 3, 2: 3, 3: 3, 4: 2, 5: 1, 6: 2}  # how often each tile count is drawn (split over its grids)
 
@@ -78,21 +81,30 @@ class Shape:
 
 @dataclass(frozen=True)
 class Document:
-    """A panel of lines `key code`; line i sits on cell row y+i, its key in cell x, its code from cell x+1."""
+    """A panel of entries `key + code` (e.g. C482), `columns` entries per cell row.
+
+    Entry i sits in the two cells from (x + 2·(i mod columns), y + i div columns): the key in the first glyph
+    slot, the code in the next ones. x is even, so an entry is exactly one row of one 1/4 token (2×2 cells):
+    the token that shows a key also shows its code.
+    """
 
     x: int
     y: int
+    columns: int
     keys: tuple[str, ...]
     codes: tuple[str, ...]
 
     @property
     def width(self) -> int:
-        """Text-area width in cells: the key cell plus the code cells (two glyphs per cell)."""
-        return 1 + (len(self.codes[0]) + 1) // 2
+        """Text-area width in cells."""
+        return ENTRY_CELLS * self.columns
 
     @property
     def height(self) -> int:
-        return len(self.keys)
+        return -(-len(self.keys) // self.columns)
+
+    def cell(self, i: int) -> tuple[int, int]:
+        return self.x + ENTRY_CELLS * (i % self.columns), self.y + i // self.columns
 
     def code_for(self, key: str) -> str:
         return self.codes[self.keys.index(key)]
@@ -128,7 +140,7 @@ class Scene:
         raise KeyError(f"no {name} in the scene")
 
     def text_tiles(self) -> list[int]:
-        """Tiles that contain small text (labels, document lines): the ones reading questions need at 1/4."""
+        """Tiles that contain small text (labels, document entries): the ones reading questions need at 1/4."""
         tiles = {self.tile_of(*s.label_cell) for s in self.shapes}
         if self.document is not None:
             tiles.add(self.tile_of(self.document.x, self.document.y))
@@ -170,24 +182,25 @@ def choose_grid(rng: random.Random, max_tiles: int) -> tuple[int, int]:
 
 
 def _place_document(rng: random.Random, occ: _Occupancy, lv: Level) -> Document | None:
-    n = rng.randint(lv.min_lines, lv.max_lines)
-    width = 1 + (lv.code_digits + 1) // 2
+    n = rng.randint(lv.min_entries, lv.max_entries)
+    columns = 2 if n > 4 else rng.choice((1, 2)) if lv.max_columns > 1 else 1
+    width, height = ENTRY_CELLS * columns, -(-n // columns)
     tiles_x, tiles_y = occ.w // CELLS_PER_TILE, occ.h // CELLS_PER_TILE
-    if lv.slots:  # the top-left corner of a random tile
+    if lv.slots:  # near the top-left corner of a random tile
         tx, ty = rng.randrange(tiles_x), rng.randrange(tiles_y)
-        spots = [(tx * CELLS_PER_TILE + 1, ty * CELLS_PER_TILE + 1)]
-    else:  # key on an odd cell so the code starts on an even one; text area inside one tile; a free ring
-        spots = [(x, y) for y in range(1, occ.h - n) for x in range(1, occ.w - width, 2)
+        spots = [(tx * CELLS_PER_TILE + 2, ty * CELLS_PER_TILE + 1)]
+    else:  # entries on even cells (token-aligned), the text area inside one tile, a free ring of cells around it
+        spots = [(x, y) for y in range(1, occ.h - height) for x in range(2, occ.w - width, 2)
                  if x // CELLS_PER_TILE == (x + width - 1) // CELLS_PER_TILE
-                 and y // CELLS_PER_TILE == (y + n - 1) // CELLS_PER_TILE]
-    spots = [(x, y) for x, y in spots if occ.fits(x, y, width, n, ring=1)]
+                 and y // CELLS_PER_TILE == (y + height - 1) // CELLS_PER_TILE]
+    spots = [(x, y) for x, y in spots if occ.fits(x, y, width, height, ring=1)]
     if not spots:
         return None
     x, y = rng.choice(spots)
-    occ.take(x - 1, y - 1, width + 2, n + 2)
+    occ.take(x - 1, y - 1, width + 2, height + 2)
     keys = tuple(rng.sample(DOC_KEYS, n))
     codes = tuple("".join(rng.choice("0123456789") for _ in range(lv.code_digits)) for _ in range(n))
-    return Document(x, y, keys, codes)
+    return Document(x, y, columns, keys, codes)
 
 
 def _label(rng: random.Random, digits: int, used: set[str]) -> str:
@@ -303,6 +316,7 @@ def render(scene: Scene) -> Image.Image:
         x1, y1 = (doc.x + doc.width) * CELL + 3, (doc.y + doc.height) * CELL + 2
         draw.rectangle([x0, y0, x1, y1], fill=PAPER, outline=(150, 150, 150))
         for i, (key, code) in enumerate(zip(doc.keys, doc.codes)):
-            _glyphs(draw, doc.x, doc.y + i, key, scene.ink)
-            _glyphs(draw, doc.x + 1, doc.y + i, code, scene.ink)
+            cx, cy = doc.cell(i)
+            _glyphs(draw, cx, cy, key, KEY_INK)
+            _glyphs(draw, cx, cy, " " + code, scene.ink)
     return image

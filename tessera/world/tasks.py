@@ -5,7 +5,7 @@ Families (FAMILIES, all evaluated; answers are one word or one number so a tiny 
   shape      "What shape is the red object?"                         → circle
   count      "How many circles are there?" / "... blue shapes ..."   → 2
   label      "What is the label of the red circle?"                  → 47         (reading, small text)
-  document   "In the document, what is the code on line C?"          → 4821       (reading, dense text)
+  document   "In the document, what is the number after C?"          → 482        (reading, dense text)
   spatial    "Is the red circle left or right of the blue square?"   → left
   reasoning  label ± a count, or the sum of two labels, with a worked `<think>` chain → 50
 plus `describe` (not evaluated): a dense description of the whole scene, the `pretrain` stage's caption.
@@ -59,8 +59,8 @@ class _Task:
     evidence: tuple[int, ...]  # tiles
 
 
-def _plural(n: int, kind: str) -> str:
-    return f"{n} {kind}" if n == 1 else f"{n} {kind}s"
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"
 
 
 def _tiles(scene: Scene, shapes: list[Shape], labels: bool = False) -> tuple[int, ...]:
@@ -114,7 +114,7 @@ def _document(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if doc is None:
         return None
     key = rng.choice(doc.keys)
-    return _Task(f"In the document, what is the code on line {key}?", doc.code_for(key), None,
+    return _Task(f"In the document, what is the number after {key}?", doc.code_for(key), None,
                  (scene.tile_of(doc.x, doc.y),))
 
 
@@ -180,8 +180,8 @@ def describe(scene: Scene) -> str:
         parts.append(f"{article} {s.name} labelled {s.label} at the {_position(scene, s)}.")
     if scene.document is not None:
         doc = scene.document
-        lines = ", ".join(f"{k} {c}" for k, c in zip(doc.keys, doc.codes))
-        parts.append(f"A document with {_plural(doc.height, 'line')}: {lines}.")
+        entries = ", ".join(f"{k} {c}" for k, c in zip(doc.keys, doc.codes))
+        parts.append(f"A document with {_plural(len(doc.keys), 'entry')}: {entries}.")
     return " ".join(parts)
 
 
