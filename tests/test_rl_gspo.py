@@ -106,40 +106,50 @@ def test_rollout_batch_is_split_and_later_minibatches_are_off_policy():
     assert abs(ratios[1] - 1.0) > 1e-4 and abs(ratios[2] - 1.0) > 1e-4  # the policy moved since the rollout
 
 
-def test_stage_runs_under_the_trainer(tmp_path, monkeypatch):
-    """Two optimiser steps of the real stage (rollouts from the tiny VLM being trained) through the Trainer."""
+def test_stage_under_the_trainer_learns_what_is_rewarded(tmp_path, monkeypatch):
+    """The real stage (rollouts from the tiny VLM being trained, mini-batches, Trainer) for 12 steps on a rule
+    reward: the first answer token must lie in the lower half of the vocabulary. Its probability must rise."""
     import tessera.train.gspo as gspo_mod
     from tessera.chat import build_tokenizer, fallback_corpus
     from tessera.model.init import init_model
     from tessera.train.trainer import Trainer, TrainConfig
 
     model = init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0)
-    queries = [Query(i, "reasoning", f"what is {i} plus one?", str(i + 1), thinking=False) for i in range(2)]
+    half = model.config.language.vocab_size // 2
+    queries = [Query(i, "reasoning", f"what is {i} plus one?", str(i + 1), thinking=False) for i in range(4)]
     prepared = {}
     for q in queries:
-        px = torch.randn(1, 3, 112, 112)
+        px = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(q.seed))
         with torch.no_grad():
             feats, per_tile = model.encode_images(px)
         prepared[q.key()] = Prepared(q, model.tokenizer.build_prompt(q.question, [sum(per_tile)]), px[:0], feats,
                                      [sum(per_tile)])
-    # a random model never finishes an answer, so the verifier would reward nothing: reward an even first token
+
+    def rewarded_mass():
+        with torch.no_grad():
+            return sum(torch.softmax(model(torch.tensor([p.prompt_ids]), image_features=p.image_features)[0, -1], -1)
+                       [:half].sum().item() for p in prepared.values()) / len(prepared)
+
+    # a random model never finishes an answer, so the world's verifier would reward nothing: use the rule instead
     real = gspo_mod.rollout
 
-    def rollout_with_token_reward(model, qs, sampling, verify=None, prepared=None):
+    def rollout_with_rule(model, qs, sampling, verify=None, prepared=None):
         groups = real(model, qs, sampling, verify=lambda *_: False, prepared=prepared)
         for g in groups:
             for r in g.rollouts:
-                r.reward = float(r.tokens[0] % 2 == 0)
+                r.reward = float(r.tokens[0] < half)
         return groups
 
-    monkeypatch.setattr(gspo_mod, "rollout", rollout_with_token_reward)
-    stage = GSPOStage(queries, GSPOConfig(group_size=4, queries_per_rollout=2, mini_batches=2, max_new_tokens=4),
+    monkeypatch.setattr(gspo_mod, "rollout", rollout_with_rule)
+    stage = GSPOStage(queries, GSPOConfig(group_size=8, queries_per_rollout=4, mini_batches=2, max_new_tokens=2),
                       prepared=prepared)
-    config = TrainConfig(steps=2, lr=1e-3, warmup_steps=1, log_every=1, progress=False, threads=1)
+    before = rewarded_mass()
+    config = TrainConfig(steps=12, lr=3e-3, warmup_steps=1, min_lr_ratio=1.0, log_every=1, progress=False, threads=1)
     result = Trainer(model, stage, config, tmp_path, save_model=lambda m, p: p.mkdir(exist_ok=True)).fit()
-    assert result.step == 2
+    assert result.step == 12
     assert result.history[0]["on_policy"] == 1.0 and result.history[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
-    assert result.history[0]["sequences"] > 0
+    assert result.history[1]["on_policy"] == 0.0  # the second mini-batch of the same rollout batch
+    assert rewarded_mass() > before + 0.1
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert any(n.startswith("vision_model") for n in frozen) and not any(n.startswith("language_model") for n in frozen)
 

@@ -262,3 +262,16 @@ def test_remote_image_urls_work_when_enabled(client, server):
     finally:
         options.allow_remote_images = False
         httpd.shutdown()
+
+
+def test_stop_strings_cut_the_answer(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "tell me about shapes"}], max_tokens=24,
+                  temperature=0)
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert len(stop.strip()) == 3, full
+    cut = client.chat.completions.create(**kwargs, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = list(client.chat.completions.create(**kwargs, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full[: full.index(stop)]

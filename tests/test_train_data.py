@@ -107,3 +107,37 @@ def test_packed_loss_equals_padded_loss():
                            attn_mask=batch.attn_mask())
             results.append(weighted_cross_entropy(logits, batch.targets, batch.weights)[0].item())
     assert results[0] == pytest.approx(results[1], rel=1e-5)
+
+
+def test_curriculum_interpolates_and_validates():
+    from tessera.train.data import Curriculum
+
+    c = Curriculum(((0, 0.0), (100, 0.5), (101, 1.0)))
+    assert c(0) == 0.0 and c(50) == 0.25 and c(100) == 0.5 and c(101) == 1.0 and c(10**6) == 1.0
+    assert Curriculum()(123) == 1.0  # default: the evaluation distribution
+    with pytest.raises(ValueError):
+        Curriculum(((10, 0.0), (5, 1.0)))
+    with pytest.raises(ValueError):
+        Curriculum(((0, 1.5),))
+
+
+def test_world_stream_is_deterministic_and_masks_the_answer():
+    from tessera.chat import build_tokenizer
+    from tessera.train.data import Curriculum, WorldStream
+    from tessera.world import corpus
+
+    cfg = preset("tiny")
+    tok = build_tokenizer(corpus(20), vocab_size=cfg.language.vocab_size)
+    stream = WorldStream(tok, cfg, families={"reasoning": 1.0, "colour": 1.0}, thinking_prob=1.0,
+                         curriculum=Curriculum(((0, 0.0),)))
+    a, b = stream(3), stream(3)
+    assert a.input_ids == b.input_ids and torch.equal(a.pixel_values, b.pixel_values)
+    samples = [stream(i) for i in range(8)]
+    assert {e.family for e in samples} == {"reasoning", "colour"}
+    for e in samples:
+        sample, thinking = stream.sample(e.index)
+        assert thinking == (e.family == "reasoning")  # reasoning has a worked chain, asked with thinking on
+        answer = tok.decode([t for t, m in zip(e.input_ids, e.loss_mask) if m], skip_special_tokens=False)
+        assert answer == (sample.thinking_answer if thinking else sample.answer) + "<|im_end|>"
+        assert sum(e.image_tokens) == e.input_ids.count(tok.img_context_id) == e.pixel_values.shape[0] * 16
+        assert sample.meta["difficulty"] == 0.0

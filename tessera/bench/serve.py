@@ -158,6 +158,60 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
+def component_costs(checkpoint: str, tiles_list: list[int], args) -> dict[str, dict]:
+    """Per-request CPU cost of each stage on one thread, measured in this process (servers not yet started):
+    vision = decode + tile + ViT + router + projector; LLM = prefill + decode at `--concurrency` in flight,
+    with every tile at 1/4 and with the router's choices. On two cores the pipeline bound is
+    coupled ≈ V + L, decoupled ≈ max(V, L), which gives the best speed-up decoupling can buy here."""
+    import torch
+
+    import tessera
+    from tessera.engine import Engine
+    from tessera.serve.loadgen import image_for_tiles
+    from tessera.serve.protocol import Routing
+    from tessera.serve.vision import VisionEncoder
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tessera.load(checkpoint)
+        encoder = VisionEncoder(model, dtype=getattr(torch, args.vision_dtype))
+        encoder.cache.capacity = 0
+        engine = Engine(model.language_model, max_batch=16, max_len=2048, embed_fn=model.embed)
+        out = {}
+        for tiles in tiles_list:
+            images = [image_for_tiles(tiles, model.config.tile_size, 50_000 + i) for i in range(8)]
+            row = {}
+            for routing in ("full", "router") if model.config.flash.enabled else ("full",):
+                encoder.encode([images[0]], Routing(routing))  # warm-up
+                start = time.perf_counter()
+                encoded = [encoder.encode([im], Routing(routing))[0] for im in images]
+                row[f"vision_ms_{routing}"] = (time.perf_counter() - start) / len(images) * 1000
+                row[f"llm_ms_{routing}"] = _llm_ms(engine, model, encoded, args)
+            out[str(tiles)] = {k: round(v, 1) for k, v in row.items()}
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _llm_ms(engine, model, encoded, args) -> float:
+    from tessera.engine import GenerationRequest, SamplingParams
+
+    n = 4 * len(encoded)
+    done: list[str] = []
+    submitted = 0
+    start = time.perf_counter()
+    while len(done) < n:
+        while submitted < n and submitted - len(done) < args.concurrency:
+            im = encoded[submitted % len(encoded)]
+            ids = model.tokenizer.build_prompt("describe the image", [im.meta.rows])
+            engine.submit(GenerationRequest(str(submitted), ids, SamplingParams(max_tokens=args.max_tokens),
+                                            lambda ev: ev.finished and done.append(ev.request_id), im.features))
+            submitted += 1
+        engine.step()
+    return (time.perf_counter() - start) / n * 1000
+
+
 def fresh_checkpoint(out: Path) -> str:
     """A random tiny Flash checkpoint whose language weights make real text (see bench/engine.py): with the
     default init every answer repeats one token that decodes to nothing, and no chunk would carry text to time."""
@@ -170,7 +224,7 @@ def fresh_checkpoint(out: Path) -> str:
     return str(out)
 
 
-def markdown(results: dict, settings: dict) -> str:
+def markdown(results: dict, settings: dict, costs: dict) -> str:
     lines = [
         "`tessera bench serve` (tessera/bench/serve.py): one real `tessera serve` process per topology on 127.0.0.1, "
         f"all started up front (idle ones use no CPU); a client drives each with {settings['concurrency']} streamed requests in flight (closed loop): {settings['requests']} "
@@ -181,7 +235,8 @@ def markdown(results: dict, settings: dict) -> str:
         f"Every topology runs its vision side (ViT, router, projectors) in {settings['vision_dtype']} and the LLM in "
         "float32.",
         "",
-        f"Model: {settings['model']}. Machine: {settings['machine']}.",
+        f"Model: {settings['model']}. Machine: {settings['machine']}; 1-minute load average "
+        f"{settings['load_average']} the run (other jobs share these cores).",
         "",
         "| tiles (+thumb) | topology | req/s | × coupled | TTFT p50 ms | TTFT p99 ms | tokens/s | visual tok/req | saved |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -193,8 +248,26 @@ def markdown(results: dict, settings: dict) -> str:
             x = f"{r['req_per_s'] / base:.2f}" if base else "–"
             lines.append(f"| {shown} | {topo} | {r['req_per_s']:.2f} | {x} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} "
                          f"| {r['tokens_per_s']:.0f} | {r['visual_tokens_per_request']:.0f} | {r['visual_tokens_saved_pct']:.0f} % |")
-    lines += ["", *targets(results)]
+    lines += ["", *targets(results), "", *cost_table(costs)]
     return "\n".join(lines)
+
+
+def cost_table(costs: dict) -> list[str]:
+    lines = ["Where the time goes — per-request CPU cost of each stage on one thread, measured in the benchmark "
+             "process before the servers start (V = vision: decode, tile, ViT, router, projector; L = LLM: prefill and "
+             "decode, same concurrency and output length). Decoupled, one core each, a request costs about max(V, L); coupled "
+             "costs V/s_V + L/s_L, where s ≤ 2 is what the second thread buys each stage. So (V + L) / max(V, L) bounds "
+             "what decoupling can gain on two cores (reached only if coupled's second thread bought nothing), and the "
+             "router can only help once L is the larger term (it shortens the prompt, not the ViT):",
+             "",
+             "| tiles (+thumb) | V ms | L ms (1/4 tiles) | L ms (router) | bound decoupled × | bound decoupled+router × |",
+             "|---|---|---|---|---|---|"]
+    for tiles, c in costs.items():
+        v, lf = c["vision_ms_full"], c["llm_ms_full"]
+        vr, lr = c.get("vision_ms_router", v), c.get("llm_ms_router", lf)
+        shown = f"{tiles} (+1)" if int(tiles) > 1 else tiles
+        lines.append(f"| {shown} | {v:.1f} | {lf:.1f} | {lr:.1f} | {(v + lf) / max(v, lf):.2f} | {(v + lf) / max(vr, lr):.2f} |")
+    return lines
 
 
 def targets(results: dict) -> list[str]:
@@ -227,7 +300,7 @@ def plot(results: dict, out: Path) -> None:
         ax2.bar(xs, [results[k].get(topo, {}).get("ttft_p50_ms", 0) for k in tiles], width, label=topo)
     for ax, title in ((ax1, "throughput (req/s)"), (ax2, "TTFT p50 (ms)")):
         ax.set_xticks([j + width * (len(topos) - 1) / 2 for j in range(len(tiles))])
-        ax.set_xticklabels([f"{k} tiles" for k in tiles])
+        ax.set_xticklabels([f"{k} tile" + ("s" if k != "1" else "") for k in tiles])
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     ax1.legend(fontsize=8)
@@ -271,10 +344,13 @@ def run(args: argparse.Namespace) -> int:
     if "decoupled+router" in topologies and not cfg.flash.enabled:
         print("note: the model has no router (not Flash); skipping decoupled+router", file=sys.stderr)
         topologies.remove("decoupled+router")
+    load_before = os.getloadavg()[0]
     results: dict[str, dict] = {}
     wanted = [int(t) for t in args.tiles.split(",")]
     if any(t > cfg.max_tiles for t in wanted):
         raise SystemExit(f"{checkpoint} tiles at most {cfg.max_tiles} per image; drop the larger sizes from --tiles")
+    costs = component_costs(checkpoint, wanted, args)
+    print(f"per-request costs on one thread: {costs}", file=sys.stderr)
     servers: list[Server] = []
     try:
         for topo in topologies:
@@ -290,15 +366,15 @@ def run(args: argparse.Namespace) -> int:
             s.stop()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    settings = {"requests": args.requests, "rounds": args.rounds, "vision_dtype": args.vision_dtype, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+    settings = {"load_average": f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after", "requests": args.requests, "rounds": args.rounds, "vision_dtype": args.vision_dtype, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                 "vision_workers": args.vision_workers, "cores": os.cpu_count(), "machine": machine(),
                 "model": args.checkpoint or "fresh random `tiny` preset (Flash, 112 px tiles, 16/4 tokens per tile, max_tiles 12; "
                                          "language weights at std 0.1 so that answers are text)"}
-    text = markdown(results, settings)
+    text = markdown(results, settings, costs)
     if args.docs:
         docs = Path(args.docs)
         png = docs.parent / "serving.png"
         plot(results, png)
         replace_section(docs, "## Serving", text + f"\n\n![serving throughput and TTFT]({png.name})")
-    print(json.dumps({"settings": settings, "results": results}, indent=2) if args.json else text)
+    print(json.dumps({"settings": settings, "costs": costs, "results": results}, indent=2) if args.json else text)
     return 0

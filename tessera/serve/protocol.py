@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 MAGIC = b"TSV1"
-ROUTING_MODES = ("full", "compressed", "router")
+ROUTING_MODES = ("full", "compressed", "router", "random")  # random: as many tiles as the router, chosen at random
 
 
 class ProtocolError(ValueError):
@@ -36,8 +36,8 @@ class ProtocolError(ValueError):
 class Routing:
     """How tiles are resolved: all at 1/4 ("full"), all at 1/16 ("compressed"), or as the ViR decides ("router").
 
-    budget: optional cap on an image's visual tokens; tiles are compressed (most compressible first) until the
-    image fits. Part of the feature-cache key, since it changes the features.
+    budget: optional cap on the request's visual tokens (all its images together, as tessera.routing applies it);
+    tiles are compressed (most compressible first) until the request fits. Part of the feature-cache key.
     """
 
     mode: str = "full"
