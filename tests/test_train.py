@@ -39,7 +39,7 @@ def stage(workers: int = 0) -> LanguageModelingStage:
 
 
 def config(**kw) -> TrainConfig:
-    base = dict(steps=6, lr=1e-3, warmup_steps=2, log_every=1, progress=False, threads=1, seed=3)
+    base = dict(steps=6, lr=1e-3, warmup_steps=2, log_every=1, progress=False, threads=1, seed=3, precision="fp32")
     return TrainConfig(**{**base, **kw})
 
 
@@ -101,6 +101,13 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     assert one.history[0]["position"] == acc.history[0]["position"]
     assert one.history[0]["loss"] == pytest.approx(acc.history[0]["loss"], rel=1e-5)
     assert one.history[0]["grad_norm"] == pytest.approx(acc.history[0]["grad_norm"], rel=1e-4)
+
+
+def test_bf16_autocast_trains_and_resumes_exactly(tmp_path):
+    full = Trainer(small_model(), stage(), config(steps=4, precision="bf16"), tmp_path / "a", save_model=save_weights).fit()
+    Trainer(small_model(), stage(), config(steps=4, precision="bf16"), tmp_path / "b", save_model=save_weights).fit(stop_after=2)
+    resumed = Trainer(small_model(), stage(), config(steps=4, precision="bf16"), tmp_path / "b", save_model=save_weights).fit()
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history[2:]]
 
 
 def test_data_worker_gives_the_same_batches(tmp_path):

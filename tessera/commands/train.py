@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="base learning rate")
     p.add_argument("--warmup", type=int, help="warm-up steps")
     p.add_argument("--accum", type=int, help="gradient accumulation micro-batches per step")
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CPUs with native bf16")
     p.add_argument("--save-every", type=int)
     p.add_argument("--rows", type=int, help="packed rows per micro-batch")
     p.add_argument("--row-tokens", type=int, help="tokens per packed row")

@@ -83,22 +83,22 @@ def template_reading(n: int = 40, squeeze: int = 1, seed: int = 0) -> float:
     return right / total
 
 
-def _document_tile(rng: random.Random) -> tuple[Image.Image, Document]:
-    """One 112 px tile holding only a full-difficulty document at a random (patch-aligned) position."""
+def _document_tile(rng: random.Random, difficulty: float = 1.0) -> tuple[Image.Image, Document]:
+    """One 112 px tile holding only a document (at the curriculum's `difficulty`) at a token-aligned position."""
     occ = _Occupancy(CELLS_PER_TILE, CELLS_PER_TILE)
-    doc = _place_document(rng, occ, level(1.0))
+    doc = _place_document(rng, occ, level(difficulty))
     scene = Scene(1, 1, rng.choice(["white", "cream", "grey", "pale blue"]), "plain", (20, 20, 20), (), doc)
     return render(scene), doc
 
 
 # ---- 2. training ----------------------------------------------------------------------------------
 
-def _batch(rng: random.Random, n: int):
+def _batch(rng: random.Random, n: int, difficulty: float = 1.0):
     import torch
 
     images, keys, codes = [], [], []
     for _ in range(n):
-        image, doc = _document_tile(rng)
+        image, doc = _document_tile(rng, difficulty)
         key = rng.choice(doc.keys)
         images.append((np.asarray(image, np.float32) / 255 - MEAN) / STD)
         keys.append(DOC_KEYS.index(key))
@@ -149,8 +149,9 @@ def _model(ratio: int, dim: int = 192, layers: int = 4, d_llm: int = 256):
 
 
 def train(ratio: int, steps: int, batch: int = 32, lr: float = 2e-4, warmup: int = 50, seed: int = 0,
-          eval_every: int = 50, log=print) -> list[dict]:
-    """Train the probe at pixel-shuffle `ratio`; returns the learning curve on a fixed held-out batch."""
+          ramp: int = 0, eval_every: int = 50, log=print) -> list[dict]:
+    """Train the probe at pixel-shuffle `ratio`; returns the learning curve on a fixed full-difficulty held-out
+    batch. With `ramp` > 0 the training difficulty grows linearly from 0 to 1 over the first `ramp` steps."""
     import torch
 
     torch.manual_seed(seed)
@@ -161,7 +162,8 @@ def train(ratio: int, steps: int, batch: int = 32, lr: float = 2e-4, warmup: int
     hx, hk, hc = _batch(held_rng, 256)
     curve, start = [], time.time()
     for step in range(1, steps + 1):
-        x, k, c = _batch(rng, batch)
+        difficulty = min(1.0, (step - 1) / ramp) if ramp > 0 else 1.0
+        x, k, c = _batch(rng, batch, difficulty)
         logits = model(x, k)  # [B,K,10], K code digits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), c.reshape(-1))  # [B·K,10] vs [B·K]
         opt.zero_grad()
@@ -171,7 +173,7 @@ def train(ratio: int, steps: int, batch: int = 32, lr: float = 2e-4, warmup: int
         if step % eval_every == 0 or step == steps:
             with torch.no_grad():
                 pred = model(hx, hk).argmax(-1)  # [256,K]
-            point = {"step": step, "loss": round(loss.item(), 4), "digit_acc": round((pred == hc).float().mean().item(), 4),
+            point = {"step": step, "difficulty": round(difficulty, 3), "loss": round(loss.item(), 4), "digit_acc": round((pred == hc).float().mean().item(), 4),
                      "code_acc": round((pred == hc).all(-1).float().mean().item(), 4), "seconds": round(time.time() - start, 1)}
             curve.append(point)
             log(f"tokens/tile={(TILE // CELL // ratio) ** 2:2d} {json.dumps(point)}")
@@ -182,6 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=600, help="training steps per run (0: geometry only)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--ramp", type=int, default=0, help="curriculum: difficulty 0 → 1 over this many steps")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", choices=["16", "4", "both"], default="both", help="tokens per tile to train with")
     parser.add_argument("--json", default=None, help="write the results to this file")
@@ -196,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=1))
     if args.steps > 0:
         ratios = {"16": 2, "4": 4} if args.tokens == "both" else {args.tokens: 2 if args.tokens == "16" else 4}
-        result["training"] = {t: train(r, args.steps, args.batch, args.lr) for t, r in ratios.items()}
+        result["training"] = {t: train(r, args.steps, args.batch, args.lr, ramp=args.ramp) for t, r in ratios.items()}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -216,8 +216,10 @@ def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int = 12) -> 
     return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
 
 
-def layout(rng: random.Random, lv: Level, document: bool) -> Scene:
-    """A random scene at level `lv`; `document` forces a document panel (the document family needs one)."""
+def layout(rng: random.Random, lv: Level, document: bool, min_shapes: int = 1) -> Scene:
+    """A random scene at level `lv`; `document` forces a document panel (the document family needs one) and
+    `min_shapes` raises the level's minimum number of shapes (the spatial family needs two). Shapes that do not
+    fit are dropped, so a caller checks what it needs."""
     cols, rows = choose_grid(rng, lv.max_tiles)
     occ = _Occupancy(cols * CELLS_PER_TILE, rows * CELLS_PER_TILE)
     doc = _place_document(rng, occ, lv) if document else None
@@ -228,7 +230,8 @@ def layout(rng: random.Random, lv: Level, document: bool) -> Scene:
     shapes: list[Shape] = []
     kinds: dict[str, int] = {}
     labels: set[str] = set()
-    for kind, colour in pairs[: rng.randint(lv.min_objects, lv.max_objects)]:
+    lo = max(lv.min_objects, min_shapes)
+    for kind, colour in pairs[: rng.randint(lo, max(lo, lv.max_objects))]:
         if kinds.get(kind, 0) >= lv.max_same_kind:
             continue
         size = rng.choice(lv.shape_sizes)

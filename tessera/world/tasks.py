@@ -34,6 +34,7 @@ ALL_FAMILIES = FAMILIES + [DESCRIBE]
 SPLIT_OFFSETS = {"train": 0, "eval": 10**9, "test": 2 * 10**9}
 SEEDS_PER_SPLIT = 10**9
 MAX_ATTEMPTS = 200
+MIN_SHAPES = {"spatial": 2}  # families that need more shapes than the curriculum level may give
 
 
 @dataclass
@@ -224,7 +225,7 @@ def build(seed: int, family: str | None = None, split: str = "train",
     fn = _FAMILY_FNS[family]
     for _ in range(MAX_ATTEMPTS):
         doc = family == "document" or rng.random() < lv.distractor_document
-        scene = layout(rng, lv, document=doc)
+        scene = layout(rng, lv, document=doc, min_shapes=MIN_SHAPES.get(family, 1))
         task = fn(rng, scene, lv) if scene.shapes else None  # every family refers to at least one shape
         if task is not None:
             break
