@@ -141,3 +141,24 @@ def test_world_stream_is_deterministic_and_masks_the_answer():
         assert answer == (sample.thinking_answer if thinking else sample.answer) + "<|im_end|>"
         assert sum(e.image_tokens) == e.input_ids.count(tok.img_context_id) == e.pixel_values.shape[0] * 16
         assert sample.meta["difficulty"] == 0.0
+
+
+def test_multi_turn_samples_extend_the_single_turn_sample():
+    from tessera.chat import build_tokenizer
+    from tessera.train.data import Curriculum, WorldStream
+    from tessera.world import FAMILIES, corpus
+
+    cfg = preset("tiny")
+    tok = build_tokenizer(corpus(20), vocab_size=cfg.language.vocab_size)
+    families = {f: 1.0 for f in FAMILIES}
+    one = WorldStream(tok, cfg, families=families, thinking_prob=0.5, curriculum=Curriculum(((0, 0.5),)))
+    three = WorldStream(tok, cfg, families=families, thinking_prob=0.5, curriculum=Curriculum(((0, 0.5),)), turns=3)
+    for i in range(4):
+        a, b = one(i), three(i)
+        assert b.input_ids[:len(a)] == a.input_ids and b.loss_mask[:len(a)] == a.loss_mask  # same first turn
+        assert torch.equal(a.pixel_values, b.pixel_values) and a.image_tokens == b.image_tokens
+        _, turns, family = three.conversation(i)
+        assert family == a.family and len(turns) == 3 and len({q for q, _, _ in turns}) == 3
+        answers = tok.decode([t for t, m in zip(b.input_ids, b.loss_mask) if m], skip_special_tokens=False)
+        assert answers == "".join(ans + "<|im_end|>" for _, ans, _ in turns)
+        assert b.input_ids.count(tok.im_start_id) == 1 + 2 * 3  # system + (user, assistant) per turn

@@ -54,6 +54,31 @@ def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, ans
     return Encoded(example.input_ids, example.loss_mask, pixels.pixel_values, image_tokens, family, index)
 
 
+def encode_turns(tokenizer, processor, tokens_per_tile: int, image, turns: Sequence[tuple[str, str, bool]],
+                 family: str = "", index: int = -1) -> Encoded:
+    """A multi-turn conversation about one image: (question, answer, thinking) per turn, image in the first.
+
+    The first turn is exactly `ChatTokenizer.build_example`; each later turn appends
+    `\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n` (+ the empty think block when thinking is
+    off) and its answer. Loss on every answer and its `<|im_end|>`. One ViT pass then serves several answers,
+    which is where a training step spends most of its time.
+    """
+    from tessera.chat import EMPTY_THINK, IM_END, IM_START
+
+    pixels = processor([image])
+    image_tokens = [n * tokens_per_tile for n in pixels.tiles_per_image]
+    (q, a, think), rest = turns[0], turns[1:]
+    first = tokenizer.build_example(q, a, image_tokens, thinking=think)
+    ids, mask = list(first.input_ids), list(first.loss_mask)
+    for q, a, think in rest:
+        prompt = tokenizer.encode(f"\n{IM_START}user\n{q}{IM_END}\n{IM_START}assistant\n" + ("" if think else EMPTY_THINK))
+        target = tokenizer.encode(a) + [tokenizer.im_end_id]
+        ids += prompt + target
+        mask += [0] * len(prompt) + [1] * len(target)
+    tokenizer.check_image_tokens(ids, image_tokens)
+    return Encoded(ids, mask, pixels.pixel_values, image_tokens, family, index)
+
+
 def square_average_weights(num_loss_tokens: int) -> float:
     """InternVL's square averaging: each of a sample's N loss tokens weighs N^-0.5 (between per-token and per-sample)."""
     if num_loss_tokens <= 0:
@@ -247,6 +272,7 @@ class WorldStream:
     thinking_prob: float = 0.0
     curriculum: Curriculum = field(default_factory=Curriculum)
     seed: int = 0  # offset into the world's train seeds, so stages can use disjoint scenes
+    turns: int = 1  # questions per image: extra turns ask other families about the same scene
     _processor: Any = field(default=None, repr=False, compare=False)
 
     def sample(self, index: int):
@@ -261,11 +287,50 @@ class WorldStream:
         s = make_sample(self.seed + index, family=family, split="train", difficulty=self.curriculum(index))
         return s, s.thinking_answer is not None and rng.random() < self.thinking_prob
 
+    def conversation(self, index: int):
+        """(image, [(question, answer, thinking)], family of the first turn) for a multi-turn sample.
+
+        The first turn is `sample(index)`; the others are drawn (without repeating a family, never `describe`)
+        from the same weights and asked about the same scene.
+        """
+        from tessera.world import build, render
+        from tessera.world.curriculum import level
+        from tessera.world.tasks import _FAMILY_FNS, thinking_text  # the per-family askers, on a given scene
+
+        rng = random.Random(self.seed * 1_000_003 + index)
+        names = sorted(self.families) if self.families else None
+        if names:
+            first = rng.choices(names, weights=[self.families[n] for n in names])[0]
+        else:
+            from tessera.world import FAMILIES
+
+            names, first = list(FAMILIES), None
+        difficulty = self.curriculum(index)
+        scene, task, first, _ = build(self.seed + index, first, "train", difficulty)
+        turns = [self._turn(rng, task, thinking_text)]
+        others = [n for n in names if n not in (first, "describe")]
+        rng.shuffle(others)
+        lv = level(difficulty)
+        for name in others:
+            if len(turns) >= self.turns:
+                break
+            extra = _FAMILY_FNS[name](rng, scene, lv)
+            if extra is not None:
+                turns.append(self._turn(rng, extra, thinking_text))
+        return render(scene), turns, first
+
+    def _turn(self, rng: random.Random, task, thinking_text) -> tuple[str, str, bool]:
+        think = task.think is not None and rng.random() < self.thinking_prob
+        return task.question, thinking_text(task.think, task.answer) if think else task.answer, think
+
     def __call__(self, index: int) -> Encoded:
         if self._processor is None:
             from tessera.image import ImageProcessor
 
             self._processor = ImageProcessor.from_config(self.config)
+        if self.turns > 1:
+            image, turns, family = self.conversation(index)
+            return encode_turns(self.tokenizer, self._processor, self.config.tokens_per_tile, image, turns, family, index)
         s, thinking = self.sample(index)
         answer = s.thinking_answer if thinking else s.answer
         return encode(self.tokenizer, self._processor, self.config.tokens_per_tile, s.image, s.question, answer,

@@ -124,6 +124,7 @@ class GSPOStage:
     verify: object = None  # (family, text, answer) → bool; None = the world's verifier
     prepared: dict = field(default_factory=dict)  # query key → Prepared (filled lazily; tests may pre-fill)
     name: str = "gspo"
+    precision: str = "fp32"  # log-probs must match the fp32 rollouts / reference (see Trainer.fit)
     trainable: dict[str, bool] = field(default_factory=dict)
     rollout_cpu_seconds: float = 0.0
 

@@ -168,6 +168,7 @@ class MPOStage:
     seed: int = 0
     prepared: dict = field(default_factory=dict)  # query key → Prepared (filled in setup; tests may pre-fill)
     name: str = "mpo"
+    precision: str = "fp32"  # log-probs must match the fp32 rollouts / reference (see Trainer.fit)
     trainable: dict[str, bool] = field(default_factory=dict)
     running: RunningMean = field(default_factory=RunningMean)
 

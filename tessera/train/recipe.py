@@ -47,7 +47,8 @@ def tiny_recipe() -> RecipeConfig:
 
     pretrain: dense descriptions on easy scenes teach the ViT colours, shapes, positions and glyphs (a question's
     single answer token is too sparse a signal to get vision started). sft: every question family plus
-    descriptions, the world's difficulty stepping up (fixed slots → free placement → full scenes) by sample index.
+    descriptions, four questions per image (one ViT pass serves four answers), the world's difficulty stepping
+    up (fixed slots → free placement → full scenes) by sample index.
     The language model and connector start from scratch and take 3e-4; the ViT stays at 1e-4 (the calibration's
     learning-rate cliff for reading).
     """
@@ -61,7 +62,7 @@ def tiny_recipe() -> RecipeConfig:
     return RecipeConfig(stages=[
         StagePlan("pretrain", pretrain, {"rows": 4, "row_tokens": 512,
                                          "curriculum": [[0, 0.0], [2000, 0.0], [2001, 0.5]]}),
-        StagePlan("sft", sft, {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7,
+        StagePlan("sft", sft, {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4,
                                "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [7000, 0.5], [7001, 1.0]]}),
     ])
 

@@ -30,10 +30,11 @@ class SFTData:
     workers: int = 1
     families: dict[str, float] = field(default_factory=default_families)
     thinking_prob: float = 0.5  # share of reasoning questions asked in thinking mode
+    turns: int = 1  # questions per image (multi-turn conversations; one ViT pass serves them all)
 
 
 def build_stage(model, data: SFTData | dict | None = None) -> LanguageModelingStage:
     data = dataclass_from(SFTData, data)
     stream = WorldStream(model.tokenizer, model.config, families=dict(data.families), thinking_prob=data.thinking_prob,
-                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET)
+                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET, turns=data.turns)
     return LanguageModelingStage("sft", stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers)

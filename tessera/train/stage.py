@@ -39,6 +39,9 @@ def component_of(param_name: str) -> str:
 
 @runtime_checkable
 class Stage(Protocol):
+    """What the trainer needs of a stage. Optional attributes it also honours: `trainable` and `component_lr`
+    (override the config's groups), `precision` (pin "fp32" or "bf16"), `setup(model)` (called once)."""
+
     name: str
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Any, int]]: ...

@@ -280,7 +280,9 @@ class Trainer:
         killed job would (used to test that resuming reproduces the uninterrupted run).
         """
         cfg = self.config
-        precision = resolve_precision(cfg.precision)
+        # a stage may pin the precision: RL stages compare the policy's log-probs with ones recorded outside
+        # the trainer (rollouts, a frozen reference) in fp32, and bf16 noise (~1e-3) exceeds GSPO's clip range
+        precision = getattr(self.stage, "precision", None) or resolve_precision(cfg.precision)
         ddp = Distributed.setup()
         set_threads(cfg, ddp.world)
         torch.manual_seed(cfg.seed + ddp.rank)

@@ -127,9 +127,11 @@ def _model(ratio: int, dim: int = 192, layers: int = 4, d_llm: int = 256):
             else:  # mlp2 shape
                 self.mlp = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, 2 * d_llm), nn.GELU(), nn.Linear(2 * d_llm, 2 * d_llm),
                                          nn.GELU(), nn.Linear(2 * d_llm, d_llm))
-            self.tok_pos = nn.Parameter(torch.randn(1, (side // ratio) ** 2, d_llm) * 0.02)
+            # token positions, keys and digit positions all at unit scale: the two queries of one code must differ
+            # as much as queries for different keys, or the reader settles on reading a bag of digits
+            self.tok_pos = nn.Parameter(torch.randn(1, (side // ratio) ** 2, d_llm))
             self.key = nn.Embedding(len(DOC_KEYS), d_llm)
-            self.digit = nn.Parameter(torch.randn(1, CODE_DIGITS, d_llm) * 0.02)
+            self.digit = nn.Parameter(torch.randn(1, CODE_DIGITS, d_llm))
             self.reader = nn.TransformerDecoder(nn.TransformerDecoderLayer(d_llm, 4, 3 * d_llm, 0.0, "gelu",
                                                                            batch_first=True, norm_first=True), 2)
             self.head = nn.Linear(d_llm, 10)
