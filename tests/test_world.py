@@ -115,11 +115,26 @@ def test_scene_invariants():
             lx, ly = s.label_cell
             assert lx < scene.cols * CELLS_PER_TILE and ly < scene.rows * CELLS_PER_TILE
         d = scene.document
-        assert d.x % 2 == 0  # every entry is one row of one 1/4 token (2×2 cells): key and code together
+        assert d.x % 2 == 0  # every entry is the top row of its own 1/4 token (2×2 cells)
         assert d.x // CELLS_PER_TILE == (d.x + d.width - 1) // CELLS_PER_TILE
         assert d.y // CELLS_PER_TILE == (d.y + d.height - 1) // CELLS_PER_TILE
-        assert len(set(d.keys)) == len(d.keys) and 4 <= len(d.keys) <= 8
+        assert len(set(d.keys)) == len(d.keys) and 3 <= len(d.keys) <= 6 and d.y % 2 == 0
         assert all(scene.tile_of(*d.cell(i)) == scene.tile_of(d.x, d.y) for i in range(len(d.keys)))
+
+
+def test_documents_are_one_entry_per_quarter_token_and_shared_at_one_sixteenth():
+    """At 1/4 (2×2 cells per token) every entry has a token to itself, key and code together; at 1/16 (4×4
+    cells) tokens are shared by several entries: the squeeze that compression must cost."""
+    shared = 0
+    for seed in range(100):
+        scene, _, _, _ = build(seed, "document")
+        d = scene.document
+        quarter = [(cx // 2, cy // 2) for cx, cy in (d.cell(i) for i in range(len(d.keys)))]
+        key_and_code = [{((cx + k) // 2, cy // 2) for k in range(2)} for cx, cy in (d.cell(i) for i in range(len(d.keys)))]
+        assert len(set(quarter)) == len(quarter) and all(len(t) == 1 for t in key_and_code)
+        sixteenth = [(cx // 4, cy // 4) for cx, cy in (d.cell(i) for i in range(len(d.keys)))]
+        shared += len(set(sixteenth)) < len(sixteenth)
+    assert shared >= 80  # most full-difficulty documents put several entries into one 1/16 token
 
 
 def test_counts_and_objects_follow_the_curriculum():
@@ -247,7 +262,7 @@ def test_probe_geometry_and_template_reading():
 
     g = geometry()
     assert g["glyphs_per_patch"] == 2 and g["glyph_slots_per_token_1_16"] == 4 * g["glyph_slots_per_token_1_4"]
-    assert g["one_hot_features_per_token_1_16"] > g["llm_token_dims_tiny"] >= g["one_hot_features_per_token_1_4"]
+    assert g["entries_per_token_1_4"] == 1 and g["max_entries_per_token_1_16"] == 4
     full = template_reading(n=10)
     squeezed = template_reading(n=10, squeeze=3)
     assert full == 1.0 and squeezed < 0.8
@@ -265,3 +280,24 @@ def test_world_sample_command(tmp_path):
         s = make_sample(r["seed"], "reasoning")
         assert (tmp_path / r["image"]).read_bytes() == _png(s.image)
         assert (r["question"], r["answer"]) == (s.question, s.answer)
+
+
+def test_processor_tiles_are_exact_crops():
+    """The seam the world relies on: canvases are whole tile grids, so the processor's tiles are exact crops
+    and the text stays on the patch lattice (tessera.image.preprocess with the tiny preset's tiling)."""
+    import numpy as np
+    import torch
+
+    from tessera.image import preprocess
+
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    for seed in range(3):
+        s = make_sample(seed, "document")
+        pixels, (cols, rows) = preprocess(s.image, TILE, 1, 6, True)
+        assert [cols, rows] == s.meta["grid"] and pixels.shape[0] == cols * rows + (cols * rows > 1)
+        rgb = torch.tensor(np.asarray(s.image, np.float32) / 255).permute(2, 0, 1)  # [H,W,3] → [3,H,W]
+        for i in range(cols * rows):
+            ty, tx = divmod(i, cols)
+            crop = rgb[:, ty * TILE:(ty + 1) * TILE, tx * TILE:(tx + 1) * TILE]
+            assert torch.allclose(pixels[i] * std + mean, crop, atol=1e-5)

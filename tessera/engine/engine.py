@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from tessera.engine.decode import DecodeStep
 from tessera.engine.kv_cache import CacheGeometry, SlotKVCache
 from tessera.engine.sampling import SamplingParams, sample_tokens
 
@@ -83,12 +84,14 @@ class Engine:
     llm: has `hidden(inputs_embeds [B,T,D], position_ids [B,T], cache=, attn_mask=) -> [B,T,D]` and
     `lm_head` (hidden → logits). embed_fn(input_ids [1,T], image_features | None) -> [1,T,D] builds prompt
     embeddings (defaults to the llm's token embedding, text only); token_embed(ids [B,1]) -> [B,1,D] embeds
-    generated tokens (defaults to `llm.model.embed_tokens`).
+    generated tokens (defaults to `llm.model.embed_tokens`). compile=True runs decode steps through
+    torch.compile (see tessera/engine/decode.py: weights are frozen into the graph, the first step of each batch
+    bucket compiles, `warmup()` does that up front).
     """
 
     def __init__(self, llm: torch.nn.Module, *, max_batch: int = 16, max_len: int = 2048, max_waiting: int = 256,
                  prefill_token_budget: int = 4096, embed_fn: Callable | None = None, token_embed: Callable | None = None,
-                 tokens_per_second_window: float = 5.0):
+                 tokens_per_second_window: float = 5.0, compile: bool = False):
         for attr in ("hidden", "lm_head"):
             if not hasattr(llm, attr):
                 raise TypeError(f"the engine needs llm.{attr} (see docs/CONTRACTS.md); {type(llm).__name__} lacks it")
@@ -102,6 +105,7 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         geometry = CacheGeometry(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_batch, max_len)
         self.cache = SlotKVCache(geometry, dtype=self.dtype, device=self.device)
+        self.decoder = DecodeStep(llm, self.token_embed, self.cache, self.dtype, self.device, compile=compile)
         self.running: list[_Sequence] = []  # running[i].slot == i
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.stats = EngineStats()
@@ -155,6 +159,14 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def warmup(self) -> None:
+        """Compile the decode graphs now rather than on first use (no-op unless compile=True): after
+        construction, before `start()` and before any request runs (it writes into free cache slots)."""
+        if self.running or self._thread is not None:
+            raise RuntimeError("call warmup() before start() and before any request runs: it writes into cache slots")
+        with torch.inference_mode():
+            self.decoder.warmup()
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._inbox)
@@ -271,17 +283,8 @@ class Engine:
 
     def _decode(self) -> int:
         seqs = self.running
-        B = len(seqs)
-        tokens = torch.tensor([[q.pending] for q in seqs], dtype=torch.long, device=self.device)  # [B, 1]
-        lengths = torch.tensor([q.length for q in seqs], device=self.device)  # [B]
-        S = int(lengths.max()) + 1
-        positions = lengths[:, None]  # [B, 1]: the pending token goes at position `length`
-        mask = (torch.arange(S, device=self.device)[None, :] <= lengths[:, None])[:, None, None]  # [B, 1, 1, S]
         try:
-            embeds = self.token_embed(tokens).to(self.dtype)  # [B, 1, D]
-            view = self.cache.view(0, positions, S)
-            hidden = self.llm.hidden(embeds, positions, cache=view, attn_mask=mask)  # [B, 1, D]
-            logits = self.llm.lm_head(hidden[:, -1]).float()  # [B, V]
+            logits = self.decoder([q.pending for q in seqs], [q.length for q in seqs])  # [B, V]
         except Exception as e:
             for q in seqs:
                 q.done = True
@@ -293,7 +296,7 @@ class Engine:
             q.length += 1
             self._emit(q, tok)
         self._compact()
-        return B
+        return len(seqs)
 
     def _emit(self, seq: _Sequence, token: int) -> None:
         """Record a sampled token, decide whether the sequence ends, and tell the request."""

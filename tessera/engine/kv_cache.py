@@ -49,7 +49,8 @@ class SlotKVCache:
     def view(self, first_slot: int, positions: torch.Tensor, kv_len: int) -> "SlotView":
         """A cache object for one forward over slots [first_slot, first_slot + B).
 
-        positions: [B, T] absolute positions the new tokens are written at (row b goes to slot first_slot + b).
+        positions: [B, T] absolute positions the new tokens are written at (row b goes to slot first_slot + b);
+        within a row they must be distinct (they are: a row's tokens sit at consecutive positions).
         kv_len: S, how many positions of each slot the attention reads (the longest row's end).
         """
         B = positions.shape[0]
@@ -67,24 +68,33 @@ class SlotKVCache:
 
 
 class SlotView:
-    """The cache protocol for one forward: `update(layer_idx, k, v) -> (k_all, v_all)`."""
+    """The cache protocol for one forward: `update(layer_idx, k, v) -> (k_all, v_all)`.
+
+    The write targets are computed once per forward, not per layer: every layer's cache has the same layout, so
+    token t of row r lands at the same flat row of `k.view(slots * Hkv * max_len, hd)` in every layer, and one
+    `index_copy_` per tensor writes all heads of all new tokens. Built without checks: `SlotKVCache.view` is the
+    checked entry point (the engine's compiled decode builds it directly, inside the traced function).
+    """
 
     def __init__(self, cache: SlotKVCache, first_slot: int, positions: torch.Tensor, kv_len: int):
+        g = cache.geometry
         self.cache = cache
-        self.lo, self.hi = first_slot, first_slot + positions.shape[0]
         B, T = positions.shape
-        # index_put_ targets: row r, token t → (slot lo + r, position positions[r, t]); both [B, T]
-        self.rows = (torch.arange(B, device=positions.device) + first_slot)[:, None].expand(B, T)
-        self.positions = positions
+        self.lo, self.hi = first_slot, first_slot + B
+        self.shape = (B, T)
+        # flat row of (slot lo + b, head h, position positions[b, t]) in a [slots * Hkv * max_len, hd] view
+        slot_head = (torch.arange(B, device=positions.device)[:, None] + first_slot) * g.num_kv_heads \
+            + torch.arange(g.num_kv_heads, device=positions.device)[None, :]  # [B, Hkv]
+        self.index = (slot_head[:, :, None] * g.max_len + positions[:, None, :]).reshape(-1)  # [B, Hkv, T] → [B*Hkv*T]
         self.kv_len = kv_len
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
         B, H, T, hd = k.shape
-        if (B, T) != tuple(self.positions.shape) or H != kc.shape[1] or hd != kc.shape[3]:
-            raise ValueError(f"cache update got k {tuple(k.shape)} for positions {tuple(self.positions.shape)} "
+        if (B, T) != self.shape or H != kc.shape[1] or hd != kc.shape[3]:
+            raise ValueError(f"cache update got k {tuple(k.shape)} for positions {self.shape} "
                              f"and cache heads/dim {kc.shape[1]}/{kc.shape[3]}")
-        # kc[rows, :, positions] has shape [B, T, Hkv, hd] (advanced indices first), so k goes [B,Hkv,T,hd] → [B,T,Hkv,hd]
-        kc[self.rows, :, self.positions] = k.transpose(1, 2).to(kc.dtype)
-        vc[self.rows, :, self.positions] = v.transpose(1, 2).to(vc.dtype)
+        # [B, Hkv, T, hd] → [B*Hkv*T, hd] rows in the order of self.index (a view when T == 1)
+        kc.view(-1, hd).index_copy_(0, self.index, k.reshape(B * H * T, hd).to(kc.dtype))
+        vc.view(-1, hd).index_copy_(0, self.index, v.reshape(B * H * T, hd).to(vc.dtype))
         return kc[self.lo:self.hi, :, : self.kv_len], vc[self.lo:self.hi, :, : self.kv_len]

@@ -102,14 +102,20 @@ class Qwen3Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, S, hd]
         s = k.shape[2]
-        if attn_mask is not None:
-            if attn_mask.shape[-2:] != (t, s):
-                raise ValueError(f"attn_mask must end in [T={t}, S={s}], got {tuple(attn_mask.shape)}")
+        if attn_mask is not None and attn_mask.shape[-2:] != (t, s):
+            raise ValueError(f"attn_mask must end in [T={t}, S={s}], got {tuple(attn_mask.shape)}")
+        if t == 1 and s > 1 and (attn_mask is None or attn_mask.dim() < 3 or attn_mask.shape[-3] == 1):
+            # decoding: fold each KV head's group of query heads into the query axis, [B, H, 1, hd] → [B, Hkv, G, hd],
+            # so the kernel reads every cached key/value head once instead of once per query head. Same scores;
+            # a head-independent [B, 1, 1, S] mask broadcasts over the group.
+            g = self.num_heads // self.num_kv_heads
+            out = F.scaled_dot_product_attention(q.reshape(b, self.num_kv_heads, g, self.head_dim), k, v,
+                                                 attn_mask=attn_mask)  # [B, Hkv, G, hd]
+            out = out.reshape(b, self.num_heads, 1, self.head_dim)  # [B, H, T=1, hd]
+        elif attn_mask is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)  # [B, H, T, hd]
         elif t == s:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif t == 1:
-            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # one new token sees the whole cache
         else:
             # new queries sit at the end of the key sequence: query i may see keys j <= (s - t) + i
             causal = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(diagonal=s - t)  # [T, S]
@@ -198,6 +204,10 @@ class Qwen3ForCausalLM(nn.Module):
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             raise ValueError(f"attn_mask must be a bool tensor (True = may attend), got {attn_mask.dtype}")
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        if attn_mask is not None:
+            # the additive form SDPA turns a bool mask into, built once here instead of inside every layer's call
+            attn_mask = torch.zeros(attn_mask.shape, dtype=inputs_embeds.dtype, device=attn_mask.device).masked_fill_(
+                ~attn_mask, float("-inf"))  # same shape, 0 = may attend
         x = inputs_embeds
         use_ckpt = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.model.layers:

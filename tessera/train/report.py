@@ -49,7 +49,11 @@ def plot_curves(stage_dirs: dict[str, Path], out: Path) -> Path:
     for name, folder in stage_dirs.items():
         train, evals = read_metrics(folder / "metrics.jsonl")
         if train:
-            ax_loss.plot([offset + r["step"] for r in train], [r["loss"] for r in train], label=name)
+            steps, losses = [offset + r["step"] for r in train], [r["loss"] for r in train]
+            line, = ax_loss.plot(steps, losses, alpha=0.3)
+            k = max(1, len(losses) // 30)  # moving average over ~1/30 of the stage
+            smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+            ax_loss.plot(steps, smooth, color=line.get_color(), label=name)
         if evals:
             ax_acc.plot([offset + r["step"] for r in evals], [r["eval"]["overall"] for r in evals], marker="o", label=name)
         offset += train[-1]["step"] if train else 0

@@ -12,8 +12,8 @@ fixed slots, and grows the number of things to choose between with the difficult
 The mapping is continuous in the counts, so a trainer can ramp the difficulty linearly; `stage` names three
 coarse phases for reports. Difficulty 1 is the evaluation distribution; evaluation and RL always use it.
   d = 0      1 tile, 1 object on a slot, 1 document entry at its tile's corner
-  d = 0.5    ≤ 3 tiles, 1–4 objects placed freely, 1–5 entries
-  d = 1      ≤ 6 tiles, 2–6 objects, 4–8 entries in two columns, distractor documents in half the scenes
+  d = 0.5    ≤ 3 tiles, 1–3 objects placed freely, 1–3 entries
+  d = 1      ≤ 6 tiles, 2–6 objects, 3–6 entries in one or two columns, distractor documents in half the scenes
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def level(difficulty: float = 1.0) -> Level:
         raise ValueError(f"difficulty must lie in [0, 1], got {difficulty}")
     d = float(difficulty)
     max_objects = 1 + round(5 * d)
-    max_entries = 1 + round(7 * d)
+    max_entries = 1 + round(5 * d)
     return Level(
         d,
         max_tiles=1 + round(5 * d),
@@ -59,9 +59,9 @@ def level(difficulty: float = 1.0) -> Level:
         shape_sizes=(2,) if d < 0.25 else (2, 3) if d < 0.75 else (2, 3, 4),
         label_digits=2,
         code_digits=3,
-        min_entries=1 + round(3 * max(0.0, d - 0.5) / 0.5) if d > 0.5 else 1,
+        min_entries=1 + round(2 * (d - 0.5) / 0.5) if d > 0.5 else 1,
         max_entries=max_entries,
-        max_columns=1 if max_entries <= 2 else 2,
+        max_columns=1 if max_entries <= 2 else 2,  # one column holds at most 3 entries (scenes.MAX_ENTRY_ROWS)
         slots=d < 0.25,
         distractor_document=0.5 * d,
         max_same_kind=min(4, max_objects),

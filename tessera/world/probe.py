@@ -1,15 +1,18 @@
 """Learnability probe: how much of the world's text a tile, a 1/4 token and a 1/16 token can carry.
 
 Two parts.
-1. Geometry (exact, instant): glyph ink per 14 px patch, glyph slots per 1/4 token (2×2 patches) and per 1/16
-   token (4×4 patches), glyph width in the thumbnail for every grid, and a template reader that reads every
-   glyph of a document tile perfectly at full resolution but not from the thumbnail-scale image.
+1. Geometry (exact, instant): glyphs per 14 px patch, glyph slots and document entries per 1/4 token (2×2
+   patches) and per 1/16 token (4×4 patches), glyph pitch and height in the thumbnail for every grid, and a
+   template reader that reads every glyph of a document tile at full resolution but not at thumbnail scale.
+   A 256-d token could in principle hold four entries (≈ 52 bits); what 1/16 costs is learnability: at 1/4 an
+   entry *is* a token (attend, then read fixed slots), at 1/16 the reader must pick one entry out of a mixture.
 2. Training (minutes, one thread): a throw-away model shaped like the tiny preset's vision side (ViT patch 14,
    dim 192 → pixel shuffle → MLP → 256-d tokens) and a small reader (learned queries = the asked key and
    the digit position, cross-attending to the visual tokens) learns the document question "number after K" on
-   single-tile full-difficulty documents at random, token-aligned positions. Run once with 16 tokens per tile (1/4, mlp1
-   shape) and once with 4 (1/16, mlp2 shape); the learning curves show what the 1/16 squeeze costs.
-This is a probe of the data, not the model: it does not use tessera.model, so it runs before the model exists.
+   single-tile documents at random, token-aligned positions, with the world's curriculum (`hold` steps at one
+   entry, then a ramp to full difficulty). Run with 16 tokens per tile (1/4, mlp1 shape) and with 4 (1/16,
+   mlp2 shape); the held-out curves at full difficulty show what the 1/16 squeeze costs.
+This probes the data, not the model: it does not use tessera.model, so it runs without a checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from PIL import Image
 
 from tessera.geometry import candidate_grids
 from tessera.world.curriculum import level
-from tessera.world.scenes import CELL, CELLS_PER_TILE, DOC_KEYS, PITCH, TILE, Document, Scene, _Occupancy, _place_document, font, render
+from tessera.world.scenes import (CELL, CELLS_PER_TILE, DOC_KEYS, PITCH, TILE, Document, Scene, _Occupancy,
+                                  _place_document, font, render)
 
 CODE_DIGITS = level(1.0).code_digits
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # ImageNet, as the processor uses
@@ -45,7 +49,8 @@ def geometry() -> dict:
         "glyph_ink_px": [w, h], "glyph_pitch_px": PITCH, "patch_px": CELL,
         "glyphs_per_patch": glyph_slots, "glyph_boxes_fraction_of_patch": round(glyph_slots * w * h / CELL**2, 2),
         "glyph_slots_per_token_1_4": 4 * glyph_slots, "glyph_slots_per_token_1_16": 16 * glyph_slots,
-        "one_hot_features_per_token_1_4": 4 * glyph_slots * 16, "one_hot_features_per_token_1_16": 16 * glyph_slots * 16,
+        # entries sit at even cells, one per 1/4 token; a 1/16 token spans 2 entry rows × 2 entry columns
+        "entries_per_token_1_4": 1, "max_entries_per_token_1_16": 4,
         "llm_token_dims_tiny": 256, "thumbnail_glyph_pitch_and_height_px": thumb,
     }
 
@@ -150,12 +155,20 @@ def _model(ratio: int, dim: int = 192, layers: int = 4, d_llm: int = 256):
     return Probe()
 
 
+def schedule(step: int, hold: int, ramp: int) -> float:
+    """Curriculum difficulty at `step`: 0 while the model learns to read one item, then linear to 1."""
+    if step < hold:
+        return 0.0
+    return min(1.0, (step - hold) / ramp) if ramp > 0 else 1.0
+
+
 def train(ratio: int, steps: int, batch: int = 32, lr: float = 2e-4, warmup: int = 50, seed: int = 0,
-          ramp: int = 0, eval_every: int = 50, log=print) -> list[dict]:
+          hold: int = 0, ramp: int = 0, eval_every: int = 50, log=None) -> list[dict]:
     """Train the probe at pixel-shuffle `ratio`; returns the learning curve on a fixed full-difficulty held-out
-    batch. With `ramp` > 0 the training difficulty grows linearly from 0 to 1 over the first `ramp` steps."""
+    batch. Curriculum: difficulty 0 for the first `hold` steps, then a linear ramp to 1 over `ramp` steps."""
     import torch
 
+    log = log or (lambda line: print(line, flush=True))
     torch.manual_seed(seed)
     model = _model(ratio)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -164,7 +177,7 @@ def train(ratio: int, steps: int, batch: int = 32, lr: float = 2e-4, warmup: int
     hx, hk, hc = _batch(held_rng, 256)
     curve, start = [], time.time()
     for step in range(1, steps + 1):
-        difficulty = min(1.0, (step - 1) / ramp) if ramp > 0 else 1.0
+        difficulty = schedule(step - 1, hold, ramp)
         x, k, c = _batch(rng, batch, difficulty)
         logits = model(x, k)  # [B,K,10], K code digits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 10), c.reshape(-1))  # [B·K,10] vs [B·K]
@@ -183,10 +196,11 @@ def train(ratio: int, steps: int, batch: int = 32, lr: float = 2e-4, warmup: int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=600, help="training steps per run (0: geometry only)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps per run (0: geometry only)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--ramp", type=int, default=0, help="curriculum: difficulty 0 → 1 over this many steps")
+    parser.add_argument("--hold", type=int, default=300, help="curriculum: steps at difficulty 0 (one entry) first")
+    parser.add_argument("--ramp", type=int, default=400, help="curriculum: then difficulty 0 → 1 over this many steps")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", choices=["16", "4", "both"], default="both", help="tokens per tile to train with")
     parser.add_argument("--json", default=None, help="write the results to this file")
@@ -201,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=1))
     if args.steps > 0:
         ratios = {"16": 2, "4": 4} if args.tokens == "both" else {args.tokens: 2 if args.tokens == "16" else 4}
-        result["training"] = {t: train(r, args.steps, args.batch, args.lr, ramp=args.ramp) for t, r in ratios.items()}
+        result["training"] = {t: train(r, args.steps, args.batch, args.lr, hold=args.hold,
+                                         ramp=args.ramp) for t, r in ratios.items()}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

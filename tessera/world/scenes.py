@@ -4,15 +4,17 @@ Geometry (chosen for the tiny preset: 112 px tiles, 14 px patches, 1/4 token = 2
 - A canvas is a whole tile grid, 112·cols × 112·rows px with cols·rows ≤ 6, so the processor's resize is the
   identity and every tile is an exact crop. Aspect ratios therefore span 6:1 … 1:6 and every grid occurs.
 - Layout happens on 14 px *cells* (one cell = one ViT patch). Small text is drawn at a fixed offset inside
-  its cell, two glyphs per cell at a 7 px pitch (Aileron 11 px: ink 6×8 px). A glyph never straddles a patch,
-  so the patch embedding sees the same pixels for the same glyph wherever it is: the calibration found that
-  position variance, not glyph size, is what stops a tiny ViT from learning to read in minutes.
-- A shape's label is one cell (≤ 2 digits) right of the shape. A document is a panel of entries "key letter +
-  3-digit code" (C482) in one or two columns, inside one tile; an entry fills two cells starting on an even
-  cell, i.e. exactly one row of a 1/4 token, so the token that shows a key also shows its code (reading is one
-  attention hop). Dense documents are what the 1/16 branch squeezes: a 1/16 token covers 4×4 cells, up to 8
-  entries (32 glyph slots), against 2 entries (8 slots) for a 1/4 token. The thumbnail (the whole canvas squeezed to 112 px)
-  shrinks glyphs to ≤ 3.5 px, so reading needs the tiles.
+  its cell, two glyphs per cell at a 7 px pitch (Aileron 11 px: ink ≤ 7×8 px). A glyph never straddles a
+  patch, so the patch embedding sees the same pixels for the same glyph wherever it is: the calibration found
+  that position variance, not glyph size, is what stops a tiny ViT from learning to read in minutes, and the
+  world's probe reads a 2-digit number at random cell-aligned positions as fast as at a fixed position.
+- A shape's label is one cell (2 digits) right of the shape. A document is a panel of entries "key letter +
+  3-digit code" (K482) in one or two columns inside one tile; each entry is the top row of its own 1/4 token
+  (2×2 cells, even cell coordinates), so the token that shows a key shows exactly its code: finding and
+  reading an entry is one attention hop at 1/4. A 1/16 token (4×4 cells) mixes up to four entries, so at 1/16
+  the model must also pick one entry's glyphs out of a shared vector: what the compression squeezes. The
+  thumbnail (the whole canvas squeezed to 112 px) shrinks the glyph pitch to ≤ 3.5 px or the ink height to
+  ≤ 4 px, so reading needs the tiles.
 - Shapes are 2–4 cells (28–56 px) and strongly coloured, so colour, shape, count and position survive both the
   thumbnail and 1/16 compression.
 """
@@ -23,6 +25,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from tessera.geometry import candidate_grids
@@ -49,6 +52,7 @@ INKS = ((20, 20, 20), (25, 30, 85), (70, 30, 20))  # near-black text colours
 DOC_KEYS = "AEFKLPRT"  # entry keys: letters whose ink fits a 7 px slot and looks unlike a digit (no B, S, D, G)
 KEY_INK = (165, 25, 25)  # keys are dark red so an entry (C482) reads as key + code
 ENTRY_CELLS = 2  # an entry is 4 glyph slots: the key and up to 3 code digits
+MAX_ENTRY_ROWS = 3  # entry rows at local cell rows 2, 4, 6 at most: a document holds ≤ 6 entries in two columns
 PAPER = (253, 253, 250)
 TILE_WEIGHTS = {1: 3, 2: 3, 3: 3, 4: 2, 5: 1, 6: 2}  # how often each tile count is drawn (split over its grids)
 
@@ -81,11 +85,12 @@ class Shape:
 
 @dataclass(frozen=True)
 class Document:
-    """A panel of entries `key + code` (e.g. C482), `columns` entries per cell row.
+    """A panel of entries `key + code` (e.g. K482), `columns` entries side by side, one entry row every other
+    cell row.
 
-    Entry i sits in the two cells from (x + 2·(i mod columns), y + i div columns): the key in the first glyph
-    slot, the code in the next ones. x is even, so an entry is exactly one row of one 1/4 token (2×2 cells):
-    the token that shows a key also shows its code.
+    Entry i starts at cell (x + 2·(i mod columns), y + 2·(i div columns)) with x and y even: each entry is the
+    top row of its own 1/4 token (2×2 cells), so the one token that shows a key shows its code and nothing
+    else, while a 1/16 token (4×4 cells) mixes up to four entries.
     """
 
     x: int
@@ -101,10 +106,11 @@ class Document:
 
     @property
     def height(self) -> int:
-        return -(-len(self.keys) // self.columns)
+        """Text-area height in cells (entry rows with one blank cell row between them)."""
+        return 2 * (-(-len(self.keys) // self.columns)) - 1
 
     def cell(self, i: int) -> tuple[int, int]:
-        return self.x + ENTRY_CELLS * (i % self.columns), self.y + i // self.columns
+        return self.x + ENTRY_CELLS * (i % self.columns), self.y + 2 * (i // self.columns)
 
     def code_for(self, key: str) -> str:
         return self.codes[self.keys.index(key)]
@@ -153,25 +159,40 @@ class Scene:
 # ---- layout ---------------------------------------------------------------------------------------
 
 class _Occupancy:
-    """Which cells are taken; footprints are checked with a ring of free cells around them."""
+    """Which cells are taken; footprints are checked with a ring of free cells around them (the ring is clipped
+    at the canvas edge). `spots` answers for every position at once from a 2-D prefix sum."""
 
     def __init__(self, width: int, height: int):
         self.w, self.h = width, height
-        self.taken = [[False] * width for _ in range(height)]
+        self.taken = np.zeros((height, width), dtype=np.int32)  # [rows, cols]
 
-    def fits(self, x: int, y: int, w: int, h: int, ring: int) -> bool:
-        if x < 0 or y < 0 or x + w > self.w or y + h > self.h:
-            return False
-        for j in range(max(0, y - ring), min(self.h, y + h + ring)):
-            for i in range(max(0, x - ring), min(self.w, x + w + ring)):
-                if self.taken[j][i]:
-                    return False
-        return True
+    def spots(self, w: int, h: int, ring: int, xs=None, ys=None) -> list[tuple[int, int]]:
+        """Every (x, y) (from xs × ys, default all) where a w×h footprint fits inside the canvas with `ring`
+        free cells around it, in row-major order."""
+        if w > self.w or h > self.h:
+            return []
+        # prefix sums of the grid padded by the ring (outside the canvas counts as free):
+        # p[j, i] = taken cells in padded rows < j and padded cols < i, shape [H+2r+1, W+2r+1]
+        p = np.zeros((self.h + 2 * ring + 1, self.w + 2 * ring + 1), dtype=np.int32)
+        p[1 + ring:1 + ring + self.h, 1 + ring:1 + ring + self.w] = self.taken
+        p = p.cumsum(0).cumsum(1)
+        bh, bw = h + 2 * ring, w + 2 * ring  # footprint plus ring, in padded coordinates starting at (y, x)
+        ny, nx = self.h - h + 1, self.w - w + 1
+        window = p[bh:bh + ny, bw:bw + nx] - p[:ny, bw:bw + nx] - p[bh:bh + ny, :nx] + p[:ny, :nx]  # [ny, nx]
+        ok = window == 0
+        if xs is not None:
+            keep = np.zeros(nx, dtype=bool)
+            keep[[x for x in xs if 0 <= x < nx]] = True
+            ok &= keep[None, :]
+        if ys is not None:
+            keep = np.zeros(ny, dtype=bool)
+            keep[[y for y in ys if 0 <= y < ny]] = True
+            ok &= keep[:, None]
+        ys_ok, xs_ok = np.nonzero(ok)  # row-major order
+        return list(zip(xs_ok.tolist(), ys_ok.tolist()))
 
     def take(self, x: int, y: int, w: int, h: int) -> None:
-        for j in range(y, y + h):
-            for i in range(x, x + w):
-                self.taken[j][i] = True
+        self.taken[max(0, y):max(0, y + h), max(0, x):max(0, x + w)] = 1
 
 
 def choose_grid(rng: random.Random, max_tiles: int) -> tuple[int, int]:
@@ -183,17 +204,16 @@ def choose_grid(rng: random.Random, max_tiles: int) -> tuple[int, int]:
 
 def _place_document(rng: random.Random, occ: _Occupancy, lv: Level) -> Document | None:
     n = rng.randint(lv.min_entries, lv.max_entries)
-    columns = 2 if n > 4 else rng.choice((1, 2)) if lv.max_columns > 1 else 1
-    width, height = ENTRY_CELLS * columns, -(-n // columns)
+    columns = 2 if n > MAX_ENTRY_ROWS else rng.choice((1, 2)) if lv.max_columns > 1 else 1
+    width, height = ENTRY_CELLS * columns, 2 * (-(-n // columns)) - 1
     tiles_x, tiles_y = occ.w // CELLS_PER_TILE, occ.h // CELLS_PER_TILE
     if lv.slots:  # near the top-left corner of a random tile
         tx, ty = rng.randrange(tiles_x), rng.randrange(tiles_y)
-        spots = [(tx * CELLS_PER_TILE + 2, ty * CELLS_PER_TILE + 1)]
-    else:  # entries on even cells (token-aligned), the text area inside one tile, a free ring of cells around it
-        spots = [(x, y) for y in range(1, occ.h - height) for x in range(2, occ.w - width, 2)
+        spots = occ.spots(width, height, 1, xs=(tx * CELLS_PER_TILE + 2,), ys=(ty * CELLS_PER_TILE + 2,))
+    else:  # token-aligned (even cells), the whole ring inside the canvas, the text area inside one tile
+        spots = [(x, y) for x, y in occ.spots(width, height, 1, xs=range(2, occ.w - width, 2), ys=range(2, occ.h - height, 2))
                  if x // CELLS_PER_TILE == (x + width - 1) // CELLS_PER_TILE
                  and y // CELLS_PER_TILE == (y + height - 1) // CELLS_PER_TILE]
-    spots = [(x, y) for x, y in spots if occ.fits(x, y, width, height, ring=1)]
     if not spots:
         return None
     x, y = rng.choice(spots)
@@ -237,10 +257,9 @@ def layout(rng: random.Random, lv: Level, document: bool, min_shapes: int = 1) -
         size = rng.choice(lv.shape_sizes)
         w = size + 1  # the shape block plus its label cell
         if lv.slots:
-            spots = [(x, y) for y in range(0, occ.h - size + 1, 4) for x in range(0, occ.w - w + 1, 4)]
-            spots = [(x, y) for x, y in spots if occ.fits(x, y, w, size, ring=0)]
+            spots = occ.spots(w, size, 0, xs=range(0, occ.w, 4), ys=range(0, occ.h, 4))
         else:
-            spots = [(x, y) for y in range(occ.h - size + 1) for x in range(occ.w - w + 1) if occ.fits(x, y, w, size, ring=1)]
+            spots = occ.spots(w, size, 1)
         if not spots:
             continue
         x, y = rng.choice(spots)
