@@ -165,18 +165,27 @@ def _require(ok: bool, message: str) -> None:
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str):
-    """Recursively build a dataclass from a dict, rejecting unknown fields by their dotted name."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be an object, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    """Recursively build a dataclass from a dict; every unknown field, at any depth, is named in one error."""
+    unknown = _unknown_fields(cls, data, prefix)
     if unknown:
-        raise ConfigError(f"unknown config field(s): {', '.join(prefix + k for k in unknown)}")
+        raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
     kwargs = {}
     for name, value in data.items():
         sub = _SUBCONFIGS.get((cls, name))
         kwargs[name] = _build(sub, value, f"{prefix}{name}.") if sub else value
     return cls(**kwargs)
+
+
+def _unknown_fields(cls: type, data: Any, prefix: str) -> list[str]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be an object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [prefix + k for k in data if k not in names]
+    for name, value in data.items():
+        sub = _SUBCONFIGS.get((cls, name))
+        if sub:
+            unknown += _unknown_fields(sub, value, f"{prefix}{name}.")
+    return unknown
 
 
 _SUBCONFIGS = {(ModelConfig, "vision"): VisionConfig, (ModelConfig, "language"): LanguageConfig, (ModelConfig, "flash"): FlashConfig}
