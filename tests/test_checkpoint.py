@@ -229,3 +229,11 @@ def test_cli_convert(good, tmp_path, capsys):
     (good / "model.safetensors").write_bytes(b"junk")
     assert cli(["convert", str(good), str(tmp_path / "x"), "--to", "tessera"]) == 1
     assert "not a valid safetensors file" in capsys.readouterr().out
+
+
+def test_cli_convert_casts_to_bfloat16(good, tmp_path):
+    assert cli(["convert", str(good), str(tmp_path / "bf16"), "--to", "tessera", "--dtype", "bfloat16"]) == 0
+    src, half = load_checkpoint(good), load_checkpoint(tmp_path / "bf16")
+    for (name, a), (_, b) in zip(src.state_dict().items(), half.state_dict().items()):
+        assert b.dtype == torch.bfloat16, name
+        assert torch.equal(a.to(torch.bfloat16), b), name

@@ -15,6 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dst", help="folder to write")
     p.add_argument("--to", choices=["hf", "tessera", "official"], default="hf",
                    help="target layout: hf = transformers InternVLForConditionalGeneration (default)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast every tensor (default: keep the stored dtypes)")
     p.add_argument("--force", action="store_true", help="overwrite a destination that already holds a checkpoint")
 
 
@@ -28,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         _, layout = load_config(args.src)
-        convert(args.src, dst, to=args.to)
+        import torch
+
+        convert(args.src, dst, to=args.to, dtype=getattr(torch, args.dtype) if args.dtype else None)
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}")
         return 1

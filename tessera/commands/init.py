@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tessera.model.checkpoint import init_checkpoint
+    from tessera.model.init import init_checkpoint
 
     path = init_checkpoint(args.preset, args.out, seed=args.seed)
     print(f"wrote a random {args.preset} checkpoint to {path}")

@@ -247,20 +247,14 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, layout: str = "tes
     return path
 
 
-def convert(src: str | Path, dst: str | Path, to: str = "hf") -> Path:
-    """Rewrite checkpoint `src` (any layout) as `dst` in layout `to` (hf | tessera | official), bit for bit."""
+def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: torch.dtype | None = None) -> Path:
+    """Rewrite checkpoint `src` (any layout) as `dst` in layout `to` (hf | tessera | official): bit for bit, or
+    cast to `dtype` (e.g. bfloat16 for a checkpoint half the size)."""
     if to not in LAYOUTS:
         raise ValueError(f"unknown target layout {to!r}; choose from {', '.join(LAYOUTS)}")
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise CheckpointError(f"source and destination are the same folder: {src}")
-    model = load_checkpoint(src, tokenizer=False)
+    model = load_checkpoint(src, dtype=dtype, tokenizer=False)
     tok = src / TOKENIZER
     return save_checkpoint(model, dst, layout=to, tokenizer_file=tok if tok.is_file() else None)
-
-
-def init_checkpoint(config, out: str | Path, seed: int = 0) -> Path:
-    """A random-initialised checkpoint (see tessera.model.init); re-exported for `tessera init`."""
-    from tessera.model.init import init_checkpoint as build
-
-    return build(config, out, seed=seed)
