@@ -231,9 +231,11 @@ def markdown(r: dict) -> str:
     big = max(r["rows"], key=lambda row: row["batch"])
     exact = [m for m in modes if MODES[m][1] == torch.float32 and p["identical"][m] == p["prompts"]]
     if exact:
-        best = max(exact, key=lambda m: big[f"{m}_x"])
+        best = max(exact, key=lambda m: big[f"{m}_cpu_x"])
+        met = big[f"{best}_x"] >= 3 and big[f"{best}_cpu_x"] >= 3
         lines.append(f"Target ≥ 3× transformers at batch {big['batch']} with identical greedy ids: best float32 mode "
-                     f"`{best}` measured {big[f'{best}_x']:.2f}× → {'met' if big[f'{best}_x'] >= 3 else '**not met**'}.")
+                     f"`{best}` measured {big[f'{best}_x']:.2f}× in wall time, {big[f'{best}_cpu_x']:.2f}× in CPU time → "
+                     f"{'met' if met else '**not met**'}.")
     lines += ["", notes(big)]
     return "\n".join(lines)
 
