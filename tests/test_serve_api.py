@@ -12,8 +12,7 @@ import openai
 import pytest
 import torch
 
-from tessera.chat import build_tokenizer, fallback_corpus
-from tessera.model.init import init_model
+from tessera.model.init import init_lively_model
 from tessera.serve.detok import TextAssembler
 from tessera.serve.language_server import ServeOptions
 from tessera.serve.launch import LocalServer, Topology, build_server
@@ -22,23 +21,10 @@ from tessera.serve.loadgen import data_url, image_for_tiles, image_message, make
 MODEL = "tiny-test"
 
 
-def lively_tiny_model():
-    """A random tiny model whose greedy text varies with the prompt: weights at std 0.1 (not 0.02, which makes
-    every prompt repeat one token) and zero embeddings for ids beyond the tokenizer (never chosen greedily)."""
-    model = init_model("tiny", tokenizer=build_tokenizer(fallback_corpus(), 1024), seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.language_model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.1, generator=g)
-        model.language_model.embed_tokens.weight[model.tokenizer.vocab_size:] = 0
-    return model
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.set_num_threads(1)
-    return lively_tiny_model()
+    return init_lively_model("tiny")
 
 
 @pytest.fixture(scope="module")

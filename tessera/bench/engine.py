@@ -45,20 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docs", help="markdown file whose '## Engine' section is replaced with the result")
 
 
-def lively_tiny_model():
-    from tessera.chat import build_tokenizer, fallback_corpus
-    from tessera.model.init import init_model
-
-    model = init_model("tiny", tokenizer=build_tokenizer(fallback_corpus(), 1024), seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.language_model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.1, generator=g)
-        model.language_model.embed_tokens.weight[model.tokenizer.vocab_size:] = 0
-    return model
-
-
 def make_engine(model, mode: str, batch: int, max_len: int):
     """An engine over the model's language side; bf16 modes run a bfloat16 copy of it."""
     from tessera.engine import Engine
@@ -103,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     import tessera
     from tessera.model.checkpoint import convert, save_checkpoint
+    from tessera.model.init import init_lively_model
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
@@ -110,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     for m in modes:
         if m not in MODES:
             raise SystemExit(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
-    model = tessera.load(args.checkpoint) if args.checkpoint else lively_tiny_model()
+    model = tessera.load(args.checkpoint) if args.checkpoint else init_lively_model("tiny")
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model, Path(tmp) / "tessera")

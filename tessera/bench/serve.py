@@ -215,10 +215,10 @@ def _llm_ms(engine, model, encoded, args) -> float:
 def fresh_checkpoint(out: Path) -> str:
     """A random tiny Flash checkpoint whose language weights make real text (see bench/engine.py): with the
     default init every answer repeats one token that decodes to nothing, and no chunk would carry text to time."""
-    from tessera.bench.engine import lively_tiny_model
+    from tessera.model.init import init_lively_model
     from tessera.model.checkpoint import save_checkpoint
 
-    model = lively_tiny_model()
+    model = init_lively_model("tiny")
     model.config.max_tiles = 12  # a tiling limit, not a weight: lets the 9-tile cell tile as 3×3 (+ thumbnail)
     save_checkpoint(model, out)
     return str(out)

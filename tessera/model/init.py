@@ -43,3 +43,19 @@ def init_checkpoint(config: ModelConfig | str, out: str | Path, seed: int = 0) -
     model = init_model(config, seed=seed)
     save_checkpoint(model, out)
     return Path(out)
+
+
+def init_lively_model(preset_name: str = "tiny", seed: int = 0, std: float = 0.1):
+    """A random model whose greedy text varies with the prompt, for benchmarks and serving tests.
+
+    Language weights at std 0.1 (at 0.02 every prompt repeats one token) and zero embeddings for ids beyond the
+    tokenizer, which greedy decoding then never picks. The tokenizer is the small fallback one (fast to build).
+    """
+    model = init_model(preset_name, tokenizer=build_tokenizer(fallback_corpus(), 1024), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.language_model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std, generator=g)
+        model.language_model.embed_tokens.weight[model.tokenizer.vocab_size:] = 0
+    return model
