@@ -61,7 +61,8 @@ def test_every_family_yields_valid_samples(difficulty):
             assert all(0 <= t < cols * rows for t in s.meta["evidence_tiles"] + s.meta["text_tiles"])
             json.dumps(s.meta)  # serialisable for samples.jsonl
             if family == "reasoning":
-                assert s.thinking_answer.startswith("<think>\n") and s.thinking_answer.endswith(f"</think>\n\n{s.answer}")
+                assert s.thinking_answer.startswith("<think>\n")
+                assert s.thinking_answer.endswith(f"</think>\n\n{s.answer}")
                 assert verify(family, s.thinking_answer, s.answer)
             else:
                 assert s.thinking_answer is None
@@ -85,7 +86,7 @@ def test_answers_are_consistent_with_the_scene():
                 name = re.match(r"What is the label of the (\w+ \w+)\?", q).group(1)
                 assert scene.find(name).label == a and a.isdigit() and len(a) == 2
             elif family == "document":
-                key = re.match(r"In the document, what is the number after (\w)\?", q).group(1)
+                key = re.match(r"In the document, what is the number after the (\w+) mark\?", q).group(1)
                 assert scene.document.code_for(key) == a and len(a) == 3
             elif family == "spatial":
                 m = re.match(r"Is the (\w+ \w+) (left or right of|above or below) the (\w+ \w+)\?", q)
@@ -104,7 +105,7 @@ def test_answers_are_consistent_with_the_scene():
 
 
 def test_scene_invariants():
-    """Unique (colour, kind) pairs and labels, text inside the canvas, documents inside one tile, codes token-aligned."""
+    """Unique (colour, kind) pairs and labels, text inside the canvas, documents in one tile and token-aligned."""
     for seed in range(100):
         scene, _, _, _ = build(seed, "document")
         names = [s.name for s in scene.shapes]
@@ -130,7 +131,8 @@ def test_documents_are_one_entry_per_quarter_token_and_shared_at_one_sixteenth()
         scene, _, _, _ = build(seed, "document")
         d = scene.document
         quarter = [(cx // 2, cy // 2) for cx, cy in (d.cell(i) for i in range(len(d.keys)))]
-        key_and_code = [{((cx + k) // 2, cy // 2) for k in range(2)} for cx, cy in (d.cell(i) for i in range(len(d.keys)))]
+        cells = [d.cell(i) for i in range(len(d.keys))]
+        key_and_code = [{((cx + k) // 2, cy // 2) for k in range(2)} for cx, cy in cells]
         assert len(set(quarter)) == len(quarter) and all(len(t) == 1 for t in key_and_code)
         sixteenth = [(cx // 4, cy // 4) for cx, cy in (d.cell(i) for i in range(len(d.keys)))]
         shared += len(set(sixteenth)) < len(sixteenth)
@@ -255,6 +257,30 @@ def test_text_sits_in_its_cell():
             ys, xs = np.nonzero(ink)
             assert ys.min() >= ly * CELL and ys.max() < (ly + 1) * CELL
             assert xs.min() >= lx * CELL and xs.max() < (lx + 1) * CELL
+
+
+def test_document_ink_stays_in_its_entry_cells():
+    """Every mark and digit of a document lies inside its entry's two cells (nothing straddles a patch row)."""
+    import numpy as np
+
+    from tessera.world.scenes import PAPER, Scene, render
+
+    for seed in range(10):
+        scene, _, _, _ = build(seed, "document")
+        d = scene.document
+        g = np.asarray(render(Scene(scene.cols, scene.rows, "white", "plain", (0, 0, 0), (), d)))
+        ink = np.abs(g.astype(int) - np.array(PAPER)).sum(-1) > 60  # not paper, not the grey panel border
+        inside = np.zeros_like(ink)
+        for i in range(len(d.keys)):
+            cx, cy = d.cell(i)
+            inside[cy * CELL:(cy + 1) * CELL, cx * CELL:(cx + 2) * CELL] = True
+        border = np.zeros_like(ink)
+        x0, y0, x1, y1 = d.x * CELL - 4, d.y * CELL - 3, (d.x + d.width) * CELL + 3, (d.y + d.height) * CELL + 2
+        border[max(0, y0):y1 + 1, max(0, x0):x1 + 1] = True
+        border[y0 + 1:y1, x0 + 1:x1] = False  # only the outline
+        assert not (ink & ~inside & ~border).any()
+        cells = [d.cell(i) for i in range(len(d.keys))]
+        assert all(ink[cy * CELL:(cy + 1) * CELL, cx * CELL:(cx + 2) * CELL].any() for cx, cy in cells)
 
 
 def test_probe_geometry_and_template_reading():

@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown family {args.family!r}; choose from {', '.join(ALL_FAMILIES)}")
     if args.n < 1:
         raise SystemExit("--n must be at least 1")
+    if not 0.0 <= args.difficulty <= 1.0:
+        raise SystemExit(f"--difficulty must lie in [0, 1], got {args.difficulty}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as f:

@@ -6,15 +6,20 @@ Geometry (chosen for the tiny preset: 112 px tiles, 14 px patches, 1/4 token = 2
 - Layout happens on 14 px *cells* (one cell = one ViT patch). Small text is drawn at a fixed offset inside
   its cell, two glyphs per cell at a 7 px pitch (Aileron 11 px: ink ≤ 7×8 px). A glyph never straddles a
   patch, so the patch embedding sees the same pixels for the same glyph wherever it is: the calibration found
-  that position variance, not glyph size, is what stops a tiny ViT from learning to read in minutes, and the
-  world's probe reads a 2-digit number at random cell-aligned positions as fast as at a fixed position.
-- A shape's label is one cell (2 digits) right of the shape. A document is a panel of entries "key letter +
-  3-digit code" (K482) in one or two columns inside one tile; each entry is the top row of its own 1/4 token
+  that position variance, not glyph size, is what stops a tiny ViT from learning to read in minutes; the
+  world's probe (`tessera world probe --task number`) reads a lone 3-digit number at random cell-aligned
+  positions (84 % of digits after 400 steps) and stays at chance (10 %) at random pixel positions.
+- A shape's label is one cell (2 digits) right of the shape. A document is a panel of entries "colour mark +
+  3-digit code" (■482) in one or two columns inside one tile; each entry is the top row of its own 1/4 token
   (2×2 cells, even cell coordinates), so the token that shows a key shows exactly its code: finding and
-  reading an entry is one attention hop at 1/4. A 1/16 token (4×4 cells) mixes up to four entries, so at 1/16
-  the model must also pick one entry's glyphs out of a shared vector: what the compression squeezes. The
+  reading an entry is one attention hop at 1/4. Keys are colour marks rather than letters so that finding an
+  entry uses the colour words every other family teaches, and the only glyphs in the world are the digits.
+  A 1/16 token (4×4 cells) mixes up to four entries at four different offsets, so at 1/16 the model must also
+  pick one entry's glyphs out of a shared vector: what the compression squeezes. The
   thumbnail (the whole canvas squeezed to 112 px) shrinks the glyph pitch to ≤ 3.5 px or the ink height to
-  ≤ 4 px, so reading needs the tiles.
+  ≤ 4 px and takes glyphs off the patch lattice. An oracle template reader that knows every digit's position
+  still reads 83 % of them after a 2× horizontal squeeze, 61 % at 3×, 42 % at 4× (probe.template_reading): an
+  upper bound; a tiny ViT learns to read the aligned glyphs of the tiles, not the smeared thumbnail.
 - Shapes are 2–4 cells (28–56 px) and strongly coloured, so colour, shape, count and position survive both the
   thumbnail and 1/16 compression.
 """
@@ -48,9 +53,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "pale blue": (220, 232, 245), "pale green": (222, 240, 222), "pale pink": (245, 225, 230),
 }
 PATTERNS = ("plain", "stripes", "dots", "gradient")
-INKS = ((20, 20, 20), (25, 30, 85), (70, 30, 20))  # near-black text colours
-DOC_KEYS = "AEFKLPRT"  # entry keys: letters whose ink fits a 7 px slot and looks unlike a digit (no B, S, D, G)
-KEY_INK = (165, 25, 25)  # keys are dark red so an entry (C482) reads as key + code
+INKS = ((20, 20, 20), (25, 30, 85))  # near-black and dark-blue text; both far from KEY_INK
+DOC_KEYS = tuple(COLOURS)  # entry keys: colour marks (a document has at most 6 entries, one per colour)
+KEY_INK = (190, 20, 20)  # letter keys (if DOC_KEYS is set to letters, e.g. for probing) are drawn red
 ENTRY_CELLS = 2  # an entry is 4 glyph slots: the key and up to 3 code digits
 MAX_ENTRY_ROWS = 3  # entry rows at local cell rows 2, 4, 6 at most: a document holds ≤ 6 entries in two columns
 PAPER = (253, 253, 250)
@@ -85,8 +90,8 @@ class Shape:
 
 @dataclass(frozen=True)
 class Document:
-    """A panel of entries `key + code` (e.g. K482), `columns` entries side by side, one entry row every other
-    cell row.
+    """A panel of entries `key + code` (a colour mark then e.g. 482), `columns` entries side by side, one entry
+    row every other cell row.
 
     Entry i starts at cell (x + 2·(i mod columns), y + 2·(i div columns)) with x and y even: each entry is the
     top row of its own 1/4 token (2×2 cells), so the one token that shows a key shows its code and nothing
@@ -211,7 +216,8 @@ def _place_document(rng: random.Random, occ: _Occupancy, lv: Level) -> Document 
         tx, ty = rng.randrange(tiles_x), rng.randrange(tiles_y)
         spots = occ.spots(width, height, 1, xs=(tx * CELLS_PER_TILE + 2,), ys=(ty * CELLS_PER_TILE + 2,))
     else:  # token-aligned (even cells), the whole ring inside the canvas, the text area inside one tile
-        spots = [(x, y) for x, y in occ.spots(width, height, 1, xs=range(2, occ.w - width, 2), ys=range(2, occ.h - height, 2))
+        candidates = occ.spots(width, height, 1, xs=range(2, occ.w - width, 2), ys=range(2, occ.h - height, 2))
+        spots = [(x, y) for x, y in candidates
                  if x // CELLS_PER_TILE == (x + width - 1) // CELLS_PER_TILE
                  and y // CELLS_PER_TILE == (y + height - 1) // CELLS_PER_TILE]
     if not spots:
@@ -264,7 +270,8 @@ def layout(rng: random.Random, lv: Level, document: bool, min_shapes: int = 1) -
             continue
         x, y = rng.choice(spots)
         occ.take(x, y, w, size)
-        shapes.append(Shape(kind, colour, x, y, size, _label(rng, lv.label_digits, labels), _jitter(rng, COLOURS[colour])))
+        label = _label(rng, lv.label_digits, labels)
+        shapes.append(Shape(kind, colour, x, y, size, label, _jitter(rng, COLOURS[colour])))
         kinds[kind] = kinds.get(kind, 0) + 1
     shapes.sort(key=lambda s: (s.y, s.x))  # reading order, so descriptions list shapes deterministically
     return Scene(cols, rows, rng.choice(list(BACKGROUNDS)), rng.choice(PATTERNS), rng.choice(INKS), tuple(shapes), doc)
@@ -288,6 +295,16 @@ def _glyphs(draw: ImageDraw.ImageDraw, cx: int, cy: int, text: str, ink: tuple[i
     for k, ch in enumerate(text):
         if ch != " ":
             draw.text((cx * CELL + k * PITCH, cy * CELL + top), ch, font=f, fill=ink)
+
+
+def _key(draw: ImageDraw.ImageDraw, cx: int, cy: int, key: str) -> None:
+    """A document key in the first glyph slot of cell (cx, cy): a colour mark (5×8 px, where a glyph's ink
+    would be) for a colour key, else the letter in KEY_INK."""
+    if key in COLOURS:
+        x0, y0 = cx * CELL + 1, cy * CELL + (CELL - 8) // 2
+        draw.rectangle([x0, y0, x0 + 4, y0 + 7], fill=COLOURS[key])
+    else:
+        _glyphs(draw, cx, cy, key, KEY_INK)
 
 
 def _background(draw: ImageDraw.ImageDraw, scene: Scene) -> None:
@@ -339,6 +356,6 @@ def render(scene: Scene) -> Image.Image:
         draw.rectangle([x0, y0, x1, y1], fill=PAPER, outline=(150, 150, 150))
         for i, (key, code) in enumerate(zip(doc.keys, doc.codes)):
             cx, cy = doc.cell(i)
-            _glyphs(draw, cx, cy, key, KEY_INK)
+            _key(draw, cx, cy, key)
             _glyphs(draw, cx, cy, " " + code, scene.ink)
     return image

@@ -5,7 +5,7 @@ Families (FAMILIES, all evaluated; answers are one word or one number so a tiny 
   shape      "What shape is the red object?"                         → circle
   count      "How many circles are there?" / "... blue shapes ..."   → 2
   label      "What is the label of the red circle?"                  → 47         (reading, small text)
-  document   "In the document, what is the number after C?"          → 482        (reading, dense text)
+  document   "In the document, what is the number after the red mark?" → 482      (reading, dense text)
   spatial    "Is the red circle left or right of the blue square?"   → left
   reasoning  label ± a count, or the sum of two labels, with a worked `<think>` chain → 50
 plus `describe` (not evaluated): a dense description of the whole scene, the `pretrain` stage's caption.
@@ -25,7 +25,7 @@ from typing import Any
 from PIL import Image
 
 from tessera.world.curriculum import Level, level
-from tessera.world.scenes import COLOURS, DOC_KEYS, SHAPES, Scene, Shape, layout, render
+from tessera.world.scenes import COLOURS, SHAPES, Scene, Shape, layout, render
 
 FAMILIES = ["colour", "shape", "count", "label", "document", "spatial", "reasoning"]
 READING_FAMILIES = ["label", "document"]  # the ones that need small text at full resolution
@@ -115,7 +115,7 @@ def _document(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if doc is None:
         return None
     key = rng.choice(doc.keys)
-    return _Task(f"In the document, what is the number after {key}?", doc.code_for(key), None,
+    return _Task(f"In the document, what is the number after the {key} mark?", doc.code_for(key), None,
                  (scene.tile_of(doc.x, doc.y),))
 
 
@@ -181,7 +181,7 @@ def describe(scene: Scene) -> str:
         parts.append(f"{article} {s.name} labelled {s.label} at the {_position(scene, s)}.")
     if scene.document is not None:
         doc = scene.document
-        entries = ", ".join(f"{k} {c}" for k, c in zip(doc.keys, doc.codes))
+        entries = ", ".join(f"{k} {c}" for k, c in zip(doc.keys, doc.codes))  # "red 482, blue 105"
         parts.append(f"A document with {_plural(len(doc.keys), 'entry')}: {entries}.")
     return " ".join(parts)
 
@@ -256,8 +256,8 @@ def corpus(n: int, seed: int = 0) -> Iterator[str]:
     """Every kind of text the model reads or writes, for tokenizer training: first the world's vocabulary,
     then for n seeds and every family (difficulties cycling over the curriculum) the question, the answer,
     the thinking text and the scene description. No image is rendered."""
-    words = list(COLOURS) + list(SHAPES) + [f"{k}s" for k in SHAPES] + list(DOC_KEYS) + list("0123456789")
-    words += ["left", "right", "above", "below", "top", "middle", "bottom", "centre", "background", "document"]
+    words = list(COLOURS) + list(SHAPES) + [f"{k}s" for k in SHAPES] + list("0123456789")
+    words += ["left", "right", "above", "below", "top", "middle", "bottom", "centre", "background", "document", "mark"]
     yield " ".join(words)
     for i in range(n):
         difficulty = (0.0, 0.5, 1.0)[i % 3]
