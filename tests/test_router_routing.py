@@ -96,20 +96,6 @@ def test_full_and_compressed_and_errors():
         RoutingPolicy("router", relative_threshold=1.5)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from tessera.chat import build_tokenizer, fallback_corpus
-    from tessera.model.vlm import VisionLanguageModel
-
-    tok = build_tokenizer(fallback_corpus(), vocab_size=1024)
-    cfg = preset("tiny")
-    cfg.image_context_token_id = tok.img_context_id
-    torch.manual_seed(0)
-    model = VisionLanguageModel(cfg).eval()
-    model.tokenizer = tok
-    return model
-
-
 def test_prompt_tokens_equal_feature_rows_under_mixed_routing(tiny):
     pv = torch.randn(7, 3, tiny.config.tile_size, tiny.config.tile_size)
     tiles = [4, 3]

@@ -14,7 +14,7 @@ from tessera.train.vico import shrink_image_tokens
 
 torch.set_num_threads(1)
 
-from test_vico import ListStream, make_sample, tiny  # noqa: E402,F401  (shared fixture and synthetic samples)
+from test_vico import ListStream, make_sample  # noqa: E402  (shared synthetic samples)
 
 
 def answer_loss(model, ids: list[int], mask: list[int], features: torch.Tensor) -> float:

@@ -5,25 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.config import preset
 from tessera.train.data import Encoded
 from tessera.train.vico import PairPacker, ViCOStage, draw_xi, shrink_image_tokens
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from tessera.chat import build_tokenizer, fallback_corpus
-    from tessera.model.vlm import VisionLanguageModel
-
-    tok = build_tokenizer(fallback_corpus(), vocab_size=1024)
-    cfg = preset("tiny")
-    cfg.image_context_token_id = tok.img_context_id
-    torch.manual_seed(0)
-    model = VisionLanguageModel(cfg)
-    model.tokenizer = tok
-    return model
 
 
 def make_sample(model, index: int, tiles: list[int], answer: str = "red 42") -> Encoded:
