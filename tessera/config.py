@@ -211,10 +211,12 @@ def tiny_config() -> ModelConfig:
     """The world's model: 112 px tiles (8×8 patches → 16 tokens at 1/4, 4 at 1/16), trainable on 2 CPU cores."""
     return ModelConfig(
         vision=VisionConfig(image_size=112, patch_size=14, hidden_size=192, num_layers=6, num_heads=3, intermediate_size=768),
-        language=LanguageConfig(vocab_size=1024, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+        # sized so that the Flash model fits 15 MiB in bf16 (7.7 M parameters): the world's tokenizer needs < 512
+        # ids, a 2× MLP suffices for its short answers, and the router works at half the ViT width
+        language=LanguageConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4,
                                 num_kv_heads=2, head_dim=64, rope_theta=10_000.0, max_position_embeddings=2048,
                                 tie_word_embeddings=True),
-        flash=FlashConfig(enabled=True, router_hidden_size=128),
+        flash=FlashConfig(enabled=True, router_hidden_size=64),
         max_tiles=6,
         image_context_token_id=3,  # fixed by tessera.chat's special-token order
         preset="tiny",

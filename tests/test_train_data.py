@@ -15,7 +15,7 @@ IMG = 3  # <IMG_CONTEXT> id of the tiny preset
 def fake_sample(index: int, prompt: int, answer: int, tiles: int = 1, tokens_per_tile: int = 16, seed: int = 0) -> Encoded:
     """A sample with `tiles` random tiles, their image tokens, random prompt text and `answer` loss tokens."""
     g = torch.Generator().manual_seed(seed * 1000 + index)
-    text = torch.randint(20, 1000, (prompt + answer,), generator=g).tolist()
+    text = torch.randint(20, 500, (prompt + answer,), generator=g).tolist()  # inside the tiny vocabulary (512)
     ids = [1] + [IMG] * (tiles * tokens_per_tile) + text
     mask = [0] * (len(ids) - answer) + [1] * answer
     pixels = torch.randn(tiles, 3, 112, 112, generator=g)
@@ -157,7 +157,7 @@ def test_multi_turn_samples_extend_the_single_turn_sample():
         a, b = one(i), three(i)
         assert b.input_ids[:len(a)] == a.input_ids and b.loss_mask[:len(a)] == a.loss_mask  # same first turn
         assert torch.equal(a.pixel_values, b.pixel_values) and a.image_tokens == b.image_tokens
-        _, turns, family = three.conversation(i)
+        _, turns, family, _ = three.conversation(i)
         assert family == a.family and len(turns) == 3 and len({q for q, _, _ in turns}) == 3
         answers = tok.decode([t for t, m in zip(b.input_ids, b.loss_mask) if m], skip_special_tokens=False)
         assert answers == "".join(ans + "<|im_end|>" for _, ans, _ in turns)

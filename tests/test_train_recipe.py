@@ -1,13 +1,19 @@
-"""The recipe end to end (init → pretrain → sft → eval → report), and the `tessera train` command."""
+"""The recipe end to end (init → pretrain → sft → mpo → gspo → vico → router → eval → report), its resume, and the
+`tessera train` command."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
-from tessera.train.recipe import RecipeConfig, StagePlan, run_recipe
+from tessera.train.recipe import (RecipeConfig, StagePlan, quick_recipe, read_timings, record_timing, resolve_paths,
+                                  run_recipe, stage_finished, tiny_recipe)
 from tessera.train.trainer import TrainConfig
+
+CASCADE = ["pretrain", "sft", "mpo", "gspo", "vico", "router"]
 
 
 def tiny_plan() -> RecipeConfig:
@@ -19,15 +25,17 @@ def tiny_plan() -> RecipeConfig:
     ])
 
 
-def check_outputs(out, n):
+def check_outputs(out, n, stages=("pretrain", "sft")):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"]["n"] == n and set(summary["eval"]["families"]) <= set(summary["chance"])
-    assert set(summary["stage_seconds"]) == {"pretrain", "sft"}
+    assert set(summary["stage_seconds"]) == set(stages)
+    assert all(s > 0 for s in summary["stage_seconds"].values())
     report = (out / "report.md").read_text()
     assert "| family | n | accuracy | chance |" in report and "curves.png" in report
     assert (out / "curves.png").stat().st_size > 1000
-    for stage in ("pretrain", "sft"):
+    for stage in stages:
         assert (out / stage / "final" / "model.safetensors").exists()
+        assert f"| {stage} | {summary['stages'][stage]['steps']} |" in report  # the stage table
     return summary
 
 
@@ -41,9 +49,12 @@ def test_recipe_smoke_and_resume(tmp_path):
     assert model.tokenizer is not None
     evals = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines() if "eval" in x]
     assert len(evals) == 1 and 0 <= evals[0]["eval"]["overall"] <= 1
-    # a second run finds every stage finished and only re-evaluates
+    # no Flash parts anywhere: no Flash table; the plan ends with sft, so its evaluation is the final one
+    assert summary["flash"] is None and "## Flash" not in (tmp_path / "report.md").read_text()
+    assert summary["stage_evals"]["sft"] == summary["eval"]
+    # a second run finds every stage finished and reads the cached evaluation
     again = run_recipe(tiny_plan(), tmp_path, progress=False)
-    assert again.summary["eval"]["families"] == summary["eval"]["families"]
+    assert again.summary["eval"] == summary["eval"]
 
 
 @pytest.mark.slow
@@ -51,8 +62,106 @@ def test_quick_recipe_command(tmp_path, capsys):
     from tessera.cli import main
 
     assert main(["recipe", "--preset", "tiny", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
-    assert "overall" in capsys.readouterr().out
-    check_outputs(tmp_path, 14)
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "fewer visual tokens" in printed
+    check_outputs(tmp_path, 14, CASCADE)
+
+
+def training_steps(folder):
+    return [json.loads(x)["step"] for x in (folder / "metrics.jsonl").read_text().splitlines() if '"eval"' not in x]
+
+
+def files_with_times(root):
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_quick_recipe_runs_the_whole_cascade_and_resumes_as_a_no_op(tmp_path):
+    import tessera
+    from tessera.bench.router import MODES
+
+    plans = {p.name: p for p in quick_recipe().stages}
+    assert list(plans) == CASCADE
+    result = run_recipe("tiny", tmp_path, quick=True, progress=False)
+    summary = check_outputs(tmp_path, 14, CASCADE)
+    for name, plan in plans.items():
+        assert training_steps(tmp_path / name)[-1] == plan.train.steps, name
+    # mpo collected from the SFT model's rollouts into its folder; gspo trained on queries filtered from them
+    collect = json.loads((tmp_path / "mpo" / "collect.json").read_text())
+    assert collect["pairs"] > 0 and (tmp_path / "mpo" / "queries.jsonl").exists()
+    assert json.loads((tmp_path / "gspo" / "metrics.jsonl").read_text().splitlines()[0])["sequences"] > 0
+    # the base stages train without Flash parts, vico adds them, the recipe ends on the router's Flash model
+    assert tessera.load(tmp_path / "gspo" / "final").router is None
+    assert result.final_checkpoint == tmp_path / "router" / "final"
+    assert tessera.load(result.final_checkpoint).router is not None
+    # the report: before/after per-family table, the Flash table, seconds per stage
+    assert list(summary["stage_evals"]) == ["sft"] and summary["stage_evals"]["sft"]["n"] == 14
+    flash = summary["flash"]
+    assert set(flash["modes"]) == set(MODES) and flash["n"] == 7
+    full, compressed = flash["modes"]["full"], flash["modes"]["compressed"]
+    assert compressed["visual_tokens"] == pytest.approx(full["visual_tokens"] / 4)  # 1/16 instead of 1/4 per tile
+    assert compressed["tokens_saved"] == pytest.approx(75.0) and full["tokens_saved"] == 0.0
+    report = (tmp_path / "report.md").read_text()
+    assert "## Per family through the cascade" in report and "| family | after sft | final |" in report
+    assert "## Flash" in report and all(f"| {m} |" in report for m in MODES) and "| compressed |" in report
+    assert "| tokens saved | accuracy kept |" in report and "## Stages" in report
+
+    # resume after completion: nothing is trained, saved or evaluated again; the same report is rewritten
+    before = files_with_times(tmp_path)
+    again = run_recipe("tiny", tmp_path, quick=True, progress=False)
+    changed = {p.name for p, t in files_with_times(tmp_path).items() if before.get(p) != t}
+    assert changed <= {"recipe.json", "report.md", "summary.json", "curves.png"}
+    assert json.dumps(again.summary, sort_keys=True) == json.dumps(summary, sort_keys=True)
+
+    # a stage whose folder is gone is trained again from the stage before it; the Flash table is re-measured
+    vico_final = (tmp_path / "vico" / "final" / "model.safetensors").stat().st_mtime_ns
+    shutil.rmtree(tmp_path / "router")
+    third = run_recipe("tiny", tmp_path, quick=True, progress=False)
+    assert training_steps(tmp_path / "router") == [1, 2]
+    assert (tmp_path / "vico" / "final" / "model.safetensors").stat().st_mtime_ns == vico_final
+    stored = json.loads((tmp_path / "evals.json").read_text())
+    router_weights = tmp_path / "router" / "final" / "model.safetensors"
+    assert stored["flash"]["key"]["weights"][1] == router_weights.stat().st_mtime_ns
+    assert tessera.load(third.final_checkpoint).router is not None
+
+
+def test_tiny_recipe_runs_the_cascade_in_order_with_constant_rl_learning_rates(tmp_path):
+    config = tiny_recipe().validate()
+    assert [p.name for p in config.stages] == CASCADE
+    plans = {p.name: p for p in config.stages}
+    assert plans["mpo"].train.min_lr_ratio == plans["gspo"].train.min_lr_ratio == 1.0
+    # gspo's offline accuracies are the file mpo writes into its own folder
+    mpo_data = resolve_paths(plans["mpo"].data, tmp_path, tmp_path / "mpo")
+    gspo_data = resolve_paths(plans["gspo"].data, tmp_path, tmp_path / "gspo")
+    queries = str(Path(mpo_data["out"]) / "queries.jsonl")
+    assert gspo_data["accuracies"] == queries == str(tmp_path / "mpo" / "queries.jsonl")
+    assert set(config.eval_after) <= set(CASCADE)
+
+
+def test_recipe_config_and_stage_state_fail_loudly(tmp_path):
+    with pytest.raises(ValueError, match="eval_after names stage"):
+        RecipeConfig(stages=tiny_recipe().stages[:2], eval_after=["mpo"]).validate()
+    with pytest.raises(ValueError, match="once"):
+        RecipeConfig(stages=tiny_recipe().stages[:2] * 2, eval_after=[]).validate()
+    folder = tmp_path / "stage"
+    assert not stage_finished(folder, 10)
+    (folder / "final").mkdir(parents=True)
+    (folder / "final" / "model.safetensors").write_bytes(b"x")
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "latest").write_text("step-000010\n")
+    assert stage_finished(folder, 10) and not stage_finished(folder, 11)
+    (folder / "checkpoints" / "latest").write_text("garbage\n")
+    with pytest.raises(ValueError, match="not a step-N checkpoint"):
+        stage_finished(folder, 10)
+
+
+def test_stage_seconds_add_up_over_resumed_runs_and_restart_with_the_stage(tmp_path):
+    path = tmp_path / "timings.json"
+    record_timing(path, "vico", 10.0, resumed=False)
+    record_timing(path, "vico", 5.0, resumed=True)  # the run that finished an interrupted stage
+    record_timing(path, "router", 2.0, resumed=False)
+    assert read_timings(path) == {"vico": 15.0, "router": 2.0}
+    record_timing(path, "vico", 7.0, resumed=False)  # the stage trained again from scratch
+    assert read_timings(path) == {"vico": 7.0, "router": 2.0}
 
 
 def test_train_command_with_config_file(tmp_path, capsys):

@@ -189,11 +189,7 @@ def format_cascade(summary: dict[str, Any]) -> str:
         total = r["cpu_seconds"] + (off["cpu_seconds"] if name != "SFT" else 0.0)
         lines.append(f"| {name} | {r['reasoning']:.1%} | {100 * (r['reasoning'] - base):+.1f} | {r['overall']:.1%} | "
                      f"{r['cpu_seconds']:.0f} | {total:.0f} |")
-    fams = list(rows["SFT"]["families"])
-    lines += ["", "Per family (greedy; thinking on for reasoning):", "",
-              "| family | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
-    for f in fams:
-        lines.append(f"| {f} | " + " | ".join(f"{r['families'].get(f, float('nan')):.1%}" for r in rows.values()) + " |")
+    lines += ["", "Per family (greedy; thinking on for reasoning):", "", *family_table(rows)]
     bon = summary["best_of_n"]
     c = bon["critic"]
     lines += ["", f"Best-of-N on the Cascade model ({bon['questions']} held-out reasoning questions, temperature "
@@ -205,6 +201,19 @@ def format_cascade(summary: dict[str, Any]) -> str:
         lines.append(f"| {n} | {t['sampled_mean']:.1%} | {t['vote']:.1%} | {t['critic']:.1%} | {t['weighted']:.1%} | "
                      f"{t['oracle']:.1%} |")
     return "\n".join(lines) + "\n"
+
+
+def family_table(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines: one column per model (each a dict with "families" and "overall"), one row per family of
+    the first model, then the overall accuracy."""
+    if not rows:
+        raise ValueError("family_table needs at least one model's accuracies")
+    fams = list(next(iter(rows.values()))["families"])
+    lines = ["| family | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
+    for f in fams:
+        lines.append(f"| {f} | " + " | ".join(f"{r['families'].get(f, float('nan')):.1%}" for r in rows.values()) + " |")
+    lines.append("| **overall** | " + " | ".join(f"**{r['overall']:.1%}**" for r in rows.values()) + " |")
+    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -103,6 +103,13 @@ def vision_cost(model, images, rounds: int) -> dict[str, float]:
 
 # ---- the table ---------------------------------------------------------------------------------------------
 
+def evaluate_modes(model, n: int, seed: int = 0, batch_size: int = 16, modes: tuple[str, ...] = MODES) -> dict:
+    """routing → EvalResult on the same n held-out questions; `random` compresses as many tiles as the router."""
+    from tessera.evaluate import evaluate
+
+    return {m: evaluate(model, seed=seed, n=n, routing=m, batch_size=batch_size, keep_records=False) for m in modes}
+
+
 def _reading(r) -> float:
     """Mean accuracy over the reading families (label, document) of an EvalResult."""
     from tessera.world import READING_FAMILIES
@@ -119,7 +126,10 @@ def summarise(results: dict, vision: dict | None, router_acc: dict | None) -> di
         "families": list(full.families),
         "modes": {m: {"families": r.families, "overall": r.overall, "reading": reading(r),
                       "visual_tokens": r.visual_tokens_per_image, "compressed_tiles": r.compressed_tile_fraction,
-                      "samples_per_second": r.samples_per_second} for m, r in results.items()},
+                      "samples_per_second": r.samples_per_second,
+                      "tokens_saved": 100 * (1 - r.visual_tokens_per_image / full.visual_tokens_per_image),
+                      "accuracy_kept": 100 * r.overall / full.overall if full.overall else float("nan")}
+                  for m, r in results.items()},
         "tokens_saved": 100 * (1 - rout.visual_tokens_per_image / full.visual_tokens_per_image),
         "accuracy_kept": 100 * rout.overall / full.overall if full.overall else float("nan"),
         "reading_kept": 100 * reading(rout) / reading(full) if reading(full) else float("nan"),
@@ -142,6 +152,17 @@ def summarise(results: dict, vision: dict | None, router_acc: dict | None) -> di
     }
     if vision:
         s["targets"]["vision side (ViT + router + chosen branch) costs <= full's (time)"] = vision["time_ratio"] <= 1.0
+    return s
+
+
+def flash_summary(model, n: int, seed: int = 0, batch_size: int = 16) -> dict:
+    """`summarise` of the four routings of a Flash `model` at its configured thresholds (no vision timing, no
+    router tile accuracy): what the recipe's report shows."""
+    if model.router is None:
+        raise ValueError("the Flash table needs a Flash model (mlp2 and a router); this one has neither")
+    s = summarise(evaluate_modes(model, n, seed, batch_size), None, None)
+    flash = model.config.flash
+    s.update(relative_threshold=flash.relative_threshold, absolute_threshold=flash.absolute_threshold)
     return s
 
 
@@ -237,7 +258,6 @@ def plot(s: dict, out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import tessera
-    from tessera.evaluate import evaluate
     from tessera.train.router_stage import evaluate_router, heldout_samples
     from tessera.world import READING_FAMILIES, eval_items
 
@@ -250,15 +270,12 @@ def run(args: argparse.Namespace) -> int:
     if args.absolute_threshold is not None:
         flash.absolute_threshold = args.absolute_threshold
 
-    def run_mode(mode: str):
-        return evaluate(model, seed=args.seed, n=args.n, routing=mode, batch_size=args.batch_size, keep_records=False)
-
-    results = {m: run_mode(m) for m in MODES}
+    results = evaluate_modes(model, args.n, args.seed, args.batch_size)
     sweep = []
     chosen = flash.relative_threshold
     for t in [float(x) for x in args.sweep.split(",")] if args.sweep else []:
         flash.relative_threshold = t  # routing reads the thresholds from the config at each decision
-        pair = {m: run_mode(m) for m in ("router", "random")}
+        pair = evaluate_modes(model, args.n, args.seed, args.batch_size, ("router", "random"))
         sweep.append({"relative": t, **{m: {"overall": r.overall, "reading": _reading(r), "visual_tokens": r.visual_tokens_per_image}
                                         for m, r in pair.items()}})
     flash.relative_threshold = chosen

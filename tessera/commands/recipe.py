@@ -1,4 +1,5 @@
-"""`tessera recipe --preset tiny --out DIR [--quick]`: init → pretrain → sft → eval → report (markdown, PNG, JSON)."""
+"""`tessera recipe --preset tiny --out DIR [--quick]`: init → pretrain → sft → mpo → gspo → vico → router → eval →
+report (markdown, PNG, JSON)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", choices=["tiny"], help="model preset (the recipe's schedule is for tiny)")
     p.add_argument("--out", required=True, help="run folder; rerunning with the same folder resumes")
-    p.add_argument("--quick", action="store_true", help="every stage at toy scale (about a minute)")
+    p.add_argument("--quick", action="store_true", help="every stage at toy scale (under two minutes)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -19,4 +20,8 @@ def run(args: argparse.Namespace) -> int:
     ev = result.summary["eval"]
     print(f"overall {ev['overall']:.1%} on {ev['n']} held-out questions; "
           f"final checkpoint {result.final_checkpoint}; report {result.out / 'report.md'}")
+    flash = result.summary.get("flash")
+    if flash:
+        print(f"router: {flash['tokens_saved']:.1f} % fewer visual tokens, "
+              f"{flash['accuracy_kept']:.1f} % of full's accuracy")
     return 0

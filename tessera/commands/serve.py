@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="vision workers: longest wait to fill a batch")
     p.add_argument("--vision-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="precision of the ViT, router and projectors, in either mode (the LLM keeps its own)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (graphs are built at start-up, before the port opens)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
     options = ServeOptions(model_name=args.model_name or Path(args.checkpoint).resolve().name, max_batch=args.max_batch,
                            max_len=args.max_len, max_waiting=args.max_waiting, max_vision_inflight=args.max_vision_inflight,
                            max_images=args.max_images, allow_remote_images=args.allow_remote_images,
-                           default_routing=args.routing)
+                           default_routing=args.routing, compile=args.compile)
     limits = VisionLimits(max_pixels=args.max_pixels, max_tiles_per_request=args.max_tiles_per_request)
     return serve(args.checkpoint, topology, options, args.host, args.port, args.api_key, args.threads, limits)

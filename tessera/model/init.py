@@ -51,7 +51,8 @@ def init_lively_model(preset_name: str = "tiny", seed: int = 0, std: float = 0.1
     Language weights at std 0.1 (at 0.02 every prompt repeats one token) and zero embeddings for ids beyond the
     tokenizer, which greedy decoding then never picks. The tokenizer is the small fallback one (fast to build).
     """
-    model = init_model(preset_name, tokenizer=build_tokenizer(fallback_corpus(), 1024), seed=seed)
+    config = preset(preset_name)
+    model = init_model(config, tokenizer=build_tokenizer(fallback_corpus(), config.language.vocab_size), seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.language_model.parameters():

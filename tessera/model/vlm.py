@@ -45,6 +45,20 @@ class VisionLanguageModel(nn.Module):
         self.language_model = Qwen3ForCausalLM(config.language)
         self.tokenizer = None  # a tessera.chat.ChatTokenizer, attached by the checkpoint loader
 
+    def add_flash_branch(self) -> None:
+        """Give a plain model Flash's 1/16 branch (mlp2) and router, freshly initialised, on its device and dtype.
+
+        The recipe trains the base model without them (they would be untrained weight in tiny-sft) and ViCO adds
+        them when it starts teaching the 1/16 branch. A Flash model is left as it is."""
+        if hasattr(self, "mlp2"):
+            return
+        ref = next(self.mlp1.parameters())
+        self.config.flash.enabled = True
+        cv, cl = self.config.vision.hidden_size, self.config.language.hidden_size
+        self.mlp2 = make_mlp2(cv, cl, self.config.flash.compressed_downsample_ratio).to(ref.device, ref.dtype)
+        pooling, gating = build_router_parts(cv, self.config.flash)
+        self.pooling_before_gating, self.gating = pooling.to(ref.device, ref.dtype), gating.to(ref.device, ref.dtype)
+
     # ---- small helpers -------------------------------------------------------------------------
 
     @property

@@ -49,6 +49,7 @@ class ServeOptions:
     default_routing: str = "full"
     default_max_tokens: int = 512
     vision_timeout: float = 120.0
+    compile: bool = False  # decode steps through torch.compile, graphs built at start (Engine.warmup)
 
 
 class CoupledVision:
@@ -157,7 +158,7 @@ class LanguageServer:
         lm_cfg = model.config.language
         self.max_len = opts.max_len or min(lm_cfg.max_position_embeddings, 4096)
         self.engine = Engine(model.language_model, max_batch=opts.max_batch, max_len=self.max_len,
-                             max_waiting=opts.max_waiting, embed_fn=model.embed)
+                             max_waiting=opts.max_waiting, embed_fn=model.embed, compile=opts.compile)
         self.vision = vision
         if isinstance(vision, CoupledVision):
             vision.engine = self.engine
@@ -166,6 +167,8 @@ class LanguageServer:
         self.stop_ids = frozenset({self.tokenizer.im_end_id, self.tokenizer.pad_id})
 
     async def start(self) -> None:
+        if self.options.compile:
+            await asyncio.to_thread(self.engine.warmup)  # compile before the first request, not during it
         self.engine.start()
         if self.vision is not None:
             await self.vision.start()

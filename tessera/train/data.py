@@ -35,6 +35,7 @@ class Encoded:
     image_tokens: list[int]  # visual tokens per image (their sum = number of <IMG_CONTEXT> ids)
     family: str = ""
     index: int = -1  # stream position, for debugging and resume checks
+    grounding: torch.Tensor | None = None  # [N,8,8,F] long, the tiles' cell targets (tessera.world.grounding)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -46,16 +47,32 @@ class Encoded:
 
 
 def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, answer: str, thinking: bool = False,
-           family: str = "", index: int = -1) -> Encoded:
-    """Tile `image` (tessera.image.ImageProcessor), expand the prompt with the real token count, mask the labels."""
+           family: str = "", index: int = -1, scene=None) -> Encoded:
+    """Tile `image` (tessera.image.ImageProcessor), expand the prompt with the real token count, mask the labels.
+    With the world `scene` the image was drawn from, the tiles' dense grounding targets come along."""
     pixels = processor([image])
     image_tokens = [n * tokens_per_tile for n in pixels.tiles_per_image]
     example = tokenizer.build_example(question, answer, image_tokens, thinking=thinking)
-    return Encoded(example.input_ids, example.loss_mask, pixels.pixel_values, image_tokens, family, index)
+    return Encoded(example.input_ids, example.loss_mask, pixels.pixel_values, image_tokens, family, index,
+                   _grounding(scene, pixels.pixel_values.shape[0]))
+
+
+def _grounding(scene, num_tiles: int) -> torch.Tensor | None:
+    """The scene's cell targets per tile, checked against the processor's tiling (the world draws canvases
+    that tile exactly, so row-major tiles + thumbnail must be what the processor made)."""
+    if scene is None:
+        return None
+    from tessera.world.grounding import tile_targets
+
+    tiles = scene.cols * scene.rows
+    targets = torch.from_numpy(tile_targets(scene, thumbnail=tiles > 1))  # [N,8,8,F]
+    if targets.shape[0] != num_tiles:
+        raise ValueError(f"the scene is {scene.cols}x{scene.rows} tiles (+ thumbnail) but the processor made {num_tiles}")
+    return targets
 
 
 def encode_turns(tokenizer, processor, tokens_per_tile: int, image, turns: Sequence[tuple[str, str, bool]],
-                 family: str = "", index: int = -1) -> Encoded:
+                 family: str = "", index: int = -1, scene=None) -> Encoded:
     """A multi-turn conversation about one image: (question, answer, thinking) per turn, image in the first.
 
     The first turn is exactly `ChatTokenizer.build_example`; each later turn appends
@@ -76,7 +93,8 @@ def encode_turns(tokenizer, processor, tokens_per_tile: int, image, turns: Seque
         ids += prompt + target
         mask += [0] * len(prompt) + [1] * len(target)
     tokenizer.check_image_tokens(ids, image_tokens)
-    return Encoded(ids, mask, pixels.pixel_values, image_tokens, family, index)
+    return Encoded(ids, mask, pixels.pixel_values, image_tokens, family, index,
+                   _grounding(scene, pixels.pixel_values.shape[0]))
 
 
 def square_average_weights(num_loss_tokens: int) -> float:
@@ -99,6 +117,7 @@ class Batch:
     image_tokens: list[int]  # per image, same order
     families: list[str]  # per sample, in packing order
     indices: list[int] = field(default_factory=list)  # stream positions of the samples
+    grounding: torch.Tensor | None = None  # [ΣN,8,8,F] cell targets of the tiles, when every sample has them
 
     @property
     def num_samples(self) -> int:
@@ -154,7 +173,10 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
             indices.append(e.index)
             start += n
     pixel_values = torch.cat(tiles) if tiles else torch.zeros(0)
-    return Batch(input_ids, targets, weights, position_ids, segment_ids, pixel_values, image_tokens, families, indices)
+    grounds = [e.grounding for row in rows for e in row]
+    grounding = torch.cat(grounds) if all(g is not None for g in grounds) else None
+    return Batch(input_ids, targets, weights, position_ids, segment_ids, pixel_values, image_tokens, families, indices,
+                 grounding)
 
 
 class Packer:
@@ -273,6 +295,7 @@ class WorldStream:
     curriculum: Curriculum = field(default_factory=Curriculum)
     seed: int = 0  # offset into the world's train seeds, so stages can use disjoint scenes
     turns: int = 1  # questions per image: extra turns ask other families about the same scene
+    grounding: bool = False  # attach the tiles' dense grounding targets (tessera.world.grounding)
     _processor: Any = field(default=None, repr=False, compare=False)
 
     def sample(self, index: int):
@@ -288,7 +311,7 @@ class WorldStream:
         return s, s.thinking_answer is not None and rng.random() < self.thinking_prob
 
     def conversation(self, index: int):
-        """(image, [(question, answer, thinking)], family of the first turn) for a multi-turn sample.
+        """(image, [(question, answer, thinking)], family of the first turn, scene) for a multi-turn sample.
 
         The first turn is `sample(index)`; the others are drawn (without repeating a family, never `describe`)
         from the same weights and asked about the same scene.
@@ -317,7 +340,7 @@ class WorldStream:
             extra = _FAMILY_FNS[name](rng, scene, lv)
             if extra is not None:
                 turns.append(self._turn(rng, extra, thinking_text))
-        return render(scene), turns, first
+        return render(scene), turns, first, scene
 
     def _turn(self, rng: random.Random, task, thinking_text) -> tuple[str, str, bool]:
         think = task.think is not None and rng.random() < self.thinking_prob
@@ -329,9 +352,10 @@ class WorldStream:
 
             self._processor = ImageProcessor.from_config(self.config)
         if self.turns > 1:
-            image, turns, family = self.conversation(index)
-            return encode_turns(self.tokenizer, self._processor, self.config.tokens_per_tile, image, turns, family, index)
+            image, turns, family, scene = self.conversation(index)
+            return encode_turns(self.tokenizer, self._processor, self.config.tokens_per_tile, image, turns, family, index,
+                                scene if self.grounding else None)
         s, thinking = self.sample(index)
         answer = s.thinking_answer if thinking else s.answer
         return encode(self.tokenizer, self._processor, self.config.tokens_per_tile, s.image, s.question, answer,
-                      thinking=thinking, family=s.family, index=index)
+                      thinking=thinking, family=s.family, index=index, scene=s.scene if self.grounding else None)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from tessera.train import dataclass_from
 from tessera.train.data import Curriculum, WorldStream
-from tessera.train.stage import LanguageModelingStage
+from tessera.train.stage import lm_stage
 
 SEED_OFFSET = 0  # train seeds [0, 5e8) for pretraining, SFT uses the upper half
 
@@ -22,6 +22,7 @@ class PretrainData:
     row_tokens: int = 512
     curriculum: tuple[tuple[int, float], ...] = ((0, 1.0),)
     workers: int = 1
+    grounding: float = 0.0  # weight of the dense grounding loss on the visual tokens (tessera.train.grounding)
     families: dict[str, float] = field(default_factory=lambda: {"describe": 1.0})
 
 
@@ -29,5 +30,5 @@ def build_stage(model, data: PretrainData | dict | None = None) -> LanguageModel
     """The pretrain stage for `model` (which carries the tokenizer and config)."""
     data = dataclass_from(PretrainData, data)
     stream = WorldStream(model.tokenizer, model.config, families=dict(data.families), thinking_prob=0.0,
-                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET)
-    return LanguageModelingStage("pretrain", stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers)
+                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET, grounding=data.grounding > 0)
+    return lm_stage("pretrain", model, stream, data)

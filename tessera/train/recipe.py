@@ -1,15 +1,25 @@
-"""The training cascade end to end: init → pretrain → sft → held-out evaluation → report.
+"""The training cascade end to end: init → pretrain → sft → mpo → gspo → vico → router → evaluation → report.
 
 Every stage writes into its own folder of `out/` (checkpoints, metrics.jsonl, final/), so rerunning the
-recipe with the same `out` resumes where it stopped: a finished stage is reloaded from its checkpoint, an
-interrupted one continues from its latest checkpoint. Later stages of the cascade (ViCO, router, MPO, GSPO)
-plug in by adding a `StagePlan` to `RecipeConfig.stages` and their module to `tessera.train.STAGES`.
+recipe with the same `out` resumes where it stopped: a finished stage is reloaded from its final/ folder
+(without being built again), an interrupted one continues from its latest checkpoint. Stages hand data to
+later ones through these folders: in a StagePlan's data options, `{out}` and `{stage}` in a string stand for
+the recipe's folder and the stage's own folder (mpo writes its rollouts to "{stage}", gspo reads the offline
+accuracies from "{out}/mpo/queries.jsonl"). Evaluations are cached in out/evals.json, keyed by the weights
+they measured, and the seconds each stage took in out/timings.json, so rerunning a finished recipe trains and
+evaluates nothing and rewrites the same report.
+
+The base stages train a model without Flash parts; vico adds mlp2 and the router, the router stage trains the
+router, and the recipe's final checkpoint (the last stage's final/) is then a Flash model: the report adds its
+Flash table (full / compressed / router / random routing, tessera.bench.router).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +33,7 @@ from tessera.train.trainer import TrainConfig, Trainer
 class StagePlan:
     name: str  # a key of tessera.train.STAGES
     train: TrainConfig
-    data: dict[str, Any] = field(default_factory=dict)  # the stage module's data options
+    data: dict[str, Any] = field(default_factory=dict)  # the stage module's data options ({out}, {stage} in strings)
 
 
 @dataclass
@@ -32,8 +42,10 @@ class RecipeConfig:
     seed: int = 0
     tokenizer_corpus: int = 200  # scenes whose text trains the tokenizer (the world's words are few)
     stages: list[StagePlan] = field(default_factory=list)
-    eval_n: int = 350  # held-out questions for the final report (50 per family)
+    eval_n: int = 350  # held-out questions of each per-family evaluation in the report (50 per family)
     eval_seed: int = 0
+    eval_after: list[str] = field(default_factory=lambda: ["sft"])  # stages also evaluated (the final model always is)
+    flash_n: int = 140  # held-out questions per routing of the Flash table (when the final model is a Flash model)
     probe_n: int = 70  # held-out questions for the accuracy curve during training
     eval_families: list[str] | None = None  # None = every family of the world
     chance_n: int = 400
@@ -41,38 +53,92 @@ class RecipeConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def validate(self) -> "RecipeConfig":
+        names = [plan.name for plan in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"every stage may appear once in a recipe (each has one folder), got {names}")
+        unknown = [name for name in self.eval_after if name not in names]
+        if unknown:
+            raise ValueError(f"eval_after names stage(s) {unknown} that the recipe does not run ({names}); list the "
+                             "stages whose model the report should evaluate ([] for only the final one)")
+        if min(self.eval_n, self.flash_n, self.probe_n, self.chance_n) < 1:
+            raise ValueError("eval_n, flash_n, probe_n and chance_n must be >= 1")
+        return self
+
 
 def tiny_recipe() -> RecipeConfig:
     """The tiny preset's full schedule (docs/TRAINING.md records the probes behind these numbers).
 
-    pretrain: dense descriptions on easy scenes teach the ViT colours, shapes, positions and glyphs (a question's
-    single answer token is too sparse a signal to get vision started). sft: every question family plus
-    descriptions, four questions per image (one ViT pass serves four answers), the world's difficulty stepping
-    up (fixed slots → free placement → full scenes) by sample index.
-    The language model and connector start from scratch and take 3e-4; the ViT stays at 1e-4 (the calibration's
-    learning-rate cliff for reading).
+    pretrain: dense descriptions on easy scenes plus the dense grounding loss (tessera.train.grounding: linear
+    probes read every cell's glyphs and shapes back from the ViT patches and from the projected tokens), so the
+    vision path learns to see glyphs and objects from a signal at every token rather than from a few answer tokens.
+    sft: every question family plus descriptions, four questions per image (one ViT pass serves four answers),
+    the reading families (label, document) weighted 3× and counting, spatial and reasoning 1.5×, grounding still
+    on, the world's difficulty stepping up (fixed slots → free placement → full scenes) by sample index, with a
+    long middle phase (0.5) in which the language model learns to look entries up among a few.
+    Learning rates: language 6e-4, connector 3e-3 (the projector is what the grounding probe found slowest: four
+    patches squeezed into one token), ViT 1e-4 (the calibration's learning-rate cliff for reading).
+
+    Then Cascade RL and the Flash stages. mpo rolls out 384 training queries × 8 answers from the SFT model
+    (its pairs, and every query's accuracy for gspo's [0.2, 0.8] filter, land in out/mpo/), gspo runs about two
+    passes over the filtered queries; both at a constant lr (tessera.bench.cascade's defaults). vico adds the
+    fresh 1/16 branch and router and distils the 1/4 reading into it; router trains only the router.
+    Measured on this machine, one thread, the lead's two training jobs sharing both cores (load ≈ 3): mpo
+    collection ≈ 23 s + 0.45–0.55 s/step (8 pairs), gspo 0.45–0.5 s/step averaged over its rollouts (8 queries × 8
+    answers per 4 steps), vico ≈ 1.05 s/step (4 × 512 tokens, bf16), router ≈ 0.35 s/step (8 samples), so
+    mpo ≈ 60 s, gspo ≈ 45 s, vico ≈ 420 s, router ≈ 90 s: ≈ 10–11 minutes with the probes.
     """
-    lrs = {"language": 3e-4, "connector": 3e-4, "vision": 1e-4, "router": 1e-4}
+    lrs = {"language": 6e-4, "connector": 3e-3, "vision": 1e-4, "router": 1e-4}
     pretrain = TrainConfig(steps=250, lr=1e-4, component_lr=lrs, warmup_steps=20, min_lr_ratio=0.3,
                            precision="bf16", save_every=50)
-    sft = TrainConfig(steps=1300, lr=1e-4, component_lr=lrs, warmup_steps=30, min_lr_ratio=0.1,
-                      precision="bf16", save_every=100, eval_every=200)
-    families = {"colour": 1.0, "shape": 1.0, "count": 1.0, "label": 1.0, "document": 1.0, "spatial": 1.0,
-                "reasoning": 1.0, "describe": 1.0}
-    return RecipeConfig(stages=[
-        StagePlan("pretrain", pretrain, {"rows": 4, "row_tokens": 512,
+    sft = TrainConfig(steps=2400, lr=1e-4, component_lr=lrs, warmup_steps=30, min_lr_ratio=0.1,
+                      precision="bf16", save_every=100, eval_every=300)
+    # RL: constant lr after a short warm-up; the stages pin fp32 themselves (their log-probs meet fp32 rollouts)
+    mpo = TrainConfig(steps=60, lr=2e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=5, save_every=30, eval_every=30)
+    gspo = TrainConfig(steps=88, lr=1e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=4, save_every=44, eval_every=44)
+    # vico: the fresh mlp2 (connector) learns fast, the SFT language model and ViT only follow it
+    vico = TrainConfig(steps=400, lr=3e-5, component_lr={"connector": 3e-4, "language": 3e-5, "vision": 1e-5},
+                       warmup_steps=20, min_lr_ratio=0.1, precision="bf16", save_every=100, eval_every=100)
+    router = TrainConfig(steps=250, lr=3e-4, warmup_steps=10, min_lr_ratio=0.1, save_every=125, eval_every=125)
+    families = {"colour": 1.0, "shape": 1.0, "count": 1.5, "label": 3.0, "document": 3.0, "spatial": 1.5,
+                "reasoning": 1.5, "describe": 1.0}
+    return RecipeConfig(eval_after=["sft", "mpo", "gspo"], stages=[
+        StagePlan("pretrain", pretrain, {"rows": 4, "row_tokens": 512, "grounding": 1.0,
                                          "curriculum": [[0, 0.0], [2000, 0.0], [2001, 0.5]]}),
         StagePlan("sft", sft, {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4,
-                               "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [7000, 0.5], [7001, 1.0]]}),
+                               "grounding": 1.0, "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [12000, 0.5],
+                                                                [16000, 1.0]]}),
+        StagePlan("mpo", mpo, {"out": "{stage}", "queries": 384, "group_size": 8, "pairs_per_batch": 8}),
+        StagePlan("gspo", gspo, {"accuracies": "{out}/mpo/queries.jsonl", "group_size": 8, "queries_per_rollout": 8,
+                                 "mini_batches": 4}),
+        StagePlan("vico", vico, {"rows": 4, "row_tokens": 512}),
+        StagePlan("router", router, {"samples_per_batch": 8, "heldout": 48}),
     ])
 
 
 def quick_recipe() -> RecipeConfig:
-    """Every stage at toy scale (seconds each): exercises the whole path, learns almost nothing."""
+    """Every stage at toy scale (well under two minutes in all): exercises the whole path, learns almost nothing.
+
+    sft is the exception: 60 steps on colour and shape only (≈ 15 s), the least that makes the model answer in
+    the right format often enough for its rollouts to hold preference pairs and queries inside gspo's [0.2, 0.8]
+    band (measured: 13 pairs and 7 such queries of 16); from a model that never answers, the RL stages would have
+    nothing to learn from and refuse to start.
+    """
     small = dict(rows=2, row_tokens=384, workers=0)
-    return RecipeConfig(tokenizer_corpus=60, eval_n=14, probe_n=7, chance_n=50, stages=[
-        StagePlan("pretrain", TrainConfig(steps=3, lr=1e-4, warmup_steps=1, log_every=1, save_every=2), dict(small)),
-        StagePlan("sft", TrainConfig(steps=3, lr=1e-4, warmup_steps=1, log_every=1, eval_every=3), dict(small)),
+    rl_families = {"colour": 1.0, "shape": 1.0}
+    quiet = dict(warmup_steps=1, log_every=1)
+    return RecipeConfig(tokenizer_corpus=60, eval_n=14, flash_n=7, probe_n=7, chance_n=50, stages=[
+        StagePlan("pretrain", TrainConfig(steps=3, lr=1e-4, save_every=2, **quiet), dict(small)),
+        StagePlan("sft", TrainConfig(steps=60, lr=3e-4, warmup_steps=2, min_lr_ratio=1.0, log_every=5, eval_every=60),
+                  {**small, "families": rl_families, "turns": 4, "curriculum": [[0, 0.0]]}),
+        StagePlan("mpo", TrainConfig(steps=2, lr=2e-5, min_lr_ratio=1.0, **quiet),
+                  {"out": "{stage}", "queries": 16, "group_size": 4, "pairs_per_batch": 2, "families": rl_families}),
+        StagePlan("gspo", TrainConfig(steps=2, lr=1e-5, min_lr_ratio=1.0, **quiet),
+                  {"accuracies": "{out}/mpo/queries.jsonl", "group_size": 4, "queries_per_rollout": 2,
+                   "mini_batches": 2}),
+        StagePlan("vico", TrainConfig(steps=2, lr=1e-4, **quiet), dict(small)),
+        StagePlan("router", TrainConfig(steps=2, lr=1e-4, eval_every=2, **quiet),
+                  {"samples_per_batch": 2, "workers": 0, "heldout": 4}),
     ])
 
 
@@ -84,13 +150,15 @@ class RecipeResult:
 
 
 def init_model_for(config: RecipeConfig):
-    """A fresh model of the preset with a tokenizer trained on the world's text."""
+    """A fresh model of the preset with a tokenizer trained on the world's text, without Flash parts: the base
+    stages never train mlp2 or the router, so ViCO adds them (VisionLanguageModel.add_flash_branch)."""
     from tessera.chat import build_tokenizer
     from tessera.config import preset
     from tessera.model.init import init_model
     from tessera.world import corpus
 
     model_config = preset(config.preset)
+    model_config.flash.enabled = False
     tokenizer = build_tokenizer(corpus(config.tokenizer_corpus), vocab_size=model_config.language.vocab_size)
     return init_model(model_config, tokenizer, seed=config.seed)
 
@@ -98,9 +166,8 @@ def init_model_for(config: RecipeConfig):
 def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny", quick: bool = False,
                progress: bool = True) -> RecipeResult:
     """Run the cascade; returns the final checkpoint folder and the report's summary."""
-    from tessera.evaluate import evaluate
+    from tessera.evaluate import EvalResult
     from tessera.model.checkpoint import load_checkpoint, save_checkpoint
-    from tessera.train import build_stage
     from tessera.train.report import write_report
 
     if isinstance(preset, RecipeConfig):
@@ -109,6 +176,7 @@ def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny
         config = quick_recipe() if quick else tiny_recipe()
     else:
         raise ValueError(f"the recipe has a schedule for the tiny preset only, not {preset!r}; pass a RecipeConfig")
+    config.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -119,21 +187,115 @@ def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny
         model = init_model_for(config)
         save_checkpoint(model, init_dir)
     stage_dirs: dict[str, Path] = {}
-    seconds: dict[str, float] = {}
+    stage_evals: dict[str, EvalResult] = {}
     for plan in config.stages:
         folder = out / plan.name
         stage_dirs[plan.name] = folder
-        train = TrainConfig(**{**asdict(plan.train), "progress": progress and plan.train.progress})
-        probe = _probe(config) if train.eval_every else None
-        start = time.perf_counter()
-        Trainer(model, build_stage(plan.name, model, plan.data), train, folder, eval_fn=probe).fit(resume=True)
-        seconds[plan.name] = time.perf_counter() - start
-    final = stage_dirs[config.stages[-1].name] / "final" if config.stages else init_dir
-    torch.manual_seed(config.seed)
-    result = evaluate(model, seed=config.eval_seed, n=config.eval_n, families=config.eval_families)
-    summary = write_report(out, result, stage_dirs, seconds, {"final_checkpoint": str(final), "quick": quick},
-                           chance_n=config.chance_n)
+        model = run_stage(model, plan, config, out, progress)
+        if plan.name in config.eval_after:
+            stage_evals[plan.name] = _evaluate(model, config, out, f"after {plan.name}", folder / "final")
+    last = config.stages[-1].name if config.stages else None
+    final = stage_dirs[last] / "final" if last else init_dir
+    result = stage_evals.get(last) or _evaluate(model, config, out, "final", final)
+    flash = None
+    if model.router is not None:  # the cascade ended on a Flash model: measure what its router buys
+        from tessera.bench.router import flash_summary
+
+        key = _eval_key(final, n=config.flash_n, seed=config.eval_seed)
+        flash = cached(out / "evals.json", "flash", key, lambda: flash_summary(model, config.flash_n, config.eval_seed))
+    summary = write_report(out, result, stage_dirs, read_timings(out / "timings.json"),
+                           {"final_checkpoint": str(final), "quick": quick}, chance_n=config.chance_n,
+                           stage_evals=stage_evals, flash=flash)
     return RecipeResult(out, final, summary)
+
+
+def run_stage(model, plan: StagePlan, config: RecipeConfig, out: Path, progress: bool = True):
+    """Train one stage into out/<name> (resuming from its checkpoints) and return the trained model; a stage a
+    previous run finished is loaded from its final/ folder instead of being built again."""
+    from tessera.model.checkpoint import load_checkpoint
+    from tessera.train import build_stage
+
+    folder = out / plan.name
+    if stage_finished(folder, plan.train.steps):
+        return load_checkpoint(folder / "final")
+    train = TrainConfig(**{**asdict(plan.train), "progress": progress and plan.train.progress})
+    resumed = (folder / "checkpoints" / "latest").exists()
+    start = time.perf_counter()
+    stage = build_stage(plan.name, model, resolve_paths(plan.data, out, folder))
+    # a stage with its own evaluation (the router's tile accuracy) uses it; the others get the accuracy probe
+    eval_fn = (getattr(stage, "eval_fn", None) or _probe(config)) if train.eval_every else None
+    Trainer(model, stage, train, folder, eval_fn=eval_fn).fit(resume=True)
+    record_timing(out / "timings.json", plan.name, time.perf_counter() - start, resumed)
+    return model
+
+
+def stage_finished(folder: Path, steps: int) -> bool:
+    """True when `folder` holds a final model and its latest checkpoint (tessera.train.trainer's layout:
+    checkpoints/latest names `step-NNNNNN`) is at `steps` or beyond."""
+    pointer = folder / "checkpoints" / "latest"
+    if not (folder / "final" / "model.safetensors").exists() or not pointer.exists():
+        return False
+    name = pointer.read_text().strip()
+    if not name.startswith("step-") or not name.removeprefix("step-").isdigit():
+        raise ValueError(f"{pointer} names {name!r}, not a step-N checkpoint")
+    return int(name.removeprefix("step-")) >= steps
+
+
+def resolve_paths(data: dict[str, Any], out: Path, folder: Path) -> dict[str, Any]:
+    """The stage's data options with `{out}` and `{stage}` in string values replaced by the recipe's folder and
+    the stage's folder."""
+    return {k: v.replace("{out}", str(out)).replace("{stage}", str(folder)) if isinstance(v, str) else v
+            for k, v in data.items()}
+
+
+def read_timings(path: Path) -> dict[str, float]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def record_timing(path: Path, stage: str, seconds: float, resumed: bool) -> None:
+    """Store the stage's wall time in `path`: a stage resumed from a checkpoint adds this run's seconds to the
+    earlier runs' (a run killed before its end leaves no record), a stage started afresh replaces them."""
+    timings = read_timings(path)
+    timings[stage] = (timings.get(stage, 0.0) if resumed else 0.0) + seconds
+    _write_json(path, timings)
+
+
+def cached(path: Path, label: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The result stored in `path` under `label` when it was computed with the same `key`, else compute() (stored)."""
+    key = json.loads(json.dumps(key))  # the form it takes once stored (tuples become lists)
+    store = json.loads(path.read_text()) if path.exists() else {}
+    hit = store.get(label)
+    if hit is not None and hit["key"] == key:
+        return hit["result"]
+    result = compute()
+    store[label] = {"key": key, "result": result}
+    _write_json(path, store)
+    return result
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _eval_key(checkpoint: Path, **settings: Any) -> dict[str, Any]:
+    """What an evaluation depends on: the weights (by file size and modification time) and its settings."""
+    weights = (checkpoint / "model.safetensors").stat()
+    return {"checkpoint": str(checkpoint), "weights": [weights.st_size, weights.st_mtime_ns], **settings}
+
+
+def _evaluate(model, config: RecipeConfig, out: Path, label: str, checkpoint: Path):
+    """The report's per-family evaluation of `model` (whose weights are `checkpoint`'s), cached in out/evals.json."""
+    from tessera.evaluate import EvalResult, evaluate
+
+    def compute() -> dict[str, Any]:
+        torch.manual_seed(config.seed)
+        return evaluate(model, seed=config.eval_seed, n=config.eval_n, families=config.eval_families,
+                        keep_records=False).to_json()
+
+    key = _eval_key(checkpoint, n=config.eval_n, seed=config.eval_seed, families=config.eval_families)
+    return EvalResult(**cached(out / "evals.json", label, key, compute))
 
 
 def _probe(config: RecipeConfig):

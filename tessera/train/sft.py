@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from tessera.train import dataclass_from
 from tessera.train.data import Curriculum, WorldStream
-from tessera.train.stage import LanguageModelingStage
+from tessera.train.stage import lm_stage
 
 SEED_OFFSET = 500_000_000  # the upper half of the train seeds: scenes disjoint from pretraining
 
@@ -28,6 +28,7 @@ class SFTData:
     row_tokens: int = 512
     curriculum: tuple[tuple[int, float], ...] = ((0, 1.0),)
     workers: int = 1
+    grounding: float = 0.0  # weight of the dense grounding loss on the visual tokens (tessera.train.grounding)
     families: dict[str, float] = field(default_factory=default_families)
     thinking_prob: float = 0.5  # share of reasoning questions asked in thinking mode
     turns: int = 1  # questions per image (multi-turn conversations; one ViT pass serves them all)
@@ -36,5 +37,5 @@ class SFTData:
 def build_stage(model, data: SFTData | dict | None = None) -> LanguageModelingStage:
     data = dataclass_from(SFTData, data)
     stream = WorldStream(model.tokenizer, model.config, families=dict(data.families), thinking_prob=data.thinking_prob,
-                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET, turns=data.turns)
-    return LanguageModelingStage("sft", stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers)
+                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET, turns=data.turns, grounding=data.grounding > 0)
+    return lm_stage("sft", model, stream, data)

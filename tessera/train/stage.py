@@ -7,8 +7,10 @@ A stage answers three questions and nothing else:
     loss is already a mean). The trainer sums it over every micro-batch of an optimiser step on every rank;
   * `loss(model, batch, normalizer)`: `(loss, metrics)` with the loss divided by that global `normalizer`, so the
     gradients of all micro-batches and ranks add up to the gradient of one big batch.
-Optionally `trainable` (component → bool) and `component_lr` (component → lr) override the TrainConfig, and
-`setup(model)` runs once before the loop (e.g. to build a frozen reference model).
+Optionally `trainable` (component → bool) and `component_lr` (component → lr) override the TrainConfig,
+`setup(model)` runs once before the loop (e.g. to build a frozen reference model), and `extra` is a module the
+stage trains beside the model (an auxiliary head: optimised as component "aux", saved in the trainer state, never
+in the model's checkpoint).
 
 Components are the model's parts, by top-level attribute: vision (vision_model), connector (mlp1, mlp2),
 router (pooling_before_gating, gating: official Flash key names), language (language_model).
@@ -67,6 +69,8 @@ class LanguageModelingStage:
     workers: int = 1
     trainable: dict[str, bool] = field(default_factory=dict)
     component_lr: dict[str, float] = field(default_factory=dict)
+    grounding: float = 0.0  # weight of the dense grounding loss (needs samples with grounding targets)
+    extra: torch.nn.Module | None = None  # the grounding head, when grounding > 0
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Batch, int]]:
         return stream_batches(self.make, Packer(self.rows, self.row_tokens, self.pad_id), position, rank, world, self.workers)
@@ -75,14 +79,48 @@ class LanguageModelingStage:
         return batch.weight_sum
 
     def loss(self, model: torch.nn.Module, batch: Batch, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
-        return packed_lm_loss(model, batch, normalizer)
+        if self.grounding <= 0:
+            return packed_lm_loss(model, batch, normalizer)
+        if batch.grounding is None:
+            raise ValueError(f"stage {self.name!r} has grounding weight {self.grounding} but its samples carry no "
+                             "grounding targets (WorldStream(grounding=True) makes them)")
+        return packed_lm_loss(model, batch, normalizer, grounding=(self.extra, self.grounding))
 
 
-def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Forward a packed batch (block-diagonal causal mask, per-sample positions) and take the weighted CE."""
-    logits = model(batch.input_ids, pixel_values=batch.pixel_values, position_ids=batch.position_ids,
+def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
+    """A LanguageModelingStage over `stream` with the packing, worker and grounding options of `data`
+    (PretrainData / SFTData); the grounding head is created here, sized for the model's 1/4 tokens."""
+    head = None
+    if data.grounding > 0:
+        from tessera.model.connector import shuffle_factor
+        from tessera.train.grounding import GroundingHeads
+
+        head = GroundingHeads(model.config.vision.hidden_size, model.config.language.hidden_size,
+                              shuffle_factor(model.config.downsample_ratio) ** 2)
+    return LanguageModelingStage(name, stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers,
+                                 grounding=data.grounding, extra=head)
+
+
+def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | None = None,
+                   grounding: tuple[torch.nn.Module, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward a packed batch (block-diagonal causal mask, per-sample positions) and take the weighted CE.
+
+    `grounding` = (head, weight) adds weight × the dense grounding loss on the batch's visual tokens
+    (tessera.train.grounding), scaled by the batch's share of the step (weight_sum / normalizer) so gradient
+    accumulation and data parallelism weigh it like the language loss."""
+    grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
+    features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4
+    logits = model(batch.input_ids, image_features=features, position_ids=batch.position_ids,
                    attn_mask=batch.attn_mask())  # [B,L,V]
     loss, metrics = weighted_cross_entropy(logits, batch.targets, batch.weights, normalizer)
+    if grounding is not None:
+        from tessera.train.grounding import two_level_grounding_loss
+
+        heads, weight = grounding
+        aux, aux_metrics = two_level_grounding_loss(heads, grid, features, batch.grounding, model.config.downsample_ratio)
+        share = batch.weight_sum / normalizer if normalizer else 1.0
+        loss = loss + weight * share * aux
+        metrics.update(aux_metrics)
     metrics["samples"] = float(batch.num_samples)
     metrics["tokens"] = float(batch.num_tokens)
     metrics["tiles"] = float(batch.pixel_values.shape[0])

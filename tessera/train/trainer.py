@@ -139,14 +139,18 @@ def set_threads(config: TrainConfig, world: int) -> int:
     return n
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, overrides: dict[str, dict] | None = None):
-    """AdamW with one group per (component, decay?) pair; frozen components get requires_grad=False."""
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, overrides: dict[str, dict] | None = None,
+                    extra: torch.nn.Module | None = None):
+    """AdamW with one group per (component, decay?) pair; frozen components get requires_grad=False.
+    A stage's `extra` module trains as component "aux" (lr: component_lr["aux"], else the connector's)."""
     overrides = overrides or {}
     lrs = {**config.component_lr, **overrides.get("component_lr", {})}
+    lrs.setdefault("aux", lrs.get("connector", config.lr))
     trainable = {**config.trainable, **overrides.get("trainable", {})}
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        comp = component_of(name)
+    named = [(n, p, component_of(n)) for n, p in model.named_parameters()]
+    named += [(n, p, "aux") for n, p in (extra.named_parameters() if extra is not None else [])]
+    for name, p, comp in named:
         p.requires_grad_(trainable.get(comp, True))
         if not p.requires_grad:
             continue
@@ -229,7 +233,9 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             self.save_model(self.model, tmp)
+            extra = getattr(self.stage, "extra", None)
             torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "extra": extra.state_dict() if extra is not None else None,
                         "positions": [g[0] for g in gathered], "rng": [g[1] for g in gathered],
                         "world": ddp.world, "stage": self.stage.name, "config": asdict(self.config)}, tmp / "trainer.pt")
             final = self.ckpt_dir / name
@@ -251,6 +257,12 @@ class Trainer:
         if state["stage"] != self.stage.name:
             raise ValueError(f"{path} is a {state['stage']!r} checkpoint, not {self.stage.name!r}")
         load_weights(self.model, path / "model.safetensors")
+        extra = getattr(self.stage, "extra", None)
+        if (extra is None) != (state.get("extra") is None):
+            raise ValueError(f"{path} was written {'with' if state.get('extra') is not None else 'without'} a stage "
+                             f"head (e.g. grounding) and this run is configured {'with' if extra is not None else 'without'} one")
+        if extra is not None:
+            extra.load_state_dict(state["extra"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"][ddp.rank])
@@ -290,11 +302,12 @@ class Trainer:
         random.seed(cfg.seed + ddp.rank)
         if hasattr(self.stage, "setup"):
             self.stage.setup(self.model)
+        extra = getattr(self.stage, "extra", None)
         if ddp.world > 1:
-            for t in self.model.state_dict().values():
+            for t in [*self.model.state_dict().values(), *(extra.state_dict().values() if extra is not None else [])]:
                 dist.broadcast(t, src=0)
         overrides = {k: getattr(self.stage, k) for k in ("trainable", "component_lr") if getattr(self.stage, k, None)}
-        optimizer = build_optimizer(self.model, cfg, overrides)
+        optimizer = build_optimizer(self.model, cfg, overrides, extra)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
         step, position = 0, 0
@@ -308,6 +321,7 @@ class Trainer:
             elif self.metrics_path.exists():
                 self.metrics_path.unlink()
         params = [p for p in self.model.parameters() if p.requires_grad]
+        params += [p for p in (extra.parameters() if extra is not None else []) if p.requires_grad]
         batches = self.stage.batches(position, ddp.rank, ddp.world)
         end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
         bar = tqdm(total=cfg.steps, initial=step, desc=self.stage.name, disable=not (cfg.progress and ddp.main),

@@ -126,8 +126,7 @@ class ViCOStage:
     reference: torch.nn.Module | None = None
 
     def setup(self, model: torch.nn.Module) -> None:
-        if not model.config.flash.enabled:
-            raise ValueError("ViCO trains the 1/16 branch: the model must be a Flash model (config.flash.enabled)")
+        model.add_flash_branch()  # an SFT model trained without Flash parts gets a fresh 1/16 branch and router
         self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[ViCOBatch, int]]:

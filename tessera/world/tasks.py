@@ -50,6 +50,7 @@ class Sample:
     family: str
     thinking_answer: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    scene: Scene | None = None  # what was drawn (for dense grounding targets); not serialised
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,7 @@ def make_sample(seed: int, family: str | None = None, split: str = "train", diff
     """
     scene, task, family, meta = build(seed, family, split, difficulty)
     thinking = thinking_text(task.think, task.answer) if task.think is not None else None
-    return Sample(render(scene), task.question, task.answer, family, thinking, meta)
+    return Sample(render(scene), task.question, task.answer, family, thinking, meta, scene)
 
 
 def corpus(n: int, seed: int = 0) -> Iterator[str]:

@@ -1,0 +1,86 @@
+"""Dense grounding targets: what every patch cell of a scene shows, for an auxiliary loss on the visual tokens.
+
+A question supervises one or three answer tokens; the scene knows exactly which glyph sits in every glyph slot
+and which shape covers every cell. Training the visual tokens to say so (a linear probe on each 1/4 token,
+tessera.train.grounding) gives the ViT and the projector a signal at every token of every tile, the way
+InternVL's pre-training leans on OCR and grounding data, so the language model finds reading and object
+features already in place when it learns to look things up.
+
+Per cell, `FIELDS` integer targets (0 = nothing):
+  glyph0, glyph1  the two glyph slots: 1–10 the digits 0–9, 11–16 a document's colour mark (DOC_KEYS order)
+  object          1 + kind·6 + colour for a cell covered by a shape's block (SHAPES × COLOURS order)
+  anchor          1 on the top-left cell of each shape (one per shape: what counting needs)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tessera.world.scenes import CELLS_PER_TILE, COLOURS, DOC_KEYS, SHAPES, Scene
+
+FIELDS = ("glyph0", "glyph1", "object", "anchor")
+NUM_CLASSES = 1 + len(SHAPES) * len(COLOURS)  # the widest field (object): 25
+IGNORE = -100
+_COLOUR_INDEX = {c: i for i, c in enumerate(COLOURS)}
+_KIND_INDEX = {k: i for i, k in enumerate(SHAPES)}
+
+
+def _glyph_class(ch: str) -> int:
+    if ch.isdigit():
+        return 1 + int(ch)
+    raise ValueError(f"the world writes digits only, not {ch!r}")
+
+
+def cell_targets(scene: Scene) -> np.ndarray:
+    """int64 [rows·8, cols·8, len(FIELDS)]: the targets of every cell of the canvas (row-major cells)."""
+    h, w = scene.rows * CELLS_PER_TILE, scene.cols * CELLS_PER_TILE
+    out = np.zeros((h, w, len(FIELDS)), dtype=np.int64)
+    for s in scene.shapes:
+        out[s.y:s.y + s.size, s.x:s.x + s.size, 2] = 1 + _KIND_INDEX[s.kind] * len(COLOURS) + _COLOUR_INDEX[s.colour]
+        out[s.y, s.x, 3] = 1
+        lx, ly = s.label_cell
+        for k, ch in enumerate(s.label):  # a label's glyph k sits in slot k of the label cell (scenes._glyphs)
+            out[ly, lx, k] = _glyph_class(ch)
+    doc = scene.document
+    if doc is not None:
+        for i, (key, code) in enumerate(zip(doc.keys, doc.codes)):
+            cx, cy = doc.cell(i)
+            out[cy, cx, 0] = 11 + DOC_KEYS.index(key)  # the mark in slot 0, then the code's glyphs in slots 1, 2, 3
+            for k, ch in enumerate(code, start=1):
+                out[cy, cx + k // 2, k % 2] = _glyph_class(ch)
+    return out
+
+
+def thumbnail_targets(scene: Scene) -> np.ndarray:
+    """int64 [8, 8, len(FIELDS)] for the thumbnail (the whole canvas squeezed into one tile): each shape's
+    object class and anchor on the thumbnail cell holding its centre (a shape shrinks to about one cell there),
+    nothing elsewhere; glyphs are smeared below legibility, so their slots are IGNORE. Two shapes whose centres
+    share a thumbnail cell make that cell IGNORE. This is the one view where every shape of a multi-tile image
+    appears once and in place, which is what counting and spatial questions need."""
+    c = CELLS_PER_TILE
+    out = np.zeros((c, c, len(FIELDS)), dtype=np.int64)
+    out[..., :2] = IGNORE
+    w, h = scene.size
+    seen: set[tuple[int, int]] = set()
+    for s in scene.shapes:
+        cx, cy = s.centre
+        tx, ty = min(c - 1, int(cx * c / w)), min(c - 1, int(cy * c / h))
+        if (tx, ty) in seen:
+            out[ty, tx, 2:] = IGNORE
+            continue
+        seen.add((tx, ty))
+        out[ty, tx, 2] = 1 + _KIND_INDEX[s.kind] * len(COLOURS) + _COLOUR_INDEX[s.colour]
+        out[ty, tx, 3] = 1
+    return out
+
+
+def tile_targets(scene: Scene, thumbnail: bool) -> np.ndarray:
+    """int64 [N, 8, 8, len(FIELDS)] in the processor's tile order: row-major tiles, then the thumbnail
+    (`thumbnail_targets`)."""
+    cells = cell_targets(scene)  # [rows·8, cols·8, F]
+    c = CELLS_PER_TILE
+    tiles = cells.reshape(scene.rows, c, scene.cols, c, len(FIELDS)).transpose(0, 2, 1, 3, 4)  # [rows, cols, 8, 8, F]
+    tiles = tiles.reshape(scene.rows * scene.cols, c, c, len(FIELDS))  # [N, 8, 8, F], row-major tiles
+    if thumbnail:
+        tiles = np.concatenate([tiles, thumbnail_targets(scene)[None]])
+    return tiles

@@ -1,0 +1,132 @@
+"""Dense grounding targets (tessera.world.grounding) and their loss (tessera.train.grounding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tessera.config import preset
+from tessera.image import ImageProcessor
+from tessera.model.connector import pixel_shuffle
+from tessera.train.grounding import GroundingHead, grounding_loss, token_targets
+from tessera.world import make_sample
+from tessera.world.grounding import FIELDS, IGNORE, cell_targets, tile_targets
+from tessera.world.scenes import COLOURS, DOC_KEYS, SHAPES
+
+GLYPH0, GLYPH1, OBJECT, ANCHOR = range(len(FIELDS))
+
+
+def digits(cells: np.ndarray, y: int, x: int) -> str:
+    return "".join(str(c - 1) for c in cells[y, x, :2] if 1 <= c <= 10)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cell_targets_name_every_label_entry_and_shape(seed):
+    scene = make_sample(seed, "document", difficulty=1.0).scene
+    cells = cell_targets(scene)
+    assert cells.shape == (scene.rows * 8, scene.cols * 8, len(FIELDS))
+    for s in scene.shapes:
+        lx, ly = s.label_cell
+        assert digits(cells, ly, lx) == s.label
+        block = cells[s.y:s.y + s.size, s.x:s.x + s.size, OBJECT]
+        assert (block == 1 + SHAPES.index(s.kind) * len(COLOURS) + list(COLOURS).index(s.colour)).all()
+    assert int(cells[..., ANCHOR].sum()) == len(scene.shapes)
+    doc = scene.document
+    for i, (key, code) in enumerate(zip(doc.keys, doc.codes)):
+        cx, cy = doc.cell(i)
+        assert cells[cy, cx, GLYPH0] == 11 + DOC_KEYS.index(key)  # the mark, then the code in the next 3 slots
+        assert digits(cells, cy, cx) + digits(cells, cy, cx + 1) == code
+
+
+def test_glyph_targets_sit_where_the_ink_is():
+    """Every slot with a digit target has dark ink inside its 7×14 px box on the rendered image."""
+    sample = make_sample(3, "document", difficulty=1.0)
+    pixels = np.asarray(sample.image.convert("L")).astype(int)
+    cells = cell_targets(sample.scene)
+    ys, xs, ks = np.nonzero((cells[..., :2] >= 1) & (cells[..., :2] <= 10))
+    assert len(ys) > 5
+    for y, x, k in zip(ys, xs, ks):
+        box = pixels[y * 14:(y + 1) * 14, x * 14 + 7 * k:x * 14 + 7 * (k + 1)]
+        assert box.min() < 100
+
+
+def test_tile_targets_follow_the_processors_tiles_and_the_thumbnail_names_each_shape_once():
+    processor = ImageProcessor.from_config(preset("tiny"))
+    for seed in range(12):
+        sample = make_sample(seed, "label", difficulty=1.0)
+        scene = sample.scene
+        tiles = tile_targets(scene, thumbnail=scene.cols * scene.rows > 1)
+        assert tiles.shape[0] == processor([sample.image]).pixel_values.shape[0]
+        cells = cell_targets(scene)
+        for t in range(scene.cols * scene.rows):
+            ty, tx = divmod(t, scene.cols)
+            assert (tiles[t] == cells[ty * 8:(ty + 1) * 8, tx * 8:(tx + 1) * 8]).all()
+        if scene.cols * scene.rows > 1:
+            thumb = tiles[-1]
+            assert (thumb[..., :2] == IGNORE).all()  # glyphs are illegible in the thumbnail
+            assert 1 <= int((thumb[..., ANCHOR] == 1).sum()) <= len(scene.shapes)
+            w, h = scene.size
+            for s in scene.shapes:  # each shape's centre cell names it (unless two centres share the cell)
+                tx, ty = int(s.centre[0] * 8 / w), int(s.centre[1] * 8 / h)
+                assert thumb[ty, tx, OBJECT] in (IGNORE, 1 + SHAPES.index(s.kind) * len(COLOURS) + list(COLOURS).index(s.colour))
+
+
+def test_token_targets_group_cells_as_pixel_shuffle_groups_patches():
+    """Token t's targets are exactly the cells whose patches pixel_shuffle put into token t."""
+    cells = torch.arange(2 * 8 * 8 * len(FIELDS)).reshape(2, 8, 8, len(FIELDS))  # every slot unique
+    per_token = token_targets(cells, 0.5)  # [2, 16, 4·F]
+    assert per_token.shape == (2, 16, 4 * len(FIELDS))
+    patch_ids = torch.arange(2 * 64).reshape(2, 8, 8, 1).float()
+    grouped = pixel_shuffle(patch_ids, 0.5).reshape(2, 16, 4)  # [2, 16, 4]: which patches each token holds
+    for n in range(2):
+        for t in range(16):
+            expected = {int(p) % 64 for p in grouped[n, t]}
+            got = {int(v) // len(FIELDS) % 64 for v in per_token[n, t]}
+            assert got == expected
+
+
+def test_grounding_head_learns_a_fixed_batch():
+    torch.manual_seed(0)
+    cells = torch.randint(0, 5, (3, 8, 8, len(FIELDS)))
+    cells[2] = IGNORE  # a thumbnail
+    features = torch.randn(3 * 16, 32)
+    head = GroundingHead(32, 4)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    first = None
+    for _ in range(40):
+        loss, metrics = grounding_loss(head, features, cells, 0.5)
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.3 * first
+    assert metrics["ground/glyph0"] > 0.9
+    with pytest.raises(ValueError, match="visual tokens"):
+        grounding_loss(head, features[:-1], cells, 0.5)
+
+
+def test_grounding_stage_trains_saves_the_head_and_resumes_exactly(tmp_path):
+    from tessera.train import build_stage
+    from tessera.train.recipe import RecipeConfig, init_model_for
+    from tessera.train.trainer import TrainConfig, Trainer
+
+    data = {"rows": 2, "row_tokens": 384, "workers": 0, "grounding": 1.0, "curriculum": [[0, 1.0]]}
+    cfg = TrainConfig(steps=4, lr=1e-3, warmup_steps=1, log_every=1, save_every=2, progress=False, threads=1,
+                      precision="fp32")
+
+    def run(out, **kw):
+        model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+        return Trainer(model, build_stage("pretrain", model, data), cfg, out).fit(**kw)
+
+    full = run(tmp_path / "a")
+    assert {"grounding_loss", "ground/object"} <= set(full.history[0])
+    run(tmp_path / "b", stop_after=2)
+    resumed = run(tmp_path / "b")
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history[2:]]
+    # the head lives in the trainer state, never in the model's checkpoint
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "a" / "final" / "model.safetensors"), "pt") as f:
+        assert all(k.split(".")[0] in {"vision_model", "mlp1", "language_model"} for k in f.keys())
+    assert "extra" in torch.load(tmp_path / "b" / "checkpoints" / "step-000004" / "trainer.pt", weights_only=False)
