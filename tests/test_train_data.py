@@ -157,7 +157,7 @@ def test_multi_turn_samples_extend_the_single_turn_sample():
         a, b = one(i), three(i)
         assert b.input_ids[:len(a)] == a.input_ids and b.loss_mask[:len(a)] == a.loss_mask  # same first turn
         assert torch.equal(a.pixel_values, b.pixel_values) and a.image_tokens == b.image_tokens
-        _, turns, family, _ = three.conversation(i)
+        _, turns, family, _, _ = three.conversation(i)
         assert family == a.family and len(turns) == 3 and len({q for q, _, _ in turns}) == 3
         answers = tok.decode([t for t, m in zip(b.input_ids, b.loss_mask) if m], skip_special_tokens=False)
         assert answers == "".join(ans + "<|im_end|>" for _, ans, _ in turns)

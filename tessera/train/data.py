@@ -36,6 +36,9 @@ class Encoded:
     family: str = ""
     index: int = -1  # stream position, for debugging and resume checks
     grounding: torch.Tensor | None = None  # [N,8,8,F] long, the tiles' cell targets (tessera.world.grounding)
+    # per answered turn: (positions that predict its answer tokens, positions of the visual tokens showing its
+    # evidence), for the attention grounding loss; None without a scene
+    evidence: list[tuple[list[int], list[int]]] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -47,14 +50,44 @@ class Encoded:
 
 
 def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, answer: str, thinking: bool = False,
-           family: str = "", index: int = -1, scene=None) -> Encoded:
+           family: str = "", index: int = -1, scene=None, cells=()) -> Encoded:
     """Tile `image` (tessera.image.ImageProcessor), expand the prompt with the real token count, mask the labels.
-    With the world `scene` the image was drawn from, the tiles' dense grounding targets come along."""
+    With the world `scene` the image was drawn from (and the answer's evidence `cells`), the tiles' dense
+    grounding targets and the answer's evidence positions come along."""
     pixels = processor([image])
     image_tokens = [n * tokens_per_tile for n in pixels.tiles_per_image]
     example = tokenizer.build_example(question, answer, image_tokens, thinking=thinking)
+    evidence = _evidence(example.input_ids, example.loss_mask, tokenizer, scene, tokens_per_tile, [(cells, thinking)])
     return Encoded(example.input_ids, example.loss_mask, pixels.pixel_values, image_tokens, family, index,
-                   _grounding(scene, pixels.pixel_values.shape[0]))
+                   _grounding(scene, pixels.pixel_values.shape[0]), evidence)
+
+
+def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_per_tile: int,
+              turns: Sequence[tuple[Sequence[Sequence[int]], bool]]) -> list[tuple[list[int], list[int]]] | None:
+    """Per turn (its evidence cells, thinking?): the positions predicting its answer tokens (not `<|im_end|>`)
+    and the positions of the visual tokens that show its cells. Thinking turns are skipped (their chain reads
+    several things in turn); so are turns without cells."""
+    if scene is None:
+        return None
+    from tessera.world.grounding import token_of_cell
+
+    runs, start = [], None  # maximal runs of loss tokens: one per turn (its answer and <|im_end|>)
+    for i, m in enumerate(list(mask) + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    if len(runs) != len(turns):
+        raise ValueError(f"{len(runs)} answers in the sample but {len(turns)} turns")
+    image_positions = [i for i, t in enumerate(ids) if t == tokenizer.img_context_id]
+    out = []
+    for (s, e), (cells, thinking) in zip(runs, turns):
+        if thinking or not cells:
+            continue
+        keys = sorted({image_positions[token_of_cell(scene, x, y, tokens_per_tile)] for x, y in cells})
+        out.append((list(range(s - 1, e - 2)), keys))  # position p predicts token p + 1; e - 1 is <|im_end|>
+    return out
 
 
 def _grounding(scene, num_tiles: int) -> torch.Tensor | None:
@@ -72,7 +105,7 @@ def _grounding(scene, num_tiles: int) -> torch.Tensor | None:
 
 
 def encode_turns(tokenizer, processor, tokens_per_tile: int, image, turns: Sequence[tuple[str, str, bool]],
-                 family: str = "", index: int = -1, scene=None) -> Encoded:
+                 family: str = "", index: int = -1, scene=None, turn_cells=None) -> Encoded:
     """A multi-turn conversation about one image: (question, answer, thinking) per turn, image in the first.
 
     The first turn is exactly `ChatTokenizer.build_example`; each later turn appends
@@ -93,8 +126,10 @@ def encode_turns(tokenizer, processor, tokens_per_tile: int, image, turns: Seque
         ids += prompt + target
         mask += [0] * len(prompt) + [1] * len(target)
     tokenizer.check_image_tokens(ids, image_tokens)
+    cells = turn_cells if turn_cells is not None else [()] * len(turns)
+    evidence = _evidence(ids, mask, tokenizer, scene, tokens_per_tile, [(c, t[2]) for c, t in zip(cells, turns)])
     return Encoded(ids, mask, pixels.pixel_values, image_tokens, family, index,
-                   _grounding(scene, pixels.pixel_values.shape[0]))
+                   _grounding(scene, pixels.pixel_values.shape[0]), evidence)
 
 
 def square_average_weights(num_loss_tokens: int) -> float:
@@ -118,6 +153,7 @@ class Batch:
     families: list[str]  # per sample, in packing order
     indices: list[int] = field(default_factory=list)  # stream positions of the samples
     grounding: torch.Tensor | None = None  # [ΣN,8,8,F] cell targets of the tiles, when every sample has them
+    evidence: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # (row, query pos, key pos)
 
     @property
     def num_samples(self) -> int:
@@ -154,6 +190,7 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
     position_ids = torch.zeros(B, L, dtype=torch.long)
     segment_ids = torch.zeros(B, L, dtype=torch.long)
     tiles, image_tokens, families, indices = [], [], [], []
+    evidence: list[tuple[int, list[int], list[int]]] = []
     for b, row in enumerate(rows):
         start = 0
         for seg, e in enumerate(row, start=1):
@@ -167,6 +204,8 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
             shifted = torch.where(mask[1:], ids[1:], torch.full_like(ids[1:], IGNORE))  # [n-1]
             targets[b, start:start + n - 1] = shifted
             weights[b, start:start + n - 1] = mask[1:].float() * square_average_weights(e.num_loss_tokens)
+            for queries, keys in e.evidence or []:
+                evidence.append((b, [start + q for q in queries], [start + k for k in keys]))
             tiles.append(e.pixel_values)
             image_tokens.extend(e.image_tokens)
             families.append(e.family)
@@ -176,7 +215,7 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
     grounds = [e.grounding for row in rows for e in row]
     grounding = torch.cat(grounds) if all(g is not None for g in grounds) else None
     return Batch(input_ids, targets, weights, position_ids, segment_ids, pixel_values, image_tokens, families, indices,
-                 grounding)
+                 grounding, evidence)
 
 
 class Packer:
@@ -311,7 +350,8 @@ class WorldStream:
         return s, s.thinking_answer is not None and rng.random() < self.thinking_prob
 
     def conversation(self, index: int):
-        """(image, [(question, answer, thinking)], family of the first turn, scene) for a multi-turn sample.
+        """(image, [(question, answer, thinking)], family of the first turn, scene, evidence cells per turn) for a
+        multi-turn sample.
 
         The first turn is `sample(index)`; the others are drawn (without repeating a family, never `describe`)
         from the same weights and asked about the same scene.
@@ -331,6 +371,7 @@ class WorldStream:
         difficulty = self.curriculum(index)
         scene, task, first, _ = build(self.seed + index, first, "train", difficulty)
         turns = [self._turn(rng, task, thinking_text)]
+        cells = [task.cells]
         others = [n for n in names if n not in (first, "describe")]
         rng.shuffle(others)
         lv = level(difficulty)
@@ -340,7 +381,8 @@ class WorldStream:
             extra = _FAMILY_FNS[name](rng, scene, lv)
             if extra is not None:
                 turns.append(self._turn(rng, extra, thinking_text))
-        return render(scene), turns, first, scene
+                cells.append(extra.cells)
+        return render(scene), turns, first, scene, cells
 
     def _turn(self, rng: random.Random, task, thinking_text) -> tuple[str, str, bool]:
         think = task.think is not None and rng.random() < self.thinking_prob
@@ -352,10 +394,11 @@ class WorldStream:
 
             self._processor = ImageProcessor.from_config(self.config)
         if self.turns > 1:
-            image, turns, family, scene = self.conversation(index)
+            image, turns, family, scene, cells = self.conversation(index)
             return encode_turns(self.tokenizer, self._processor, self.config.tokens_per_tile, image, turns, family, index,
-                                scene if self.grounding else None)
+                                scene if self.grounding else None, cells)
         s, thinking = self.sample(index)
         answer = s.thinking_answer if thinking else s.answer
         return encode(self.tokenizer, self._processor, self.config.tokens_per_tile, s.image, s.question, answer,
-                      thinking=thinking, family=s.family, index=index, scene=s.scene if self.grounding else None)
+                      thinking=thinking, family=s.family, index=index, scene=s.scene if self.grounding else None,
+                      cells=[tuple(c) for c in s.meta["evidence_cells"]])

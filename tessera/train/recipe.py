@@ -76,6 +76,9 @@ def tiny_recipe() -> RecipeConfig:
     the reading families (label, document) weighted 3× and counting, spatial and reasoning 1.5×, grounding still
     on, the world's difficulty stepping up (fixed slots → free placement → full scenes) by sample index, with a
     long middle phase (0.5) in which the language model learns to look entries up among a few.
+    sft also tells one attention head of the language model's middle layer where each answer's evidence is
+    (tessera.train.grounding.evidence_attention_loss): without it the digits sit in the visual tokens but the
+    language model never learns to fetch them (docs/TRAINING.md, session 2).
     Learning rates: language 6e-4, connector 3e-3 (the projector is what the grounding probe found slowest: four
     patches squeezed into one token), ViT 1e-4 (the calibration's learning-rate cliff for reading).
 
@@ -106,7 +109,8 @@ def tiny_recipe() -> RecipeConfig:
         StagePlan("pretrain", pretrain, {"rows": 4, "row_tokens": 512, "grounding": 1.0,
                                          "curriculum": [[0, 0.0], [2000, 0.0], [2001, 0.5]]}),
         StagePlan("sft", sft, {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4,
-                               "grounding": 1.0, "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [12000, 0.5],
+                               "grounding": 1.0, "evidence_attention": 1.0,
+                               "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [12000, 0.5],
                                                                 [16000, 1.0]]}),
         StagePlan("mpo", mpo, {"out": "{stage}", "queries": 384, "group_size": 8, "pairs_per_batch": 8}),
         StagePlan("gspo", gspo, {"accuracies": "{out}/mpo/queries.jsonl", "group_size": 8, "queries_per_rollout": 8,

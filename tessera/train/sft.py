@@ -29,6 +29,7 @@ class SFTData:
     curriculum: tuple[tuple[int, float], ...] = ((0, 1.0),)
     workers: int = 1
     grounding: float = 0.0  # weight of the dense grounding loss on the visual tokens (tessera.train.grounding)
+    evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding)
     families: dict[str, float] = field(default_factory=default_families)
     thinking_prob: float = 0.5  # share of reasoning questions asked in thinking mode
     turns: int = 1  # questions per image (multi-turn conversations; one ViT pass serves them all)
@@ -37,5 +38,5 @@ class SFTData:
 def build_stage(model, data: SFTData | dict | None = None) -> LanguageModelingStage:
     data = dataclass_from(SFTData, data)
     stream = WorldStream(model.tokenizer, model.config, families=dict(data.families), thinking_prob=data.thinking_prob,
-                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET, turns=data.turns, grounding=data.grounding > 0)
+                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET, turns=data.turns, grounding=data.grounding > 0 or data.evidence_attention > 0)
     return lm_stage("sft", model, stream, data)

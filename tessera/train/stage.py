@@ -71,6 +71,7 @@ class LanguageModelingStage:
     component_lr: dict[str, float] = field(default_factory=dict)
     grounding: float = 0.0  # weight of the dense grounding loss (needs samples with grounding targets)
     extra: torch.nn.Module | None = None  # the grounding head, when grounding > 0
+    evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding)
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Batch, int]]:
         return stream_batches(self.make, Packer(self.rows, self.row_tokens, self.pad_id), position, rank, world, self.workers)
@@ -79,12 +80,11 @@ class LanguageModelingStage:
         return batch.weight_sum
 
     def loss(self, model: torch.nn.Module, batch: Batch, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.grounding <= 0:
-            return packed_lm_loss(model, batch, normalizer)
-        if batch.grounding is None:
+        if self.grounding > 0 and batch.grounding is None:
             raise ValueError(f"stage {self.name!r} has grounding weight {self.grounding} but its samples carry no "
                              "grounding targets (WorldStream(grounding=True) makes them)")
-        return packed_lm_loss(model, batch, normalizer, grounding=(self.extra, self.grounding))
+        return packed_lm_loss(model, batch, normalizer, grounding=(self.extra, self.grounding) if self.grounding > 0 else None,
+                              evidence_attention=self.evidence_attention)
 
 
 def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
@@ -98,27 +98,53 @@ def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
         head = GroundingHeads(model.config.vision.hidden_size, model.config.language.hidden_size,
                               shuffle_factor(model.config.downsample_ratio) ** 2)
     return LanguageModelingStage(name, stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers,
-                                 grounding=data.grounding, extra=head)
+                                 grounding=data.grounding, extra=head, evidence_attention=data.evidence_attention)
+
+
+EVIDENCE_HEAD = 0  # the head of the middle layer that the attention grounding loss supervises
 
 
 def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | None = None,
-                   grounding: tuple[torch.nn.Module, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                   grounding: tuple[torch.nn.Module, float] | None = None,
+                   evidence_attention: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward a packed batch (block-diagonal causal mask, per-sample positions) and take the weighted CE.
 
     `grounding` = (head, weight) adds weight × the dense grounding loss on the batch's visual tokens
     (tessera.train.grounding), scaled by the batch's share of the step (weight_sum / normalizer) so gradient
-    accumulation and data parallelism weigh it like the language loss."""
+    accumulation and data parallelism weigh it like the language loss. `evidence_attention` > 0 adds that weight
+    × the attention grounding loss of one head of the language model's middle layer (same scaling)."""
     grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
     features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4
-    logits = model(batch.input_ids, image_features=features, position_ids=batch.position_ids,
-                   attn_mask=batch.attn_mask())  # [B,L,V]
+    captured: dict[str, tuple] = {}
+    hook = None
+    if evidence_attention > 0 and batch.evidence:
+        layers = model.language_model.model.layers
+        attn = layers[len(layers) // 2].self_attn
+
+        def keep_inputs(module, args, out) -> None:  # returns None: the layer's output is left as it is
+            captured["args"] = args
+
+        hook = attn.register_forward_hook(keep_inputs)
+    try:
+        logits = model(batch.input_ids, image_features=features, position_ids=batch.position_ids,
+                       attn_mask=batch.attn_mask())  # [B,L,V]
+    finally:
+        if hook is not None:
+            hook.remove()
     loss, metrics = weighted_cross_entropy(logits, batch.targets, batch.weights, normalizer)
+    share = batch.weight_sum / normalizer if normalizer else 1.0
+    if "args" in captured:
+        from tessera.train.grounding import evidence_attention_loss
+
+        x, cos, sin, _, mask = captured["args"]
+        att_loss, att_metrics = evidence_attention_loss(attn, x, cos, sin, mask, batch.evidence, EVIDENCE_HEAD)
+        loss = loss + evidence_attention * share * att_loss
+        metrics.update(att_metrics)
     if grounding is not None:
         from tessera.train.grounding import two_level_grounding_loss
 
         heads, weight = grounding
         aux, aux_metrics = two_level_grounding_loss(heads, grid, features, batch.grounding, model.config.downsample_ratio)
-        share = batch.weight_sum / normalizer if normalizer else 1.0
         loss = loss + weight * share * aux
         metrics.update(aux_metrics)
     metrics["samples"] = float(batch.num_samples)

@@ -84,3 +84,14 @@ def tile_targets(scene: Scene, thumbnail: bool) -> np.ndarray:
     if thumbnail:
         tiles = np.concatenate([tiles, thumbnail_targets(scene)[None]])
     return tiles
+
+
+def token_of_cell(scene: Scene, x: int, y: int, tokens_per_tile: int) -> int:
+    """Ordinal, among the image's visual tokens in prompt order, of the 1/4 token that shows cell (x, y) of a tile
+    (pixel_shuffle v2: token (i, j) of a tile holds the k×k patch block whose top-left is (i·k, j·k), row-major)."""
+    per_side = int(round(tokens_per_tile ** 0.5))  # tokens per tile side
+    if per_side * per_side != tokens_per_tile or CELLS_PER_TILE % per_side:
+        raise ValueError(f"{tokens_per_tile} tokens per tile do not tile an {CELLS_PER_TILE}×{CELLS_PER_TILE} patch grid")
+    k = CELLS_PER_TILE // per_side
+    lx, ly = x % CELLS_PER_TILE, y % CELLS_PER_TILE
+    return scene.tile_of(x, y) * tokens_per_tile + (ly // k) * per_side + lx // k

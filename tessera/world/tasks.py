@@ -59,6 +59,7 @@ class _Task:
     answer: str
     think: str | None  # the worked chain (inside the think block), if any
     evidence: tuple[int, ...]  # tiles
+    cells: tuple[tuple[int, int], ...] = ()  # (x, y) cells holding what the answer is read from (attention grounding)
 
 
 def _plural(n: int, noun: str) -> str:
@@ -72,6 +73,11 @@ def _tiles(scene: Scene, shapes: list[Shape], labels: bool = False) -> tuple[int
     return tuple(sorted(tiles))
 
 
+def _block(*shapes: Shape) -> tuple[tuple[int, int], ...]:
+    """Every cell of the shapes' blocks."""
+    return tuple((s.x + i, s.y + j) for s in shapes for j in range(s.size) for i in range(s.size))
+
+
 # ---- the families: each returns None when the scene cannot support the question ---------------------
 
 def _colour(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -79,7 +85,7 @@ def _colour(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if not unique:
         return None
     s = rng.choice(unique)
-    return _Task(f"What colour is the {s.kind}?", s.colour, None, _tiles(scene, [s]))
+    return _Task(f"What colour is the {s.kind}?", s.colour, None, _tiles(scene, [s]), _block(s))
 
 
 def _shape(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -87,7 +93,7 @@ def _shape(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if not unique:
         return None
     s = rng.choice(unique)
-    return _Task(f"What shape is the {s.colour} object?", s.kind, None, _tiles(scene, [s]))
+    return _Task(f"What shape is the {s.colour} object?", s.kind, None, _tiles(scene, [s]), _block(s))
 
 
 def _count(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -103,12 +109,13 @@ def _count(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     else:
         hits = list(scene.shapes)
         question = "How many shapes are there?"
-    return _Task(question, str(len(hits)), None, _tiles(scene, hits))
+    return _Task(question, str(len(hits)), None, _tiles(scene, hits), _block(*hits))
 
 
 def _label(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     s = rng.choice(scene.shapes)
-    return _Task(f"What is the label of the {s.name}?", s.label, None, _tiles(scene, [s], labels=True))
+    return _Task(f"What is the label of the {s.name}?", s.label, None, _tiles(scene, [s], labels=True),
+                 (s.label_cell,))
 
 
 def _document(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -116,8 +123,9 @@ def _document(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if doc is None:
         return None
     key = rng.choice(doc.keys)
+    x, y = doc.cell(doc.keys.index(key))
     return _Task(f"In the document, what is the number after the {key} mark?", doc.code_for(key), None,
-                 (scene.tile_of(doc.x, doc.y),))
+                 (scene.tile_of(doc.x, doc.y),), ((x, y), (x + 1, y)))
 
 
 def _spatial(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -135,7 +143,7 @@ def _spatial(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if not pairs:
         return None
     a, b, axis, answer = rng.choice(pairs)
-    return _Task(f"Is the {a.name} {axis} the {b.name}?", answer, None, _tiles(scene, [a, b]))
+    return _Task(f"Is the {a.name} {axis} the {b.name}?", answer, None, _tiles(scene, [a, b]), _block(a, b))
 
 
 def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -151,7 +159,7 @@ def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
         chain = (f"The {s.name} is labelled {s.label}. The {o.name} is labelled {o.label}. "
                  f"{s.label} + {o.label} = {value}.")
         return _Task(f"What is the sum of the labels of the {s.name} and the {o.name}?", str(value), chain,
-                     _tiles(scene, [s, o], labels=True))
+                     _tiles(scene, [s, o], labels=True), (s.label_cell, o.label_cell))
     kind = rng.choice(sorted({o.kind for o in scene.shapes}))
     n = scene.count(kind=kind)
     if variant == "minus" and label < n:
@@ -162,7 +170,7 @@ def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     chain = f"The {s.name} is labelled {s.label}. There {verb} {_plural(n, kind)}. {s.label} {op} {n} = {value}."
     hits = [o for o in scene.shapes if o.kind == kind]
     return _Task(f"What is the label of the {s.name} {variant} the number of {kind}s?", str(value), chain,
-                 _tiles(scene, [s] + hits, labels=True))
+                 _tiles(scene, [s] + hits, labels=True), (s.label_cell,) + _block(*hits))
 
 
 def _position(scene: Scene, s: Shape) -> str:
@@ -234,7 +242,8 @@ def build(seed: int, family: str | None = None, split: str = "train",
         raise RuntimeError(f"no {family} question fits {MAX_ATTEMPTS} scenes for seed {seed} ({split}, difficulty "
                            f"{difficulty}); the family's preconditions and the curriculum level disagree")
     meta = {"seed": seed, "split": split, "difficulty": difficulty, "stage": lv.stage, "grid": [scene.cols, scene.rows],
-            "size": list(scene.size), "text_tiles": scene.text_tiles(), "evidence_tiles": list(task.evidence)}
+            "size": list(scene.size), "text_tiles": scene.text_tiles(), "evidence_tiles": list(task.evidence),
+            "evidence_cells": [list(c) for c in task.cells]}
     return scene, task, family, meta
 
 
