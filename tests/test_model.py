@@ -126,6 +126,25 @@ def test_compress_needs_flash_and_a_mask_per_tile(model):
         model.encode_images(torch.randn(2, 3, 56, 56), torch.tensor([True]))
 
 
+def test_add_flash_branch_turns_a_plain_model_into_a_flash_one():
+    """What ViCO does to an SFT model trained without Flash parts: same keys as a Flash model, 1/4 path untouched."""
+    torch.manual_seed(0)
+    plain = VisionLanguageModel(tiny_config(flash=False)).to(torch.bfloat16).eval()
+    pixels = torch.randn(2, 3, 56, 56, dtype=torch.bfloat16)
+    before, _ = plain.encode_images(pixels)
+    plain.add_flash_branch()
+    assert plain.config.flash.enabled and plain.router is not None
+    assert set(plain.state_dict()) == set(VisionLanguageModel(tiny_config(flash=True)).state_dict())
+    assert all(p.dtype == torch.bfloat16 for p in plain.mlp2.parameters())
+    after, _ = plain.encode_images(pixels)
+    assert torch.equal(before, after)
+    feats, counts = plain.encode_images(pixels, torch.tensor([True, False]))
+    assert counts == [1, 4]  # 1/16 then 1/4
+    weights = plain.mlp2[1].weight.clone()
+    plain.add_flash_branch()  # a Flash model is left as it is
+    assert torch.equal(plain.mlp2[1].weight, weights)
+
+
 def test_embed_splices_features_and_checks_counts(model):
     feats = torch.randn(4, 48)
     ids = prompt(4)
