@@ -73,8 +73,8 @@ def tiny_recipe() -> RecipeConfig:
     probes read every cell's glyphs and shapes back from the ViT patches and from the projected tokens), so the
     vision path learns to see glyphs and objects from a signal at every token rather than from a few answer tokens.
     sft: every question family plus descriptions, four questions per image (one ViT pass serves four answers),
-    the reading families (label, document) weighted 3× and counting, spatial and reasoning 1.5×, grounding still
-    on, the world's difficulty stepping up (fixed slots → free placement → full scenes) by sample index, with a
+    families weighted equally (weighting the reading families 3× cost colour and shape more than it gave reading,
+    docs/TRAINING.md E7 vs E8), grounding still on, the world's difficulty stepping up (fixed slots → free placement → full scenes) by sample index, with a
     long middle phase (0.5) in which the language model learns to look entries up among a few.
     sft also tells one attention head of the language model's middle layer where each answer's evidence is
     (tessera.train.grounding.evidence_attention_loss): without it the digits sit in the visual tokens but the
@@ -103,8 +103,8 @@ def tiny_recipe() -> RecipeConfig:
     vico = TrainConfig(steps=400, lr=3e-5, component_lr={"connector": 3e-4, "language": 3e-5, "vision": 1e-5},
                        warmup_steps=20, min_lr_ratio=0.1, precision="bf16", save_every=100, eval_every=100)
     router = TrainConfig(steps=250, lr=3e-4, warmup_steps=10, min_lr_ratio=0.1, save_every=125, eval_every=125)
-    families = {"colour": 1.0, "shape": 1.0, "count": 1.5, "label": 3.0, "document": 3.0, "spatial": 1.5,
-                "reasoning": 1.5, "describe": 1.0}
+    families = {"colour": 1.0, "shape": 1.0, "count": 1.0, "label": 1.0, "document": 1.0, "spatial": 1.0,
+                "reasoning": 1.0, "describe": 1.0}
     return RecipeConfig(eval_after=["sft", "mpo", "gspo"], stages=[
         StagePlan("pretrain", pretrain, {"rows": 4, "row_tokens": 512, "grounding": 1.0,
                                          "curriculum": [[0, 0.0], [2000, 0.0], [2001, 0.5]]}),
