@@ -120,7 +120,7 @@ def test_grounding_stage_trains_saves_the_head_and_resumes_exactly(tmp_path):
         return Trainer(model, build_stage("pretrain", model, data), cfg, out).fit(**kw)
 
     full = run(tmp_path / "a")
-    assert {"grounding_loss", "ground/object"} <= set(full.history[0])
+    assert {"ground/loss", "ground_patch/loss", "ground/object", "ground_patch/object"} <= set(full.history[0])
     run(tmp_path / "b", stop_after=2)
     resumed = run(tmp_path / "b")
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history[2:]]
@@ -151,7 +151,7 @@ def test_evidence_points_at_the_visual_token_that_shows_the_answer():
             slots = token_targets(batch.grounding, 0.5).reshape(-1, 4 * len(FIELDS))  # [ΣT, 4·F]
             ordinal = [p for p, t in enumerate(e.input_ids) if t == tok.img_context_id].index(keys[0])
             shown = [int(c) - 1 for f, c in enumerate(slots[ordinal]) if f % len(FIELDS) < 2 and 1 <= c <= 10]
-            assert "".join(map(str, shown)).endswith("".join(answer)) or "".join(answer) in "".join(map(str, shown))
+            assert "".join(answer) in "".join(map(str, shown))  # the token holds the answer digits in order
 
 
 def test_evidence_attention_loss_pulls_the_head_onto_the_evidence():

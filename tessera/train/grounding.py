@@ -52,8 +52,8 @@ def token_targets(cells: torch.Tensor, ratio: float) -> torch.Tensor:
     return grouped.reshape(grouped.shape[0], -1, grouped.shape[-1])  # [N, T, k²·F]
 
 
-def grounding_loss(head: GroundingHead, features: torch.Tensor, cells: torch.Tensor, ratio: float
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
+def grounding_loss(head: GroundingHead, features: torch.Tensor, cells: torch.Tensor, ratio: float,
+                   name: str = "ground") -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy over the labelled (token, cell, field) slots of the batch: the mean over all of them plus
     the mean over those that show something; and per-field accuracy on the slots that show something.
 
@@ -76,14 +76,14 @@ def grounding_loss(head: GroundingHead, features: torch.Tensor, cells: torch.Ten
     for f in range(len(FIELDS)):
         shown = (flat > 0) & (field == f)
         loss = loss + ce[shown].sum() / shown.sum().clamp(min=1) / len(FIELDS)
-    metrics = {"grounding_loss": float(loss.detach())}
+    metrics = {f"{name}/loss": float(loss.detach())}
     with torch.no_grad():
         pred = logits.argmax(-1)  # [N, T, k²·F]
         fields = torch.arange(targets.shape[-1]) % len(FIELDS)  # [k²·F]: the field of each slot
-        for f, name in enumerate(FIELDS):
+        for f, field_name in enumerate(FIELDS):
             shown = (targets > 0) & (fields == f)
             if bool(shown.any()):
-                metrics[f"ground/{name}"] = float((pred[shown] == targets[shown]).float().mean())
+                metrics[f"{name}/{field_name}"] = float((pred[shown] == targets[shown]).float().mean())
     return loss, metrics
 
 
@@ -91,11 +91,9 @@ def two_level_grounding_loss(heads: GroundingHeads, grid: torch.Tensor, features
                              ratio: float) -> tuple[torch.Tensor, dict[str, float]]:
     """Patch probe on the ViT grid [N, h, w, Cv] plus token probe on the projected features [N·T, D] (at `ratio`).
     Metrics: `ground/<field>` for the tokens, `ground_patch/<field>` for the patches."""
-    patch_loss, patch_metrics = grounding_loss(heads.patch, grid.reshape(-1, grid.shape[-1]), cells, 1.0)
+    patch_loss, patch_metrics = grounding_loss(heads.patch, grid.reshape(-1, grid.shape[-1]), cells, 1.0, "ground_patch")
     token_loss, metrics = grounding_loss(heads.token, features, cells, ratio)
-    metrics.update({k.replace("ground/", "ground_patch/").replace("grounding_loss", "grounding_patch_loss"): v
-                    for k, v in patch_metrics.items()})
-    return patch_loss + token_loss, metrics
+    return patch_loss + token_loss, {**metrics, **patch_metrics}
 
 
 def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
