@@ -144,7 +144,7 @@ def test_evidence_points_at_the_visual_token_that_shows_the_answer():
                              grounding=True)
         for i in range(8):
             e = stream(i)
-            (queries, keys), = e.evidence  # one answered turn, one token of evidence
+            (queries, (keys,)), = e.evidence  # one answered turn, one group, one token of evidence
             answer = [tok.decode([e.input_ids[q + 1]]) for q in queries]
             assert "".join(answer).isdigit()
             batch = collate([[e]], tok.pad_id)
@@ -173,3 +173,50 @@ def test_evidence_attention_loss_pulls_the_head_onto_the_evidence():
         loss.backward()
         opt.step()
     assert masses[-1] > 3 * masses[0]
+
+
+def test_spatial_evidence_is_two_groups_that_include_each_objects_thumbnail_token():
+    """A spatial answer compares two objects: one evidence group per object (its 1/4 tile tokens, plus, in a
+    multi-tile image, the thumbnail token at its cells, the one view that knows where it is on the canvas)."""
+    from tessera.train.data import Curriculum, WorldStream
+    from tessera.train.recipe import RecipeConfig, init_model_for
+    from tessera.world.grounding import thumbnail_token_of_cell, token_of_cell
+
+    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    tok, per_tile = model.tokenizer, model.config.tokens_per_tile
+    stream = WorldStream(tok, model.config, families={"spatial": 1.0}, curriculum=Curriculum(((0, 1.0),)), grounding=True)
+    multi_tile = 0
+    for i in range(12):
+        s, _ = stream.sample(i)
+        (queries, groups), = stream(i).evidence
+        assert len(groups) == 2 and len(queries) == 1  # one answer word, one group per object
+        positions = [p for p, t in enumerate(stream(i).input_ids) if t == tok.img_context_id]
+        for cells, keys in zip(s.meta["evidence_cells"], groups):
+            ordinals = {positions.index(k) for k in keys}
+            assert {token_of_cell(s.scene, x, y, per_tile) for x, y in cells} <= ordinals
+            thumb = {thumbnail_token_of_cell(s.scene, x, y, per_tile) for x, y in cells} - {None}
+            assert thumb <= ordinals and all(o >= s.scene.cols * s.scene.rows * per_tile for o in thumb)
+            multi_tile += bool(thumb)
+    assert multi_tile > 0
+
+
+def test_each_supervised_head_is_pulled_onto_its_own_group():
+    """Head i of the evidence heads looks up group i (mod the groups): the loss of a head on the wrong group is
+    what the gradient lowers, and swapping the groups changes it."""
+    from tessera.model.llm import Qwen3Attention
+    from tessera.train.grounding import evidence_attention_loss
+
+    torch.manual_seed(0)
+    attn = Qwen3Attention(preset("tiny").language, 0)
+    T, D = 12, preset("tiny").language.hidden_size
+    x = torch.randn(1, T, D)
+    cos, sin = torch.ones(1, T, attn.head_dim), torch.zeros(1, T, attn.head_dim)
+    a, b = [2, 3], [6]
+    both, _ = evidence_attention_loss(attn, x, cos, sin, None, [(0, [10, 11], [a, b])], heads=(0, 2))
+    head0_a, _ = evidence_attention_loss(attn, x, cos, sin, None, [(0, [10, 11], [a])], heads=(0,))
+    head2_b, _ = evidence_attention_loss(attn, x, cos, sin, None, [(0, [10, 11], [b])], heads=(2,))
+    assert torch.allclose(both, (head0_a + head2_b) / 2)
+    swapped, _ = evidence_attention_loss(attn, x, cos, sin, None, [(0, [10, 11], [b, a])], heads=(0, 2))
+    assert not torch.allclose(both, swapped)
+    with pytest.raises(ValueError, match="evidence heads"):
+        evidence_attention_loss(attn, x, cos, sin, None, [(0, [10], [a])], heads=(7,))

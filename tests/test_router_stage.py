@@ -123,3 +123,18 @@ def test_stage_runs_in_the_trainer_with_only_the_router_trainable(tiny, tmp_path
     assert result.step == 2 and "tau" in result.history[-1]
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(("pooling_before_gating.", "gating.")) for n in changed)
+
+
+def test_router_labels_can_come_from_descriptions():
+    """`families` picks the questions whose loss ratios label the tiles; the held-out tiles follow them."""
+    from tessera.train.recipe import RecipeConfig, init_model_for
+    from tessera.train.router_stage import build_stage, heldout_samples
+
+    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    model.add_flash_branch()
+    stage = build_stage(model, {"families": {"describe": 1.0}, "workers": 0})
+    assert {stage.make.sample(i)[0].family for i in range(4)} == {"describe"}
+    assert stage.heldout_families == ["describe"]
+    assert {s.family for s in heldout_samples(model, 3, families=stage.heldout_families)} == {"describe"}
+    default = build_stage(model, {"workers": 0})
+    assert default.heldout_families is None and "describe" not in default.make.families

@@ -37,8 +37,8 @@ class Encoded:
     index: int = -1  # stream position, for debugging and resume checks
     grounding: torch.Tensor | None = None  # [N,8,8,F] long, the tiles' cell targets (tessera.world.grounding)
     # per answered turn: (positions that predict its answer tokens, positions of the visual tokens showing its
-    # evidence), for the attention grounding loss; None without a scene
-    evidence: list[tuple[list[int], list[int]]] | None = None
+    # evidence, one list per evidence group), for the attention grounding loss; None without a scene
+    evidence: list[tuple[list[int], list[list[int]]]] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -50,9 +50,9 @@ class Encoded:
 
 
 def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, answer: str, thinking: bool = False,
-           family: str = "", index: int = -1, scene=None, cells=()) -> Encoded:
+           family: str = "", index: int = -1, scene=None, cells=((), False)) -> Encoded:
     """Tile `image` (tessera.image.ImageProcessor), expand the prompt with the real token count, mask the labels.
-    With the world `scene` the image was drawn from (and the answer's evidence `cells`), the tiles' dense
+    With the world `scene` the image was drawn from (and the answer's evidence `cells`: (groups, coarse)), the tiles' dense
     grounding targets and the answer's evidence positions come along."""
     pixels = processor([image])
     image_tokens = [n * tokens_per_tile for n in pixels.tiles_per_image]
@@ -63,13 +63,14 @@ def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, ans
 
 
 def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_per_tile: int,
-              turns: Sequence[tuple[Sequence[Sequence[int]], bool]]) -> list[tuple[list[int], list[int]]] | None:
-    """Per turn (its evidence cells, thinking?): the positions predicting its answer tokens (not `<|im_end|>`)
-    and the positions of the visual tokens that show its cells. Thinking turns are skipped (their chain reads
-    several things in turn); so are turns without cells."""
+              turns: Sequence[tuple[Any, bool]]) -> list[tuple[list[int], list[list[int]]]] | None:
+    """Per turn ((evidence groups, coarse), thinking?): the positions predicting its answer tokens (not
+    `<|im_end|>`) and, per group, the positions of the visual tokens that show its cells — with `coarse`, the
+    thumbnail tokens at those cells too (where things are is only known across tiles in the thumbnail).
+    Thinking turns are skipped (their chain reads several things in turn); so are turns without cells."""
     if scene is None:
         return None
-    from tessera.world.grounding import token_of_cell
+    from tessera.world.grounding import thumbnail_token_of_cell, token_of_cell
 
     runs, start = [], None  # maximal runs of loss tokens: one per turn (its answer and <|im_end|>)
     for i, m in enumerate(list(mask) + [0]):
@@ -82,10 +83,16 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
         raise ValueError(f"{len(runs)} answers in the sample but {len(turns)} turns")
     image_positions = [i for i, t in enumerate(ids) if t == tokenizer.img_context_id]
     out = []
-    for (s, e), (cells, thinking) in zip(runs, turns):
-        if thinking or not cells:
+    for (s, e), ((groups, coarse), thinking) in zip(runs, turns):
+        groups = [g for g in groups if g]
+        if thinking or not groups:
             continue
-        keys = sorted({image_positions[token_of_cell(scene, x, y, tokens_per_tile)] for x, y in cells})
+        keys = []
+        for cells in groups:
+            ordinals = {token_of_cell(scene, x, y, tokens_per_tile) for x, y in cells}
+            if coarse:
+                ordinals |= {thumbnail_token_of_cell(scene, x, y, tokens_per_tile) for x, y in cells} - {None}
+            keys.append(sorted(image_positions[o] for o in ordinals))
         out.append((list(range(s - 1, e - 2)), keys))  # position p predicts token p + 1; e - 1 is <|im_end|>
     return out
 
@@ -126,7 +133,7 @@ def encode_turns(tokenizer, processor, tokens_per_tile: int, image, turns: Seque
         ids += prompt + target
         mask += [0] * len(prompt) + [1] * len(target)
     tokenizer.check_image_tokens(ids, image_tokens)
-    cells = turn_cells if turn_cells is not None else [()] * len(turns)
+    cells = turn_cells if turn_cells is not None else [((), False)] * len(turns)
     evidence = _evidence(ids, mask, tokenizer, scene, tokens_per_tile, [(c, t[2]) for c, t in zip(cells, turns)])
     return Encoded(ids, mask, pixels.pixel_values, image_tokens, family, index,
                    _grounding(scene, pixels.pixel_values.shape[0]), evidence)
@@ -153,7 +160,8 @@ class Batch:
     families: list[str]  # per sample, in packing order
     indices: list[int] = field(default_factory=list)  # stream positions of the samples
     grounding: torch.Tensor | None = None  # [ΣN,8,8,F] cell targets of the tiles, when every sample has them
-    evidence: list[tuple[int, list[int], list[int]]] = field(default_factory=list)  # (row, query pos, key pos)
+    # (row, query positions, key positions per evidence group)
+    evidence: list[tuple[int, list[int], list[list[int]]]] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -190,7 +198,7 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
     position_ids = torch.zeros(B, L, dtype=torch.long)
     segment_ids = torch.zeros(B, L, dtype=torch.long)
     tiles, image_tokens, families, indices = [], [], [], []
-    evidence: list[tuple[int, list[int], list[int]]] = []
+    evidence: list[tuple[int, list[int], list[list[int]]]] = []
     for b, row in enumerate(rows):
         start = 0
         for seg, e in enumerate(row, start=1):
@@ -205,7 +213,7 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
             targets[b, start:start + n - 1] = shifted
             weights[b, start:start + n - 1] = mask[1:].float() * square_average_weights(e.num_loss_tokens)
             for queries, keys in e.evidence or []:
-                evidence.append((b, [start + q for q in queries], [start + k for k in keys]))
+                evidence.append((b, [start + q for q in queries], [[start + k for k in g] for g in keys]))
             tiles.append(e.pixel_values)
             image_tokens.extend(e.image_tokens)
             families.append(e.family)
@@ -350,7 +358,7 @@ class WorldStream:
         return s, s.thinking_answer is not None and rng.random() < self.thinking_prob
 
     def conversation(self, index: int):
-        """(image, [(question, answer, thinking)], family of the first turn, scene, evidence cells per turn) for a
+        """(image, [(question, answer, thinking)], family of the first turn, scene, (evidence groups, coarse) per turn) for a
         multi-turn sample.
 
         The first turn is `sample(index)`; the others are drawn (without repeating a family, never `describe`)
@@ -371,7 +379,7 @@ class WorldStream:
         difficulty = self.curriculum(index)
         scene, task, first, _ = build(self.seed + index, first, "train", difficulty)
         turns = [self._turn(rng, task, thinking_text)]
-        cells = [task.cells]
+        cells = [(task.cells, task.coarse)]
         others = [n for n in names if n not in (first, "describe")]
         rng.shuffle(others)
         lv = level(difficulty)
@@ -381,7 +389,7 @@ class WorldStream:
             extra = _FAMILY_FNS[name](rng, scene, lv)
             if extra is not None:
                 turns.append(self._turn(rng, extra, thinking_text))
-                cells.append(extra.cells)
+                cells.append((extra.cells, extra.coarse))
         return render(scene), turns, first, scene, cells
 
     def _turn(self, rng: random.Random, task, thinking_text) -> tuple[str, str, bool]:
@@ -401,4 +409,4 @@ class WorldStream:
         answer = s.thinking_answer if thinking else s.answer
         return encode(self.tokenizer, self._processor, self.config.tokens_per_tile, s.image, s.question, answer,
                       thinking=thinking, family=s.family, index=index, scene=s.scene if self.grounding else None,
-                      cells=[tuple(c) for c in s.meta["evidence_cells"]])
+                      cells=([[tuple(c) for c in g] for g in s.meta["evidence_cells"]], s.meta["evidence_coarse"]))

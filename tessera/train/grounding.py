@@ -13,6 +13,8 @@ trainer saves them beside the optimizer for an exact resume).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,37 +99,46 @@ def two_level_grounding_loss(heads: GroundingHeads, grid: torch.Tensor, features
 
 
 def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                            mask: torch.Tensor | None, evidence, head: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
-    """−log of the attention mass that one head of one layer puts on the visual tokens showing an answer's
-    evidence, averaged over the positions that predict answer tokens.
+                            mask: torch.Tensor | None, evidence, heads: Sequence[int] = (0,)) -> tuple[torch.Tensor, dict[str, float]]:
+    """−log of the attention mass that the supervised heads of one layer put on the visual tokens showing an
+    answer's evidence, averaged over heads and over the positions that predict answer tokens.
 
     A probe found the answer digits at chance even with a single document entry in view while the visual tokens
     already carried those digits (97 % for the token probe): the language model had not learnt where to look, and
-    with attention spread over every token the value path gets no signal to learn from either. Telling one head
-    where the evidence is breaks that symmetry; the rest of the model learns to use what it fetches.
+    with attention spread over every token the value path gets no signal to learn from either. Telling heads
+    where the evidence is breaks that symmetry; the rest of the model learns to use what they fetch.
+    Head i looks up evidence group i mod (number of groups): with one group every head fetches the same thing
+    (heads of different key/value groups then bring different projections of it); with two (a spatial question's
+    two objects, a sum's two labels) they fetch one thing each, side by side.
 
     attn: the layer's Qwen3Attention; x [B, T, D] its (normed) input, cos/sin [B, T, hd], mask the additive
-    [B, 1, T, T] mask (None = causal); evidence: (row, query positions, key positions) triples.
+    [B, 1, T, T] mask (None = causal); evidence: (row, query positions, key positions per group) triples.
     """
     from tessera.model.llm import apply_rope
 
     group = attn.num_heads // attn.num_kv_heads
+    heads = list(heads)
+    if not heads or not all(0 <= h < attn.num_heads for h in heads):
+        raise ValueError(f"evidence heads {heads} must name heads of a layer with {attn.num_heads}")
     total, mass, count = x.new_zeros((), dtype=torch.float32), 0.0, 0
-    for b, queries, keys in evidence:
+    for b, queries, key_groups in evidence:
         s = max(queries) + 1  # keys a causal query can see
-        q = attn.q_norm(attn.q_proj(x[b, queries]).view(len(queries), attn.num_heads, attn.head_dim)[:, head])  # [Q, hd]
-        k = attn.k_norm(attn.k_proj(x[b, :s]).view(s, attn.num_kv_heads, attn.head_dim)[:, head // group])  # [S, hd]
-        q = apply_rope(q[None, None], cos[b, queries][None], sin[b, queries][None])[0, 0].float()  # [Q, hd]
-        k = apply_rope(k[None, None], cos[b, :s][None], sin[b, :s][None])[0, 0].float()  # [S, hd]
-        scores = q @ k.T / attn.head_dim ** 0.5  # [Q, S]
+        q = attn.q_norm(attn.q_proj(x[b, queries]).view(len(queries), attn.num_heads, attn.head_dim)[:, heads])  # [Q, H, hd]
+        k = attn.k_norm(attn.k_proj(x[b, :s]).view(s, attn.num_kv_heads, attn.head_dim))  # [S, KV, hd]
+        k = k[:, [h // group for h in heads]]  # [S, H, hd], the key group of each supervised head
+        q = apply_rope(q.transpose(0, 1)[None], cos[b, queries][None], sin[b, queries][None])[0].float()  # [H, Q, hd]
+        k = apply_rope(k.transpose(0, 1)[None], cos[b, :s][None], sin[b, :s][None])[0].float()  # [H, S, hd]
+        scores = q @ k.transpose(1, 2) / attn.head_dim ** 0.5  # [H, Q, S]
         if mask is not None:
             scores = scores + mask[b, 0][queries][:, :s].float()
         else:
             scores = scores.masked_fill(torch.arange(s)[None, :] > torch.tensor(queries)[:, None], float("-inf"))
-        logp = torch.log_softmax(scores, dim=-1)  # [Q, S]
-        on_evidence = torch.logsumexp(logp[:, keys], dim=-1)  # [Q] log attention mass on the evidence
-        total = total - on_evidence.sum()
-        mass += float(on_evidence.detach().exp().sum())
+        logp = torch.log_softmax(scores, dim=-1)  # [H, Q, S]
+        for i in range(len(heads)):
+            keys = key_groups[i % len(key_groups)]
+            on_evidence = torch.logsumexp(logp[i][:, keys], dim=-1)  # [Q] log attention mass on the evidence
+            total = total - on_evidence.sum() / len(heads)
+            mass += float(on_evidence.detach().exp().sum()) / len(heads)
         count += len(queries)
     if count == 0:
         return total, {}

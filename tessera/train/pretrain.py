@@ -24,6 +24,7 @@ class PretrainData:
     workers: int = 1
     grounding: float = 0.0  # weight of the dense grounding loss on the visual tokens (tessera.train.grounding)
     evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding)
+    evidence_heads: tuple[int, ...] = (0,)  # the middle layer's heads it supervises (one per key/value group: more bandwidth)
     families: dict[str, float] = field(default_factory=lambda: {"describe": 1.0})
 
 

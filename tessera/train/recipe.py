@@ -85,7 +85,10 @@ def tiny_recipe() -> RecipeConfig:
     Then Cascade RL and the Flash stages. mpo rolls out 384 training queries × 8 answers from the SFT model
     (its pairs, and every query's accuracy for gspo's [0.2, 0.8] filter, land in out/mpo/), gspo runs about two
     passes over the filtered queries; both at a constant lr (tessera.bench.cascade's defaults). vico adds the
-    fresh 1/16 branch and router and distils the 1/4 reading into it; router trains only the router.
+    fresh 1/16 branch and router and distils the 1/4 reading into it; router trains only the router, on the
+    loss ratios of sft's questions, and ships with the absolute threshold at 0 (the relative one alone sets the
+    share of tiles compressed). Labels from scene descriptions (RouterData.families) are learnt far better (AUC
+    0.95 against their own labels vs 0.53) but routed worse on the questions (docs/TRAINING.md, session 3).
     Measured on this machine, one thread, the lead's two training jobs sharing both cores (load ≈ 3): mpo
     collection ≈ 23 s + 0.45–0.55 s/step (8 pairs), gspo 0.45–0.5 s/step averaged over its rollouts (8 queries × 8
     answers per 4 steps), vico ≈ 1.05 s/step (4 × 512 tokens, bf16), router ≈ 0.35 s/step (8 samples), so
@@ -116,7 +119,7 @@ def tiny_recipe() -> RecipeConfig:
         StagePlan("gspo", gspo, {"accuracies": "{out}/mpo/queries.jsonl", "group_size": 8, "queries_per_rollout": 8,
                                  "mini_batches": 4}),
         StagePlan("vico", vico, {"rows": 4, "row_tokens": 512}),
-        StagePlan("router", router, {"samples_per_batch": 8, "heldout": 48}),
+        StagePlan("router", router, {"samples_per_batch": 8, "heldout": 48, "absolute_threshold": 0.0}),
     ])
 
 

@@ -166,6 +166,7 @@ class RouterStage:
     component_lr: dict[str, float] = field(default_factory=dict)
     heldout: int = 48  # samples for `eval_fn`
     thresholds: tuple[float | None, float | None] = (None, None)  # (relative, absolute) to ship; None keeps the config's
+    heldout_families: list[str] | None = None  # families of the held-out tiles (None: every question family)
 
     def __post_init__(self) -> None:
         self._window = RatioWindow(self.window, self.percentile)
@@ -174,7 +175,7 @@ class RouterStage:
     def eval_fn(self, model, step: int) -> dict[str, float]:
         """Router accuracy on held-out tiles (the trainer calls this every `eval_every` steps)."""
         if self._heldout is None:
-            self._heldout = heldout_samples(model, self.heldout)
+            self._heldout = heldout_samples(model, self.heldout, families=self.heldout_families)
         return evaluate_router(model, self._heldout, self.percentile, self.eps)
 
     def setup(self, model) -> None:
@@ -248,33 +249,41 @@ class RouterData:
     workers: int = 1
     thinking_prob: float = 0.5
     heldout: int = 48  # held-out samples for the router's tile accuracy (`eval_fn`, run every train.eval_every steps)
+    # the questions whose loss ratios label the tiles (None: sft's families). A question reads a few tiles, so
+    # most tiles' r is 1 plus noise; a scene description reads every label and entry, so r measures what a
+    # tile's fine detail is worth to anything asked about it.
+    families: dict[str, float] | None = None
     relative_threshold: float | None = None  # the decision thresholds the trained checkpoint ships with
     absolute_threshold: float | None = None
 
 
 def build_stage(model, data: "RouterData | dict | None" = None) -> RouterStage:
-    """The router stage on the SFT stream (same families and seeds as `sft`)."""
+    """The router stage on the SFT stream (same seeds as `sft`; its families unless `data.families` names others)."""
     from tessera.train import dataclass_from
     from tessera.train.data import Curriculum, WorldStream
     from tessera.train.sft import SEED_OFFSET, default_families
 
     data = dataclass_from(RouterData, data)
-    stream = WorldStream(model.tokenizer, model.config, families=default_families(), thinking_prob=data.thinking_prob,
+    families = dict(data.families) if data.families else default_families()
+    stream = WorldStream(model.tokenizer, model.config, families=families, thinking_prob=data.thinking_prob,
                          curriculum=Curriculum(((0, 1.0),)), seed=SEED_OFFSET)
     return RouterStage(stream, data.samples_per_batch, data.percentile, data.window, data.eps, data.workers,
-                       heldout=data.heldout, thresholds=(data.relative_threshold, data.absolute_threshold))
+                       heldout=data.heldout, thresholds=(data.relative_threshold, data.absolute_threshold),
+                       heldout_families=sorted(data.families) if data.families else None)
 
 
-def heldout_samples(model, n: int = 64, seed: int = 2_000_000) -> list[Encoded]:
-    """n held-out (eval-split) world samples at 1/4, every family in turn, for `evaluate_router`."""
+def heldout_samples(model, n: int = 64, seed: int = 2_000_000, families: list[str] | None = None) -> list[Encoded]:
+    """n held-out (eval-split) world samples at 1/4, each of `families` (default: every question family) in turn,
+    for `evaluate_router`."""
     from tessera.image import ImageProcessor
     from tessera.train.data import encode
     from tessera.world import FAMILIES, make_sample
 
     processor = ImageProcessor.from_config(model.config)
+    families = families or FAMILIES
     out = []
     for i in range(n):
-        s = make_sample(seed + i, family=FAMILIES[i % len(FAMILIES)], split="eval")
+        s = make_sample(seed + i, family=families[i % len(families)], split="eval")
         out.append(encode(model.tokenizer, processor, model.config.tokens_per_tile, s.image, s.question, s.answer,
                           family=s.family, index=seed + i))
     return out

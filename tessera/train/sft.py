@@ -30,6 +30,7 @@ class SFTData:
     workers: int = 1
     grounding: float = 0.0  # weight of the dense grounding loss on the visual tokens (tessera.train.grounding)
     evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding)
+    evidence_heads: tuple[int, ...] = (0,)  # the middle layer's heads it supervises (one per key/value group: more bandwidth)
     families: dict[str, float] = field(default_factory=default_families)
     thinking_prob: float = 0.5  # share of reasoning questions asked in thinking mode
     turns: int = 1  # questions per image (multi-turn conversations; one ViT pass serves them all)

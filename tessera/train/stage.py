@@ -18,7 +18,7 @@ router (pooling_before_gating, gating: official Flash key names), language (lang
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -72,6 +72,7 @@ class LanguageModelingStage:
     grounding: float = 0.0  # weight of the dense grounding loss (needs samples with grounding targets)
     extra: torch.nn.Module | None = None  # the grounding head, when grounding > 0
     evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding)
+    evidence_heads: tuple[int, ...] = (0,)  # the middle layer's heads it supervises
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Batch, int]]:
         return stream_batches(self.make, Packer(self.rows, self.row_tokens, self.pad_id), position, rank, world, self.workers)
@@ -84,7 +85,7 @@ class LanguageModelingStage:
             raise ValueError(f"stage {self.name!r} has grounding weight {self.grounding} but its samples carry no "
                              "grounding targets (WorldStream(grounding=True) makes them)")
         return packed_lm_loss(model, batch, normalizer, grounding=(self.extra, self.grounding) if self.grounding > 0 else None,
-                              evidence_attention=self.evidence_attention)
+                              evidence_attention=self.evidence_attention, evidence_heads=self.evidence_heads)
 
 
 def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
@@ -98,21 +99,19 @@ def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
         head = GroundingHeads(model.config.vision.hidden_size, model.config.language.hidden_size,
                               shuffle_factor(model.config.downsample_ratio) ** 2)
     return LanguageModelingStage(name, stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers,
-                                 grounding=data.grounding, extra=head, evidence_attention=data.evidence_attention)
-
-
-EVIDENCE_HEAD = 0  # the head of the middle layer that the attention grounding loss supervises
+                                 grounding=data.grounding, extra=head, evidence_attention=data.evidence_attention,
+                                 evidence_heads=tuple(data.evidence_heads))
 
 
 def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | None = None,
                    grounding: tuple[torch.nn.Module, float] | None = None,
-                   evidence_attention: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                   evidence_attention: float = 0.0, evidence_heads: Sequence[int] = (0,)) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward a packed batch (block-diagonal causal mask, per-sample positions) and take the weighted CE.
 
     `grounding` = (head, weight) adds weight × the dense grounding loss on the batch's visual tokens
     (tessera.train.grounding), scaled by the batch's share of the step (weight_sum / normalizer) so gradient
     accumulation and data parallelism weigh it like the language loss. `evidence_attention` > 0 adds that weight
-    × the attention grounding loss of one head of the language model's middle layer (same scaling)."""
+    × the attention grounding loss of `evidence_heads` of the language model's middle layer (same scaling)."""
     grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
     features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4
     captured: dict[str, tuple] = {}
@@ -137,7 +136,7 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
         from tessera.train.grounding import evidence_attention_loss
 
         x, cos, sin, _, mask = captured["args"]
-        att_loss, att_metrics = evidence_attention_loss(attn, x, cos, sin, mask, batch.evidence, EVIDENCE_HEAD)
+        att_loss, att_metrics = evidence_attention_loss(attn, x, cos, sin, mask, batch.evidence, evidence_heads)
         loss = loss + evidence_attention * share * att_loss
         metrics.update(att_metrics)
     if grounding is not None:

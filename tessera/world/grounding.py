@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tessera.world.scenes import CELLS_PER_TILE, COLOURS, DOC_KEYS, SHAPES, Scene
+from tessera.world.scenes import CELL, CELLS_PER_TILE, COLOURS, DOC_KEYS, SHAPES, Scene
 
 FIELDS = ("glyph0", "glyph1", "object", "anchor")
 NUM_CLASSES = 1 + len(SHAPES) * len(COLOURS)  # the widest field (object): 25
@@ -84,6 +84,19 @@ def tile_targets(scene: Scene, thumbnail: bool) -> np.ndarray:
     if thumbnail:
         tiles = np.concatenate([tiles, thumbnail_targets(scene)[None]])
     return tiles
+
+
+def thumbnail_token_of_cell(scene: Scene, x: int, y: int, tokens_per_tile: int) -> int | None:
+    """Ordinal, among the image's visual tokens, of the thumbnail's 1/4 token that shows the centre of canvas cell
+    (x, y); None for a one-tile image, which has no thumbnail (the processor adds one only to several tiles)."""
+    tiles = scene.cols * scene.rows
+    if tiles == 1:
+        return None
+    per_side = int(round(tokens_per_tile ** 0.5))
+    w, h = scene.size
+    tx = min(per_side - 1, int((x + 0.5) * CELL * per_side / w))  # the canvas squeezed onto per_side × per_side
+    ty = min(per_side - 1, int((y + 0.5) * CELL * per_side / h))
+    return tiles * tokens_per_tile + ty * per_side + tx
 
 
 def token_of_cell(scene: Scene, x: int, y: int, tokens_per_tile: int) -> int:

@@ -59,7 +59,9 @@ class _Task:
     answer: str
     think: str | None  # the worked chain (inside the think block), if any
     evidence: tuple[int, ...]  # tiles
-    cells: tuple[tuple[int, int], ...] = ()  # (x, y) cells holding what the answer is read from (attention grounding)
+    # attention grounding: one group per thing the answer looks up, each the (x, y) cells that show it
+    cells: tuple[tuple[tuple[int, int], ...], ...] = ()
+    coarse: bool = False  # the answer compares where things are: their thumbnail tokens are evidence too
 
 
 def _plural(n: int, noun: str) -> str:
@@ -85,7 +87,7 @@ def _colour(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if not unique:
         return None
     s = rng.choice(unique)
-    return _Task(f"What colour is the {s.kind}?", s.colour, None, _tiles(scene, [s]), _block(s))
+    return _Task(f"What colour is the {s.kind}?", s.colour, None, _tiles(scene, [s]), (_block(s),))
 
 
 def _shape(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -93,7 +95,7 @@ def _shape(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if not unique:
         return None
     s = rng.choice(unique)
-    return _Task(f"What shape is the {s.colour} object?", s.kind, None, _tiles(scene, [s]), _block(s))
+    return _Task(f"What shape is the {s.colour} object?", s.kind, None, _tiles(scene, [s]), (_block(s),))
 
 
 def _count(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -109,13 +111,13 @@ def _count(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     else:
         hits = list(scene.shapes)
         question = "How many shapes are there?"
-    return _Task(question, str(len(hits)), None, _tiles(scene, hits), _block(*hits))
+    return _Task(question, str(len(hits)), None, _tiles(scene, hits), (_block(*hits),) if hits else ())
 
 
 def _label(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     s = rng.choice(scene.shapes)
     return _Task(f"What is the label of the {s.name}?", s.label, None, _tiles(scene, [s], labels=True),
-                 (s.label_cell,))
+                 ((s.label_cell,),))
 
 
 def _document(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -125,7 +127,7 @@ def _document(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     key = rng.choice(doc.keys)
     x, y = doc.cell(doc.keys.index(key))
     return _Task(f"In the document, what is the number after the {key} mark?", doc.code_for(key), None,
-                 (scene.tile_of(doc.x, doc.y),), ((x, y), (x + 1, y)))
+                 (scene.tile_of(doc.x, doc.y),), (((x, y), (x + 1, y)),))
 
 
 def _spatial(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -143,7 +145,8 @@ def _spatial(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if not pairs:
         return None
     a, b, axis, answer = rng.choice(pairs)
-    return _Task(f"Is the {a.name} {axis} the {b.name}?", answer, None, _tiles(scene, [a, b]), _block(a, b))
+    return _Task(f"Is the {a.name} {axis} the {b.name}?", answer, None, _tiles(scene, [a, b]), (_block(a), _block(b)),
+                 coarse=True)
 
 
 def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -159,7 +162,7 @@ def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
         chain = (f"The {s.name} is labelled {s.label}. The {o.name} is labelled {o.label}. "
                  f"{s.label} + {o.label} = {value}.")
         return _Task(f"What is the sum of the labels of the {s.name} and the {o.name}?", str(value), chain,
-                     _tiles(scene, [s, o], labels=True), (s.label_cell, o.label_cell))
+                     _tiles(scene, [s, o], labels=True), ((s.label_cell,), (o.label_cell,)))
     kind = rng.choice(sorted({o.kind for o in scene.shapes}))
     n = scene.count(kind=kind)
     if variant == "minus" and label < n:
@@ -170,7 +173,7 @@ def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     chain = f"The {s.name} is labelled {s.label}. There {verb} {_plural(n, kind)}. {s.label} {op} {n} = {value}."
     hits = [o for o in scene.shapes if o.kind == kind]
     return _Task(f"What is the label of the {s.name} {variant} the number of {kind}s?", str(value), chain,
-                 _tiles(scene, [s] + hits, labels=True), (s.label_cell,) + _block(*hits))
+                 _tiles(scene, [s] + hits, labels=True), ((s.label_cell,), _block(*hits)))
 
 
 def _position(scene: Scene, s: Shape) -> str:
@@ -243,7 +246,7 @@ def build(seed: int, family: str | None = None, split: str = "train",
                            f"{difficulty}); the family's preconditions and the curriculum level disagree")
     meta = {"seed": seed, "split": split, "difficulty": difficulty, "stage": lv.stage, "grid": [scene.cols, scene.rows],
             "size": list(scene.size), "text_tiles": scene.text_tiles(), "evidence_tiles": list(task.evidence),
-            "evidence_cells": [list(c) for c in task.cells]}
+            "evidence_cells": [[list(c) for c in group] for group in task.cells], "evidence_coarse": task.coarse}
     return scene, task, family, meta
 
 
