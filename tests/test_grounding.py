@@ -144,7 +144,7 @@ def test_evidence_points_at_the_visual_token_that_shows_the_answer():
                              grounding=True)
         for i in range(8):
             e = stream(i)
-            (queries, (keys,)), = e.evidence  # one answered turn, one group, one token of evidence
+            (queries, (keys,), _), = e.evidence  # one answered turn, one group, one token of evidence
             answer = [tok.decode([e.input_ids[q + 1]]) for q in queries]
             assert "".join(answer).isdigit()
             batch = collate([[e]], tok.pad_id)
@@ -188,7 +188,7 @@ def test_spatial_evidence_is_two_groups_that_include_each_objects_thumbnail_toke
     multi_tile = 0
     for i in range(12):
         s, _ = stream.sample(i)
-        (queries, groups), = stream(i).evidence
+        (queries, groups, _), = stream(i).evidence
         assert len(groups) == 2 and len(queries) == 1  # one answer word, one group per object
         positions = [p for p, t in enumerate(stream(i).input_ids) if t == tok.img_context_id]
         for cells, keys in zip(s.meta["evidence_cells"], groups):
@@ -220,3 +220,52 @@ def test_each_supervised_head_is_pulled_onto_its_own_group():
     assert not torch.allclose(both, swapped)
     with pytest.raises(ValueError, match="evidence heads"):
         evidence_attention_loss(attn, x, cos, sin, None, [(0, [10], [a])], heads=(7,))
+
+
+def test_question_words_name_each_evidence_group_in_order():
+    """Each group's naming words are found in its own turn's question, in the order the question names them
+    (a spatial question naming two yellow shapes still gets each its own 'yellow')."""
+    from tessera.train.data import Curriculum, WorldStream
+    from tessera.train.recipe import RecipeConfig, init_model_for
+
+    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    tok = model.tokenizer
+    families = {"colour": 1.0, "shape": 1.0, "label": 1.0, "document": 1.0, "spatial": 1.0, "count": 1.0}
+    stream = WorldStream(tok, model.config, families=families, curriculum=Curriculum(((0, 1.0),)), grounding=True,
+                         turns=4)
+    seen = 0
+    for i in range(6):
+        _, turns, _, _, evidence = stream.conversation(i)
+        e = stream(i)
+        answered = [(q, names) for (q, _, _), (cells, _, names) in zip(turns, evidence) if any(cells)]
+        assert len(e.evidence) == len(answered)
+        for (queries, _, words), (question, names) in zip(e.evidence, answered):
+            spelled = [" ".join(tok.decode([e.input_ids[p]]).strip() for p in group) for group in words]
+            assert spelled == [" ".join(n) for n in names]
+            for group in words:  # inside this turn's question: after the last image token, before the answer
+                assert all(p < queries[0] for p in group)
+            assert all(" ".join(n) in question for n in names)
+            seen += 1
+    assert seen >= 12
+
+
+def test_question_attention_is_a_second_loss_one_layer_below():
+    from tessera.train.data import Curriculum, WorldStream, collate
+    from tessera.train.recipe import RecipeConfig, init_model_for
+    from tessera.train.stage import packed_lm_loss
+
+    torch.manual_seed(0)
+    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    stream = WorldStream(model.tokenizer, model.config, families={"colour": 1.0, "spatial": 1.0},
+                         curriculum=Curriculum(((0, 1.0),)), grounding=True, turns=2)
+    batch = collate([[stream(0)], [stream(1)]], model.tokenizer.pad_id)
+    base, metrics = packed_lm_loss(model, batch, evidence_attention=1.0)
+    assert "question_attention" not in metrics
+    both, metrics = packed_lm_loss(model, batch, evidence_attention=1.0, question_attention=1.0, evidence_heads=(0, 2))
+    assert 0 < metrics["question_attention"] < 1 and both > base
+    model.zero_grad()  # the question loss alone (the two forwards are the same computation, so CE cancels)
+    (packed_lm_loss(model, batch, question_attention=1.0)[0] - packed_lm_loss(model, batch)[0]).backward()
+    layers = model.language_model.model.layers
+    middle = len(layers) // 2
+    assert layers[middle - 1].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert layers[middle].self_attn.q_proj.weight.grad.abs().sum() == 0

@@ -15,6 +15,7 @@ checkpoint replays exactly the same batches. Rendering (PIL) and tiling run in a
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,8 +38,9 @@ class Encoded:
     index: int = -1  # stream position, for debugging and resume checks
     grounding: torch.Tensor | None = None  # [N,8,8,F] long, the tiles' cell targets (tessera.world.grounding)
     # per answered turn: (positions that predict its answer tokens, positions of the visual tokens showing its
-    # evidence, one list per evidence group), for the attention grounding loss; None without a scene
-    evidence: list[tuple[list[int], list[list[int]]]] | None = None
+    # evidence and of the question's words naming it, one list per group), for the attention grounding losses;
+    # None without a scene
+    evidence: list[tuple[list[int], list[list[int]], list[list[int]]]] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -50,9 +52,9 @@ class Encoded:
 
 
 def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, answer: str, thinking: bool = False,
-           family: str = "", index: int = -1, scene=None, cells=((), False)) -> Encoded:
+           family: str = "", index: int = -1, scene=None, cells=((), False, ())) -> Encoded:
     """Tile `image` (tessera.image.ImageProcessor), expand the prompt with the real token count, mask the labels.
-    With the world `scene` the image was drawn from (and the answer's evidence `cells`: (groups, coarse)), the tiles' dense
+    With the world `scene` the image was drawn from (and the answer's evidence `cells`: (groups, coarse, names)), the tiles' dense
     grounding targets and the answer's evidence positions come along."""
     pixels = processor([image])
     image_tokens = [n * tokens_per_tile for n in pixels.tiles_per_image]
@@ -63,10 +65,11 @@ def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, ans
 
 
 def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_per_tile: int,
-              turns: Sequence[tuple[Any, bool]]) -> list[tuple[list[int], list[list[int]]]] | None:
-    """Per turn ((evidence groups, coarse), thinking?): the positions predicting its answer tokens (not
-    `<|im_end|>`) and, per group, the positions of the visual tokens that show its cells — with `coarse`, the
-    thumbnail tokens at those cells too (where things are is only known across tiles in the thumbnail).
+              turns: Sequence[tuple[Any, bool]]) -> list[tuple[list[int], list[list[int]], list[list[int]]]] | None:
+    """Per turn ((evidence groups, coarse, names), thinking?): the positions predicting its answer tokens (not
+    `<|im_end|>`); per group, the positions of the visual tokens that show its cells — with `coarse`, the thumbnail
+    tokens at those cells too (where things are is only known across tiles in the thumbnail); and per group, the
+    positions of the words in the turn's question that name it (empty when it has none).
     Thinking turns are skipped (their chain reads several things in turn); so are turns without cells."""
     if scene is None:
         return None
@@ -83,9 +86,8 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
         raise ValueError(f"{len(runs)} answers in the sample but {len(turns)} turns")
     image_positions = [i for i, t in enumerate(ids) if t == tokenizer.img_context_id]
     out = []
-    for (s, e), ((groups, coarse), thinking) in zip(runs, turns):
-        groups = [g for g in groups if g]
-        if thinking or not groups:
+    for (s, e), ((groups, coarse, names), thinking) in zip(runs, turns):
+        if thinking or not any(groups):
             continue
         keys = []
         for cells in groups:
@@ -93,7 +95,30 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
             if coarse:
                 ordinals |= {thumbnail_token_of_cell(scene, x, y, tokens_per_tile) for x, y in cells} - {None}
             keys.append(sorted(image_positions[o] for o in ordinals))
-        out.append((list(range(s - 1, e - 2)), keys))  # position p predicts token p + 1; e - 1 is <|im_end|>
+        starts = [i for i in range(s) if ids[i] == tokenizer.im_start_id]  # ..., user message, assistant's
+        user = starts[-2] if len(starts) >= 2 else 0
+        words = _word_positions(tokenizer, ids, user, s, names) if names else [[] for _ in groups]
+        out.append((list(range(s - 1, e - 2)), keys, words))  # position p predicts token p + 1; e - 1 is <|im_end|>
+    return out
+
+
+def _word_positions(tokenizer, ids: Sequence[int], lo: int, hi: int,
+                    names: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Per group of words, the positions in ids[lo:hi] of the tokens spelling them (as consecutive words, each
+    group found after the previous one); [] for a group that is empty or not found."""
+    pieces = [tokenizer.decode([t]) for t in ids[lo:hi]]
+    spans, at = [], 0
+    for piece in pieces:
+        spans.append((at, at + len(piece)))
+        at += len(piece)
+    text, cursor, out = "".join(pieces), 0, []
+    for words in names:
+        found = re.compile(r"\b" + r"\s+".join(map(re.escape, words)) + r"\b").search(text, cursor) if words else None
+        if found is None:
+            out.append([])
+            continue
+        cursor = found.end()
+        out.append([lo + i for i, (a, b) in enumerate(spans) if a < found.end() and b > found.start()])
     return out
 
 
@@ -133,7 +158,7 @@ def encode_turns(tokenizer, processor, tokens_per_tile: int, image, turns: Seque
         ids += prompt + target
         mask += [0] * len(prompt) + [1] * len(target)
     tokenizer.check_image_tokens(ids, image_tokens)
-    cells = turn_cells if turn_cells is not None else [((), False)] * len(turns)
+    cells = turn_cells if turn_cells is not None else [((), False, ())] * len(turns)
     evidence = _evidence(ids, mask, tokenizer, scene, tokens_per_tile, [(c, t[2]) for c, t in zip(cells, turns)])
     return Encoded(ids, mask, pixels.pixel_values, image_tokens, family, index,
                    _grounding(scene, pixels.pixel_values.shape[0]), evidence)
@@ -160,8 +185,8 @@ class Batch:
     families: list[str]  # per sample, in packing order
     indices: list[int] = field(default_factory=list)  # stream positions of the samples
     grounding: torch.Tensor | None = None  # [ΣN,8,8,F] cell targets of the tiles, when every sample has them
-    # (row, query positions, key positions per evidence group)
-    evidence: list[tuple[int, list[int], list[list[int]]]] = field(default_factory=list)
+    # (row, query positions, key positions per evidence group, question-word positions per group)
+    evidence: list[tuple[int, list[int], list[list[int]], list[list[int]]]] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -198,7 +223,7 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
     position_ids = torch.zeros(B, L, dtype=torch.long)
     segment_ids = torch.zeros(B, L, dtype=torch.long)
     tiles, image_tokens, families, indices = [], [], [], []
-    evidence: list[tuple[int, list[int], list[list[int]]]] = []
+    evidence: list[tuple[int, list[int], list[list[int]], list[list[int]]]] = []
     for b, row in enumerate(rows):
         start = 0
         for seg, e in enumerate(row, start=1):
@@ -212,8 +237,9 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
             shifted = torch.where(mask[1:], ids[1:], torch.full_like(ids[1:], IGNORE))  # [n-1]
             targets[b, start:start + n - 1] = shifted
             weights[b, start:start + n - 1] = mask[1:].float() * square_average_weights(e.num_loss_tokens)
-            for queries, keys in e.evidence or []:
-                evidence.append((b, [start + q for q in queries], [[start + k for k in g] for g in keys]))
+            for queries, keys, words in e.evidence or []:
+                evidence.append((b, [start + q for q in queries], [[start + k for k in g] for g in keys],
+                                 [[start + w for w in g] for g in words]))
             tiles.append(e.pixel_values)
             image_tokens.extend(e.image_tokens)
             families.append(e.family)
@@ -358,7 +384,7 @@ class WorldStream:
         return s, s.thinking_answer is not None and rng.random() < self.thinking_prob
 
     def conversation(self, index: int):
-        """(image, [(question, answer, thinking)], family of the first turn, scene, (evidence groups, coarse) per turn) for a
+        """(image, [(question, answer, thinking)], family of the first turn, scene, (evidence groups, coarse, names) per turn) for a
         multi-turn sample.
 
         The first turn is `sample(index)`; the others are drawn (without repeating a family, never `describe`)
@@ -379,7 +405,7 @@ class WorldStream:
         difficulty = self.curriculum(index)
         scene, task, first, _ = build(self.seed + index, first, "train", difficulty)
         turns = [self._turn(rng, task, thinking_text)]
-        cells = [(task.cells, task.coarse)]
+        cells = [(task.cells, task.coarse, task.names)]
         others = [n for n in names if n not in (first, "describe")]
         rng.shuffle(others)
         lv = level(difficulty)
@@ -389,7 +415,7 @@ class WorldStream:
             extra = _FAMILY_FNS[name](rng, scene, lv)
             if extra is not None:
                 turns.append(self._turn(rng, extra, thinking_text))
-                cells.append((extra.cells, extra.coarse))
+                cells.append((extra.cells, extra.coarse, extra.names))
         return render(scene), turns, first, scene, cells
 
     def _turn(self, rng: random.Random, task, thinking_text) -> tuple[str, str, bool]:
@@ -409,4 +435,5 @@ class WorldStream:
         answer = s.thinking_answer if thinking else s.answer
         return encode(self.tokenizer, self._processor, self.config.tokens_per_tile, s.image, s.question, answer,
                       thinking=thinking, family=s.family, index=index, scene=s.scene if self.grounding else None,
-                      cells=([[tuple(c) for c in g] for g in s.meta["evidence_cells"]], s.meta["evidence_coarse"]))
+                      cells=([[tuple(c) for c in g] for g in s.meta["evidence_cells"]], s.meta["evidence_coarse"],
+                             [tuple(w) for w in s.meta["evidence_names"]]))

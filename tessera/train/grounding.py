@@ -99,7 +99,8 @@ def two_level_grounding_loss(heads: GroundingHeads, grid: torch.Tensor, features
 
 
 def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                            mask: torch.Tensor | None, evidence, heads: Sequence[int] = (0,)) -> tuple[torch.Tensor, dict[str, float]]:
+                            mask: torch.Tensor | None, evidence, heads: Sequence[int] = (0,),
+                            name: str = "evidence_attention") -> tuple[torch.Tensor, dict[str, float]]:
     """−log of the attention mass that the supervised heads of one layer put on the visual tokens showing an
     answer's evidence, averaged over heads and over the positions that predict answer tokens.
 
@@ -112,7 +113,8 @@ def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
     two objects, a sum's two labels) they fetch one thing each, side by side.
 
     attn: the layer's Qwen3Attention; x [B, T, D] its (normed) input, cos/sin [B, T, hd], mask the additive
-    [B, 1, T, T] mask (None = causal); evidence: (row, query positions, key positions per group) triples.
+    [B, 1, T, T] mask (None = causal); evidence: (row, query positions, key positions per group) triples; the
+    mean mass is reported as metric `name`.
     """
     from tessera.model.llm import apply_rope
 
@@ -142,4 +144,4 @@ def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
         count += len(queries)
     if count == 0:
         return total, {}
-    return total / count, {"evidence_attention": mass / count}
+    return total / count, {name: mass / count}

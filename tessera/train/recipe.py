@@ -97,7 +97,7 @@ def tiny_recipe() -> RecipeConfig:
     lrs = {"language": 6e-4, "connector": 3e-3, "vision": 1e-4, "router": 1e-4}
     pretrain = TrainConfig(steps=250, lr=1e-4, component_lr=lrs, warmup_steps=20, min_lr_ratio=0.3,
                            precision="bf16", save_every=50)
-    sft = TrainConfig(steps=2400, lr=1e-4, component_lr=lrs, warmup_steps=30, min_lr_ratio=0.1,
+    sft = TrainConfig(steps=3200, lr=1e-4, component_lr=lrs, warmup_steps=30, min_lr_ratio=0.1,
                       precision="bf16", save_every=100, eval_every=300)
     # RL: constant lr after a short warm-up; the stages pin fp32 themselves (their log-probs meet fp32 rollouts)
     mpo = TrainConfig(steps=60, lr=2e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=5, save_every=30, eval_every=30)
@@ -112,7 +112,7 @@ def tiny_recipe() -> RecipeConfig:
         StagePlan("pretrain", pretrain, {"rows": 4, "row_tokens": 512, "grounding": 1.0,
                                          "curriculum": [[0, 0.0], [2000, 0.0], [2001, 0.5]]}),
         StagePlan("sft", sft, {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4,
-                               "grounding": 1.0, "evidence_attention": 1.0,
+                               "grounding": 1.0, "evidence_attention": 1.0, "evidence_heads": [0, 2],
                                "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [12000, 0.5],
                                                                 [16000, 1.0]]}),
         StagePlan("mpo", mpo, {"out": "{stage}", "queries": 384, "group_size": 8, "pairs_per_batch": 8}),

@@ -253,6 +253,7 @@ class RouterData:
     # most tiles' r is 1 plus noise; a scene description reads every label and entry, so r measures what a
     # tile's fine detail is worth to anything asked about it.
     families: dict[str, float] | None = None
+    turns: int = 1  # questions per image: with more, more of an image's tiles matter to some answer in the loss
     relative_threshold: float | None = None  # the decision thresholds the trained checkpoint ships with
     absolute_threshold: float | None = None
 
@@ -266,7 +267,7 @@ def build_stage(model, data: "RouterData | dict | None" = None) -> RouterStage:
     data = dataclass_from(RouterData, data)
     families = dict(data.families) if data.families else default_families()
     stream = WorldStream(model.tokenizer, model.config, families=families, thinking_prob=data.thinking_prob,
-                         curriculum=Curriculum(((0, 1.0),)), seed=SEED_OFFSET)
+                         curriculum=Curriculum(((0, 1.0),)), seed=SEED_OFFSET, turns=data.turns)
     return RouterStage(stream, data.samples_per_batch, data.percentile, data.window, data.eps, data.workers,
                        heldout=data.heldout, thresholds=(data.relative_threshold, data.absolute_threshold),
                        heldout_families=sorted(data.families) if data.families else None)

@@ -73,6 +73,7 @@ class LanguageModelingStage:
     extra: torch.nn.Module | None = None  # the grounding head, when grounding > 0
     evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding)
     evidence_heads: tuple[int, ...] = (0,)  # the middle layer's heads it supervises
+    question_attention: float = 0.0  # weight of the same loss one layer below, onto the question's naming words
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Batch, int]]:
         return stream_batches(self.make, Packer(self.rows, self.row_tokens, self.pad_id), position, rank, world, self.workers)
@@ -85,7 +86,8 @@ class LanguageModelingStage:
             raise ValueError(f"stage {self.name!r} has grounding weight {self.grounding} but its samples carry no "
                              "grounding targets (WorldStream(grounding=True) makes them)")
         return packed_lm_loss(model, batch, normalizer, grounding=(self.extra, self.grounding) if self.grounding > 0 else None,
-                              evidence_attention=self.evidence_attention, evidence_heads=self.evidence_heads)
+                              evidence_attention=self.evidence_attention, evidence_heads=self.evidence_heads,
+                              question_attention=self.question_attention)
 
 
 def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
@@ -100,44 +102,54 @@ def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
                               shuffle_factor(model.config.downsample_ratio) ** 2)
     return LanguageModelingStage(name, stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers,
                                  grounding=data.grounding, extra=head, evidence_attention=data.evidence_attention,
-                                 evidence_heads=tuple(data.evidence_heads))
+                                 evidence_heads=tuple(data.evidence_heads), question_attention=data.question_attention)
 
 
 def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | None = None,
                    grounding: tuple[torch.nn.Module, float] | None = None,
-                   evidence_attention: float = 0.0, evidence_heads: Sequence[int] = (0,)) -> tuple[torch.Tensor, dict[str, float]]:
+                   evidence_attention: float = 0.0, evidence_heads: Sequence[int] = (0,),
+                   question_attention: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward a packed batch (block-diagonal causal mask, per-sample positions) and take the weighted CE.
 
     `grounding` = (head, weight) adds weight × the dense grounding loss on the batch's visual tokens
     (tessera.train.grounding), scaled by the batch's share of the step (weight_sum / normalizer) so gradient
     accumulation and data parallelism weigh it like the language loss. `evidence_attention` > 0 adds that weight
-    × the attention grounding loss of `evidence_heads` of the language model's middle layer (same scaling)."""
+    × the attention grounding loss of `evidence_heads` of the language model's middle layer (same scaling);
+    `question_attention` > 0 adds the same loss one layer below, pulling those heads from the answer positions
+    onto the question's words that name each piece of evidence (the middle layer's queries need them: a model
+    whose head found objects but not *which* one — by colour in one run, by kind in another — is what it is for)."""
     grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
     features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4
-    captured: dict[str, tuple] = {}
-    hook = None
-    if evidence_attention > 0 and batch.evidence:
-        layers = model.language_model.model.layers
-        attn = layers[len(layers) // 2].self_attn
+    layers = model.language_model.model.layers
+    middle = len(layers) // 2
+    # (metric name, weight, layer, (row, answer positions, key groups) triples): where the evidence is, and,
+    # one layer below, which words of the question name it (what the middle layer's query has to carry)
+    supervised = [("evidence_attention", evidence_attention, middle, [(b, q, k) for b, q, k, _ in batch.evidence]),
+                  ("question_attention", question_attention, middle - 1,
+                   [(b, q, w) for b, q, _, w in batch.evidence if w and all(w)])]
+    supervised = [entry for entry in supervised if entry[1] > 0 and entry[3]]
+    captured: dict[int, tuple] = {}
+    hooks = []
+    for _, _, layer, _ in supervised:
+        def keep_inputs(module, args, out, layer=layer) -> None:  # returns None: the output is left as it is
+            captured[layer] = args
 
-        def keep_inputs(module, args, out) -> None:  # returns None: the layer's output is left as it is
-            captured["args"] = args
-
-        hook = attn.register_forward_hook(keep_inputs)
+        hooks.append(layers[layer].self_attn.register_forward_hook(keep_inputs))
     try:
         logits = model(batch.input_ids, image_features=features, position_ids=batch.position_ids,
                        attn_mask=batch.attn_mask())  # [B,L,V]
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
     loss, metrics = weighted_cross_entropy(logits, batch.targets, batch.weights, normalizer)
     share = batch.weight_sum / normalizer if normalizer else 1.0
-    if "args" in captured:
+    for name, weight, layer, evidence in supervised:
         from tessera.train.grounding import evidence_attention_loss
 
-        x, cos, sin, _, mask = captured["args"]
-        att_loss, att_metrics = evidence_attention_loss(attn, x, cos, sin, mask, batch.evidence, evidence_heads)
-        loss = loss + evidence_attention * share * att_loss
+        x, cos, sin, _, mask = captured[layer]
+        att_loss, att_metrics = evidence_attention_loss(layers[layer].self_attn, x, cos, sin, mask, evidence,
+                                                        evidence_heads, name=name)
+        loss = loss + weight * share * att_loss
         metrics.update(att_metrics)
     if grounding is not None:
         from tessera.train.grounding import two_level_grounding_loss

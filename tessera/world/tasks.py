@@ -62,6 +62,7 @@ class _Task:
     # attention grounding: one group per thing the answer looks up, each the (x, y) cells that show it
     cells: tuple[tuple[tuple[int, int], ...], ...] = ()
     coarse: bool = False  # the answer compares where things are: their thumbnail tokens are evidence too
+    names: tuple[tuple[str, ...], ...] = ()  # per group, the question's words (consecutive) that pick it out
 
 
 def _plural(n: int, noun: str) -> str:
@@ -87,7 +88,8 @@ def _colour(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if not unique:
         return None
     s = rng.choice(unique)
-    return _Task(f"What colour is the {s.kind}?", s.colour, None, _tiles(scene, [s]), (_block(s),))
+    return _Task(f"What colour is the {s.kind}?", s.colour, None, _tiles(scene, [s]), (_block(s),),
+                 names=((s.kind,),))
 
 
 def _shape(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -95,7 +97,8 @@ def _shape(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if not unique:
         return None
     s = rng.choice(unique)
-    return _Task(f"What shape is the {s.colour} object?", s.kind, None, _tiles(scene, [s]), (_block(s),))
+    return _Task(f"What shape is the {s.colour} object?", s.kind, None, _tiles(scene, [s]), (_block(s),),
+                 names=((s.colour,),))
 
 
 def _count(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -103,21 +106,22 @@ def _count(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if r < 0.5:  # a kind, sometimes one that is absent (answer 0) so the model must look
         kind = rng.choice(SHAPES if rng.random() < 0.2 else sorted({s.kind for s in scene.shapes}))
         hits = [s for s in scene.shapes if s.kind == kind]
-        question = f"How many {kind}s are there?"
+        question, names = f"How many {kind}s are there?", ((f"{kind}s",),)
     elif r < 0.8:
         colour = rng.choice(sorted({s.colour for s in scene.shapes}))
         hits = [s for s in scene.shapes if s.colour == colour]
-        question = f"How many {colour} shapes are there?"
+        question, names = f"How many {colour} shapes are there?", ((colour,),)
     else:
         hits = list(scene.shapes)
-        question = "How many shapes are there?"
-    return _Task(question, str(len(hits)), None, _tiles(scene, hits), (_block(*hits),) if hits else ())
+        question, names = "How many shapes are there?", ((),)
+    return _Task(question, str(len(hits)), None, _tiles(scene, hits), (_block(*hits),) if hits else (),
+                 names=names if hits else ())
 
 
 def _label(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     s = rng.choice(scene.shapes)
     return _Task(f"What is the label of the {s.name}?", s.label, None, _tiles(scene, [s], labels=True),
-                 ((s.label_cell,),))
+                 ((s.label_cell,),), names=((s.colour, s.kind),))
 
 
 def _document(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -127,7 +131,8 @@ def _document(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     key = rng.choice(doc.keys)
     x, y = doc.cell(doc.keys.index(key))
     return _Task(f"In the document, what is the number after the {key} mark?", doc.code_for(key), None,
-                 (scene.tile_of(doc.x, doc.y),), (((x, y), (x + 1, y)),))
+                 (scene.tile_of(doc.x, doc.y),), (((x, y), (x + 1, y)),),
+                 names=((key,),))
 
 
 def _spatial(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -146,7 +151,7 @@ def _spatial(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
         return None
     a, b, axis, answer = rng.choice(pairs)
     return _Task(f"Is the {a.name} {axis} the {b.name}?", answer, None, _tiles(scene, [a, b]), (_block(a), _block(b)),
-                 coarse=True)
+                 coarse=True, names=((a.colour, a.kind), (b.colour, b.kind)))
 
 
 def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -162,7 +167,8 @@ def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
         chain = (f"The {s.name} is labelled {s.label}. The {o.name} is labelled {o.label}. "
                  f"{s.label} + {o.label} = {value}.")
         return _Task(f"What is the sum of the labels of the {s.name} and the {o.name}?", str(value), chain,
-                     _tiles(scene, [s, o], labels=True), ((s.label_cell,), (o.label_cell,)))
+                     _tiles(scene, [s, o], labels=True), ((s.label_cell,), (o.label_cell,)),
+                     names=((s.colour, s.kind), (o.colour, o.kind)))
     kind = rng.choice(sorted({o.kind for o in scene.shapes}))
     n = scene.count(kind=kind)
     if variant == "minus" and label < n:
@@ -173,7 +179,8 @@ def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     chain = f"The {s.name} is labelled {s.label}. There {verb} {_plural(n, kind)}. {s.label} {op} {n} = {value}."
     hits = [o for o in scene.shapes if o.kind == kind]
     return _Task(f"What is the label of the {s.name} {variant} the number of {kind}s?", str(value), chain,
-                 _tiles(scene, [s] + hits, labels=True), ((s.label_cell,), _block(*hits)))
+                 _tiles(scene, [s] + hits, labels=True), ((s.label_cell,), _block(*hits)),
+                 names=((s.colour, s.kind), (f"{kind}s",)))
 
 
 def _position(scene: Scene, s: Shape) -> str:
@@ -246,7 +253,8 @@ def build(seed: int, family: str | None = None, split: str = "train",
                            f"{difficulty}); the family's preconditions and the curriculum level disagree")
     meta = {"seed": seed, "split": split, "difficulty": difficulty, "stage": lv.stage, "grid": [scene.cols, scene.rows],
             "size": list(scene.size), "text_tiles": scene.text_tiles(), "evidence_tiles": list(task.evidence),
-            "evidence_cells": [[list(c) for c in group] for group in task.cells], "evidence_coarse": task.coarse}
+            "evidence_cells": [[list(c) for c in group] for group in task.cells], "evidence_coarse": task.coarse,
+            "evidence_names": [list(words) for words in task.names]}
     return scene, task, family, meta
 
 
