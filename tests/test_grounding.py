@@ -191,7 +191,7 @@ def test_spatial_evidence_is_two_groups_that_include_each_objects_thumbnail_toke
         (queries, groups, _), = stream(i).evidence
         assert len(groups) == 2 and len(queries) == 1  # one answer word, one group per object
         positions = [p for p, t in enumerate(stream(i).input_ids) if t == tok.img_context_id]
-        for cells, keys in zip(s.meta["evidence_cells"], groups):
+        for cells, keys in zip(s.meta["lookup"]["cells"], groups):
             ordinals = {positions.index(k) for k in keys}
             assert {token_of_cell(s.scene, x, y, per_tile) for x, y in cells} <= ordinals
             thumb = {thumbnail_token_of_cell(s.scene, x, y, per_tile) for x, y in cells} - {None}
@@ -235,9 +235,9 @@ def test_question_words_name_each_evidence_group_in_order():
                          turns=4)
     seen = 0
     for i in range(6):
-        _, turns, _, _, evidence = stream.conversation(i)
+        _, turns, _, _, lookups = stream.conversation(i)
         e = stream(i)
-        answered = [(q, names) for (q, _, _), (cells, _, names) in zip(turns, evidence) if any(cells)]
+        answered = [(q, lookup.names) for (q, _, _), lookup in zip(turns, lookups) if any(lookup.cells)]
         assert len(e.evidence) == len(answered)
         for (queries, _, words), (question, names) in zip(e.evidence, answered):
             spelled = [" ".join(tok.decode([e.input_ids[p]]).strip() for p in group) for group in words]

@@ -327,3 +327,16 @@ def test_processor_tiles_are_exact_crops():
             ty, tx = divmod(i, cols)
             crop = rgb[:, ty * TILE:(ty + 1) * TILE, tx * TILE:(tx + 1) * TILE]
             assert torch.allclose(pixels[i] * std + mean, crop, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["colour", "spatial", "reasoning", "count"])
+def test_lookup_survives_the_samples_meta(family):
+    """A sample's meta carries its Lookup (JSON-serialisable); reading it back gives the task's own."""
+    import json
+
+    from tessera.world import Lookup, build
+
+    for seed in range(5):
+        _, task, _, meta = build(seed, family, "train", 1.0)
+        assert Lookup.from_meta(json.loads(json.dumps(meta["lookup"]))) == task.lookup
+        assert len(task.lookup.names) in (0, len(task.lookup.cells))

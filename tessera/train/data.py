@@ -52,25 +52,25 @@ class Encoded:
 
 
 def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, answer: str, thinking: bool = False,
-           family: str = "", index: int = -1, scene=None, cells=((), False, ())) -> Encoded:
+           family: str = "", index: int = -1, scene=None, lookup=None) -> Encoded:
     """Tile `image` (tessera.image.ImageProcessor), expand the prompt with the real token count, mask the labels.
-    With the world `scene` the image was drawn from (and the answer's evidence `cells`: (groups, coarse, names)), the tiles' dense
-    grounding targets and the answer's evidence positions come along."""
+    With the world `scene` the image was drawn from (and what the answer is read from, a tessera.world.Lookup),
+    the tiles' dense grounding targets and the answer's evidence positions come along."""
     pixels = processor([image])
     image_tokens = [n * tokens_per_tile for n in pixels.tiles_per_image]
     example = tokenizer.build_example(question, answer, image_tokens, thinking=thinking)
-    evidence = _evidence(example.input_ids, example.loss_mask, tokenizer, scene, tokens_per_tile, [(cells, thinking)])
+    evidence = _evidence(example.input_ids, example.loss_mask, tokenizer, scene, tokens_per_tile, [(lookup, thinking)])
     return Encoded(example.input_ids, example.loss_mask, pixels.pixel_values, image_tokens, family, index,
                    _grounding(scene, pixels.pixel_values.shape[0]), evidence)
 
 
 def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_per_tile: int,
               turns: Sequence[tuple[Any, bool]]) -> list[tuple[list[int], list[list[int]], list[list[int]]]] | None:
-    """Per turn ((evidence groups, coarse, names), thinking?): the positions predicting its answer tokens (not
-    `<|im_end|>`); per group, the positions of the visual tokens that show its cells — with `coarse`, the thumbnail
-    tokens at those cells too (where things are is only known across tiles in the thumbnail); and per group, the
-    positions of the words in the turn's question that name it (empty when it has none).
-    Thinking turns are skipped (their chain reads several things in turn); so are turns without cells."""
+    """Per turn (its Lookup or None, thinking?): the positions predicting its answer tokens (not `<|im_end|>`);
+    per group, the positions of the visual tokens that show its cells — when `coarse`, the thumbnail tokens at
+    those cells too; and per group, the positions of the words in the turn's question that name it (empty when
+    it has none). Thinking turns are skipped (their chain reads several things in turn); so are turns without
+    cells."""
     if scene is None:
         return None
     from tessera.world.grounding import thumbnail_token_of_cell, token_of_cell
@@ -86,18 +86,18 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
         raise ValueError(f"{len(runs)} answers in the sample but {len(turns)} turns")
     image_positions = [i for i, t in enumerate(ids) if t == tokenizer.img_context_id]
     out = []
-    for (s, e), ((groups, coarse, names), thinking) in zip(runs, turns):
-        if thinking or not any(groups):
+    for (s, e), (lookup, thinking) in zip(runs, turns):
+        if thinking or lookup is None or not any(lookup.cells):
             continue
         keys = []
-        for cells in groups:
+        for cells in lookup.cells:
             ordinals = {token_of_cell(scene, x, y, tokens_per_tile) for x, y in cells}
-            if coarse:
+            if lookup.coarse:
                 ordinals |= {thumbnail_token_of_cell(scene, x, y, tokens_per_tile) for x, y in cells} - {None}
             keys.append(sorted(image_positions[o] for o in ordinals))
         starts = [i for i in range(s) if ids[i] == tokenizer.im_start_id]  # ..., user message, assistant's
         user = starts[-2] if len(starts) >= 2 else 0
-        words = _word_positions(tokenizer, ids, user, s, names) if names else [[] for _ in groups]
+        words = _word_positions(tokenizer, ids, user, s, lookup.names) if lookup.names else [[] for _ in keys]
         out.append((list(range(s - 1, e - 2)), keys, words))  # position p predicts token p + 1; e - 1 is <|im_end|>
     return out
 
@@ -137,7 +137,7 @@ def _grounding(scene, num_tiles: int) -> torch.Tensor | None:
 
 
 def encode_turns(tokenizer, processor, tokens_per_tile: int, image, turns: Sequence[tuple[str, str, bool]],
-                 family: str = "", index: int = -1, scene=None, turn_cells=None) -> Encoded:
+                 family: str = "", index: int = -1, scene=None, lookups=None) -> Encoded:
     """A multi-turn conversation about one image: (question, answer, thinking) per turn, image in the first.
 
     The first turn is exactly `ChatTokenizer.build_example`; each later turn appends
@@ -158,8 +158,8 @@ def encode_turns(tokenizer, processor, tokens_per_tile: int, image, turns: Seque
         ids += prompt + target
         mask += [0] * len(prompt) + [1] * len(target)
     tokenizer.check_image_tokens(ids, image_tokens)
-    cells = turn_cells if turn_cells is not None else [((), False, ())] * len(turns)
-    evidence = _evidence(ids, mask, tokenizer, scene, tokens_per_tile, [(c, t[2]) for c, t in zip(cells, turns)])
+    lookups = lookups if lookups is not None else [None] * len(turns)
+    evidence = _evidence(ids, mask, tokenizer, scene, tokens_per_tile, [(lk, t[2]) for lk, t in zip(lookups, turns)])
     return Encoded(ids, mask, pixels.pixel_values, image_tokens, family, index,
                    _grounding(scene, pixels.pixel_values.shape[0]), evidence)
 
@@ -384,7 +384,7 @@ class WorldStream:
         return s, s.thinking_answer is not None and rng.random() < self.thinking_prob
 
     def conversation(self, index: int):
-        """(image, [(question, answer, thinking)], family of the first turn, scene, (evidence groups, coarse, names) per turn) for a
+        """(image, [(question, answer, thinking)], family of the first turn, scene, Lookup per turn) for a
         multi-turn sample.
 
         The first turn is `sample(index)`; the others are drawn (without repeating a family, never `describe`)
@@ -405,7 +405,7 @@ class WorldStream:
         difficulty = self.curriculum(index)
         scene, task, first, _ = build(self.seed + index, first, "train", difficulty)
         turns = [self._turn(rng, task, thinking_text)]
-        cells = [(task.cells, task.coarse, task.names)]
+        lookups = [task.lookup]
         others = [n for n in names if n not in (first, "describe")]
         rng.shuffle(others)
         lv = level(difficulty)
@@ -415,8 +415,8 @@ class WorldStream:
             extra = _FAMILY_FNS[name](rng, scene, lv)
             if extra is not None:
                 turns.append(self._turn(rng, extra, thinking_text))
-                cells.append((extra.cells, extra.coarse, extra.names))
-        return render(scene), turns, first, scene, cells
+                lookups.append(extra.lookup)
+        return render(scene), turns, first, scene, lookups
 
     def _turn(self, rng: random.Random, task, thinking_text) -> tuple[str, str, bool]:
         think = task.think is not None and rng.random() < self.thinking_prob
@@ -428,12 +428,13 @@ class WorldStream:
 
             self._processor = ImageProcessor.from_config(self.config)
         if self.turns > 1:
-            image, turns, family, scene, cells = self.conversation(index)
+            image, turns, family, scene, lookups = self.conversation(index)
             return encode_turns(self.tokenizer, self._processor, self.config.tokens_per_tile, image, turns, family, index,
-                                scene if self.grounding else None, cells)
+                                scene if self.grounding else None, lookups)
+        from tessera.world import Lookup
+
         s, thinking = self.sample(index)
         answer = s.thinking_answer if thinking else s.answer
         return encode(self.tokenizer, self._processor, self.config.tokens_per_tile, s.image, s.question, answer,
                       thinking=thinking, family=s.family, index=index, scene=s.scene if self.grounding else None,
-                      cells=([[tuple(c) for c in g] for g in s.meta["evidence_cells"]], s.meta["evidence_coarse"],
-                             [tuple(w) for w in s.meta["evidence_names"]]))
+                      lookup=Lookup.from_meta(s.meta["lookup"]))

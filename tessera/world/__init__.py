@@ -12,10 +12,10 @@ the difficulty knob to scene settings, probe.py measures how much text a tile an
 from tessera.world.bench import EvalItem, eval_items, eval_set, score
 from tessera.world.curriculum import Level, level
 from tessera.world.scenes import Scene, render
-from tessera.world.tasks import (ALL_FAMILIES, DESCRIBE, FAMILIES, READING_FAMILIES, SPLIT_OFFSETS, Sample, build,
-                                 corpus, describe, make_sample, pick_family)
+from tessera.world.tasks import (ALL_FAMILIES, DESCRIBE, FAMILIES, READING_FAMILIES, SPLIT_OFFSETS, Lookup, Sample,
+                                 build, corpus, describe, make_sample, pick_family)
 from tessera.world.verify import final_text, normalise, verify
 
-__all__ = ["ALL_FAMILIES", "DESCRIBE", "FAMILIES", "READING_FAMILIES", "SPLIT_OFFSETS", "EvalItem", "Level", "Sample",
+__all__ = ["ALL_FAMILIES", "DESCRIBE", "FAMILIES", "READING_FAMILIES", "SPLIT_OFFSETS", "EvalItem", "Level", "Lookup", "Sample",
            "Scene", "build", "corpus", "describe", "eval_items", "eval_set", "final_text", "level", "make_sample",
            "normalise", "pick_family", "render", "score", "verify"]

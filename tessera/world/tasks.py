@@ -54,15 +54,33 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Lookup:
+    """What an answer is read from, for attention grounding: one group per thing the answer looks up (a spatial
+    question's two objects, a sum's two labels), each with the (x, y) cells that show it and the question's words
+    (consecutive) that name it; `coarse` when the answer compares where things are, so their thumbnail tokens
+    count as evidence too (a tile's tokens do not know which tile they are in)."""
+
+    cells: tuple[tuple[tuple[int, int], ...], ...] = ()
+    names: tuple[tuple[str, ...], ...] = ()
+    coarse: bool = False
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"cells": [[list(c) for c in group] for group in self.cells], "names": [list(w) for w in self.names],
+                "coarse": self.coarse}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "Lookup":
+        return cls(tuple(tuple(tuple(c) for c in group) for group in meta["cells"]),
+                   tuple(tuple(w) for w in meta["names"]), bool(meta["coarse"]))
+
+
+@dataclass(frozen=True)
 class _Task:
     question: str
     answer: str
     think: str | None  # the worked chain (inside the think block), if any
     evidence: tuple[int, ...]  # tiles
-    # attention grounding: one group per thing the answer looks up, each the (x, y) cells that show it
-    cells: tuple[tuple[tuple[int, int], ...], ...] = ()
-    coarse: bool = False  # the answer compares where things are: their thumbnail tokens are evidence too
-    names: tuple[tuple[str, ...], ...] = ()  # per group, the question's words (consecutive) that pick it out
+    lookup: Lookup = Lookup()  # what the answer is read from (attention grounding)
 
 
 def _plural(n: int, noun: str) -> str:
@@ -88,8 +106,8 @@ def _colour(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if not unique:
         return None
     s = rng.choice(unique)
-    return _Task(f"What colour is the {s.kind}?", s.colour, None, _tiles(scene, [s]), (_block(s),),
-                 names=((s.kind,),))
+    return _Task(f"What colour is the {s.kind}?", s.colour, None, _tiles(scene, [s]),
+                 Lookup((_block(s),), ((s.kind,),)))
 
 
 def _shape(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -97,8 +115,8 @@ def _shape(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if not unique:
         return None
     s = rng.choice(unique)
-    return _Task(f"What shape is the {s.colour} object?", s.kind, None, _tiles(scene, [s]), (_block(s),),
-                 names=((s.colour,),))
+    return _Task(f"What shape is the {s.colour} object?", s.kind, None, _tiles(scene, [s]),
+                 Lookup((_block(s),), ((s.colour,),)))
 
 
 def _count(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -114,14 +132,14 @@ def _count(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     else:
         hits = list(scene.shapes)
         question, names = "How many shapes are there?", ((),)
-    return _Task(question, str(len(hits)), None, _tiles(scene, hits), (_block(*hits),) if hits else (),
-                 names=names if hits else ())
+    return _Task(question, str(len(hits)), None, _tiles(scene, hits),
+                 Lookup((_block(*hits),), names) if hits else Lookup())
 
 
 def _label(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     s = rng.choice(scene.shapes)
     return _Task(f"What is the label of the {s.name}?", s.label, None, _tiles(scene, [s], labels=True),
-                 ((s.label_cell,),), names=((s.colour, s.kind),))
+                 Lookup(((s.label_cell,),), ((s.colour, s.kind),)))
 
 
 def _document(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -131,8 +149,7 @@ def _document(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     key = rng.choice(doc.keys)
     x, y = doc.cell(doc.keys.index(key))
     return _Task(f"In the document, what is the number after the {key} mark?", doc.code_for(key), None,
-                 (scene.tile_of(doc.x, doc.y),), (((x, y), (x + 1, y)),),
-                 names=((key,),))
+                 (scene.tile_of(doc.x, doc.y),), Lookup((((x, y), (x + 1, y)),), ((key,),)))
 
 
 def _spatial(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -150,8 +167,8 @@ def _spatial(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if not pairs:
         return None
     a, b, axis, answer = rng.choice(pairs)
-    return _Task(f"Is the {a.name} {axis} the {b.name}?", answer, None, _tiles(scene, [a, b]), (_block(a), _block(b)),
-                 coarse=True, names=((a.colour, a.kind), (b.colour, b.kind)))
+    return _Task(f"Is the {a.name} {axis} the {b.name}?", answer, None, _tiles(scene, [a, b]),
+                 Lookup((_block(a), _block(b)), ((a.colour, a.kind), (b.colour, b.kind)), coarse=True))
 
 
 def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -167,8 +184,8 @@ def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
         chain = (f"The {s.name} is labelled {s.label}. The {o.name} is labelled {o.label}. "
                  f"{s.label} + {o.label} = {value}.")
         return _Task(f"What is the sum of the labels of the {s.name} and the {o.name}?", str(value), chain,
-                     _tiles(scene, [s, o], labels=True), ((s.label_cell,), (o.label_cell,)),
-                     names=((s.colour, s.kind), (o.colour, o.kind)))
+                     _tiles(scene, [s, o], labels=True),
+                     Lookup(((s.label_cell,), (o.label_cell,)), ((s.colour, s.kind), (o.colour, o.kind))))
     kind = rng.choice(sorted({o.kind for o in scene.shapes}))
     n = scene.count(kind=kind)
     if variant == "minus" and label < n:
@@ -179,8 +196,8 @@ def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     chain = f"The {s.name} is labelled {s.label}. There {verb} {_plural(n, kind)}. {s.label} {op} {n} = {value}."
     hits = [o for o in scene.shapes if o.kind == kind]
     return _Task(f"What is the label of the {s.name} {variant} the number of {kind}s?", str(value), chain,
-                 _tiles(scene, [s] + hits, labels=True), ((s.label_cell,), _block(*hits)),
-                 names=((s.colour, s.kind), (f"{kind}s",)))
+                 _tiles(scene, [s] + hits, labels=True),
+                 Lookup(((s.label_cell,), _block(*hits)), ((s.colour, s.kind), (f"{kind}s",))))
 
 
 def _position(scene: Scene, s: Shape) -> str:
@@ -253,8 +270,7 @@ def build(seed: int, family: str | None = None, split: str = "train",
                            f"{difficulty}); the family's preconditions and the curriculum level disagree")
     meta = {"seed": seed, "split": split, "difficulty": difficulty, "stage": lv.stage, "grid": [scene.cols, scene.rows],
             "size": list(scene.size), "text_tiles": scene.text_tiles(), "evidence_tiles": list(task.evidence),
-            "evidence_cells": [[list(c) for c in group] for group in task.cells], "evidence_coarse": task.coarse,
-            "evidence_names": [list(words) for words in task.names]}
+            "lookup": task.lookup.to_meta()}
     return scene, task, family, meta
 
 
