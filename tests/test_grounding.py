@@ -269,3 +269,31 @@ def test_question_attention_is_a_second_loss_one_layer_below():
     middle = len(layers) // 2
     assert layers[middle - 1].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert layers[middle].self_attn.q_proj.weight.grad.abs().sum() == 0
+
+
+def test_chain_evidence_grounds_each_number_a_thinking_chain_reads():
+    """With `chain_evidence`, a thinking turn gives one entry per number its chain reads off the image: the
+    positions that write that number, pointed at its own group's tokens (the label's cell, the counted shapes).
+    Without it, thinking turns give nothing."""
+    from tessera.train.data import Curriculum, WorldStream
+    from tessera.train.recipe import RecipeConfig, init_model_for
+    from tessera.world.grounding import token_of_cell
+
+    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    tok, per_tile = model.tokenizer, model.config.tokens_per_tile
+    stream = WorldStream(tok, model.config, families={"reasoning": 1.0}, curriculum=Curriculum(((0, 1.0),)),
+                         grounding=True, thinking_prob=1.0, chain_evidence=True)
+    for i in range(6):
+        s, thinking = stream.sample(i)
+        assert thinking
+        e = stream(i)
+        reads = s.meta["lookup"]["chain"]
+        assert len(e.evidence) == len(reads) == 2
+        positions = [p for p, t in enumerate(e.input_ids) if t == tok.img_context_id]
+        label_x, label_y = s.meta["lookup"]["cells"][0][0]
+        for (queries, (keys,), _), (text, group) in zip(e.evidence, reads):
+            assert "".join(tok.decode([e.input_ids[q + 1]]) for q in queries).strip() == text
+            if group == 0:  # the first number is always the named shape's label
+                assert keys == [positions[token_of_cell(s.scene, label_x, label_y, per_tile)]]
+    stream.chain_evidence = False
+    assert stream(0).evidence == []

@@ -14,6 +14,7 @@ checkpoint replays exactly the same batches. Rendering (PIL) and tiling run in a
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -69,8 +70,9 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
     """Per turn (its Lookup or None, thinking?): the positions predicting its answer tokens (not `<|im_end|>`);
     per group, the positions of the visual tokens that show its cells — when `coarse`, the thumbnail tokens at
     those cells too; and per group, the positions of the words in the turn's question that name it (empty when
-    it has none). Thinking turns are skipped (their chain reads several things in turn); so are turns without
-    cells."""
+    it has none). A thinking turn instead gives one entry per number its chain reads off the image (the
+    positions that write it → its group's tokens) when the Lookup names them (`chain`), and nothing otherwise;
+    turns without cells give nothing."""
     if scene is None:
         return None
     from tessera.world.grounding import thumbnail_token_of_cell, token_of_cell
@@ -87,7 +89,7 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
     image_positions = [i for i, t in enumerate(ids) if t == tokenizer.img_context_id]
     out = []
     for (s, e), (lookup, thinking) in zip(runs, turns):
-        if thinking or lookup is None or not any(lookup.cells):
+        if lookup is None or not any(lookup.cells) or (thinking and not lookup.chain):
             continue
         keys = []
         for cells in lookup.cells:
@@ -95,6 +97,12 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
             if lookup.coarse:
                 ordinals |= {thumbnail_token_of_cell(scene, x, y, tokens_per_tile) for x, y in cells} - {None}
             keys.append(sorted(image_positions[o] for o in ordinals))
+        if thinking:  # each number the chain reads off the image, from the positions that write it
+            reads = _word_positions(tokenizer, ids, s, e, [(text,) for text, _ in lookup.chain])
+            for (_, group), written in zip(lookup.chain, reads):
+                if written:
+                    out.append(([p - 1 for p in written], [keys[group]], [[]]))
+            continue
         starts = [i for i in range(s) if ids[i] == tokenizer.im_start_id]  # ..., user message, assistant's
         user = starts[-2] if len(starts) >= 2 else 0
         words = _word_positions(tokenizer, ids, user, s, lookup.names) if lookup.names else [[] for _ in keys]
@@ -369,6 +377,7 @@ class WorldStream:
     seed: int = 0  # offset into the world's train seeds, so stages can use disjoint scenes
     turns: int = 1  # questions per image: extra turns ask other families about the same scene
     grounding: bool = False  # attach the tiles' dense grounding targets (tessera.world.grounding)
+    chain_evidence: bool = False  # also ground the numbers a thinking chain reads off the image
     _processor: Any = field(default=None, repr=False, compare=False)
 
     def sample(self, index: int):
@@ -405,7 +414,7 @@ class WorldStream:
         difficulty = self.curriculum(index)
         scene, task, first, _ = build(self.seed + index, first, "train", difficulty)
         turns = [self._turn(rng, task, thinking_text)]
-        lookups = [task.lookup]
+        lookups = [self._lookup(task.lookup)]
         others = [n for n in names if n not in (first, "describe")]
         rng.shuffle(others)
         lv = level(difficulty)
@@ -415,8 +424,11 @@ class WorldStream:
             extra = _FAMILY_FNS[name](rng, scene, lv)
             if extra is not None:
                 turns.append(self._turn(rng, extra, thinking_text))
-                lookups.append(extra.lookup)
+                lookups.append(self._lookup(extra.lookup))
         return render(scene), turns, first, scene, lookups
+
+    def _lookup(self, lookup):
+        return lookup if self.chain_evidence else dataclasses.replace(lookup, chain=())
 
     def _turn(self, rng: random.Random, task, thinking_text) -> tuple[str, str, bool]:
         think = task.think is not None and rng.random() < self.thinking_prob
@@ -437,4 +449,4 @@ class WorldStream:
         answer = s.thinking_answer if thinking else s.answer
         return encode(self.tokenizer, self._processor, self.config.tokens_per_tile, s.image, s.question, answer,
                       thinking=thinking, family=s.family, index=index, scene=s.scene if self.grounding else None,
-                      lookup=Lookup.from_meta(s.meta["lookup"]))
+                      lookup=self._lookup(Lookup.from_meta(s.meta["lookup"])))

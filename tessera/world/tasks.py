@@ -63,15 +63,17 @@ class Lookup:
     cells: tuple[tuple[tuple[int, int], ...], ...] = ()
     names: tuple[tuple[str, ...], ...] = ()
     coarse: bool = False
+    chain: tuple[tuple[str, int], ...] = ()  # the worked chain's numbers read off the image: (text, group), in order
 
     def to_meta(self) -> dict[str, Any]:
         return {"cells": [[list(c) for c in group] for group in self.cells], "names": [list(w) for w in self.names],
-                "coarse": self.coarse}
+                "coarse": self.coarse, "chain": [list(read) for read in self.chain]}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "Lookup":
         return cls(tuple(tuple(tuple(c) for c in group) for group in meta["cells"]),
-                   tuple(tuple(w) for w in meta["names"]), bool(meta["coarse"]))
+                   tuple(tuple(w) for w in meta["names"]), bool(meta["coarse"]),
+                   tuple((text, int(group)) for text, group in meta.get("chain", ())))
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,8 @@ def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
                  f"{s.label} + {o.label} = {value}.")
         return _Task(f"What is the sum of the labels of the {s.name} and the {o.name}?", str(value), chain,
                      _tiles(scene, [s, o], labels=True),
-                     Lookup(((s.label_cell,), (o.label_cell,)), ((s.colour, s.kind), (o.colour, o.kind))))
+                     Lookup(((s.label_cell,), (o.label_cell,)), ((s.colour, s.kind), (o.colour, o.kind)),
+                            chain=((s.label, 0), (o.label, 1))))
     kind = rng.choice(sorted({o.kind for o in scene.shapes}))
     n = scene.count(kind=kind)
     if variant == "minus" and label < n:
@@ -197,7 +200,8 @@ def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     hits = [o for o in scene.shapes if o.kind == kind]
     return _Task(f"What is the label of the {s.name} {variant} the number of {kind}s?", str(value), chain,
                  _tiles(scene, [s] + hits, labels=True),
-                 Lookup(((s.label_cell,), _block(*hits)), ((s.colour, s.kind), (f"{kind}s",))))
+                 Lookup(((s.label_cell,), _block(*hits)), ((s.colour, s.kind), (f"{kind}s",)),
+                        chain=((s.label, 0), (str(n), 1))))
 
 
 def _position(scene: Scene, s: Shape) -> str:
