@@ -143,9 +143,9 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
             hook.remove()
     loss, metrics = weighted_cross_entropy(logits, batch.targets, batch.weights, normalizer)
     share = batch.weight_sum / normalizer if normalizer else 1.0
-    for name, weight, layer, evidence in supervised:
+    if supervised:
         from tessera.train.grounding import evidence_attention_loss
-
+    for name, weight, layer, evidence in supervised:
         x, cos, sin, _, mask = captured[layer]
         att_loss, att_metrics = evidence_attention_loss(layers[layer].self_attn, x, cos, sin, mask, evidence,
                                                         evidence_heads, name=name)

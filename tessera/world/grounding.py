@@ -86,13 +86,21 @@ def tile_targets(scene: Scene, thumbnail: bool) -> np.ndarray:
     return tiles
 
 
+def tokens_per_side(tokens_per_tile: int) -> int:
+    """Side of a tile's square grid of 1/4 tokens; each token covers an equal block of the tile's patch cells."""
+    per_side = int(round(tokens_per_tile ** 0.5))
+    if per_side * per_side != tokens_per_tile or CELLS_PER_TILE % per_side:
+        raise ValueError(f"{tokens_per_tile} tokens per tile do not tile an {CELLS_PER_TILE}×{CELLS_PER_TILE} patch grid")
+    return per_side
+
+
 def thumbnail_token_of_cell(scene: Scene, x: int, y: int, tokens_per_tile: int) -> int | None:
     """Ordinal, among the image's visual tokens, of the thumbnail's 1/4 token that shows the centre of canvas cell
     (x, y); None for a one-tile image, which has no thumbnail (the processor adds one only to several tiles)."""
     tiles = scene.cols * scene.rows
     if tiles == 1:
         return None
-    per_side = int(round(tokens_per_tile ** 0.5))
+    per_side = tokens_per_side(tokens_per_tile)
     w, h = scene.size
     tx = min(per_side - 1, int((x + 0.5) * CELL * per_side / w))  # the canvas squeezed onto per_side × per_side
     ty = min(per_side - 1, int((y + 0.5) * CELL * per_side / h))
@@ -102,9 +110,7 @@ def thumbnail_token_of_cell(scene: Scene, x: int, y: int, tokens_per_tile: int) 
 def token_of_cell(scene: Scene, x: int, y: int, tokens_per_tile: int) -> int:
     """Ordinal, among the image's visual tokens in prompt order, of the 1/4 token that shows cell (x, y) of a tile
     (pixel_shuffle v2: token (i, j) of a tile holds the k×k patch block whose top-left is (i·k, j·k), row-major)."""
-    per_side = int(round(tokens_per_tile ** 0.5))  # tokens per tile side
-    if per_side * per_side != tokens_per_tile or CELLS_PER_TILE % per_side:
-        raise ValueError(f"{tokens_per_tile} tokens per tile do not tile an {CELLS_PER_TILE}×{CELLS_PER_TILE} patch grid")
+    per_side = tokens_per_side(tokens_per_tile)
     k = CELLS_PER_TILE // per_side
     lx, ly = x % CELLS_PER_TILE, y % CELLS_PER_TILE
     return scene.tile_of(x, y) * tokens_per_tile + (ly // k) * per_side + lx // k

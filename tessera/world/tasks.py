@@ -73,7 +73,7 @@ class Lookup:
     def from_meta(cls, meta: dict[str, Any]) -> "Lookup":
         return cls(tuple(tuple(tuple(c) for c in group) for group in meta["cells"]),
                    tuple(tuple(w) for w in meta["names"]), bool(meta["coarse"]),
-                   tuple((text, int(group)) for text, group in meta.get("chain", ())))
+                   tuple((text, int(group)) for text, group in meta["chain"]))
 
 
 @dataclass(frozen=True)
