@@ -7,8 +7,8 @@ from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.model.init import init_model
 from tessera.train.rl_losses import sequence_logprobs
 from tessera.train.rollout import Prepared, Query, Rollout, response_logprobs, sequence_batch
-from tessera.tts import (Critic, CriticConfig, CriticTrainConfig, auc, critic_features, generate_best_of_n, select,
-                         train_critic)
+from tessera.tts import (NUM_FEATURES, Critic, CriticConfig, CriticTrainConfig, auc, confidence_features,
+                         generate_best_of_n, self_check_features, select, train_critic)
 
 
 @pytest.fixture(scope="module")
@@ -50,31 +50,59 @@ def _prepared(model, n_tiles=2, thinking=False, seed=0):
                     [sum(per_tile)])
 
 
-def test_critic_features_read_the_answer(model):
+def test_confidence_features_are_the_answers_log_probs(model):
     preps = [_prepared(model, 1, seed=1), _prepared(model, 3, seed=2)]
     answers = [[40, 41, 42, model.tokenizer.im_end_id], [50, model.tokenizer.im_end_id]]
     seqs = sequence_batch(preps, answers, model.tokenizer.pad_id)
-    f = critic_features(model, seqs)
-    D = model.config.language.hidden_size
-    assert f.shape == (2, 2 * D + 3)
+    f = confidence_features(model, seqs)
+    assert f.shape == (2, 3)
     with torch.no_grad():
         lp, mask = response_logprobs(model, seqs)
-        mean_lp = sequence_logprobs(lp, mask) / mask.sum(1)
-        # the last answer token of row 0, alone (no padding, no batch neighbour)
-        ids = torch.tensor([preps[0].prompt_ids + answers[0]])
-        h = model.language_model.hidden(model.embed(ids, preps[0].image_features))[0, -1]
-    assert torch.allclose(f[:, 2 * D], mean_lp, atol=1e-5)
-    assert f[1, 2 * D + 2].item() == pytest.approx(torch.log1p(torch.tensor(2.0)).item())
-    assert torch.allclose(f[0, :D], h, atol=1e-4)
+    assert torch.allclose(f[:, 0], sequence_logprobs(lp, mask) / mask.sum(1), atol=1e-5)
+    assert torch.allclose(f[:, 1], lp.masked_fill(~mask, 0.0).min(dim=1).values, atol=1e-5)
+    assert f[1, 2].item() == pytest.approx(torch.log1p(torch.tensor(2.0)).item())
+
+
+def _direct_logprob(model, prepared, question, value):
+    """log P(value, <|im_end|>) after the direct question, one row alone."""
+    tok = model.tokenizer
+    prompt = tok.build_prompt(question, prepared.image_tokens)
+    example = tok.build_example(question, value, prepared.image_tokens)
+    p = Prepared(prepared.query, prompt, prepared.pixel_values, prepared.image_features, prepared.image_tokens)
+    seqs = sequence_batch([p], [example.input_ids[len(prompt):]], tok.pad_id)
+    with torch.no_grad():
+        lp, mask = response_logprobs(model, seqs)
+    return float(sequence_logprobs(lp, mask)[0])
+
+
+def test_self_check_re_asks_each_claim_and_recomputes_the_sum(model):
+    p = _prepared(model, 2, thinking=True, seed=5)
+    chains = {
+        "right": ("The red circle is labelled 47. There are 2 squares. 47 + 2 = 49.", "49"),
+        "bad sum": ("The red circle is labelled 47. There are 2 squares. 47 + 2 = 50.", "50"),
+        "wrong final": ("The red circle is labelled 47. There is 1 square. 47 - 1 = 46.", "45"),
+        "no chain": ("", "49"),
+    }
+    rolls = [Rollout([1], [0.0], True, text=f"{c}\n\n{final}", final=final, format_ok=True)
+             for c, final in chains.values()]
+    f = self_check_features(model, p, rolls)
+    assert f.shape == (4, 4)
+    label = _direct_logprob(model, p, "What is the label of the red circle?", "47")
+    two = _direct_logprob(model, p, "How many squares are there?", "2")
+    assert f[0, 0].item() == pytest.approx((label + two) / 2, abs=1e-4)
+    assert f[0, 1].item() == pytest.approx(min(label, two), abs=1e-4)
+    assert f[:, 2].tolist() == [1.0, 1.0, 1.0, 0.0]  # has claims
+    assert f[:, 3].tolist() == [1.0, -1.0, -1.0, 0.0]  # arithmetic right / wrong / wrong final / none
+    assert f[3, :2].tolist() == [0.0, 0.0]
 
 
 def test_critic_learns_a_separable_signal_and_splits_by_query(tmp_path):
     g = torch.Generator().manual_seed(0)
-    E, D = 1200, 8
-    feats = torch.randn(E, 2 * D + 3, generator=g)
-    labels = (feats[:, 0] + 0.5 * feats[:, -3] > 0).float()
+    E = 1200
+    feats = torch.randn(E, NUM_FEATURES, generator=g)
+    labels = (feats[:, 0] + 0.5 * feats[:, -1] > 0).float()
     qids = [i // 4 for i in range(E)]  # 300 queries of 4 rollouts
-    critic, report = train_critic(feats, labels, qids, D, CriticTrainConfig(epochs=200, val_fraction=0.25))
+    critic, report = train_critic(feats, labels, qids, CriticTrainConfig(epochs=200, val_fraction=0.25))
     assert report.val_queries == 75 and report.examples == E
     assert report.val_accuracy > 0.9 and report.val_auc > 0.95
     critic.save(tmp_path / "critic")
@@ -82,12 +110,14 @@ def test_critic_learns_a_separable_signal_and_splits_by_query(tmp_path):
     assert torch.equal(again(feats), critic(feats).detach())
     with pytest.raises(FileNotFoundError, match="tessera critic"):
         Critic.load(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="retrain it"):  # a critic saved with other features
+        CriticConfig(input_size=2 * 256 + 3)
 
 
 def test_generate_best_of_n_is_the_eval_hook(model):
     """One row per prompt, stop id removed, reproducible under its seed; prompts with and without images."""
     torch.manual_seed(0)
-    critic = Critic(CriticConfig(model.config.language.hidden_size)).eval()
+    critic = Critic(CriticConfig()).eval()
     p1, p2 = _prepared(model, 2, seed=3), _prepared(model, 1, seed=4)
     prompts = [p1.prompt_ids, model.tokenizer.build_prompt("no image here", []), p2.prompt_ids]
     feats = torch.cat([p1.image_features, p2.image_features])
@@ -102,7 +132,7 @@ def test_generate_best_of_n_is_the_eval_hook(model):
 def test_evaluate_runs_best_of_n_with_the_model_critic(model):
     from tessera.evaluate import evaluate
 
-    model.critic = Critic(CriticConfig(model.config.language.hidden_size)).eval()
+    model.critic = Critic(CriticConfig()).eval()
     try:
         result = evaluate(model, n=2, best_of=2, max_new_tokens=3, max_think_tokens=3, families=["colour", "count"])
     finally:

@@ -340,3 +340,26 @@ def test_lookup_survives_the_samples_meta(family):
         _, task, _, meta = build(seed, family, "train", 1.0)
         assert Lookup.from_meta(json.loads(json.dumps(meta["lookup"]))) == task.lookup
         assert len(task.lookup.names) in (0, len(task.lookup.cells))
+
+
+def test_a_chains_claims_are_the_direct_questions_and_its_sum_checks():
+    from tessera.world.claims import Claim, arithmetic_consistent, perception_claims
+    from tessera.world.tasks import build, count_question, label_question
+
+    for seed in range(40):
+        scene, task, _, _ = build(seed, "reasoning")
+        claims = perception_claims(task.think)
+        named = [s for s in scene.shapes if f"The {s.name} is labelled {s.label}." in task.think]
+        first = min(named, key=lambda s: task.think.index(f"The {s.name} "))
+        assert claims[0] == Claim(label_question(first.name), first.label)
+        assert len(claims) == 2 and claims[1].question.startswith(("What is the label", "How many"))
+        if claims[1].question.startswith("How many"):
+            kind = claims[1].question.split()[2][:-1]
+            assert claims[1] == Claim(count_question(kind), str(scene.count(kind=kind)))
+        assert arithmetic_consistent(task.think, task.answer) is True
+        assert arithmetic_consistent(task.think, f"The answer is {task.answer}.") is True
+        assert arithmetic_consistent(task.think, str(int(task.answer) + 1)) is False
+    assert arithmetic_consistent("The red circle is labelled 4. 4 + 3 = 8.", "8") is False
+    assert arithmetic_consistent("The red circle is labelled 4.", "4") is None
+    assert perception_claims("There is 1 diamond. There are 3 diamonds.") == [
+        Claim(count_question("diamond"), "1"), Claim(count_question("diamond"), "3")]

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from tessera.bench.best_of_n import BestOfNConfig, best_of_n_table, format_best_of_n
 
 @dataclass
 class CascadeConfig:
@@ -127,7 +128,9 @@ def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = Casca
     rows["Cascade (MPO → GSPO)"] = {**_measure(c_model, cfg), "cpu_seconds": mpo_cpu + c_cpu}
 
     log("cascade: Best-of-N on the Cascade model")
-    bon = best_of_n_table(c_model, cfg, out / "critic")
+    bon = best_of_n_table(c_model, BestOfNConfig(cfg.eval_reasoning, cfg.best_of, cfg.critic_queries, cfg.group_size,
+                                                 cfg.bon_temperature, cfg.families, cfg.eval_seed, cfg.seed),
+                          out / "critic")
     summary = {"config": asdict(cfg), "rows": rows, "offline": {"queries": len(offline.stats), "pairs": len(offline.pairs),
                "accuracy": offline.accuracy, "filtered_queries": len(pool), "cpu_seconds": collect_cpu},
                "steps_per_pass": steps_per_pass, "best_of_n": bon,
@@ -137,42 +140,6 @@ def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = Casca
     (out / "cascade.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "cascade.md").write_text(format_cascade(summary))
     return summary
-
-
-def best_of_n_table(model, cfg: CascadeConfig, critic_dir: Path) -> dict[str, Any]:
-    """Accuracy at each N (greedy at N = 1, sampled mean, vote, critic, critic-weighted, oracle pass@N)."""
-    from tessera.evaluate import evaluate
-    from tessera.train.rollout import CRITIC_SEED_OFFSET, SamplingConfig, prepare, training_queries, world_query
-    from tessera.tts import CriticTrainConfig, best_of_n_rollouts, fit_critic, select
-    from tessera.world import eval_items, verify
-
-    start = _cpu()
-    sampling = SamplingConfig(temperature=cfg.bon_temperature, group_size=cfg.group_size, seed=cfg.seed)
-    queries = training_queries(cfg.critic_queries, cfg.families or None, cfg.seed, CRITIC_SEED_OFFSET)
-    critic, report = fit_critic(model, queries, sampling, CriticTrainConfig(seed=cfg.seed))
-    critic.save(critic_dir)
-    critic_cpu = _cpu() - start
-    n_max = max(cfg.best_of)
-    items = eval_items(cfg.eval_reasoning, ["reasoning"], offset=cfg.eval_seed)
-    eval_queries = [world_query(it.seed, it.family, split=it.split) for it in items]
-    prepared = prepare(model, eval_queries, keep_pixels=False)
-    sampled = best_of_n_rollouts(model, critic, prepared, n_max, SamplingConfig(temperature=cfg.bon_temperature,
-                                 seed=cfg.seed + 17), "weighted", verify=verify)
-    greedy = evaluate(model, seed=cfg.eval_seed, n=cfg.eval_reasoning, families=["reasoning"], keep_records=False).overall
-    table = {}
-    for n in cfg.best_of:
-        acc = {s: 0.0 for s in ("vote", "critic", "weighted")}
-        mean_sample = oracle = 0.0
-        for _, rolls, probs in sampled:
-            rolls, probs = rolls[:n], probs[:n]
-            for s in acc:
-                acc[s] += rolls[select(rolls, probs, s)].correct
-            mean_sample += sum(r.correct for r in rolls) / n
-            oracle += any(r.correct for r in rolls)
-        k = len(sampled)
-        table[n] = {"sampled_mean": mean_sample / k, "oracle": oracle / k, **{s: v / k for s, v in acc.items()}}
-    return {"greedy": greedy, "by_n": table, "critic": asdict(report), "critic_cpu_seconds": critic_cpu,
-            "questions": len(sampled)}
 
 
 def format_cascade(summary: dict[str, Any]) -> str:
@@ -190,16 +157,7 @@ def format_cascade(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['reasoning']:.1%} | {100 * (r['reasoning'] - base):+.1f} | {r['overall']:.1%} | "
                      f"{r['cpu_seconds']:.0f} | {total:.0f} |")
     lines += ["", "Per family (greedy; thinking on for reasoning):", "", *family_table(rows)]
-    bon = summary["best_of_n"]
-    c = bon["critic"]
-    lines += ["", f"Best-of-N on the Cascade model ({bon['questions']} held-out reasoning questions, temperature "
-              f"{summary['config']['bon_temperature']}). Greedy (N = 1): {bon['greedy']:.1%}. Critic: held-out accuracy "
-              f"{c['val_accuracy']:.1%}, AUC {c['val_auc']:.3f} on its training rollouts ({c['examples']}, "
-              f"{c['positives']:.0%} correct); {bon['critic_cpu_seconds']:.0f} CPU s to build.", "",
-              "| N | sampled (mean) | vote | critic | critic-weighted | oracle pass@N |", "|---:|---:|---:|---:|---:|---:|"]
-    for n, t in bon["by_n"].items():
-        lines.append(f"| {n} | {t['sampled_mean']:.1%} | {t['vote']:.1%} | {t['critic']:.1%} | {t['weighted']:.1%} | "
-                     f"{t['oracle']:.1%} |")
+    lines += ["", *format_best_of_n(summary["best_of_n"], "the Cascade model")]
     return "\n".join(lines) + "\n"
 
 

@@ -101,6 +101,16 @@ def _block(*shapes: Shape) -> tuple[tuple[int, int], ...]:
     return tuple((s.x + i, s.y + j) for s in shapes for j in range(s.size) for i in range(s.size))
 
 
+def label_question(name: str) -> str:
+    """The label family's question about the shape called `name` ("red circle"); thinking chains' claims
+    (tessera.world.claims) are re-asked in exactly these words."""
+    return f"What is the label of the {name}?"
+
+
+def count_question(kind: str) -> str:
+    return f"How many {kind}s are there?"
+
+
 # ---- the families: each returns None when the scene cannot support the question ---------------------
 
 def _colour(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -126,7 +136,7 @@ def _count(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if r < 0.5:  # a kind, sometimes one that is absent (answer 0) so the model must look
         kind = rng.choice(SHAPES if rng.random() < 0.2 else sorted({s.kind for s in scene.shapes}))
         hits = [s for s in scene.shapes if s.kind == kind]
-        question, names = f"How many {kind}s are there?", ((f"{kind}s",),)
+        question, names = count_question(kind), ((f"{kind}s",),)
     elif r < 0.8:
         colour = rng.choice(sorted({s.colour for s in scene.shapes}))
         hits = [s for s in scene.shapes if s.colour == colour]
@@ -140,7 +150,7 @@ def _count(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
 
 def _label(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     s = rng.choice(scene.shapes)
-    return _Task(f"What is the label of the {s.name}?", s.label, None, _tiles(scene, [s], labels=True),
+    return _Task(label_question(s.name), s.label, None, _tiles(scene, [s], labels=True),
                  Lookup(((s.label_cell,),), ((s.colour, s.kind),)))
 
 
