@@ -19,7 +19,8 @@ CASCADE = ["pretrain", "sft", "mpo", "gspo", "vico", "router"]
 def tiny_plan() -> RecipeConfig:
     small = dict(rows=1, row_tokens=384, workers=0)
     one = dict(steps=1, warmup_steps=1, log_every=1, progress=False)
-    return RecipeConfig(tokenizer_corpus=20, eval_n=2, probe_n=2, chance_n=20, eval_families=["colour", "label"], stages=[
+    return RecipeConfig(tokenizer_corpus=20, eval_n=2, probe_n=2, chance_n=20, eval_families=["colour", "label"],
+                        critic_queries=2, stages=[
         StagePlan("pretrain", TrainConfig(**one), dict(small)),
         StagePlan("sft", TrainConfig(**one, eval_every=1), dict(small)),
     ])
@@ -47,6 +48,9 @@ def test_recipe_smoke_and_resume(tmp_path):
     assert result.final_checkpoint == tmp_path / "sft" / "final"
     model = tessera.load(result.final_checkpoint)
     assert model.tokenizer is not None
+    from tessera.tts import Critic
+
+    Critic.load(result.final_checkpoint)  # the final model ships its Best-of-N critic
     evals = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines() if "eval" in x]
     assert len(evals) == 1 and 0 <= evals[0]["eval"]["overall"] <= 1
     # no Flash parts anywhere: no Flash table; the plan ends with sft, so its evaluation is the final one

@@ -1,4 +1,4 @@
-"""The training cascade end to end: init → pretrain → sft → mpo → gspo → vico → router → evaluation → report.
+"""The training cascade end to end: init → pretrain → sft → mpo → gspo → vico → router → critic → evaluation → report.
 
 Every stage writes into its own folder of `out/` (checkpoints, metrics.jsonl, final/), so rerunning the
 recipe with the same `out` resumes where it stopped: a finished stage is reloaded from its final/ folder
@@ -49,6 +49,7 @@ class RecipeConfig:
     probe_n: int = 70  # held-out questions for the accuracy curve during training
     eval_families: list[str] | None = None  # None = every family of the world
     chance_n: int = 400
+    critic_queries: int = 300  # training queries whose rollouts train the final model's Best-of-N critic (0: none)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,7 +135,7 @@ def quick_recipe() -> RecipeConfig:
     small = dict(rows=2, row_tokens=384, workers=0)
     rl_families = {"colour": 1.0, "shape": 1.0}
     quiet = dict(warmup_steps=1, log_every=1)
-    return RecipeConfig(tokenizer_corpus=60, eval_n=14, flash_n=7, probe_n=7, chance_n=50, stages=[
+    return RecipeConfig(tokenizer_corpus=60, eval_n=14, flash_n=7, probe_n=7, chance_n=50, critic_queries=8, stages=[
         StagePlan("pretrain", TrainConfig(steps=3, lr=1e-4, save_every=2, **quiet), dict(small)),
         StagePlan("sft", TrainConfig(steps=60, lr=3e-4, warmup_steps=2, min_lr_ratio=1.0, log_every=5, eval_every=60),
                   {**small, "families": rl_families, "turns": 4, "curriculum": [[0, 0.0]]}),
@@ -210,10 +211,31 @@ def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny
 
         key = _eval_key(final, n=config.flash_n, seed=config.eval_seed)
         flash = cached(out / "evals.json", "flash", key, lambda: flash_summary(model, config.flash_n, config.eval_seed))
+    if config.critic_queries:
+        fit_final_critic(model, final, config)
     summary = write_report(out, result, stage_dirs, read_timings(out / "timings.json"),
                            {"final_checkpoint": str(final), "quick": quick}, chance_n=config.chance_n,
                            stage_evals=stage_evals, flash=flash)
     return RecipeResult(out, final, summary)
+
+
+def fit_final_critic(model, final: Path, config: RecipeConfig) -> None:
+    """Train the Best-of-N critic (tessera.tts) on the final model's rollouts into final/critic, so that `eval`
+    and `chat --best-of N` work on the recipe's checkpoint; skipped when a critic of these weights is there."""
+    from tessera.train.rollout import CRITIC_SEED_OFFSET, SamplingConfig, training_queries
+    from tessera.tts import CRITIC_DIR, CriticTrainConfig, fit_critic
+
+    folder = final / CRITIC_DIR
+    key = json.loads(json.dumps(_eval_key(final, queries=config.critic_queries, seed=config.seed)))
+    stamp = folder / "weights.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == key:
+        return
+    queries = training_queries(config.critic_queries, None, config.seed, CRITIC_SEED_OFFSET)
+    critic, report = fit_critic(model, queries, SamplingConfig(temperature=0.7, group_size=8, seed=config.seed),
+                                CriticTrainConfig(seed=config.seed), log=None)
+    critic.save(folder)
+    _write_json(folder / "report.json", asdict(report))
+    _write_json(stamp, key)
 
 
 def run_stage(model, plan: StagePlan, config: RecipeConfig, out: Path, progress: bool = True):
