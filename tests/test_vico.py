@@ -128,3 +128,23 @@ def test_stage_runs_in_the_trainer(tiny, tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.startswith("mlp2.") for n in changed)
     assert not any(n.startswith(("pooling_before_gating.", "gating.")) for n in changed)
+
+
+def test_grounding_probe_reaches_the_compressed_branch_on_world_samples(tiny):
+    """ViCOData.grounding: every tile's 1/16 tokens get the dense probe; its loss trains mlp2 and the head."""
+    import copy
+
+    from tessera.train.vico import ViCOData, build_stage
+
+    model = copy.deepcopy(tiny)
+    stage = build_stage(model, ViCOData(rows=1, row_tokens=512, workers=0, grounding=1.0, curriculum=((0, 0.0),)))
+    stage.setup(model)
+    batch, _ = next(stage.batches(0, 0, 1))
+    assert batch.reference.grounding is not None
+    assert batch.reference.grounding.shape[0] == batch.policy.pixel_values.shape[0]  # one target grid per tile
+    model.train()
+    loss, metrics = stage.loss(model, batch, stage.weight(batch))
+    assert "ground16/loss" in metrics and "kl" in metrics
+    loss.backward()
+    assert stage.extra.proj.weight.grad is not None and stage.extra.proj.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("mlp2."))

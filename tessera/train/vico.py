@@ -10,6 +10,11 @@ The two sequences of a sample differ only in the number of `<IMG_CONTEXT>` token
 same in the same order: the KL is taken between `ref_logits[ref loss positions]` and `logits[policy loss
 positions]` (checked position by position). ξ is a pure function of the sample's stream index, so resume is exact.
 The router takes no part (it is trained afterwards by the `router` stage, on the model this stage produces).
+
+With `ViCOData.grounding` > 0 the 1/16 tokens also get the dense grounding probe of the base stages
+(tessera.train.grounding, one linear head reading the 4×4 cells each 1/16 token covers): the KL alone tells mlp2
+what the answers need only through a few answer tokens per sample, while the probe asks every 1/16 token of every
+tile which object and which glyphs it covers — the fresh branch starts from nothing, as the projector once did.
 """
 
 from __future__ import annotations
@@ -124,6 +129,8 @@ class ViCOStage:
     trainable: dict[str, bool] = field(default_factory=lambda: {"router": False})
     component_lr: dict[str, float] = field(default_factory=dict)
     reference: torch.nn.Module | None = None
+    grounding: float = 0.0  # weight of the dense grounding loss on every tile's 1/16 tokens
+    extra: torch.nn.Module | None = None  # its head (tessera.train.grounding.GroundingHead), when grounding > 0
 
     def setup(self, model: torch.nn.Module) -> None:
         model.add_flash_branch()  # an SFT model trained without Flash parts gets a fresh 1/16 branch and router
@@ -142,14 +149,28 @@ class ViCOStage:
         with torch.no_grad():
             ref_logits = self.reference(ref.input_ids, pixel_values=ref.pixel_values, position_ids=ref.position_ids,
                                         attn_mask=ref.attn_mask())  # [B,L,V]
-        logits = model(pol.input_ids, pixel_values=pol.pixel_values, position_ids=pol.position_ids,
-                       attn_mask=pol.attn_mask(), compress=batch.compress)  # [B,L',V]
+        grid = model.vision_tokens(pol.pixel_values)  # [ΣN, h, w, Cv]
+        features, _ = model.project(grid, batch.compress)  # [ΣT', D], each tile at its ξ
+        logits = model(pol.input_ids, image_features=features, position_ids=pol.position_ids,
+                       attn_mask=pol.attn_mask())  # [B,L',V]
         rmask, pmask = ref.targets != IGNORE, pol.targets != IGNORE  # [B,L], [B,L']
         if not torch.equal(ref.targets[rmask], pol.targets[pmask]):
             raise ValueError("reference and policy answer tokens differ: the pair sequences are misaligned")
         ref_sel, pol_sel = ref_logits[rmask], logits[pmask]  # [M,V] each, the same answer tokens in order
         weights = pol.weights[pmask]  # [M]
         loss, metrics = kl_consistency(ref_sel[None], pol_sel[None], weights[None], normalizer)  # [1,M,V] each
+        if self.grounding > 0:
+            if ref.grounding is None or self.extra is None:
+                raise ValueError("vico grounding needs samples with grounding targets and a head (build_stage makes both)")
+            from tessera.train.grounding import grounding_loss
+
+            every_small = torch.ones(grid.shape[0], dtype=torch.bool, device=grid.device)
+            small, _ = model.project(grid, every_small)  # [ΣN·t16, D], every tile at 1/16
+            share = pol.weight_sum / normalizer if normalizer else 1.0
+            aux, aux_metrics = grounding_loss(self.extra, small, ref.grounding,
+                                              model.config.flash.compressed_downsample_ratio, name="ground16")
+            loss = loss + self.grounding * share * aux
+            metrics.update(aux_metrics)
         with torch.no_grad():
             ref_logp = F.log_softmax(ref_sel.float(), -1)  # [M,V]
             kl = (ref_logp.exp() * (ref_logp - F.log_softmax(pol_sel.float(), -1))).sum(-1)  # [M]
@@ -170,6 +191,7 @@ class ViCOData:
     curriculum: tuple[tuple[int, float], ...] = ((0, 1.0),)
     thinking_prob: float = 0.5
     train_vision: bool = True  # the paper trains the whole model; False freezes the ViT
+    grounding: float = 0.0  # weight of the dense grounding probe on the 1/16 tokens (see the module doc)
 
 
 def build_stage(model, data: "ViCOData | dict | None" = None) -> ViCOStage:
@@ -181,8 +203,14 @@ def build_stage(model, data: "ViCOData | dict | None" = None) -> ViCOStage:
     data = dataclass_from(ViCOData, data)
     cfg, tok = model.config, model.tokenizer
     stream = WorldStream(tok, cfg, families=default_families(), thinking_prob=data.thinking_prob,
-                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET)
+                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET, grounding=data.grounding > 0)
     packer = PairPacker(data.rows, data.row_tokens, tok.pad_id, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile,
                         cfg.image_context_token_id, data.compress_prob)
     trainable = {"router": False} if data.train_vision else {"router": False, "vision": False}
-    return ViCOStage(stream, packer, data.workers, trainable=trainable)
+    head = None
+    if data.grounding > 0:
+        from tessera.model.connector import shuffle_factor
+        from tessera.train.grounding import GroundingHead
+
+        head = GroundingHead(cfg.language.hidden_size, shuffle_factor(cfg.flash.compressed_downsample_ratio) ** 2)
+    return ViCOStage(stream, packer, data.workers, trainable=trainable, grounding=data.grounding, extra=head)
