@@ -231,8 +231,12 @@ def test_cli_convert(good, tmp_path, capsys):
     assert "not a valid safetensors file" in capsys.readouterr().out
 
 
-def test_cli_convert_casts_to_bfloat16(good, tmp_path):
+def test_cli_convert_casts_to_bfloat16_and_carries_the_critic(good, tmp_path):
+    from tessera.tts import Critic, CriticConfig
+
+    Critic(CriticConfig()).save(good / "critic")
     assert cli(["convert", str(good), str(tmp_path / "bf16"), "--to", "tessera", "--dtype", "bfloat16"]) == 0
+    Critic.load(tmp_path / "bf16")
     src, half = load_checkpoint(good), load_checkpoint(tmp_path / "bf16")
     for (name, a), (_, b) in zip(src.state_dict().items(), half.state_dict().items()):
         assert b.dtype == torch.bfloat16, name

@@ -1,7 +1,8 @@
 """`tessera convert SRC DST --to hf|tessera|official`: rewrite a checkpoint folder in another layout.
 
 The source layout (tessera, official InternVL3.5, transformers) is detected from its config.json; tensors
-are copied bit for bit and tokenizer.json is copied along.
+are copied bit for bit and tokenizer.json is copied along, and so is the Best-of-N critic (critic/, tessera.tts)
+when the source has one.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         convert(args.src, dst, to=args.to, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        from tessera.tts import CRITIC_DIR
+
+        if (Path(args.src) / CRITIC_DIR).is_dir():
+            import shutil
+
+            shutil.copytree(Path(args.src) / CRITIC_DIR, dst / CRITIC_DIR, dirs_exist_ok=True)
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}")
         return 1
