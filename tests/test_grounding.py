@@ -14,7 +14,7 @@ from tessera.world import make_sample
 from tessera.world.grounding import FIELDS, IGNORE, cell_targets, tile_targets
 from tessera.world.scenes import COLOURS, DOC_KEYS, SHAPES
 
-GLYPH0, GLYPH1, OBJECT, ANCHOR = range(len(FIELDS))
+GLYPH0, GLYPH1, OBJECT, ANCHOR, COLUMN, ROW = range(len(FIELDS))
 
 
 def digits(cells: np.ndarray, y: int, x: int) -> str:
@@ -61,7 +61,13 @@ def test_tile_targets_follow_the_processors_tiles_and_the_thumbnail_names_each_s
         cells = cell_targets(scene)
         for t in range(scene.cols * scene.rows):
             ty, tx = divmod(t, scene.cols)
-            assert (tiles[t] == cells[ty * 8:(ty + 1) * 8, tx * 8:(tx + 1) * 8]).all()
+            assert (tiles[t][..., :COLUMN] == cells[ty * 8:(ty + 1) * 8, tx * 8:(tx + 1) * 8, :COLUMN]).all()
+        # places: every cell of a whole-canvas view (the thumbnail, or the only tile) says where it is;
+        # the tiles of a multi-tile image cannot know which tile they are, so they are not asked
+        whole = tiles[-1]
+        assert (whole[..., COLUMN] == 1 + np.arange(8)[None, :]).all() and (whole[..., ROW] == 1 + np.arange(8)[:, None]).all()
+        if scene.cols * scene.rows > 1:
+            assert (tiles[:-1][..., COLUMN:] == IGNORE).all()
         if scene.cols * scene.rows > 1:
             thumb = tiles[-1]
             assert (thumb[..., :2] == IGNORE).all()  # glyphs are illegible in the thumbnail
@@ -175,9 +181,10 @@ def test_evidence_attention_loss_pulls_the_head_onto_the_evidence():
     assert masses[-1] > 3 * masses[0]
 
 
-def test_spatial_evidence_is_two_groups_that_include_each_objects_thumbnail_token():
-    """A spatial answer compares two objects: one evidence group per object (its 1/4 tile tokens, plus, in a
-    multi-tile image, the thumbnail token at its cells, the one view that knows where it is on the canvas)."""
+def test_spatial_evidence_is_two_groups_read_from_the_whole_canvas_view():
+    """A spatial answer compares two objects' places: one evidence group per object, its tokens on the view that
+    shows the whole canvas — the thumbnail's tokens at its cells in a multi-tile image (tile tokens cannot know
+    which tile they are in), the only tile's tokens in a one-tile image."""
     from tessera.train.data import Curriculum, WorldStream
     from tessera.train.recipe import RecipeConfig, init_model_for
     from tessera.world.grounding import thumbnail_token_of_cell, token_of_cell
@@ -185,19 +192,23 @@ def test_spatial_evidence_is_two_groups_that_include_each_objects_thumbnail_toke
     model = init_model_for(RecipeConfig(tokenizer_corpus=20))
     tok, per_tile = model.tokenizer, model.config.tokens_per_tile
     stream = WorldStream(tok, model.config, families={"spatial": 1.0}, curriculum=Curriculum(((0, 1.0),)), grounding=True)
-    multi_tile = 0
-    for i in range(12):
+    seen = {"one tile": 0, "thumbnail": 0}
+    for i in range(16):
         s, _ = stream.sample(i)
         (queries, groups, _), = stream(i).evidence
         assert len(groups) == 2 and len(queries) == 1  # one answer word, one group per object
         positions = [p for p, t in enumerate(stream(i).input_ids) if t == tok.img_context_id]
+        tiles = s.scene.cols * s.scene.rows
         for cells, keys in zip(s.meta["lookup"]["cells"], groups):
             ordinals = {positions.index(k) for k in keys}
-            assert {token_of_cell(s.scene, x, y, per_tile) for x, y in cells} <= ordinals
-            thumb = {thumbnail_token_of_cell(s.scene, x, y, per_tile) for x, y in cells} - {None}
-            assert thumb <= ordinals and all(o >= s.scene.cols * s.scene.rows * per_tile for o in thumb)
-            multi_tile += bool(thumb)
-    assert multi_tile > 0
+            if tiles == 1:
+                assert ordinals == {token_of_cell(s.scene, x, y, per_tile) for x, y in cells}
+                seen["one tile"] += 1
+            else:
+                assert ordinals == {thumbnail_token_of_cell(s.scene, x, y, per_tile) for x, y in cells}
+                assert all(o >= tiles * per_tile for o in ordinals)
+                seen["thumbnail"] += 1
+    assert all(seen.values()), seen
 
 
 def test_each_supervised_head_is_pulled_onto_its_own_group():

@@ -363,3 +363,35 @@ def test_a_chains_claims_are_the_direct_questions_and_its_sum_checks():
     assert arithmetic_consistent("The red circle is labelled 4.", "4") is None
     assert perception_claims("There is 1 diamond. There are 3 diamonds.") == [
         Claim(count_question("diamond"), "1"), Claim(count_question("diamond"), "3")]
+
+
+@pytest.mark.parametrize("a, op, b, text", [
+    (47, "+", 85, "47 + 85: 7 + 5 = 12, 4 + 8 + 1 = 13, so 47 + 85 = 132."),
+    (47, "-", 9, "47 - 9: 17 - 9 = 8, 4 - 0 - 1 = 3, so 47 - 9 = 38."),
+    (20, "-", 1, "20 - 1: 10 - 1 = 9, 2 - 0 - 1 = 1, so 20 - 1 = 19."),
+    (5, "+", 47, "5 + 47: 5 + 7 = 12, 0 + 4 + 1 = 5, so 5 + 47 = 52."),
+    (5, "-", 5, "5 - 5: 5 - 5 = 0, so 5 - 5 = 0."),
+])
+def test_worked_sums_go_one_column_at_a_time(a, op, b, text):
+    from tessera.world.tasks import worked_sum
+
+    assert worked_sum(a, b, op) == text
+
+
+def test_worked_sums_columns_spell_the_result():
+    import random
+
+    from tessera.world.claims import arithmetic_consistent
+    from tessera.world.tasks import worked_sum
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        a, b, op = rng.randrange(100), rng.randrange(100), rng.choice("+-")
+        a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+        steps = worked_sum(a, b, op).split(": ", 1)[1].split(", so")[0].split(", ")
+        values = [int(step.split(" = ")[1]) for step in steps]  # units column first
+        result = int(str(values[-1]) + "".join(str(v % 10) for v in reversed(values[:-1])))
+        assert result == (a + b if op == "+" else a - b)
+        assert arithmetic_consistent(worked_sum(a, b, op), str(result))
+    with pytest.raises(ValueError, match="no worked sum"):
+        worked_sum(3, 5, "-")

@@ -68,8 +68,8 @@ def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, ans
 def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_per_tile: int,
               turns: Sequence[tuple[Any, bool]]) -> list[tuple[list[int], list[list[int]], list[list[int]]]] | None:
     """Per turn (its Lookup or None, thinking?): the positions predicting its answer tokens (not `<|im_end|>`);
-    per group, the positions of the visual tokens that show its cells — when `coarse`, the thumbnail tokens at
-    those cells too; and per group, the positions of the words in the turn's question that name it (empty when
+    per group, the positions of the visual tokens that show its cells — when `coarse`, only the thumbnail's
+    tokens at those cells (a one-tile image has no thumbnail: its tile is the whole canvas); and per group, the positions of the words in the turn's question that name it (empty when
     it has none). A thinking turn instead gives one entry per number its chain reads off the image (the
     positions that write it → its group's tokens) when the Lookup names them (`chain`), and nothing otherwise;
     turns without cells give nothing."""
@@ -93,9 +93,11 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
             continue
         keys = []
         for cells in lookup.cells:
-            ordinals = {token_of_cell(scene, x, y, tokens_per_tile) for x, y in cells}
-            if lookup.coarse:
-                ordinals |= {thumbnail_token_of_cell(scene, x, y, tokens_per_tile) for x, y in cells} - {None}
+            # a coarse lookup reads places: from the view of the whole canvas (the thumbnail when there is one)
+            ordinals = {thumbnail_token_of_cell(scene, x, y, tokens_per_tile) for x, y in cells} - {None} \
+                if lookup.coarse else set()
+            if not ordinals:
+                ordinals = {token_of_cell(scene, x, y, tokens_per_tile) for x, y in cells}
             keys.append(sorted(image_positions[o] for o in ordinals))
         if thinking:  # each number the chain reads off the image, from the positions that write it
             reads = _word_positions(tokenizer, ids, s, e, [(text,) for text, _ in lookup.chain])

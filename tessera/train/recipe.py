@@ -77,9 +77,11 @@ def tiny_recipe() -> RecipeConfig:
     families weighted equally (weighting the reading families 3× cost colour and shape more than it gave reading,
     docs/TRAINING.md E7 vs E8), grounding still on, the world's difficulty stepping up (fixed slots → free placement → full scenes) by sample index, with a
     long middle phase (0.5) in which the language model learns to look entries up among a few.
-    sft also tells one attention head of the language model's middle layer where each answer's evidence is
-    (tessera.train.grounding.evidence_attention_loss): without it the digits sit in the visual tokens but the
-    language model never learns to fetch them (docs/TRAINING.md, session 2).
+    sft also tells two attention heads of the language model's middle layer where each answer's evidence is
+    (tessera.train.grounding.evidence_attention_loss), answers and the numbers thinking chains read off the
+    image alike: without it the digits sit in the visual tokens but the language model never learns to fetch
+    them (docs/TRAINING.md, session 2). 4,800 steps: at 3,200 the accuracy was still rising when the learning
+    rate ran out (docs/TRAINING.md, session 4, has the trade-off against the 30-minute target).
     Learning rates: language 6e-4, connector 3e-3 (the projector is what the grounding probe found slowest: four
     patches squeezed into one token), ViT 1e-4 (the calibration's learning-rate cliff for reading).
 
@@ -98,7 +100,7 @@ def tiny_recipe() -> RecipeConfig:
     lrs = {"language": 6e-4, "connector": 3e-3, "vision": 1e-4, "router": 1e-4}
     pretrain = TrainConfig(steps=250, lr=1e-4, component_lr=lrs, warmup_steps=20, min_lr_ratio=0.3,
                            precision="bf16", save_every=50)
-    sft = TrainConfig(steps=3200, lr=1e-4, component_lr=lrs, warmup_steps=30, min_lr_ratio=0.1,
+    sft = TrainConfig(steps=4800, lr=1e-4, component_lr=lrs, warmup_steps=30, min_lr_ratio=0.1,
                       precision="bf16", save_every=100, eval_every=300)
     # RL: constant lr after a short warm-up; the stages pin fp32 themselves (their log-probs meet fp32 rollouts)
     mpo = TrainConfig(steps=60, lr=2e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=5, save_every=30, eval_every=30)
@@ -114,6 +116,7 @@ def tiny_recipe() -> RecipeConfig:
                                          "curriculum": [[0, 0.0], [2000, 0.0], [2001, 0.5]]}),
         StagePlan("sft", sft, {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4,
                                "grounding": 1.0, "evidence_attention": 1.0, "evidence_heads": [0, 2],
+                               "chain_evidence": True,
                                "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [12000, 0.5],
                                                                 [16000, 1.0]]}),
         StagePlan("mpo", mpo, {"out": "{stage}", "queries": 384, "group_size": 8, "pairs_per_batch": 8}),

@@ -10,6 +10,10 @@ Per cell, `FIELDS` integer targets (0 = nothing):
   glyph0, glyph1  the two glyph slots: 1–10 the digits 0–9, 11–16 a document's colour mark (DOC_KEYS order)
   object          1 + kind·6 + colour for a cell covered by a shape's block (SHAPES × COLOURS order)
   anchor          1 on the top-left cell of each shape (one per shape: what counting needs)
+  column, row     1 + the cell's column / row on a view of the whole canvas (the thumbnail's 8×8 grid, or the only
+                  tile of a one-tile image); IGNORE on the tiles of a multi-tile image, whose tokens cannot know
+                  which tile they are in. Spatial questions compare two shapes' places: the values an attention
+                  head fetches from the whole-canvas view must say where they were.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import numpy as np
 
 from tessera.world.scenes import CELL, CELLS_PER_TILE, COLOURS, DOC_KEYS, SHAPES, Scene
 
-FIELDS = ("glyph0", "glyph1", "object", "anchor")
+FIELDS = ("glyph0", "glyph1", "object", "anchor", "column", "row")
+_COLUMN, _ROW = 4, 5
 NUM_CLASSES = 1 + len(SHAPES) * len(COLOURS)  # the widest field (object): 25
 IGNORE = -100
 _COLOUR_INDEX = {c: i for i, c in enumerate(COLOURS)}
@@ -51,6 +56,14 @@ def cell_targets(scene: Scene) -> np.ndarray:
     return out
 
 
+def _place(view: np.ndarray) -> np.ndarray:
+    """Write every cell's 1 + column and 1 + row into a whole-canvas view [8, 8, F] (in place; returned)."""
+    c = view.shape[0]
+    view[..., _COLUMN] = 1 + np.arange(c)[None, :]
+    view[..., _ROW] = 1 + np.arange(c)[:, None]
+    return view
+
+
 def thumbnail_targets(scene: Scene) -> np.ndarray:
     """int64 [8, 8, len(FIELDS)] for the thumbnail (the whole canvas squeezed into one tile): each shape's
     object class and anchor on the thumbnail cell holding its centre (a shape shrinks to about one cell there),
@@ -71,7 +84,7 @@ def thumbnail_targets(scene: Scene) -> np.ndarray:
         seen.add((tx, ty))
         out[ty, tx, 2] = 1 + _KIND_INDEX[s.kind] * len(COLOURS) + _COLOUR_INDEX[s.colour]
         out[ty, tx, 3] = 1
-    return out
+    return _place(out)
 
 
 def tile_targets(scene: Scene, thumbnail: bool) -> np.ndarray:
@@ -81,6 +94,10 @@ def tile_targets(scene: Scene, thumbnail: bool) -> np.ndarray:
     c = CELLS_PER_TILE
     tiles = cells.reshape(scene.rows, c, scene.cols, c, len(FIELDS)).transpose(0, 2, 1, 3, 4)  # [rows, cols, 8, 8, F]
     tiles = tiles.reshape(scene.rows * scene.cols, c, c, len(FIELDS))  # [N, 8, 8, F], row-major tiles
+    if len(tiles) == 1:
+        _place(tiles[0])  # the only tile is the whole canvas
+    else:
+        tiles[..., _COLUMN:] = IGNORE
     if thumbnail:
         tiles = np.concatenate([tiles, thumbnail_targets(scene)[None]])
     return tiles
