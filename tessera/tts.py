@@ -12,7 +12,9 @@ Tessera's critic is an outcome reward model, built as small as it can be:
   log-probability of the chain's value there (mean and minimum over the claims, and whether there were any);
   the chain's arithmetic is recomputed (+1 right, -1 wrong, 0 none stated). The policy answers direct
   questions more reliably than it reads inside a chain, so a chain whose claims the policy itself does not
-  confirm is likely wrong; nothing here looks at the reference answer. An earlier critic also read the
+  confirm is likely wrong; nothing here looks at the reference answer. Text outside the world's chain grammar
+  (a real checkpoint's answers) states no claims the parser knows: those four inputs are then 0 and the critic
+  rests on confidence alone. An earlier critic also read the
   policy's hidden states (2·D more inputs): it fitted its training rollouts within ten epochs and ranked
   held-out ones worse (AUC 0.83 vs 0.92 for the seven numbers alone; docs/BENCHMARKS.md).
 * **Head**: per-feature standardisation → Linear(7, 32) → GELU → Linear(32, 1), a logit of P(answer correct).

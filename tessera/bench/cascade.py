@@ -28,6 +28,7 @@ import torch
 
 from tessera.bench.best_of_n import BestOfNConfig, best_of_n_table, format_best_of_n
 
+
 @dataclass
 class CascadeConfig:
     collect_queries: int = 384  # offline rollouts of the SFT model (MPO pairs, GSPO filter)

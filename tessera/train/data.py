@@ -69,10 +69,10 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
               turns: Sequence[tuple[Any, bool]]) -> list[tuple[list[int], list[list[int]], list[list[int]]]] | None:
     """Per turn (its Lookup or None, thinking?): the positions predicting its answer tokens (not `<|im_end|>`);
     per group, the positions of the visual tokens that show its cells — when `coarse`, only the thumbnail's
-    tokens at those cells (a one-tile image has no thumbnail: its tile is the whole canvas); and per group, the positions of the words in the turn's question that name it (empty when
-    it has none). A thinking turn instead gives one entry per number its chain reads off the image (the
-    positions that write it → its group's tokens) when the Lookup names them (`chain`), and nothing otherwise;
-    turns without cells give nothing."""
+    tokens at those cells (a one-tile image has no thumbnail: its tile is the whole canvas); and per group, the
+    positions of the words in the turn's question that name it (empty when it has none). A thinking turn instead
+    gives one entry per number its chain reads off the image (the positions that write it → its group's tokens)
+    when the Lookup names them (`chain`), and nothing otherwise; turns without cells give nothing."""
     if scene is None:
         return None
     from tessera.world.grounding import thumbnail_token_of_cell, token_of_cell
