@@ -22,6 +22,9 @@ def run(args: argparse.Namespace) -> int:
           f"final checkpoint {result.final_checkpoint}; report {result.out / 'report.md'}")
     flash = result.summary.get("flash")
     if flash:
-        print(f"router: {flash['tokens_saved']:.1f} % fewer visual tokens, "
-              f"{flash['accuracy_kept']:.1f} % of full's accuracy")
+        import math
+
+        kept = flash["accuracy_kept"]  # NaN when full scores 0 (a quick run)
+        kept_text = "no accuracy ratio (full scores 0)" if math.isnan(kept) else f"{kept:.1f} % of full's accuracy"
+        print(f"router: {flash['tokens_saved']:.1f} % fewer visual tokens, {kept_text}")
     return 0
