@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tessera.train.rl_losses import token_logprobs
+from tessera.train.rl_losses import sequence_logprobs
 from tessera.train.rollout import (Group, Prepared, Query, Rollout, SamplingConfig, SequenceBatch, generate_groups,
-                                   score, sequence_batch)
+                                   response_logprobs, score, sequence_batch)
 
 CRITIC_DIR = "critic"  # the critic lives in this folder of a checkpoint: critic.json + critic.safetensors
 STRATEGIES = ("weighted", "critic", "vote")
@@ -112,13 +112,9 @@ class Critic(nn.Module):
 def confidence_features(model, seqs: SequenceBatch) -> torch.Tensor:
     """The policy's confidence in each (prompt, answer) row: [mean log p ; min log p ; log(1+len)] over the
     answer tokens, teacher-forced → [B, 3]."""
-    b = seqs.batch
-    lm = model.language_model
-    embeds = model.embed(b.input_ids, seqs.image_features)  # [B,L,D]
-    logp = token_logprobs(lm.lm_head(lm.hidden(embeds, b.position_ids)), b.targets.clamp_min(0))  # [B,L]
-    mask = seqs.mask  # [B,L] positions predicting an answer token
+    logp, mask = response_logprobs(model, seqs)  # [B,L] each, logp 0 off the answer
     lengths = mask.sum(dim=1).to(logp.dtype)  # [B]
-    mean_lp = (logp * mask).sum(dim=1) / lengths  # [B]
+    mean_lp = sequence_logprobs(logp, mask) / lengths  # [B]
     min_lp = logp.masked_fill(~mask, 0.0).min(dim=1).values  # [B]
     return torch.stack([mean_lp, min_lp, torch.log1p(lengths)], dim=1).float()  # [B,3]
 
@@ -145,13 +141,8 @@ def self_check_features(model, prepared: Prepared, rollouts: Sequence[Rollout]) 
             prompts.append(Prepared(prepared.query, prompt, prepared.pixel_values, prepared.image_features,
                                     prepared.image_tokens))
             answers.append(example.input_ids[len(prompt):])
-        seqs = sequence_batch(prompts, answers, tok.pad_id)
-        b = seqs.batch
-        lm = model.language_model
-        hidden = lm.hidden(model.embed(b.input_ids, seqs.image_features), b.position_ids)  # [C,L,D]
-        logp = token_logprobs(lm.lm_head(hidden), b.targets.clamp_min(0))  # [C,L]
-        totals = (logp * seqs.mask).sum(dim=1)  # [C] log P(value, <|im_end|> | image, question)
-        scores = dict(zip(distinct, totals.tolist()))
+        totals = sequence_logprobs(*response_logprobs(model, sequence_batch(prompts, answers, tok.pad_id)))
+        scores = dict(zip(distinct, totals.tolist()))  # claim → log P(value, <|im_end|> | image, question)
     rows = []
     for r, claims in zip(rollouts, per_rollout):
         lps = [scores[c] for c in claims]

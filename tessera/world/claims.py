@@ -1,8 +1,9 @@
 """What a reasoning chain claims, in checkable pieces.
 
-The reasoning family's worked chain (tasks._reasoning) reads numbers off the image and then does arithmetic:
+The reasoning family's worked chain (tasks._reasoning) reads numbers off the image and then does arithmetic,
+one column at a time (tasks.worked_sum), ending on the whole sum:
 
-    The red circle is labelled 47. There are 2 squares. 47 + 2 = 49.
+    The red circle is labelled 47. There are 2 squares. 47 + 2: 7 + 2 = 9, 4 + 0 = 4, so 47 + 2 = 49.
 
 A sampled chain can misread or miscount (a perception claim) or add wrongly (an arithmetic claim). Both kinds
 can be checked without knowing the answer: a perception claim becomes the direct question the world asks for
@@ -22,7 +23,7 @@ from tessera.world.verify import normalise
 _KINDS = "|".join(SHAPES)
 _LABELLED = re.compile(r"The (\w+ (?:" + _KINDS + r")) is labelled (\d+)\.")
 _COUNTED = re.compile(r"There (?:is|are) (\d+) (" + _KINDS + r"|" + "|".join(f"{k}s" for k in SHAPES) + r")\.")
-_SUM = re.compile(r"(\d+) ([+-]) (\d+) = (-?\d+)\.")
+_SUM = re.compile(r"(\d+) ([+-]) (\d+) = (-?\d+)\.")  # a whole sum ends a sentence; a column step ends in ","
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 from tessera.world.scenes import CELL, CELLS_PER_TILE, COLOURS, DOC_KEYS, SHAPES, Scene
 
 FIELDS = ("glyph0", "glyph1", "object", "anchor", "column", "row")
-_COLUMN, _ROW = 4, 5
+_COLUMN, _ROW = FIELDS.index("column"), FIELDS.index("row")
 NUM_CLASSES = 1 + len(SHAPES) * len(COLOURS)  # the widest field (object): 25
 IGNORE = -100
 _COLOUR_INDEX = {c: i for i, c in enumerate(COLOURS)}
@@ -97,7 +97,7 @@ def tile_targets(scene: Scene, thumbnail: bool) -> np.ndarray:
     if len(tiles) == 1:
         _place(tiles[0])  # the only tile is the whole canvas
     else:
-        tiles[..., _COLUMN:] = IGNORE
+        tiles[..., [_COLUMN, _ROW]] = IGNORE
     if thumbnail:
         tiles = np.concatenate([tiles, thumbnail_targets(scene)[None]])
     return tiles

@@ -191,7 +191,7 @@ def worked_sum(a: int, b: int, op: str) -> str:
     A small model that reads the digits well still adds whole numbers badly when it must write the sum's first
     digit before it has looked at the units (a session-4 probe: 80 % of greedy chains got the sum wrong); one
     column at a time, each step is a one-digit fact plus a carry it has just written."""
-    if op not in "+-" or a < 0 or b < 0 or (op == "-" and a < b):
+    if op not in ("+", "-") or a < 0 or b < 0 or (op == "-" and a < b):
         raise ValueError(f"no worked sum for {a} {op} {b}")
     da, db = str(a)[::-1], str(b)[::-1]  # units first
     steps, carry = [], 0
