@@ -150,7 +150,7 @@ def test_evidence_points_at_the_visual_token_that_shows_the_answer():
                              grounding=True)
         for i in range(8):
             e = stream(i)
-            (queries, (keys,), _), = e.evidence  # one answered turn, one group, one token of evidence
+            (queries, (keys,), _, _), = e.evidence  # one answered turn, one group, one token of evidence
             answer = [tok.decode([e.input_ids[q + 1]]) for q in queries]
             assert "".join(answer).isdigit()
             batch = collate([[e]], tok.pad_id)
@@ -187,7 +187,7 @@ def test_spatial_evidence_is_two_groups_read_from_the_whole_canvas_view():
     which tile they are in), the only tile's tokens in a one-tile image."""
     from tessera.train.data import Curriculum, WorldStream
     from tessera.train.recipe import RecipeConfig, init_model_for
-    from tessera.world.grounding import thumbnail_token_of_cell, token_of_cell
+    from tessera.world.grounding import place_of_cells, thumbnail_token_of_cell, token_of_cell
 
     model = init_model_for(RecipeConfig(tokenizer_corpus=20))
     tok, per_tile = model.tokenizer, model.config.tokens_per_tile
@@ -195,8 +195,13 @@ def test_spatial_evidence_is_two_groups_read_from_the_whole_canvas_view():
     seen = {"one tile": 0, "thumbnail": 0}
     for i in range(16):
         s, _ = stream.sample(i)
-        (queries, groups, _), = stream(i).evidence
+        (queries, groups, _, places), = stream(i).evidence
         assert len(groups) == 2 and len(queries) == 1  # one answer word, one group per object
+        # the place probe's targets: each object's cell on the whole-canvas view, ordered as the answer says
+        assert places == [place_of_cells(s.scene, cells) for cells in s.meta["lookup"]["cells"]]
+        axis = 0 if "left" in s.question else 1
+        first, second = places[0][axis], places[1][axis]
+        assert first <= second if s.answer in ("left", "above") else first >= second
         positions = [p for p, t in enumerate(stream(i).input_ids) if t == tok.img_context_id]
         tiles = s.scene.cols * s.scene.rows
         for cells, keys in zip(s.meta["lookup"]["cells"], groups):
@@ -250,7 +255,7 @@ def test_question_words_name_each_evidence_group_in_order():
         e = stream(i)
         answered = [(q, lookup.names) for (q, _, _), lookup in zip(turns, lookups) if any(lookup.cells)]
         assert len(e.evidence) == len(answered)
-        for (queries, _, words), (question, names) in zip(e.evidence, answered):
+        for (queries, _, words, _), (question, names) in zip(e.evidence, answered):
             spelled = [" ".join(tok.decode([e.input_ids[p]]).strip() for p in group) for group in words]
             assert spelled == [" ".join(n) for n in names]
             for group in words:  # inside this turn's question: after the last image token, before the answer
@@ -302,9 +307,56 @@ def test_chain_evidence_grounds_each_number_a_thinking_chain_reads():
         assert len(e.evidence) == len(reads) == 2
         positions = [p for p, t in enumerate(e.input_ids) if t == tok.img_context_id]
         label_x, label_y = s.meta["lookup"]["cells"][0][0]
-        for (queries, (keys,), _), (text, group) in zip(e.evidence, reads):
+        for (queries, (keys,), _, places), (text, group) in zip(e.evidence, reads):
             assert "".join(tok.decode([e.input_ids[q + 1]]) for q in queries).strip() == text
             if group == 0:  # the first number is always the named shape's label
                 assert keys == [positions[token_of_cell(s.scene, label_x, label_y, per_tile)]]
     stream.chain_evidence = False
     assert stream(0).evidence == []
+
+
+def test_place_loss_is_the_cross_entropy_of_each_objects_column_and_row():
+    """One spatial entry (two objects) and one entry without places: the loss is the mean cross-entropy over the
+    four (object, axis) slots of the spatial answer's position; the other entry adds nothing."""
+    from tessera.train.grounding import PlaceHead, place_loss
+
+    torch.manual_seed(0)
+    head = PlaceHead(16)
+    hidden = torch.randn(1, 6, 16)
+    places = [(1, 6), (5, 0)]
+    loss, metrics = place_loss(head, hidden, [(0, [4], [[1], [2]], [[]], places), (0, [3], [[1]], [[]], [])])
+    logits = head(hidden[0, [4]])[0]  # [2 objects, 2 axes, 8]
+    targets = torch.tensor(places)  # [2 objects, 2 axes]
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits.reshape(4, 8), targets.reshape(4)))
+    assert metrics["place/acc"] == float((logits.argmax(-1) == targets).float().mean())
+    zero, none = place_loss(head, hidden, [(0, [3], [[1]], [[]], [])])
+    assert float(zero) == 0.0 and none == {}
+    with pytest.raises(ValueError, match="compares 3"):
+        place_loss(head, hidden, [(0, [4], [[1], [2], [3]], [[]], [(0, 0)] * 3)])
+
+
+def test_place_probe_trains_what_the_middle_heads_fetch():
+    """With a place weight the sft stage carries the probe; its loss reaches the middle layer's value projection
+    (the probe reads the heads' outputs before o_proj) and a few steps on one batch lower it."""
+    from tessera.train import build_stage
+    from tessera.train.recipe import RecipeConfig, init_model_for
+
+    torch.manual_seed(0)
+    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    stage = build_stage("sft", model, {"rows": 1, "row_tokens": 512, "workers": 0, "place": 1.0, "turns": 3,
+                                       "repeat": ["spatial"], "families": {"spatial": 1.0}, "curriculum": [[0, 1.0]]})
+    assert stage.extra.place is not None
+    batch, _ = next(stage.batches(0, 0, 1))
+    params = list(model.parameters()) + list(stage.extra.parameters())
+    opt = torch.optim.Adam(params, lr=3e-3)
+    losses = []
+    for step in range(6):
+        loss, metrics = stage.loss(model, batch, stage.weight(batch))
+        losses.append(metrics["place/loss"])
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            value = model.language_model.model.layers[len(model.language_model.model.layers) // 2].self_attn.v_proj
+            assert value.weight.grad is not None and float(value.weight.grad.abs().sum()) > 0
+        opt.step()
+    assert losses[-1] < 0.7 * losses[0]

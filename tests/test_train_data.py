@@ -162,3 +162,24 @@ def test_multi_turn_samples_extend_the_single_turn_sample():
         answers = tok.decode([t for t, m in zip(b.input_ids, b.loss_mask) if m], skip_special_tokens=False)
         assert answers == "".join(ans + "<|im_end|>" for _, ans, _ in turns)
         assert b.input_ids.count(tok.im_start_id) == 1 + 2 * 3  # system + (user, assistant) per turn
+
+
+def test_repeated_families_ask_several_different_questions_about_one_image():
+    from tessera.chat import build_tokenizer
+    from tessera.train.data import Curriculum, WorldStream
+    from tessera.world import corpus
+
+    cfg = preset("tiny")
+    tok = build_tokenizer(corpus(20), vocab_size=cfg.language.vocab_size)
+    once = WorldStream(tok, cfg, families={"spatial": 1.0}, curriculum=Curriculum(((0, 1.0),)), turns=3)
+    often = WorldStream(tok, cfg, families={"spatial": 1.0}, curriculum=Curriculum(((0, 1.0),)), turns=3,
+                        repeat=("spatial",))
+    counts = []
+    for i in range(6):
+        assert len(once.conversation(i)[1]) == 1  # a family is asked once per image unless it repeats
+        _, turns, family, _, _ = often.conversation(i)
+        questions = [q for q, _, _ in turns]
+        assert family == "spatial" and len(set(questions)) == len(questions)
+        assert all(" left or right of " in q or " above or below " in q for q in questions)
+        counts.append(len(turns))
+    assert max(counts) == 3

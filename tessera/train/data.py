@@ -39,9 +39,10 @@ class Encoded:
     index: int = -1  # stream position, for debugging and resume checks
     grounding: torch.Tensor | None = None  # [N,8,8,F] long, the tiles' cell targets (tessera.world.grounding)
     # per answered turn: (positions that predict its answer tokens, positions of the visual tokens showing its
-    # evidence and of the question's words naming it, one list per group), for the attention grounding losses;
-    # None without a scene
-    evidence: list[tuple[list[int], list[list[int]], list[list[int]]]] | None = None
+    # evidence and of the question's words naming it, one list per group, and — for an answer that compares
+    # places — each group's (column, row) on the whole-canvas view, else []), for the attention grounding and
+    # place losses; None without a scene
+    evidence: list[tuple[list[int], list[list[int]], list[list[int]], list[tuple[int, int]]]] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -66,16 +67,18 @@ def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, ans
 
 
 def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_per_tile: int,
-              turns: Sequence[tuple[Any, bool]]) -> list[tuple[list[int], list[list[int]], list[list[int]]]] | None:
+              turns: Sequence[tuple[Any, bool]]) -> list[tuple[list[int], list[list[int]], list[list[int]],
+                                                              list[tuple[int, int]]]] | None:
     """Per turn (its Lookup or None, thinking?): the positions predicting its answer tokens (not `<|im_end|>`);
     per group, the positions of the visual tokens that show its cells — when `coarse`, only the thumbnail's
     tokens at those cells (a one-tile image has no thumbnail: its tile is the whole canvas); and per group, the
-    positions of the words in the turn's question that name it (empty when it has none). A thinking turn instead
+    positions of the words in the turn's question that name it (empty when it has none); and, when `coarse`,
+    per group the (column, row) of its cells on the whole-canvas view (empty otherwise). A thinking turn instead
     gives one entry per number its chain reads off the image (the positions that write it → its group's tokens)
     when the Lookup names them (`chain`), and nothing otherwise; turns without cells give nothing."""
     if scene is None:
         return None
-    from tessera.world.grounding import thumbnail_token_of_cell, token_of_cell
+    from tessera.world.grounding import place_of_cells, thumbnail_token_of_cell, token_of_cell
 
     runs, start = [], None  # maximal runs of loss tokens: one per turn (its answer and <|im_end|>)
     for i, m in enumerate(list(mask) + [0]):
@@ -103,12 +106,13 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
             reads = _word_positions(tokenizer, ids, s, e, [(text,) for text, _ in lookup.chain])
             for (_, group), written in zip(lookup.chain, reads):
                 if written:
-                    out.append(([p - 1 for p in written], [keys[group]], [[]]))
+                    out.append(([p - 1 for p in written], [keys[group]], [[]], []))
             continue
         starts = [i for i in range(s) if ids[i] == tokenizer.im_start_id]  # ..., user message, assistant's
         user = starts[-2] if len(starts) >= 2 else 0
         words = _word_positions(tokenizer, ids, user, s, lookup.names) if lookup.names else [[] for _ in keys]
-        out.append((list(range(s - 1, e - 2)), keys, words))  # position p predicts token p + 1; e - 1 is <|im_end|>
+        places = [place_of_cells(scene, cells) for cells in lookup.cells] if lookup.coarse else []
+        out.append((list(range(s - 1, e - 2)), keys, words, places))  # position p predicts token p + 1; e - 1 is <|im_end|>
     return out
 
 
@@ -195,8 +199,9 @@ class Batch:
     families: list[str]  # per sample, in packing order
     indices: list[int] = field(default_factory=list)  # stream positions of the samples
     grounding: torch.Tensor | None = None  # [ΣN,8,8,F] cell targets of the tiles, when every sample has them
-    # (row, query positions, key positions per evidence group, question-word positions per group)
-    evidence: list[tuple[int, list[int], list[list[int]], list[list[int]]]] = field(default_factory=list)
+    # (row, query positions, key positions per evidence group, question-word positions per group, places per group)
+    evidence: list[tuple[int, list[int], list[list[int]], list[list[int]], list[tuple[int, int]]]] = \
+        field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -233,7 +238,7 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
     position_ids = torch.zeros(B, L, dtype=torch.long)
     segment_ids = torch.zeros(B, L, dtype=torch.long)
     tiles, image_tokens, families, indices = [], [], [], []
-    evidence: list[tuple[int, list[int], list[list[int]], list[list[int]]]] = []
+    evidence: list[tuple[int, list[int], list[list[int]], list[list[int]], list[tuple[int, int]]]] = []
     for b, row in enumerate(rows):
         start = 0
         for seg, e in enumerate(row, start=1):
@@ -247,9 +252,9 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
             shifted = torch.where(mask[1:], ids[1:], torch.full_like(ids[1:], IGNORE))  # [n-1]
             targets[b, start:start + n - 1] = shifted
             weights[b, start:start + n - 1] = mask[1:].float() * square_average_weights(e.num_loss_tokens)
-            for queries, keys, words in e.evidence or []:
+            for queries, keys, words, places in e.evidence or []:
                 evidence.append((b, [start + q for q in queries], [[start + k for k in g] for g in keys],
-                                 [[start + w for w in g] for g in words]))
+                                 [[start + w for w in g] for g in words], places))
             tiles.append(e.pixel_values)
             image_tokens.extend(e.image_tokens)
             families.append(e.family)
@@ -380,6 +385,7 @@ class WorldStream:
     turns: int = 1  # questions per image: extra turns ask other families about the same scene
     grounding: bool = False  # attach the tiles' dense grounding targets (tessera.world.grounding)
     chain_evidence: bool = False  # also ground the numbers a thinking chain reads off the image
+    repeat: tuple[str, ...] = ()  # families a conversation may ask more than once (about other things each time)
     _processor: Any = field(default=None, repr=False, compare=False)
 
     def sample(self, index: int):
@@ -398,8 +404,8 @@ class WorldStream:
         """(image, [(question, answer, thinking)], family of the first turn, scene, Lookup per turn) for a
         multi-turn sample.
 
-        The first turn is `sample(index)`; the others are drawn (without repeating a family, never `describe`)
-        from the same weights and asked about the same scene.
+        The first turn is `sample(index)`; the others are drawn (without repeating a family unless it is in
+        `repeat`, never `describe`, never the same question twice) and asked about the same scene.
         """
         from tessera.world import build, render
         from tessera.world.curriculum import level
@@ -418,13 +424,14 @@ class WorldStream:
         turns = [self._turn(rng, task, thinking_text)]
         lookups = [self._lookup(task.lookup)]
         others = [n for n in names if n not in (first, "describe")]
+        others += [n for n in names if n in self.repeat for _ in range(self.turns - 1)]
         rng.shuffle(others)
         lv = level(difficulty)
         for name in others:
             if len(turns) >= self.turns:
                 break
             extra = _FAMILY_FNS[name](rng, scene, lv)
-            if extra is not None:
+            if extra is not None and all(extra.question != q for q, _, _ in turns):
                 turns.append(self._turn(rng, extra, thinking_text))
                 lookups.append(self._lookup(extra.lookup))
         return render(scene), turns, first, scene, lookups

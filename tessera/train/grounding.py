@@ -21,6 +21,7 @@ from torch import nn
 
 from tessera.model.connector import pixel_shuffle
 from tessera.world.grounding import FIELDS, IGNORE, NUM_CLASSES
+from tessera.world.scenes import CELLS_PER_TILE
 
 
 class GroundingHead(nn.Module):
@@ -38,13 +39,34 @@ class GroundingHead(nn.Module):
         return self.proj(tokens).reshape(n, t, self.cells_per_token * len(FIELDS), NUM_CLASSES)  # [N, T, k²·F, C]
 
 
-class GroundingHeads(nn.Module):
-    """The patch probe (one cell per ViT patch token) and the token probe (k² cells per projected 1/4 token)."""
+class PlaceHead(nn.Module):
+    """Linear map from what the middle layer's heads fetched at an answer position (their concatenated outputs
+    before o_proj, [H·hd]) to the (column, row) on the whole-canvas view's 8×8 grid of each of the (up to) two
+    things a spatial answer compares: logits [2, 2, 8]."""
 
-    def __init__(self, vision_hidden: int, language_hidden: int, cells_per_token: int):
+    GROUPS, AXES = 2, 2
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, self.GROUPS * self.AXES * CELLS_PER_TILE)
+        # not zero (unlike the visual-token probes): the places are absent from the answer position at first, so a
+        # zero probe would pass no gradient back and never find them (measured: loss stuck at ln 8 for 200 steps)
+        nn.init.normal_(self.proj.weight, std=hidden_size ** -0.5)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden).reshape(hidden.shape[0], self.GROUPS, self.AXES, CELLS_PER_TILE)  # [Q, 2, 2, 8]
+
+
+class GroundingHeads(nn.Module):
+    """The patch probe (one cell per ViT patch token), the token probe (k² cells per projected 1/4 token) and,
+    when `place` (the width of the middle layer's concatenated head outputs) is not 0, the place probe (PlaceHead)."""
+
+    def __init__(self, vision_hidden: int, language_hidden: int, cells_per_token: int, place: int = 0):
         super().__init__()
         self.patch = GroundingHead(vision_hidden, 1)
         self.token = GroundingHead(language_hidden, cells_per_token)
+        self.place = PlaceHead(place) if place else None
 
 
 def token_targets(cells: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -145,3 +167,34 @@ def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
     if count == 0:
         return total, {}
     return total / count, {name: mass / count}
+
+
+def place_loss(head: PlaceHead, hidden: torch.Tensor, evidence) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of the place probe: at the positions predicting a spatial answer, the hidden state must say
+    where each of the two compared things is (column and row on the whole-canvas view).
+
+    Session 4's probe found the places in the visual tokens (98 / 95 %) but not at the answer position (object
+    A's column 22 % vs 19 % for the majority class): the evidence heads fetched *what* the objects are, and the
+    one answer token ("left") was too thin a signal to make them fetch *where*. This loss asks for where directly.
+
+    hidden: [B, T, D] the middle layer's output; evidence: the batch's (row, queries, keys, words, places)
+    entries — those without places are skipped. Metric `place/acc`: share of the (position, group, axis) slots
+    read right."""
+    states, targets = [], []
+    for b, queries, _, _, places in evidence:
+        if not places:
+            continue
+        if len(places) > head.GROUPS:
+            raise ValueError(f"the place probe reads {head.GROUPS} groups, the answer compares {len(places)}")
+        target = torch.full((head.GROUPS, head.AXES), IGNORE, dtype=torch.long)  # [2 groups, 2 axes]
+        target[:len(places)] = torch.tensor(places, dtype=torch.long)
+        states.append(hidden[b, queries])  # [Q, D]
+        targets.append(target.expand(len(queries), -1, -1))  # [Q, 2, 2]
+    if not states:
+        return hidden.new_zeros((), dtype=torch.float32), {}
+    logits = head(torch.cat(states).float())  # [ΣQ, 2, 2, 8]
+    target = torch.cat(targets)  # [ΣQ, 2, 2]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+    valid = target != IGNORE
+    acc = float((logits.argmax(-1)[valid] == target[valid]).float().mean())
+    return loss, {"place/loss": float(loss.detach()), "place/acc": acc}

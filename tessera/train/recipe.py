@@ -82,6 +82,10 @@ def tiny_recipe() -> RecipeConfig:
     image alike: without it the digits sit in the visual tokens but the language model never learns to fetch
     them (docs/TRAINING.md, session 2). 4,800 steps: at 3,200 the accuracy was still rising when the learning
     rate ran out (docs/TRAINING.md, session 4, has the trade-off against the 30-minute target).
+    Spatial questions: the place probe (tessera.train.grounding.place_loss) asks what those heads fetched at a
+    spatial answer to say where both objects are, and every image may be asked several spatial questions: with
+    neither, the heads found the two objects but fetched only what they are, and spatial stayed at chance
+    (docs/TRAINING.md, session 5).
     Learning rates: language 6e-4, connector 3e-3 (the projector is what the grounding probe found slowest: four
     patches squeezed into one token), ViT 1e-4 (the calibration's learning-rate cliff for reading).
 
@@ -116,7 +120,7 @@ def tiny_recipe() -> RecipeConfig:
                                          "curriculum": [[0, 0.0], [2000, 0.0], [2001, 0.5]]}),
         StagePlan("sft", sft, {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4,
                                "grounding": 1.0, "evidence_attention": 1.0, "evidence_heads": [0, 2],
-                               "chain_evidence": True,
+                               "chain_evidence": True, "place": 1.0, "repeat": ["spatial"],
                                "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [12000, 0.5],
                                                                 [16000, 1.0]]}),
         StagePlan("mpo", mpo, {"out": "{stage}", "queries": 384, "group_size": 8, "pairs_per_batch": 8}),

@@ -74,6 +74,7 @@ class LanguageModelingStage:
     evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding)
     evidence_heads: tuple[int, ...] = (0,)  # the middle layer's heads it supervises
     question_attention: float = 0.0  # weight of the same loss one layer below, onto the question's naming words
+    place: float = 0.0  # weight of the place probe on the middle layer at spatial answers (extra.place)
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Batch, int]]:
         return stream_batches(self.make, Packer(self.rows, self.row_tokens, self.pad_id), position, rank, world, self.workers)
@@ -87,28 +88,35 @@ class LanguageModelingStage:
                              "grounding targets (WorldStream(grounding=True) makes them)")
         return packed_lm_loss(model, batch, normalizer, grounding=(self.extra, self.grounding) if self.grounding > 0 else None,
                               evidence_attention=self.evidence_attention, evidence_heads=self.evidence_heads,
-                              question_attention=self.question_attention)
+                              question_attention=self.question_attention,
+                              place=(self.extra.place, self.place) if self.place > 0 else None)
 
 
 def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
     """A LanguageModelingStage over `stream` with the packing, worker and grounding options of `data`
-    (PretrainData / SFTData); the grounding head is created here, sized for the model's 1/4 tokens."""
+    (PretrainData / SFTData); the grounding heads are created here, sized for the model's 1/4 tokens (with the
+    place probe when the stage has a place weight)."""
     head = None
-    if data.grounding > 0:
+    place = getattr(data, "place", 0.0)
+    if data.grounding > 0 or place > 0:
         from tessera.model.connector import shuffle_factor
         from tessera.train.grounding import GroundingHeads
 
+        language = model.config.language
         head = GroundingHeads(model.config.vision.hidden_size, model.config.language.hidden_size,
-                              shuffle_factor(model.config.downsample_ratio) ** 2)
+                              shuffle_factor(model.config.downsample_ratio) ** 2,
+                              place=language.num_heads * language.head_dim if place > 0 else 0)
     return LanguageModelingStage(name, stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers,
                                  grounding=data.grounding, extra=head, evidence_attention=data.evidence_attention,
-                                 evidence_heads=tuple(data.evidence_heads), question_attention=data.question_attention)
+                                 evidence_heads=tuple(data.evidence_heads), question_attention=data.question_attention,
+                                 place=place)
 
 
 def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | None = None,
                    grounding: tuple[torch.nn.Module, float] | None = None,
                    evidence_attention: float = 0.0, evidence_heads: Sequence[int] = (0,),
-                   question_attention: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                   question_attention: float = 0.0,
+                   place: tuple[torch.nn.Module, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward a packed batch (block-diagonal causal mask, per-sample positions) and take the weighted CE.
 
     `grounding` = (head, weight) adds weight × the dense grounding loss on the batch's visual tokens
@@ -117,16 +125,18 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
     × the attention grounding loss of `evidence_heads` of the language model's middle layer (same scaling);
     `question_attention` > 0 adds the same loss one layer below, pulling those heads from the answer positions
     onto the question's words that name each piece of evidence (the middle layer's queries need them: a model
-    whose head found objects but not *which* one — by colour in one run, by kind in another — is what it is for)."""
+    whose head found objects but not *which* one — by colour in one run, by kind in another — is what it is for).
+    `place` = (head, weight) adds weight × the place probe's loss on the middle layer's output at the positions
+    predicting spatial answers (tessera.train.grounding.place_loss; same scaling)."""
     grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
     features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4
     layers = model.language_model.model.layers
     middle = len(layers) // 2
     # (metric name, weight, layer, (row, answer positions, key groups) triples): where the evidence is, and,
     # one layer below, which words of the question name it (what the middle layer's query has to carry)
-    supervised = [("evidence_attention", evidence_attention, middle, [(b, q, k) for b, q, k, _ in batch.evidence]),
+    supervised = [("evidence_attention", evidence_attention, middle, [(b, q, k) for b, q, k, _, _ in batch.evidence]),
                   ("question_attention", question_attention, middle - 1,
-                   [(b, q, w) for b, q, _, w in batch.evidence if w and all(w)])]
+                   [(b, q, w) for b, q, _, w, _ in batch.evidence if w and all(w)])]
     supervised = [entry for entry in supervised if entry[1] > 0 and entry[3]]
     captured: dict[int, tuple] = {}
     hooks = []
@@ -135,6 +145,11 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
             captured[layer] = args
 
         hooks.append(layers[layer].self_attn.register_forward_hook(keep_inputs))
+    middle_out: list[torch.Tensor] = []
+    if place is not None:
+        # what the middle layer's heads fetched, before o_proj mixes it into the residual stream
+        hooks.append(layers[middle].self_attn.o_proj.register_forward_hook(
+            lambda module, args, out: middle_out.append(args[0])))
     try:
         logits = model(batch.input_ids, image_features=features, position_ids=batch.position_ids,
                        attn_mask=batch.attn_mask())  # [B,L,V]
@@ -151,6 +166,13 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
                                                         evidence_heads, name=name)
         loss = loss + weight * share * att_loss
         metrics.update(att_metrics)
+    if place is not None:
+        from tessera.train.grounding import place_loss
+
+        head, weight = place
+        aux, aux_metrics = place_loss(head, middle_out[0], batch.evidence)  # middle_out[0]: [B, L, H·hd]
+        loss = loss + weight * share * aux
+        metrics.update(aux_metrics)
     if grounding is not None:
         from tessera.train.grounding import two_level_grounding_loss
 

@@ -124,6 +124,15 @@ def thumbnail_token_of_cell(scene: Scene, x: int, y: int, tokens_per_tile: int) 
     return tiles * tokens_per_tile + ty * per_side + tx
 
 
+def place_of_cells(scene: Scene, cells) -> tuple[int, int]:
+    """(column, row) of the centre of `cells` (a shape's block) on the whole-canvas view's 8×8 grid: the place a
+    spatial answer compares (the thumbnail's cell when there are several tiles, the only tile's cell otherwise)."""
+    w, h = scene.size
+    cx = sum(x + 0.5 for x, _ in cells) / len(cells) * CELL  # px on the canvas
+    cy = sum(y + 0.5 for _, y in cells) / len(cells) * CELL
+    return min(CELLS_PER_TILE - 1, int(cx * CELLS_PER_TILE / w)), min(CELLS_PER_TILE - 1, int(cy * CELLS_PER_TILE / h))
+
+
 def token_of_cell(scene: Scene, x: int, y: int, tokens_per_tile: int) -> int:
     """Ordinal, among the image's visual tokens in prompt order, of the 1/4 token that shows cell (x, y) of a tile
     (pixel_shuffle v2: token (i, j) of a tile holds the k×k patch block whose top-left is (i·k, j·k), row-major)."""
