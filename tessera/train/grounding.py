@@ -49,8 +49,8 @@ class PlaceHead(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.proj = nn.Linear(hidden_size, self.GROUPS * self.AXES * CELLS_PER_TILE)
-        # not zero (unlike the visual-token probes): the places are absent from the answer position at first, so a
-        # zero probe would pass no gradient back and never find them (measured: loss stuck at ln 8 for 200 steps)
+        # not zero (unlike the visual-token probes): the places are absent from the answer position at first, and a
+        # zero probe passes no gradient back into the heads until it has found something to read
         nn.init.normal_(self.proj.weight, std=hidden_size ** -0.5)
         nn.init.zeros_(self.proj.bias)
 
@@ -174,12 +174,13 @@ def place_loss(head: PlaceHead, hidden: torch.Tensor, evidence) -> tuple[torch.T
     where each of the two compared things is (column and row on the whole-canvas view).
 
     Session 4's probe found the places in the visual tokens (98 / 95 %) but not at the answer position (object
-    A's column 22 % vs 19 % for the majority class): the evidence heads fetched *what* the objects are, and the
-    one answer token ("left") was too thin a signal to make them fetch *where*. This loss asks for where directly.
+    A's column 22 % vs 19 % for the majority class): the evidence heads fetched *what* the objects are, not
+    *where*. This loss asks for where directly, from the heads' own outputs (a probe on the residual stream
+    after the layer did not learn at any weight: docs/TRAINING.md, session 5).
 
-    hidden: [B, T, D] the middle layer's output; evidence: the batch's (row, queries, keys, words, places)
-    entries — those without places are skipped. Metric `place/acc`: share of the (position, group, axis) slots
-    read right."""
+    hidden: [B, T, H·hd] the middle layer's concatenated head outputs (the input of its o_proj); evidence: the
+    batch's (row, queries, keys, words, places) entries — those without places are skipped. Metric `place/acc`:
+    share of the (position, group, axis) slots read right."""
     states, targets = [], []
     for b, queries, _, _, places in evidence:
         if not places:

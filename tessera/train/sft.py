@@ -42,6 +42,8 @@ class SFTData:
 
 def build_stage(model, data: SFTData | dict | None = None) -> LanguageModelingStage:
     data = dataclass_from(SFTData, data)
+    needs_scene = data.grounding > 0 or data.evidence_attention > 0 or data.question_attention > 0 or data.place > 0
     stream = WorldStream(model.tokenizer, model.config, families=dict(data.families), thinking_prob=data.thinking_prob,
-                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET, turns=data.turns, repeat=tuple(data.repeat), chain_evidence=data.chain_evidence, grounding=data.grounding > 0 or data.evidence_attention > 0 or data.question_attention > 0 or data.place > 0)
+                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET, turns=data.turns,
+                         repeat=tuple(data.repeat), chain_evidence=data.chain_evidence, grounding=needs_scene)
     return lm_stage("sft", model, stream, data)

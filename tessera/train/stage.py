@@ -74,7 +74,7 @@ class LanguageModelingStage:
     evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding)
     evidence_heads: tuple[int, ...] = (0,)  # the middle layer's heads it supervises
     question_attention: float = 0.0  # weight of the same loss one layer below, onto the question's naming words
-    place: float = 0.0  # weight of the place probe on the middle layer at spatial answers (extra.place)
+    place: float = 0.0  # weight of the place probe on the middle layer's heads at spatial answers (extra.place)
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Batch, int]]:
         return stream_batches(self.make, Packer(self.rows, self.row_tokens, self.pad_id), position, rank, world, self.workers)
@@ -103,7 +103,7 @@ def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
         from tessera.train.grounding import GroundingHeads
 
         language = model.config.language
-        head = GroundingHeads(model.config.vision.hidden_size, model.config.language.hidden_size,
+        head = GroundingHeads(model.config.vision.hidden_size, language.hidden_size,
                               shuffle_factor(model.config.downsample_ratio) ** 2,
                               place=language.num_heads * language.head_dim if place > 0 else 0)
     return LanguageModelingStage(name, stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers,
