@@ -60,13 +60,14 @@ class PlaceHead(nn.Module):
 
 class GroundingHeads(nn.Module):
     """The patch probe (one cell per ViT patch token), the token probe (k² cells per projected 1/4 token) and,
-    when `place` (the width of the middle layer's concatenated head outputs) is not 0, the place probe (PlaceHead)."""
+    when `place_width` (the width of the middle layer's concatenated head outputs) is not 0, the place probe
+    (PlaceHead)."""
 
-    def __init__(self, vision_hidden: int, language_hidden: int, cells_per_token: int, place: int = 0):
+    def __init__(self, vision_hidden: int, language_hidden: int, cells_per_token: int, place_width: int = 0):
         super().__init__()
         self.patch = GroundingHead(vision_hidden, 1)
         self.token = GroundingHead(language_hidden, cells_per_token)
-        self.place = PlaceHead(place) if place else None
+        self.place = PlaceHead(place_width) if place_width else None
 
 
 def token_targets(cells: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -105,7 +105,7 @@ def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
         language = model.config.language
         head = GroundingHeads(model.config.vision.hidden_size, language.hidden_size,
                               shuffle_factor(model.config.downsample_ratio) ** 2,
-                              place=language.num_heads * language.head_dim if place > 0 else 0)
+                              place_width=language.num_heads * language.head_dim if place > 0 else 0)
     return LanguageModelingStage(name, stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers,
                                  grounding=data.grounding, extra=head, evidence_attention=data.evidence_attention,
                                  evidence_heads=tuple(data.evidence_heads), question_attention=data.question_attention,
