@@ -160,6 +160,20 @@ def test_evidence_points_at_the_visual_token_that_shows_the_answer():
             assert "".join(answer) in "".join(map(str, shown))  # the token holds the answer digits in order
 
 
+def fit_one_batch(model, stage, batch, metric: str, steps: int, lr: float) -> list[float]:
+    """Adam on the model and the stage's heads, `steps` times on one batch; the metric before each step."""
+    params = list(model.parameters()) + (list(stage.extra.parameters()) if stage.extra is not None else [])
+    opt = torch.optim.Adam(params, lr=lr)
+    values = []
+    for _ in range(steps):
+        loss, metrics = stage.loss(model, batch, stage.weight(batch))
+        values.append(metrics[metric])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return values
+
+
 def test_evidence_attention_loss_pulls_the_head_onto_the_evidence():
     from tessera.train import build_stage
     from tessera.train.recipe import RecipeConfig, init_model_for
@@ -170,14 +184,7 @@ def test_evidence_attention_loss_pulls_the_head_onto_the_evidence():
                                        "families": {"document": 1.0}, "curriculum": [[0, 1.0]]})
     batch, _ = next(stage.batches(0, 0, 1))
     assert batch.evidence and batch.grounding is not None
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    masses = []
-    for _ in range(5):
-        loss, metrics = stage.loss(model, batch, stage.weight(batch))
-        masses.append(metrics["evidence_attention"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    masses = fit_one_batch(model, stage, batch, "evidence_attention", steps=5, lr=1e-3)
     assert masses[-1] > 3 * masses[0]
 
 
@@ -347,16 +354,9 @@ def test_place_probe_trains_what_the_middle_heads_fetch():
                                        "repeat": ["spatial"], "families": {"spatial": 1.0}, "curriculum": [[0, 1.0]]})
     assert stage.extra.place is not None
     batch, _ = next(stage.batches(0, 0, 1))
-    params = list(model.parameters()) + list(stage.extra.parameters())
-    opt = torch.optim.Adam(params, lr=3e-3)
-    losses = []
-    for step in range(6):
-        loss, metrics = stage.loss(model, batch, stage.weight(batch))
-        losses.append(metrics["place/loss"])
-        opt.zero_grad()
-        loss.backward()
-        if step == 0:
-            value = model.language_model.model.layers[len(model.language_model.model.layers) // 2].self_attn.v_proj
-            assert value.weight.grad is not None and float(value.weight.grad.abs().sum()) > 0
-        opt.step()
+    loss, _ = stage.loss(model, batch, stage.weight(batch))
+    loss.backward()
+    value = model.language_model.model.layers[len(model.language_model.model.layers) // 2].self_attn.v_proj
+    assert value.weight.grad is not None and float(value.weight.grad.abs().sum()) > 0
+    losses = fit_one_batch(model, stage, batch, "place/loss", steps=6, lr=3e-3)
     assert losses[-1] < 0.7 * losses[0]

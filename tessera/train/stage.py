@@ -126,8 +126,9 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
     `question_attention` > 0 adds the same loss one layer below, pulling those heads from the answer positions
     onto the question's words that name each piece of evidence (the middle layer's queries need them: a model
     whose head found objects but not *which* one — by colour in one run, by kind in another — is what it is for).
-    `place` = (head, weight) adds weight × the place probe's loss on the middle layer's output at the positions
-    predicting spatial answers (tessera.train.grounding.place_loss; same scaling)."""
+    `place` = (head, weight) adds weight × the place probe's loss on what the middle layer's heads fetched (the
+    input of its o_proj) at the positions predicting spatial answers (tessera.train.grounding.place_loss; same
+    scaling)."""
     grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
     features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4
     layers = model.language_model.model.layers
@@ -145,11 +146,11 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
             captured[layer] = args
 
         hooks.append(layers[layer].self_attn.register_forward_hook(keep_inputs))
-    middle_out: list[torch.Tensor] = []
+    fetched: list[torch.Tensor] = []
     if place is not None:
         # what the middle layer's heads fetched, before o_proj mixes it into the residual stream
         hooks.append(layers[middle].self_attn.o_proj.register_forward_hook(
-            lambda module, args, out: middle_out.append(args[0])))
+            lambda module, args, out: fetched.append(args[0])))
     try:
         logits = model(batch.input_ids, image_features=features, position_ids=batch.position_ids,
                        attn_mask=batch.attn_mask())  # [B,L,V]
@@ -170,7 +171,7 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
         from tessera.train.grounding import place_loss
 
         head, weight = place
-        aux, aux_metrics = place_loss(head, middle_out[0], batch.evidence)  # middle_out[0]: [B, L, H·hd]
+        aux, aux_metrics = place_loss(head, fetched[0], batch.evidence)  # [B, L, H·hd]
         loss = loss + weight * share * aux
         metrics.update(aux_metrics)
     if grounding is not None:
