@@ -150,7 +150,8 @@ def test_evidence_points_at_the_visual_token_that_shows_the_answer():
                              grounding=True)
         for i in range(8):
             e = stream(i)
-            (queries, (keys,), _, _), = e.evidence  # one answered turn, one group, one token of evidence
+            (entry,) = e.evidence  # one answered turn, one group, one token of evidence
+            queries, (keys,) = entry.queries, entry.keys
             answer = [tok.decode([e.input_ids[q + 1]]) for q in queries]
             assert "".join(answer).isdigit()
             batch = collate([[e]], tok.pad_id)
@@ -202,7 +203,8 @@ def test_spatial_evidence_is_two_groups_read_from_the_whole_canvas_view():
     seen = {"one tile": 0, "thumbnail": 0}
     for i in range(16):
         s, _ = stream.sample(i)
-        (queries, groups, _, places), = stream(i).evidence
+        (entry,) = stream(i).evidence
+        queries, groups, places = entry.queries, entry.keys, entry.places
         assert len(groups) == 2 and len(queries) == 1  # one answer word, one group per object
         # the place probe's targets: each object's cell on the whole-canvas view, ordered as the answer says
         assert places == [place_of_cells(s.scene, cells) for cells in s.meta["lookup"]["cells"]]
@@ -227,6 +229,7 @@ def test_each_supervised_head_is_pulled_onto_its_own_group():
     """Head i of the evidence heads looks up group i (mod the groups): the loss of a head on the wrong group is
     what the gradient lowers, and swapping the groups changes it."""
     from tessera.model.llm import Qwen3Attention
+    from tessera.train.data import Evidence
     from tessera.train.grounding import evidence_attention_loss
 
     torch.manual_seed(0)
@@ -235,14 +238,14 @@ def test_each_supervised_head_is_pulled_onto_its_own_group():
     x = torch.randn(1, T, D)
     cos, sin = torch.ones(1, T, attn.head_dim), torch.zeros(1, T, attn.head_dim)
     a, b = [2, 3], [6]
-    both, _ = evidence_attention_loss(attn, x, cos, sin, None, [(0, [10, 11], [a, b])], heads=(0, 2))
-    head0_a, _ = evidence_attention_loss(attn, x, cos, sin, None, [(0, [10, 11], [a])], heads=(0,))
-    head2_b, _ = evidence_attention_loss(attn, x, cos, sin, None, [(0, [10, 11], [b])], heads=(2,))
+    both, _ = evidence_attention_loss(attn, x, cos, sin, None, [Evidence([10, 11], [a, b])], heads=(0, 2))
+    head0_a, _ = evidence_attention_loss(attn, x, cos, sin, None, [Evidence([10, 11], [a])], heads=(0,))
+    head2_b, _ = evidence_attention_loss(attn, x, cos, sin, None, [Evidence([10, 11], [b])], heads=(2,))
     assert torch.allclose(both, (head0_a + head2_b) / 2)
-    swapped, _ = evidence_attention_loss(attn, x, cos, sin, None, [(0, [10, 11], [b, a])], heads=(0, 2))
+    swapped, _ = evidence_attention_loss(attn, x, cos, sin, None, [Evidence([10, 11], [b, a])], heads=(0, 2))
     assert not torch.allclose(both, swapped)
     with pytest.raises(ValueError, match="evidence heads"):
-        evidence_attention_loss(attn, x, cos, sin, None, [(0, [10], [a])], heads=(7,))
+        evidence_attention_loss(attn, x, cos, sin, None, [Evidence([10], [a])], heads=(7,))
 
 
 def test_question_words_name_each_evidence_group_in_order():
@@ -260,9 +263,10 @@ def test_question_words_name_each_evidence_group_in_order():
     for i in range(6):
         _, turns, _, _, lookups = stream.conversation(i)
         e = stream(i)
-        answered = [(q, lookup.names) for (q, _, _), lookup in zip(turns, lookups) if any(lookup.cells)]
+        answered = [(q, lookup.names) for (q, _, _), lookup in zip(turns, lookups) if any(lookup.cells) or lookup.counted]
         assert len(e.evidence) == len(answered)
-        for (queries, _, words, _), (question, names) in zip(e.evidence, answered):
+        for entry, (question, names) in zip(e.evidence, answered):
+            queries, words = entry.queries, entry.words
             spelled = [" ".join(tok.decode([e.input_ids[p]]).strip() for p in group) for group in words]
             assert spelled == [" ".join(n) for n in names]
             for group in words:  # inside this turn's question: after the last image token, before the answer
@@ -314,7 +318,8 @@ def test_chain_evidence_grounds_each_number_a_thinking_chain_reads():
         assert len(e.evidence) == len(reads) == 2
         positions = [p for p, t in enumerate(e.input_ids) if t == tok.img_context_id]
         label_x, label_y = s.meta["lookup"]["cells"][0][0]
-        for (queries, (keys,), _, places), (text, group) in zip(e.evidence, reads):
+        for entry, (text, group) in zip(e.evidence, reads):
+            queries, (keys,) = entry.queries, entry.keys
             assert "".join(tok.decode([e.input_ids[q + 1]]) for q in queries).strip() == text
             if group == 0:  # the first number is always the named shape's label
                 assert keys == [positions[token_of_cell(s.scene, label_x, label_y, per_tile)]]
@@ -325,21 +330,22 @@ def test_chain_evidence_grounds_each_number_a_thinking_chain_reads():
 def test_place_loss_is_the_cross_entropy_of_each_objects_column_and_row():
     """One spatial entry (two objects) and one entry without places: the loss is the mean cross-entropy over the
     four (object, axis) slots of the spatial answer's position; the other entry adds nothing."""
+    from tessera.train.data import Evidence
     from tessera.train.grounding import PlaceHead, place_loss
 
     torch.manual_seed(0)
     head = PlaceHead(16)
     hidden = torch.randn(1, 6, 16)
     places = [(1, 6), (5, 0)]
-    loss, metrics = place_loss(head, hidden, [(0, [4], [[1], [2]], [[]], places), (0, [3], [[1]], [[]], [])])
+    loss, metrics = place_loss(head, hidden, [Evidence([4], [[1], [2]], [[]], places), Evidence([3], [[1]])])
     logits = head(hidden[0, [4]])[0]  # [2 objects, 2 axes, 8]
     targets = torch.tensor(places)  # [2 objects, 2 axes]
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits.reshape(4, 8), targets.reshape(4)))
     assert metrics["place/acc"] == float((logits.argmax(-1) == targets).float().mean())
-    zero, none = place_loss(head, hidden, [(0, [3], [[1]], [[]], [])])
+    zero, none = place_loss(head, hidden, [Evidence([3], [[1]])])
     assert float(zero) == 0.0 and none == {}
     with pytest.raises(ValueError, match="compares 3"):
-        place_loss(head, hidden, [(0, [4], [[1], [2], [3]], [[]], [(0, 0)] * 3)])
+        place_loss(head, hidden, [Evidence([4], [[1], [2], [3]], [[]], [(0, 0)] * 3)])
 
 
 def test_place_probe_trains_what_the_middle_heads_fetch():
@@ -360,3 +366,60 @@ def test_place_probe_trains_what_the_middle_heads_fetch():
     assert value.weight.grad is not None and float(value.weight.grad.abs().sum()) > 0
     losses = fit_one_batch(model, stage, batch, "place/loss", steps=6, lr=3e-3)
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_count_evidence_is_one_token_per_counted_shape_and_the_sink():
+    """A count answer's evidence: the 1/4 token holding each counted shape's top-left cell (distinct tokens, one
+    per shape, whatever its size), and the sample's first token as the sink; an answer of 0 has the sink alone."""
+    from tessera.train.data import Curriculum, WorldStream
+    from tessera.train.recipe import RecipeConfig, init_model_for
+    from tessera.world.grounding import token_of_cell
+
+    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    tok, per_tile = model.tokenizer, model.config.tokens_per_tile
+    stream = WorldStream(tok, model.config, families={"count": 1.0}, curriculum=Curriculum(((0, 1.0),)), grounding=True)
+    answers = set()
+    for i in range(40):
+        s, _ = stream.sample(i)
+        e = stream(i)
+        (entry,) = e.evidence
+        (keys,) = entry.keys
+        assert entry.sink == 0 and len(keys) == len(set(keys)) == int(s.answer)
+        positions = [p for p, t in enumerate(e.input_ids) if t == tok.img_context_id]
+        anchors = s.meta["lookup"]["cells"][0]
+        assert sorted(keys) == sorted(positions[token_of_cell(s.scene, x, y, per_tile)] for x, y in anchors)
+        answers.add(int(s.answer))
+    assert 0 in answers and max(answers) >= 3, answers
+
+
+def test_counting_loss_is_the_kl_to_an_even_share_for_the_sink_and_each_thing():
+    """With a sink, every supervised head is scored by KL(uniform over the sink and the counted tokens ‖ its
+    attention), computed here by hand from the same scores; without things, all the mass belongs on the sink."""
+    import math
+
+    from tessera.model.llm import Qwen3Attention
+    from tessera.train.data import Evidence
+    from tessera.train.grounding import evidence_attention_loss
+
+    torch.manual_seed(0)
+    attn = Qwen3Attention(preset("tiny").language, 0)
+    T, D = 12, preset("tiny").language.hidden_size
+    x = torch.randn(1, T, D)
+    cos, sin = torch.ones(1, T, attn.head_dim), torch.zeros(1, T, attn.head_dim)
+    things, queries, heads = [3, 5, 8], [10, 11], (0, 2)
+    loss, metrics = evidence_attention_loss(attn, x, cos, sin, None, [Evidence(queries, [things], sink=0)], heads=heads)
+    with torch.no_grad():
+        group = attn.num_heads // attn.num_kv_heads
+        expected, mass = 0.0, 0.0
+        for h in heads:
+            q = attn.q_norm(attn.q_proj(x[0]).view(T, attn.num_heads, attn.head_dim)[:, h])  # [T, hd]
+            k = attn.k_norm(attn.k_proj(x[0]).view(T, attn.num_kv_heads, attn.head_dim)[:, h // group])  # [T, hd]
+            for p in queries:
+                logp = torch.log_softmax(q[p] @ k[:p + 1].T / attn.head_dim ** 0.5, -1)  # [p + 1]
+                targets = [0] + things
+                expected += float(-logp[targets].mean() - math.log(len(targets)))
+                mass += float(logp[targets].exp().sum())
+    assert loss.item() == pytest.approx(expected / len(heads) / len(queries), rel=1e-5)
+    assert metrics["evidence_attention"] == pytest.approx(mass / len(heads) / len(queries), rel=1e-5)
+    nothing, _ = evidence_attention_loss(attn, x, cos, sin, None, [Evidence(queries, [[]], sink=0)], heads=heads)
+    assert nothing > 0 and torch.isfinite(nothing)

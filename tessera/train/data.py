@@ -27,6 +27,30 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tessera.train.losses import IGNORE
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """Where one answer's evidence is, for the attention grounding and place losses (tessera.train.grounding).
+
+    queries: the positions that predict the answer's tokens; keys: per group, the positions of the visual tokens
+    that show it; words: per group, the positions of the question's words naming it; places: for an answer that
+    compares places, each group's (column, row) on the whole-canvas view; sink: for a counting answer, the
+    position the heads park the rest of their mass on (the sample's first token) — each key is then one counted
+    thing. `row` is the packed row (0 in a single sample)."""
+
+    queries: list[int]
+    keys: list[list[int]]
+    words: list[list[int]] = field(default_factory=list)
+    places: list[tuple[int, int]] = field(default_factory=list)
+    sink: int | None = None
+    row: int = 0
+
+    def packed(self, row: int, start: int) -> "Evidence":
+        """The same evidence for a sample packed at `start` of row `row`."""
+        return Evidence([start + q for q in self.queries], [[start + k for k in g] for g in self.keys],
+                        [[start + w for w in g] for g in self.words], self.places,
+                        None if self.sink is None else start + self.sink, row)
+
+
 @dataclass
 class Encoded:
     """One tokenised sample with its tiles. `loss_mask[t]` = 1 when token t is a target the model must write."""
@@ -38,11 +62,7 @@ class Encoded:
     family: str = ""
     index: int = -1  # stream position, for debugging and resume checks
     grounding: torch.Tensor | None = None  # [N,8,8,F] long, the tiles' cell targets (tessera.world.grounding)
-    # per answered turn: (positions that predict its answer tokens, positions of the visual tokens showing its
-    # evidence and of the question's words naming it, one list per group, and — for an answer that compares
-    # places — each group's (column, row) on the whole-canvas view, else []), for the attention grounding and
-    # place losses; None without a scene
-    evidence: list[tuple[list[int], list[list[int]], list[list[int]], list[tuple[int, int]]]] | None = None
+    evidence: list["Evidence"] | None = None  # per answered turn (row 0, positions in the sample); None without a scene
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -67,15 +87,15 @@ def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, ans
 
 
 def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_per_tile: int,
-              turns: Sequence[tuple[Any, bool]]) -> list[tuple[list[int], list[list[int]], list[list[int]],
-                                                              list[tuple[int, int]]]] | None:
-    """Per turn (its Lookup or None, thinking?): the positions predicting its answer tokens (not `<|im_end|>`);
-    per group, the positions of the visual tokens that show its cells — when `coarse`, only the thumbnail's
-    tokens at those cells (a one-tile image has no thumbnail: its tile is the whole canvas); and per group, the
-    positions of the words in the turn's question that name it (empty when it has none); and, when `coarse`,
-    per group the (column, row) of its cells on the whole-canvas view (empty otherwise). A thinking turn instead
-    gives one entry per number its chain reads off the image (the positions that write it → its group's tokens)
-    when the Lookup names them (`chain`), and nothing otherwise; turns without cells give nothing."""
+              turns: Sequence[tuple[Any, bool]]) -> list[Evidence] | None:
+    """Per turn (its Lookup or None, thinking?) one Evidence: the positions predicting its answer tokens (not
+    `<|im_end|>`); per group, the positions of the visual tokens that show its cells — when `coarse`, only the
+    thumbnail's tokens at those cells (a one-tile image has no thumbnail: its tile is the whole canvas); per group,
+    the positions of the words in the turn's question that name it (empty when it has none); when `coarse`, per
+    group the (column, row) of its cells on the whole-canvas view; and for a counted group (one anchor cell per
+    thing, possibly none) the sample's first position as the sink. A thinking turn instead gives one entry per
+    number its chain reads off the image (the positions that write it → its group's tokens) when the Lookup names
+    them (`chain`), and nothing otherwise; turns without cells (and nothing counted) give nothing."""
     if scene is None:
         return None
     from tessera.world.grounding import place_of_cells, thumbnail_token_of_cell, token_of_cell
@@ -92,7 +112,7 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
     image_positions = [i for i, t in enumerate(ids) if t == tokenizer.img_context_id]
     out = []
     for (s, e), (lookup, thinking) in zip(runs, turns):
-        if lookup is None or not any(lookup.cells) or (thinking and not lookup.chain):
+        if lookup is None or not (any(lookup.cells) or lookup.counted) or (thinking and not lookup.chain):
             continue
         keys = []
         for cells in lookup.cells:
@@ -106,13 +126,17 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
             reads = _word_positions(tokenizer, ids, s, e, [(text,) for text, _ in lookup.chain])
             for (_, group), written in zip(lookup.chain, reads):
                 if written:
-                    out.append(([p - 1 for p in written], [keys[group]], [[]], []))
+                    out.append(Evidence([p - 1 for p in written], [keys[group]], [[]],
+                                        sink=0 if group in lookup.counted else None))
             continue
         starts = [i for i in range(s) if ids[i] == tokenizer.im_start_id]  # ..., user message, assistant's
         user = starts[-2] if len(starts) >= 2 else 0
         words = _word_positions(tokenizer, ids, user, s, lookup.names) if lookup.names else [[] for _ in keys]
         places = [place_of_cells(scene, cells) for cells in lookup.cells] if lookup.coarse else []
-        out.append((list(range(s - 1, e - 2)), keys, words, places))  # position p predicts token p + 1; e - 1 is <|im_end|>
+        # position p predicts token p + 1; e - 1 is <|im_end|>
+        counting = bool(lookup.counted) and len(lookup.counted) == len(lookup.cells)  # else the counted group is
+        out.append(Evidence(list(range(s - 1, e - 2)), keys, words, places,  # looked up like any other group
+                            sink=0 if counting else None))
     return out
 
 
@@ -199,9 +223,7 @@ class Batch:
     families: list[str]  # per sample, in packing order
     indices: list[int] = field(default_factory=list)  # stream positions of the samples
     grounding: torch.Tensor | None = None  # [ΣN,8,8,F] cell targets of the tiles, when every sample has them
-    # (row, query positions, key positions per evidence group, question-word positions per group, places per group)
-    evidence: list[tuple[int, list[int], list[list[int]], list[list[int]], list[tuple[int, int]]]] = \
-        field(default_factory=list)
+    evidence: list[Evidence] = field(default_factory=list)  # every sample's, at its place in the rows
 
     @property
     def num_samples(self) -> int:
@@ -238,7 +260,7 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
     position_ids = torch.zeros(B, L, dtype=torch.long)
     segment_ids = torch.zeros(B, L, dtype=torch.long)
     tiles, image_tokens, families, indices = [], [], [], []
-    evidence: list[tuple[int, list[int], list[list[int]], list[list[int]], list[tuple[int, int]]]] = []
+    evidence: list[Evidence] = []
     for b, row in enumerate(rows):
         start = 0
         for seg, e in enumerate(row, start=1):
@@ -252,9 +274,7 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
             shifted = torch.where(mask[1:], ids[1:], torch.full_like(ids[1:], IGNORE))  # [n-1]
             targets[b, start:start + n - 1] = shifted
             weights[b, start:start + n - 1] = mask[1:].float() * square_average_weights(e.num_loss_tokens)
-            for queries, keys, words, places in e.evidence or []:
-                evidence.append((b, [start + q for q in queries], [[start + k for k in g] for g in keys],
-                                 [[start + w for w in g] for g in words], places))
+            evidence.extend(entry.packed(b, start) for entry in e.evidence or [])
             tiles.append(e.pixel_values)
             image_tokens.extend(e.image_tokens)
             families.append(e.family)

@@ -13,6 +13,7 @@ trainer saves them beside the optimizer for an exact resume).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from tessera.model.connector import pixel_shuffle
 from tessera.world.grounding import FIELDS, IGNORE, NUM_CLASSES
+from tessera.world.curriculum import level
 from tessera.world.scenes import CELLS_PER_TILE
 
 
@@ -58,16 +60,36 @@ class PlaceHead(nn.Module):
         return self.proj(hidden).reshape(hidden.shape[0], self.GROUPS, self.AXES, CELLS_PER_TILE)  # [Q, 2, 2, 8]
 
 
-class GroundingHeads(nn.Module):
-    """The patch probe (one cell per ViT patch token), the token probe (k² cells per projected 1/4 token) and,
-    when `place_width` (the width of the middle layer's concatenated head outputs) is not 0, the place probe
-    (PlaceHead)."""
+class CountHead(nn.Module):
+    """Linear map from what the middle layer's heads fetched at a counting answer's positions ([H·hd]) to how many
+    things were counted: logits [MAX_COUNT + 1] (0 … the most shapes a scene holds)."""
 
-    def __init__(self, vision_hidden: int, language_hidden: int, cells_per_token: int, place_width: int = 0):
+    MAX_COUNT = level(1.0).max_objects
+
+    def __init__(self, hidden_size: int):
         super().__init__()
+        self.proj = nn.Linear(hidden_size, self.MAX_COUNT + 1)
+        nn.init.normal_(self.proj.weight, std=hidden_size ** -0.5)  # not zero: see PlaceHead
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden)  # [Q, MAX_COUNT + 1]
+
+
+class GroundingHeads(nn.Module):
+    """The patch probe (one cell per ViT patch token), the token probe (k² cells per projected 1/4 token) and the
+    probes on what the middle layer's heads fetched (`fetched_width` = the width of their concatenated outputs):
+    the place probe (PlaceHead) when `place`, the count probe (CountHead) when `count`."""
+
+    def __init__(self, vision_hidden: int, language_hidden: int, cells_per_token: int, fetched_width: int = 0,
+                 place: bool = False, count: bool = False):
+        super().__init__()
+        if (place or count) and not fetched_width:
+            raise ValueError("the place and count probes need the width of the middle layer's head outputs")
         self.patch = GroundingHead(vision_hidden, 1)
         self.token = GroundingHead(language_hidden, cells_per_token)
-        self.place = PlaceHead(place_width) if place_width else None
+        self.place = PlaceHead(fetched_width) if place else None
+        self.count = CountHead(fetched_width) if count else None
 
 
 def token_targets(cells: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -135,9 +157,16 @@ def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
     (heads of different key/value groups then bring different projections of it); with two (a spatial question's
     two objects, a sum's two labels) they fetch one thing each, side by side.
 
+    A counting answer (an entry with a `sink`) is different: its key groups hold one token per counted thing,
+    and every supervised head should split its mass evenly between each of those tokens and the sink, the
+    cross-entropy against that uniform target. Pulling all the mass onto the things (as above) makes a head's
+    output the *average* of what it found, the same for one circle as for three: the model then detects and does
+    not count (docs/TRAINING.md, session 5: 1 → 97 %, 2 → 36 %). With the sink in the share, n things take
+    n / (n + 1) of the mass, and what the heads fetch says how many there are (none: all on the sink).
+
     attn: the layer's Qwen3Attention; x [B, T, D] its (normed) input, cos/sin [B, T, hd], mask the additive
-    [B, 1, T, T] mask (None = causal); evidence: (row, query positions, key positions per group) triples; the
-    mean mass is reported as metric `name`.
+    [B, 1, T, T] mask (None = causal); evidence: tessera.train.data.Evidence entries (row, queries, keys, sink);
+    the mean mass on the targets is reported as metric `name`.
     """
     from tessera.model.llm import apply_rope
 
@@ -146,7 +175,8 @@ def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
     if not heads or not all(0 <= h < attn.num_heads for h in heads):
         raise ValueError(f"evidence heads {heads} must name heads of a layer with {attn.num_heads}")
     total, mass, count = x.new_zeros((), dtype=torch.float32), 0.0, 0
-    for b, queries, key_groups in evidence:
+    for entry in evidence:
+        b, queries, key_groups = entry.row, entry.queries, entry.keys
         s = max(queries) + 1  # keys a causal query can see
         q = attn.q_norm(attn.q_proj(x[b, queries]).view(len(queries), attn.num_heads, attn.head_dim)[:, heads])  # [Q, H, hd]
         k = attn.k_norm(attn.k_proj(x[b, :s]).view(s, attn.num_kv_heads, attn.head_dim))  # [S, KV, hd]
@@ -159,11 +189,18 @@ def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
         else:
             scores = scores.masked_fill(torch.arange(s)[None, :] > torch.tensor(queries)[:, None], float("-inf"))
         logp = torch.log_softmax(scores, dim=-1)  # [H, Q, S]
-        for i in range(len(heads)):
-            keys = key_groups[i % len(key_groups)]
-            on_evidence = torch.logsumexp(logp[i][:, keys], dim=-1)  # [Q] log attention mass on the evidence
-            total = total - on_evidence.sum() / len(heads)
-            mass += float(on_evidence.detach().exp().sum()) / len(heads)
+        if entry.sink is not None:  # every head: an even share for the sink and each counted thing
+            shares = [entry.sink] + [k for keys in key_groups for k in keys]
+            # KL(uniform over the n + 1 targets ‖ attention), summed over Q: the cross-entropy minus its floor log(n + 1)
+            kl = -logp[:, :, shares].mean(-1) - math.log(len(shares))  # [H, Q]
+            total = total + kl.sum() / len(heads)
+            mass += float(logp[:, :, shares].detach().exp().sum()) / len(heads)
+        else:
+            for i in range(len(heads)):
+                keys = key_groups[i % len(key_groups)]
+                on_evidence = torch.logsumexp(logp[i][:, keys], dim=-1)  # [Q] log attention mass on the evidence
+                total = total - on_evidence.sum() / len(heads)
+                mass += float(on_evidence.detach().exp().sum()) / len(heads)
         count += len(queries)
     if count == 0:
         return total, {}
@@ -180,10 +217,11 @@ def place_loss(head: PlaceHead, hidden: torch.Tensor, evidence) -> tuple[torch.T
     after the layer did not learn at any weight: docs/TRAINING.md, session 5).
 
     hidden: [B, T, H·hd] the middle layer's concatenated head outputs (the input of its o_proj); evidence: the
-    batch's (row, queries, keys, words, places) entries — those without places are skipped. Metric `place/acc`:
+    batch's Evidence entries — those without places are skipped. Metric `place/acc`:
     share of the (position, group, axis) slots read right."""
     states, targets = [], []
-    for b, queries, _, _, places in evidence:
+    for entry in evidence:
+        b, queries, places = entry.row, entry.queries, entry.places
         if not places:
             continue
         if len(places) > head.GROUPS:
@@ -200,3 +238,33 @@ def place_loss(head: PlaceHead, hidden: torch.Tensor, evidence) -> tuple[torch.T
     valid = target != IGNORE
     acc = float((logits.argmax(-1)[valid] == target[valid]).float().mean())
     return loss, {"place/loss": float(loss.detach()), "place/acc": acc}
+
+
+def count_loss(head: CountHead, hidden: torch.Tensor, evidence) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy of the count probe: at the positions predicting a counting answer (the evidence entries with
+    a sink, chains' counts included), what the middle layer's heads fetched must say how many things there are
+    (the number of counted keys).
+
+    The sink share of evidence_attention_loss puts the count into the heads' attention (n / (n + 1) of the mass
+    on the things); a probe found it barely readable from their outputs after 400 steps (52 % vs 57 % for the
+    majority), the values of a red circle and a blue square having little in common. This asks the value path
+    for it directly, as the place probe does for where things are.
+
+    hidden: [B, T, H·hd] the middle layer's concatenated head outputs; evidence: the batch's Evidence entries.
+    Metric `count/acc`: share of the positions read right."""
+    states, targets = [], []
+    for entry in evidence:
+        if entry.sink is None:
+            continue
+        n = sum(len(keys) for keys in entry.keys)
+        if n > head.MAX_COUNT:
+            raise ValueError(f"the count probe reads up to {head.MAX_COUNT} things, the answer counts {n}")
+        states.append(hidden[entry.row, entry.queries])  # [Q, D]
+        targets.append(torch.full((len(entry.queries),), n, dtype=torch.long))
+    if not states:
+        return hidden.new_zeros((), dtype=torch.float32), {}
+    logits = head(torch.cat(states).float())  # [ΣQ, MAX_COUNT + 1]
+    target = torch.cat(targets)  # [ΣQ]
+    loss = F.cross_entropy(logits, target)
+    acc = float((logits.argmax(-1) == target).float().mean())
+    return loss, {"count/loss": float(loss.detach()), "count/acc": acc}

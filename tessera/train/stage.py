@@ -18,6 +18,7 @@ router (pooling_before_gating, gating: official Flash key names), language (lang
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -75,6 +76,7 @@ class LanguageModelingStage:
     evidence_heads: tuple[int, ...] = (0,)  # the middle layer's heads it supervises
     question_attention: float = 0.0  # weight of the same loss one layer below, onto the question's naming words
     place: float = 0.0  # weight of the place probe on the middle layer's heads at spatial answers (extra.place)
+    count: float = 0.0  # weight of the count probe on the same heads at counting answers (extra.count)
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Batch, int]]:
         return stream_batches(self.make, Packer(self.rows, self.row_tokens, self.pad_id), position, rank, world, self.workers)
@@ -89,34 +91,36 @@ class LanguageModelingStage:
         return packed_lm_loss(model, batch, normalizer, grounding=(self.extra, self.grounding) if self.grounding > 0 else None,
                               evidence_attention=self.evidence_attention, evidence_heads=self.evidence_heads,
                               question_attention=self.question_attention,
-                              place=(self.extra.place, self.place) if self.place > 0 else None)
+                              place=(self.extra.place, self.place) if self.place > 0 else None,
+                              count=(self.extra.count, self.count) if self.count > 0 else None)
 
 
 def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
     """A LanguageModelingStage over `stream` with the packing, worker and grounding options of `data`
     (PretrainData / SFTData); the grounding heads are created here, sized for the model's 1/4 tokens (with the
-    place probe when the stage has a place weight)."""
+    place and count probes when the stage weighs them)."""
     head = None
-    place = getattr(data, "place", 0.0)
-    if data.grounding > 0 or place > 0:
+    place, count = getattr(data, "place", 0.0), getattr(data, "count", 0.0)
+    if data.grounding > 0 or place > 0 or count > 0:
         from tessera.model.connector import shuffle_factor
         from tessera.train.grounding import GroundingHeads
 
         language = model.config.language
         head = GroundingHeads(model.config.vision.hidden_size, language.hidden_size,
                               shuffle_factor(model.config.downsample_ratio) ** 2,
-                              place_width=language.num_heads * language.head_dim if place > 0 else 0)
+                              fetched_width=language.num_heads * language.head_dim, place=place > 0, count=count > 0)
     return LanguageModelingStage(name, stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers,
                                  grounding=data.grounding, extra=head, evidence_attention=data.evidence_attention,
                                  evidence_heads=tuple(data.evidence_heads), question_attention=data.question_attention,
-                                 place=place)
+                                 place=place, count=count)
 
 
 def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | None = None,
                    grounding: tuple[torch.nn.Module, float] | None = None,
                    evidence_attention: float = 0.0, evidence_heads: Sequence[int] = (0,),
                    question_attention: float = 0.0,
-                   place: tuple[torch.nn.Module, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                   place: tuple[torch.nn.Module, float] | None = None,
+                   count: tuple[torch.nn.Module, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward a packed batch (block-diagonal causal mask, per-sample positions) and take the weighted CE.
 
     `grounding` = (head, weight) adds weight × the dense grounding loss on the batch's visual tokens
@@ -128,16 +132,16 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
     whose head found objects but not *which* one — by colour in one run, by kind in another — is what it is for).
     `place` = (head, weight) adds weight × the place probe's loss on what the middle layer's heads fetched (the
     input of its o_proj) at the positions predicting spatial answers (tessera.train.grounding.place_loss; same
-    scaling)."""
+    scaling); `count` = (head, weight) the count probe's at counting answers (tessera.train.grounding.count_loss)."""
     grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
     features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4
     layers = model.language_model.model.layers
     middle = len(layers) // 2
-    # (metric name, weight, layer, (row, answer positions, key groups) triples): where the evidence is, and,
+    # (metric name, weight, layer, Evidence entries): where the evidence is, and,
     # one layer below, which words of the question name it (what the middle layer's query has to carry)
-    supervised = [("evidence_attention", evidence_attention, middle, [(b, q, k) for b, q, k, _, _ in batch.evidence]),
+    supervised = [("evidence_attention", evidence_attention, middle, batch.evidence),
                   ("question_attention", question_attention, middle - 1,
-                   [(b, q, w) for b, q, _, w, _ in batch.evidence if w and all(w)])]
+                   [dataclasses.replace(e, keys=e.words, sink=None) for e in batch.evidence if e.words and all(e.words)])]
     supervised = [entry for entry in supervised if entry[1] > 0 and entry[3]]
     captured: dict[int, tuple] = {}
     hooks = []
@@ -147,7 +151,8 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
 
         hooks.append(layers[layer].self_attn.register_forward_hook(keep_inputs))
     fetched: list[torch.Tensor] = []
-    if place is not None:
+    probes = [(name, probe) for name, probe in (("place", place), ("count", count)) if probe is not None]
+    if probes:
         # what the middle layer's heads fetched, before o_proj mixes it into the residual stream
         hooks.append(layers[middle].self_attn.o_proj.register_forward_hook(
             lambda module, args, out: fetched.append(args[0])))
@@ -167,11 +172,12 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
                                                         evidence_heads, name=name)
         loss = loss + weight * share * att_loss
         metrics.update(att_metrics)
-    if place is not None:
-        from tessera.train.grounding import place_loss
+    if probes:
+        from tessera.train.grounding import count_loss, place_loss
 
-        head, weight = place
-        aux, aux_metrics = place_loss(head, fetched[0], batch.evidence)  # [B, L, H·hd]
+    for name, (head, weight) in probes:
+        probe_loss = place_loss if name == "place" else count_loss
+        aux, aux_metrics = probe_loss(head, fetched[0], batch.evidence)  # fetched[0]: [B, L, H·hd]
         loss = loss + weight * share * aux
         metrics.update(aux_metrics)
     if grounding is not None:
