@@ -348,24 +348,45 @@ def test_place_loss_is_the_cross_entropy_of_each_objects_column_and_row():
         place_loss(head, hidden, [Evidence([4], [[1], [2], [3]], [[]], [(0, 0)] * 3)])
 
 
-def test_place_probe_trains_what_the_middle_heads_fetch():
-    """With a place weight the sft stage carries the probe; its loss reaches the middle layer's value projection
-    (the probe reads the heads' outputs before o_proj) and a few steps on one batch lower it."""
+@pytest.mark.parametrize("probe, family", [("place", "spatial"), ("count", "count")])
+def test_probes_train_what_the_middle_heads_fetch(probe, family):
+    """With a place (count) weight the sft stage carries the probe; its loss reaches the middle layer's value
+    projection (the probe reads the heads' outputs before o_proj) and a few steps on one batch lower it."""
     from tessera.train import build_stage
     from tessera.train.recipe import RecipeConfig, init_model_for
 
     torch.manual_seed(0)
     model = init_model_for(RecipeConfig(tokenizer_corpus=20))
-    stage = build_stage("sft", model, {"rows": 1, "row_tokens": 512, "workers": 0, "place": 1.0, "turns": 3,
-                                       "repeat": ["spatial"], "families": {"spatial": 1.0}, "curriculum": [[0, 1.0]]})
-    assert stage.extra.place is not None
+    stage = build_stage("sft", model, {"rows": 1, "row_tokens": 512, "workers": 0, probe: 1.0, "turns": 3,
+                                       "repeat": [family], "families": {family: 1.0}, "curriculum": [[0, 1.0]]})
+    assert getattr(stage.extra, probe) is not None
     batch, _ = next(stage.batches(0, 0, 1))
     loss, _ = stage.loss(model, batch, stage.weight(batch))
     loss.backward()
     value = model.language_model.model.layers[len(model.language_model.model.layers) // 2].self_attn.v_proj
     assert value.weight.grad is not None and float(value.weight.grad.abs().sum()) > 0
-    losses = fit_one_batch(model, stage, batch, "place/loss", steps=6, lr=3e-3)
+    losses = fit_one_batch(model, stage, batch, f"{probe}/loss", steps=6, lr=3e-3)
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_count_loss_is_the_cross_entropy_of_how_many_things_were_counted():
+    """Entries with a sink are read as counts (the number of counted keys, 0 included); others add nothing."""
+    from tessera.train.data import Evidence
+    from tessera.train.grounding import CountHead, count_loss
+
+    torch.manual_seed(0)
+    head = CountHead(16)
+    hidden = torch.randn(2, 6, 16)
+    entries = [Evidence([4, 5], [[1, 2, 3]], sink=0), Evidence([3], [[]], sink=0, row=1), Evidence([2], [[1]])]
+    loss, metrics = count_loss(head, hidden, entries)
+    logits = head(torch.stack([hidden[0, 4], hidden[0, 5], hidden[1, 3]]))  # [3, MAX_COUNT + 1]
+    targets = torch.tensor([3, 3, 0])
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, targets))
+    assert metrics["count/acc"] == float((logits.argmax(-1) == targets).float().mean())
+    zero, none = count_loss(head, hidden, [Evidence([2], [[1]])])
+    assert float(zero) == 0.0 and none == {}
+    with pytest.raises(ValueError, match="counts 7"):
+        count_loss(head, hidden, [Evidence([5], [list(range(7))], sink=0)])
 
 
 def test_count_evidence_is_one_token_per_counted_shape_and_the_sink():
