@@ -16,6 +16,7 @@ Flash table (full / compressed / router / random routing, tessera.bench.router).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -114,6 +115,7 @@ def tiny_recipe() -> RecipeConfig:
                       precision="bf16", save_every=100, eval_every=300)
     spatial = TrainConfig(steps=600, lr=1e-4, component_lr=lrs, warmup_steps=10, min_lr_ratio=0.1,
                           precision="bf16", save_every=100, eval_every=300)
+    count = dataclasses.replace(spatial, steps=800, eval_every=400)
     # RL: constant lr after a short warm-up; the stages pin fp32 themselves (their log-probs meet fp32 rollouts)
     mpo = TrainConfig(steps=60, lr=2e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=5, save_every=30, eval_every=30)
     gspo = TrainConfig(steps=88, lr=1e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=4, save_every=44, eval_every=44)
@@ -123,7 +125,12 @@ def tiny_recipe() -> RecipeConfig:
     router = TrainConfig(steps=250, lr=3e-4, warmup_steps=10, min_lr_ratio=0.1, save_every=125, eval_every=125)
     families = {"colour": 1.0, "shape": 1.0, "count": 1.0, "label": 1.0, "document": 1.0, "spatial": 1.0,
                 "reasoning": 1.0, "describe": 1.0}
-    return RecipeConfig(eval_after=["spatial", "mpo", "gspo"], stages=[
+    # the phases after sft: its data at full difficulty, one family asked several times per image, the probes on
+    # what the middle layer's heads fetched
+    phase = {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4, "grounding": 1.0,
+             "evidence_attention": 1.0, "evidence_heads": [0, 2], "chain_evidence": True, "place": 1.0,
+             "curriculum": [[0, 1.0]]}
+    return RecipeConfig(eval_after=["count", "mpo", "gspo"], stages=[
         StagePlan("pretrain", pretrain, {"rows": 4, "row_tokens": 512, "grounding": 1.0,
                                          "curriculum": [[0, 0.0], [2000, 0.0], [2001, 0.5]]}),
         StagePlan("sft", sft, {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4,
@@ -131,10 +138,9 @@ def tiny_recipe() -> RecipeConfig:
                                "chain_evidence": True,
                                "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [12000, 0.5],
                                                                 [16000, 1.0]]}),
-        StagePlan("spatial", spatial, {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7,
-                                       "turns": 4, "grounding": 1.0, "evidence_attention": 1.0,
-                                       "evidence_heads": [0, 2], "chain_evidence": True, "place": 1.0,
-                                       "repeat": ["spatial"], "curriculum": [[0, 1.0]]}, stage="sft"),
+        StagePlan("spatial", spatial, {**phase, "repeat": ["spatial"]}, stage="sft"),
+        StagePlan("count", count, {**phase, "families": {**families, "count": 3.0}, "repeat": ["count"],
+                                   "count": 1.0}, stage="sft"),
         StagePlan("mpo", mpo, {"out": "{stage}", "queries": 384, "group_size": 8, "pairs_per_batch": 8}),
         StagePlan("gspo", gspo, {"accuracies": "{out}/mpo/queries.jsonl", "group_size": 8, "queries_per_rollout": 8,
                                  "mini_batches": 4}),
@@ -161,6 +167,9 @@ def quick_recipe() -> RecipeConfig:
         StagePlan("spatial", TrainConfig(steps=2, lr=1e-4, **quiet),
                   {**small, "families": {**rl_families, "spatial": 1.0}, "turns": 4, "place": 1.0,
                    "repeat": ["spatial"], "curriculum": [[0, 1.0]]}, stage="sft"),
+        StagePlan("count", TrainConfig(steps=2, lr=1e-4, **quiet),
+                  {**small, "families": {**rl_families, "count": 1.0}, "turns": 4, "count": 1.0,
+                   "repeat": ["count"], "curriculum": [[0, 1.0]]}, stage="sft"),
         StagePlan("mpo", TrainConfig(steps=2, lr=2e-5, min_lr_ratio=1.0, **quiet),
                   {"out": "{stage}", "queries": 16, "group_size": 4, "pairs_per_batch": 2, "families": rl_families}),
         StagePlan("gspo", TrainConfig(steps=2, lr=1e-5, min_lr_ratio=1.0, **quiet),
