@@ -133,10 +133,11 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
         user = starts[-2] if len(starts) >= 2 else 0
         words = _word_positions(tokenizer, ids, user, s, lookup.names) if lookup.names else [[] for _ in keys]
         places = [place_of_cells(scene, cells) for cells in lookup.cells] if lookup.coarse else []
+        # a sink when the answer is a count; a counted group beside others (a non-thinking reasoning turn) is
+        # looked up like any other group
+        counting = bool(lookup.counted) and len(lookup.counted) == len(lookup.cells)
         # position p predicts token p + 1; e - 1 is <|im_end|>
-        counting = bool(lookup.counted) and len(lookup.counted) == len(lookup.cells)  # else the counted group is
-        out.append(Evidence(list(range(s - 1, e - 2)), keys, words, places,  # looked up like any other group
-                            sink=0 if counting else None))
+        out.append(Evidence(list(range(s - 1, e - 2)), keys, words, places, sink=0 if counting else None))
     return out
 
 

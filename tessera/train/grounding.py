@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.model.connector import pixel_shuffle
-from tessera.world.grounding import FIELDS, IGNORE, NUM_CLASSES
 from tessera.world.curriculum import level
+from tessera.world.grounding import FIELDS, IGNORE, NUM_CLASSES
 from tessera.world.scenes import CELLS_PER_TILE
 
 
@@ -158,8 +158,8 @@ def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
     two objects, a sum's two labels) they fetch one thing each, side by side.
 
     A counting answer (an entry with a `sink`) is different: its key groups hold one token per counted thing,
-    and every supervised head should split its mass evenly between each of those tokens and the sink, the
-    cross-entropy against that uniform target. Pulling all the mass onto the things (as above) makes a head's
+    and every supervised head should split its mass evenly between each of those tokens and the sink: the loss is
+    KL(that uniform target ‖ the head's attention). Pulling all the mass onto the things (as above) makes a head's
     output the *average* of what it found, the same for one circle as for three: the model then detects and does
     not count (docs/TRAINING.md, session 5: 1 → 97 %, 2 → 36 %). With the sink in the share, n things take
     n / (n + 1) of the mass, and what the heads fetch says how many there are (none: all on the sink).
