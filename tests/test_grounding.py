@@ -358,6 +358,7 @@ def test_probes_train_what_the_middle_heads_fetch(probe, family):
     torch.manual_seed(0)
     model = init_model_for(RecipeConfig(tokenizer_corpus=20))
     stage = build_stage("sft", model, {"rows": 1, "row_tokens": 512, "workers": 0, probe: 1.0, "turns": 3,
+                                       "count_sink": probe == "count",
                                        "repeat": [family], "families": {family: 1.0}, "curriculum": [[0, 1.0]]})
     assert getattr(stage.extra, probe) is not None
     batch, _ = next(stage.batches(0, 0, 1))
@@ -398,7 +399,8 @@ def test_count_evidence_is_one_token_per_counted_shape_and_the_sink():
 
     model = init_model_for(RecipeConfig(tokenizer_corpus=20))
     tok, per_tile = model.tokenizer, model.config.tokens_per_tile
-    stream = WorldStream(tok, model.config, families={"count": 1.0}, curriculum=Curriculum(((0, 1.0),)), grounding=True)
+    stream = WorldStream(tok, model.config, families={"count": 1.0}, curriculum=Curriculum(((0, 1.0),)), grounding=True,
+                         count_sink=True)
     answers = set()
     for i in range(40):
         s, _ = stream.sample(i)
@@ -407,9 +409,17 @@ def test_count_evidence_is_one_token_per_counted_shape_and_the_sink():
         (keys,) = entry.keys
         assert entry.sink == 0 and len(keys) == len(set(keys)) == int(s.answer)
         positions = [p for p, t in enumerate(e.input_ids) if t == tok.img_context_id]
-        anchors = s.meta["lookup"]["cells"][0]
+        ((group, anchors),) = s.meta["lookup"]["counted"]
+        assert group == 0
         assert sorted(keys) == sorted(positions[token_of_cell(s.scene, x, y, per_tile)] for x, y in anchors)
         answers.add(int(s.answer))
+        stream.count_sink = False  # without it, counts are looked up as before: every token of every thing
+        if int(s.answer) == 0:
+            assert stream(i).evidence == []
+        else:
+            (plain,) = stream(i).evidence
+            assert plain.sink is None and set(keys) <= set(plain.keys[0])
+        stream.count_sink = True
     assert 0 in answers and max(answers) >= 3, answers
 
 
@@ -444,3 +454,12 @@ def test_counting_loss_is_the_kl_to_an_even_share_for_the_sink_and_each_thing():
     assert metrics["evidence_attention"] == pytest.approx(mass / len(heads) / len(queries), rel=1e-5)
     nothing, _ = evidence_attention_loss(attn, x, cos, sin, None, [Evidence(queries, [[]], sink=0)], heads=heads)
     assert nothing > 0 and torch.isfinite(nothing)
+
+
+def test_the_count_probe_needs_counting_answers():
+    from tessera.train import build_stage
+    from tessera.train.recipe import RecipeConfig, init_model_for
+
+    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    with pytest.raises(ValueError, match="count_sink"):
+        build_stage("sft", model, {"rows": 1, "row_tokens": 512, "workers": 0, "count": 1.0})

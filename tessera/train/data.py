@@ -114,6 +114,7 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
     for (s, e), (lookup, thinking) in zip(runs, turns):
         if lookup is None or not (any(lookup.cells) or lookup.counted) or (thinking and not lookup.chain):
             continue
+        counted = {group for group, _ in lookup.counted}  # their cells are the things' anchors (WorldStream._lookup)
         keys = []
         for cells in lookup.cells:
             # a coarse lookup reads places: from the view of the whole canvas (the thumbnail when there is one)
@@ -127,7 +128,7 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
             for (_, group), written in zip(lookup.chain, reads):
                 if written:
                     out.append(Evidence([p - 1 for p in written], [keys[group]], [[]],
-                                        sink=0 if group in lookup.counted else None))
+                                        sink=0 if group in counted else None))
             continue
         starts = [i for i in range(s) if ids[i] == tokenizer.im_start_id]  # ..., user message, assistant's
         user = starts[-2] if len(starts) >= 2 else 0
@@ -135,7 +136,7 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
         places = [place_of_cells(scene, cells) for cells in lookup.cells] if lookup.coarse else []
         # a sink when the answer is a count; a counted group beside others (a non-thinking reasoning turn) is
         # looked up like any other group
-        counting = bool(lookup.counted) and len(lookup.counted) == len(lookup.cells)
+        counting = bool(counted) and len(counted) == len(lookup.cells)
         # position p predicts token p + 1; e - 1 is <|im_end|>
         out.append(Evidence(list(range(s - 1, e - 2)), keys, words, places, sink=0 if counting else None))
     return out
@@ -407,6 +408,9 @@ class WorldStream:
     grounding: bool = False  # attach the tiles' dense grounding targets (tessera.world.grounding)
     chain_evidence: bool = False  # also ground the numbers a thinking chain reads off the image
     repeat: tuple[str, ...] = ()  # families a conversation may ask more than once (about other things each time)
+    # counts' evidence: one anchor token per counted thing plus a sink with an even share (Evidence.sink), instead
+    # of every token of every thing
+    count_sink: bool = False
     _processor: Any = field(default=None, repr=False, compare=False)
 
     def sample(self, index: int):
@@ -458,7 +462,16 @@ class WorldStream:
         return render(scene), turns, first, scene, lookups
 
     def _lookup(self, lookup):
-        return lookup if self.chain_evidence else dataclasses.replace(lookup, chain=())
+        """The Lookup as this stream's losses read it: without chains unless `chain_evidence`; with `count_sink`
+        a counted group's cells are its things' anchors (and it stays counted), else nothing is counted."""
+        if not self.chain_evidence:
+            lookup = dataclasses.replace(lookup, chain=())
+        if not self.count_sink:
+            return dataclasses.replace(lookup, counted=())
+        cells = list(lookup.cells)
+        for group, anchors in lookup.counted:
+            cells[group] = anchors
+        return dataclasses.replace(lookup, cells=tuple(cells))
 
     def _turn(self, rng: random.Random, task, thinking_text) -> tuple[str, str, bool]:
         think = task.think is not None and rng.random() < self.thinking_prob

@@ -16,7 +16,6 @@ Flash table (full / compressed / router / random routing, tessera.bench.router).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -93,10 +92,9 @@ def tiny_recipe() -> RecipeConfig:
     a spatial answer to say where both objects are. With one spatial answer per image at most, the heads found
     both objects but fetched only what they are and spatial stayed at chance through 4,800 steps; this phase
     lifts it to ≈ 80 % (docs/TRAINING.md, session 5: run from scratch with both on from the start trailed).
-    count: 800 more at full difficulty with count weighted 3× and asked up to four times per image, and the count
-    probe (tessera.train.grounding.count_loss) on what the same heads fetched; with the count evidence's sink
-    share (evidence_attention_loss) the heads' outputs come to say how many things they found: twos from 41 to
-    61 % in the fine-tune behind it, count 74 → 78 % (docs/TRAINING.md, session 6; density alone moved nothing).
+    Not in it yet: the count mechanism (SFTData.count_sink and .count) lifted count 74 → 78 % as an 800-step phase
+    on the shipped model, but a run from scratch with it (sink on from sft's first step) scored 75.4 % with colour
+    at 54 % (docs/TRAINING.md, session 6).
     Learning rates: language 6e-4, connector 3e-3 (the projector is what the grounding probe found slowest: four
     patches squeezed into one token), ViT 1e-4 (the calibration's learning-rate cliff for reading).
 
@@ -119,7 +117,6 @@ def tiny_recipe() -> RecipeConfig:
                       precision="bf16", save_every=100, eval_every=300)
     spatial = TrainConfig(steps=600, lr=1e-4, component_lr=lrs, warmup_steps=10, min_lr_ratio=0.1,
                           precision="bf16", save_every=100, eval_every=300)
-    count = dataclasses.replace(spatial, steps=800, eval_every=400)
     # RL: constant lr after a short warm-up; the stages pin fp32 themselves (their log-probs meet fp32 rollouts)
     mpo = TrainConfig(steps=60, lr=2e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=5, save_every=30, eval_every=30)
     gspo = TrainConfig(steps=88, lr=1e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=4, save_every=44, eval_every=44)
@@ -134,7 +131,7 @@ def tiny_recipe() -> RecipeConfig:
     phase = {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4, "grounding": 1.0,
              "evidence_attention": 1.0, "evidence_heads": [0, 2], "chain_evidence": True, "place": 1.0,
              "curriculum": [[0, 1.0]]}
-    return RecipeConfig(eval_after=["count", "mpo", "gspo"], stages=[
+    return RecipeConfig(eval_after=["spatial", "mpo", "gspo"], stages=[
         StagePlan("pretrain", pretrain, {"rows": 4, "row_tokens": 512, "grounding": 1.0,
                                          "curriculum": [[0, 0.0], [2000, 0.0], [2001, 0.5]]}),
         StagePlan("sft", sft, {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4,
@@ -143,8 +140,6 @@ def tiny_recipe() -> RecipeConfig:
                                "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [12000, 0.5],
                                                                 [16000, 1.0]]}),
         StagePlan("spatial", spatial, {**phase, "repeat": ["spatial"]}, stage="sft"),
-        StagePlan("count", count, {**phase, "families": {**families, "count": 3.0}, "repeat": ["count"],
-                                   "count": 1.0}, stage="sft"),
         StagePlan("mpo", mpo, {"out": "{stage}", "queries": 384, "group_size": 8, "pairs_per_batch": 8}),
         StagePlan("gspo", gspo, {"accuracies": "{out}/mpo/queries.jsonl", "group_size": 8, "queries_per_rollout": 8,
                                  "mini_batches": 4}),
@@ -171,9 +166,6 @@ def quick_recipe() -> RecipeConfig:
         StagePlan("spatial", TrainConfig(steps=2, lr=1e-4, **quiet),
                   {**small, "families": {**rl_families, "spatial": 1.0}, "turns": 4, "place": 1.0,
                    "repeat": ["spatial"], "curriculum": [[0, 1.0]]}, stage="sft"),
-        StagePlan("count", TrainConfig(steps=2, lr=1e-4, **quiet),
-                  {**small, "families": {**rl_families, "count": 1.0}, "turns": 4, "count": 1.0,
-                   "repeat": ["count"], "curriculum": [[0, 1.0]]}, stage="sft"),
         StagePlan("mpo", TrainConfig(steps=2, lr=2e-5, min_lr_ratio=1.0, **quiet),
                   {"out": "{stage}", "queries": 16, "group_size": 4, "pairs_per_batch": 2, "families": rl_families}),
         StagePlan("gspo", TrainConfig(steps=2, lr=1e-5, min_lr_ratio=1.0, **quiet),

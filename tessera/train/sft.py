@@ -34,6 +34,7 @@ class SFTData:
     question_attention: float = 0.0  # the same heads one layer below onto the question's words naming the evidence
     place: float = 0.0  # weight of the place probe at spatial answers (tessera.train.grounding.place_loss)
     count: float = 0.0  # weight of the count probe at counting answers (tessera.train.grounding.count_loss)
+    count_sink: bool = False  # counts' evidence: anchors and a sink (WorldStream.count_sink; the count probe needs it)
     chain_evidence: bool = False  # ground the numbers thinking chains read off the image too (evidence attention)
     families: dict[str, float] = field(default_factory=default_families)
     thinking_prob: float = 0.5  # share of reasoning questions asked in thinking mode
@@ -43,9 +44,12 @@ class SFTData:
 
 def build_stage(model, data: SFTData | dict | None = None) -> LanguageModelingStage:
     data = dataclass_from(SFTData, data)
+    if data.count > 0 and not data.count_sink:
+        raise ValueError("the count probe reads counting answers, which only count_sink marks: set count_sink too")
     needs_scene = data.grounding > 0 or data.evidence_attention > 0 or data.question_attention > 0 or data.place > 0 \
         or data.count > 0
     stream = WorldStream(model.tokenizer, model.config, families=dict(data.families), thinking_prob=data.thinking_prob,
                          curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET, turns=data.turns,
-                         repeat=tuple(data.repeat), chain_evidence=data.chain_evidence, grounding=needs_scene)
+                         repeat=tuple(data.repeat), chain_evidence=data.chain_evidence, grounding=needs_scene,
+                         count_sink=data.count_sink)
     return lm_stage("sft", model, stream, data)

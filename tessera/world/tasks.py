@@ -60,24 +60,25 @@ class Lookup:
     (consecutive) that name it; `coarse` when the answer compares where things are, so the evidence is their
     tokens on the view of the whole canvas — the thumbnail's, or the only tile's (a tile's tokens do not know
     which tile they are in). `chain`: the numbers a thinking chain reads off the image, (text, group) each.
-    `counted`: the groups whose answer is how many things there are; such a group holds one cell per thing (its
-    top-left, the cell the grounding targets mark as its anchor) and may be empty (the answer 0)."""
+    `counted`: (group, anchors) for each group whose answer is how many things there are — one cell per thing,
+    its top-left (the cell the grounding targets mark as its anchor), none for the answer 0; the group's `cells`
+    are still every cell of the things (tessera.train.data.WorldStream.count_sink picks which a loss uses)."""
 
     cells: tuple[tuple[tuple[int, int], ...], ...] = ()
     names: tuple[tuple[str, ...], ...] = ()
     coarse: bool = False
     chain: tuple[tuple[str, int], ...] = ()  # the worked chain's numbers read off the image: (text, group), in order
-    counted: tuple[int, ...] = ()
+    counted: tuple[tuple[int, tuple[tuple[int, int], ...]], ...] = ()
 
     def to_meta(self) -> dict[str, Any]:
         return {"cells": [[list(c) for c in group] for group in self.cells], "names": [list(w) for w in self.names],
-                "coarse": self.coarse, "chain": [list(read) for read in self.chain], "counted": list(self.counted)}
+                "coarse": self.coarse, "chain": [list(read) for read in self.chain], "counted": [[g, [list(c) for c in anchors]] for g, anchors in self.counted]}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "Lookup":
         return cls(tuple(tuple(tuple(c) for c in group) for group in meta["cells"]),
                    tuple(tuple(w) for w in meta["names"]), bool(meta["coarse"]),
-                   tuple((text, int(group)) for text, group in meta["chain"]), tuple(meta.get("counted", ())))
+                   tuple((text, int(group)) for text, group in meta["chain"]), tuple((int(g), tuple(tuple(c) for c in anchors)) for g, anchors in meta.get("counted", ())))
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,9 @@ def _count(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     else:
         hits = list(scene.shapes)
         question, names = "How many shapes are there?", ((),)
-    return _Task(question, str(len(hits)), None, _tiles(scene, hits), Lookup((_anchors(*hits),), names, counted=(0,)))
+    counted = ((0, _anchors(*hits)),)
+    return _Task(question, str(len(hits)), None, _tiles(scene, hits),
+                 Lookup((_block(*hits),), names, counted=counted) if hits else Lookup(((),), counted=counted))
 
 
 def _label(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -245,8 +248,8 @@ def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     hits = [o for o in scene.shapes if o.kind == kind]
     return _Task(f"What is the label of the {s.name} {variant} the number of {kind}s?", str(value), chain,
                  _tiles(scene, [s] + hits, labels=True),
-                 Lookup(((s.label_cell,), _anchors(*hits)), ((s.colour, s.kind), (f"{kind}s",)),
-                        chain=((s.label, 0), (str(n), 1)), counted=(1,)))
+                 Lookup(((s.label_cell,), _block(*hits)), ((s.colour, s.kind), (f"{kind}s",)),
+                        chain=((s.label, 0), (str(n), 1)), counted=((1, _anchors(*hits)),)))
 
 
 def _position(scene: Scene, s: Shape) -> str:
