@@ -72,13 +72,15 @@ class Lookup:
 
     def to_meta(self) -> dict[str, Any]:
         return {"cells": [[list(c) for c in group] for group in self.cells], "names": [list(w) for w in self.names],
-                "coarse": self.coarse, "chain": [list(read) for read in self.chain], "counted": [[g, [list(c) for c in anchors]] for g, anchors in self.counted]}
+                "coarse": self.coarse, "chain": [list(read) for read in self.chain],
+                "counted": [[g, [list(c) for c in anchors]] for g, anchors in self.counted]}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "Lookup":
         return cls(tuple(tuple(tuple(c) for c in group) for group in meta["cells"]),
                    tuple(tuple(w) for w in meta["names"]), bool(meta["coarse"]),
-                   tuple((text, int(group)) for text, group in meta["chain"]), tuple((int(g), tuple(tuple(c) for c in anchors)) for g, anchors in meta.get("counted", ())))
+                   tuple((text, int(group)) for text, group in meta["chain"]),
+                   tuple((int(g), tuple(tuple(c) for c in anchors)) for g, anchors in meta.get("counted", ())))
 
 
 @dataclass(frozen=True)
