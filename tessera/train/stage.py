@@ -133,6 +133,8 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
     `place` = (head, weight) adds weight × the place probe's loss on what the middle layer's heads fetched (the
     input of its o_proj) at the positions predicting spatial answers (tessera.train.grounding.place_loss; same
     scaling); `count` = (head, weight) the count probe's at counting answers (tessera.train.grounding.count_loss)."""
+    from tessera.train.grounding import count_loss, evidence_attention_loss, place_loss, two_level_grounding_loss
+
     grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
     features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4
     layers = model.language_model.model.layers
@@ -151,7 +153,7 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
 
         hooks.append(layers[layer].self_attn.register_forward_hook(keep_inputs))
     fetched: list[torch.Tensor] = []
-    probes = [(name, probe) for name, probe in (("place", place), ("count", count)) if probe is not None]
+    probes = [(read, probe) for read, probe in ((place_loss, place), (count_loss, count)) if probe is not None]
     if probes:
         # what the middle layer's heads fetched, before o_proj mixes it into the residual stream
         hooks.append(layers[middle].self_attn.o_proj.register_forward_hook(
@@ -164,25 +166,17 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
             hook.remove()
     loss, metrics = weighted_cross_entropy(logits, batch.targets, batch.weights, normalizer)
     share = batch.weight_sum / normalizer if normalizer else 1.0
-    if supervised:
-        from tessera.train.grounding import evidence_attention_loss
     for name, weight, layer, evidence in supervised:
         x, cos, sin, _, mask = captured[layer]
         att_loss, att_metrics = evidence_attention_loss(layers[layer].self_attn, x, cos, sin, mask, evidence,
                                                         evidence_heads, name=name)
         loss = loss + weight * share * att_loss
         metrics.update(att_metrics)
-    if probes:
-        from tessera.train.grounding import count_loss, place_loss
-
-    for name, (head, weight) in probes:
-        probe_loss = place_loss if name == "place" else count_loss
-        aux, aux_metrics = probe_loss(head, fetched[0], batch.evidence)  # fetched[0]: [B, L, H·hd]
+    for read, (head, weight) in probes:
+        aux, aux_metrics = read(head, fetched[0], batch.evidence)  # fetched[0]: [B, L, H·hd]
         loss = loss + weight * share * aux
         metrics.update(aux_metrics)
     if grounding is not None:
-        from tessera.train.grounding import two_level_grounding_loss
-
         heads, weight = grounding
         aux, aux_metrics = two_level_grounding_loss(heads, grid, features, batch.grounding, model.config.downsample_ratio)
         loss = loss + weight * share * aux
