@@ -13,7 +13,7 @@ from tessera.train.recipe import (RecipeConfig, StagePlan, quick_recipe, read_ti
                                   run_recipe, stage_finished, tiny_recipe)
 from tessera.train.trainer import TrainConfig
 
-CASCADE = ["pretrain", "sft", "spatial", "mpo", "gspo", "vico", "router"]
+CASCADE = ["pretrain", "sft", "spatial", "count", "count2", "mpo", "gspo", "vico", "router"]
 
 
 def tiny_plan() -> RecipeConfig:
@@ -133,6 +133,9 @@ def test_tiny_recipe_runs_the_cascade_in_order_with_constant_rl_learning_rates(t
     assert [p.name for p in config.stages] == CASCADE
     plans = {p.name: p for p in config.stages}
     assert plans["spatial"].kind == "sft" and plans["spatial"].data["repeat"] == ["spatial"]  # sft again, own folder
+    # counting's sink and probe only in its own phase: sft keeps the plain lookup (docs/TRAINING.md, session 6)
+    assert plans["count"].kind == "sft" and plans["count"].data["count_sink"] and plans["count"].data["count"] > 0
+    assert not plans["sft"].data.get("count_sink") and not plans["spatial"].data.get("count_sink")
     assert plans["mpo"].train.min_lr_ratio == plans["gspo"].train.min_lr_ratio == 1.0
     # gspo's offline accuracies are the file mpo writes into its own folder
     mpo_data = resolve_paths(plans["mpo"].data, tmp_path, tmp_path / "mpo")

@@ -47,10 +47,12 @@ class RecipeConfig:
     seed: int = 0
     tokenizer_corpus: int = 200  # scenes whose text trains the tokenizer (the world's words are few)
     stages: list[StagePlan] = field(default_factory=list)
-    eval_n: int = 350  # held-out questions of each per-family evaluation in the report (50 per family)
+    # held-out questions of each per-family evaluation in the report: 200 per family (≈ 40 s on one thread), since
+    # at 50 a family's accuracy moves by ±7 points between stages that changed nothing (docs/TRAINING.md, session 7)
+    eval_n: int = 1400
     eval_seed: int = 0
     eval_after: list[str] = field(default_factory=lambda: ["sft"])  # stages also evaluated (the final model always is)
-    flash_n: int = 140  # held-out questions per routing of the Flash table (when the final model is a Flash model)
+    flash_n: int = 350  # held-out questions per routing of the Flash table (when the final model is a Flash model)
     probe_n: int = 70  # held-out questions for the accuracy curve during training
     eval_families: list[str] | None = None  # None = every family of the world
     chance_n: int = 400
@@ -92,9 +94,13 @@ def tiny_recipe() -> RecipeConfig:
     a spatial answer to say where both objects are. With one spatial answer per image at most, the heads found
     both objects but fetched only what they are and spatial stayed at chance through 4,800 steps; this phase
     lifts it to ≈ 80 % (docs/TRAINING.md, session 5: run from scratch with both on from the start trailed).
-    Not in it yet: the count mechanism (SFTData.count_sink and .count) lifted count 74 → 78 % as an 800-step phase
-    on the shipped model, but a run from scratch with it (sink on from sft's first step) scored 75.4 % with colour
-    at 54 % (docs/TRAINING.md, session 6).
+    count: 800 more steps at full difficulty with counting weighted 3× and asked up to four times per image, a
+    count's evidence being one anchor per thing plus a sink (SFTData.count_sink: n things take n / (n + 1) of the
+    heads' mass) and the count probe reading n from what they fetched (SFTData.count); count2: 800 steps more,
+    counting 5× and the probe at 3. On 1,400 held-out questions count went 73.5 → 75.5 → 83.5 % and overall
+    82.8 → 84.2 → 85.5 % (label, document and spatial rose too); the same 800 steps again at count's settings
+    reached 77.5 % count (docs/TRAINING.md, session 7). From sft's first step the sink trailed (75.4 % overall,
+    colour 54 %: session 6), so sft itself keeps the plain lookup.
     Learning rates: language 6e-4, connector 3e-3 (the projector is what the grounding probe found slowest: four
     patches squeezed into one token), ViT 1e-4 (the calibration's learning-rate cliff for reading).
 
@@ -131,7 +137,9 @@ def tiny_recipe() -> RecipeConfig:
     phase = {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4, "grounding": 1.0,
              "evidence_attention": 1.0, "evidence_heads": [0, 2], "chain_evidence": True, "place": 1.0,
              "curriculum": [[0, 1.0]]}
-    return RecipeConfig(eval_after=["spatial", "mpo", "gspo"], stages=[
+    count = TrainConfig(**{**asdict(spatial), "steps": 800})
+    counting = {**phase, "repeat": ["count"], "count_sink": True}
+    return RecipeConfig(eval_after=["spatial", "count", "count2", "mpo", "gspo"], stages=[
         StagePlan("pretrain", pretrain, {"rows": 4, "row_tokens": 512, "grounding": 1.0,
                                          "curriculum": [[0, 0.0], [2000, 0.0], [2001, 0.5]]}),
         StagePlan("sft", sft, {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4,
@@ -140,6 +148,8 @@ def tiny_recipe() -> RecipeConfig:
                                "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [12000, 0.5],
                                                                 [16000, 1.0]]}),
         StagePlan("spatial", spatial, {**phase, "repeat": ["spatial"]}, stage="sft"),
+        StagePlan("count", count, {**counting, "families": {**families, "count": 3.0}, "count": 1.0}, stage="sft"),
+        StagePlan("count2", count, {**counting, "families": {**families, "count": 5.0}, "count": 3.0}, stage="sft"),
         StagePlan("mpo", mpo, {"out": "{stage}", "queries": 384, "group_size": 8, "pairs_per_batch": 8}),
         StagePlan("gspo", gspo, {"accuracies": "{out}/mpo/queries.jsonl", "group_size": 8, "queries_per_rollout": 8,
                                  "mini_batches": 4}),
@@ -166,6 +176,9 @@ def quick_recipe() -> RecipeConfig:
         StagePlan("spatial", TrainConfig(steps=2, lr=1e-4, **quiet),
                   {**small, "families": {**rl_families, "spatial": 1.0}, "turns": 4, "place": 1.0,
                    "repeat": ["spatial"], "curriculum": [[0, 1.0]]}, stage="sft"),
+        *[StagePlan(name, TrainConfig(steps=2, lr=1e-4, **quiet),
+                    {**small, "families": {**rl_families, "count": 1.0}, "turns": 4, "count_sink": True, "count": 1.0,
+                     "repeat": ["count"], "curriculum": [[0, 1.0]]}, stage="sft") for name in ("count", "count2")],
         StagePlan("mpo", TrainConfig(steps=2, lr=2e-5, min_lr_ratio=1.0, **quiet),
                   {"out": "{stage}", "queries": 16, "group_size": 4, "pairs_per_batch": 2, "families": rl_families}),
         StagePlan("gspo", TrainConfig(steps=2, lr=1e-5, min_lr_ratio=1.0, **quiet),
