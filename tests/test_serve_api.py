@@ -261,3 +261,34 @@ def test_stop_strings_cut_the_answer(client):
     assert cut.choices[0].finish_reason == "stop"
     streamed = list(client.chat.completions.create(**kwargs, stop=stop, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == full[: full.index(stop)]
+
+
+def test_event_pump_delivers_a_burst_in_order_with_one_wake_up():
+    import asyncio
+
+    from tessera.engine import TokenEvent
+    from tessera.serve.language_server import EventPump
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        pump, queues = EventPump(loop), [asyncio.Queue(), asyncio.Queue()]
+        wakeups = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(callback, *args):
+            nonlocal wakeups
+            wakeups += callback == pump._drain
+            return real(callback, *args)
+
+        loop.call_soon_threadsafe = counting
+        burst = [(queues[i % 2], TokenEvent(f"r{i % 2}", i)) for i in range(8)]
+        # one decode step's events, pushed from another thread while the loop is busy (here: joining it)
+        engine = threading.Thread(target=lambda: [pump.push(q, ev) for q, ev in burst])
+        engine.start()
+        engine.join()
+        got = [[(await q.get()).token_id for _ in range(4)] for q in queues]
+        assert got == [[0, 2, 4, 6], [1, 3, 5, 7]] and wakeups == 1
+        pump.push(queues[0], TokenEvent("r0", 8))  # the next burst wakes the loop again
+        assert (await queues[0].get()).token_id == 8 and wakeups == 2
+
+    asyncio.run(run())

@@ -8,6 +8,8 @@ the engine's thread. While a request's features are awaited, the engine keeps de
 from __future__ import annotations
 
 import asyncio
+import collections
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,6 +24,39 @@ from tessera.serve.prompt import Conversation, read_conversation, render_prompt
 from tessera.serve.protocol import EncodedImage, Routing
 from tessera.serve.schema import APIError, ChatCompletionRequest
 from tessera.serve.vision import VisionEncoder, VisionInputError
+
+
+class EventPump:
+    """Hands token events from the engine thread to the requests' asyncio queues with one loop wake-up per burst.
+
+    A decode step emits one event per running sequence; waking the loop for each (`call_soon_threadsafe` writes
+    to its self-pipe) made the engine thread wait for the GIL after every write: 14 % of its samples under the
+    9-tile serving load (py-spy, docs/BENCHMARKS.md "Serving"). Here the first event of a burst schedules one
+    drain and the rest only append.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: collections.deque[tuple[asyncio.Queue, TokenEvent]] = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def push(self, queue: asyncio.Queue, event: TokenEvent) -> None:
+        """Called on the engine thread."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        """Runs on the loop: deliver everything pushed so far, in order."""
+        with self._lock:
+            items, self._pending = self._pending, collections.deque()
+            self._scheduled = False
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 class VisionUnavailable(RuntimeError):
@@ -164,6 +199,7 @@ class LanguageServer:
             vision.engine = self.engine
         self.metrics = Metrics()
         self.vision_inflight = 0
+        self._pump: EventPump | None = None  # bound to the serving loop on first use
         self.stop_ids = frozenset({self.tokenizer.im_end_id, self.tokenizer.pad_id})
 
     async def start(self) -> None:
@@ -248,8 +284,10 @@ class LanguageServer:
 
     def generate(self, prepared: Prepared, req: ChatCompletionRequest) -> Generation:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        on_event = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)  # noqa: E731  (engine thread → loop)
+        if self._pump is None or self._pump.loop is not loop:
+            self._pump = EventPump(loop)
+        pump, queue = self._pump, asyncio.Queue()
+        on_event = lambda ev: pump.push(queue, ev)  # noqa: E731  (engine thread → loop)
         n = req.n
         ids = [f"{prepared.request_id}-{i}" for i in range(n)]
         temperature = 1.0 if req.temperature is None else req.temperature
