@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topologies", default=",".join(TOPOLOGIES))
     p.add_argument("--requests", type=int, default=96, help="measured requests per cell (split over the rounds)")
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds per cell (req/s is their median)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests kept in flight (closed loop)")
+    p.add_argument("--concurrency", type=int, default=16,
+                   help="requests kept in flight (closed loop); at 8 decoupled left half a core idle, so capacity was not measured")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--vision-workers", type=int, default=1)
     p.add_argument("--vision-dtype", choices=["float32", "bfloat16"], default="bfloat16",
@@ -124,11 +125,14 @@ def measure(servers: list[Server], tile_size: int, tiles: int, args) -> dict[str
         asyncio.run(run_load(s.base, bodies(tile_size, tiles, args.concurrency, args.max_tokens, s.routing, 90_000),
                              args.concurrency))
     seed = 0
+    cpu = {s.topology: 0.0 for s in servers}  # CPU seconds of the server's process tree and of this client
     for r in range(args.rounds):
         for s in servers[r % len(servers):] + servers[:r % len(servers)]:
-            res = asyncio.run(run_load(s.base, bodies(tile_size, tiles, per_round, args.max_tokens, s.routing, seed),
-                                       args.concurrency))
+            load = bodies(tile_size, tiles, per_round, args.max_tokens, s.routing, seed)
             seed += per_round  # every request its own image: no cache hits
+            server_before, client_before = tree_cpu_seconds(s.proc.pid), time.process_time()
+            res = asyncio.run(run_load(s.base, load, args.concurrency))
+            cpu[s.topology] += tree_cpu_seconds(s.proc.pid) - server_before + time.process_time() - client_before
             if res.errors:
                 raise RuntimeError(f"{s.topology} at {tiles} tiles: {len(res.errors)} errors, e.g. {res.errors[0]}")
             rates[s.topology].append(len(res.latencies) / res.wall)
@@ -147,8 +151,24 @@ def measure(servers: list[Server], tile_size: int, tiles: int, args) -> dict[str
         n = args.concurrency + per_round * args.rounds
         summary["visual_tokens_per_request"] = round(visual / n, 1)
         summary["visual_tokens_saved_pct"] = round(100 * saved / (saved + visual), 1) if saved + visual else 0.0
+        summary["cpu_ms_per_request"] = round(1000 * cpu[s.topology] / max(1, len(pooled[s.topology].latencies)), 1)
         out[s.topology] = summary
     return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds so far of a process and its live descendants (a server and its vision workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in (root, *root.children(recursive=True)):
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def _metric(text: str, name: str) -> float:
@@ -248,8 +268,32 @@ def markdown(results: dict, settings: dict, costs: dict) -> str:
             x = f"{r['req_per_s'] / base:.2f}" if base else "–"
             lines.append(f"| {shown} | {topo} | {r['req_per_s']:.2f} | {x} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} "
                          f"| {r['tokens_per_s']:.0f} | {r['visual_tokens_per_request']:.0f} | {r['visual_tokens_saved_pct']:.0f} % |")
-    lines += ["", *targets(results), "", *cost_table(costs)]
+    lines += ["", *targets(results), "", *machine_bound(results, settings["cores"]), "", *cost_table(costs)]
     return "\n".join(lines)
+
+
+def machine_bound(results: dict, cores: int) -> list[str]:
+    """What the machine allows: CPU spent per request by everything (servers, vision workers, the client) in the
+    same run; `cores` cores can finish at most cores / (CPU per request) requests a second, however they are split."""
+    lines = [f"What the machine allows — CPU per request of the whole run (server process, its vision workers and "
+             f"the load-generating client, user + system time over the measured rounds). {cores} cores finish at most "
+             f"{cores} s of CPU a second, so a topology's rate is capped at {cores} × 1000 / (CPU ms per request) "
+             "whatever the scheduling; cores used = CPU ms per request × req/s / 1000.",
+             "",
+             "| tiles (+thumb) | topology | CPU ms / request | cores used | req/s | cap req/s | cap × coupled |",
+             "|---|---|---|---|---|---|---|"]
+    for tiles, row in results.items():
+        base = row.get("coupled", {}).get("req_per_s")
+        shown = f"{tiles} (+1)" if int(tiles) > 1 else str(tiles)
+        for topo, r in row.items():
+            ms = r.get("cpu_ms_per_request")
+            if not ms:
+                continue
+            cap = cores * 1000 / ms
+            x = f"{cap / base:.2f}" if base else "–"
+            lines.append(f"| {shown} | {topo} | {ms:.1f} | {ms * r['req_per_s'] / 1000:.2f} | {r['req_per_s']:.2f} "
+                         f"| {cap:.1f} | {x} |")
+    return lines
 
 
 def cost_table(costs: dict) -> list[str]:
