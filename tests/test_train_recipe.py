@@ -13,7 +13,7 @@ from tessera.train.recipe import (RecipeConfig, StagePlan, quick_recipe, read_ti
                                   run_recipe, stage_finished, tiny_recipe)
 from tessera.train.trainer import TrainConfig
 
-CASCADE = ["pretrain", "sft", "spatial", "count", "count2", "mpo", "gspo", "vico", "router"]
+CASCADE = ["pretrain", "sft", "spatial", "count", "count2", "focus", "mpo", "gspo", "vico", "router"]
 
 
 def tiny_plan() -> RecipeConfig:

@@ -101,6 +101,9 @@ def tiny_recipe() -> RecipeConfig:
     82.8 → 84.2 → 85.5 % (label, document and spatial rose too); the same 800 steps again at count's settings
     reached 77.5 % count (docs/TRAINING.md, session 7). From sft's first step the sink trailed (75.4 % overall,
     colour 54 %: session 6), so sft itself keeps the plain lookup.
+    focus: 800 more steps in which spatial, label and count (the three families below 85 %) are weighted 2× and
+    may each be asked again about the same image, the count probe at 1. Over four disjoint held-out sets of 1,400
+    it lifted the SFT model from 84.2 to 86.4 % (count 81 → 85, label 83 → 89, spatial 81 → 86 %).
     Learning rates: language 6e-4, connector 3e-3 (the projector is what the grounding probe found slowest: four
     patches squeezed into one token), ViT 1e-4 (the calibration's learning-rate cliff for reading).
 
@@ -139,7 +142,7 @@ def tiny_recipe() -> RecipeConfig:
              "curriculum": [[0, 1.0]]}
     count = TrainConfig(**{**asdict(spatial), "steps": 800})
     counting = {**phase, "repeat": ["count"], "count_sink": True}
-    return RecipeConfig(eval_after=["spatial", "count", "count2", "mpo", "gspo"], stages=[
+    return RecipeConfig(eval_after=["spatial", "count", "count2", "focus", "mpo", "gspo"], stages=[
         StagePlan("pretrain", pretrain, {"rows": 4, "row_tokens": 512, "grounding": 1.0,
                                          "curriculum": [[0, 0.0], [2000, 0.0], [2001, 0.5]]}),
         StagePlan("sft", sft, {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4,
@@ -150,6 +153,8 @@ def tiny_recipe() -> RecipeConfig:
         StagePlan("spatial", spatial, {**phase, "repeat": ["spatial"]}, stage="sft"),
         StagePlan("count", count, {**counting, "families": {**families, "count": 3.0}, "count": 1.0}, stage="sft"),
         StagePlan("count2", count, {**counting, "families": {**families, "count": 5.0}, "count": 3.0}, stage="sft"),
+        StagePlan("focus", count, {**counting, "families": {**families, "spatial": 2.0, "label": 2.0, "count": 2.0},
+                                   "repeat": ["spatial", "label", "count"], "count": 1.0}, stage="sft"),
         StagePlan("mpo", mpo, {"out": "{stage}", "queries": 384, "group_size": 8, "pairs_per_batch": 8}),
         StagePlan("gspo", gspo, {"accuracies": "{out}/mpo/queries.jsonl", "group_size": 8, "queries_per_rollout": 8,
                                  "mini_batches": 4}),
@@ -178,7 +183,7 @@ def quick_recipe() -> RecipeConfig:
                    "repeat": ["spatial"], "curriculum": [[0, 1.0]]}, stage="sft"),
         *[StagePlan(name, TrainConfig(steps=2, lr=1e-4, **quiet),
                     {**small, "families": {**rl_families, "count": 1.0}, "turns": 4, "count_sink": True, "count": 1.0,
-                     "repeat": ["count"], "curriculum": [[0, 1.0]]}, stage="sft") for name in ("count", "count2")],
+                     "repeat": ["count"], "curriculum": [[0, 1.0]]}, stage="sft") for name in ("count", "count2", "focus")],
         StagePlan("mpo", TrainConfig(steps=2, lr=2e-5, min_lr_ratio=1.0, **quiet),
                   {"out": "{stage}", "queries": 16, "group_size": 4, "pairs_per_batch": 2, "families": rl_families}),
         StagePlan("gspo", TrainConfig(steps=2, lr=1e-5, min_lr_ratio=1.0, **quiet),
