@@ -3,6 +3,7 @@ text, image, streaming, usage, n, thinking, cache hits, metrics, and batching eq
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import threading
 import time
@@ -12,9 +13,10 @@ import openai
 import pytest
 import torch
 
+from tessera.engine import TokenEvent
 from tessera.model.init import init_lively_model
 from tessera.serve.detok import TextAssembler
-from tessera.serve.language_server import ServeOptions
+from tessera.serve.language_server import EventPump, ServeOptions
 from tessera.serve.launch import LocalServer, Topology, build_server
 from tessera.serve.loadgen import data_url, image_for_tiles, image_message, make_image
 
@@ -264,11 +266,6 @@ def test_stop_strings_cut_the_answer(client):
 
 
 def test_event_pump_delivers_a_burst_in_order_with_one_wake_up():
-    import asyncio
-
-    from tessera.engine import TokenEvent
-    from tessera.serve.language_server import EventPump
-
     async def run():
         loop = asyncio.get_running_loop()
         pump, queues = EventPump(loop), [asyncio.Queue(), asyncio.Queue()]

@@ -140,7 +140,7 @@ def tiny_recipe() -> RecipeConfig:
     phase = {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4, "grounding": 1.0,
              "evidence_attention": 1.0, "evidence_heads": [0, 2], "chain_evidence": True, "place": 1.0,
              "curriculum": [[0, 1.0]]}
-    count = TrainConfig(**{**asdict(spatial), "steps": 800})
+    phase_train = TrainConfig(**{**asdict(spatial), "steps": 800})  # count, count2 and focus
     counting = {**phase, "repeat": ["count"], "count_sink": True}
     return RecipeConfig(eval_after=["spatial", "count", "count2", "focus", "mpo", "gspo"], stages=[
         StagePlan("pretrain", pretrain, {"rows": 4, "row_tokens": 512, "grounding": 1.0,
@@ -151,10 +151,12 @@ def tiny_recipe() -> RecipeConfig:
                                "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [12000, 0.5],
                                                                 [16000, 1.0]]}),
         StagePlan("spatial", spatial, {**phase, "repeat": ["spatial"]}, stage="sft"),
-        StagePlan("count", count, {**counting, "families": {**families, "count": 3.0}, "count": 1.0}, stage="sft"),
-        StagePlan("count2", count, {**counting, "families": {**families, "count": 5.0}, "count": 3.0}, stage="sft"),
-        StagePlan("focus", count, {**counting, "families": {**families, "spatial": 2.0, "label": 2.0, "count": 2.0},
-                                   "repeat": ["spatial", "label", "count"], "count": 1.0}, stage="sft"),
+        StagePlan("count", phase_train, {**counting, "families": {**families, "count": 3.0}, "count": 1.0},
+                  stage="sft"),
+        StagePlan("count2", phase_train, {**counting, "families": {**families, "count": 5.0}, "count": 3.0},
+                  stage="sft"),
+        StagePlan("focus", phase_train, {**counting, "families": {**families, "spatial": 2.0, "label": 2.0, "count": 2.0},
+                                         "repeat": ["spatial", "label", "count"], "count": 1.0}, stage="sft"),
         StagePlan("mpo", mpo, {"out": "{stage}", "queries": 384, "group_size": 8, "pairs_per_batch": 8}),
         StagePlan("gspo", gspo, {"accuracies": "{out}/mpo/queries.jsonl", "group_size": 8, "queries_per_rollout": 8,
                                  "mini_batches": 4}),
