@@ -110,6 +110,16 @@ def test_bf16_autocast_trains_and_resumes_exactly(tmp_path):
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history[2:]]
 
 
+def test_a_bf16_checkpoint_trains_in_fp32_master_weights(tmp_path):
+    """Shipped checkpoints are bf16; a small-lr step on bf16 weights would round to nothing (2^-8 resolution)."""
+    model = small_model().to(torch.bfloat16)
+    before = {k: v.float().clone() for k, v in model.language_model.state_dict().items()}
+    Trainer(model, stage(), config(steps=2, lr=1e-5, warmup_steps=0), tmp_path, save_model=save_weights).fit()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    norms = [k for k in before if k.endswith("norm.weight")]  # ones: bf16 cannot hold 1 ± 1e-5
+    assert norms and all(not torch.equal(model.language_model.state_dict()[k], before[k]) for k in norms)
+
+
 def test_data_worker_gives_the_same_batches(tmp_path):
     a = Trainer(small_model(), stage(workers=0), config(steps=2), tmp_path / "a", save_model=save_weights).fit()
     b = Trainer(small_model(), stage(workers=1), config(steps=2), tmp_path / "b", save_model=save_weights).fit()

@@ -300,6 +300,11 @@ class Trainer:
         torch.manual_seed(cfg.seed + ddp.rank)
         np.random.seed(cfg.seed + ddp.rank)
         random.seed(cfg.seed + ddp.rank)
+        # master weights in fp32 whatever the checkpoint stored: from a bf16 checkpoint (the shipped ones) Adam's
+        # steps of ~lr (1e-5..1e-4) fall below bf16's resolution (2^-8 of the weight) and are rounded away, so
+        # RL and fine-tuning silently did nothing. bf16 remains the compute precision (autocast) when asked for.
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in self.model.parameters()):
+            self.model.float()
         if hasattr(self.stage, "setup"):
             self.stage.setup(self.model)
         extra = getattr(self.stage, "extra", None)
