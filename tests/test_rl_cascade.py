@@ -34,6 +34,7 @@ def test_cascade_bench_runs_every_row(tmp_path, monkeypatch):
     summary = run_cascade(tmp_path / "sft", tmp_path / "out", quick_config(), log=lambda *_: None)
     assert list(summary["rows"]) == ["SFT", "+MPO", "+GSPO (1 pass)", "+GSPO (2 passes)", "Cascade (MPO → GSPO)"]
     rows = summary["rows"]
+    assert all(0.0 <= r["sampled"] <= 1.0 for r in rows.values())
     assert rows["+GSPO (2 passes)"]["cpu_seconds"] > rows["+GSPO (1 pass)"]["cpu_seconds"] > 0
     assert summary["offline"]["pairs"] > 0 and summary["offline"]["filtered_queries"] > 0
     assert set(map(int, summary["best_of_n"]["by_n"])) == {1, 2, 4}

@@ -41,6 +41,8 @@ def test_summary_ratios_and_targets(tmp_path):
         assert f"| {m} |" in text
     assert "50.0 % fewer visual tokens" in text and "| yes |" in text
     assert "| 0.30 | 30.0 | 70.0 | 60.0 | 60.0 | 40.0 |" in text
+    s["world_bound"] = {"text_free": 0.105, "text_free_and_thumbnails": 0.263}
+    assert "saves 10.5 % of the visual tokens (26.3 % with every thumbnail too)" in markdown(s, "ckpt")
     plot(s, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
 

@@ -395,3 +395,17 @@ def test_worked_sums_columns_spell_the_result():
         assert arithmetic_consistent(worked_sum(a, b, op), str(result))
     with pytest.raises(ValueError, match="no worked sum"):
         worked_sum(3, 5, "-")
+
+
+def test_text_free_token_savings_counts_tiles_without_text_and_thumbnails():
+    from types import SimpleNamespace
+
+    from tessera.world import text_free_token_savings
+
+    one = SimpleNamespace(meta={"grid": [1, 1], "text_tiles": []})  # 16 tokens, 12 saved, no thumbnail
+    four = SimpleNamespace(meta={"grid": [2, 2], "text_tiles": [0, 3, 3]})  # 5 tiles = 80 tokens; 2 text-free
+    got = text_free_token_savings([one, four], full_tokens=16, compressed_tokens=4)
+    assert got["text_free"] == pytest.approx((12 + 2 * 12) / 96)
+    assert got["text_free_and_thumbnails"] == pytest.approx((12 + 3 * 12) / 96)
+    with pytest.raises(ValueError, match="compressed_tokens"):
+        text_free_token_savings([one], 4, 16)

@@ -155,6 +155,15 @@ def summarise(results: dict, vision: dict | None, router_acc: dict | None) -> di
     return s
 
 
+def world_bound(config, n: int, seed: int = 0) -> dict[str, float]:
+    """tessera.world.text_free_token_savings on the table's own n held-out questions."""
+    from tessera.world import FAMILIES, eval_items, text_free_token_savings
+
+    items = eval_items(-(-n // len(FAMILIES)), FAMILIES, offset=seed)[:n]
+    return text_free_token_savings((it.sample() for it in items), config.tokens_per_tile,
+                                   config.compressed_tokens_per_tile)
+
+
 def flash_summary(model, n: int, seed: int = 0, batch_size: int = 16) -> dict:
     """`summarise` of the four routings of a Flash `model` at its configured thresholds (no vision timing, no
     router tile accuracy): what the recipe's report shows."""
@@ -210,6 +219,11 @@ def markdown(s: dict, checkpoint: str, command: str = "") -> str:
         r = s["router_tiles"]
         lines.append(f"- router on {r['tiles']:.0f} held-out tiles vs exact loss-ratio labels (τ = median r = {r['tau']:.3f}): "
                      f"accuracy {100 * r['accuracy']:.1f} %, balanced {100 * r['balanced_accuracy']:.1f} %, AUC {r['auc']:.3f}")
+    if "world_bound" in s:
+        b = s["world_bound"]
+        lines.append(f"- world bound: a router that sees tiles but not the question keeps every reading answer only by keeping "
+                     f"every tile with text; compressing exactly the others saves {100 * b['text_free']:.1f} % of the visual "
+                     f"tokens ({100 * b['text_free_and_thumbnails']:.1f} % with every thumbnail too)")
     lines += ["", "| target | met |", "|---|---|"]
     lines += [f"| {k} | {'yes' if ok else '**no**'} |" for k, ok in s["targets"].items()]
     return "\n".join(lines)
@@ -283,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
     vision = vision_cost(model, images[:args.vision_images], args.rounds) if args.vision_images else None
     router_acc = evaluate_router(model, heldout_samples(model, args.router_samples)) if args.router_samples else None
     s = summarise(results, vision, router_acc)
+    s["world_bound"] = world_bound(model.config, args.n, args.seed)
     s.update(relative_threshold=flash.relative_threshold, absolute_threshold=flash.absolute_threshold, sweep=sweep)
     import shlex
     import sys

@@ -59,3 +59,28 @@ def score(results: Iterable[tuple[str, str, str]]) -> dict[str, float]:
         out["reading"] = sum(reading) / len(reading)
     out["n"] = float(sum(len(h) for h in hits.values()))
     return out
+
+
+def text_free_token_savings(samples: Iterable[Sample], full_tokens: int, compressed_tokens: int) -> dict[str, float]:
+    """What a question-agnostic router can save without ever compressing small text, on these samples.
+
+    Reading answers need their text tile at full resolution (all-compressed reading is ~0 %), and a router that
+    sees tiles but not the question cannot tell which text tile a question will read, so keeping every reading
+    answer means keeping every text tile. Returns the fraction of visual tokens saved (Σ over the samples) when
+    exactly the tiles without text go to 1/16 (`text_free`), and when every thumbnail goes too
+    (`text_free_and_thumbnails`; the thumbnail carries the whole-canvas view that spatial and count read).
+    """
+    if not 0 < compressed_tokens <= full_tokens:
+        raise ValueError(f"need 0 < compressed_tokens <= full_tokens, got {compressed_tokens}, {full_tokens}")
+    saved_per_tile = full_tokens - compressed_tokens
+    total = text_free = thumbnails = 0
+    for s in samples:
+        cols, rows = s.meta["grid"]
+        grid = cols * rows
+        thumbnail = 1 if grid > 1 else 0  # the tiler adds one to every multi-tile image
+        total += full_tokens * (grid + thumbnail)
+        text_free += saved_per_tile * (grid - len(set(s.meta["text_tiles"])))
+        thumbnails += saved_per_tile * thumbnail
+    if not total:
+        raise ValueError("no samples")
+    return {"text_free": text_free / total, "text_free_and_thumbnails": (text_free + thumbnails) / total}
