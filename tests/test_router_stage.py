@@ -49,6 +49,29 @@ def test_ratios_are_exact_one_tile_at_a_time(tiny):
         assert ratios.r[i].item() == pytest.approx(want / base, rel=1e-4)
 
 
+def test_each_answer_of_a_multi_question_sample_weighs_the_same(tiny):
+    model = tiny.eval()
+    cfg = model.config
+    s = make_sample(model, 5, [2])
+    answer = [t for t, m in enumerate(s.loss_mask) if m]
+    cut = answer[len(answer) // 2]
+    s.loss_mask[cut] = 0  # two answers: the tokens before the cut and after it (as two turns would give)
+    first = [int(m and t < cut) for t, m in enumerate(s.loss_mask)]
+    second = [int(m and t > cut) for t, m in enumerate(s.loss_mask)]
+    ratios = tile_loss_ratios(model, [s], eps=0.0)
+    with torch.no_grad():
+        feats, _ = model.encode_images(s.pixel_values)
+    base = [answer_loss(model, s.input_ids, m, feats) for m in (first, second)]
+    enc = shrink_image_tokens(s, [True, False], cfg.tokens_per_tile, cfg.compressed_tokens_per_tile,
+                              cfg.image_context_token_id)
+    dropped = len(s.input_ids) - len(enc.input_ids)  # image-context tokens the compressed tile no longer needs
+    with torch.no_grad():
+        feats, _ = model.encode_images(s.pixel_values, compress=torch.tensor([True, False]))
+    tile0 = [answer_loss(model, enc.input_ids, m[dropped:], feats) for m in (first, second)]  # answers sit after the image
+    want = 0.5 * (tile0[0] / base[0] + tile0[1] / base[1])
+    assert ratios.r[0].item() == pytest.approx(want, rel=1e-4)
+
+
 def test_window_percentile_and_labels():
     w = RatioWindow(size=4, percentile=50)
     assert w.update(torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx(2.5)

@@ -1,11 +1,12 @@
 """Stage `router` (ViCO stage 2): train only the Visual Resolution Router; every other weight is frozen.
 
 Labels come from the frozen model itself. For each tile i of a sample, the loss ratio
-    r_i = L(answer | tile i at 1/16, every other tile at 1/4) / L(answer | every tile at 1/4)
+    r_i = mean over the sample's answers a of L_a(tile i at 1/16, every other tile at 1/4) / L_a(every tile at 1/4)
 is computed exactly: one tile compressed at a time, all variants of a batch in one LLM forward (the ViT runs
-once per tile; both projector branches are cheap). L is the sample's mean answer-token cross-entropy; a small
-`eps` is added to numerator and denominator so that answers the model is already sure of (L ≈ 0) give r ≈ 1
-instead of noise. A tile is labelled *compress* when r_i < τ, τ = the k-th percentile of r over a sliding
+once per tile; both projector branches are cheap). L_a is answer a's mean token cross-entropy; a small `eps` is
+added to numerator and denominator so that answers the model is already sure of (L ≈ 0) give r ≈ 1 instead of
+noise. With several questions per image (`turns`) each answer weighs the same: a one-token spatial answer that
+needs the thumbnail counts as much as a worked chain that needs a label's tile. A tile is labelled *compress* when r_i < τ, τ = the k-th percentile of r over a sliding
 window of recent tiles (so about k % of tiles are labelled compress whatever the absolute loss scale).
 The router reads the tile's last-layer ViT tokens (never the question) and is trained with binary
 cross-entropy on these labels (2-way softmax CE, class 0 = compress, exactly the released output).
@@ -37,14 +38,16 @@ class TileRatios:
     patch_tokens: torch.Tensor  # [ΣN, P, Cv] last-layer ViT tokens (what the router reads)
 
 
-def _row_losses(model, rows: list[tuple[list[int], list[int], torch.Tensor]], pad_id: int, chunk: int) -> torch.Tensor:
-    """Mean answer cross-entropy of each (ids, loss_mask, features) row → [R].
+def _answer_losses(model, rows: list[tuple[list[int], list[int], torch.Tensor]], pad_id: int,
+                   chunk: int) -> list[torch.Tensor]:
+    """Mean cross-entropy of every answer of each (ids, loss_mask, features) row → R tensors [A_r].
 
-    Rows are sorted by length and run `chunk` at a time with right padding (causal attention, so padding after a
-    row's end changes nothing), which keeps the padded compute close to the real tokens.
+    An answer is a maximal run of loss-mask tokens (one per turn of a multi-question sample). Rows are sorted by
+    length and run `chunk` at a time with right padding (causal attention, so padding after a row's end changes
+    nothing), which keeps the padded compute close to the real tokens.
     """
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    out = torch.empty(len(rows))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     for lo in range(0, len(rows), chunk):
         idx = order[lo:lo + chunk]
         part = [rows[i] for i in idx]
@@ -56,8 +59,15 @@ def _row_losses(model, rows: list[tuple[list[int], list[int], torch.Tensor]], pa
             mask[b, :len(row_mask)] = torch.tensor(row_mask, dtype=torch.bool)
         logits = model(ids, image_features=torch.cat([f for _, _, f in part]))  # [R,L,V], causal: padding is after
         ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")  # [R,L-1]
-        target = mask[:, 1:].float()  # position t predicts token t+1, a loss token when its mask is set
-        out[idx] = (ce * target).sum(1) / target.sum(1).clamp_min(1.0)  # [R] back in the rows' order
+        target = mask[:, 1:]  # [R,L-1] position t predicts token t+1, a loss token when its mask is set
+        starts = target & ~F.pad(target[:, :-1], (1, 0))  # [R,L-1] first token of each answer
+        answer = (starts.long().cumsum(1) - 1).masked_fill(~target, -1)  # [R,L-1] answer index, -1 elsewhere
+        for b, i in enumerate(idx):
+            n = int(starts[b].sum())
+            keep = answer[b] >= 0
+            sums = torch.zeros(n).index_add_(0, answer[b][keep], ce[b][keep])  # [A]
+            counts = torch.zeros(n).index_add_(0, answer[b][keep], torch.ones(int(keep.sum())))  # [A]
+            out[i] = sums / counts.clamp_min(1.0)  # [A]
     return out
 
 
@@ -82,16 +92,19 @@ def tile_loss_ratios(model, samples: list[Encoded], eps: float = 1e-3, chunk: in
             feats = torch.cat([feats_small[offset + i] if c else feats_full[offset + i] for i, c in enumerate(compress)])
             rows.append((enc.input_ids, enc.loss_mask, feats))
         offset += k
-    losses = _row_losses(model, rows, pad_id, chunk)  # [Σ(N_s + 1)]
-    base, per_tile, at = [], [], 0
+    losses = _answer_losses(model, rows, pad_id, chunk)  # Σ(N_s + 1) rows, each [A_s]
+    base, per_tile, ratios, at = [], [], [], 0
     for k in tiles:
-        base.append(losses[at])
-        per_tile.append(losses[at + 1:at + 1 + k])
+        full_a = losses[at]  # [A] each answer's loss with every tile at 1/4
+        base.append(full_a.mean())
+        for i in range(k):
+            tile_a = losses[at + 1 + i]  # [A] ... with tile i at 1/16
+            per_tile.append(tile_a.mean())
+            ratios.append(((tile_a + eps) / (full_a + eps)).mean())  # every answer (question) weighs the same
         at += k + 1
     loss_full = torch.stack(base)  # [S]
-    loss_tile = torch.cat(per_tile)  # [ΣN]
-    base_per_tile = torch.repeat_interleave(loss_full, torch.tensor(tiles))  # [ΣN]
-    r = (loss_tile + eps) / (base_per_tile + eps)  # [ΣN]
+    loss_tile = torch.stack(per_tile)  # [ΣN]
+    r = torch.stack(ratios)  # [ΣN]
     return TileRatios(r, loss_full, loss_tile, tiles, grid.reshape(n, -1, grid.shape[-1]))
 
 
