@@ -161,7 +161,7 @@ def tiny_recipe() -> RecipeConfig:
         StagePlan("gspo", gspo, {"accuracies": "{out}/mpo/queries.jsonl", "group_size": 8, "queries_per_rollout": 8,
                                  "mini_batches": 4}),
         StagePlan("vico", vico, {"rows": 4, "row_tokens": 512}),
-        StagePlan("router", router, {"samples_per_batch": 8, "heldout": 48, "absolute_threshold": 0.0}),
+        StagePlan("router", router, {"samples_per_batch": 8, "heldout": 48, "absolute_threshold": 0.0, "turns": 4}),
     ])
 
 
