@@ -161,3 +161,19 @@ def test_router_labels_can_come_from_descriptions():
     assert {s.family for s in heldout_samples(model, 3, families=stage.heldout_families)} == {"describe"}
     default = build_stage(model, {"workers": 0})
     assert default.heldout_families is None and "describe" not in default.make.families
+
+
+def test_held_out_tiles_are_labelled_by_as_many_questions_as_the_training_tiles():
+    from tessera.train.recipe import RecipeConfig, init_model_for
+    from tessera.train.router_stage import build_stage, heldout_samples
+
+    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    model.add_flash_branch()
+    stage = build_stage(model, {"turns": 4, "workers": 0})
+    assert stage.heldout_turns == 4
+    held = heldout_samples(model, 2, turns=4)
+    answers = [sum(1 for a, b in zip([0] + s.loss_mask, s.loss_mask) if b and not a) for s in held]
+    assert answers == [4, 4]  # four answers (one per question) in each held-out conversation
+    from tessera.train.data import WorldStream
+
+    assert WorldStream(model.tokenizer, model.config, split="eval").sample(0)[0].meta["split"] == "eval"

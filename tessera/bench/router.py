@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="offset of the held-out set")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--router-samples", type=int, default=48, help="held-out samples for the router's tile accuracy (0: skip)")
+    p.add_argument("--router-turns", type=int, default=4,
+                   help="questions per held-out image whose loss ratios label the tiles (the recipe's router stage: 4)")
     p.add_argument("--vision-images", type=int, default=32, help="images for the vision-side timing")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of the vision side; the median is reported")
     p.add_argument("--out", help="folder for flash.json, flash_tradeoff.png and flash_routing.png")
@@ -217,7 +219,8 @@ def markdown(s: dict, checkpoint: str, command: str = "") -> str:
                          f"{100 * pt['router']['reading']:.1f} | {100 * pt['random']['overall']:.1f} | {100 * pt['random']['reading']:.1f} |")
     if "router_tiles" in s:
         r = s["router_tiles"]
-        lines.append(f"- router on {r['tiles']:.0f} held-out tiles vs exact loss-ratio labels (τ = median r = {r['tau']:.3f}): "
+        lines.append(f"- router on {r['tiles']:.0f} held-out tiles vs exact loss-ratio labels from {r.get('turns', 1):.0f} "
+                     f"question(s) per image (τ = median r = {r['tau']:.3f}): "
                      f"accuracy {100 * r['accuracy']:.1f} %, balanced {100 * r['balanced_accuracy']:.1f} %, AUC {r['auc']:.3f}")
     if "world_bound" in s:
         b = s["world_bound"]
@@ -295,7 +298,10 @@ def run(args: argparse.Namespace) -> int:
     flash.relative_threshold = chosen
     images = [item.sample().image for item in eval_items(-(-args.vision_images // 7), offset=args.seed + 10_000)]
     vision = vision_cost(model, images[:args.vision_images], args.rounds) if args.vision_images else None
-    router_acc = evaluate_router(model, heldout_samples(model, args.router_samples)) if args.router_samples else None
+    router_acc = None
+    if args.router_samples:
+        router_acc = evaluate_router(model, heldout_samples(model, args.router_samples, turns=args.router_turns))
+        router_acc["turns"] = float(args.router_turns)
     s = summarise(results, vision, router_acc)
     s["world_bound"] = world_bound(model.config, args.n, args.seed)
     s.update(relative_threshold=flash.relative_threshold, absolute_threshold=flash.absolute_threshold, sweep=sweep)

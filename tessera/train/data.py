@@ -392,7 +392,7 @@ class Curriculum:
 
 @dataclass
 class WorldStream:
-    """Global stream index → Encoded world sample (train split): picklable, so it runs in the data worker.
+    """Global stream index → Encoded world sample (train split unless `split` says otherwise): picklable, so it runs in the data worker.
 
     `families` maps family → relative weight (None: the world's own uniform pick over FAMILIES). A sample whose
     family has a worked chain (reasoning) is asked in thinking mode with probability `thinking_prob`.
@@ -403,7 +403,8 @@ class WorldStream:
     families: dict[str, float] | None = None
     thinking_prob: float = 0.0
     curriculum: Curriculum = field(default_factory=Curriculum)
-    seed: int = 0  # offset into the world's train seeds, so stages can use disjoint scenes
+    seed: int = 0  # offset into the world's seeds, so stages can use disjoint scenes
+    split: str = "train"  # the world's split ("eval" for held-out conversations, e.g. the router's tile labels)
     turns: int = 1  # questions per image: extra turns ask other families about the same scene
     grounding: bool = False  # attach the tiles' dense grounding targets (tessera.world.grounding)
     chain_evidence: bool = False  # also ground the numbers a thinking chain reads off the image
@@ -422,7 +423,7 @@ class WorldStream:
         if self.families:
             names = sorted(self.families)
             family = rng.choices(names, weights=[self.families[n] for n in names])[0]
-        s = make_sample(self.seed + index, family=family, split="train", difficulty=self.curriculum(index))
+        s = make_sample(self.seed + index, family=family, split=self.split, difficulty=self.curriculum(index))
         return s, s.thinking_answer is not None and rng.random() < self.thinking_prob
 
     def conversation(self, index: int):
@@ -445,7 +446,7 @@ class WorldStream:
 
             names, first = list(FAMILIES), None
         difficulty = self.curriculum(index)
-        scene, task, first, _ = build(self.seed + index, first, "train", difficulty)
+        scene, task, first, _ = build(self.seed + index, first, self.split, difficulty)
         turns = [self._turn(rng, task, thinking_text)]
         lookups = [self._lookup(task.lookup)]
         others = [n for n in names if n not in (first, "describe")]

@@ -180,6 +180,7 @@ class RouterStage:
     heldout: int = 48  # samples for `eval_fn`
     thresholds: tuple[float | None, float | None] = (None, None)  # (relative, absolute) to ship; None keeps the config's
     heldout_families: list[str] | None = None  # families of the held-out tiles (None: every question family)
+    heldout_turns: int = 1  # questions per held-out image: label the held-out tiles as the training tiles are
 
     def __post_init__(self) -> None:
         self._window = RatioWindow(self.window, self.percentile)
@@ -188,7 +189,7 @@ class RouterStage:
     def eval_fn(self, model, step: int) -> dict[str, float]:
         """Router accuracy on held-out tiles (the trainer calls this every `eval_every` steps)."""
         if self._heldout is None:
-            self._heldout = heldout_samples(model, self.heldout, families=self.heldout_families)
+            self._heldout = heldout_samples(model, self.heldout, families=self.heldout_families, turns=self.heldout_turns)
         return evaluate_router(model, self._heldout, self.percentile, self.eps)
 
     def setup(self, model) -> None:
@@ -283,16 +284,23 @@ def build_stage(model, data: "RouterData | dict | None" = None) -> RouterStage:
                          curriculum=Curriculum(((0, 1.0),)), seed=SEED_OFFSET, turns=data.turns)
     return RouterStage(stream, data.samples_per_batch, data.percentile, data.window, data.eps, data.workers,
                        heldout=data.heldout, thresholds=(data.relative_threshold, data.absolute_threshold),
-                       heldout_families=sorted(data.families) if data.families else None)
+                       heldout_families=sorted(data.families) if data.families else None, heldout_turns=data.turns)
 
 
-def heldout_samples(model, n: int = 64, seed: int = 2_000_000, families: list[str] | None = None) -> list[Encoded]:
-    """n held-out (eval-split) world samples at 1/4, each of `families` (default: every question family) in turn,
-    for `evaluate_router`."""
+def heldout_samples(model, n: int = 64, seed: int = 2_000_000, families: list[str] | None = None,
+                    turns: int = 1) -> list[Encoded]:
+    """n held-out (eval-split) world samples at 1/4 for `evaluate_router`. With turns = 1 each asks one question,
+    of `families` (default: every question family) in turn; with more, each image is a conversation of `turns`
+    questions drawn as the router stage draws them (reasoning with its chain half of the time), so the held-out
+    labels measure what the training labels measure."""
     from tessera.image import ImageProcessor
-    from tessera.train.data import encode
+    from tessera.train.data import Curriculum, WorldStream, encode
     from tessera.world import FAMILIES, make_sample
 
+    if turns > 1:
+        stream = WorldStream(model.tokenizer, model.config, families={f: 1.0 for f in families} if families else None,
+                             thinking_prob=0.5, curriculum=Curriculum(((0, 1.0),)), seed=seed, turns=turns, split="eval")
+        return [stream(i) for i in range(n)]
     processor = ImageProcessor.from_config(model.config)
     families = families or FAMILIES
     out = []
