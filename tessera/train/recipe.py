@@ -111,13 +111,14 @@ def tiny_recipe() -> RecipeConfig:
     (its pairs, and every query's accuracy for gspo's [0.2, 0.8] filter, land in out/mpo/), gspo runs about two
     passes over the filtered queries; both at a constant lr (tessera.bench.cascade's defaults). vico adds the
     fresh 1/16 branch and router and distils the 1/4 reading into it; router trains only the router, on the
-    loss ratios of sft's questions, and ships with the absolute threshold at 0 (the relative one alone sets the
-    share of tiles compressed). Labels from scene descriptions (RouterData.families) are learnt far better (AUC
+    loss ratios of four of sft's questions per image (each answer weighing the same: 89.5 % of full's accuracy at
+    31 % fewer tokens, against 69.9 % with one question; docs/TRAINING.md, session 8), and ships with the absolute
+    threshold at 0 (the relative one alone sets the share of tiles compressed). Labels from scene descriptions (RouterData.families) are learnt far better (AUC
     0.95 against their own labels vs 0.53) but routed worse on the questions (docs/TRAINING.md, session 3).
     Measured on this machine, one thread, the lead's two training jobs sharing both cores (load ≈ 3): mpo
     collection ≈ 23 s + 0.45–0.55 s/step (8 pairs), gspo 0.45–0.5 s/step averaged over its rollouts (8 queries × 8
-    answers per 4 steps), vico ≈ 1.05 s/step (4 × 512 tokens, bf16), router ≈ 0.35 s/step (8 samples), so
-    mpo ≈ 60 s, gspo ≈ 45 s, vico ≈ 420 s, router ≈ 90 s: ≈ 10–11 minutes with the probes.
+    answers per 4 steps), vico ≈ 1.05 s/step (4 × 512 tokens, bf16), router ≈ 0.6 s/step (8 four-question
+    samples), so mpo ≈ 60 s, gspo ≈ 45 s, vico ≈ 420 s, router ≈ 150 s: ≈ 11–12 minutes with the probes.
     """
     lrs = {"language": 6e-4, "connector": 3e-3, "vision": 1e-4, "router": 1e-4}
     pretrain = TrainConfig(steps=250, lr=1e-4, component_lr=lrs, warmup_steps=20, min_lr_ratio=0.3,
