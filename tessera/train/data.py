@@ -392,7 +392,8 @@ class Curriculum:
 
 @dataclass
 class WorldStream:
-    """Global stream index → Encoded world sample (train split unless `split` says otherwise): picklable, so it runs in the data worker.
+    """Global stream index → Encoded world sample (train split unless `split` says otherwise): picklable, so it
+    runs in the data worker.
 
     `families` maps family → relative weight (None: the world's own uniform pick over FAMILIES). A sample whose
     family has a worked chain (reasoning) is asked in thinking mode with probability `thinking_prob`.

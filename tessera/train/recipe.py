@@ -113,8 +113,9 @@ def tiny_recipe() -> RecipeConfig:
     fresh 1/16 branch and router and distils the 1/4 reading into it; router trains only the router, on the
     loss ratios of four of sft's questions per image (each answer weighing the same: 89.5 % of full's accuracy at
     31 % fewer tokens, against 69.9 % with one question; docs/TRAINING.md, session 8), and ships with the absolute
-    threshold at 0 (the relative one alone sets the share of tiles compressed). Labels from scene descriptions (RouterData.families) are learnt far better (AUC
-    0.95 against their own labels vs 0.53) but routed worse on the questions (docs/TRAINING.md, session 3).
+    threshold at 0 (the relative one alone sets the share of tiles compressed). Labels from scene descriptions
+    (RouterData.families) are learnt far better (AUC 0.95 against their own labels vs 0.53) but routed worse on
+    the questions (docs/TRAINING.md, session 3).
     Measured on this machine, one thread, the lead's two training jobs sharing both cores (load ≈ 3): mpo
     collection ≈ 23 s + 0.45–0.55 s/step (8 pairs), gspo 0.45–0.5 s/step averaged over its rollouts (8 queries × 8
     answers per 4 steps), vico ≈ 1.05 s/step (4 × 512 tokens, bf16), router ≈ 0.6 s/step (8 four-question

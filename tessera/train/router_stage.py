@@ -6,8 +6,9 @@ is computed exactly: one tile compressed at a time, all variants of a batch in o
 once per tile; both projector branches are cheap). L_a is answer a's mean token cross-entropy; a small `eps` is
 added to numerator and denominator so that answers the model is already sure of (L ≈ 0) give r ≈ 1 instead of
 noise. With several questions per image (`turns`) each answer weighs the same: a one-token spatial answer that
-needs the thumbnail counts as much as a worked chain that needs a label's tile. A tile is labelled *compress* when r_i < τ, τ = the k-th percentile of r over a sliding
-window of recent tiles (so about k % of tiles are labelled compress whatever the absolute loss scale).
+needs the thumbnail counts as much as a worked chain that needs a label's tile. A tile is labelled *compress*
+when r_i < τ, τ = the k-th percentile of r over a sliding window of recent tiles (so about k % of tiles are
+labelled compress whatever the absolute loss scale).
 The router reads the tile's last-layer ViT tokens (never the question) and is trained with binary
 cross-entropy on these labels (2-way softmax CE, class 0 = compress, exactly the released output).
 
