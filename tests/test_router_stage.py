@@ -164,6 +164,7 @@ def test_router_labels_can_come_from_descriptions():
 
 
 def test_held_out_tiles_are_labelled_by_as_many_questions_as_the_training_tiles():
+    from tessera.train.data import WorldStream
     from tessera.train.recipe import RecipeConfig, init_model_for
     from tessera.train.router_stage import build_stage, heldout_samples
 
@@ -174,6 +175,4 @@ def test_held_out_tiles_are_labelled_by_as_many_questions_as_the_training_tiles(
     held = heldout_samples(model, 2, turns=4)
     answers = [sum(1 for a, b in zip([0] + s.loss_mask, s.loss_mask) if b and not a) for s in held]
     assert answers == [4, 4]  # four answers (one per question) in each held-out conversation
-    from tessera.train.data import WorldStream
-
     assert WorldStream(model.tokenizer, model.config, split="eval").sample(0)[0].meta["split"] == "eval"
