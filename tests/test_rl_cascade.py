@@ -6,6 +6,7 @@ resume in between, the cascade, the critic, the tables — is the real code path
 """
 
 import json
+import math
 
 import pytest
 
@@ -32,14 +33,26 @@ def test_cascade_bench_runs_every_row(tmp_path, monkeypatch):
     monkeypatch.setattr(rollout_mod, "score", first_token_rule)
     monkeypatch.setattr(tts_mod, "score", first_token_rule)
     summary = run_cascade(tmp_path / "sft", tmp_path / "out", quick_config(), log=lambda *_: None)
-    assert list(summary["rows"]) == ["SFT", "+MPO", "+GSPO (1 pass)", "+GSPO (2 passes)", "Cascade (MPO → GSPO)"]
+    assert list(summary["rows"]) == ["SFT", "+MPO", "+GSPO (1 pass)", "+GSPO (2 passes)",
+                                     "Cascade (MPO → GSPO ½ pass)", "Cascade (MPO → GSPO)"]
     rows = summary["rows"]
     assert all(0.0 <= r["sampled"] <= 1.0 for r in rows.values())
     assert rows["+GSPO (2 passes)"]["cpu_seconds"] > rows["+GSPO (1 pass)"]["cpu_seconds"] > 0
+    assert rows["Cascade (MPO → GSPO)"]["cpu_seconds"] > rows["Cascade (MPO → GSPO ½ pass)"]["cpu_seconds"] > 0
     assert summary["offline"]["pairs"] > 0 and summary["offline"]["filtered_queries"] > 0
     assert set(map(int, summary["best_of_n"]["by_n"])) == {1, 2, 4}
     assert (tmp_path / "out" / "critic" / "critic.safetensors").exists()
     assert (tmp_path / "out" / "offline" / "pairs.jsonl").exists()
+    cfg = quick_config()  # a pass is pass_epochs epochs over the filtered queries, in rollout batches of mini-batches
+    epoch = math.ceil(summary["offline"]["filtered_queries"] / cfg.queries_per_rollout) * cfg.mini_batches
+    assert summary["steps_per_pass"] == cfg.pass_epochs * epoch
     assert json.loads((tmp_path / "out" / "cascade.json").read_text())["steps_per_pass"] == summary["steps_per_pass"]
     table = format_cascade(summary)
     assert "| Cascade (MPO → GSPO) |" in table and "oracle pass@N" in table
+
+
+def test_a_gspo_pass_of_no_epochs_is_refused():
+    from tessera.bench.cascade import CascadeConfig
+
+    with pytest.raises(ValueError, match="pass_epochs"):
+        CascadeConfig(pass_epochs=0)

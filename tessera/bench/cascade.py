@@ -3,12 +3,16 @@
 From one SFT checkpoint:
   SFT                 the checkpoint itself
   +MPO                offline RL on preference pairs from the SFT model's own rollouts
-  +GSPO (1 pass)      online RL, one pass over the filtered queries (offline accuracy in [0.2, 0.8])
+  +GSPO (1 pass)      online RL, one pass over the filtered queries (offline accuracy in [0.2, 0.8]); a pass is
+                      `pass_epochs` epochs over them (4 by default: the miniature's pool is small, and GSPO needs
+                      thousands of steps here before greedy accuracy moves)
   +GSPO (2 passes)    the same run continued for a second pass (constant learning rate, so pass 1 is its midpoint)
-  Cascade             MPO, then GSPO for one pass
+  Cascade ½ pass      MPO, then GSPO for half a pass (the cascade's claim is that its online stage can be short)
+  Cascade             the same run continued to one pass
 Each row has the reasoning accuracy on a held-out set (greedy, thinking on) and its compute in CPU seconds of
 training (rollouts made during training included). The offline collection (the SFT model's rollouts that give
 MPO its pairs and every GSPO run its query filter) is shared by all RL rows and reported once, beside them.
+The defaults are the measured run of docs/BENCHMARKS.md (≈ 1 hour at two threads); --quick exercises the path.
 Then the per-family accuracy before (SFT) and after (every row), and Best-of-N on the Cascade model: a critic
 (tessera.tts) is trained on the Cascade model's rollouts of fresh training queries, and each held-out reasoning
 question gets 8 samples; N = 4 uses the first 4. Written to DIR/cascade.md and DIR/cascade.json.
@@ -31,10 +35,10 @@ from tessera.bench.best_of_n import BestOfNConfig, best_of_n_table, format_best_
 
 @dataclass
 class CascadeConfig:
-    collect_queries: int = 384  # offline rollouts of the SFT model (MPO pairs, GSPO filter)
+    collect_queries: int = 4000  # offline rollouts of the SFT model (MPO pairs, GSPO filter)
     group_size: int = 8
     families: dict[str, float] = field(default_factory=dict)  # {} → tessera.train.rollout.default_rl_families()
-    mpo_steps: int = 60
+    mpo_steps: int = 240
     mpo_lr: float = 2e-5
     pairs_per_batch: int = 8
     gspo_lr: float = 1e-5
@@ -42,22 +46,28 @@ class CascadeConfig:
     mini_batches: int = 4
     eps_low: float = 3e-4
     eps_high: float = 4e-4
-    eval_per_family: int = 50  # the per-family table
-    eval_reasoning: int = 300  # reasoning questions for the headline accuracy
+    pass_epochs: int = 4  # epochs over the filtered queries in one GSPO pass
+    eval_per_family: int = 200  # the per-family table
+    eval_reasoning: int = 600  # reasoning questions for the headline accuracy
     eval_seed: int = 0
     sampled_temperature: float = 0.6  # the reasoning column "sampled": mean accuracy of answers sampled at this temperature
     sampled_group: int = 4  # ... this many per held-out question
     best_of: tuple[int, ...] = (1, 4, 8)
-    critic_queries: int = 300
+    critic_queries: int = 200
     bon_temperature: float = 0.7
     seed: int = 0
     threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pass_epochs < 1:
+            raise ValueError(f"pass_epochs must be at least 1, got {self.pass_epochs}")
 
 
 def quick_config() -> CascadeConfig:
     """Every step at toy scale (exercises the path in about a minute; measures nothing)."""
     return CascadeConfig(collect_queries=8, group_size=4, mpo_steps=2, pairs_per_batch=2, queries_per_rollout=2,
-                         mini_batches=2, eval_per_family=2, eval_reasoning=4, best_of=(1, 2, 4), critic_queries=8)
+                         mini_batches=2, pass_epochs=2, eval_per_family=2, eval_reasoning=4, best_of=(1, 2, 4),
+                         critic_queries=8)
 
 
 def _cpu() -> float:
@@ -124,7 +134,7 @@ def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = Casca
         f"offline accuracy {offline.accuracy:.3f}")
     gspo_cfg = GSPOConfig(group_size=cfg.group_size, queries_per_rollout=cfg.queries_per_rollout,
                           mini_batches=cfg.mini_batches, eps_low=cfg.eps_low, eps_high=cfg.eps_high, seed=cfg.seed)
-    steps_per_pass = math.ceil(len(pool) / cfg.queries_per_rollout) * cfg.mini_batches
+    steps_per_pass = cfg.pass_epochs * math.ceil(len(pool) / cfg.queries_per_rollout) * cfg.mini_batches
 
     log("cascade: +MPO")
     mpo_model = tessera.load(sft_dir)
@@ -140,10 +150,14 @@ def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = Casca
     g_result, g2_cpu = _train(g_model, g_stage, 2 * steps_per_pass, cfg.gspo_lr, out / "gspo", cfg)
     rows["+GSPO (2 passes)"] = {**_measure(g_model, cfg), "cpu_seconds": g1_cpu + g2_cpu}
 
-    log("cascade: MPO → GSPO (one pass)")
+    log("cascade: MPO → GSPO (half a pass, then one pass)")
     c_model = tessera.load(out / "mpo" / "final")
-    c_result, c_cpu = _train(c_model, GSPOStage(pool, gspo_cfg), steps_per_pass, cfg.gspo_lr, out / "cascade", cfg)
-    rows["Cascade (MPO → GSPO)"] = {**_measure(c_model, cfg), "cpu_seconds": mpo_cpu + c_cpu}
+    c_stage = GSPOStage(pool, gspo_cfg)
+    half = max(1, steps_per_pass // 2)
+    _, c_half_cpu = _train(c_model, c_stage, steps_per_pass, cfg.gspo_lr, out / "cascade", cfg, stop_after=half)
+    rows["Cascade (MPO → GSPO ½ pass)"] = {**_measure(c_model, cfg), "cpu_seconds": mpo_cpu + c_half_cpu}
+    c_result, c_cpu = _train(c_model, c_stage, steps_per_pass, cfg.gspo_lr, out / "cascade", cfg)
+    rows["Cascade (MPO → GSPO)"] = {**_measure(c_model, cfg), "cpu_seconds": mpo_cpu + c_half_cpu + c_cpu}
 
     log("cascade: Best-of-N on the Cascade model")
     bon = best_of_n_table(c_model, BestOfNConfig(cfg.eval_reasoning, cfg.best_of, cfg.critic_queries, cfg.group_size,
@@ -167,7 +181,8 @@ def format_cascade(summary: dict[str, Any]) -> str:
              f"Offline collection (shared by every RL row): {off['queries']} training queries × "
              f"{summary['config']['group_size']} rollouts, {off['pairs']} preference pairs, rollout accuracy "
              f"{off['accuracy']:.1%}; {off['filtered_queries']} queries with accuracy in [0.2, 0.8]; "
-             f"{off['cpu_seconds']:.0f} CPU s. One GSPO pass = {summary['steps_per_pass']} steps.", "",
+             f"{off['cpu_seconds']:.0f} CPU s. One GSPO pass = {summary['steps_per_pass']} steps "
+             f"({summary['config'].get('pass_epochs', 1)} epoch(s) over the filtered queries).", "",
              f"Reasoning is greedy (the headline); \"sampled\" is the mean accuracy of "
              f"{summary['config']['sampled_group']} answers sampled at temperature "
              f"{summary['config']['sampled_temperature']} per question.", "",

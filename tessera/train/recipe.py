@@ -107,19 +107,22 @@ def tiny_recipe() -> RecipeConfig:
     Learning rates: language 6e-4, connector 3e-3 (the projector is what the grounding probe found slowest: four
     patches squeezed into one token), ViT 1e-4 (the calibration's learning-rate cliff for reading).
 
-    Then Cascade RL and the Flash stages. mpo rolls out 384 training queries × 8 answers from the SFT model
-    (its pairs, and every query's accuracy for gspo's [0.2, 0.8] filter, land in out/mpo/), gspo runs about two
-    passes over the filtered queries; both at a constant lr (tessera.bench.cascade's defaults). vico adds the
-    fresh 1/16 branch and router and distils the 1/4 reading into it; router trains only the router, on the
-    loss ratios of four of sft's questions per image (each answer weighing the same: 89.5 % of full's accuracy at
-    31 % fewer tokens, against 69.9 % with one question; docs/TRAINING.md, session 8), and ships with the absolute
+    Then Cascade RL and the Flash stages, RL at tessera.bench.cascade's defaults (a constant lr; fp32 master
+    weights). mpo rolls out 4,000 training queries × 8 answers from the SFT model (reasoning 8×, count 2×; its
+    pairs, and every query's accuracy for gspo's [0.2, 0.8] filter, land in out/mpo/) and trains 240 steps; gspo
+    runs 2,416 steps, four epochs over the 1,206 queries the filter keeps from the shipped SFT model: GSPO moves
+    greedy reasoning only after thousands of steps here, and the cascade lifts it 45.0 → 54.7 % on 600 held-out
+    questions (docs/BENCHMARKS.md "Cascade RL"). vico adds the fresh 1/16 branch and router and distils the 1/4
+    reading into it; router trains only the router, on the loss ratios of four of sft's questions per image (each
+    answer weighing the same: 89.5 % of full's accuracy at 31 % fewer tokens in session 8, 84.5 % in session 9's
+    run, against 69.9 % with one question; docs/TRAINING.md, session 8), and ships with the absolute
     threshold at 0 (the relative one alone sets the share of tiles compressed). Labels from scene descriptions
     (RouterData.families) are learnt far better (AUC 0.95 against their own labels vs 0.53) but routed worse on
     the questions (docs/TRAINING.md, session 3).
-    Measured on this machine, one thread, the lead's two training jobs sharing both cores (load ≈ 3): mpo
-    collection ≈ 23 s + 0.45–0.55 s/step (8 pairs), gspo 0.45–0.5 s/step averaged over its rollouts (8 queries × 8
-    answers per 4 steps), vico ≈ 1.05 s/step (4 × 512 tokens, bf16), router ≈ 0.6 s/step (8 four-question
-    samples), so mpo ≈ 60 s, gspo ≈ 45 s, vico ≈ 420 s, router ≈ 150 s: ≈ 11–12 minutes with the probes.
+    Measured on this machine: at two threads, mpo's collection ≈ 270 s (540 CPU s) + 0.46 s/step (8 pairs),
+    gspo ≈ 0.44 s/step averaged over its rollouts (8 queries × 8 answers per 4 steps), so mpo ≈ 6 minutes and
+    gspo ≈ 18; at one thread beside another job, vico ≈ 1.05 s/step (4 × 512 tokens, bf16) and router ≈ 0.6
+    s/step (8 four-question samples): vico ≈ 420 s, router ≈ 150 s.
     """
     lrs = {"language": 6e-4, "connector": 3e-3, "vision": 1e-4, "router": 1e-4}
     pretrain = TrainConfig(steps=250, lr=1e-4, component_lr=lrs, warmup_steps=20, min_lr_ratio=0.3,
@@ -129,8 +132,10 @@ def tiny_recipe() -> RecipeConfig:
     spatial = TrainConfig(steps=600, lr=1e-4, component_lr=lrs, warmup_steps=10, min_lr_ratio=0.1,
                           precision="bf16", save_every=100, eval_every=300)
     # RL: constant lr after a short warm-up; the stages pin fp32 themselves (their log-probs meet fp32 rollouts)
-    mpo = TrainConfig(steps=60, lr=2e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=5, save_every=30, eval_every=30)
-    gspo = TrainConfig(steps=88, lr=1e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=4, save_every=44, eval_every=44)
+    mpo = TrainConfig(steps=240, lr=2e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=5, save_every=120,
+                      eval_every=120)
+    gspo = TrainConfig(steps=2416, lr=1e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=8, save_every=302,
+                       eval_every=604)
     # vico: the fresh mlp2 (connector) learns fast, the SFT language model and ViT only follow it
     vico = TrainConfig(steps=400, lr=3e-5, component_lr={"connector": 3e-4, "language": 3e-5, "vision": 1e-5},
                        warmup_steps=20, min_lr_ratio=0.1, precision="bf16", save_every=100, eval_every=100)
@@ -159,7 +164,7 @@ def tiny_recipe() -> RecipeConfig:
                   stage="sft"),
         StagePlan("focus", phase_train, {**counting, "families": {**families, "spatial": 2.0, "label": 2.0, "count": 2.0},
                                          "repeat": ["spatial", "label", "count"], "count": 1.0}, stage="sft"),
-        StagePlan("mpo", mpo, {"out": "{stage}", "queries": 384, "group_size": 8, "pairs_per_batch": 8}),
+        StagePlan("mpo", mpo, {"out": "{stage}", "queries": 4000, "group_size": 8, "pairs_per_batch": 8}),
         StagePlan("gspo", gspo, {"accuracies": "{out}/mpo/queries.jsonl", "group_size": 8, "queries_per_rollout": 8,
                                  "mini_batches": 4}),
         StagePlan("vico", vico, {"rows": 4, "row_tokens": 512}),

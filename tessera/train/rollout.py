@@ -57,10 +57,15 @@ CRITIC_SEED_OFFSET = 950_000_000  # the Best-of-N critic's training scenes, disj
 
 
 def default_rl_families() -> dict[str, float]:
-    """Every family, the reasoning family (RL's target) four times as often as each other one."""
+    """Every family; reasoning (RL's target) 8×, count 2×, the others 1×.
+
+    Count is weighted up because a reasoning-only pool cost it 5.5 points (docs/TRAINING.md, session 8): its
+    answers are the reads that reasoning chains build on, and the [0.2, 0.8] filter keeps many of its queries
+    (221 of 545 against 2–29 of ~270 for the reading families)."""
     from tessera.world import FAMILIES
 
-    return {f: (4.0 if f == "reasoning" else 1.0) for f in FAMILIES}
+    weights = {"reasoning": 8.0, "count": 2.0}
+    return {f: weights.get(f, 1.0) for f in FAMILIES}
 
 
 def training_queries(n: int, families: dict[str, float] | None = None, seed: int = 0,
