@@ -170,9 +170,9 @@ def test_held_out_tiles_are_labelled_by_as_many_questions_as_the_training_tiles(
 
     model = init_model_for(RecipeConfig(tokenizer_corpus=20))
     model.add_flash_branch()
-    stage = build_stage(model, {"turns": 4, "workers": 0})
-    assert stage.heldout_turns == 4
-    held = heldout_samples(model, 2, turns=4)
-    answers = [sum(1 for a, b in zip([0] + s.loss_mask, s.loss_mask) if b and not a) for s in held]
-    assert answers == [4, 4]  # four answers (one per question) in each held-out conversation
+    stage = build_stage(model, {"turns": 4, "workers": 0, "heldout": 2})
+    stage.eval_fn(model, 0)  # builds its held-out set from the stage's own stream, on the eval split
+    for held in (stage._heldout, heldout_samples(model, 2, turns=4)):
+        answers = [sum(1 for a, b in zip([0] + s.loss_mask, s.loss_mask) if b and not a) for s in held]
+        assert answers == [4, 4]  # four answers (one per question) in each held-out conversation
     assert WorldStream(model.tokenizer, model.config, split="eval").sample(0)[0].meta["split"] == "eval"

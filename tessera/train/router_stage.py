@@ -18,6 +18,7 @@ The sliding window is stage state and is not checkpointed: after a resume it ref
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -181,7 +182,6 @@ class RouterStage:
     heldout: int = 48  # samples for `eval_fn`
     thresholds: tuple[float | None, float | None] = (None, None)  # (relative, absolute) to ship; None keeps the config's
     heldout_families: list[str] | None = None  # families of the held-out tiles (None: every question family)
-    heldout_turns: int = 1  # questions per held-out image: label the held-out tiles as the training tiles are
 
     def __post_init__(self) -> None:
         self._window = RatioWindow(self.window, self.percentile)
@@ -189,8 +189,10 @@ class RouterStage:
 
     def eval_fn(self, model, step: int) -> dict[str, float]:
         """Router accuracy on held-out tiles (the trainer calls this every `eval_every` steps)."""
-        if self._heldout is None:
-            self._heldout = heldout_samples(model, self.heldout, families=self.heldout_families, turns=self.heldout_turns)
+        if self._heldout is None:  # several questions per image: the training stream itself, on the eval split
+            multi = getattr(self.make, "turns", 1) > 1
+            self._heldout = (heldout_conversations(self.make, self.heldout) if multi
+                             else heldout_samples(model, self.heldout, families=self.heldout_families))
         return evaluate_router(model, self._heldout, self.percentile, self.eps)
 
     def setup(self, model) -> None:
@@ -285,23 +287,31 @@ def build_stage(model, data: "RouterData | dict | None" = None) -> RouterStage:
                          curriculum=Curriculum(((0, 1.0),)), seed=SEED_OFFSET, turns=data.turns)
     return RouterStage(stream, data.samples_per_batch, data.percentile, data.window, data.eps, data.workers,
                        heldout=data.heldout, thresholds=(data.relative_threshold, data.absolute_threshold),
-                       heldout_families=sorted(data.families) if data.families else None, heldout_turns=data.turns)
+                       heldout_families=sorted(data.families) if data.families else None)
 
 
-def heldout_samples(model, n: int = 64, seed: int = 2_000_000, families: list[str] | None = None,
+HELDOUT_SEED = 2_000_000  # the held-out tiles' scene seeds (eval split)
+
+
+def heldout_conversations(stream, n: int, seed: int = HELDOUT_SEED) -> list[Encoded]:
+    """n eval-split conversations drawn exactly as the training `stream` (a WorldStream) draws its own (families,
+    turns, thinking), so the held-out labels measure what the training labels measure."""
+    held = dataclasses.replace(stream, split="eval", seed=seed)
+    return [held(i) for i in range(n)]
+
+
+def heldout_samples(model, n: int = 64, seed: int = HELDOUT_SEED, families: list[str] | None = None,
                     turns: int = 1) -> list[Encoded]:
     """n held-out (eval-split) world samples at 1/4 for `evaluate_router`. With turns = 1 each asks one question,
     of `families` (default: every question family) in turn; with more, each image is a conversation of `turns`
-    questions drawn as the router stage draws them (reasoning with its chain half of the time), so the held-out
-    labels measure what the training labels measure."""
+    questions from the router stage's own stream at its defaults (`heldout_conversations`)."""
     from tessera.image import ImageProcessor
-    from tessera.train.data import Curriculum, WorldStream, encode
+    from tessera.train.data import encode
     from tessera.world import FAMILIES, make_sample
 
     if turns > 1:
-        stream = WorldStream(model.tokenizer, model.config, families={f: 1.0 for f in families} if families else None,
-                             thinking_prob=0.5, curriculum=Curriculum(((0, 1.0),)), seed=seed, turns=turns, split="eval")
-        return [stream(i) for i in range(n)]
+        data = {"turns": turns, "workers": 0, **({"families": {f: 1.0 for f in families}} if families else {})}
+        return heldout_conversations(build_stage(model, data).make, n, seed)
     processor = ImageProcessor.from_config(model.config)
     families = families or FAMILIES
     out = []
