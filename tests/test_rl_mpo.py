@@ -132,3 +132,96 @@ def test_build_stage_from_stored_pairs_renders_the_scenes(tmp_path):
     loss, m = stage.loss(model, batch, 1.0)
     assert torch.isfinite(loss) and m["dpo"] == pytest.approx(math.log(2), abs=1e-4)
     assert stage.prepared[q.key()].image_features.shape[0] == stage.prepared[q.key()].image_tokens[0]
+
+
+# ---- the frozen reference: recorded at sampling time, or scored by the model ------------------------
+
+def _model_sums(model, pairs):
+    """Σ log π(chosen), Σ log π(rejected) of ToyLM on prompt [1, 3] + answer, by hand."""
+    out = []
+    with torch.no_grad():
+        for p in pairs:
+            sums = []
+            for answer in (p.chosen, p.rejected):
+                ids = [1, 3] + answer
+                logp = torch.log_softmax(model.language_model(torch.tensor([ids])), -1)[0]  # [T,V]
+                sums.append(sum(logp[1 + j, t].item() for j, t in enumerate(answer)))
+            out.append(tuple(sums))
+    return out
+
+
+def _recorded_stage(model, shift=0.0, **kw):
+    q = Query(1, "reasoning", "q", "7")
+    prepared = {q.key(): Prepared(q, [1, 3], torch.zeros(0, 3, 4, 4), torch.zeros(0, 8), [0])}
+    pairs = [PreferencePair(q, [5, 6, 2], [7, 8, 2], accuracy=0.5), PreferencePair(q, [4, 2], [9, 9, 9, 2])]
+    for p, (c, r) in zip(pairs, _model_sums(model, pairs)):
+        p.chosen_logprob, p.rejected_logprob = c + shift, r + shift
+    return MPOStage(pairs, pairs_per_batch=2, prepared=prepared, **kw), pairs
+
+
+def test_pairs_record_their_summed_sampling_logprobs():
+    pairs = build_pairs(_group([True, False]), 2, random.Random(0))
+    assert [(p.chosen_logprob, p.rejected_logprob) for p in pairs] == [(-2.0, -2.0)]
+    assert pairs[0].recorded
+    unrecorded = build_pairs(_group([True, False]), 2, random.Random(0), record_logprobs=False)
+    assert unrecorded[0].chosen_logprob is None and not unrecorded[0].recorded
+
+
+def test_recorded_logprobs_are_the_reference_when_the_model_agrees():
+    model = ToyLM()
+    stage, pairs = _recorded_stage(model)
+    stage.setup(model)
+    assert stage.reference_source == "rollout"
+    assert stage._ref == [(p.chosen_logprob, p.rejected_logprob) for p in pairs]
+    batch, _ = next(stage.batches(0, 0, 1))
+    _, m = stage.loss(model, batch, 1.0)
+    assert m["dpo"] == pytest.approx(math.log(2), abs=1e-5)  # the policy is the reference at step 0
+
+
+def test_recorded_logprobs_of_another_model_are_not_trusted():
+    model = ToyLM()
+    stage, _ = _recorded_stage(model, shift=0.5)  # as if another model had sampled the pairs
+    stage.setup(model)
+    assert stage.reference_source == "model"
+    assert [x for pair in stage._ref for x in pair] == pytest.approx(
+        [x for pair in _model_sums(model, stage.pairs) for x in pair], abs=1e-5)
+    strict, _ = _recorded_stage(model, shift=0.5, reference="rollout")
+    with pytest.raises(ValueError, match="sampled by another model"):
+        strict.setup(model)
+
+
+def test_rollout_reference_needs_recorded_logprobs_and_a_known_mode():
+    model = ToyLM()
+    stage = _stage(model)  # pairs without recorded log-probs: scored by the model
+    assert stage.reference_source == "model"
+    q = stage.pairs[0].query
+    with pytest.raises(ValueError, match="recorded log-probs"):
+        MPOStage(stage.pairs, 2, prepared=stage.prepared, reference="rollout").setup(model)
+    with pytest.raises(ValueError, match="reference must be"):
+        MPOStage([PreferencePair(q, [5, 2], [6, 2])], reference="frozen")
+
+
+def test_collected_pairs_carry_the_reference_and_the_encoded_scenes():
+    """The shipped SFT model (stored in bf16) collects at temperature 1: it is sampled in fp32, the precision MPO
+    trains in, so MPO takes the recorded log-probs (they agree with a teacher-forced pass) and the collection's
+    image features, and its setup encodes and scores nothing again."""
+    import tessera
+    from tessera.train.mpo import MPOData, collect_or_load
+
+    model = tessera.load("checkpoints/tiny-sft")
+    data = MPOData(queries=6, families={"count": 1.0}, group_size=4, seed=2)
+    result = collect_or_load(model, data, log=None)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert result.pairs and all(p.recorded for p in result.pairs)
+    assert set(result.prepared) == {p.query.key() for p in result.pairs}
+    assert all(p.pixel_values.numel() == 0 and p.image_features.shape[0] == p.image_tokens[0]
+               for p in result.prepared.values())
+    stage = MPOStage(result.pairs, 2, prepared=dict(result.prepared))
+    stage.setup(model)
+    assert stage.reference_source == "rollout"
+    assert all(stage.prepared[k] is result.prepared[k] for k in result.prepared)  # nothing encoded again
+    scored = [x for pair in stage._model_logprobs(model, result.pairs) for x in pair]
+    assert scored == pytest.approx([x for p in result.pairs for x in (p.chosen_logprob, p.rejected_logprob)], abs=1e-3)
+    hot = collect_or_load(model, MPOData(queries=6, families={"count": 1.0}, group_size=4, seed=2, temperature=0.7),
+                          log=None)
+    assert hot.pairs and not any(p.recorded for p in hot.pairs)  # another temperature: not the model's log-probs

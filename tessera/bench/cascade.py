@@ -138,13 +138,17 @@ def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = Casca
 
     log("cascade: +MPO")
     mpo_model = tessera.load(sft_dir)
-    mpo_stage = MPOStage(offline.pairs, cfg.pairs_per_batch, seed=cfg.seed)
+    # the SFT model sampled the pairs in fp32, so their recorded log-probs are the frozen reference (no reference
+    # pass); the collection's image features serve every arm (the vision side is frozen in MPO and GSPO alike,
+    # and every filtered query has pairs), so each arm's compute is its training steps and rollouts
+    mpo_stage = MPOStage(offline.pairs, cfg.pairs_per_batch, seed=cfg.seed, prepared=dict(offline.prepared))
     mpo_result, mpo_cpu = _train(mpo_model, mpo_stage, cfg.mpo_steps, cfg.mpo_lr, out / "mpo", cfg)
     rows["+MPO"] = {**_measure(mpo_model, cfg), "cpu_seconds": mpo_cpu}
+    log(f"cascade: MPO's reference log-probs came from the {mpo_stage.reference_source}")
 
     log(f"cascade: +GSPO, two passes of {steps_per_pass} steps")
     g_model = tessera.load(sft_dir)
-    g_stage = GSPOStage(pool, gspo_cfg)
+    g_stage = GSPOStage(pool, gspo_cfg, prepared=dict(offline.prepared))
     _, g1_cpu = _train(g_model, g_stage, 2 * steps_per_pass, cfg.gspo_lr, out / "gspo", cfg, stop_after=steps_per_pass)
     rows["+GSPO (1 pass)"] = {**_measure(g_model, cfg), "cpu_seconds": g1_cpu}
     g_result, g2_cpu = _train(g_model, g_stage, 2 * steps_per_pass, cfg.gspo_lr, out / "gspo", cfg)
@@ -152,7 +156,7 @@ def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = Casca
 
     log("cascade: MPO → GSPO (half a pass, then one pass)")
     c_model = tessera.load(out / "mpo" / "final")
-    c_stage = GSPOStage(pool, gspo_cfg)
+    c_stage = GSPOStage(pool, gspo_cfg, prepared=dict(offline.prepared))
     half = max(1, steps_per_pass // 2)
     _, c_half_cpu = _train(c_model, c_stage, steps_per_pass, cfg.gspo_lr, out / "cascade", cfg, stop_after=half)
     rows["Cascade (MPO → GSPO ½ pass)"] = {**_measure(c_model, cfg), "cpu_seconds": mpo_cpu + c_half_cpu}
@@ -165,7 +169,7 @@ def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = Casca
                           out / "critic")
     summary = {"config": asdict(cfg), "rows": rows, "offline": {"queries": len(offline.stats), "pairs": len(offline.pairs),
                "accuracy": offline.accuracy, "filtered_queries": len(pool), "cpu_seconds": collect_cpu},
-               "steps_per_pass": steps_per_pass, "best_of_n": bon,
+               "steps_per_pass": steps_per_pass, "mpo_reference": mpo_stage.reference_source, "best_of_n": bon,
                "training_curves": {name: [{k: h.get(k) for k in ("step", "loss", "reward", "clip_fraction", "reward_margin")}
                                           for h in r.history]
                                    for name, r in (("mpo", mpo_result), ("gspo", g_result), ("cascade", c_result))}}

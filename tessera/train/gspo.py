@@ -141,7 +141,10 @@ class GSPOStage:
         self._model = model
 
     def _prepared(self, queries: Sequence[Query]) -> list[Prepared]:
-        missing = [q for q in dict.fromkeys(queries) if q.key() not in self.prepared]
+        def ready(key) -> bool:  # encoded, and with its tiles when the vision side trains
+            return key in self.prepared and (not self.config.train_vision or self.prepared[key].pixel_values.numel() > 0)
+
+        missing = [q for q in dict.fromkeys(queries) if not ready(q.key())]
         if missing:
             for p in prepare(self._model, missing, keep_pixels=self.config.train_vision):
                 self.prepared[p.query.key()] = p

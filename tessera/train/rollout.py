@@ -155,13 +155,18 @@ def prepare(model, queries: Sequence[Query], keep_pixels: bool = True) -> list[P
 
     processor = ImageProcessor.from_config(model.config)
     out = []
-    for q in queries:
-        pixels = processor([render(q)])
-        features, per_tile = model.encode_images(pixels.pixel_values)
-        image_tokens = [int(sum(per_tile))]
-        prompt = model.tokenizer.build_prompt(q.question, image_tokens, thinking=q.thinking)
-        tiles = pixels.pixel_values if keep_pixels else pixels.pixel_values[:0]  # [N,3,S,S] or [0,3,S,S]
-        out.append(Prepared(q, prompt, tiles, features.detach(), image_tokens))
+    was_training = model.training
+    model.eval()  # the features are the deterministic ones (no connector dropout), whoever calls
+    try:
+        for q in queries:
+            pixels = processor([render(q)])
+            features, per_tile = model.encode_images(pixels.pixel_values)
+            image_tokens = [int(sum(per_tile))]
+            prompt = model.tokenizer.build_prompt(q.question, image_tokens, thinking=q.thinking)
+            tiles = pixels.pixel_values if keep_pixels else pixels.pixel_values[:0]  # [N,3,S,S] or [0,3,S,S]
+            out.append(Prepared(q, prompt, tiles, features.detach(), image_tokens))
+    finally:
+        model.train(was_training)
     return out
 
 
