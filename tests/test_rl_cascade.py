@@ -39,6 +39,10 @@ def test_cascade_bench_runs_every_row(tmp_path, monkeypatch):
     assert all(0.0 <= r["sampled"] <= 1.0 for r in rows.values())
     assert rows["+GSPO (2 passes)"]["cpu_seconds"] > rows["+GSPO (1 pass)"]["cpu_seconds"] > 0
     assert rows["Cascade (MPO → GSPO)"]["cpu_seconds"] > rows["Cascade (MPO → GSPO ½ pass)"]["cpu_seconds"] > 0
+    assert rows["+GSPO (2 passes)"]["token_passes"] > rows["+GSPO (1 pass)"]["token_passes"] > 0
+    assert (rows["Cascade (MPO → GSPO)"]["token_passes"] > rows["Cascade (MPO → GSPO ½ pass)"]["token_passes"]
+            > rows["+MPO"]["token_passes"] > 0)
+    assert summary["mpo_reference"] == "rollout"  # the collection's recorded log-probs: no reference pass
     assert summary["offline"]["pairs"] > 0 and summary["offline"]["filtered_queries"] > 0
     assert set(map(int, summary["best_of_n"]["by_n"])) == {1, 2, 4}
     assert (tmp_path / "out" / "critic" / "critic.safetensors").exists()
@@ -49,6 +53,7 @@ def test_cascade_bench_runs_every_row(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "cascade.json").read_text())["steps_per_pass"] == summary["steps_per_pass"]
     table = format_cascade(summary)
     assert "| Cascade (MPO → GSPO) |" in table and "oracle pass@N" in table
+    assert "Cascade (MPO → GSPO) vs +GSPO (2 passes):" in table and "of its token passes" in table
 
 
 def test_a_gspo_pass_of_no_epochs_is_refused():
@@ -56,3 +61,20 @@ def test_a_gspo_pass_of_no_epochs_is_refused():
 
     with pytest.raises(ValueError, match="pass_epochs"):
         CascadeConfig(pass_epochs=0)
+
+
+def test_token_passes_count_forward_positions_and_triple_the_differentiated_ones():
+    import torch
+    from tessera.bench.compute import count_token_passes
+    from tessera.chat import build_tokenizer, fallback_corpus
+    from tessera.model.init import init_model
+
+    model = init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0)
+    ids = torch.randint(10, 100, (2, 7))  # [B,T] text only
+    with count_token_passes(model) as meter:
+        with torch.no_grad():
+            model(ids)
+        model(ids[:1, :5]).sum().backward()
+    assert (meter.forward, meter.trained, meter.total) == (14, 5, 14 + 3 * 5)
+    model(ids)  # outside the block: not counted, and the hook is gone
+    assert meter.total == 29 and not model.language_model._forward_pre_hooks

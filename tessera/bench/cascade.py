@@ -9,8 +9,9 @@ From one SFT checkpoint:
   +GSPO (2 passes)    the same run continued for a second pass (constant learning rate, so pass 1 is its midpoint)
   Cascade ½ pass      MPO, then GSPO for half a pass (the cascade's claim is that its online stage can be short)
   Cascade             the same run continued to one pass
-Each row has the reasoning accuracy on a held-out set (greedy, thinking on) and its compute in CPU seconds of
-training (rollouts made during training included). The offline collection (the SFT model's rollouts that give
+Each row has the reasoning accuracy on a held-out set (greedy, thinking on) and its compute: CPU seconds of
+training (rollouts made during training included) and the exact, machine-independent token passes
+(tessera.bench.compute). The offline collection (the SFT model's rollouts that give
 MPO its pairs and every GSPO run its query filter) is shared by all RL rows and reported once, beside them.
 The defaults are the measured run of docs/BENCHMARKS.md (≈ 1 hour at two threads); --quick exercises the path.
 Then the per-family accuracy before (SFT) and after (every row), and Best-of-N on the Cascade model: a critic
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from tessera.bench.best_of_n import BestOfNConfig, best_of_n_table, format_best_of_n
+from tessera.bench.compute import count_token_passes
 
 
 @dataclass
@@ -107,8 +109,14 @@ def _train(model, stage, steps: int, lr: float, out: Path, cfg: CascadeConfig, s
                          keep_checkpoints=1, seed=cfg.seed, threads=cfg.threads, progress=False)
     trainer = Trainer(model, stage, config, out)
     start = _cpu()
-    result = trainer.fit(resume=True, stop_after=stop_after)
-    return result, _cpu() - start
+    with count_token_passes(model) as passes:
+        result = trainer.fit(resume=True, stop_after=stop_after)
+    return result, {"cpu_seconds": _cpu() - start, "token_passes": passes.total}
+
+
+def _plus(*costs: dict[str, float]) -> dict[str, float]:
+    """The cost of runs one after another (a row's compute is everything trained to reach it)."""
+    return {k: sum(c[k] for c in costs) for k in costs[0]}
 
 
 def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = CascadeConfig(), log=print) -> dict[str, Any]:
@@ -121,13 +129,14 @@ def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = Casca
     torch.manual_seed(cfg.seed)
     rows: dict[str, dict[str, Any]] = {}
     log("cascade: evaluating SFT")
-    rows["SFT"] = {**_measure(tessera.load(sft_dir), cfg), "cpu_seconds": 0.0}
+    rows["SFT"] = {**_measure(tessera.load(sft_dir), cfg), "cpu_seconds": 0.0, "token_passes": 0}
 
     offline_dir = out / "offline"
     sft = tessera.load(sft_dir)
     data = MPOData(out=str(offline_dir), queries=cfg.collect_queries, families=cfg.families, group_size=cfg.group_size,
                    seed=cfg.seed, pairs_per_batch=cfg.pairs_per_batch)
-    offline = collect_or_load(sft, data, log=log)
+    with count_token_passes(sft) as offline_passes:
+        offline = collect_or_load(sft, data, log=log)
     collect_cpu = offline.seconds  # measured when collected (and kept in offline/collect.json for a rerun)
     pool = select_queries(offline.stats)
     log(f"cascade: {len(offline.pairs)} pairs, {len(pool)}/{len(offline.stats)} queries in [0.2, 0.8], "
@@ -142,33 +151,34 @@ def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = Casca
     # pass); the collection's image features serve every arm (the vision side is frozen in MPO and GSPO alike,
     # and every filtered query has pairs), so each arm's compute is its training steps and rollouts
     mpo_stage = MPOStage(offline.pairs, cfg.pairs_per_batch, seed=cfg.seed, prepared=dict(offline.prepared))
-    mpo_result, mpo_cpu = _train(mpo_model, mpo_stage, cfg.mpo_steps, cfg.mpo_lr, out / "mpo", cfg)
-    rows["+MPO"] = {**_measure(mpo_model, cfg), "cpu_seconds": mpo_cpu}
+    mpo_result, mpo_cost = _train(mpo_model, mpo_stage, cfg.mpo_steps, cfg.mpo_lr, out / "mpo", cfg)
+    rows["+MPO"] = {**_measure(mpo_model, cfg), **mpo_cost}
     log(f"cascade: MPO's reference log-probs came from the {mpo_stage.reference_source}")
 
     log(f"cascade: +GSPO, two passes of {steps_per_pass} steps")
     g_model = tessera.load(sft_dir)
     g_stage = GSPOStage(pool, gspo_cfg, prepared=dict(offline.prepared))
-    _, g1_cpu = _train(g_model, g_stage, 2 * steps_per_pass, cfg.gspo_lr, out / "gspo", cfg, stop_after=steps_per_pass)
-    rows["+GSPO (1 pass)"] = {**_measure(g_model, cfg), "cpu_seconds": g1_cpu}
-    g_result, g2_cpu = _train(g_model, g_stage, 2 * steps_per_pass, cfg.gspo_lr, out / "gspo", cfg)
-    rows["+GSPO (2 passes)"] = {**_measure(g_model, cfg), "cpu_seconds": g1_cpu + g2_cpu}
+    _, g1_cost = _train(g_model, g_stage, 2 * steps_per_pass, cfg.gspo_lr, out / "gspo", cfg, stop_after=steps_per_pass)
+    rows["+GSPO (1 pass)"] = {**_measure(g_model, cfg), **g1_cost}
+    g_result, g2_cost = _train(g_model, g_stage, 2 * steps_per_pass, cfg.gspo_lr, out / "gspo", cfg)
+    rows["+GSPO (2 passes)"] = {**_measure(g_model, cfg), **_plus(g1_cost, g2_cost)}
 
     log("cascade: MPO → GSPO (half a pass, then one pass)")
     c_model = tessera.load(out / "mpo" / "final")
     c_stage = GSPOStage(pool, gspo_cfg, prepared=dict(offline.prepared))
     half = max(1, steps_per_pass // 2)
-    _, c_half_cpu = _train(c_model, c_stage, steps_per_pass, cfg.gspo_lr, out / "cascade", cfg, stop_after=half)
-    rows["Cascade (MPO → GSPO ½ pass)"] = {**_measure(c_model, cfg), "cpu_seconds": mpo_cpu + c_half_cpu}
-    c_result, c_cpu = _train(c_model, c_stage, steps_per_pass, cfg.gspo_lr, out / "cascade", cfg)
-    rows["Cascade (MPO → GSPO)"] = {**_measure(c_model, cfg), "cpu_seconds": mpo_cpu + c_half_cpu + c_cpu}
+    _, c_half_cost = _train(c_model, c_stage, steps_per_pass, cfg.gspo_lr, out / "cascade", cfg, stop_after=half)
+    rows["Cascade (MPO → GSPO ½ pass)"] = {**_measure(c_model, cfg), **_plus(mpo_cost, c_half_cost)}
+    c_result, c_cost = _train(c_model, c_stage, steps_per_pass, cfg.gspo_lr, out / "cascade", cfg)
+    rows["Cascade (MPO → GSPO)"] = {**_measure(c_model, cfg), **_plus(mpo_cost, c_half_cost, c_cost)}
 
     log("cascade: Best-of-N on the Cascade model")
     bon = best_of_n_table(c_model, BestOfNConfig(cfg.eval_reasoning, cfg.best_of, cfg.critic_queries, cfg.group_size,
                                                  cfg.bon_temperature, cfg.families, cfg.eval_seed, cfg.seed),
                           out / "critic")
     summary = {"config": asdict(cfg), "rows": rows, "offline": {"queries": len(offline.stats), "pairs": len(offline.pairs),
-               "accuracy": offline.accuracy, "filtered_queries": len(pool), "cpu_seconds": collect_cpu},
+               "accuracy": offline.accuracy, "filtered_queries": len(pool), "cpu_seconds": collect_cpu,
+                          "token_passes": offline_passes.total or None},  # None: read back from an earlier run
                "steps_per_pass": steps_per_pass, "mpo_reference": mpo_stage.reference_source, "best_of_n": bon,
                "training_curves": {name: [{k: h.get(k) for k in ("step", "loss", "reward", "clip_fraction", "reward_margin")}
                                           for h in r.history]
@@ -190,17 +200,40 @@ def format_cascade(summary: dict[str, Any]) -> str:
              f"Reasoning is greedy (the headline); \"sampled\" is the mean accuracy of "
              f"{summary['config']['sampled_group']} answers sampled at temperature "
              f"{summary['config']['sampled_temperature']} per question.", "",
-             "| model | reasoning | Δ vs SFT | sampled | Δ sampled | all families | training CPU s | incl. offline collection |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "Compute is what training spent to reach the row: CPU seconds, and token passes (every token position "
+             "the language model runs forward counts 1, and 3 when it is also differentiated; exact, unlike CPU "
+             "seconds on a shared machine; tessera.bench.compute).", "",
+             "| model | reasoning | Δ vs SFT | sampled | Δ sampled | all families | training CPU s | "
+             "incl. offline collection | token passes (M) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         total = r["cpu_seconds"] + (off["cpu_seconds"] if name != "SFT" else 0.0)
         sampled = r.get("sampled", float("nan"))
+        passes = r.get("token_passes")
         lines.append(f"| {name} | {r['reasoning']:.1%} | {100 * (r['reasoning'] - base):+.1f} | {sampled:.1%} | "
                      f"{100 * (sampled - base_sampled):+.1f} | {r['overall']:.1%} | "
-                     f"{r['cpu_seconds']:.0f} | {total:.0f} |")
+                     f"{r['cpu_seconds']:.0f} | {total:.0f} | {'' if passes is None else f'{passes / 1e6:.1f}'} |")
+    lines += ["", *compute_ratios(rows)]
     lines += ["", "Per family (greedy; thinking on for reasoning):", "", *family_table(rows)]
     lines += ["", *format_best_of_n(summary["best_of_n"], "the Cascade model")]
     return "\n".join(lines) + "\n"
+
+
+def compute_ratios(rows: dict[str, dict[str, Any]], reference: str = "+GSPO (2 passes)") -> list[str]:
+    """One line per cascade row: its accuracy against `reference`'s and its compute as a share of it."""
+    ref = rows.get(reference)
+    if ref is None:
+        return []
+    out = []
+    for name, r in rows.items():
+        if not name.startswith("Cascade"):
+            continue
+        shares = [f"{r['cpu_seconds'] / ref['cpu_seconds']:.1%} of its CPU seconds" if ref["cpu_seconds"] else ""]
+        if r.get("token_passes") and ref.get("token_passes"):
+            shares.append(f"{r['token_passes'] / ref['token_passes']:.1%} of its token passes")
+        out.append(f"- {name} vs {reference}: {100 * (r['reasoning'] - ref['reasoning']):+.1f} points of reasoning, at "
+                   + ", ".join(x for x in shares if x))
+    return out
 
 
 def family_table(rows: dict[str, dict[str, Any]]) -> list[str]:
