@@ -142,7 +142,8 @@ class GSPOStage:
 
     def _prepared(self, queries: Sequence[Query]) -> list[Prepared]:
         def ready(key) -> bool:  # encoded, and with its tiles when the vision side trains
-            return key in self.prepared and (not self.config.train_vision or self.prepared[key].pixel_values.numel() > 0)
+            has_tiles = key in self.prepared and self.prepared[key].pixel_values.numel() > 0
+            return key in self.prepared and (has_tiles or not self.config.train_vision)
 
         missing = [q for q in dict.fromkeys(queries) if not ready(q.key())]
         if missing:

@@ -10,8 +10,9 @@ Training (`MPOStage`, a tessera.train.stage.Stage): the reference is the model a
 model also sampled the pairs at temperature 1 (the cascade's case), the log-probs recorded while sampling already
 *are* the reference's: `setup` checks them against one batch scored by the model and uses them, so no reference
 forward pass is spent. Otherwise (pairs from another model or temperature) the model scores every pair once in
-`setup`; either way there is no second model in memory. By default the vision tower and projector stay frozen and the image features are computed
-once: only the language model learns (InternVL's preference training also freezes the ViT).
+`setup`; either way there is no second model in memory. By default the vision tower and projector stay frozen
+and the image features are computed once (or taken from the collection): only the language model learns
+(InternVL's preference training also freezes the ViT).
 """
 
 from __future__ import annotations
