@@ -33,8 +33,8 @@ def test_cascade_bench_runs_every_row(tmp_path, monkeypatch):
     monkeypatch.setattr(rollout_mod, "score", first_token_rule)
     monkeypatch.setattr(tts_mod, "score", first_token_rule)
     summary = run_cascade(tmp_path / "sft", tmp_path / "out", quick_config(), log=lambda *_: None)
-    assert list(summary["rows"]) == ["SFT", "+MPO", "+GSPO (1 pass)", "+GSPO (2 passes)",
-                                     "Cascade (MPO → GSPO ½ pass)", "Cascade (MPO → GSPO)"]
+    assert list(summary["rows"]) == ["SFT", "+MPO", "+GSPO (1 pass)", "+GSPO (2 passes)", "Cascade (MPO → GSPO ½ pass)",
+                                     "Cascade (MPO → GSPO 0.75 pass)", "Cascade (MPO → GSPO)"]
     rows = summary["rows"]
     assert all(0.0 <= r["sampled"] <= 1.0 for r in rows.values())
     assert rows["+GSPO (2 passes)"]["cpu_seconds"] > rows["+GSPO (1 pass)"]["cpu_seconds"] > 0
@@ -78,3 +78,13 @@ def test_token_passes_count_forward_positions_and_triple_the_differentiated_ones
     assert (meter.forward, meter.trained, meter.total) == (14, 5, 14 + 3 * 5)
     model(ids)  # outside the block: not counted, and the hook is gone
     assert meter.total == 29 and not model.language_model._forward_pre_hooks
+
+
+def test_cascade_stops_are_distinct_steps_inside_the_pass():
+    from tessera.bench.cascade import CascadeConfig, cascade_stop_steps
+
+    assert cascade_stop_steps((0.5, 0.9), 2368) == [(0.5, 1184), (0.9, 2131)]
+    assert cascade_stop_steps((0.9, 0.5), 4) == [(0.5, 2), (0.9, 3)]  # sorted; 0.9·4 rounds to the pass's end: one before
+    assert cascade_stop_steps((0.5, 0.6), 2) == [(0.5, 1)]  # both round to step 1: measured once
+    with pytest.raises(ValueError, match="cascade_stops"):
+        CascadeConfig(cascade_stops=(0.5, 1.0))

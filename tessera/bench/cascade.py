@@ -7,7 +7,8 @@ From one SFT checkpoint:
                       `pass_epochs` epochs over them (4 by default: the miniature's pool is small, and GSPO needs
                       thousands of steps here before greedy accuracy moves)
   +GSPO (2 passes)    the same run continued for a second pass (constant learning rate, so pass 1 is its midpoint)
-  Cascade ½ pass      MPO, then GSPO for half a pass (the cascade's claim is that its online stage can be short)
+  Cascade ½, 0.9 pass MPO, then GSPO for part of a pass (the cascade's claim is that its online stage can be short;
+                      `cascade_stops`)
   Cascade             the same run continued to one pass
 Each row has the reasoning accuracy on a held-out set (greedy, thinking on) and its compute: CPU seconds of
 training (rollouts made during training included) and the exact, machine-independent token passes
@@ -49,6 +50,9 @@ class CascadeConfig:
     eps_low: float = 3e-4
     eps_high: float = 4e-4
     pass_epochs: int = 4  # epochs over the filtered queries in one GSPO pass
+    # the cascade's run is also measured at these fractions of its pass: ½, and 0.9, the length at which its
+    # compute (MPO + 0.9 pass) is ≤ 60 % of two GSPO passes (the second pass costs less than the first)
+    cascade_stops: tuple[float, ...] = (0.5, 0.9)
     eval_per_family: int = 200  # the per-family table
     eval_reasoning: int = 600  # reasoning questions for the headline accuracy
     eval_seed: int = 0
@@ -63,13 +67,16 @@ class CascadeConfig:
     def __post_init__(self) -> None:
         if self.pass_epochs < 1:
             raise ValueError(f"pass_epochs must be at least 1, got {self.pass_epochs}")
+        if any(not 0 < f < 1 for f in self.cascade_stops):
+            raise ValueError(f"cascade_stops are fractions of a pass in (0, 1), got {self.cascade_stops}")
+        self.cascade_stops = tuple(self.cascade_stops)  # a JSON override gives a list
 
 
 def quick_config() -> CascadeConfig:
     """Every step at toy scale (exercises the path in about a minute; measures nothing)."""
     return CascadeConfig(collect_queries=8, group_size=4, mpo_steps=2, pairs_per_batch=2, queries_per_rollout=2,
-                         mini_batches=2, pass_epochs=2, eval_per_family=2, eval_reasoning=4, best_of=(1, 2, 4),
-                         critic_queries=8)
+                         mini_batches=2, pass_epochs=2, cascade_stops=(0.5, 0.75), eval_per_family=2, eval_reasoning=4,
+                         best_of=(1, 2, 4), critic_queries=8)
 
 
 def _cpu() -> float:
@@ -119,6 +126,20 @@ def _plus(*costs: dict[str, float]) -> dict[str, float]:
     return {k: sum(c[k] for c in costs) for k in costs[0]}
 
 
+def cascade_stop_steps(fractions: tuple[float, ...], steps_per_pass: int) -> list[tuple[float, int]]:
+    """(fraction, step) for each fraction of a pass, rounded to a step in [1, steps_per_pass − 1], duplicates dropped."""
+    out: dict[int, float] = {}
+    for f in sorted(fractions):
+        step = min(max(1, round(f * steps_per_pass)), steps_per_pass - 1)
+        if step >= 1 and step not in out:
+            out[step] = f
+    return [(f, step) for step, f in sorted(out.items())]
+
+
+def _pass_name(fraction: float) -> str:
+    return "½ pass" if fraction == 0.5 else f"{fraction:g} pass"
+
+
 def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = CascadeConfig(), log=print) -> dict[str, Any]:
     import tessera
     from tessera.train.gspo import GSPOConfig, GSPOStage, select_queries
@@ -163,14 +184,16 @@ def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = Casca
     g_result, g2_cost = _train(g_model, g_stage, 2 * steps_per_pass, cfg.gspo_lr, out / "gspo", cfg)
     rows["+GSPO (2 passes)"] = {**_measure(g_model, cfg), **_plus(g1_cost, g2_cost)}
 
-    log("cascade: MPO → GSPO (half a pass, then one pass)")
+    log(f"cascade: MPO → GSPO (measured at {', '.join(f'{f:g}' for f in cfg.cascade_stops)} of a pass, then one pass)")
     c_model = tessera.load(out / "mpo" / "final")
     c_stage = GSPOStage(pool, gspo_cfg, prepared=dict(offline.prepared))
-    half = max(1, steps_per_pass // 2)
-    _, c_half_cost = _train(c_model, c_stage, steps_per_pass, cfg.gspo_lr, out / "cascade", cfg, stop_after=half)
-    rows["Cascade (MPO → GSPO ½ pass)"] = {**_measure(c_model, cfg), **_plus(mpo_cost, c_half_cost)}
+    spent = [mpo_cost]  # one run, measured at each stop (constant learning rate: a stop is just a point in it)
+    for fraction, step in cascade_stop_steps(cfg.cascade_stops, steps_per_pass):
+        _, cost = _train(c_model, c_stage, steps_per_pass, cfg.gspo_lr, out / "cascade", cfg, stop_after=step)
+        spent.append(cost)
+        rows[f"Cascade (MPO → GSPO {_pass_name(fraction)})"] = {**_measure(c_model, cfg), **_plus(*spent)}
     c_result, c_cost = _train(c_model, c_stage, steps_per_pass, cfg.gspo_lr, out / "cascade", cfg)
-    rows["Cascade (MPO → GSPO)"] = {**_measure(c_model, cfg), **_plus(mpo_cost, c_half_cost, c_cost)}
+    rows["Cascade (MPO → GSPO)"] = {**_measure(c_model, cfg), **_plus(*spent, c_cost)}
 
     log("cascade: Best-of-N on the Cascade model")
     bon = best_of_n_table(c_model, BestOfNConfig(cfg.eval_reasoning, cfg.best_of, cfg.critic_queries, cfg.group_size,
