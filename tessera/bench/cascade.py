@@ -14,7 +14,7 @@ Each row has the reasoning accuracy on a held-out set (greedy, thinking on) and 
 training (rollouts made during training included) and the exact, machine-independent token passes
 (tessera.bench.compute). The offline collection (the SFT model's rollouts that give
 MPO its pairs and every GSPO run its query filter) is shared by all RL rows and reported once, beside them.
-The defaults are the measured run of docs/BENCHMARKS.md (≈ 1 hour at two threads); --quick exercises the path.
+The defaults are the measured run of docs/BENCHMARKS.md (≈ 2 hours at two threads); --quick exercises the path.
 Then the per-family accuracy before (SFT) and after (every row), and Best-of-N on the Cascade model: a critic
 (tessera.tts) is trained on the Cascade model's rollouts of fresh training queries, and each held-out reasoning
 question gets 8 samples; N = 4 uses the first 4. Written to DIR/cascade.md and DIR/cascade.json.
