@@ -123,3 +123,14 @@ def test_bad_sampling_config_is_rejected(model):
         rollout(model, QUERIES, SamplingConfig(group_size=0), verify=never, prepared=_prepared(model, QUERIES))
     with pytest.raises(ValueError, match="top_p"):
         sample_tokens(torch.zeros(1, 4), 1.0, 0.0, None)
+
+
+def test_unprepared_lists_queries_not_encoded_or_missing_the_tiles_a_trained_vision_side_needs():
+    from tessera.train.rollout import Prepared, unprepared
+
+    a, b, c = (Query(s, "count", "how many?", "2") for s in (1, 2, 3))
+    feats = torch.zeros(4, 8)
+    prepared = {a.key(): Prepared(a, [1], torch.zeros(1, 3, 4, 4), feats, [4]),  # with tiles
+                b.key(): Prepared(b, [1], torch.zeros(0, 3, 4, 4), feats, [4])}  # features only
+    assert unprepared([a, b, c, c], prepared, need_pixels=False) == [c]
+    assert unprepared([a, b, c, c], prepared, need_pixels=True) == [b, c]

@@ -24,7 +24,7 @@ import torch
 from tessera.train.mpo import QueryStat
 from tessera.train.rl_losses import group_advantages, gspo_loss
 from tessera.train.rollout import (Group, Prepared, Query, SamplingConfig, SequenceBatch, prepare, response_logprobs,
-                                   rollout, sequence_batch)
+                                   rollout, sequence_batch, unprepared)
 
 
 def select_queries(stats: Sequence[QueryStat], low: float = 0.2, high: float = 0.8) -> list[Query]:
@@ -141,11 +141,7 @@ class GSPOStage:
         self._model = model
 
     def _prepared(self, queries: Sequence[Query]) -> list[Prepared]:
-        def ready(key) -> bool:  # encoded, and with its tiles when the vision side trains
-            has_tiles = key in self.prepared and self.prepared[key].pixel_values.numel() > 0
-            return key in self.prepared and (has_tiles or not self.config.train_vision)
-
-        missing = [q for q in dict.fromkeys(queries) if not ready(q.key())]
+        missing = unprepared(queries, self.prepared, need_pixels=self.config.train_vision)
         if missing:
             for p in prepare(self._model, missing, keep_pixels=self.config.train_vision):
                 self.prepared[p.query.key()] = p

@@ -28,7 +28,7 @@ import torch
 
 from tessera.train.rl_losses import MPOWeights, RunningMean, implicit_reward_mean, mpo_loss, sequence_logprobs
 from tessera.train.rollout import (Group, Query, SamplingConfig, SequenceBatch, prepare, response_logprobs,
-                                   rollout, sequence_batch)
+                                   rollout, sequence_batch, unprepared)
 
 
 @dataclass
@@ -220,10 +220,7 @@ class MPOStage:
         "auto" uses the log-probs recorded at sampling time when every pair has them and they agree with the
         model on the first batch (so the pairs were sampled by this very model), else scores every pair."""
         self._pad = model.tokenizer.pad_id
-        def ready(key) -> bool:  # encoded, and with its tiles when the vision side trains
-            return key in self.prepared and (not self.train_vision or self.prepared[key].pixel_values.numel() > 0)
-
-        missing = list({p.query.key(): p.query for p in self.pairs if not ready(p.query.key())}.values())
+        missing = unprepared([p.query for p in self.pairs], self.prepared, need_pixels=self.train_vision)
         if missing:
             for p in prepare(model, missing, keep_pixels=self.train_vision):
                 self.prepared[p.query.key()] = p

@@ -170,6 +170,16 @@ def prepare(model, queries: Sequence[Query], keep_pixels: bool = True) -> list[P
     return out
 
 
+def unprepared(queries: Sequence[Query], prepared: dict, need_pixels: bool) -> list[Query]:
+    """The distinct queries (in order) that `prepared` (query key → Prepared) cannot serve: not encoded yet, or
+    encoded without tiles when the vision side trains and needs them."""
+    def ready(q: Query) -> bool:
+        p = prepared.get(q.key())
+        return p is not None and (not need_pixels or p.pixel_values.numel() > 0)
+
+    return [q for q in dict.fromkeys(queries) if not ready(q)]
+
+
 # ---- sampling --------------------------------------------------------------------------------------
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
