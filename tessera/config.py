@@ -6,6 +6,7 @@ rejects unknown fields and inconsistent values with a message that names them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -48,9 +49,33 @@ class VisionConfig:
         _require(self.norm_type in ("layer_norm", "rms_norm"), f"vision.norm_type {self.norm_type!r} is not layer_norm|rms_norm")
 
 
+ARCHITECTURES = ("qwen3", "qwen3_moe", "gpt_oss")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass
+class RopeScaling:
+    """RoPE frequency scaling: `default` (none) or `yarn` (GPT-OSS: factor 32 over 4096 original positions).
+
+    `attention_factor` 0 means YaRN's default 0.1·ln(factor) + 1 (it scales cos and sin)."""
+
+    rope_type: Literal["default", "yarn"] = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 0.0
+
+
 @dataclass
 class LanguageConfig:
-    """Qwen3-style decoder. Defaults are Qwen3-0.6B (the LLM of InternVL3.5-1B)."""
+    """The decoder. Defaults are Qwen3-0.6B (the LLM of InternVL3.5-1B).
+
+    architecture: `qwen3` (dense), `qwen3_moe` (Qwen3-30B-A3B / 235B-A22B: sparse MoE MLPs) or `gpt_oss`
+    (GPT-OSS-20B: MoE with clamped SwiGLU experts, attention sinks and biases, no q/k norm, sliding-window
+    layers from `layer_types`, YaRN RoPE).
+    """
 
     vocab_size: int = 151936
     hidden_size: int = 1024
@@ -63,10 +88,76 @@ class LanguageConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 40960
     tie_word_embeddings: bool = True
+    architecture: Literal["qwen3", "qwen3_moe", "gpt_oss"] = "qwen3"
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    # mixture of experts (qwen3_moe, gpt_oss)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # qwen3_moe expert width (gpt_oss experts use intermediate_size)
+    norm_topk_prob: bool = True  # qwen3_moe: renormalise the top-k routing probabilities to sum to 1
+    decoder_sparse_step: int = 1  # qwen3_moe: layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in training
+    # gpt_oss
+    sliding_window: int = 0  # keys a sliding layer sees (its own position included)
+    layer_types: list[str] = field(default_factory=list)  # per layer full_attention | sliding_attention; [] = full
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.architecture != "gpt_oss"
+
+    @property
+    def attention_bias(self) -> bool:
+        return self.architecture == "gpt_oss"
+
+    @property
+    def attention_sinks(self) -> bool:
+        return self.architecture == "gpt_oss"
+
+    @property
+    def is_moe(self) -> bool:
+        return self.architecture != "qwen3"
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` has a mixture-of-experts MLP."""
+        if self.architecture == "gpt_oss":
+            return True
+        return self.architecture == "qwen3_moe" and layer_idx not in self.mlp_only_layers \
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+
+    def window(self, layer_idx: int) -> int:
+        """The sliding window of layer `layer_idx`, 0 for a full-attention layer."""
+        if self.layer_types and self.layer_types[layer_idx] == "sliding_attention":
+            return self.sliding_window
+        return 0
 
     def validate(self) -> None:
         _require(self.num_heads % self.num_kv_heads == 0, "language.num_heads must be a multiple of language.num_kv_heads")
         _require(self.head_dim % 2 == 0, "language.head_dim must be even (RoPE rotates pairs)")
+        _require(self.architecture in ARCHITECTURES,
+                 f"language.architecture {self.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+        _require(self.rope_scaling.rope_type in ("default", "yarn"),
+                 f"language.rope_scaling.rope_type {self.rope_scaling.rope_type!r} is not default|yarn")
+        if self.architecture == "qwen3":
+            _require(self.num_experts == 0, "language.num_experts > 0 needs architecture qwen3_moe or gpt_oss")
+        else:
+            _require(self.num_experts > 0 and 0 < self.num_experts_per_tok <= self.num_experts,
+                     f"language: a {self.architecture} model needs num_experts > 0 and 0 < num_experts_per_tok <= "
+                     f"num_experts (got {self.num_experts}, {self.num_experts_per_tok})")
+        if self.architecture == "qwen3_moe":
+            _require(self.moe_intermediate_size > 0, "language.moe_intermediate_size must be > 0 for qwen3_moe")
+            _require(self.decoder_sparse_step >= 1, "language.decoder_sparse_step must be >= 1")
+            bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+            _require(not bad, f"language.mlp_only_layers {bad} outside [0, {self.num_layers})")
+        if self.layer_types:
+            _require(len(self.layer_types) == self.num_layers,
+                     f"language.layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            odd = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            _require(not odd, f"language.layer_types: unknown type(s) {odd} (use {', '.join(LAYER_TYPES)})")
+            _require("sliding_attention" not in self.layer_types or self.sliding_window > 0,
+                     "language: sliding_attention layers need sliding_window > 0")
 
 
 @dataclass
@@ -188,7 +279,8 @@ def _unknown_fields(cls: type, data: Any, prefix: str) -> list[str]:
     return unknown
 
 
-_SUBCONFIGS = {(ModelConfig, "vision"): VisionConfig, (ModelConfig, "language"): LanguageConfig, (ModelConfig, "flash"): FlashConfig}
+_SUBCONFIGS = {(ModelConfig, "vision"): VisionConfig, (ModelConfig, "language"): LanguageConfig,
+               (ModelConfig, "flash"): FlashConfig, (LanguageConfig, "rope_scaling"): RopeScaling}
 
 
 # ---- presets ------------------------------------------------------------------------------------
@@ -198,13 +290,47 @@ def _qwen3(hidden: int, intermediate: int, layers: int, heads: int, tied: bool) 
                           num_kv_heads=8, head_dim=128, tie_word_embeddings=tied)
 
 
+def _qwen3_moe(hidden: int, intermediate: int, expert: int, layers: int, heads: int) -> LanguageConfig:
+    """A Qwen3-MoE decoder: 128 experts, top-8, renormalised, every layer sparse, 4 KV heads, untied head."""
+    return LanguageConfig(hidden_size=hidden, intermediate_size=intermediate, num_layers=layers, num_heads=heads,
+                          num_kv_heads=4, head_dim=128, tie_word_embeddings=False, architecture="qwen3_moe",
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=expert,
+                          norm_topk_prob=True, decoder_sparse_step=1, router_aux_loss_coef=0.001)
+
+
+def _gpt_oss_20b() -> LanguageConfig:
+    """GPT-OSS-20B (transformers' GptOssConfig with num_hidden_layers 24, num_local_experts 32)."""
+    return LanguageConfig(
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_layers=24, num_heads=64, num_kv_heads=8,
+        head_dim=64, rope_theta=150_000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+        tie_word_embeddings=False, architecture="gpt_oss",
+        rope_scaling=RopeScaling(rope_type="yarn", factor=32.0, original_max_position_embeddings=4096,
+                                 beta_fast=32.0, beta_slow=1.0, truncate=False),
+        num_experts=32, num_experts_per_tok=4, router_aux_loss_coef=0.9, sliding_window=128,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(24)])
+
+
+def _intern_vit_6b() -> VisionConfig:
+    """InternViT-6B-448px-V2.5, the tower of InternVL3.5-38B and -241B-A28B."""
+    return VisionConfig(hidden_size=3200, num_layers=45, num_heads=25, intermediate_size=12800, norm_type="rms_norm",
+                        qkv_bias=False, qk_normalization=True)
+
+
 _REAL_LLMS = {
-    # InternVL3.5 size → Qwen3 decoder (hidden, intermediate, layers, heads, tied head)
+    # InternVL3.5 size → its decoder (dense: hidden, intermediate, layers, heads, tied head)
     "1b": _qwen3(1024, 3072, 28, 16, True),  # Qwen3-0.6B
     "2b": _qwen3(2048, 6144, 28, 16, True),  # Qwen3-1.7B
     "4b": _qwen3(2560, 9728, 36, 32, True),  # Qwen3-4B
     "8b": _qwen3(4096, 12288, 36, 32, False),  # Qwen3-8B
+    "14b": _qwen3(5120, 17408, 40, 40, False),  # Qwen3-14B
+    "38b": _qwen3(5120, 25600, 64, 64, False),  # Qwen3-32B
+    "20b-a4b": _gpt_oss_20b(),  # GPT-OSS-20B
+    "30b-a3b": _qwen3_moe(2048, 6144, 768, 48, 32),  # Qwen3-30B-A3B
+    "241b-a28b": _qwen3_moe(4096, 12288, 1536, 94, 64),  # Qwen3-235B-A22B
 }
+_VIT_6B_SIZES = ("38b", "241b-a28b")  # the rest use InternViT-300M (VisionConfig's defaults)
+_NO_FLASH = ("20b-a4b",)  # Flash (ViR) checkpoints are released for the Qwen3-based sizes only
+_GPT_OSS_TEMPLATE = "internvl3_5_gpt_oss"
 
 
 def tiny_config() -> ModelConfig:
@@ -224,15 +350,19 @@ def tiny_config() -> ModelConfig:
 
 
 def preset(name: str) -> ModelConfig:
-    """A named preset: `tiny`, or `internvl3_5-{1b,2b,4b,8b}[-flash]`."""
+    """A named preset: `tiny`, or `internvl3_5-<size>[-flash]` for the nine InternVL3.5 sizes (see PRESETS)."""
     if name == "tiny":
         return tiny_config().validate()
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     base, flash = (name[: -len("-flash")], True) if name.endswith("-flash") else (name, False)
     size = base.removeprefix("internvl3_5-")
-    if not base.startswith("internvl3_5-") or size not in _REAL_LLMS:
-        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    language = dataclasses.replace(_REAL_LLMS[size])
-    return ModelConfig(language=language, flash=FlashConfig(enabled=flash), preset=name).validate()
+    language = copy.deepcopy(_REAL_LLMS[size])
+    vision = _intern_vit_6b() if size in _VIT_6B_SIZES else VisionConfig()
+    template = _GPT_OSS_TEMPLATE if language.architecture == "gpt_oss" else "internvl2_5"
+    return ModelConfig(vision=vision, language=language, flash=FlashConfig(enabled=flash), template=template,
+                       preset=name).validate()
 
 
-PRESETS = ["tiny"] + [f"internvl3_5-{s}{f}" for s in _REAL_LLMS for f in ("", "-flash")]
+PRESETS = ["tiny"] + [f"internvl3_5-{s}{f}" for s in _REAL_LLMS
+                      for f in (("",) if s in _NO_FLASH else ("", "-flash"))]

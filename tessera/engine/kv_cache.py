@@ -87,6 +87,7 @@ class SlotView:
             + torch.arange(g.num_kv_heads, device=positions.device)[None, :]  # [B, Hkv]
         self.index = (slot_head[:, :, None] * g.max_len + positions[:, None, :]).reshape(-1)  # [B, Hkv, T] → [B*Hkv*T]
         self.kv_len = kv_len
+        self.positions = positions  # [B, T]: slot index = position (sliding-window masks read it)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]

@@ -1,4 +1,6 @@
-"""Qwen3-style decoder working on embeddings: GQA, RoPE, per-head q/k RMSNorm, SwiGLU, tied or untied head.
+"""The decoder working on embeddings: Qwen3 (GQA, RoPE, per-head q/k RMSNorm, SwiGLU, tied or untied head),
+Qwen3-MoE (sparse MLPs, tessera.model.moe) and GPT-OSS (MoE, attention sinks and biases, sliding-window layers,
+YaRN; tessera.model.gpt_oss), chosen by `LanguageConfig.architecture`.
 
 Module names follow transformers' `Qwen3ForCausalLM` (model.embed_tokens, model.layers.N.self_attn.q_proj, ...,
 model.norm, lm_head), which is also what official InternVL checkpoints store under `language_model.`.
@@ -6,7 +8,12 @@ model.norm, lm_head), which is also what official InternVL checkpoints store und
 The forward takes `inputs_embeds` (the VLM splices image features in first) and explicit `position_ids`,
 so packed sequences are just restarted positions plus a block-diagonal mask (`packed_causal_mask`).
 Any object with `update(layer_idx, k, v) -> (k_all, v_all)` works as a KV cache; `DynamicCache` is the
-simple growing one.
+simple growing one (given `windows`, a sliding layer keeps only its window).
+
+Sliding windows: key j is visible to the query at cache index i iff i - j < window (and j <= i), with indices
+counted in the cache's key axis: a query's index is `cache.positions` when the cache has them (the engine's slot
+cache, where slot index = position), else `cache.seq_len` + t. A cache that keeps fewer keys for a layer than
+the full mask has columns returns the most recent ones, so that layer reads the mask's trailing columns.
 """
 
 from __future__ import annotations
@@ -17,17 +24,24 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tessera.config import LanguageConfig
+from tessera.model.gpt_oss import GptOssMLP, rope_frequencies
+from tessera.model.moe import Qwen3MoeSparseBlock, load_balancing_loss
 from tessera.model.vit import RMSNorm
 
 INIT_STD = 0.02
 
 
 class DynamicCache:
-    """A KV cache that grows by concatenation: per layer, k/v [B, Hkv, S, hd]."""
+    """A KV cache that grows by concatenation: per layer, k/v [B, Hkv, S, hd].
 
-    def __init__(self) -> None:
+    `windows` {layer: W}: those layers store only their latest W - 1 keys after each update (what the next query
+    can still see besides itself); `update` still returns every key the current queries need."""
+
+    def __init__(self, windows: dict[int, int] | None = None) -> None:
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
+        self.windows = dict(windows or {})
+        self.dropped: dict[int, int] = {}  # layer → positions no longer stored
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         while len(self.keys) <= layer_idx:
@@ -36,13 +50,24 @@ class DynamicCache:
         if self.keys[layer_idx] is not None:
             k = torch.cat([self.keys[layer_idx], k], dim=2)  # [B, Hkv, S_old+T, hd]
             v = torch.cat([self.values[layer_idx], v], dim=2)  # [B, Hkv, S_old+T, hd]
-        self.keys[layer_idx], self.values[layer_idx] = k, v
+        keep = self.windows.get(layer_idx, 0) - 1
+        if keep >= 0 and k.shape[2] > keep:
+            self.dropped[layer_idx] = self.dropped.get(layer_idx, 0) + k.shape[2] - keep
+            self.keys[layer_idx], self.values[layer_idx] = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
+        else:
+            self.keys[layer_idx], self.values[layer_idx] = k, v
         return k, v
 
     @property
     def seq_len(self) -> int:
         """Positions cached so far (0 when empty)."""
-        return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
+        if not self.keys or self.keys[0] is None:
+            return 0
+        return self.keys[0].shape[2] + self.dropped.get(0, 0)
+
+    def stored(self) -> int:
+        """Key positions held over all layers (what the windows save)."""
+        return sum(k.shape[2] for k in self.keys if k is not None)
 
 
 def packed_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -59,12 +84,20 @@ def packed_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]  # [B, 1, T, T]
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, T, hd] for rotate-half RoPE, computed in float32 (inv_freq recomputed, never cast to bf16)."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)  # [hd/2]
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 scaling=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, T, hd] for rotate-half RoPE, computed in float32 (inv_freq recomputed, never cast to bf16).
+
+    `scaling`: a tessera.config.RopeScaling (YaRN scales the frequencies and cos/sin); None = plain RoPE."""
+    if scaling is None or scaling.rope_type == "default":
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
+        inv_freq, scale = 1.0 / (theta ** exponents), 1.0  # [hd/2]
+    else:
+        inv_freq, scale = rope_frequencies(head_dim, theta, scaling, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, hd]
+    if scale != 1.0:
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -79,18 +112,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Qwen3Attention(nn.Module):
+    """GQA self-attention with RoPE. Qwen3: per-head q/k RMSNorm, no biases. GPT-OSS (config.attention_sinks):
+    no q/k norm, biased projections, and one learned sink logit per head (`sinks` [H]) that joins every softmax
+    and takes its share of the probability mass without contributing a value. `window` > 0: a sliding layer."""
+
     def __init__(self, config: LanguageConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.rope_theta = config.rope_theta
-        d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)  # per head, before RoPE
-        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.window = config.window(layer_idx)
+        d, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)  # per head, before RoPE
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,9 +144,13 @@ class Qwen3Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, S, hd]
         s = k.shape[2]
+        if attn_mask is not None and attn_mask.shape[-1] > s and self.window:
+            attn_mask = attn_mask[..., -s:]  # a windowed cache returned only the latest s keys
         if attn_mask is not None and attn_mask.shape[-2:] != (t, s):
             raise ValueError(f"attn_mask must end in [T={t}, S={s}], got {tuple(attn_mask.shape)}")
-        if t == 1 and s > 1 and (attn_mask is None or attn_mask.dim() < 3 or attn_mask.shape[-3] == 1):
+        if self.sinks is not None:
+            out = self._attend_with_sinks(q, k, v, attn_mask)
+        elif t == 1 and s > 1 and (attn_mask is None or attn_mask.dim() < 3 or attn_mask.shape[-3] == 1):
             # decoding: fold each KV head's group of query heads into the query axis, [B, H, 1, hd] → [B, Hkv, G, hd],
             # so the kernel reads every cached key/value head once instead of once per query head. Same scores;
             # a head-independent [B, 1, 1, S] mask broadcasts over the group.
@@ -117,10 +163,37 @@ class Qwen3Attention(nn.Module):
         elif t == s:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            # new queries sit at the end of the key sequence: query i may see keys j <= (s - t) + i
-            causal = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(diagonal=s - t)  # [T, S]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal(t, s, x.device), enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))  # [B, T, D]
+
+    def _attend_with_sinks(self, q, k, v, attn_mask):
+        """SDPA over the keys plus one extra all-zero key/value whose logit is the head's sink: q·0 = 0, so its
+        score is exactly `sinks[h]` (from the additive mask), and its zero value adds nothing to the output."""
+        b, _, t, hd = q.shape
+        s = k.shape[2]
+        zero = k.new_zeros(b, self.num_kv_heads, 1, hd)
+        k, v = torch.cat([k, zero], dim=2), torch.cat([v, zero], dim=2)  # [B, Hkv, S+1, hd]
+        if attn_mask is None:
+            attn_mask = torch.zeros(t, s, dtype=q.dtype, device=q.device).masked_fill_(
+                ~_causal(t, s, q.device), float("-inf"))  # [T, S]
+        elif attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~attn_mask, float("-inf"))
+        bias = attn_mask.expand(b, self.num_heads, t, s)  # [B, H, T, S]
+        sink = self.sinks.to(q.dtype)[None, :, None, None].expand(b, self.num_heads, t, 1)  # [B, H, T, 1]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.cat([bias, sink], dim=-1),
+                                              enable_gqa=True)  # [B, H, T, hd]
+
+
+def _causal(t: int, s: int, device) -> torch.Tensor:
+    """bool [T, S]: the T new queries sit at the end of the S keys; query i may see keys j <= (s - t) + i."""
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+
+
+def sliding_band(q_index: torch.Tensor, s: int, window: int) -> torch.Tensor:
+    """bool [B, 1, T, S]: key j is inside the window of the query at cache index q_index[b, t] (q - j < window)."""
+    k_index = torch.arange(s, device=q_index.device)  # [S]
+    return ((q_index[:, :, None] - k_index[None, None, :]) < window)[:, None]  # [B, 1, T, S]
 
 
 class Qwen3MLP(nn.Module):
@@ -140,11 +213,18 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = Qwen3Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = Qwen3MLP(config)
+        self.mlp = make_mlp(config, layer_idx)
 
     def forward(self, x, cos, sin, cache=None, attn_mask=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def make_mlp(config: LanguageConfig, layer_idx: int) -> nn.Module:
+    """The layer's MLP: dense SwiGLU, a Qwen3-MoE sparse block, or GPT-OSS's experts."""
+    if not config.is_sparse_layer(layer_idx):
+        return Qwen3MLP(config)
+    return GptOssMLP(config) if config.architecture == "gpt_oss" else Qwen3MoeSparseBlock(config)
 
 
 class Qwen3Model(nn.Module):
@@ -175,8 +255,19 @@ class Qwen3ForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(module.weight, std=INIT_STD)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, GptOssMLP):
+                nn.init.trunc_normal_(module.router.weight, std=INIT_STD)
+                nn.init.zeros_(module.router.bias)
+                for p in (module.experts.gate_up_proj, module.experts.down_proj):
+                    nn.init.trunc_normal_(p, std=INIT_STD)
+                nn.init.zeros_(module.experts.gate_up_proj_bias)
+                nn.init.zeros_(module.experts.down_proj_bias)
+            elif isinstance(module, Qwen3Attention) and module.sinks is not None:
+                nn.init.zeros_(module.sinks)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -203,20 +294,65 @@ class Qwen3ForCausalLM(nn.Module):
             raise ValueError(f"position_ids must be [B={b}, T={t}], got {tuple(position_ids.shape)}")
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             raise ValueError(f"attn_mask must be a bool tensor (True = may attend), got {attn_mask.dtype}")
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        cfg = self.config
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype, cfg.rope_scaling)
+        masks = self._layer_masks(attn_mask, cache, b, t, inputs_embeds)
         if attn_mask is not None:
             # the additive form SDPA turns a bool mask into, built once here instead of inside every layer's call
-            attn_mask = torch.zeros(attn_mask.shape, dtype=inputs_embeds.dtype, device=attn_mask.device).masked_fill_(
-                ~attn_mask, float("-inf"))  # same shape, 0 = may attend
+            attn_mask = _additive(attn_mask, inputs_embeds.dtype)  # same shape, 0 = may attend
         x = inputs_embeds
         use_ckpt = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            mask = masks.get(i, attn_mask)
             if use_ckpt:
-                x = checkpoint(layer, x, cos, sin, None, attn_mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, attn_mask)
+                x = layer(x, cos, sin, cache, mask)
         return self.model.norm(x)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm_head(self.hidden(inputs_embeds, position_ids, cache, attn_mask))  # [B, T, V]
+
+    def _layer_masks(self, attn_mask, cache, b: int, t: int, like: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Additive masks of the sliding layers (layer → [B, 1, T, S]): the given mask (or causal) ∩ the window."""
+        windows = self.windows()
+        if not windows:
+            return {}
+        if getattr(cache, "positions", None) is not None:
+            q_index = cache.positions  # [B, T]: the engine's slot cache stores position p at index p
+        else:
+            past = cache.seq_len if cache is not None else 0
+            q_index = (past + torch.arange(t, device=like.device)).expand(b, t)  # [B, T]
+        s = attn_mask.shape[-1] if attn_mask is not None else int(q_index.max()) + 1
+        base = attn_mask if attn_mask is not None else _causal(t, s, like.device)  # [.., T, S]
+        built: dict[int, torch.Tensor] = {}
+        out = {}
+        for i, w in windows.items():
+            if w not in built:
+                built[w] = _additive(base & sliding_band(q_index, s, w), like.dtype)  # [B, 1, T, S]
+            out[i] = built[w]
+        return out
+
+    def windows(self) -> dict[int, int]:
+        """{layer: sliding window} of the sliding layers (for DynamicCache(windows=...))."""
+        return {i: layer.self_attn.window for i, layer in enumerate(self.model.layers) if layer.self_attn.window}
+
+    def router_logits(self) -> list[torch.Tensor]:
+        """The router logits [N, E] of every sparse layer from the latest forward (empty for a dense model)."""
+        return [layer.mlp.router_logits for layer in self.model.layers
+                if getattr(layer.mlp, "router_logits", None) is not None]
+
+    def aux_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The load-balancing loss of the latest forward, already weighted by `router_aux_loss_coef`; None for a
+        dense model. token_mask [B, T] (True = real token) keeps padding out of the expert statistics."""
+        logits = self.router_logits()
+        if not logits:
+            return None
+        return self.config.router_aux_loss_coef * load_balancing_loss(logits, self.config.num_experts_per_tok,
+                                                                      token_mask)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask (True = may attend) → additive float mask (0 / -inf), same shape."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))

@@ -192,7 +192,7 @@ class VisionLanguageModel(nn.Module):
         lm = self.language_model
         embeds = self.embed(input_ids, image_features)  # [1, T, D]
         t = embeds.shape[1]
-        kv = DynamicCache() if cache else None
+        kv = DynamicCache(windows=lm.windows()) if cache else None  # sliding layers keep only their window
         positions = torch.arange(t, device=embeds.device)[None]  # [1, T]
         hidden = lm.hidden(embeds, positions, kv)[:, -1]  # [1, D]
         out: list[int] = []
