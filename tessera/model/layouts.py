@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tessera.config import ConfigError, FlashConfig, LanguageConfig, ModelConfig, VisionConfig
+from tessera.config import ConfigError, FlashConfig, LanguageConfig, ModelConfig, RopeScaling, VisionConfig
 
 OFFICIAL_ARCH = "InternVLChatModel"
 HF_ARCH = "InternVLForConditionalGeneration"
@@ -57,35 +57,101 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(f"config.json: {message}")
 
 
-def _qwen3_language(d: dict, where: str) -> LanguageConfig:
-    """A Qwen3 LLM config (official `llm_config` or transformers `text_config`)."""
+# llm_config.architectures[0] (official) / text_config.model_type (hf) → LanguageConfig.architecture
+LLM_ARCHS = {"Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe", "GptOssForCausalLM": "gpt_oss"}
+_ARCH_NAMES = {v: k for k, v in LLM_ARCHS.items()}
+
+
+def _rope(d: dict, where: str, architecture: str) -> tuple[float, RopeScaling]:
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    default_theta = 150_000.0 if architecture == "gpt_oss" else 10_000.0
+    theta = float(d.get("rope_theta", rope.get("rope_theta", default_theta)))
+    if kind == "default":
+        return theta, RopeScaling()
+    _check(kind == "yarn", f"{where}: RoPE scaling {rope!r} is not supported (Tessera implements default and yarn)")
+    _check(not rope.get("mscale") and not rope.get("mscale_all_dim"), f"{where}: YaRN mscale is not supported")
+    return theta, RopeScaling(
+        rope_type="yarn", factor=float(_need(rope, "factor", f"{where}.rope_scaling")),
+        original_max_position_embeddings=int(_need(rope, "original_max_position_embeddings", f"{where}.rope_scaling")),
+        beta_fast=float(rope.get("beta_fast") or 32.0), beta_slow=float(rope.get("beta_slow") or 1.0),
+        truncate=bool(rope.get("truncate", True)), attention_factor=float(rope.get("attention_factor") or 0.0))
+
+
+def _qwen3_language(d: dict, where: str, architecture: str = "qwen3") -> LanguageConfig:
+    """The LLM config (official `llm_config` or transformers `text_config`) of a Qwen3, Qwen3-MoE or GPT-OSS decoder."""
     heads = _need(d, "num_attention_heads", where)
     hidden = _need(d, "hidden_size", where)
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    _check(rope.get("rope_type", rope.get("type", "default")) == "default",
-           f"{where}: RoPE scaling {rope!r} is not supported (Tessera implements default RoPE)")
-    theta = d.get("rope_theta", rope.get("rope_theta", 10_000.0))
+    theta, scaling = _rope(d, where, architecture)
     _check(d.get("hidden_act", "silu") == "silu", f"{where}.hidden_act must be silu, got {d.get('hidden_act')!r}")
-    _check(not d.get("attention_bias", False), f"{where}.attention_bias=True is not supported (Qwen3 has none)")
+    gpt_oss = architecture == "gpt_oss"
+    _check(bool(d.get("attention_bias", gpt_oss)) == gpt_oss,
+           f"{where}.attention_bias={d.get('attention_bias')} is not supported for {architecture} "
+           f"({'GPT-OSS always has biases' if gpt_oss else 'Qwen3 has none'})")
     _check(not d.get("use_sliding_window", False), f"{where}.use_sliding_window=True is not supported")
+    extra: dict[str, Any] = {}
+    if architecture == "qwen3_moe":
+        extra = dict(num_experts=d.get("num_experts", d.get("num_local_experts", 0)),
+                     num_experts_per_tok=_need(d, "num_experts_per_tok", where),
+                     moe_intermediate_size=_need(d, "moe_intermediate_size", where),
+                     norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                     decoder_sparse_step=d.get("decoder_sparse_step", 1),
+                     mlp_only_layers=list(d.get("mlp_only_layers") or []),
+                     router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001))
+    elif gpt_oss:
+        layers = _need(d, "num_hidden_layers", where)
+        types = d.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        extra = dict(num_experts=d.get("num_local_experts", d.get("num_experts", 0)),
+                     num_experts_per_tok=_need(d, "num_experts_per_tok", where),
+                     router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001),
+                     sliding_window=d.get("sliding_window") or 0, layer_types=list(types),
+                     swiglu_alpha=d.get("swiglu_alpha", 1.702), swiglu_limit=d.get("swiglu_limit", 7.0))
     return LanguageConfig(
         vocab_size=_need(d, "vocab_size", where), hidden_size=hidden, intermediate_size=_need(d, "intermediate_size", where),
         num_layers=_need(d, "num_hidden_layers", where), num_heads=heads,
         num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=d.get("head_dim") or hidden // heads,
-        rope_theta=float(theta), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=d.get("max_position_embeddings", 40960),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
+        rope_theta=theta, rms_norm_eps=d.get("rms_norm_eps", 1e-5 if gpt_oss else 1e-6),
+        max_position_embeddings=d.get("max_position_embeddings", 131072 if gpt_oss else 40960),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), architecture=architecture,
+        rope_scaling=scaling, **extra)
 
 
 def _qwen3_dict(lang: LanguageConfig) -> dict[str, Any]:
-    return {
-        "model_type": "qwen3", "vocab_size": lang.vocab_size, "hidden_size": lang.hidden_size,
+    """The LLM config in transformers' terms (Qwen3Config / Qwen3MoeConfig / GptOssConfig)."""
+    out: dict[str, Any] = {
+        "model_type": lang.architecture, "vocab_size": lang.vocab_size, "hidden_size": lang.hidden_size,
         "intermediate_size": lang.intermediate_size, "num_hidden_layers": lang.num_layers,
         "num_attention_heads": lang.num_heads, "num_key_value_heads": lang.num_kv_heads, "head_dim": lang.head_dim,
         "rope_theta": lang.rope_theta, "rms_norm_eps": lang.rms_norm_eps, "hidden_act": "silu",
         "max_position_embeddings": lang.max_position_embeddings, "tie_word_embeddings": lang.tie_word_embeddings,
-        "attention_bias": False, "use_sliding_window": False,
+        "attention_bias": lang.attention_bias,
     }
+    if lang.architecture != "gpt_oss":
+        out["use_sliding_window"] = False
+    if lang.architecture == "qwen3_moe":
+        out.update(num_experts=lang.num_experts, num_experts_per_tok=lang.num_experts_per_tok,
+                   moe_intermediate_size=lang.moe_intermediate_size, norm_topk_prob=lang.norm_topk_prob,
+                   decoder_sparse_step=lang.decoder_sparse_step, mlp_only_layers=list(lang.mlp_only_layers),
+                   router_aux_loss_coef=lang.router_aux_loss_coef)
+    elif lang.architecture == "gpt_oss":
+        out.update(num_local_experts=lang.num_experts, num_experts_per_tok=lang.num_experts_per_tok,
+                   router_aux_loss_coef=lang.router_aux_loss_coef, sliding_window=lang.sliding_window or None,
+                   layer_types=list(lang.layer_types) or ["full_attention"] * lang.num_layers,
+                   swiglu_alpha=lang.swiglu_alpha, swiglu_limit=lang.swiglu_limit)
+    return out
+
+
+def _rope_dict(lang: LanguageConfig) -> dict[str, Any]:
+    """transformers' `rope_parameters` (also written as `rope_scaling` for older readers)."""
+    r = lang.rope_scaling
+    if r.rope_type == "default":
+        return {"rope_type": "default", "rope_theta": lang.rope_theta}
+    out = {"rope_type": "yarn", "rope_theta": lang.rope_theta, "factor": r.factor,
+           "original_max_position_embeddings": r.original_max_position_embeddings, "beta_fast": r.beta_fast,
+           "beta_slow": r.beta_slow, "truncate": r.truncate}
+    if r.attention_factor:
+        out["attention_factor"] = r.attention_factor
+    return out
 
 
 def _overlay(derived: ModelConfig, raw: dict[str, Any], tiling_from_embedded: bool) -> ModelConfig:
@@ -123,7 +189,8 @@ def official_to_config(raw: dict[str, Any], keys: set[str], img_context_id: int 
     """ModelConfig from an official InternVL3.5 config.json (+ weight names, + tokenizer's <IMG_CONTEXT> id)."""
     v, l = _need(raw, "vision_config", "config"), _need(raw, "llm_config", "config")
     arch = (l.get("architectures") or ["?"])[0]
-    _check(arch == "Qwen3ForCausalLM", f"llm_config architecture {arch!r} is not supported (Tessera implements Qwen3ForCausalLM)")
+    _check(arch in LLM_ARCHS, f"llm_config architecture {arch!r} is not supported (Tessera implements "
+                              f"{', '.join(LLM_ARCHS)})")
     _check(raw.get("ps_version", "v1") == "v2", f"ps_version {raw.get('ps_version', 'v1')!r} is not supported (InternVL3.5 uses v2)")
     _check(v.get("hidden_act", "gelu") == "gelu", f"vision_config.hidden_act must be gelu, got {v.get('hidden_act')!r}")
     vision = VisionConfig(
@@ -139,7 +206,7 @@ def official_to_config(raw: dict[str, Any], keys: set[str], img_context_id: int 
     ratio = raw.get("downsample_ratio", 0.5)
     if img_context_id is None:
         img_context_id = (raw.get("tessera_config") or {}).get("image_context_token_id", QWEN3_IMG_CONTEXT_ID)
-    derived = ModelConfig(vision=vision, language=_qwen3_language(l, "llm_config"), flash=_flash(raw, keys, "", ratio),
+    derived = ModelConfig(vision=vision, language=_qwen3_language(l, "llm_config", LLM_ARCHS[arch]), flash=_flash(raw, keys, "", ratio),
                           downsample_ratio=ratio, select_layer=raw.get("select_layer", -1),
                           min_tiles=raw.get("min_dynamic_patch", 1), max_tiles=raw.get("max_dynamic_patch", 12),
                           use_thumbnail=raw.get("use_thumbnail", True), template=raw.get("template") or "internvl2_5",
@@ -168,7 +235,8 @@ def config_to_official(config: ModelConfig) -> dict[str, Any]:
             "qk_normalization": vc.qk_normalization, "layer_norm_eps": vc.layer_norm_eps,
             "initializer_factor": vc.layer_scale_init, "hidden_act": "gelu", "use_flash_attn": False,
             "drop_path_rate": 0.0, "dropout": 0.0, "attention_dropout": 0.0},
-        "llm_config": {"architectures": ["Qwen3ForCausalLM"], **_qwen3_dict(lc)},
+        "llm_config": {"architectures": [_ARCH_NAMES[lc.architecture]], **_qwen3_dict(lc),
+                       **({"rope_scaling": _rope_dict(lc)} if lc.rope_scaling.rope_type != "default" else {})},
         "select_layer": config.select_layer, "force_image_size": vc.image_size,
         "downsample_ratio": config.downsample_ratio, "template": config.template, "dynamic_image_size": True,
         "use_thumbnail": config.use_thumbnail, "ps_version": "v2", "min_dynamic_patch": config.min_tiles,
@@ -186,7 +254,9 @@ def config_to_official(config: ModelConfig) -> dict[str, Any]:
 def hf_to_config(raw: dict[str, Any], keys: set[str]) -> ModelConfig:
     """ModelConfig from a transformers InternVLConfig config.json."""
     v, t = _need(raw, "vision_config", "config"), _need(raw, "text_config", "config")
-    _check(t.get("model_type") == "qwen3", f"text_config.model_type {t.get('model_type')!r} is not supported (need qwen3)")
+    kinds = tuple(LLM_ARCHS.values())
+    _check(t.get("model_type") in kinds,
+           f"text_config.model_type {t.get('model_type')!r} is not supported (need one of {', '.join(kinds)})")
     _check(v.get("use_mean_pooling", True), "vision_config.use_mean_pooling=False adds a final ViT LayerNorm that "
                                             "InternVL checkpoints do not have")
     _check(v.get("use_absolute_position_embeddings", True), "vision_config.use_absolute_position_embeddings must be true")
@@ -211,7 +281,7 @@ def hf_to_config(raw: dict[str, Any], keys: set[str]) -> ModelConfig:
         intermediate_size=_need(v, "intermediate_size", "vision_config"), norm_type=v.get("norm_type", "layer_norm"),
         qkv_bias=v.get("attention_bias", False), qk_normalization=v.get("use_qk_norm", False),
         layer_norm_eps=v.get("layer_norm_eps", 1e-6), layer_scale_init=v.get("layer_scale_init_value", 0.1))
-    language = _qwen3_language(t, "text_config")
+    language = _qwen3_language(t, "text_config", t["model_type"])
     language.tie_word_embeddings = bool(raw.get("tie_word_embeddings", t.get("tie_word_embeddings", True)))
     ratio = raw.get("downsample_ratio", 0.5)
     derived = ModelConfig(vision=vision, language=language, flash=_flash(raw, keys, "model.", ratio),
@@ -223,7 +293,7 @@ def hf_to_config(raw: dict[str, Any], keys: set[str]) -> ModelConfig:
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     vc, lc = config.vision, config.language
     text = _qwen3_dict(lc)
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": lc.rope_theta}
+    text["rope_parameters"] = _rope_dict(lc)
     raw: dict[str, Any] = {
         "architectures": [HF_ARCH], "model_type": "internvl",
         "vision_config": {
