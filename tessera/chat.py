@@ -9,6 +9,15 @@ Each image becomes `<img>` + `<IMG_CONTEXT>` × T + `</img>`, T being that image
 `tessera.geometry` or the router), so the model can check that the prompt and the features agree.
 Thinking mode (Qwen3 / InternVL3.5): the answer is `<think>\n…\n</think>\n\n{final}`; with thinking off the
 prompt is prefilled with an empty think block, `<think>\n</think>\n\n`, and the model writes only the final answer.
+
+The GPT-OSS model (InternVL3.5-20B-A4B) uses `internvl3_5_gpt_oss`, Harmony-style:
+
+    <|start|>system<|message|>{system}<|end|><|start|>user<|message|>{user}<|end|>
+    <|start|>assistant<|channel|>final<|message|>{answer}<|return|>
+
+Training puts the loss on everything after `<|start|>assistant` (as the official preprocessing does); a prompt
+ends at `<|start|>assistant`, and with thinking off it is prefilled with `<|channel|>final<|message|>` (the one
+channel the official system message allows). `<|return|>` ends the answer: it is this template's `im_end_id`.
 """
 
 from __future__ import annotations
@@ -30,6 +39,15 @@ SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, IMG_CONTEXT, IMG_START, IMG_END, 
 DEFAULT_SYSTEM = "You are Tessera, a vision-language assistant."
 EMPTY_THINK = f"{THINK}\n{END_THINK}\n\n"
 
+TEMPLATES = ("internvl2_5", "internvl3_5_gpt_oss")
+H_START, H_MESSAGE, H_END, H_CHANNEL, H_RETURN = "<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|return|>"
+HARMONY_TOKENS = [H_START, H_MESSAGE, H_END, H_CHANNEL, H_RETURN]
+FINAL_HEADER = f"{H_CHANNEL}final{H_MESSAGE}"
+# the official internvl3_5_gpt_oss system message
+HARMONY_SYSTEM = ("You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: "
+                  "2024-06\nCurrent date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be "
+                  "included for every message.")
+
 
 class TokenizerError(ValueError):
     """A tokenizer file that is missing, unreadable, or lacks a token the template needs."""
@@ -50,18 +68,24 @@ class Example:
 class ChatTokenizer:
     """A `tokenizers.Tokenizer` plus the ids and the template InternVL3.5 needs."""
 
-    def __init__(self, tokenizer: Tokenizer, system: str = DEFAULT_SYSTEM):
+    def __init__(self, tokenizer: Tokenizer, system: str | None = None, template: str = "internvl2_5"):
+        if template not in TEMPLATES:
+            raise TokenizerError(f"unknown chat template {template!r}; choose from {', '.join(TEMPLATES)}")
         self.tokenizer = tokenizer
-        self.system = system
-        missing = [t for t in (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, THINK, END_THINK) if tokenizer.token_to_id(t) is None]
+        self.template = template
+        self.harmony = template == "internvl3_5_gpt_oss"
+        self.system = system if system is not None else (HARMONY_SYSTEM if self.harmony else DEFAULT_SYSTEM)
+        needed = [IMG_START, IMG_END, IMG_CONTEXT] + (HARMONY_TOKENS if self.harmony else [IM_START, IM_END, THINK, END_THINK])
+        missing = [t for t in needed if tokenizer.token_to_id(t) is None]
         if missing:
-            raise TokenizerError(f"tokenizer lacks the special token(s) {', '.join(missing)}")
-        self.im_start_id = tokenizer.token_to_id(IM_START)
-        self.im_end_id = tokenizer.token_to_id(IM_END)
+            raise TokenizerError(f"tokenizer lacks the special token(s) {', '.join(missing)} of template {template}")
+        # the turn delimiters: <|im_start|> / <|im_end|>, or Harmony's <|start|> / <|return|> (the stop token)
+        self.im_start_id = tokenizer.token_to_id(H_START if self.harmony else IM_START)
+        self.im_end_id = tokenizer.token_to_id(H_RETURN if self.harmony else IM_END)
         self.img_start_id = tokenizer.token_to_id(IMG_START)
         self.img_end_id = tokenizer.token_to_id(IMG_END)
         self.img_context_id = tokenizer.token_to_id(IMG_CONTEXT)
-        self.think_id = tokenizer.token_to_id(THINK)
+        self.think_id = tokenizer.token_to_id(THINK)  # None in a Harmony tokenizer without them
         self.end_think_id = tokenizer.token_to_id(END_THINK)
         eot = tokenizer.token_to_id(ENDOFTEXT)
         self.pad_id = eot if eot is not None else self.im_end_id
@@ -69,14 +93,14 @@ class ChatTokenizer:
     # ---- files ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ChatTokenizer":
+    def from_file(cls, path: str | Path, template: str = "internvl2_5") -> "ChatTokenizer":
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.exists():
             raise TokenizerError(f"no tokenizer at {path}")
         try:
-            return cls(Tokenizer.from_file(str(path)))
+            return cls(Tokenizer.from_file(str(path)), template=template)
         except TokenizerError:
             raise
         except Exception as e:  # the Rust side raises a bare Exception on malformed JSON
@@ -114,11 +138,17 @@ class ChatTokenizer:
         """Token ids of the prompt, ending where the assistant starts writing."""
         system = self.system if system is None else system
         text = ""
-        if system:
-            text += f"{IM_START}system\n{system}{IM_END}\n"
-        text += f"{IM_START}user\n{self.user_text(question, image_tokens)}{IM_END}\n{IM_START}assistant\n"
-        if not thinking:
-            text += EMPTY_THINK
+        if self.harmony:
+            if system:
+                text += f"{H_START}system{H_MESSAGE}{system}{H_END}"
+            text += f"{H_START}user{H_MESSAGE}{self.user_text(question, image_tokens)}{H_END}{H_START}assistant"
+            text += "" if thinking else FINAL_HEADER
+        else:
+            if system:
+                text += f"{IM_START}system\n{system}{IM_END}\n"
+            text += f"{IM_START}user\n{self.user_text(question, image_tokens)}{IM_END}\n{IM_START}assistant\n"
+            if not thinking:
+                text += EMPTY_THINK
         ids = self.encode(text)
         self.check_image_tokens(ids, image_tokens)
         return ids
@@ -129,6 +159,10 @@ class ChatTokenizer:
 
         With thinking on, `answer` is the whole `<think>\\n…\\n</think>\\n\\nfinal` text the model must write.
         """
+        if self.harmony:  # loss on the channel header too, as the official preprocessing does
+            prompt = self.build_prompt(question, image_tokens, True, system)
+            target = self.encode(FINAL_HEADER + answer) + [self.im_end_id]
+            return Example(prompt + target, [0] * len(prompt) + [1] * len(target))
         prompt = self.build_prompt(question, image_tokens, thinking, system)
         target = self.encode(answer) + [self.im_end_id]
         return Example(prompt + target, [0] * len(prompt) + [1] * len(target))
@@ -140,14 +174,18 @@ class ChatTokenizer:
                              "does the question text itself contain image tokens?")
 
     def final_answer(self, text: str) -> str:
-        """The answer after a think block (or the whole text if there is none), stripped."""
+        """The answer after a think block or a Harmony `final` channel header (or the whole text), stripped."""
+        if self.harmony:
+            text = text.rsplit(FINAL_HEADER, 1)[-1]
+            return text.replace(H_RETURN, "").replace(H_END, "").strip()
         if END_THINK in text:
             text = text.split(END_THINK, 1)[1]
         return text.replace(THINK, "").strip()
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> ChatTokenizer:
-    """Train a small byte-level BPE on `texts` with InternVL3.5's special tokens (ids fixed by SPECIAL_TOKENS).
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024, template: str = "internvl2_5") -> ChatTokenizer:
+    """Train a small byte-level BPE on `texts` with InternVL3.5's special tokens (ids fixed by SPECIAL_TOKENS;
+    the `internvl3_5_gpt_oss` template appends its Harmony tokens after them).
 
     Digits are split one per token (as Qwen's tokenizer does), which keeps numbers easy to read and write.
     """
@@ -157,12 +195,13 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> ChatTokeniz
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    specials = SPECIAL_TOKENS + (HARMONY_TOKENS if template == "internvl3_5_gpt_oss" else [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     if tok.get_vocab_size() > vocab_size:
         raise TokenizerError(f"tokenizer has {tok.get_vocab_size()} tokens, more than vocab_size {vocab_size}")
-    return ChatTokenizer(tok)
+    return ChatTokenizer(tok, template=template)
 
 
 def fallback_corpus() -> list[str]:

@@ -68,3 +68,56 @@ def test_tokenizer_file_errors(tmp_path, tok):
         ChatTokenizer.from_file(tmp_path)
     tok.save(tmp_path)
     assert ChatTokenizer.from_file(tmp_path).encode("red circle") == tok.encode("red circle")
+
+
+# ---- internvl3_5_gpt_oss (Harmony-style) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def harmony() -> ChatTokenizer:
+    return build_tokenizer(fallback_corpus() * 5, vocab_size=512, template="internvl3_5_gpt_oss")
+
+
+def test_harmony_prompt_follows_the_official_template(harmony):
+    from tessera.chat import HARMONY_SYSTEM
+
+    text = harmony.decode(harmony.build_prompt("how many circles", [2]), skip_special_tokens=False)
+    assert text == (f"<|start|>system<|message|>{HARMONY_SYSTEM}<|end|><|start|>user<|message|>"
+                    f"<img>{IMG_CONTEXT * 2}</img>\nhow many circles<|end|><|start|>assistant"
+                    "<|channel|>final<|message|>")
+    thinking = harmony.decode(harmony.build_prompt("q", [], thinking=True, system=""), skip_special_tokens=False)
+    assert thinking == "<|start|>user<|message|>q<|end|><|start|>assistant"  # the model names its channel
+
+
+def test_harmony_example_has_loss_after_start_assistant_through_return(harmony):
+    ex = harmony.build_example("q", "red", [1], system="")
+    ids, mask = ex.input_ids, ex.loss_mask
+    first = mask.index(1)
+    assert harmony.decode(ids[:first], skip_special_tokens=False).endswith("<|start|>assistant")
+    assert harmony.decode(ids[first:], skip_special_tokens=False) == "<|channel|>final<|message|>red<|return|>"
+    assert all(mask[first:]) and ids[-1] == harmony.im_end_id == harmony.tokenizer.token_to_id("<|return|>")
+    assert harmony.im_start_id == harmony.tokenizer.token_to_id("<|start|>")
+
+
+def test_harmony_final_answer_and_missing_tokens(harmony, tok):
+    assert harmony.final_answer("<|channel|>final<|message|> 42 <|return|>") == "42"
+    assert harmony.final_answer("42") == "42"
+    with pytest.raises(TokenizerError, match=r"<\|start\|>.*internvl3_5_gpt_oss"):
+        ChatTokenizer(tok.tokenizer, template="internvl3_5_gpt_oss")
+    with pytest.raises(TokenizerError, match="unknown chat template"):
+        ChatTokenizer(tok.tokenizer, template="chatml")
+
+
+def test_checkpoint_loader_attaches_the_config_template(harmony, tmp_path):
+    import dataclasses
+
+    from tessera.config import preset
+    from tessera.model.checkpoint import load_checkpoint, save_checkpoint
+    from tessera.model.vlm import VisionLanguageModel
+
+    config = preset("tiny")
+    config = dataclasses.replace(config, template="internvl3_5_gpt_oss")
+    model = VisionLanguageModel(config)
+    model.tokenizer = harmony
+    save_checkpoint(model, tmp_path / "ckpt")
+    back = load_checkpoint(tmp_path / "ckpt")
+    assert back.tokenizer.template == "internvl3_5_gpt_oss" and back.tokenizer.im_end_id == harmony.im_end_id

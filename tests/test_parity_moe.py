@@ -195,3 +195,30 @@ def test_moe_config_errors_name_the_field():
         dataclasses.replace(moe_language(), mlp_only_layers=[3]).validate()
     with pytest.raises(ConfigError, match="qwen3_moe or gpt_oss"):
         dataclasses.replace(moe_language(), architecture="qwen3").validate()
+
+
+def test_the_lm_stage_adds_the_weighted_load_balancing_loss(vlm_pair):
+    from tessera.train.data import Encoded, collate
+    from tessera.train.losses import weighted_cross_entropy
+    from tessera.train.stage import packed_lm_loss
+
+    ours, _, _ = vlm_pair
+    tpt = ours.config.tokens_per_tile
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    ids = [1, 40, 4] + [IMG] * tpt + [5, 50, 51, 2, 1, 60, 61, 62, 2]
+    a = Encoded(ids, [0] * (len(ids) - 4) + [1] * 4, pixels, [tpt])
+    b = Encoded([1, 70, 71, 2, 1, 72, 2], [0, 0, 0, 0, 0, 1, 1], torch.zeros(0, 3, 56, 56), [])
+    batch = collate([[a], [b]], pad_id=0)
+    ours.train()
+    try:
+        loss, metrics = packed_lm_loss(ours, batch, normalizer=batch.weight_sum)
+        features, _ = ours.project(ours.vision_tokens(batch.pixel_values))
+        logits = ours(batch.input_ids, image_features=features, position_ids=batch.position_ids,
+                      attn_mask=batch.attn_mask())
+        ce, _ = weighted_cross_entropy(logits, batch.targets, batch.weights, batch.weight_sum)
+        aux = ours.language_model.aux_loss(batch.segment_ids > 0)
+    finally:
+        ours.eval()
+    assert metrics["router_aux_loss"] == pytest.approx(aux.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(ce.item() + aux.item(), rel=1e-5)
+    assert aux.item() > 0

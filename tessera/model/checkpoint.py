@@ -199,16 +199,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         raise CheckpointError(f"{path}: tensors left unloaded: {', '.join(leftover[:12])}")
     model.eval()
     if tokenizer and (path / TOKENIZER).is_file():
-        model.tokenizer = _load_tokenizer(path / TOKENIZER)
+        model.tokenizer = _load_tokenizer(path / TOKENIZER, config.template)
     return model
 
 
-def _load_tokenizer(file: Path):
+def _load_tokenizer(file: Path, template: str = "internvl2_5"):
     try:
         from tessera.chat import ChatTokenizer
     except ImportError:
         return None
-    return ChatTokenizer.from_file(file)
+    return ChatTokenizer.from_file(file, template=template)
 
 
 # ---- writing --------------------------------------------------------------------------------------------

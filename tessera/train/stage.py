@@ -166,6 +166,10 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
             hook.remove()
     loss, metrics = weighted_cross_entropy(logits, batch.targets, batch.weights, normalizer)
     share = batch.weight_sum / normalizer if normalizer else 1.0
+    router = model.language_model.aux_loss(batch.segment_ids > 0)  # MoE load balancing (None when dense)
+    if router is not None:  # already weighted by router_aux_loss_coef
+        loss = loss + share * router
+        metrics["router_aux_loss"] = float(router.detach())
     for name, weight, layer, evidence in supervised:
         x, cos, sin, _, mask = captured[layer]
         att_loss, att_metrics = evidence_attention_loss(layers[layer].self_attn, x, cos, sin, mask, evidence,
