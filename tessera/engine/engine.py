@@ -103,7 +103,8 @@ class Engine:
         self.embed_fn = embed_fn or self._text_embed
         param = next(llm.parameters())
         self.device, self.dtype = param.device, param.dtype
-        geometry = CacheGeometry(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_batch, max_len)
+        windows = llm.windows() if hasattr(llm, "windows") else {}  # sliding layers store only their window
+        geometry = CacheGeometry(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_batch, max_len, windows)
         self.cache = SlotKVCache(geometry, dtype=self.dtype, device=self.device)
         self.decoder = DecodeStep(llm, self.token_embed, self.cache, self.dtype, self.device, compile=compile)
         self.running: list[_Sequence] = []  # running[i].slot == i
@@ -266,7 +267,7 @@ class Engine:
         s = torch.arange(T, device=self.device)
         mask = (s[None, None, :] <= last_real[:, :, None])[:, None]  # [k, 1, T, S=T]
         first = len(self.running)
-        view = self.cache.view(first, positions, T)
+        view = self.cache.view(first, positions, T, lengths)
         hidden = self.llm.hidden(embeds, positions, cache=view, attn_mask=mask)  # [k, T, D]
         last = hidden[torch.arange(k, device=self.device), lengths - 1]  # [k, D]
         logits = self.llm.lm_head(last).float()  # [k, V]

@@ -326,12 +326,22 @@ class Qwen3ForCausalLM(nn.Module):
             q_index = (past + torch.arange(t, device=like.device)).expand(b, t)  # [B, T]
         s = attn_mask.shape[-1] if attn_mask is not None else int(q_index.max()) + 1
         base = attn_mask if attn_mask is not None else _causal(t, s, like.device)  # [.., T, S]
-        built: dict[int, torch.Tensor] = {}
+        rings = getattr(cache, "ring", None) or {}
+        built: dict[object, torch.Tensor] = {}
         out = {}
         for i, w in windows.items():
-            if w not in built:
-                built[w] = _additive(base & sliding_band(q_index, s, w), like.dtype)  # [B, 1, T, S]
-            out[i] = built[w]
+            n = rings.get(i)
+            if n is not None and t == 1:
+                # a ring of the latest n positions (index p mod n): every entry it holds is in the window, and
+                # index r holds a real key iff r <= p, which is the given mask's column r
+                key = ("ring", n)
+                if key not in built:
+                    built[key] = _additive(base[..., : min(s, n)], like.dtype)  # [B, 1, 1, min(S, n)]
+            else:
+                key = w
+                if key not in built:
+                    built[key] = _additive(base & sliding_band(q_index, s, w), like.dtype)  # [B, 1, T, S]
+            out[i] = built[key]
         return out
 
     def windows(self) -> dict[int, int]:
