@@ -16,6 +16,7 @@ BENCHMARKS = {
     "serve": "coupled vs decoupled (DvD) vs decoupled + router serving throughput and latency",
     "cascade": "Cascade RL in miniature (Table 16: SFT, +MPO, +GSPO x1/x2, Cascade) and Best-of-N",
     "best_of_n": "Best-of-N on the reasoning family: N = 1, 4, 8 with vote, critic and critic-weighted selection",
+    "family_generate": "tiny Qwen3-MoE and GPT-OSS decoders: our engine vs transformers generate, batch 1 and 8",
 }
 
 
