@@ -196,3 +196,31 @@ def test_preset_is_gpt_oss_20b():
         ("gpt_oss", 24, 2880, 64, 8, 64, 32, 4, 128, 201088)
     assert lang.layer_types[:2] == ["sliding_attention", "full_attention"]
     assert (lang.rope_scaling.rope_type, lang.rope_scaling.factor, lang.rope_theta) == ("yarn", 32.0, 150_000.0)
+
+
+def test_an_upstream_gpt_oss_20b_llm_config_reads_as_the_preset():
+    from tessera.model.layouts import _qwen3_language
+
+    upstream = {  # the fields of gpt-oss-20b's transformers config.json
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880,
+        "intermediate_size": 2880, "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "head_dim": 64, "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+        "rope_theta": 150000, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                               "beta_slow": 1.0, "truncate": False,
+                                               "original_max_position_embeddings": 4096},
+        "attention_bias": True, "sliding_window": 128, "num_local_experts": 32, "num_experts_per_tok": 4,
+        "router_aux_loss_coef": 0.9, "swiglu_limit": 7.0, "tie_word_embeddings": False,
+        "layer_types": ["sliding_attention", "full_attention"] * 12}
+    assert _qwen3_language(upstream, "llm_config", "gpt_oss") == preset("internvl3_5-20b-a4b").language
+
+
+def test_a_fresh_gpt_oss_model_gets_a_harmony_tokenizer_and_answers():
+    from tessera.model.init import init_model
+
+    config = vlm_config(dataclasses.replace(gpt_oss_language(window=4), vocab_size=512))
+    model = init_model(config, seed=0).eval()
+    tok = model.tokenizer
+    assert tok.template == "internvl3_5_gpt_oss" and model.config.image_context_token_id == tok.img_context_id
+    prompt = torch.tensor([tok.build_prompt("what colour is the circle", [])])
+    out = model.generate(prompt, max_new_tokens=5, stop_ids=[tok.im_end_id])
+    assert 1 <= len(out) <= 5

@@ -222,3 +222,18 @@ def test_the_lm_stage_adds_the_weighted_load_balancing_loss(vlm_pair):
     assert metrics["router_aux_loss"] == pytest.approx(aux.item(), rel=1e-5)
     assert loss.item() == pytest.approx(ce.item() + aux.item(), rel=1e-5)
     assert aux.item() > 0
+
+
+def test_an_upstream_qwen3_30b_a3b_llm_config_reads_as_the_preset():
+    from tessera.config import preset
+    from tessera.model.layouts import _qwen3_language
+
+    upstream = {  # the fields of Qwen3-30B-A3B's config.json, as InternVL3.5-30B-A3B's llm_config carries them
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+        "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "hidden_act": "silu",
+        "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None,
+        "attention_bias": False, "use_sliding_window": False, "sliding_window": None, "decoder_sparse_step": 1,
+        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "router_aux_loss_coef": 0.001,
+        "mlp_only_layers": [], "tie_word_embeddings": False}
+    assert _qwen3_language(upstream, "llm_config", "qwen3_moe") == preset("internvl3_5-30b-a3b").language

@@ -10,15 +10,16 @@ from tessera.chat import ChatTokenizer, build_tokenizer, fallback_corpus
 from tessera.config import ModelConfig, preset
 
 
-def default_tokenizer(vocab_size: int, corpus_size: int = 600) -> ChatTokenizer:
-    """A BPE tokenizer trained on the world's text (every word the tiny model reads or writes)."""
+def default_tokenizer(vocab_size: int, corpus_size: int = 600, template: str = "internvl2_5") -> ChatTokenizer:
+    """A BPE tokenizer trained on the world's text (every word the tiny model reads or writes), with the special
+    tokens of chat `template`."""
     try:
         from tessera.world import corpus
     except ImportError:  # the world is optional for bring-up of a bare model
         texts = fallback_corpus()
     else:
         texts = list(corpus(corpus_size))
-    return build_tokenizer(texts, vocab_size=min(vocab_size, 1024))
+    return build_tokenizer(texts, vocab_size=min(vocab_size, 1024), template=template)
 
 
 def init_model(config: ModelConfig | str, tokenizer: ChatTokenizer | None = None, seed: int = 0):
@@ -26,7 +27,7 @@ def init_model(config: ModelConfig | str, tokenizer: ChatTokenizer | None = None
     from tessera.model.vlm import VisionLanguageModel
 
     config = preset(config) if isinstance(config, str) else config
-    tokenizer = tokenizer or default_tokenizer(config.language.vocab_size)
+    tokenizer = tokenizer or default_tokenizer(config.language.vocab_size, template=config.template)
     if tokenizer.vocab_size > config.language.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.language.vocab_size}")
     config.image_context_token_id = tokenizer.img_context_id
