@@ -237,3 +237,15 @@ def test_an_upstream_qwen3_30b_a3b_llm_config_reads_as_the_preset():
         "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "router_aux_loss_coef": 0.001,
         "mlp_only_layers": [], "tie_word_embeddings": False}
     assert _qwen3_language(upstream, "llm_config", "qwen3_moe") == preset("internvl3_5-30b-a3b").language
+
+
+def test_aux_loss_gradients_are_the_same_under_gradient_checkpointing():
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        llm = Qwen3ForCausalLM(moe_language()).train()
+        llm.gradient_checkpointing = ckpt
+        x = torch.randn(2, 8, 48, generator=torch.Generator().manual_seed(5))
+        (llm(x).square().mean() + llm.aux_loss()).backward()
+        grads.append(torch.cat([llm.model.layers[i].mlp.gate.weight.grad.flatten() for i in range(3)]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
