@@ -224,3 +224,15 @@ def test_a_fresh_gpt_oss_model_gets_a_harmony_tokenizer_and_answers():
     prompt = torch.tensor([tok.build_prompt("what colour is the circle", [])])
     out = model.generate(prompt, max_new_tokens=5, stop_ids=[tok.im_end_id])
     assert 1 <= len(out) <= 5
+
+
+def test_ring_cache_refuses_a_chunk_that_is_not_a_prefill_from_zero():
+    from tessera.engine.kv_cache import CacheGeometry, SlotKVCache
+
+    cache = SlotKVCache(CacheGeometry(4, 2, 16, slots=2, max_len=32, windows={0: 4, 2: 4}))
+    assert sorted(cache.ring) == [0, 2] and cache.k[0].shape[2] == 4 and cache.k[1].shape[2] == 32
+    positions = torch.arange(5, 8)[None]  # [1, 3], a chunk after position 4
+    with pytest.raises(ValueError, match="prefill from position 0"):
+        cache.view(0, positions, 8, lengths=torch.tensor([8]))
+    with pytest.raises(ValueError, match="lengths"):
+        cache.view(0, torch.arange(3)[None], 3)
