@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import perturb_
+
 from tessera.config import LanguageConfig, ModelConfig, VisionConfig
 from tessera.engine import Engine, GenerationRequest, SamplingParams
 from tessera.model.checkpoint import convert, load_checkpoint, load_config, save_checkpoint
@@ -23,12 +23,28 @@ TOL = 1e-4
 IMG = 3
 
 
-def moe_language(norm_topk: bool = True, sparse_step: int = 1, mlp_only=(), tied: bool = False) -> LanguageConfig:
-    return LanguageConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=4,
-                          num_kv_heads=2, head_dim=16, rope_theta=10_000.0, tie_word_embeddings=tied,
-                          architecture="qwen3_moe", num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
-                          norm_topk_prob=norm_topk, decoder_sparse_step=sparse_step, mlp_only_layers=list(mlp_only),
-                          router_aux_loss_coef=0.01)
+def moe_language(
+    norm_topk: bool = True, sparse_step: int = 1, mlp_only=(), tied: bool = False
+) -> LanguageConfig:
+    return LanguageConfig(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=80,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10_000.0,
+        tie_word_embeddings=tied,
+        architecture="qwen3_moe",
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        norm_topk_prob=norm_topk,
+        decoder_sparse_step=sparse_step,
+        mlp_only_layers=list(mlp_only),
+        router_aux_loss_coef=0.01,
+    )
 
 
 CASES = {
@@ -48,10 +64,14 @@ def pair(request, hf_causal_lm):
 
 
 def test_layer_kinds_follow_sparse_step_and_mlp_only_layers():
-    kinds = lambda lang: [type(layer.mlp).__name__ for layer in Qwen3ForCausalLM(lang).model.layers]  # noqa: E731
+    kinds = lambda lang: [type(layer.mlp).__name__ for layer in Qwen3ForCausalLM(lang).model.layers]
     assert kinds(moe_language()) == ["Qwen3MoeSparseBlock"] * 3
     assert kinds(moe_language(sparse_step=2)) == ["Qwen3MLP", "Qwen3MoeSparseBlock", "Qwen3MLP"]
-    assert kinds(moe_language(mlp_only=(0,))) == ["Qwen3MLP", "Qwen3MoeSparseBlock", "Qwen3MoeSparseBlock"]
+    assert kinds(moe_language(mlp_only=(0,))) == [
+        "Qwen3MLP",
+        "Qwen3MoeSparseBlock",
+        "Qwen3MoeSparseBlock",
+    ]
 
 
 def test_decoder_logits_greedy_and_aux_loss_match_transformers(pair):
@@ -61,13 +81,17 @@ def test_decoder_logits_greedy_and_aux_loss_match_transformers(pair):
         a = ours(ours.embed_tokens(ids))
         out = theirs(input_ids=ids, output_router_logits=True)
     assert (a - out.logits).abs().max().item() <= TOL
-    if ours.config.num_experts and any(l.mlp.__class__.__name__ == "Qwen3MoeSparseBlock" for l in ours.model.layers):
+    if ours.config.num_experts and any(
+        l.mlp.__class__.__name__ == "Qwen3MoeSparseBlock" for l in ours.model.layers
+    ):
         ours_aux = ours.aux_loss() / ours.config.router_aux_loss_coef
         assert abs(ours_aux.item() - out.aux_loss.item()) <= 1e-5
     prompt = ids[:1, :9]
     mine = greedy(ours, prompt, 12)
     with torch.no_grad():
-        ref = theirs.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+        ref = theirs.generate(
+            prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0
+        )
     assert mine == ref[0, 9:].tolist()
 
 
@@ -106,8 +130,17 @@ def test_aux_loss_has_gradients_into_the_router():
 
 
 def vlm_config(language: LanguageConfig) -> ModelConfig:
-    vision = VisionConfig(image_size=56, patch_size=14, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    return ModelConfig(vision=vision, language=language, max_tiles=4, image_context_token_id=IMG).validate()
+    vision = VisionConfig(
+        image_size=56,
+        patch_size=14,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+    )
+    return ModelConfig(
+        vision=vision, language=language, max_tiles=4, image_context_token_id=IMG
+    ).validate()
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +151,16 @@ def vlm_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe-vlm")
     save_checkpoint(ours, root / "tessera")
     convert(root / "tessera", root / "hf", to="hf")
-    theirs = transformers.InternVLForConditionalGeneration.from_pretrained(root / "hf", dtype=torch.float32).eval()
+    theirs = transformers.InternVLForConditionalGeneration.from_pretrained(
+        root / "hf", dtype=torch.float32
+    ).eval()
     return ours, theirs, root
 
 
 def image_prompt(tiles: int, tokens_per_tile: int) -> torch.Tensor:
-    return torch.tensor([[1, 40, 41, 4] + [IMG] * (tiles * tokens_per_tile) + [5, 50, 51, 52, 2, 1, 60]])
+    return torch.tensor(
+        [[1, 40, 41, 4] + [IMG] * (tiles * tokens_per_tile) + [5, 50, 51, 52, 2, 1, 60]]
+    )
 
 
 def test_vlm_logits_and_greedy_match_transformers_internvl(vlm_pair):
@@ -137,9 +174,15 @@ def test_vlm_logits_and_greedy_match_transformers_internvl(vlm_pair):
     features, _ = ours.encode_images(pixel_values)
     mine = ours.generate(ids, features, max_new_tokens=10)
     with torch.no_grad():
-        out = theirs.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=10, min_new_tokens=10,
-                              do_sample=False, pad_token_id=0)
-    assert mine == out[0, ids.shape[1]:].tolist()
+        out = theirs.generate(
+            input_ids=ids,
+            pixel_values=pixel_values,
+            max_new_tokens=10,
+            min_new_tokens=10,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    assert mine == out[0, ids.shape[1] :].tolist()
 
 
 def test_official_and_hf_layouts_round_trip_the_moe_config(vlm_pair, tmp_path):
@@ -149,7 +192,9 @@ def test_official_and_hf_layouts_round_trip_the_moe_config(vlm_pair, tmp_path):
     convert(root / "tessera", tmp_path / "official", to="official")
     back = load_checkpoint(tmp_path / "official")
     assert back.config.language == ours.config.language
-    for (k, v), (k2, v2) in zip(sorted(ours.state_dict().items()), sorted(back.state_dict().items())):
+    for (k, v), (k2, v2) in zip(
+        sorted(ours.state_dict().items()), sorted(back.state_dict().items())
+    ):
         assert k == k2 and torch.equal(v, v2)
 
 
@@ -157,27 +202,42 @@ def test_official_llm_config_alone_carries_the_moe_fields(vlm_pair, tmp_path):
     _, _, root = vlm_pair
     convert(root / "tessera", tmp_path / "official", to="official")
     raw = json.loads((tmp_path / "official" / "config.json").read_text())
-    raw["tessera_config"]["language"] = dataclasses.asdict(LanguageConfig(vocab_size=96))  # a dense one: ignored
+    raw["tessera_config"]["language"] = dataclasses.asdict(
+        LanguageConfig(vocab_size=96)
+    )  # a dense one: ignored
     assert raw["llm_config"]["architectures"] == ["Qwen3MoeForCausalLM"]
     (tmp_path / "official" / "config.json").write_text(json.dumps(raw))
     config, _ = load_config(tmp_path / "official")
     lang = config.language
-    assert (lang.architecture, lang.num_experts, lang.num_experts_per_tok, lang.moe_intermediate_size,
-            lang.mlp_only_layers) == ("qwen3_moe", 6, 2, 24, [1])
+    assert (
+        lang.architecture,
+        lang.num_experts,
+        lang.num_experts_per_tok,
+        lang.moe_intermediate_size,
+        lang.mlp_only_layers,
+    ) == ("qwen3_moe", 6, 2, 24, [1])
 
 
 def test_kv_cache_and_engine_match_uncached_greedy():
     torch.manual_seed(0)
     llm = Qwen3ForCausalLM(moe_language(sparse_step=2)).eval()
     perturb_(llm)
-    prompts = [torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 11, 8)]
+    prompts = [
+        torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 11, 8)
+    ]
     refs = [greedy(llm, p, 9, cache=False) for p in prompts]
     assert [greedy(llm, p, 9, cache=True) for p in prompts] == refs
     engine = Engine(llm, max_batch=4, max_len=64)
     outs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     for i, p in enumerate(prompts):
-        engine.submit(GenerationRequest(str(i), p[0].tolist(), SamplingParams(max_tokens=9),
-                                        lambda ev: ev.token_id is not None and outs[ev.request_id].append(ev.token_id)))
+        engine.submit(
+            GenerationRequest(
+                str(i),
+                p[0].tolist(),
+                SamplingParams(max_tokens=9),
+                lambda ev: ev.token_id is not None and outs[ev.request_id].append(ev.token_id),
+            )
+        )
         engine.step()  # later requests join a running batch
     while engine.has_work():
         engine.step()
@@ -213,8 +273,12 @@ def test_the_lm_stage_adds_the_weighted_load_balancing_loss(vlm_pair):
     try:
         loss, metrics = packed_lm_loss(ours, batch, normalizer=batch.weight_sum)
         features, _ = ours.project(ours.vision_tokens(batch.pixel_values))
-        logits = ours(batch.input_ids, image_features=features, position_ids=batch.position_ids,
-                      attn_mask=batch.attn_mask())
+        logits = ours(
+            batch.input_ids,
+            image_features=features,
+            position_ids=batch.position_ids,
+            attn_mask=batch.attn_mask(),
+        )
         ce, _ = weighted_cross_entropy(logits, batch.targets, batch.weights, batch.weight_sum)
         aux = ours.language_model.aux_loss(batch.segment_ids > 0)
     finally:
@@ -229,14 +293,36 @@ def test_an_upstream_qwen3_30b_a3b_llm_config_reads_as_the_preset():
     from tessera.model.layouts import _qwen3_language
 
     upstream = {  # the fields of Qwen3-30B-A3B's config.json, as InternVL3.5-30B-A3B's llm_config carries them
-        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
-        "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
-        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "hidden_act": "silu",
-        "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None,
-        "attention_bias": False, "use_sliding_window": False, "sliding_window": None, "decoder_sparse_step": 1,
-        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "router_aux_loss_coef": 0.001,
-        "mlp_only_layers": [], "tie_word_embeddings": False}
-    assert _qwen3_language(upstream, "llm_config", "qwen3_moe") == preset("internvl3_5-30b-a3b").language
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": 768,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "decoder_sparse_step": 1,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": True,
+        "router_aux_loss_coef": 0.001,
+        "mlp_only_layers": [],
+        "tie_word_embeddings": False,
+    }
+    assert (
+        _qwen3_language(upstream, "llm_config", "qwen3_moe")
+        == preset("internvl3_5-30b-a3b").language
+    )
 
 
 def test_aux_loss_gradients_are_the_same_under_gradient_checkpointing():
@@ -247,5 +333,7 @@ def test_aux_loss_gradients_are_the_same_under_gradient_checkpointing():
         llm.gradient_checkpointing = ckpt
         x = torch.randn(2, 8, 48, generator=torch.Generator().manual_seed(5))
         (llm(x).square().mean() + llm.aux_loss()).backward()
-        grads.append(torch.cat([llm.model.layers[i].mlp.gate.weight.grad.flatten() for i in range(3)]))
+        grads.append(
+            torch.cat([llm.model.layers[i].mlp.gate.weight.grad.flatten() for i in range(3)])
+        )
     assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -26,16 +26,40 @@ from tessera.model.llm import Qwen3ForCausalLM
 
 
 def tiny_language(arch: str) -> LanguageConfig:
-    common = dict(vocab_size=512, hidden_size=128, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                  head_dim=32, tie_word_embeddings=False, max_position_embeddings=2048)
+    common = dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+    )
     if arch == "qwen3_moe":
-        return LanguageConfig(**common, rope_theta=10_000.0, architecture="qwen3_moe", num_experts=16,
-                              num_experts_per_tok=4, moe_intermediate_size=64, norm_topk_prob=True)
-    return LanguageConfig(**common, rope_theta=150_000.0, rms_norm_eps=1e-5, architecture="gpt_oss",
-                          rope_scaling=RopeScaling(rope_type="yarn", factor=32.0, original_max_position_embeddings=64,
-                                                   truncate=False),
-                          num_experts=8, num_experts_per_tok=2, sliding_window=16,
-                          layer_types=["sliding_attention", "full_attention"] * 2)
+        return LanguageConfig(
+            **common,
+            rope_theta=10_000.0,
+            architecture="qwen3_moe",
+            num_experts=16,
+            num_experts_per_tok=4,
+            moe_intermediate_size=64,
+            norm_topk_prob=True,
+        )
+    return LanguageConfig(
+        **common,
+        rope_theta=150_000.0,
+        rms_norm_eps=1e-5,
+        architecture="gpt_oss",
+        rope_scaling=RopeScaling(
+            rope_type="yarn", factor=32.0, original_max_position_embeddings=64, truncate=False
+        ),
+        num_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )
 
 
 def build(arch: str, seed: int) -> Qwen3ForCausalLM:
@@ -54,10 +78,17 @@ def to_transformers(llm: Qwen3ForCausalLM, folder: Path):
     import transformers
 
     lang = llm.config
-    raw = {"architectures": [_ARCH_NAMES[lang.architecture]], **_qwen3_dict(lang), "rope_parameters": _rope_dict(lang)}
+    raw = {
+        "architectures": [_ARCH_NAMES[lang.architecture]],
+        **_qwen3_dict(lang),
+        "rope_parameters": _rope_dict(lang),
+    }
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in llm.state_dict().items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in llm.state_dict().items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (folder / "config.json").write_text(json.dumps(raw))
     return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
@@ -65,8 +96,14 @@ def to_transformers(llm: Qwen3ForCausalLM, folder: Path):
 def ours(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> tuple[float, list[list[int]]]:
     out: dict[str, list[int]] = {str(i): [] for i in range(prompts.shape[0])}
     for i in range(prompts.shape[0]):
-        engine.submit(GenerationRequest(str(i), prompts[i].tolist(), SamplingParams(max_tokens=new_tokens),
-                                        lambda ev: ev.token_id is not None and out[ev.request_id].append(ev.token_id)))
+        engine.submit(
+            GenerationRequest(
+                str(i),
+                prompts[i].tolist(),
+                SamplingParams(max_tokens=new_tokens),
+                lambda ev: ev.token_id is not None and out[ev.request_id].append(ev.token_id),
+            )
+        )
     start = time.perf_counter()
     while engine.has_work():
         engine.step()
@@ -76,9 +113,15 @@ def ours(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> tuple[float,
 @torch.inference_mode()
 def theirs(hf, prompts: torch.Tensor, new_tokens: int) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
-    out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return time.perf_counter() - start, out[:, prompts.shape[1]:].tolist()
+    out = hf.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return time.perf_counter() - start, out[:, prompts.shape[1] :].tolist()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
             llm = build(arch, seed=0)
             hf = to_transformers(llm, Path(tmp) / arch)
             for b in (int(x) for x in args.batches.split(",")):
-                prompts = torch.randint(0, 512, (b, args.prompt_len), generator=torch.Generator().manual_seed(b))
+                prompts = torch.randint(
+                    0, 512, (b, args.prompt_len), generator=torch.Generator().manual_seed(b)
+                )
                 engine = Engine(llm, max_batch=b, max_len=args.prompt_len + args.new_tokens + 1)
                 t_ours, t_theirs, same = [], [], True
                 for _ in range(args.rounds):
@@ -109,14 +154,24 @@ def run(args: argparse.Namespace) -> int:
                     t_theirs.append(t)
                     same = same and a == h
                 tokens = b * args.new_tokens
-                rows.append({"arch": arch, "batch": b, "ours_tok_s": round(tokens / statistics.median(t_ours), 1),
-                             "transformers_tok_s": round(tokens / statistics.median(t_theirs), 1),
-                             "greedy_identical": same})
+                rows.append(
+                    {
+                        "arch": arch,
+                        "batch": b,
+                        "ours_tok_s": round(tokens / statistics.median(t_ours), 1),
+                        "transformers_tok_s": round(tokens / statistics.median(t_theirs), 1),
+                        "greedy_identical": same,
+                    }
+                )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"{'arch':<10} {'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'greedy identical':>17}")
+        print(
+            f"{'arch':<10} {'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'greedy identical':>17}"
+        )
         for r in rows:
-            print(f"{r['arch']:<10} {r['batch']:>5} {r['ours_tok_s']:>11} {r['transformers_tok_s']:>19} "
-                  f"{str(r['greedy_identical']):>17}")
+            print(
+                f"{r['arch']:<10} {r['batch']:>5} {r['ours_tok_s']:>11} {r['transformers_tok_s']:>19} "
+                f"{r['greedy_identical']!s:>17}"
+            )
     return 0 if all(r["greedy_identical"] for r in rows) else 1

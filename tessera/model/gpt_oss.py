@@ -45,7 +45,9 @@ class GptOssExperts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x [n, D] → [n, D]."""
-        gate_up = x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]  # [n, 2I], gate/up interleaved
+        gate_up = (
+            x @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
+        )  # [n, 2I], gate/up interleaved
         gate = gate_up[..., 0::2].clamp(max=self.limit)  # [n, I]
         up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)  # [n, I]
         glu = gate * torch.sigmoid(gate * self.alpha)
@@ -69,16 +71,20 @@ class GptOssMLP(nn.Module):
         return dispatch(flat, weights, experts, self.experts.expert).reshape(b, t, d)
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling, device=None) -> tuple[torch.Tensor, float]:
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: RopeScaling, device=None
+) -> tuple[torch.Tensor, float]:
     """(inv_freq [hd/2] float32, cos/sin scale) for default RoPE or YaRN (NTK-by-parts + attention factor)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)  # [hd/2]
+    inv_freq = 1.0 / (theta**exponents)  # [hd/2]
     if scaling.rope_type == "default":
         return inv_freq, 1.0
     factor, original = scaling.factor, scaling.original_max_position_embeddings
     scale = scaling.attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
 
-    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over `original` positions
+    def dim_of(
+        rotations: float,
+    ) -> float:  # the dimension that turns `rotations` times over `original` positions
         return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
     low, high = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
@@ -87,7 +93,9 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling, device=N
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    ramp = (
+        (torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)
+    ).clamp(0, 1)
     extrapolate = 1 - ramp  # 1 → keep the original frequency (fast dims), 0 → divide it by `factor`
     inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
     return inv_freq, scale

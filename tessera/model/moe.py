@@ -29,7 +29,9 @@ class Qwen3MoeExpert(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    router_logits: torch.Tensor, top_k: int, renormalise: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [N, E] → (weights [N, k] in the logits' dtype, expert ids [N, k]), softmax-then-top-k."""
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [N, E]
     weights, experts = torch.topk(probs, top_k, dim=-1)  # [N, k]
@@ -38,7 +40,10 @@ def route(router_logits: torch.Tensor, top_k: int, renormalise: bool) -> tuple[t
     return weights.to(router_logits.dtype), experts
 
 
-def dispatch(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, run_expert) -> torch.Tensor:
+@torch.compiler.disable  # data-dependent (per-expert token counts): compiled decode calls it eagerly
+def dispatch(
+    x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, run_expert
+) -> torch.Tensor:
     """Σ_k weights[n, k] · expert_{experts[n, k]}(x[n]) for tokens x [N, D]; each expert runs once on its tokens.
 
     `run_expert(e, tokens [n_e, D]) -> [n_e, D]`."""
@@ -52,8 +57,8 @@ def dispatch(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, run_
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        idx = token_of[start:start + n]
-        y = run_expert(e, x[idx]) * w_sorted[start:start + n, None]  # [n_e, D]
+        idx = token_of[start : start + n]
+        y = run_expert(e, x[idx]) * w_sorted[start : start + n, None]  # [n_e, D]
         out.index_add_(0, idx, y.to(out.dtype))
         start += n
     return out
@@ -66,8 +71,10 @@ class Qwen3MoeSparseBlock(nn.Module):
         super().__init__()
         self.top_k, self.renormalise = config.num_experts_per_tok, config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(Qwen3MoeExpert(config.hidden_size, config.moe_intermediate_size)
-                                     for _ in range(config.num_experts))
+        self.experts = nn.ModuleList(
+            Qwen3MoeExpert(config.hidden_size, config.moe_intermediate_size)
+            for _ in range(config.num_experts)
+        )
         self.router_logits: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,8 +87,9 @@ class Qwen3MoeSparseBlock(nn.Module):
         return out.reshape(b, t, d)
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None = None
-                        ) -> torch.Tensor:
+def load_balancing_loss(
+    router_logits: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch-Transformer auxiliary loss over the sparse layers: E · Σ_e f_e · P_e, where f_e is the share of
     top-k assignments expert e received (summing to k) and P_e its mean router probability, both over every
     layer's tokens (padding excluded by `token_mask` [N], True = real token). 1·k for a perfectly even router."""
@@ -93,9 +101,14 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, token_mas
     for logits in router_logits:
         probs = torch.softmax(logits.float(), dim=-1)  # [N, E]
         chosen = probs.topk(top_k, dim=-1).indices  # [N, k]
-        w = torch.ones(probs.shape[0], device=device) if token_mask is None else token_mask.reshape(-1).float()
+        w = (
+            torch.ones(probs.shape[0], device=device)
+            if token_mask is None
+            else token_mask.reshape(-1).float()
+        )
         counts = counts + torch.zeros(num_experts, device=device).scatter_add_(
-            0, chosen.reshape(-1), w.repeat_interleave(top_k))
+            0, chosen.reshape(-1), w.repeat_interleave(top_k)
+        )
         prob_sum = prob_sum + (probs * w[:, None]).sum(0)
         rows = rows + w.sum()
     return num_experts * ((counts / rows) * (prob_sum / rows)).sum()
