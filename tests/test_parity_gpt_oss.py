@@ -355,3 +355,24 @@ def test_ring_cache_refuses_a_chunk_that_is_not_a_prefill_from_zero():
         cache.view(0, positions, 8, lengths=torch.tensor([8]))
     with pytest.raises(ValueError, match="lengths"):
         cache.view(0, torch.arange(3)[None], 3)
+
+
+def test_pipeline_chats_with_an_image_and_survives_an_official_round_trip(tmp_path):
+    from PIL import Image
+
+    from tessera.config import preset
+    from tessera.model.init import init_model
+    from tessera.pipeline import Pipeline
+
+    config = preset("tiny")
+    config = dataclasses.replace(config, flash=dataclasses.replace(config.flash, enabled=False),
+                                 language=dataclasses.replace(gpt_oss_language(window=4), vocab_size=512),
+                                 template="internvl3_5_gpt_oss")
+    model = init_model(config, seed=0)
+    image = Image.new("RGB", (200, 120), (200, 30, 30))
+    first = Pipeline(model).chat(image, "what colour is it", max_new_tokens=6)
+    assert first.visual_tokens > 0 and 1 <= len(first.token_ids) <= 6
+    save_checkpoint(model, tmp_path / "tessera")
+    convert(tmp_path / "tessera", tmp_path / "official", to="official")
+    again = Pipeline(load_checkpoint(tmp_path / "official")).chat(image, "what colour is it", max_new_tokens=6)
+    assert again.token_ids == first.token_ids
