@@ -1,4 +1,4 @@
-"""GPT-OSS pieces (the LLM of InternVL3.5-20B-A4B): its MoE MLP and YaRN RoPE frequencies.
+"""GPT-OSS pieces (the LLM of InternVL3.5-20B-A4B): its MoE MLP, its RMSNorm and YaRN RoPE frequencies.
 
 Names and layouts follow the BF16 checkpoints (InternVL3_5-GPT-OSS-20B-A4B, transformers' GptOss):
 - `mlp.router.{weight [E, D], bias [E]}`: top-k over the raw logits, then softmax over those k only.
@@ -17,6 +17,16 @@ from torch import nn
 
 from tessera.config import LanguageConfig, RopeScaling
 from tessera.model.moe import dispatch
+from tessera.model.vit import RMSNorm
+
+
+class GptOssRMSNorm(RMSNorm):
+    """GPT-OSS's RMSNorm: normalise and scale by the weight in float32, then cast (Qwen3 casts, then scales)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)
 
 
 class GptOssRouter(nn.Module):

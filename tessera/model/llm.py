@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tessera.config import LanguageConfig
-from tessera.model.gpt_oss import GptOssMLP, rope_frequencies
+from tessera.model.gpt_oss import GptOssMLP, GptOssRMSNorm, rope_frequencies
 from tessera.model.moe import Qwen3MoeSparseBlock, load_balancing_loss
 from tessera.model.vit import RMSNorm
 
@@ -210,14 +210,20 @@ class Qwen3MLP(nn.Module):
 class Qwen3DecoderLayer(nn.Module):
     def __init__(self, config: LanguageConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = make_norm(config)
         self.self_attn = Qwen3Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(config)
         self.mlp = make_mlp(config, layer_idx)
 
     def forward(self, x, cos, sin, cache=None, attn_mask=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def make_norm(config: LanguageConfig) -> RMSNorm:
+    """The decoder's RMSNorm over the hidden size: GPT-OSS scales by its weight before casting back (same in fp32)."""
+    cls = GptOssRMSNorm if config.architecture == "gpt_oss" else RMSNorm
+    return cls(config.hidden_size, eps=config.rms_norm_eps)
 
 
 def make_mlp(config: LanguageConfig, layer_idx: int) -> nn.Module:
@@ -232,7 +238,7 @@ class Qwen3Model(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = make_norm(config)
 
 
 class Qwen3ForCausalLM(nn.Module):
