@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=64, help="engine queue bound; beyond it requests get 429")
     p.add_argument("--max-vision-inflight", type=int, default=32, help="image requests being encoded; beyond → 429")
     p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--max-body-bytes", type=int, default=32 * 2**20, help="request body size; beyond → 413")
+    p.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                   help="decoupled: a vision worker silent this long is down (its requests 503; local ones restart)")
     p.add_argument("--max-tiles-per-request", type=int, default=64)
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="pixels per image (decompression-bomb guard)")
     p.add_argument("--routing", choices=["full", "compressed", "router", "random"], default="full",
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from tessera.serve.vision import VisionLimits
 
     topology = Topology(args.mode, args.vision_workers, args.vision_server, args.worker_threads, args.max_batch_tiles,
-                        args.max_wait_ms, vision_dtype=args.vision_dtype)
+                        args.max_wait_ms, args.heartbeat_timeout, vision_dtype=args.vision_dtype)
     try:
         topology.validate()
     except ValueError as e:
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} without --api-key", file=sys.stderr)
     options = ServeOptions(model_name=args.model_name or Path(args.checkpoint).resolve().name, max_batch=args.max_batch,
                            max_len=args.max_len, max_waiting=args.max_waiting, max_vision_inflight=args.max_vision_inflight,
-                           max_images=args.max_images, allow_remote_images=args.allow_remote_images,
+                           max_images=args.max_images, max_body_bytes=args.max_body_bytes,
+                           allow_remote_images=args.allow_remote_images,
                            default_routing=args.routing, compile=args.compile)
     limits = VisionLimits(max_pixels=args.max_pixels, max_tiles_per_request=args.max_tiles_per_request)
     return serve(args.checkpoint, topology, options, args.host, args.port, args.api_key, args.threads, limits)

@@ -11,6 +11,10 @@ So a request that arrives while others decode joins the batch at the next iterat
 
 Threading: `start()` runs the loop on a background thread; `submit`, `abort` and `call_in_loop` may be called
 from any thread; event callbacks run on the loop thread and must be quick (hand off, don't work).
+
+Isolation: one request's failure never fails the others of its batch. Its preparation (embedding, generator)
+is done per request; a batched prefill that raises is retried one request at a time; a batched sampling call
+that raises is redone row by row; an event callback that raises ends only its own sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +34,7 @@ from tessera.engine.decode import DecodeStep
 from tessera.engine.kv_cache import CacheGeometry, SlotKVCache
 from tessera.engine.sampling import SamplingParams, sample_tokens
 
+log = logging.getLogger(__name__)
 
 class EngineFull(RuntimeError):
     """The waiting queue is at its bound; the caller should shed load (HTTP 429)."""
@@ -215,17 +221,29 @@ class Engine:
             for req in list(self.waiting):
                 if req.request_id == request_id:
                     self.waiting.remove(req)
-                    req.on_event(TokenEvent(request_id, None, True, "abort"))
+                    self._notify(req, TokenEvent(request_id, None, True, "abort"))
         for seq in self.running:
             if seq.req.request_id == request_id and not seq.done:
                 seq.done = True
-                seq.req.on_event(TokenEvent(request_id, None, True, "abort"))
+                self._notify(seq.req, TokenEvent(request_id, None, True, "abort"))
         self._compact()
 
     # ---- prefill ------------------------------------------------------------------------------------------
 
+    def _notify(self, req: GenerationRequest, event: TokenEvent) -> bool:
+        """Deliver an event; a callback that raises is that request's failure only (False: end it)."""
+        try:
+            req.on_event(event)
+            return True
+        except Exception:
+            log.exception("the event callback of request %s failed; ending it", req.request_id)
+            return False
+
+    def _fail(self, req: GenerationRequest, why: str) -> None:
+        self._notify(req, TokenEvent(req.request_id, None, True, "error", why))
+
     def _admit(self) -> int:
-        batch: list[tuple[GenerationRequest, torch.Tensor]] = []
+        batch: list[tuple[GenerationRequest, torch.Tensor, torch.Generator | None]] = []
         longest = 0
         while len(self.running) + len(batch) < self.max_batch:
             with self._lock:
@@ -239,27 +257,35 @@ class Engine:
             try:
                 ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # [1, T]
                 embeds = self.embed_fn(ids, req.image_features)[0].to(self.dtype)  # [T, D]
+                generator = req.params.make_generator()  # e.g. a seed beyond 64 bits: this request only
             except Exception as e:  # e.g. feature rows ≠ <IMG_CONTEXT> count: fail this request only
-                req.on_event(TokenEvent(req.request_id, None, True, "error", f"{type(e).__name__}: {e}"))
+                self._fail(req, f"{type(e).__name__}: {e}")
                 continue
-            batch.append((req, embeds))
+            batch.append((req, embeds, generator))
             longest = max(longest, n)
         if not batch:
             return 0
         try:
             return self._prefill(batch)
         except Exception as e:
-            for req, _ in batch:
-                req.on_event(TokenEvent(req.request_id, None, True, "error", f"prefill failed: {type(e).__name__}: {e}"))
-            return 0
+            if len(batch) == 1:
+                self._fail(batch[0][0], f"prefill failed: {type(e).__name__}: {e}")
+                return 0
+        produced = 0  # the batch failed: one at a time, so only the request at fault fails
+        for item in batch:
+            try:
+                produced += self._prefill([item])
+            except Exception as e:
+                self._fail(item[0], f"prefill failed: {type(e).__name__}: {e}")
+        return produced
 
-    def _prefill(self, batch: list[tuple[GenerationRequest, torch.Tensor]]) -> int:
+    def _prefill(self, batch: list[tuple[GenerationRequest, torch.Tensor, torch.Generator | None]]) -> int:
         k = len(batch)
-        lengths = torch.tensor([e.shape[0] for _, e in batch], device=self.device)  # [k]
+        lengths = torch.tensor([e.shape[0] for _, e, _ in batch], device=self.device)  # [k]
         T = int(lengths.max())
         D = batch[0][1].shape[1]
         embeds = torch.zeros(k, T, D, dtype=self.dtype, device=self.device)  # [k, T, D], right-padded
-        for i, (_, e) in enumerate(batch):
+        for i, (_, e, _) in enumerate(batch):
             embeds[i, : e.shape[0]] = e
         positions = torch.arange(T, device=self.device).expand(k, T)  # [k, T]
         # query t of row i sees keys s <= min(t, n_i - 1): causal, and pad queries see only real keys
@@ -271,14 +297,32 @@ class Engine:
         hidden = self.llm.hidden(embeds, positions, cache=view, attn_mask=mask)  # [k, T, D]
         last = hidden[torch.arange(k, device=self.device), lengths - 1]  # [k, D]
         logits = self.llm.lm_head(last).float()  # [k, V]
-        seqs = [_Sequence(req, first + i, int(lengths[i]), -1, req.params.make_generator()) for i, (req, _) in enumerate(batch)]
-        tokens = sample_tokens(logits, [q.req.params for q in seqs], [q.generator for q in seqs])
+        seqs = [_Sequence(req, first + i, int(lengths[i]), -1, gen) for i, (req, _, gen) in enumerate(batch)]
+        tokens = self._sample(logits, seqs)
         self.running.extend(seqs)
         self.stats.prompt_tokens += int(lengths.sum())
         for seq, tok in zip(seqs, tokens):
             self._emit(seq, tok)
         self._compact()
-        return k
+        return sum(not isinstance(t, Exception) for t in tokens)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int | Exception]:
+        """One token per sequence from logits [B, V]; if the batched call raises, row by row, so a failure
+        is the failing row's only. The generators' states are restored first, so a seeded row draws what it
+        would have drawn had the failure not happened."""
+        states = [q.generator.get_state() if q.generator is not None else None for q in seqs]
+        try:
+            return sample_tokens(logits, [q.req.params for q in seqs], [q.generator for q in seqs])
+        except Exception:
+            out: list[int | Exception] = []
+            for b, q in enumerate(seqs):
+                if states[b] is not None:
+                    q.generator.set_state(states[b])
+                try:
+                    out.append(sample_tokens(logits[b:b + 1], [q.req.params], [q.generator])[0])
+                except Exception as e:
+                    out.append(e)
+            return out
 
     # ---- decode -------------------------------------------------------------------------------------------
 
@@ -289,18 +333,23 @@ class Engine:
         except Exception as e:
             for q in seqs:
                 q.done = True
-                q.req.on_event(TokenEvent(q.req.request_id, None, True, "error", f"decode failed: {type(e).__name__}: {e}"))
+                self._fail(q.req, f"decode failed: {type(e).__name__}: {e}")
             self._compact()
             return 0
-        sampled = sample_tokens(logits, [q.req.params for q in seqs], [q.generator for q in seqs])
+        sampled = self._sample(logits, seqs)
         for q, tok in zip(seqs, sampled):
             q.length += 1
             self._emit(q, tok)
         self._compact()
-        return len(seqs)
+        return sum(not isinstance(t, Exception) for t in sampled)
 
-    def _emit(self, seq: _Sequence, token: int) -> None:
-        """Record a sampled token, decide whether the sequence ends, and tell the request."""
+    def _emit(self, seq: _Sequence, token: int | Exception) -> None:
+        """Record a sampled token, decide whether the sequence ends, and tell the request (a sampling failure
+        ends this sequence with an error)."""
+        if isinstance(token, Exception):
+            seq.done = True
+            self._fail(seq.req, f"sampling failed: {type(token).__name__}: {token}")
+            return
         seq.output.append(token)
         seq.pending = token
         p = seq.req.params
@@ -312,7 +361,8 @@ class Engine:
         if reason:
             seq.done = True
             self.stats.finished_requests += 1
-        seq.req.on_event(TokenEvent(seq.req.request_id, token, reason is not None, reason))
+        if not self._notify(seq.req, TokenEvent(seq.req.request_id, token, reason is not None, reason)):
+            seq.done = True
 
     def _compact(self) -> None:
         """Drop finished sequences and move the survivors beyond the prefix into the holes (one copy each)."""

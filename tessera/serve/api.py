@@ -3,7 +3,12 @@
 Every error leaves as an OpenAI-style body `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx
 status, and the server keeps serving. Bodies are parsed by hand (not by FastAPI's dependency injection) so
 that invalid JSON and schema errors are 400s that name the offending parameter, as OpenAI's are.
-With an API key, every route but /health needs `Authorization: Bearer <key>`.
+With an API key, every route but /health needs `Authorization: Bearer <key>`, and /health tells callers
+without the key only its status (not the engine's counters, the vision workers' endpoints or PIDs).
+
+Limits on a request body (see docs/log/2026-12-02-serving.md): at most `ServeOptions.max_body_bytes` bytes
+(413), `Content-Type` application/json (or none; anything else is 415), JSON nested at most
+`MAX_JSON_DEPTH` deep (400). An unexpected error is a 500 body like any other, so the connection stays usable.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import logging
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -21,6 +27,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tessera.serve.language_server import Generation, LanguageServer
 from tessera.serve.schema import (APIError, ChatCompletionRequest, chunk_body, completion_body, completion_id,
                                   message_body, parse_request, usage)
+
+log = logging.getLogger(__name__)
+
+MAX_JSON_DEPTH = 32  # nesting of arrays/objects in a request body (a chat request needs 6)
 
 
 def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
@@ -36,12 +46,18 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
     app.state.server = server
     model_name = server.options.model_name
 
-    def error_response(err: APIError) -> JSONResponse:
+    def error_response(err: APIError, extra: dict[str, str] | None = None) -> JSONResponse:
         server.metrics.record_error(err.status)
-        headers = {"Retry-After": "1"} if err.status in (429, 503) else None
+        headers = {"Retry-After": "1"} if err.status in (429, 503) else {}
         if err.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+        return JSONResponse(err.body(), status_code=err.status, headers={**headers, **(extra or {})})
+
+    def authorised(request: Request) -> bool:
+        if not api_key:
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -49,7 +65,8 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
-        return error_response(APIError(err.status_code, str(err.detail)))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return error_response(APIError(err.status_code, str(err.detail), code=code), dict(err.headers or {}))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception):
@@ -58,14 +75,13 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            if not authorised(request):
                 return error_response(APIError(401, "invalid or missing API key (expected 'Authorization: Bearer <key>')",
                                                code="invalid_api_key"))
         return await call_next(request)
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
         status = server.status()
         alive = server.engine._thread is not None and server.engine._thread.is_alive()
         v = status["vision"]
@@ -73,6 +89,8 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
                 "waiting": status["engine"].waiting}, "vision": v}
         if alive and v.get("workers_total", 0) and v.get("workers_alive", 0) < v["workers_total"]:
             body["status"] = "degraded"
+        if not authorised(request):
+            body = {"status": body["status"]}  # endpoints and PIDs are for the key's holders
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics")
@@ -86,11 +104,16 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        raw = await request.body()
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            return await _chat_completions(request)
+        except APIError:
+            raise
+        except Exception as e:  # answered here, not by Starlette's last resort, which drops the connection
+            log.exception("chat completion failed")
+            raise APIError(500, f"internal error: {type(e).__name__}: {e}") from None
+
+    async def _chat_completions(request: Request):
+        data = await read_json(request, server.options.max_body_bytes)
         req = parse_request(data)
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
@@ -104,6 +127,53 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
         return await _complete(gen, req, model_name)
 
     return app
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The body as JSON, within the size, media type and depth limits (413 / 415 / 400)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise APIError(415, f"the request body must be application/json, not {ctype!r}",
+                       code="unsupported_media_type")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"the request body has {declared} bytes, more than the {max_bytes} allowed",
+                       code="request_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > max_bytes:
+            raise APIError(413, f"the request body is larger than the {max_bytes} bytes allowed",
+                           code="request_too_large")
+    try:
+        data, too_deep = json.loads(raw), False
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # the decoder's own guard (about 1000 levels)
+        data, too_deep = None, True
+    if too_deep or json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise APIError(400, f"the request body nests arrays/objects more than {MAX_JSON_DEPTH} deep",
+                       code="invalid_json")
+    return data
+
+
+def json_depth(data: Any, limit: int) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), iteratively; stops counting past `limit`."""
+    deepest = 0
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
 
 
 async def _complete(gen: Generation, req: ChatCompletionRequest, model: str) -> dict:

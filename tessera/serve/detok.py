@@ -5,8 +5,11 @@
   cost per token stays constant (the prefix/read-offset scheme vLLM and TGI use).
 - Thinking: with thinking on, tokens before `</think>` are reasoning (`reasoning_content`), the rest the
   answer (`content`); the think tags themselves are special tokens and never appear in either.
-- Stop strings: the answer is cut before the first stop string; text that could still grow into one is held
-  back from the stream until it cannot.
+- Stop strings: the answer is cut before the first stop string to complete; text that could still grow into
+  one is held back from the stream until it cannot. Each stop string is matched by a KMP automaton fed the
+  answer one character at a time, so the work per generated character is amortised O(1) per stop string and
+  the hold-back is the automaton's state (the longest stop prefix the text ends in): linear in the text and
+  the stop strings, where the former `buf.endswith(s[:k])` for every k was quadratic in the stop's length.
 """
 
 from __future__ import annotations
@@ -39,6 +42,37 @@ class _Stream:
         return now[len(before):] if len(now) > len(before) else ""
 
 
+class StopMatcher:
+    """Streaming KMP search for one stop string: `feed(ch)` returns True when the string has just completed;
+    `state` is the length of the longest prefix of the stop string the text fed so far ends in."""
+
+    def __init__(self, stop: str):
+        if not stop:
+            raise ValueError("a stop string must not be empty")
+        self.stop = stop
+        fail = [0] * len(stop)  # fail[i]: longest proper border of stop[:i + 1]
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            fail[i] = k
+        self.fail = fail
+        self.state = 0
+
+    def feed(self, ch: str) -> bool:
+        stop, k = self.stop, self.state
+        if k == len(stop):
+            k = self.fail[k - 1]
+        while k and ch != stop[k]:
+            k = self.fail[k - 1]
+        if ch == stop[k]:
+            k += 1
+        self.state = k
+        return k == len(stop)
+
+
 @dataclass
 class Delta:
     content: str = ""
@@ -58,6 +92,7 @@ class TextAssembler:
         self.reasoning_stream = _Stream(decode)
         self.content_stream = _Stream(decode)
         self.stop = stop or []
+        self._matchers = [StopMatcher(s) for s in self.stop]
         self.content = ""  # everything accepted so far (after stop-string trimming)
         self.reasoning = ""
         self._pending = ""  # answer text held back because it may begin a stop string
@@ -106,16 +141,20 @@ class TextAssembler:
             text = text.lstrip() if self.thinking else text
             self._lead = not text
         buf = self._pending + text
-        for s in self.stop:
-            at = buf.find(s)
-            if at >= 0:
-                buf = buf[:at]
-                self.stopped = True
-        if self.stopped:
-            self._pending = ""
+        if not self._matchers:
             self.content += buf
-            return Delta(content=buf, stopped=True)
-        hold = max((k for s in self.stop for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+            self._pending = ""
+            return Delta(content=buf)
+        base = len(self._pending)  # the matchers have seen the pending text already; feed only the new
+        for j, ch in enumerate(text):
+            for m in self._matchers:
+                if m.feed(ch):  # the stop string ends at buf[base + j]: cut before its first character
+                    buf = buf[: base + j + 1 - len(m.stop)]
+                    self.stopped = True
+                    self._pending = ""
+                    self.content += buf
+                    return Delta(content=buf, stopped=True)
+        hold = max(m.state for m in self._matchers)  # < len(buf): only what could still become a stop
         out, self._pending = buf[: len(buf) - hold], buf[len(buf) - hold:]
         self.content += out
         return Delta(content=out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
 import uuid
@@ -25,6 +26,9 @@ from tessera.serve.protocol import EncodedImage, Routing
 from tessera.serve.schema import APIError, ChatCompletionRequest
 from tessera.serve.vision import VisionEncoder, VisionInputError
 
+log = logging.getLogger(__name__)
+
+OFF_LOOP_CHARS = 4096  # a request with more text than this is read and tokenised on a worker thread
 
 class EventPump:
     """Hands token events from the engine thread to the requests' asyncio queues with one loop wake-up per burst.
@@ -59,6 +63,17 @@ class EventPump:
             queue.put_nowait(event)
 
 
+def _text_chars(req: ChatCompletionRequest) -> int:
+    """Characters of the request's content (text and image URLs)."""
+    total = 0
+    for m in req.messages:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content is not None:
+            total += sum(len(p.text) if p.type == "text" else len(p.image_url.url) for p in m.content)
+    return total
+
+
 class VisionUnavailable(RuntimeError):
     """No vision worker can take the request right now (HTTP 503)."""
 
@@ -79,6 +94,7 @@ class ServeOptions:
     max_vision_inflight: int = 32  # requests waiting for features (beyond → 429)
     max_images: int = 8
     max_image_bytes: int = 20 * 2**20
+    max_body_bytes: int = 32 * 2**20  # a request body: one image at max_image_bytes as base64 plus text
     allow_remote_images: bool = False
     remote_fetch_timeout: float = 10.0
     default_routing: str = "full"
@@ -167,14 +183,24 @@ class Generation:
                         self.first_token_at = time.monotonic()
                         self.server.metrics.observe_ttft(self.first_token_at - self.prepared.arrival)
                     if not (ev.finished and ev.finish_reason == "stop"):
-                        delta = asm.push(ev.token_id)
+                        try:
+                            delta = asm.push(ev.token_id)
+                        except Exception as e:  # this request's detokenisation: fail it, not the server
+                            log.exception("detokenising %s failed", ev.request_id)
+                            yield ChoiceEvent(i, Delta(), "error", f"detokenisation failed: {type(e).__name__}: {e}")
+                            return
                 reason = ev.finish_reason if ev.finished else None
                 if delta.stopped:  # a stop string: this choice ends here, whatever the engine does next
                     if not ev.finished:
                         self.server.engine.abort(ev.request_id)
                     reason = "stop"
                 if reason is not None:
-                    tail = asm.finish()
+                    try:
+                        tail = asm.finish()
+                    except Exception as e:
+                        log.exception("detokenising %s failed", ev.request_id)
+                        yield ChoiceEvent(i, Delta(), "error", f"detokenisation failed: {type(e).__name__}: {e}")
+                        return
                     delta = Delta(delta.content + tail.content, delta.reasoning + tail.reasoning, True)
                     open_.discard(i)
                 yield ChoiceEvent(i, delta, reason, ev.error)
@@ -219,11 +245,15 @@ class LanguageServer:
     async def prepare(self, req: ChatCompletionRequest) -> Prepared:
         opts = self.options
         arrival = time.monotonic()
-        conv = read_conversation(req, opts.max_images, opts.max_image_bytes, opts.allow_remote_images)
+        # long text (and base64 images) is read and tokenised on a worker thread: the loop keeps serving
+        off_loop = _text_chars(req) > OFF_LOOP_CHARS
+        read = (read_conversation, req, opts.max_images, opts.max_image_bytes, opts.allow_remote_images)
+        conv = await asyncio.to_thread(*read) if off_loop else read[0](*read[1:])
         images = await self._encode_images(conv, req) if conv.images else []
         thinking = req.thinking_enabled
+        render = (render_prompt, self.tokenizer, conv, [im.meta.rows for im in images], thinking)
         try:
-            prompt = render_prompt(self.tokenizer, conv, [im.meta.rows for im in images], thinking)
+            prompt = await asyncio.to_thread(*render) if off_loop else render[0](*render[1:])
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         room = self.max_len - len(prompt)
@@ -294,7 +324,7 @@ class LanguageServer:
         submitted = []
         try:
             for i, rid in enumerate(ids):
-                seed = None if req.seed is None else req.seed + i
+                seed = None if req.seed is None else (req.seed + i) % 2**64  # choice i: the next 64-bit seed
                 params = SamplingParams(max_tokens=prepared.max_tokens, temperature=temperature,
                                         top_p=1.0 if req.top_p is None else req.top_p, seed=seed,
                                         stop_ids=frozenset() if req.ignore_eos else self.stop_ids)

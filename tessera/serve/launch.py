@@ -31,7 +31,7 @@ class Topology:
     worker_threads: int = 1  # torch threads per local vision worker
     max_batch_tiles: int = 32
     max_wait_ms: float = 5.0
-    heartbeat_timeout: float = 10.0
+    heartbeat_timeout: float = 10.0  # a vision worker (local or remote) silent this long is down (503s, restart)
     vision_dtype: str = "float32"  # float32 | bfloat16: precision of the vision side, in either topology
 
     def validate(self) -> None:
@@ -65,6 +65,7 @@ def build_server(checkpoint: str, topology: Topology, options: ServeOptions | No
         spec = LocalWorkerSpec(str(checkpoint), topology.worker_threads, topology.max_batch_tiles, topology.max_wait_ms,
                                limits.cache_entries, topology.vision_dtype)
         vision = RemoteVision(topology.vision_servers, spec, topology.vision_workers,
+                              heartbeat=min(1.0, topology.heartbeat_timeout / 4),
                               heartbeat_timeout=topology.heartbeat_timeout)
     return LanguageServer(model, vision, options)
 

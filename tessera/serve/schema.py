@@ -5,15 +5,20 @@ so clients that send e.g. `user` or `logit_bias: null` keep working. Tessera's o
 official client through `extra_body`): `thinking` (or vLLM/Qwen3's `chat_template_kwargs.enable_thinking`),
 `routing` ("full" | "compressed" | "router"), `visual_token_budget` (max visual tokens over the request's images) and
 `max_tiles` (tiling limit per image, at most the model's), `ignore_eos` (benchmarks: run to max_tokens).
+
+Types are as strict as OpenAI's: integers must be JSON integers (not 3.0, "5" or true), booleans JSON booleans,
+numbers JSON numbers. A `seed` is a 64-bit integer (signed or unsigned: -2^63 <= seed < 2^64). At most
+`MAX_STOPS` stop strings of at most `MAX_STOP_CHARS` characters each.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, \
+    field_validator
 
 from tessera.serve.protocol import ROUTING_MODES
 
@@ -22,8 +27,8 @@ class APIError(Exception):
     """An error with an HTTP status and an OpenAI-style body."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-             500: "server_error", 503: "service_unavailable"}
+             405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+             422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -36,18 +41,22 @@ class APIError(Exception):
 
 # ---- request --------------------------------------------------------------------------------------------
 
+MAX_STOPS = 4  # as OpenAI
+MAX_STOP_CHARS = 1024  # per stop string; the hold-back check is linear in it (tessera/serve/detok.py)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a 64-bit generator seed can hold, signed or unsigned
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class ImageURL(_Strict):
-    url: str
+    url: StrictStr
     detail: Literal["auto", "low", "high"] | None = None
 
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: StrictStr
 
 
 class ImagePart(_Strict):
@@ -55,13 +64,13 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Union[TextPart, ImagePart]
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # e.g. `name`
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
+    content: Union[StrictStr, list[ContentPart], None] = None
 
     @field_validator("content")
     @classmethod
@@ -73,41 +82,43 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatTemplateKwargs(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    enable_thinking: bool | None = None
+    enable_thinking: StrictBool | None = None
 
 
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str | None = None
+    model: StrictStr | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=16)
-    seed: int | None = None
-    stop: Union[str, list[str], None] = None
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
+    n: StrictInt = Field(default=1, ge=1, le=16)
+    seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    stop: Union[StrictStr, list[StrictStr], None] = None
     # Tessera extras
-    thinking: bool | None = None
+    thinking: StrictBool | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
     routing: Literal[ROUTING_MODES] | None = None  # type: ignore[valid-type]
-    visual_token_budget: int | None = Field(default=None, ge=1)
-    max_tiles: int | None = Field(default=None, ge=1)
-    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks; as vLLM's extra parameter)
+    visual_token_budget: StrictInt | None = Field(default=None, ge=1)
+    max_tiles: StrictInt | None = Field(default=None, ge=1)
+    ignore_eos: StrictBool = False  # generate exactly max_tokens (benchmarks; as vLLM's extra parameter)
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes at most 4 non-empty strings")
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise ValueError(f"stop takes at most {MAX_STOPS} non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"each stop string has at most {MAX_STOP_CHARS} characters")
         return stops
 
     @property
@@ -130,11 +141,36 @@ def parse_request(data: Any) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
+        # of a union's alternatives, the deepest error names the parameter best (a list content's part,
+        # not "content should be a string")
+        err = max(e.errors(), key=lambda er: len(er["loc"]))
+        param = _param_path(err) or None
         missing = err["type"] == "missing"
         message = f"missing required parameter '{param}'" if missing else f"invalid '{param}': {err['msg']}"
         raise APIError(400, message, param=param, code="missing_required_parameter" if missing else "invalid_value") from None
+
+
+def _param_path(err: dict) -> str:
+    """A pydantic error location as OpenAI's dotted parameter path, without union branch labels
+    (`str`, `list[...]`) and discriminator tags; a part whose `type` is unknown is reported at its `type`."""
+    out: list[str] = []
+    tagged = False  # the segment after the next index is a discriminated union's tag
+    skip_tag = False
+    for seg in err["loc"]:
+        if isinstance(seg, int):
+            out.append(str(seg))
+            skip_tag, tagged = tagged, False
+            continue
+        if skip_tag:
+            skip_tag = False
+            continue
+        if "[" in seg or seg in ("str", "int", "float", "bool", "none"):
+            tagged = tagged or seg.startswith("list[tagged-union[")
+            continue
+        out.append(seg)
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        out.append("type")
+    return ".".join(out)
 
 
 # ---- responses ------------------------------------------------------------------------------------------

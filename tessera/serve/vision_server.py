@@ -6,7 +6,9 @@ One thread, one socket, a small batching loop:
   `max_batch_tiles` tiles or its oldest request has waited `max_wait_ms`;
 - replies go back per request, with per-tile token counts in the header and bf16 features as blobs.
 Bad input is answered with an error reply (status 400/413) and the server keeps serving; `ping` is answered
-with `pong` and the server's counters (the language side uses it as a heartbeat).
+with `pong` and the server's counters (the language side uses it as a heartbeat). A batch runs on a compute
+thread while this loop keeps answering pings (and collecting the next batch), so a long ViT batch is not
+mistaken for a hung server; a process that is stopped or wedged answers nothing and is.
 
 On start it prints `READY <endpoint>` on stdout (with the real port when bound to port 0), which is how a
 language server that spawned it learns where to connect.
@@ -14,6 +16,7 @@ language server that spawned it learns where to connect.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import sys
 import time
@@ -65,11 +68,18 @@ class VisionServer:
             print(f"READY {self.endpoint}", flush=True)
         pending: list[tuple[bytes, str, PreparedJob]] = []
         oldest = 0.0
+        compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tessera-vit")
+        running: tuple[concurrent.futures.Future, list] | None = None  # the batch on the compute thread
         try:
             while not self._stop:
                 if self._parent is not None and os.getppid() != self._parent:
                     return  # the language server that started us is gone
+                if running is not None and running[0].done():
+                    self._reply(sock, running[1], running[0])
+                    running = None
                 timeout = max(0.0, oldest + self.max_wait - time.monotonic()) if pending else 0.2
+                if running is not None:
+                    timeout = min(timeout, 0.005)  # look for the batch's end often
                 if sock.poll(int(timeout * 1000)):
                     while sock.poll(0):  # take everything that has arrived, up to the batch bound
                         ident, *frames = sock.recv_multipart()
@@ -81,10 +91,11 @@ class VisionServer:
                         if sum(j.num_tiles for _, _, j in pending) >= self.max_batch_tiles:
                             break
                 full = sum(j.num_tiles for _, _, j in pending) >= self.max_batch_tiles
-                if pending and (full or time.monotonic() - oldest >= self.max_wait):
-                    self._run(sock, pending)
+                if running is None and pending and (full or time.monotonic() - oldest >= self.max_wait):
+                    running = (compute.submit(self._compute, pending), pending)
                     pending = []
         finally:
+            compute.shutdown(wait=False, cancel_futures=True)
             sock.close(0)
 
     def _handle(self, sock, ident: bytes, frames: list[bytes]) -> tuple[str, PreparedJob] | None:
@@ -120,14 +131,21 @@ class VisionServer:
             return None
         return rid, job
 
-    def _run(self, sock, pending: list[tuple[bytes, str, PreparedJob]]) -> None:
+    def _compute(self, pending: list[tuple[bytes, str, PreparedJob]]) -> list:
+        """On the compute thread: encode one batch (no socket use here; replies go from the loop)."""
         tiles = sum(j.num_tiles for _, _, j in pending)
         self.stats.batches += 1
         self.stats.tiles += tiles
         self.stats.batch_sizes = self.stats.batch_sizes[-99:] + [tiles]
         try:
-            results = self.encoder.run([j for _, _, j in pending])
+            return self.encoder.run([j for _, _, j in pending])
         except Exception as e:  # a model failure fails this batch, not the server
+            return [e] * len(pending)
+
+    def _reply(self, sock, pending: list[tuple[bytes, str, PreparedJob]], fut: concurrent.futures.Future) -> None:
+        try:
+            results = fut.result()
+        except Exception as e:
             results = [e] * len(pending)
         for (ident, rid, _), res in zip(pending, results):
             if isinstance(res, VisionInputError):
