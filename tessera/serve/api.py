@@ -51,6 +51,8 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
         headers = {"Retry-After": "1"} if err.status in (429, 503) else {}
         if err.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
+        if err.code == "request_too_large":  # the rest of the body is not read: say the connection ends
+            headers = {"Connection": "close"}
         return JSONResponse(err.body(), status_code=err.status, headers={**headers, **(extra or {})})
 
     def authorised(request: Request) -> bool:
