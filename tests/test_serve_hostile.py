@@ -273,3 +273,15 @@ def test_the_api_key_can_come_from_the_environment(monkeypatch):
     assert args.api_key == "from-env"
     args = build_parser("serve").parse_args(["serve", "ckpt", "--api-key", "flag"])
     assert args.api_key == "flag"
+
+
+def test_text_that_cannot_fit_is_refused_before_tokenisation(server, http, monkeypatch):
+    limit = server.language_server.max_prompt_chars
+    assert limit is not None and limit < BODY_LIMIT // 2
+    calls = []
+    render = ls_mod.render_prompt
+    monkeypatch.setattr(ls_mod, "render_prompt", lambda *a: calls.append(1) or render(*a))
+    err = assert_error(http.post(URL, json=user("c" * (limit + 1))), 400, param="messages")
+    assert err["code"] == "context_length_exceeded" and not calls  # refused without tokenising it
+    err = assert_error(http.post(URL, json=user("circle " * (limit // 7))), 400, param="messages")
+    assert err["code"] == "context_length_exceeded" and calls  # within the bound: tokenised, then refused

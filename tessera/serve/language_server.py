@@ -29,6 +29,18 @@ from tessera.serve.vision import VisionEncoder, VisionInputError
 log = logging.getLogger(__name__)
 
 OFF_LOOP_CHARS = 4096  # a request with more text than this is read and tokenised on a worker thread
+NORMALISATION_MARGIN = 4  # slack on the longest token's characters (a normaliser may compose characters)
+
+
+def longest_token_chars(tokenizer) -> int | None:
+    """The most text characters one token can stand for (its vocabulary string: a byte-level token's characters
+    are bytes), or None when the tokenizer does not expose its vocabulary."""
+    inner = getattr(tokenizer, "tokenizer", None)
+    try:
+        vocab = inner.get_vocab(with_added_tokens=True)
+    except Exception:
+        return None
+    return max((len(t) for t in vocab), default=None)
 
 class EventPump:
     """Hands token events from the engine thread to the requests' asyncio queues with one loop wake-up per burst.
@@ -63,14 +75,15 @@ class EventPump:
             queue.put_nowait(event)
 
 
-def _text_chars(req: ChatCompletionRequest) -> int:
-    """Characters of the request's content (text and image URLs)."""
+def _text_chars(req: ChatCompletionRequest, text_only: bool = False) -> int:
+    """Characters of the request's content: text and image URLs, or text only."""
     total = 0
     for m in req.messages:
         if isinstance(m.content, str):
             total += len(m.content)
         elif m.content is not None:
-            total += sum(len(p.text) if p.type == "text" else len(p.image_url.url) for p in m.content)
+            total += sum(len(p.text) if p.type == "text" else 0 if text_only else len(p.image_url.url)
+                         for p in m.content)
     return total
 
 
@@ -227,6 +240,9 @@ class LanguageServer:
         self.vision_inflight = 0
         self._pump: EventPump | None = None  # bound to the serving loop on first use
         self.stop_ids = frozenset({self.tokenizer.im_end_id, self.tokenizer.pad_id})
+        longest = longest_token_chars(self.tokenizer)
+        # text longer than this cannot fit the context whatever it says: refused before it is tokenised
+        self.max_prompt_chars = None if longest is None else self.max_len * longest * NORMALISATION_MARGIN
 
     async def start(self) -> None:
         if self.options.compile:
@@ -246,6 +262,10 @@ class LanguageServer:
         opts = self.options
         arrival = time.monotonic()
         # long text (and base64 images) is read and tokenised on a worker thread: the loop keeps serving
+        chars = _text_chars(req, text_only=True)
+        if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
+            raise APIError(400, f"this model's context is {self.max_len} tokens; the messages' {chars} characters "
+                                f"need more", param="messages", code="context_length_exceeded")
         off_loop = _text_chars(req) > OFF_LOOP_CHARS
         read = (read_conversation, req, opts.max_images, opts.max_image_bytes, opts.allow_remote_images)
         conv = await asyncio.to_thread(*read) if off_loop else read[0](*read[1:])
