@@ -19,7 +19,9 @@ from tessera.serve.language_server import ServeOptions
 from tessera.serve.launch import LocalServer, Topology, build_server
 
 MAX_TOKENS = 6
-SENTINEL = 12345.0  # written into the first embedding value of the prompt that makes the prefill fail
+SENTINEL = (
+    12345.0  # written into the first embedding value of the prompt that makes the prefill fail
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,9 @@ def make_engine(model, embed_fn=None) -> Engine:
 
 
 def run(engine: Engine, requests: list[tuple[str, list[int], SamplingParams]], on_event=None):
-    """Submit everything, then step until each request has finished: {id: (tokens, finish_reason)}."""
+    """Submit everything, then step until each request has finished.
+
+    Returns {id: (tokens, finish_reason)} and the recording callback."""
     tokens: dict[str, list[int]] = {rid: [] for rid, _, _ in requests}
     reasons: dict[str, str] = {}
 
@@ -79,7 +83,9 @@ def alone(model, prompts):
 def with_bad(prompts, bad_params=None, bad_ids=None):
     """The good requests with a bad one in the middle of the batch."""
     reqs = [(f"good-{i}", ids, good_params(i)) for i, ids in enumerate(prompts)]
-    reqs.insert(2, ("bad", bad_ids or prompts[0], bad_params or SamplingParams(max_tokens=MAX_TOKENS)))
+    reqs.insert(
+        2, ("bad", bad_ids or prompts[0], bad_params or SamplingParams(max_tokens=MAX_TOKENS))
+    )
     return reqs
 
 
@@ -90,9 +96,12 @@ def assert_isolated(got, alone, bad_reason="error"):
 
 
 def test_a_seed_beyond_64_bits_fails_only_its_own_request_at_admission(model, prompts, alone):
-    # defect 1: the generator was made inside the batched prefill, so its overflow failed the whole batch
+    # defect 1: the generator was made inside the batched prefill, so its overflow failed the batch
     engine = make_engine(model)
-    got, _ = run(engine, with_bad(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=2**64)))
+    got, _ = run(
+        engine,
+        with_bad(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=2**64)),
+    )
     assert_isolated(got, alone)
     assert got["bad"][0] == []
 
@@ -116,7 +125,9 @@ def test_a_failing_batched_prefill_is_retried_per_request(model, prompts, alone,
         e = model.embed(ids, features)
         if ids.shape[1] == len(bad_ids):
             e = e.clone()
-            e[0, 0, 0] = SENTINEL  # this request's data makes the forward raise, in any batch it is in
+            e[0, 0, 0] = (
+                SENTINEL  # this request's data makes the forward raise, in any batch it is in
+            )
         return e
 
     engine = make_engine(model, embed)
@@ -131,7 +142,9 @@ def test_a_failing_batched_prefill_is_retried_per_request(model, prompts, alone,
 
     monkeypatch.setattr(engine.llm, "hidden", failing_hidden)
     got, _ = run(engine, with_bad(prompts, bad_ids=bad_ids))
-    assert calls[0] == 5  # the five were admitted together, so the failure did happen in their batch
+    assert (
+        calls[0] == 5
+    )  # the five were admitted together, so the failure did happen in their batch
     assert_isolated(got, alone)
 
 
@@ -174,23 +187,33 @@ def test_a_failing_event_callback_ends_only_its_request(model, prompts, alone):
     assert not engine.running and not engine.has_work()  # its sequence was ended, its slot freed
 
 
-# ---- detokenisation, through the server ------------------------------------------------------------------
+# ---- detokenisation, through the server ----------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def server(model):
-    srv = build_server("in-memory", Topology("coupled"), ServeOptions(model_name="iso", max_batch=8), model=model)
+    srv = build_server(
+        "in-memory", Topology("coupled"), ServeOptions(model_name="iso", max_batch=8), model=model
+    )
     with LocalServer(srv) as s:
         yield s
 
 
 def ask(base_url, content, **extra):
-    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0, **extra}
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+        **extra,
+    }
     return httpx.post(base_url + "/v1/chat/completions", json=body, timeout=60)
 
 
 def test_a_failing_detokenisation_fails_only_its_request(server, monkeypatch):
     questions = [f"question {i} about {'shapes ' * i}" for i in range(6)]
-    sequential = [ask(server.base_url, q).json()["choices"][0]["message"]["content"] for q in questions]
+    sequential = [
+        ask(server.base_url, q).json()["choices"][0]["message"]["content"] for q in questions
+    ]
     push = TextAssembler.push
 
     def failing_push(self, token):
@@ -211,4 +234,6 @@ def test_a_failing_detokenisation_fails_only_its_request(server, monkeypatch):
     deadline = time.monotonic() + 10
     while server.language_server.engine.snapshot().running and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert server.language_server.engine.snapshot().running == 0  # the failed requests' sequences were freed
+    assert (
+        server.language_server.engine.snapshot().running == 0
+    )  # the failed requests' sequences were freed

@@ -1,6 +1,6 @@
-"""Heartbeats for vision workers: a worker answers pings while it computes a batch, and a local worker that
-is stopped (SIGSTOP) is reported unhealthy, its requests get a prompt 503 (long before the vision timeout),
-and it is replaced, with a real `tessera vision-server` child process."""
+"""Heartbeats for vision workers: a worker answers pings while it computes a batch, and a local
+worker that is stopped (SIGSTOP) is reported unhealthy, its requests get a prompt 503 (long before
+the vision timeout), and it is replaced, with a real `tessera vision-server` child process."""
 
 from __future__ import annotations
 
@@ -80,7 +80,10 @@ def checkpoint(model, tmp_path_factory):
 
 
 def ask_image(base_url, seed):
-    body = {"messages": image_message(data_url(make_image(200, 150, seed)), "what"), "max_tokens": 3}
+    body = {
+        "messages": image_message(data_url(make_image(200, 150, seed)), "what"),
+        "max_tokens": 3,
+    }
     return httpx.post(base_url + "/v1/chat/completions", json=body, timeout=VISION_TIMEOUT + 30)
 
 
@@ -97,14 +100,21 @@ def test_a_stopped_local_worker_is_unhealthy_gets_prompt_503s_and_is_replaced(mo
             t = time.monotonic()
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 pending = pool.submit(ask_image, s.base_url, 2)  # sent to the stopped worker
-                text = httpx.post(s.base_url + "/v1/chat/completions", timeout=60,
-                                  json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+                text = httpx.post(
+                    s.base_url + "/v1/chat/completions",
+                    timeout=60,
+                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+                )
                 r = pending.result()
             waited = time.monotonic() - t
             assert text.status_code == 200  # text never waits on vision
-            assert r.status_code == 503 and r.json()["error"]["code"] == "vision_unavailable", r.text
+            assert r.status_code == 503 and r.json()["error"]["code"] == "vision_unavailable", (
+                r.text
+            )
             assert "heartbeat" in r.json()["error"]["message"]
-            assert waited < VISION_TIMEOUT / 4, waited  # the heartbeat, not the vision timeout, ended it
+            assert waited < VISION_TIMEOUT / 4, (
+                waited
+            )  # the heartbeat, not the vision timeout, ended it
             health = httpx.get(s.base_url + "/health").json()
             assert health["status"] == "degraded" and health["vision"]["workers_alive"] == 0
             deadline = time.monotonic() + 90

@@ -24,9 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=64, help="engine queue bound; beyond it requests get 429")
     p.add_argument("--max-vision-inflight", type=int, default=32, help="image requests being encoded; beyond → 429")
     p.add_argument("--max-images", type=int, default=8, help="images per request")
-    p.add_argument("--max-body-bytes", type=int, default=32 * 2**20, help="request body size; beyond → 413")
+    p.add_argument("--max-body-bytes", type=int, default=32 * 2**20,
+                   help="request body size; beyond → 413")
     p.add_argument("--heartbeat-timeout", type=float, default=10.0,
-                   help="decoupled: a vision worker silent this long is down (its requests 503; local ones restart)")
+                   help="decoupled: a vision worker silent this long is down (503; local: restart)")
     p.add_argument("--max-tiles-per-request", type=int, default=64)
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="pixels per image (decompression-bomb guard)")
     p.add_argument("--routing", choices=["full", "compressed", "router", "random"], default="full",

@@ -12,9 +12,10 @@ So a request that arrives while others decode joins the batch at the next iterat
 Threading: `start()` runs the loop on a background thread; `submit`, `abort` and `call_in_loop` may be called
 from any thread; event callbacks run on the loop thread and must be quick (hand off, don't work).
 
-Isolation: one request's failure never fails the others of its batch. Its preparation (embedding, generator)
-is done per request; a batched prefill that raises is retried one request at a time; a batched sampling call
-that raises is redone row by row; an event callback that raises ends only its own sequence.
+Isolation: one request's failure never fails the others of its batch. Its preparation
+(embedding, generator) is done per request; a batched prefill that raises is retried one request at
+a time; a batched sampling call that raises is redone row by row; an event callback that raises ends
+only its own sequence.
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ class Engine:
     # ---- prefill ------------------------------------------------------------------------------------------
 
     def _notify(self, req: GenerationRequest, event: TokenEvent) -> bool:
-        """Deliver an event; a callback that raises is that request's failure only (False: end it)."""
+        """Deliver an event; a callback that raises fails its own request only (False: end it)."""
         try:
             req.on_event(event)
             return True
@@ -257,7 +258,7 @@ class Engine:
             try:
                 ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # [1, T]
                 embeds = self.embed_fn(ids, req.image_features)[0].to(self.dtype)  # [T, D]
-                generator = req.params.make_generator()  # e.g. a seed beyond 64 bits: this request only
+                generator = req.params.make_generator()  # e.g. a seed beyond 64 bits: this one only
             except Exception as e:  # e.g. feature rows ≠ <IMG_CONTEXT> count: fail this request only
                 self._fail(req, f"{type(e).__name__}: {e}")
                 continue
@@ -279,7 +280,8 @@ class Engine:
                 self._fail(item[0], f"prefill failed: {type(e).__name__}: {e}")
         return produced
 
-    def _prefill(self, batch: list[tuple[GenerationRequest, torch.Tensor, torch.Generator | None]]) -> int:
+    def _prefill(self, batch: list[tuple[GenerationRequest, torch.Tensor, torch.Generator | None]]
+                 ) -> int:
         k = len(batch)
         lengths = torch.tensor([e.shape[0] for _, e, _ in batch], device=self.device)  # [k]
         T = int(lengths.max())
@@ -297,7 +299,8 @@ class Engine:
         hidden = self.llm.hidden(embeds, positions, cache=view, attn_mask=mask)  # [k, T, D]
         last = hidden[torch.arange(k, device=self.device), lengths - 1]  # [k, D]
         logits = self.llm.lm_head(last).float()  # [k, V]
-        seqs = [_Sequence(req, first + i, int(lengths[i]), -1, gen) for i, (req, _, gen) in enumerate(batch)]
+        seqs = [_Sequence(req, first + i, int(lengths[i]), -1, gen)
+                for i, (req, _, gen) in enumerate(batch)]
         tokens = self._sample(logits, seqs)
         self.running.extend(seqs)
         self.stats.prompt_tokens += int(lengths.sum())
@@ -307,9 +310,9 @@ class Engine:
         return sum(not isinstance(t, Exception) for t in tokens)
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int | Exception]:
-        """One token per sequence from logits [B, V]; if the batched call raises, row by row, so a failure
-        is the failing row's only. The generators' states are restored first, so a seeded row draws what it
-        would have drawn had the failure not happened."""
+        """One token per sequence from logits [B, V]; if the batched call raises, row by row, so
+        a failure is the failing row's only. The generators' states are restored first, so a seeded
+        row draws what it would have drawn had the failure not happened."""
         states = [q.generator.get_state() if q.generator is not None else None for q in seqs]
         try:
             return sample_tokens(logits, [q.req.params for q in seqs], [q.generator for q in seqs])
@@ -344,8 +347,8 @@ class Engine:
         return sum(not isinstance(t, Exception) for t in sampled)
 
     def _emit(self, seq: _Sequence, token: int | Exception) -> None:
-        """Record a sampled token, decide whether the sequence ends, and tell the request (a sampling failure
-        ends this sequence with an error)."""
+        """Record a sampled token, decide whether the sequence ends, and tell the request (a
+        sampling failure ends this sequence with an error)."""
         if isinstance(token, Exception):
             seq.done = True
             self._fail(seq.req, f"sampling failed: {type(token).__name__}: {token}")
@@ -361,7 +364,8 @@ class Engine:
         if reason:
             seq.done = True
             self.stats.finished_requests += 1
-        if not self._notify(seq.req, TokenEvent(seq.req.request_id, token, reason is not None, reason)):
+        event = TokenEvent(seq.req.request_id, token, reason is not None, reason)
+        if not self._notify(seq.req, event):
             seq.done = True
 
     def _compact(self) -> None:

@@ -3,12 +3,14 @@
 Every error leaves as an OpenAI-style body `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx
 status, and the server keeps serving. Bodies are parsed by hand (not by FastAPI's dependency injection) so
 that invalid JSON and schema errors are 400s that name the offending parameter, as OpenAI's are.
-With an API key, every route but /health needs `Authorization: Bearer <key>`, and /health tells callers
-without the key only its status (not the engine's counters, the vision workers' endpoints or PIDs).
+With an API key, every route but /health needs `Authorization: Bearer <key>`, and /health tells
+callers without the key only its status (not the engine's counters, the vision workers' endpoints or
+PIDs).
 
-Limits on a request body (see docs/log/2026-12-02-serving.md): at most `ServeOptions.max_body_bytes` bytes
-(413), `Content-Type` application/json (or none; anything else is 415), JSON nested at most
-`MAX_JSON_DEPTH` deep (400). An unexpected error is a 500 body like any other, so the connection stays usable.
+Limits on a request body (see docs/log/2026-12-02-serving.md): at most
+`ServeOptions.max_body_bytes` bytes (413), `Content-Type` application/json (or none; anything else
+is 415), JSON nested at most `MAX_JSON_DEPTH` deep (400). An unexpected error is a 500 body like any
+other, so the connection stays usable.
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
         headers = {"Retry-After": "1"} if err.status in (429, 503) else {}
         if err.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
-        if err.code == "request_too_large":  # the rest of the body is not read: say the connection ends
+        if err.code == "request_too_large":  # the rest of the body is unread: the connection ends
             headers = {"Connection": "close"}
-        return JSONResponse(err.body(), status_code=err.status, headers={**headers, **(extra or {})})
+        headers = {**headers, **(extra or {})}
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     def authorised(request: Request) -> bool:
         if not api_key:
@@ -68,7 +71,8 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return error_response(APIError(err.status_code, str(err.detail), code=code), dict(err.headers or {}))
+        err_ = APIError(err.status_code, str(err.detail), code=code)
+        return error_response(err_, dict(err.headers or {}))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception):
@@ -110,7 +114,7 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
             return await _chat_completions(request)
         except APIError:
             raise
-        except Exception as e:  # answered here, not by Starlette's last resort, which drops the connection
+        except Exception as e:  # answered here: Starlette's last resort drops the connection
             log.exception("chat completion failed")
             raise APIError(500, f"internal error: {type(e).__name__}: {e}") from None
 
@@ -139,7 +143,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
                        code="unsupported_media_type")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(413, f"the request body has {declared} bytes, more than the {max_bytes} allowed",
+        raise APIError(413, f"the request body has {declared} bytes, over the {max_bytes} allowed",
                        code="request_too_large")
     raw = bytearray()
     async for chunk in request.stream():
@@ -150,11 +154,12 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     try:
         data, too_deep = json.loads(raw), False
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        raise APIError(400, f"the request body is not valid JSON: {e}",
+                       code="invalid_json") from None
     except RecursionError:  # the decoder's own guard (about 1000 levels)
         data, too_deep = None, True
     if too_deep or json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise APIError(400, f"the request body nests arrays/objects more than {MAX_JSON_DEPTH} deep",
+        raise APIError(400, f"the request body nests arrays/objects deeper than {MAX_JSON_DEPTH}",
                        code="invalid_json")
     return data
 

@@ -5,11 +5,12 @@
   cost per token stays constant (the prefix/read-offset scheme vLLM and TGI use).
 - Thinking: with thinking on, tokens before `</think>` are reasoning (`reasoning_content`), the rest the
   answer (`content`); the think tags themselves are special tokens and never appear in either.
-- Stop strings: the answer is cut before the first stop string to complete; text that could still grow into
-  one is held back from the stream until it cannot. Each stop string is matched by a KMP automaton fed the
-  answer one character at a time, so the work per generated character is amortised O(1) per stop string and
-  the hold-back is the automaton's state (the longest stop prefix the text ends in): linear in the text and
-  the stop strings, where the former `buf.endswith(s[:k])` for every k was quadratic in the stop's length.
+- Stop strings: the answer is cut before the first stop string to complete; text that could still
+  grow into one is held back from the stream until it cannot. Each stop string is matched by a KMP
+  automaton fed the answer one character at a time, so the work per generated character is amortised
+  O(1) per stop string and the hold-back is the automaton's state (the longest stop prefix the text
+  ends in): linear in the text and the stop strings, where the former `buf.endswith(s[:k])` for
+  every k was quadratic in the stop's length.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class _Stream:
 
 
 class StopMatcher:
-    """Streaming KMP search for one stop string: `feed(ch)` returns True when the string has just completed;
-    `state` is the length of the longest prefix of the stop string the text fed so far ends in."""
+    """Streaming KMP search for one stop string: `feed(ch)` returns True when the string has just
+    completed; `state` is the length of the longest prefix of the stop string the text fed so far
+    ends in."""
 
     def __init__(self, stop: str):
         if not stop:
@@ -145,16 +147,16 @@ class TextAssembler:
             self.content += buf
             self._pending = ""
             return Delta(content=buf)
-        base = len(self._pending)  # the matchers have seen the pending text already; feed only the new
+        base = len(self._pending)  # the matchers have seen the pending text: feed only the new
         for j, ch in enumerate(text):
             for m in self._matchers:
-                if m.feed(ch):  # the stop string ends at buf[base + j]: cut before its first character
+                if m.feed(ch):  # the stop string ends at buf[base + j]: cut before its start
                     buf = buf[: base + j + 1 - len(m.stop)]
                     self.stopped = True
                     self._pending = ""
                     self.content += buf
                     return Delta(content=buf, stopped=True)
-        hold = max(m.state for m in self._matchers)  # < len(buf): only what could still become a stop
+        hold = max(m.state for m in self._matchers)  # <= len(buf): what may still become a stop
         out, self._pending = buf[: len(buf) - hold], buf[len(buf) - hold:]
         self.content += out
         return Delta(content=out)

@@ -29,12 +29,12 @@ from tessera.serve.vision import VisionEncoder, VisionInputError
 log = logging.getLogger(__name__)
 
 OFF_LOOP_CHARS = 4096  # a request with more text than this is read and tokenised on a worker thread
-NORMALISATION_MARGIN = 4  # slack on the longest token's characters (a normaliser may compose characters)
+NORMALISATION_MARGIN = 4  # slack on the longest token's characters (a normaliser may compose some)
 
 
 def longest_token_chars(tokenizer) -> int | None:
-    """The most text characters one token can stand for (its vocabulary string: a byte-level token's characters
-    are bytes), or None when the tokenizer does not expose its vocabulary."""
+    """The most text characters one token can stand for (its vocabulary string: a byte-level token's
+    characters are bytes), or None when the tokenizer does not expose its vocabulary."""
     inner = getattr(tokenizer, "tokenizer", None)
     try:
         vocab = inner.get_vocab(with_added_tokens=True)
@@ -75,6 +75,10 @@ class EventPump:
             queue.put_nowait(event)
 
 
+def _detok_failed(e: Exception) -> str:
+    return f"detokenisation failed: {type(e).__name__}: {e}"
+
+
 def _text_chars(req: ChatCompletionRequest, text_only: bool = False) -> int:
     """Characters of the request's content: text and image URLs, or text only."""
     total = 0
@@ -82,8 +86,11 @@ def _text_chars(req: ChatCompletionRequest, text_only: bool = False) -> int:
         if isinstance(m.content, str):
             total += len(m.content)
         elif m.content is not None:
-            total += sum(len(p.text) if p.type == "text" else 0 if text_only else len(p.image_url.url)
-                         for p in m.content)
+            for p in m.content:
+                if p.type == "text":
+                    total += len(p.text)
+                elif not text_only:
+                    total += len(p.image_url.url)
     return total
 
 
@@ -107,7 +114,7 @@ class ServeOptions:
     max_vision_inflight: int = 32  # requests waiting for features (beyond → 429)
     max_images: int = 8
     max_image_bytes: int = 20 * 2**20
-    max_body_bytes: int = 32 * 2**20  # a request body: one image at max_image_bytes as base64 plus text
+    max_body_bytes: int = 32 * 2**20  # a body: one image at max_image_bytes as base64, plus text
     allow_remote_images: bool = False
     remote_fetch_timeout: float = 10.0
     default_routing: str = "full"
@@ -198,9 +205,9 @@ class Generation:
                     if not (ev.finished and ev.finish_reason == "stop"):
                         try:
                             delta = asm.push(ev.token_id)
-                        except Exception as e:  # this request's detokenisation: fail it, not the server
+                        except Exception as e:  # this request's detokenisation: fail it alone
                             log.exception("detokenising %s failed", ev.request_id)
-                            yield ChoiceEvent(i, Delta(), "error", f"detokenisation failed: {type(e).__name__}: {e}")
+                            yield ChoiceEvent(i, Delta(), "error", _detok_failed(e))
                             return
                 reason = ev.finish_reason if ev.finished else None
                 if delta.stopped:  # a stop string: this choice ends here, whatever the engine does next
@@ -212,7 +219,7 @@ class Generation:
                         tail = asm.finish()
                     except Exception as e:
                         log.exception("detokenising %s failed", ev.request_id)
-                        yield ChoiceEvent(i, Delta(), "error", f"detokenisation failed: {type(e).__name__}: {e}")
+                        yield ChoiceEvent(i, Delta(), "error", _detok_failed(e))
                         return
                     delta = Delta(delta.content + tail.content, delta.reasoning + tail.reasoning, True)
                     open_.discard(i)
@@ -241,8 +248,9 @@ class LanguageServer:
         self._pump: EventPump | None = None  # bound to the serving loop on first use
         self.stop_ids = frozenset({self.tokenizer.im_end_id, self.tokenizer.pad_id})
         longest = longest_token_chars(self.tokenizer)
-        # text longer than this cannot fit the context whatever it says: refused before it is tokenised
-        self.max_prompt_chars = None if longest is None else self.max_len * longest * NORMALISATION_MARGIN
+        # text longer than this cannot fit the context whatever it says: refused before tokenising
+        self.max_prompt_chars = (None if longest is None
+                                 else self.max_len * longest * NORMALISATION_MARGIN)
 
     async def start(self) -> None:
         if self.options.compile:
@@ -261,13 +269,15 @@ class LanguageServer:
     async def prepare(self, req: ChatCompletionRequest) -> Prepared:
         opts = self.options
         arrival = time.monotonic()
-        # long text (and base64 images) is read and tokenised on a worker thread: the loop keeps serving
+        # long text (and base64 images) is read and tokenised on a worker thread: the loop serves on
         chars = _text_chars(req, text_only=True)
         if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
-            raise APIError(400, f"this model's context is {self.max_len} tokens; the messages' {chars} characters "
-                                f"need more", param="messages", code="context_length_exceeded")
+            raise APIError(400, f"this model's context is {self.max_len} tokens; the messages' "
+                                f"{chars} characters need more", param="messages",
+                           code="context_length_exceeded")
         off_loop = _text_chars(req) > OFF_LOOP_CHARS
-        read = (read_conversation, req, opts.max_images, opts.max_image_bytes, opts.allow_remote_images)
+        read = (read_conversation, req, opts.max_images, opts.max_image_bytes,
+                opts.allow_remote_images)
         conv = await asyncio.to_thread(*read) if off_loop else read[0](*read[1:])
         images = await self._encode_images(conv, req) if conv.images else []
         thinking = req.thinking_enabled
@@ -344,7 +354,7 @@ class LanguageServer:
         submitted = []
         try:
             for i, rid in enumerate(ids):
-                seed = None if req.seed is None else (req.seed + i) % 2**64  # choice i: the next 64-bit seed
+                seed = None if req.seed is None else (req.seed + i) % 2**64  # choice i: next seed
                 params = SamplingParams(max_tokens=prepared.max_tokens, temperature=temperature,
                                         top_p=1.0 if req.top_p is None else req.top_p, seed=seed,
                                         stop_ids=frozenset() if req.ignore_eos else self.stop_ids)

@@ -31,7 +31,7 @@ class Topology:
     worker_threads: int = 1  # torch threads per local vision worker
     max_batch_tiles: int = 32
     max_wait_ms: float = 5.0
-    heartbeat_timeout: float = 10.0  # a vision worker (local or remote) silent this long is down (503s, restart)
+    heartbeat_timeout: float = 10.0  # a vision worker silent this long is down (503; restart)
     vision_dtype: str = "float32"  # float32 | bfloat16: precision of the vision side, in either topology
 
     def validate(self) -> None:

@@ -6,9 +6,9 @@ official client through `extra_body`): `thinking` (or vLLM/Qwen3's `chat_templat
 `routing` ("full" | "compressed" | "router"), `visual_token_budget` (max visual tokens over the request's images) and
 `max_tiles` (tiling limit per image, at most the model's), `ignore_eos` (benchmarks: run to max_tokens).
 
-Types are as strict as OpenAI's: integers must be JSON integers (not 3.0, "5" or true), booleans JSON booleans,
-numbers JSON numbers. A `seed` is a 64-bit integer (signed or unsigned: -2^63 <= seed < 2^64). At most
-`MAX_STOPS` stop strings of at most `MAX_STOP_CHARS` characters each.
+Types are as strict as OpenAI's: integers must be JSON integers (not 3.0, "5" or true), booleans
+JSON booleans, numbers JSON numbers. A `seed` is a 64-bit integer (signed or unsigned:
+-2^63 <= seed < 2^64). At most `MAX_STOPS` stop strings of at most `MAX_STOP_CHARS` characters each.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, \
-    field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      ValidationError, field_validator)
 
 from tessera.serve.protocol import ROUTING_MODES
 
@@ -27,8 +27,9 @@ class APIError(Exception):
     """An error with an HTTP status and an OpenAI-style body."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-             422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+             405: "invalid_request_error", 413: "invalid_request_error",
+             415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+             500: "server_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -42,8 +43,8 @@ class APIError(Exception):
 # ---- request --------------------------------------------------------------------------------------------
 
 MAX_STOPS = 4  # as OpenAI
-MAX_STOP_CHARS = 1024  # per stop string; the hold-back check is linear in it (tessera/serve/detok.py)
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a 64-bit generator seed can hold, signed or unsigned
+MAX_STOP_CHARS = 1024  # per stop string; the hold-back check is linear in it (serve/detok.py)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a 64-bit generator seed holds, signed or unsigned
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -109,7 +110,7 @@ class ChatCompletionRequest(BaseModel):
     routing: Literal[ROUTING_MODES] | None = None  # type: ignore[valid-type]
     visual_token_budget: StrictInt | None = Field(default=None, ge=1)
     max_tiles: StrictInt | None = Field(default=None, ge=1)
-    ignore_eos: StrictBool = False  # generate exactly max_tokens (benchmarks; as vLLM's extra parameter)
+    ignore_eos: StrictBool = False  # generate exactly max_tokens (benchmarks; as vLLM's extra)
 
     @field_validator("stop")
     @classmethod
@@ -141,8 +142,8 @@ def parse_request(data: Any) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
-        # of a union's alternatives, the deepest error names the parameter best (a list content's part,
-        # not "content should be a string")
+        # of a union's alternatives, the deepest error names the parameter best (a list
+        # content's part, not "content should be a string")
         err = max(e.errors(), key=lambda er: len(er["loc"]))
         param = _param_path(err) or None
         missing = err["type"] == "missing"
@@ -152,7 +153,8 @@ def parse_request(data: Any) -> ChatCompletionRequest:
 
 def _param_path(err: dict) -> str:
     """A pydantic error location as OpenAI's dotted parameter path, without union branch labels
-    (`str`, `list[...]`) and discriminator tags; a part whose `type` is unknown is reported at its `type`."""
+    (`str`, `list[...]`) and discriminator tags; a part whose `type` is unknown is reported at its
+    `type`."""
     out: list[str] = []
     tagged = False  # the segment after the next index is a discriminated union's tag
     skip_tag = False

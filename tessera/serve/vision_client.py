@@ -5,9 +5,10 @@ N`: child processes of this server, each a `tessera vision-server` bound to an e
 goes to the live worker with the fewest requests in flight. Failure handling:
 - a local worker whose process exits is noticed within `poll_interval`: its in-flight requests fail at once
   with VisionUnavailable (HTTP 503), and a replacement is started (with backoff if it keeps dying);
-- a local worker whose process lives but stops answering heartbeats for `heartbeat_timeout` (stopped, wedged)
-  is treated the same way: marked down (its requests get a 503 then, not at the vision timeout), killed, and
-  replaced. Workers answer pings while they compute a batch, so a long batch is not mistaken for a hang;
+- a local worker whose process lives but stops answering heartbeats for `heartbeat_timeout`
+  (stopped, wedged) is treated the same way: marked down (its requests get a 503 then, not at the
+  vision timeout), killed, and replaced. Workers answer pings while they compute a batch, so a long
+  batch is not mistaken for a hang;
 - a remote worker that stops answering heartbeats for `heartbeat_timeout` is marked down the same way and
   comes back by itself when it answers again;
 - sends never block: DEALER sockets use ZMQ_IMMEDIATE and non-blocking sends, so a request to a worker that
@@ -210,7 +211,7 @@ class RemoteVision:
                         and now - w.last_seen > self.heartbeat_timeout:
                     self._mark_down(w, f"no heartbeat for {now - w.last_seen:.1f} s")
                     if w.proc is not None and w.proc.returncode is None:
-                        w.proc.kill()  # a hung local worker: the exit is seen next poll, and it is replaced
+                        w.proc.kill()  # a hung local worker: its exit is seen next poll; replaced
             if now >= next_ping:
                 next_ping = now + self.heartbeat
                 for w in self.workers:

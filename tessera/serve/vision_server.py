@@ -6,9 +6,9 @@ One thread, one socket, a small batching loop:
   `max_batch_tiles` tiles or its oldest request has waited `max_wait_ms`;
 - replies go back per request, with per-tile token counts in the header and bf16 features as blobs.
 Bad input is answered with an error reply (status 400/413) and the server keeps serving; `ping` is answered
-with `pong` and the server's counters (the language side uses it as a heartbeat). A batch runs on a compute
-thread while this loop keeps answering pings (and collecting the next batch), so a long ViT batch is not
-mistaken for a hung server; a process that is stopped or wedged answers nothing and is.
+with `pong` and the server's counters (the language side uses it as a heartbeat). A batch runs on a
+compute thread while this loop keeps answering pings (and collecting the next batch), so a long ViT
+batch is not mistaken for a hung server; a process that is stopped or wedged answers nothing and is.
 
 On start it prints `READY <endpoint>` on stdout (with the real port when bound to port 0), which is how a
 language server that spawned it learns where to connect.
@@ -69,7 +69,7 @@ class VisionServer:
         pending: list[tuple[bytes, str, PreparedJob]] = []
         oldest = 0.0
         compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tessera-vit")
-        running: tuple[concurrent.futures.Future, list] | None = None  # the batch on the compute thread
+        running: tuple[concurrent.futures.Future, list] | None = None  # the batch being computed
         try:
             while not self._stop:
                 if self._parent is not None and os.getppid() != self._parent:
@@ -91,7 +91,8 @@ class VisionServer:
                         if sum(j.num_tiles for _, _, j in pending) >= self.max_batch_tiles:
                             break
                 full = sum(j.num_tiles for _, _, j in pending) >= self.max_batch_tiles
-                if running is None and pending and (full or time.monotonic() - oldest >= self.max_wait):
+                due = full or time.monotonic() - oldest >= self.max_wait
+                if running is None and pending and due:
                     running = (compute.submit(self._compute, pending), pending)
                     pending = []
         finally:
@@ -132,7 +133,7 @@ class VisionServer:
         return rid, job
 
     def _compute(self, pending: list[tuple[bytes, str, PreparedJob]]) -> list:
-        """On the compute thread: encode one batch (no socket use here; replies go from the loop)."""
+        """On the compute thread: encode one batch (no socket here; replies go from the loop)."""
         tiles = sum(j.num_tiles for _, _, j in pending)
         self.stats.batches += 1
         self.stats.tiles += tiles
@@ -142,7 +143,8 @@ class VisionServer:
         except Exception as e:  # a model failure fails this batch, not the server
             return [e] * len(pending)
 
-    def _reply(self, sock, pending: list[tuple[bytes, str, PreparedJob]], fut: concurrent.futures.Future) -> None:
+    def _reply(self, sock, pending: list[tuple[bytes, str, PreparedJob]],
+               fut: concurrent.futures.Future) -> None:
         try:
             results = fut.result()
         except Exception as e:
