@@ -355,3 +355,15 @@ def test_text_that_cannot_fit_is_refused_before_tokenisation(server, http, monke
     assert (
         err["code"] == "context_length_exceeded" and calls
     )  # within the bound: tokenised, then refused
+
+
+def test_an_unexpected_error_is_a_500_body_and_the_connection_survives(server, http, monkeypatch):
+    async def broken(req):
+        raise RuntimeError("injected unexpected failure")
+
+    monkeypatch.setattr(server.language_server, "prepare", broken)
+    r = http.post(URL, json=user())
+    err = assert_error(r, 500, type_="server_error")
+    assert "injected unexpected failure" in err["message"]
+    monkeypatch.undo()
+    assert_same_connection_serves(http, r)

@@ -84,7 +84,11 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
             if not authorised(request):
                 return error_response(APIError(401, "invalid or missing API key (expected 'Authorization: Bearer <key>')",
                                                code="invalid_api_key"))
-        return await call_next(request)
+        try:
+            return await call_next(request)
+        except Exception as e:  # answered here: Starlette's last resort drops the connection
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
 
     @app.get("/health")
     async def health(request: Request):
@@ -110,15 +114,6 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        try:
-            return await _chat_completions(request)
-        except APIError:
-            raise
-        except Exception as e:  # answered here: Starlette's last resort drops the connection
-            log.exception("chat completion failed")
-            raise APIError(500, f"internal error: {type(e).__name__}: {e}") from None
-
-    async def _chat_completions(request: Request):
         data = await read_json(request, server.options.max_body_bytes)
         req = parse_request(data)
         if req.model is not None and req.model != model_name:
