@@ -37,6 +37,7 @@ from tessera.engine.sampling import SamplingParams, sample_tokens
 
 log = logging.getLogger(__name__)
 
+
 class EngineFull(RuntimeError):
     """The waiting queue is at its bound; the caller should shed load (HTTP 429)."""
 
