@@ -88,7 +88,7 @@ def ask_image(base_url, seed):
 
 
 def test_a_stopped_local_worker_is_unhealthy_gets_prompt_503s_and_is_replaced(model, checkpoint):
-    topology = Topology("decoupled", vision_workers=1, heartbeat_timeout=2.0)
+    topology = Topology("decoupled", vision_workers=1, heartbeat_timeout=3.0)
     options = ServeOptions(model_name="tiny", vision_timeout=VISION_TIMEOUT)
     srv = build_server(checkpoint, topology, options, model=model)
     stopped = None
