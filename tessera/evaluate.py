@@ -6,8 +6,8 @@ the same scenes and every family gets the same share. The reasoning family is as
 target has a worked `<think>` chain), the others with thinking off, as in training (override with `thinking`).
 Scores come from `tessera.world.score`: `overall` is the mean over families.
 
-Generation is batched: prompts are left-padded, each row keeps its own position ids, and the attention mask
-hides the padding, so a row's tokens are exactly those it would get alone (greedy is deterministic).
+Generation is batched through `tessera.engine.generate` (greedy), so a row's tokens are those it would get
+alone.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
+from tessera.engine import SamplingParams, generate
 
 ROUTINGS = ("full", "compressed", "router", "random")  # tessera.routing.MODES
 
@@ -42,47 +42,6 @@ class EvalResult:
         if not records:
             data.pop("records")
         return data
-
-
-@torch.inference_mode()
-def greedy_generate(model, prompts: list[list[int]], image_features: torch.Tensor | None, max_new_tokens: int,
-                    stop_id: int, pad_id: int) -> list[list[int]]:
-    """Greedy continuations of several prompts at once (left padding, per-row positions, one KV cache).
-
-    prompts: B token lists; image_features [ΣT, D] for their <IMG_CONTEXT> tokens in row order.
-    Returns each row's new tokens up to and excluding `stop_id`.
-    """
-    from tessera.model.llm import DynamicCache
-
-    B, P = len(prompts), max(len(p) for p in prompts)
-    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
-    valid = torch.zeros(B, P, dtype=torch.bool)  # [B,P] real (non-padding) tokens
-    for b, p in enumerate(prompts):
-        input_ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        valid[b, P - len(p):] = True
-    position_ids = (valid.long().cumsum(1) - 1).clamp_min(0)  # [B,P], 0 at each row's first real token
-    causal = torch.ones(P, P, dtype=torch.bool).tril()  # [P,P]
-    eye = torch.eye(P, dtype=torch.bool)  # padding queries see themselves, so no softmax row is empty
-    mask = (causal & (valid[:, None, :] | eye))[:, None]  # [B,1,P,P]
-    cache = DynamicCache()
-    logits = model(input_ids, image_features=image_features, position_ids=position_ids, attn_mask=mask, cache=cache)
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
-    next_pos = position_ids[:, -1] + 1  # [B]
-    for _ in range(max_new_tokens):
-        token = logits[:, -1].argmax(-1)  # [B]
-        for b in range(B):
-            if not done[b]:
-                if int(token[b]) == stop_id:
-                    done[b] = True
-                else:
-                    out[b].append(int(token[b]))
-        if bool(done.all()):
-            break
-        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], dim=1)  # [B,S], S = keys so far
-        logits = model(token[:, None], position_ids=next_pos[:, None], attn_mask=valid[:, None, None, :], cache=cache)
-        next_pos = next_pos + 1
-    return out
 
 
 def evaluate(model, seed: int = 0, n: int = 140, routing: str = "full", batch_size: int = 16,
@@ -134,7 +93,8 @@ def evaluate(model, seed: int = 0, n: int = 140, routing: str = "full", batch_si
             if best_of > 1:
                 outs = generate_best_of_n(model, critic, prompts, features, think[part[0]], best_of, limit, seed=seed + lo)
             else:
-                outs = greedy_generate(model, prompts, features, limit, tok.im_end_id, tok.pad_id)
+                greedy = SamplingParams(max_tokens=limit, stop_ids=frozenset([tok.im_end_id]))
+                outs = generate(model, prompts, features, greedy).answers()
             for k, i in enumerate(part):
                 s, text = samples[i], tok.decode(outs[k], skip_special_tokens=False)  # keep </think>: verify splits on it
                 ok = bool(verify(s.family, text, s.answer))

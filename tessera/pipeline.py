@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tessera.engine import SamplingParams, generate
 from tessera.image import ImageProcessor, load_image
 
 
@@ -46,9 +47,9 @@ class Pipeline:
             tiles = len(decision.tokens_per_tile)
             compressed = decision.compressed_tiles
         ids = tok.build_prompt(question, image_tokens, thinking=thinking)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        out = self.model.generate(torch.tensor([ids]), features, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, stop_ids=[tok.im_end_id], generator=generator)
+        sampling = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                  stop_ids=frozenset([tok.im_end_id]))
+        [out] = generate(self.model, [ids], features, sampling).tokens
         text = tok.decode(out)
         return Answer(text=text, final=tok.final_answer(text), visual_tokens=sum(image_tokens), tiles=tiles,
                       compressed_tiles=compressed, token_ids=list(out))

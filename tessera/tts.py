@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tessera.seeds import sub_seed
 from tessera.train.rl_losses import sequence_logprobs
 from tessera.train.rollout import (Group, Prepared, Query, Rollout, SamplingConfig, SequenceBatch, generate_groups,
                                    response_logprobs, score, sequence_batch)
@@ -310,8 +311,7 @@ def best_of_n_rollouts(model, critic: Critic | None, prepared: Sequence[Prepared
     try:
         for k, lo in enumerate(range(0, len(prepared), cfg.queries_per_batch)):
             chunk = list(prepared[lo:lo + cfg.queries_per_batch])
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
-            groups = generate_groups(model, chunk, n, cfg, gen, [model.tokenizer.im_end_id])
+            groups = generate_groups(model, chunk, n, cfg, sub_seed(cfg.seed, k), [model.tokenizer.im_end_id])
             for p, rolls in zip(chunk, groups):
                 rolls = [score(model.tokenizer, r, p.query, verify or (lambda *_: False)) for r in rolls]
                 if critic is not None:
@@ -327,7 +327,7 @@ def best_of_n_rollouts(model, critic: Critic | None, prepared: Sequence[Prepared
 def generate_best_of_n(model, critic: Critic | None, prompts: Sequence[Sequence[int]], image_features: torch.Tensor | None,
                        thinking: bool, n: int, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
                        seed: int = 0, strategy: str = "weighted") -> list[list[int]]:
-    """The `tessera.evaluate` hook: like its greedy_generate (one row per prompt, new tokens without the stop id),
+    """The `tessera.evaluate` hook: like its greedy generate (one row per prompt, new tokens without the stop id),
     but each row is the kept one of n samples. image_features [ΣT, D] are split by each prompt's <IMG_CONTEXT> count."""
     img = model.config.image_context_token_id
     prepared, start = [], 0

@@ -222,8 +222,8 @@ def test_batched_sampling_equals_row_by_row():
     logits = torch.randn(5, 97, generator=g) * 3
     params = [SamplingParams(), SamplingParams(temperature=0.7, top_p=0.5, seed=1), SamplingParams(temperature=1.5, seed=2),
               SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9, seed=3)]
-    batched = sample_tokens(logits, params, [p.make_generator() for p in params])
-    alone = [sample_tokens(logits[b:b + 1], [p], [p.make_generator()])[0] for b, p in enumerate(params)]
+    batched, _ = sample_tokens(logits, params, [p.make_generator() for p in params])
+    alone = [sample_tokens(logits[b:b + 1], [p], [p.make_generator()])[0][0] for b, p in enumerate(params)]
     assert batched == alone
     assert batched[0] == int(logits[0].argmax()) and batched[3] == int(logits[3].argmax())
     probs = torch.softmax(logits[:2], dim=-1)  # per-row top_p: row 0 untouched at 1.0, row 1 as the 1-D filter

@@ -9,7 +9,8 @@ import torch
 
 from tessera.chat import build_tokenizer
 from tessera.config import preset
-from tessera.evaluate import evaluate, format_report, greedy_generate
+from tessera.engine import SamplingParams, generate
+from tessera.evaluate import evaluate, format_report
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +31,10 @@ def test_batched_greedy_matches_single_prompt_generation(model):
     tok = model.tokenizer
     prompts = [tok.build_prompt(q, []) for q in ("What colour is the circle?", "How many shapes?", "Describe the image.")]
     with torch.no_grad():
-        batched = greedy_generate(model, prompts, None, max_new_tokens=6, stop_id=tok.im_end_id, pad_id=tok.pad_id)
+        greedy = SamplingParams(max_tokens=6, stop_ids=frozenset([tok.im_end_id]))
+        batched = generate(model, prompts, None, greedy).answers()
         for p, out in zip(prompts, batched):
-            single = model.generate(torch.tensor([p]), None, max_new_tokens=6, stop_ids=[tok.im_end_id])
-            if single and single[-1] == tok.im_end_id:
-                single = single[:-1]
+            single = generate(model, [p], None, greedy).answers()[0]
             assert out == single
     assert len({len(p) for p in prompts}) > 1  # the prompts really needed padding
 

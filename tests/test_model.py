@@ -8,9 +8,12 @@ import torch
 from tessera import geometry
 from tessera.config import FlashConfig, LanguageConfig, ModelConfig, VisionConfig
 from tessera.model.connector import make_mlp1, make_mlp2, pixel_shuffle
-from tessera.model.llm import DynamicCache, Qwen3ForCausalLM, packed_causal_mask
+from tessera.engine import SamplingParams, generate
+from tessera.engine.kv_cache import CacheGeometry, SlotKVCache
+from tessera.engine.sampling import sample_tokens
+from tessera.model.llm import Qwen3ForCausalLM, packed_causal_mask
 from tessera.model.vit import InternVisionModel, RMSNorm
-from tessera.model.vlm import VisionLanguageModel, sample_token
+from tessera.model.vlm import VisionLanguageModel
 
 IMG = 3  # <IMG_CONTEXT> id of these tiny models
 
@@ -160,37 +163,61 @@ def test_embed_splices_features_and_checks_counts(model):
 
 # ---- decoding: KV cache, sampling -------------------------------------------------------------------------
 
+def _greedy(model, ids, feats, n, stop_ids=()):
+    """Greedy tokens of the engine's batched generate for one prompt [1, T] (the stop id, when hit, last)."""
+    return generate(model, [ids[0].tolist()], feats, SamplingParams(max_tokens=n, stop_ids=frozenset(stop_ids))).tokens[0]
+
+
+def _greedy_uncached(model, ids, feats, n):
+    """The reference: recompute the whole sequence at every step, no cache."""
+    out = []
+    with torch.no_grad():
+        embeds = model.embed(ids, feats)  # [1, T, D]
+        for _ in range(n):
+            out.append(int(model.language_model(embeds)[0, -1].argmax()))
+            new = model.language_model.embed_tokens(torch.tensor([[out[-1]]]))  # [1, 1, D]
+            embeds = torch.cat([embeds, new], dim=1)  # [1, T+k, D]
+    return out
+
+
 def test_kv_cache_generation_equals_full_recompute(model):
     pv = torch.randn(2, 3, 56, 56)
     feats, per_tile = model.encode_images(pv, torch.tensor([False, True]))
     ids = prompt(sum(per_tile))
-    cached = model.generate(ids, feats, max_new_tokens=12)
-    uncached = model.generate(ids, feats, max_new_tokens=12, cache=False)
+    cached = _greedy(model, ids, feats, 12)
+    uncached = _greedy_uncached(model, ids, feats, 12)
     assert cached == uncached and len(cached) == 12
     stop = cached[3]
-    assert model.generate(ids, feats, max_new_tokens=12, stop_ids=[stop]) == cached[:cached.index(stop) + 1]
+    assert _greedy(model, ids, feats, 12, stop_ids=[stop]) == cached[:cached.index(stop) + 1]
     # incremental logits (prefill in two chunks, then one token) equal one full forward
     full_ids = torch.cat([ids, torch.tensor([cached[:3]])], dim=1)
     with torch.no_grad():
         embeds = model.embed(full_ids, feats)
         ref = model.language_model(embeds, torch.arange(full_ids.shape[1])[None])
-        cache, parts, t = DynamicCache(), [], full_ids.shape[1]
+        c = model.config.language
+        parts, t = [], full_ids.shape[1]
+        cache = SlotKVCache(CacheGeometry(c.num_layers, c.num_kv_heads, c.head_dim, 1, t))
         for lo, hi in ((0, 5), (5, t - 1), (t - 1, t)):
-            parts.append(model.language_model(embeds[:, lo:hi], torch.arange(lo, hi)[None], cache=cache))
-        assert cache.seq_len == t
+            pos = torch.arange(lo, hi)[None]
+            parts.append(model.language_model(embeds[:, lo:hi], pos, cache=cache.view(0, pos, hi)))
     torch.testing.assert_close(torch.cat(parts, dim=1), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_greedy_nucleus_and_seed(model):
-    logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
-    assert sample_token(logits) == 1
-    assert sample_token(logits, temperature=1.0, top_p=1e-6) == 1  # the nucleus keeps only the top token
-    draws = {sample_token(logits, 1.0, 0.8, torch.Generator().manual_seed(s)) for s in range(40)}
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+
+    def draw(temperature=0.0, top_p=1.0, generator=None):
+        return sample_tokens(logits, [SamplingParams(temperature=temperature, top_p=top_p)], generator)[0][0]
+
+    assert draw() == 1
+    assert draw(1.0, 1e-6) == 1  # the nucleus keeps only the top token
+    draws = {draw(1.0, 0.8, torch.Generator().manual_seed(s)) for s in range(40)}
     assert draws == {1, 3}  # p(1) + p(3) ≈ 0.92 > 0.8 > p(1): both top tokens, nothing else
     feats, per_tile = model.encode_images(torch.randn(1, 3, 56, 56))
     ids = prompt(sum(per_tile))
-    a = model.generate(ids, feats, 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7))
-    b = model.generate(ids, feats, 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    sampled = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    a = generate(model, [ids[0].tolist()], feats, sampled).tokens
+    b = generate(model, [ids[0].tolist()], feats, sampled).tokens
     assert a == b
 
 

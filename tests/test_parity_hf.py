@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tessera.config import LanguageConfig, ModelConfig, VisionConfig
+from tessera.engine import SamplingParams, generate
 from tessera.model.checkpoint import convert, save_checkpoint
 from tessera.model.vlm import VisionLanguageModel
 
@@ -77,7 +78,7 @@ def test_greedy_generation_matches_transformers(pair):
     pixel_values = torch.randn(3, 3, 56, 56)
     ids = image_prompt(3, ours.config.tokens_per_tile)
     features, _ = ours.encode_images(pixel_values)
-    mine = ours.generate(ids, features, max_new_tokens=10)
+    mine = generate(ours, [ids[0].tolist()], features, SamplingParams(max_tokens=10)).tokens[0]
     with torch.no_grad():
         out = theirs.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=10, min_new_tokens=10,
                               do_sample=False, pad_token_id=0)

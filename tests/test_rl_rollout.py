@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from tessera.chat import build_tokenizer, fallback_corpus
+from tessera.engine import SamplingParams
+from tessera.engine.sampling import sample_tokens
 from tessera.model.init import init_model
 from tessera.train.rollout import (Prepared, Query, Rollout, SamplingConfig, response_logprobs, rollout,
-                                   sample_tokens, score, sequence_batch)
+                                   score, sequence_batch)
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +40,16 @@ def never(family, prediction, answer):
 
 def test_sample_tokens_greedy_top_p_and_generator():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
-    ids, lp = sample_tokens(logits, 0.0, 1.0, None)
-    assert ids.tolist() == [1, 0]
+    greedy, nucleus, free = SamplingParams(), SamplingParams(temperature=1.0, top_p=1e-3), SamplingParams(temperature=1.0)
+    ids, lp = sample_tokens(logits, [greedy] * 2, None, logprobs=True)
+    assert ids == [1, 0]
     assert torch.allclose(lp, torch.log_softmax(logits, -1)[[0, 1], [1, 0]])
     # a tiny nucleus keeps only the most likely token, whatever the draw
-    ids, _ = sample_tokens(logits.repeat(50, 1), 1.0, 1e-3, torch.Generator().manual_seed(0))
-    assert ids.tolist() == [1, 0] * 50
-    a, _ = sample_tokens(torch.zeros(8, 100), 1.0, 1.0, torch.Generator().manual_seed(5))
-    b, _ = sample_tokens(torch.zeros(8, 100), 1.0, 1.0, torch.Generator().manual_seed(5))
-    assert torch.equal(a, b)
+    ids, _ = sample_tokens(logits.repeat(50, 1), [nucleus] * 100, torch.Generator().manual_seed(0))
+    assert ids == [1, 0] * 50
+    a, _ = sample_tokens(torch.zeros(8, 100), [free] * 8, torch.Generator().manual_seed(5))
+    b, _ = sample_tokens(torch.zeros(8, 100), [free] * 8, torch.Generator().manual_seed(5))
+    assert a == b
 
 
 def test_rollouts_are_reproducible_under_a_seed(model):
@@ -122,7 +125,7 @@ def test_bad_sampling_config_is_rejected(model):
     with pytest.raises(ValueError, match="group_size"):
         rollout(model, QUERIES, SamplingConfig(group_size=0), verify=never, prepared=_prepared(model, QUERIES))
     with pytest.raises(ValueError, match="top_p"):
-        sample_tokens(torch.zeros(1, 4), 1.0, 0.0, None)
+        SamplingParams(temperature=1.0, top_p=0.0)
 
 
 def test_unprepared_lists_queries_not_encoded_or_missing_the_tiles_a_trained_vision_side_needs():

@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 
-from tessera.engine import TokenEvent
+from tessera.engine import SamplingParams, TokenEvent, generate
 from tessera.model.init import init_lively_model
 from tessera.serve.detok import TextAssembler
 from tessera.serve.language_server import EventPump, ServeOptions
@@ -42,9 +42,10 @@ def client(server):
 
 
 def reference(model, prompt_ids, n, features=None):
-    """Greedy tokens from the model's own single-sequence generate (no engine, no server)."""
+    """Greedy tokens from the batched generate of one prompt (no engine loop, no server)."""
     tok = model.tokenizer
-    return model.generate(torch.tensor([prompt_ids]), features, max_new_tokens=n, stop_ids=[tok.im_end_id, tok.pad_id])
+    greedy = SamplingParams(max_tokens=n, stop_ids=frozenset([tok.im_end_id, tok.pad_id]))
+    return generate(model, [list(prompt_ids)], features, greedy).tokens[0]
 
 
 def test_models_lists_the_served_model(client):

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tessera.seeds import CRITIC_SEED_OFFSET
+
 
 @dataclass
 class BestOfNConfig:
@@ -33,7 +35,7 @@ class BestOfNConfig:
 def best_of_n_table(model, cfg: BestOfNConfig, critic_dir: Path) -> dict[str, Any]:
     """Accuracy at each N (greedy, sampled mean, vote, critic, critic-weighted, oracle pass@N) and the critic's report."""
     from tessera.evaluate import evaluate
-    from tessera.train.rollout import CRITIC_SEED_OFFSET, SamplingConfig, prepare, training_queries, world_query
+    from tessera.train.rollout import SamplingConfig, prepare, training_queries, world_query
     from tessera.tts import CriticTrainConfig, best_of_n_rollouts, fit_critic, select
     from tessera.world import eval_items, verify
 

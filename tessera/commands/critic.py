@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from tessera.seeds import CRITIC_SEED_OFFSET
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint folder (the policy whose answers the critic will judge)")
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import tessera
-    from tessera.train.rollout import CRITIC_SEED_OFFSET, SamplingConfig, training_queries
+    from tessera.train.rollout import SamplingConfig, training_queries
     from tessera.tts import CRITIC_DIR, CriticTrainConfig, fit_critic
 
     model = tessera.load(args.checkpoint)

@@ -1,6 +1,8 @@
-"""The generation engine: slot KV cache, sampling, continuous batching over prompt embeddings."""
+"""The generation stack: slot KV cache, one sampler, batched `generate` and continuous-batching `Engine`."""
 
 from tessera.engine.engine import Engine, EngineFull, EngineStats, GenerationRequest, TokenEvent
+from tessera.engine.generate import Generation, generate
 from tessera.engine.sampling import SamplingParams
 
-__all__ = ["Engine", "EngineFull", "EngineStats", "GenerationRequest", "SamplingParams", "TokenEvent"]
+__all__ = ["Engine", "EngineFull", "EngineStats", "Generation", "GenerationRequest", "SamplingParams", "TokenEvent",
+           "generate"]

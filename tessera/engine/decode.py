@@ -101,3 +101,29 @@ class DecodeStep:
         if self.compiled:
             for b in self.buckets:
                 self([0] * b, [1] * b)
+
+
+def prefill(llm: torch.nn.Module, cache: SlotKVCache, first_slot: int, prompts: list[torch.Tensor]) -> torch.Tensor:
+    """Prefill prompt embeddings (each [T_i, D]) into cache slots [first_slot, first_slot + k) in one forward
+    → logits [k, V] (float32) of each prompt's last token.
+
+    The rows are right-padded to the longest: row i holds its tokens at positions [0, T_i) of its own slot, and
+    query t of row i sees keys s <= min(t, T_i - 1) (causal; pad queries see only real keys, so no attention
+    row is empty, and what they write past T_i is overwritten by the decode steps before anything reads it).
+    """
+    k = len(prompts)
+    param = next(llm.parameters())
+    device, dtype = param.device, param.dtype
+    lengths = torch.tensor([e.shape[0] for e in prompts], device=device)  # [k]
+    T = int(lengths.max())
+    embeds = torch.zeros(k, T, prompts[0].shape[1], dtype=dtype, device=device)  # [k, T, D], right-padded
+    for i, e in enumerate(prompts):
+        embeds[i, : e.shape[0]] = e
+    positions = torch.arange(T, device=device).expand(k, T)  # [k, T]
+    last_real = torch.minimum(positions, (lengths - 1)[:, None])  # [k, T]
+    s = torch.arange(T, device=device)
+    mask = (s[None, None, :] <= last_real[:, :, None])[:, None]  # [k, T, S=T] → [k, 1, T, S]
+    view = cache.view(first_slot, positions, T, lengths)
+    hidden = llm.hidden(embeds, positions, cache=view, attn_mask=mask)  # [k, T, D]
+    last = hidden[torch.arange(k, device=device), lengths - 1]  # [k, D]
+    return llm.lm_head(last).float()  # [k, V]

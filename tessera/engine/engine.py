@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from tessera.engine.decode import DecodeStep
+from tessera.engine.decode import DecodeStep, prefill
 from tessera.engine.kv_cache import CacheGeometry, SlotKVCache
 from tessera.engine.sampling import SamplingParams, sample_tokens
 
@@ -285,21 +285,8 @@ class Engine:
                  ) -> int:
         k = len(batch)
         lengths = torch.tensor([e.shape[0] for _, e, _ in batch], device=self.device)  # [k]
-        T = int(lengths.max())
-        D = batch[0][1].shape[1]
-        embeds = torch.zeros(k, T, D, dtype=self.dtype, device=self.device)  # [k, T, D], right-padded
-        for i, (_, e, _) in enumerate(batch):
-            embeds[i, : e.shape[0]] = e
-        positions = torch.arange(T, device=self.device).expand(k, T)  # [k, T]
-        # query t of row i sees keys s <= min(t, n_i - 1): causal, and pad queries see only real keys
-        last_real = torch.minimum(positions, (lengths - 1)[:, None])  # [k, T]
-        s = torch.arange(T, device=self.device)
-        mask = (s[None, None, :] <= last_real[:, :, None])[:, None]  # [k, 1, T, S=T]
         first = len(self.running)
-        view = self.cache.view(first, positions, T, lengths)
-        hidden = self.llm.hidden(embeds, positions, cache=view, attn_mask=mask)  # [k, T, D]
-        last = hidden[torch.arange(k, device=self.device), lengths - 1]  # [k, D]
-        logits = self.llm.lm_head(last).float()  # [k, V]
+        logits = prefill(self.llm, self.cache, first, [e for _, e, _ in batch])  # [k, V]
         seqs = [_Sequence(req, first + i, int(lengths[i]), -1, gen)
                 for i, (req, _, gen) in enumerate(batch)]
         tokens = self._sample(logits, seqs)
@@ -316,14 +303,14 @@ class Engine:
         row draws what it would have drawn had the failure not happened."""
         states = [q.generator.get_state() if q.generator is not None else None for q in seqs]
         try:
-            return sample_tokens(logits, [q.req.params for q in seqs], [q.generator for q in seqs])
+            return sample_tokens(logits, [q.req.params for q in seqs], [q.generator for q in seqs])[0]
         except Exception:
             out: list[int | Exception] = []
             for b, q in enumerate(seqs):
                 if states[b] is not None:
                     q.generator.set_state(states[b])
                 try:
-                    out.append(sample_tokens(logits[b:b + 1], [q.req.params], [q.generator])[0])
+                    out.append(sample_tokens(logits[b:b + 1], [q.req.params], [q.generator])[0][0])
                 except Exception as e:
                     out.append(e)
             return out

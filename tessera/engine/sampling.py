@@ -1,7 +1,10 @@
-"""Token selection: greedy, or temperature + nucleus (top-p) sampling with a per-request generator.
+"""Token selection, the one sampler of every decode loop (the engine, `generate`, RL rollouts, Best-of-N).
 
-Each request owns a `torch.Generator` seeded from its `seed`, so its sampled tokens do not depend on which
-other requests happen to share its batch.
+Greedy (temperature 0), or temperature + top-k + nucleus (top-p) sampling. The draws come either from one
+`torch.Generator` per row (the engine: a request's tokens do not depend on which other requests share its
+batch) or from one generator for the whole batch (`generate`: a batch is reproducible from one seed).
+Optionally each drawn token's log-probability is returned: log π(token) at the sampling temperature (1 when
+greedy) over the whole vocabulary, i.e. what a trainer computes for the same token (GSPO's π_old).
 """
 
 from __future__ import annotations
@@ -13,13 +16,17 @@ import torch
 
 @dataclass
 class SamplingParams:
-    """How one sequence is generated. temperature 0 means greedy (argmax)."""
+    """How one sequence is generated. temperature 0 means greedy (argmax); top_k 0 means no top-k cut.
+
+    banned_ids are never drawn (RL rollouts ban the image placeholders: an answer cannot contain an image)."""
 
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
     seed: int | None = None
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    banned_ids: frozenset[int] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -28,13 +35,17 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         self.stop_ids = frozenset(self.stop_ids)
+        self.banned_ids = frozenset(self.banned_ids)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
     def make_generator(self) -> torch.Generator | None:
+        """A generator seeded from `seed` (a random seed when None); None when greedy (nothing is drawn)."""
         if self.greedy:
             return None
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -60,18 +71,54 @@ def top_p_filter(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tens
     return out / out.sum(dim=-1, keepdim=True)
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of logits [B, V]. Greedy rows: one argmax over the batch. Sampled rows: temperature,
-    softmax and top-p for all of them at once, then one draw per row from that row's own generator (so a
-    request's tokens do not depend on its batch companions)."""
-    out = logits.argmax(dim=-1).tolist()  # [B]; kept for greedy rows
-    rows = [b for b, p in enumerate(params) if not p.greedy]
-    if not rows:
-        return out
-    temperature = torch.tensor([params[b].temperature for b in rows], dtype=torch.float32, device=logits.device)
-    top_p = torch.tensor([params[b].top_p for b in rows], dtype=torch.float32, device=logits.device)
-    picked = logits[rows] if len(rows) < len(params) else logits  # [n, V]
-    probs = top_p_filter(torch.softmax(picked.float() / temperature[:, None], dim=-1), top_p)  # [n, V]
-    for i, b in enumerate(rows):
-        out[b] = int(torch.multinomial(probs[i], 1, generator=generators[b]))
+def top_k_filter(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """logits [n, V] with every token below row i's top_k[i]-th largest set to -inf (0 = keep all)."""
+    if not any(k > 0 for k in top_k):
+        return logits
+    V = logits.shape[-1]
+    ks = torch.tensor([min(k, V) if k > 0 else V for k in top_k], device=logits.device)  # [n]
+    sorted_l = logits.sort(dim=-1, descending=True).values  # [n, V]
+    kth = sorted_l.gather(-1, (ks - 1)[:, None])  # [n, 1], the k-th largest logit
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _ban(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits [B, V] with each row's banned ids at -inf (the input itself when nothing is banned)."""
+    if not any(p.banned_ids for p in params):
+        return logits
+    out = logits.clone()
+    for b, p in enumerate(params):
+        if p.banned_ids:
+            out[b, list(p.banned_ids)] = float("-inf")
     return out
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: torch.Generator | list[torch.Generator | None] | None,
+                  logprobs: bool = False) -> tuple[list[int], torch.Tensor | None]:
+    """One token per row of logits [B, V] → (ids, log-probs [B] or None).
+
+    Greedy rows: one argmax over the batch. Sampled rows: temperature, top-k, softmax and top-p for all of them
+    at once, then the draw: one per row from that row's own generator when `generators` is a list (so a
+    request's tokens do not depend on its batch companions), or one draw for all sampled rows from a single
+    generator. With `logprobs`, each id's log π at its row's temperature (1 when greedy), whole vocabulary."""
+    logits = logits.float()
+    allowed = _ban(logits, params)
+    ids = allowed.argmax(dim=-1)  # [B]; kept for greedy rows
+    rows = [b for b, p in enumerate(params) if not p.greedy]
+    if rows:
+        temperature = torch.tensor([params[b].temperature for b in rows], dtype=torch.float32, device=logits.device)
+        top_p = torch.tensor([params[b].top_p for b in rows], dtype=torch.float32, device=logits.device)
+        picked = allowed[rows] if len(rows) < len(params) else allowed  # [n, V]
+        picked = top_k_filter(picked / temperature[:, None], [params[b].top_k for b in rows])  # [n, V]
+        probs = top_p_filter(torch.softmax(picked, dim=-1), top_p)  # [n, V]
+        if isinstance(generators, list):
+            drawn = [int(torch.multinomial(probs[i], 1, generator=generators[b])) for i, b in enumerate(rows)]
+            ids[rows] = torch.tensor(drawn, device=ids.device)
+        else:
+            ids[rows] = torch.multinomial(probs, 1, generator=generators).squeeze(1)  # [n, 1] → [n]
+    if not logprobs:
+        return ids.tolist(), None
+    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)  # [B]
+    logp = torch.log_softmax(logits / temps[:, None], dim=-1)  # [B, V]
+    return ids.tolist(), logp.gather(-1, ids[:, None]).squeeze(1)  # [B, 1] → [B]

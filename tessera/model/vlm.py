@@ -1,6 +1,6 @@
 """VisionLanguageModel: InternViT → pixel shuffle → MLP projector → Qwen3 decoder (InternVL3.5 / -Flash).
 
-The model accepts precomputed image features everywhere (`embed`, `forward`, `generate`), so the engine
+The model accepts precomputed image features everywhere (`embed`, `forward`), so the engine
 and the decoupled (DvD) language server never need the vision tower.
 
 Flash: each tile goes through either the 1/4 branch (`mlp1`, `config.downsample_ratio`) or the 1/16 branch
@@ -12,14 +12,14 @@ exist when Flash is enabled; routing decisions come in as the `compress` mask or
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import nn
 
 from tessera.config import ModelConfig
 from tessera.model.connector import make_mlp1, make_mlp2, pixel_shuffle
-from tessera.model.llm import DynamicCache, Qwen3ForCausalLM
+from tessera.model.llm import Qwen3ForCausalLM
 from tessera.model.router import VisualResolutionRouter, build_router_parts
 from tessera.model.vit import InternVisionModel
 
@@ -174,53 +174,3 @@ class VisionLanguageModel(nn.Module):
             image_features, _ = self.encode_images(pixel_values, compress)
         embeds = self.embed(input_ids, image_features)
         return self.language_model(embeds, position_ids, cache, attn_mask)
-
-    # ---- simple generation ---------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None, max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_p: float = 1.0, stop_ids: Iterable[int] = (), cache: bool = True,
-                 generator: torch.Generator | None = None) -> list[int]:
-        """Decode one prompt [1, T]. Returns the new token ids (a stop id, when hit, is the last element).
-
-        temperature 0 → greedy; otherwise softmax(logits / temperature) restricted to the top-p nucleus.
-        `cache=False` recomputes the whole sequence each step (the reference the KV cache is tested against).
-        """
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"generate decodes one prompt: input_ids must be [1, T], got {tuple(input_ids.shape)}")
-        stop = set(int(s) for s in stop_ids)
-        lm = self.language_model
-        embeds = self.embed(input_ids, image_features)  # [1, T, D]
-        t = embeds.shape[1]
-        kv = DynamicCache(windows=lm.windows()) if cache else None  # sliding layers keep only their window
-        positions = torch.arange(t, device=embeds.device)[None]  # [1, T]
-        hidden = lm.hidden(embeds, positions, kv)[:, -1]  # [1, D]
-        out: list[int] = []
-        while len(out) < max_new_tokens:
-            token = sample_token(lm.lm_head(hidden)[0], temperature, top_p, generator)
-            out.append(token)
-            if token in stop or len(out) == max_new_tokens:
-                break
-            new = lm.embed_tokens(torch.tensor([[token]], device=embeds.device))  # [1, 1, D]
-            if kv is not None:
-                hidden = lm.hidden(new, torch.tensor([[t + len(out) - 1]], device=embeds.device), kv)[:, -1]
-            else:
-                embeds = torch.cat([embeds, new], dim=1)  # [1, T+k, D]
-                positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
-                hidden = lm.hidden(embeds, positions)[:, -1]
-        return out
-
-
-def sample_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> int:
-    """One token from logits [V]: argmax at temperature 0, else nucleus (top-p) sampling."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [V]
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)  # [V]
-        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
-        drop = (sorted_p.cumsum(0) - sorted_p) >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from tessera.seeds import CRITIC_SEED_OFFSET
 from tessera.train.trainer import TrainConfig, Trainer
 
 
@@ -276,7 +277,7 @@ def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny
 def fit_final_critic(model, final: Path, config: RecipeConfig) -> None:
     """Train the Best-of-N critic (tessera.tts) on the final model's rollouts into final/critic, so that `eval`
     and `chat --best-of N` work on the recipe's checkpoint; skipped when a critic of these weights is there."""
-    from tessera.train.rollout import CRITIC_SEED_OFFSET, SamplingConfig, training_queries
+    from tessera.train.rollout import SamplingConfig, training_queries
     from tessera.tts import CRITIC_DIR, CriticTrainConfig, fit_critic
 
     folder = final / CRITIC_DIR

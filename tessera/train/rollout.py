@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tessera.engine import SamplingParams, generate
+from tessera.seeds import RL_SEED_OFFSET, sub_seed
 from tessera.train.data import Batch, Encoded, collate
 from tessera.train.losses import IGNORE
 from tessera.train.rl_losses import token_logprobs
@@ -52,8 +54,6 @@ def world_query(seed: int, family: str | None = None, split: str = "train", thin
     return Query(seed, family, task.question, task.answer, think, split)
 
 
-RL_SEED_OFFSET = 900_000_000  # RL's training scenes: train-split seeds disjoint from pretraining and SFT
-CRITIC_SEED_OFFSET = 950_000_000  # the Best-of-N critic's training scenes, disjoint from RL's
 
 
 def default_rl_families() -> dict[str, float]:
@@ -182,150 +182,20 @@ def unprepared(queries: Sequence[Query], prepared: dict, need_pixels: bool) -> l
 
 # ---- sampling --------------------------------------------------------------------------------------
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
-                  banned: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row: logits [B,V] → (ids [B], log-probs [B]).
-
-    temperature 0 is greedy. top-p keeps the smallest set of most likely tokens whose mass reaches p (the
-    most likely token always stays). `banned` ids are never drawn (image placeholders: an answer cannot
-    contain an image). The returned log-prob is log π(id) at `temperature` (1 when greedy) over the whole
-    vocabulary, i.e. what the trainer computes for the same token."""
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    logits = logits.float()
-    allowed = logits.index_fill(-1, torch.tensor(list(banned), dtype=torch.long), float("-inf")) if banned else logits
-    if temperature <= 0:
-        ids = allowed.argmax(dim=-1)  # [B]
-        return ids, token_logprobs(logits[:, None], ids[:, None]).squeeze(1)
-    scaled = logits / temperature  # [B,V]
-    probs = torch.softmax(allowed / temperature, dim=-1)  # [B,V]
-    if top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True)  # [B,V]
-        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly above each token [B,V]
-        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)  # back to vocabulary order [B,V]
-    ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B,1] → [B]
-    return ids, token_logprobs(scaled[:, None], ids[:, None]).squeeze(1)
-
-
-class RolloutCache:
-    """A KV cache (the llm's cache protocol) that can repeat its rows after the prefill and then decodes into
-    preallocated buffers, so a decode step writes one position instead of copying the whole cache."""
-
-    def __init__(self) -> None:
-        self.keys: list[torch.Tensor] = []  # per layer [B,Hkv,capacity,hd]
-        self.values: list[torch.Tensor] = []
-        self.lengths: list[int] = []  # filled positions per layer
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v [B,Hkv,T,hd] written after the filled positions; returns the filled views [B,Hkv,S,hd]
-        if layer_idx == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-            self.lengths.append(k.shape[2])
-            return k, v
-        n, t = self.lengths[layer_idx], k.shape[2]
-        if n + t > self.keys[layer_idx].shape[2]:
-            self._grow(layer_idx, max(2 * (n + t), 16))
-        self.keys[layer_idx][:, :, n:n + t] = k
-        self.values[layer_idx][:, :, n:n + t] = v
-        self.lengths[layer_idx] = n + t
-        return self.keys[layer_idx][:, :, :n + t], self.values[layer_idx][:, :, :n + t]
-
-    def _grow(self, layer_idx: int, capacity: int) -> None:
-        n = self.lengths[layer_idx]
-        for bufs in (self.keys, self.values):
-            old = bufs[layer_idx]
-            new = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])  # [B,Hkv,capacity,hd]
-            new[:, :, :n] = old[:, :, :n]
-            bufs[layer_idx] = new
-
-    @property
-    def seq_len(self) -> int:
-        """Positions cached so far (0 when empty), as tessera.model.llm.DynamicCache."""
-        return self.lengths[0] if self.lengths else 0
-
-    def repeat_interleave(self, repeats: int, extra_capacity: int = 0) -> None:
-        """Row b becomes rows b·repeats … b·repeats + repeats − 1 ([B,…] → [B·repeats,…]), with room for
-        `extra_capacity` more positions."""
-        for i, n in enumerate(self.lengths):
-            for bufs in (self.keys, self.values):
-                old = bufs[i][:, :, :n].repeat_interleave(repeats, dim=0)  # [B·repeats,Hkv,n,hd]
-                new = old.new_empty(old.shape[0], old.shape[1], n + extra_capacity, old.shape[3])
-                new[:, :, :n] = old
-                bufs[i] = new
-
-
-@torch.no_grad()
-def generate_groups(model, prepared: Sequence[Prepared], group_size: int, config: SamplingConfig,
-                    generator: torch.Generator | None, stop_ids: Sequence[int]) -> list[list[Rollout]]:
-    """Sample `group_size` answers for each prepared prompt in one batch: → [Q][G] unscored Rollouts."""
-    Q, G = len(prepared), group_size
+def generate_groups(model, prepared: Sequence[Prepared], group_size: int, config: SamplingConfig, seed: int,
+                    stop_ids: Sequence[int]) -> list[list[Rollout]]:
+    """Sample `group_size` answers for each prepared prompt in one batch (tessera.engine.generate, one
+    generator seeded with `seed`; image placeholders are never drawn): → [Q][G] unscored Rollouts."""
     tok = model.tokenizer
-    pad = tok.pad_id
-    banned = [tok.img_context_id, tok.img_start_id, tok.img_end_id]
-    lengths = [len(p.prompt_ids) for p in prepared]
-    L = max(lengths)
-    ids = torch.full((Q, L), pad, dtype=torch.long)  # left-padded prompts [Q,L]
-    valid = torch.zeros(Q, L, dtype=torch.bool)  # [Q,L] real tokens
-    for i, p in enumerate(prepared):
-        ids[i, L - lengths[i]:] = torch.tensor(p.prompt_ids)
-        valid[i, L - lengths[i]:] = True
-    position_ids = (valid.long().cumsum(dim=1) - 1).clamp_min(0)  # [Q,L]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()  # [L,L]
-    # a padding query position sees only itself, so no attention row is empty
-    attn = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool)[None]  # [Q,L,L]
     rows = sum(p.image_features.shape[0] for p in prepared)
     features = torch.cat([p.image_features for p in prepared if p.image_features.shape[0]]) if rows else None  # [ΣT,D]
-    cache = RolloutCache()
-    embeds = model.embed(ids, features)  # [Q,L,D]
-    logits = model.language_model(embeds, position_ids, cache=cache, attn_mask=attn[:, None])[:, -1]  # [Q,V]
-
-    limits = torch.tensor([config.budget(p.query.thinking) for p in prepared]).repeat_interleave(G)  # [Q·G]
-    steps = int(limits.max())
-    cache.repeat_interleave(G, extra_capacity=steps)
-    logits = logits.repeat_interleave(G, dim=0)  # [Q·G,V]
-    keys_valid = valid.repeat_interleave(G, dim=0)  # [Q·G,L]
-    next_pos = position_ids[:, -1].repeat_interleave(G) + 1  # [Q·G]
-    stop = torch.tensor(list(stop_ids), dtype=torch.long)
-    B = Q * G
-    tokens = torch.zeros(B, 0, dtype=torch.long)
-    logps = torch.zeros(B, 0)
-    done = torch.zeros(B, dtype=torch.bool)
-    finished = torch.zeros(B, dtype=torch.bool)
-    for step in range(steps):
-        new, lp = sample_tokens(logits, config.temperature, config.top_p, generator, banned)  # [B], [B]
-        alive = ~done  # rows still writing; finished rows are fed padding that nothing attends to
-        new = torch.where(alive, new, torch.full_like(new, pad))
-        tokens = torch.cat([tokens, new[:, None]], dim=1)  # [B,step+1]
-        logps = torch.cat([logps, lp[:, None]], dim=1)  # [B,step+1]
-        hit = torch.isin(new, stop) & alive
-        finished |= hit
-        done |= hit | (limits <= step + 1)  # a row out of budget stops, unfinished
-        if bool(done.all()):
-            break
-        keys_valid = torch.cat([keys_valid, alive[:, None]], dim=1)  # [B,S]
-        step_embeds = model.embed(new[:, None], None)  # [B,1,D]
-        logits = model.language_model(step_embeds, next_pos[:, None], cache=cache,
-                                      attn_mask=keys_valid[:, None, None, :])[:, -1]  # [B,1,V] → [B,V]
-        next_pos = next_pos + 1
-    out: list[list[Rollout]] = []
-    for q in range(Q):
-        group = []
-        for g in range(G):
-            b = q * G + g
-            row = tokens[b, :int(limits[b])].tolist()
-            n = _answer_length(row, finished[b].item(), set(stop_ids))
-            group.append(Rollout(row[:n], logps[b, :n].tolist(), bool(finished[b])))
-        out.append(group)
-    return out
-
-
-def _answer_length(row: list[int], finished: bool, stop: set[int]) -> int:
-    """Tokens that belong to the answer: up to and including the first stop id, or all when truncated."""
-    if not finished:
-        return len(row)
-    return next(i for i, t in enumerate(row) if t in stop) + 1
+    params = SamplingParams(max_tokens=max(config.max_new_tokens, config.max_think_tokens),
+                            temperature=config.temperature, top_p=config.top_p, seed=seed,
+                            stop_ids=frozenset(stop_ids),
+                            banned_ids=frozenset([tok.img_context_id, tok.img_start_id, tok.img_end_id]))
+    gen = generate(model, [p.prompt_ids for p in prepared], features, params, group_size,
+                   max_tokens=[config.budget(p.query.thinking) for p in prepared])
+    return [[Rollout(gen.tokens[r], gen.logprobs[r], gen.finished[r]) for r in group] for group in gen.groups()]
 
 
 # ---- teacher-forced scoring ------------------------------------------------------------------------
@@ -438,8 +308,8 @@ def rollout(model, queries: Sequence[Query], config: SamplingConfig, verify: Ver
         for k, start in enumerate(range(0, len(order), step)):
             idx = order[start:start + step]
             chunk = [prepared[i] for i in idx]
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + k)
-            for i, p, rolls in zip(idx, chunk, generate_groups(model, chunk, config.group_size, config, gen, stop_ids)):
+            rolls_of = generate_groups(model, chunk, config.group_size, config, sub_seed(config.seed, k), stop_ids)
+            for i, p, rolls in zip(idx, chunk, rolls_of):
                 groups[i] = Group(p.query, [score(model.tokenizer, r, p.query, verify) for r in rolls])
         return groups
     finally:
