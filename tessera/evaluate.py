@@ -53,12 +53,12 @@ def evaluate(model, seed: int = 0, n: int = 140, routing: str = "full", batch_si
     from tessera.world import FAMILIES, eval_items, score, verify
 
     critic = None
-    if best_of != 1:  # Best-of-N: the model must carry a critic (tessera.tts.Critic.load(checkpoint))
-        from tessera.tts import generate_best_of_n
+    if best_of != 1:  # Best-of-N: the model must carry a critic (tessera.best_of_n.Critic.load(checkpoint))
+        from tessera.best_of_n import generate_best_of_n
 
         critic = getattr(model, "critic", None)
         if critic is None:
-            raise ValueError("best_of > 1 needs a critic: set model.critic = tessera.tts.Critic.load(CHECKPOINT) "
+            raise ValueError("best_of > 1 needs a critic: set model.critic = tessera.best_of_n.Critic.load(CHECKPOINT) "
                              "(train one with `tessera critic CHECKPOINT`)")
     if thinking not in ("auto", "on", "off"):
         raise ValueError(f"thinking must be auto, on or off, got {thinking!r}")

@@ -232,7 +232,7 @@ def test_cli_convert(good, tmp_path, capsys):
 
 
 def test_cli_convert_casts_to_bfloat16_and_carries_the_critic(good, tmp_path):
-    from tessera.tts import Critic, CriticConfig
+    from tessera.best_of_n import Critic, CriticConfig
 
     Critic(CriticConfig()).save(good / "critic")
     assert cli(["convert", str(good), str(tmp_path / "bf16"), "--to", "tessera", "--dtype", "bfloat16"]) == 0

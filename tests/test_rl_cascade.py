@@ -13,15 +13,15 @@ import pytest
 
 @pytest.mark.slow
 def test_cascade_bench_runs_every_row(tmp_path, monkeypatch):
-    import tessera.train.rollout as rollout_mod
-    import tessera.tts as tts_mod
+    import tessera.answers as answers_mod
+    import tessera.best_of_n as best_of_n_mod
     from tessera.bench.cascade import format_cascade, quick_config, run_cascade
     from tessera.chat import build_tokenizer, fallback_corpus
     from tessera.model.checkpoint import save_checkpoint
     from tessera.model.init import init_model
 
     save_checkpoint(init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0), tmp_path / "sft")
-    real = rollout_mod.score
+    real = answers_mod.score
 
     def first_token_rule(tokenizer, r, query, verify):
         r = real(tokenizer, r, query, verify)
@@ -30,8 +30,8 @@ def test_cascade_bench_runs_every_row(tmp_path, monkeypatch):
         r.reward = float(r.correct)
         return r
 
-    monkeypatch.setattr(rollout_mod, "score", first_token_rule)
-    monkeypatch.setattr(tts_mod, "score", first_token_rule)
+    monkeypatch.setattr(answers_mod, "score", first_token_rule)
+    monkeypatch.setattr(best_of_n_mod, "score", first_token_rule)
     summary = run_cascade(tmp_path / "sft", tmp_path / "out", quick_config(), log=lambda *_: None)
     assert list(summary["rows"]) == ["SFT", "+MPO", "+GSPO (1 pass)", "+GSPO (2 passes)", "Cascade (MPO → GSPO ½ pass)",
                                      "Cascade (MPO → GSPO 0.75 pass)", "Cascade (MPO → GSPO)"]
@@ -65,6 +65,7 @@ def test_a_gspo_pass_of_no_epochs_is_refused():
 
 def test_token_passes_count_forward_positions_and_triple_the_differentiated_ones():
     import torch
+
     from tessera.bench.compute import count_token_passes
     from tessera.chat import build_tokenizer, fallback_corpus
     from tessera.model.init import init_model

@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from tessera.answers import Group, PreparedQuery, Query, Rollout
+from tessera.logprobs import sequence_logprobs
 from tessera.train.gspo import GSPOConfig, GSPOStage, gspo_minibatch_loss, make_minibatches, select_queries
 from tessera.train.mpo import QueryStat
-from tessera.train.rl_losses import sequence_logprobs
-from tessera.train.rollout import Group, Prepared, Query, Rollout, response_logprobs, sequence_batch
+from tessera.train.rollout import response_logprobs, sequence_batch
 
 
 class ToyLM(nn.Module):
@@ -25,7 +26,7 @@ class ToyLM(nn.Module):
 
 
 def _toy_prepared(query):
-    return Prepared(query, [1, 2, 3], torch.zeros(0, 3, 4, 4), torch.zeros(0, 8), [0])
+    return PreparedQuery(query, [1, 2, 3], torch.zeros(0, 3, 4, 4), torch.zeros(0, 8), [0])
 
 
 def _rollout(model, prep, tokens, reward):
@@ -112,7 +113,7 @@ def test_stage_under_the_trainer_learns_what_is_rewarded(tmp_path, monkeypatch):
     import tessera.train.gspo as gspo_mod
     from tessera.chat import build_tokenizer, fallback_corpus
     from tessera.model.init import init_model
-    from tessera.train.trainer import Trainer, TrainConfig
+    from tessera.train.trainer import TrainConfig, Trainer
 
     model = init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0)
     half = model.config.language.vocab_size // 2
@@ -122,7 +123,7 @@ def test_stage_under_the_trainer_learns_what_is_rewarded(tmp_path, monkeypatch):
         px = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(q.seed))
         with torch.no_grad():
             feats, per_tile = model.encode_images(px)
-        prepared[q.key()] = Prepared(q, model.tokenizer.build_prompt(q.question, [sum(per_tile)]), px[:0], feats,
+        prepared[q.key()] = PreparedQuery(q, model.tokenizer.build_prompt(q.question, [sum(per_tile)]), px[:0], feats,
                                      [sum(per_tile)])
 
     def rewarded_mass():

@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from tessera.train.mpo import (MPOStage, PreferencePair, QueryStat, build_pairs, read_pairs, read_stats,
-                               write_jsonl)
-from tessera.train.rollout import Group, Prepared, Query, Rollout
+from tessera.answers import Group, PreparedQuery, Query, Rollout
+from tessera.train.mpo import MPOStage, PreferencePair, QueryStat, build_pairs, read_pairs, read_stats, write_jsonl
 
 
 def _group(outcomes, query=None):
@@ -72,7 +71,7 @@ class ToyLM(nn.Module):
 
 def _stage(model, n_pairs=4):
     q = Query(1, "reasoning", "q", "7")
-    prepared = {q.key(): Prepared(q, [1, 3], torch.zeros(0, 3, 4, 4), torch.zeros(0, 8), [0])}
+    prepared = {q.key(): PreparedQuery(q, [1, 3], torch.zeros(0, 3, 4, 4), torch.zeros(0, 8), [0])}
     pairs = [PreferencePair(q, [5, 6, 2], [7, 8, 2], accuracy=0.5) for _ in range(n_pairs)]
     stage = MPOStage(pairs, pairs_per_batch=2, prepared=prepared)
     stage.setup(model)
@@ -96,7 +95,7 @@ def test_first_step_loss_equals_the_hand_value_at_the_reference():
 
 
 def test_stage_under_the_trainer_prefers_the_chosen_answer(tmp_path):
-    from tessera.train.trainer import Trainer, TrainConfig
+    from tessera.train.trainer import TrainConfig, Trainer
 
     model = ToyLM()
     stage = _stage(model)
@@ -115,10 +114,10 @@ def test_stage_refuses_an_empty_pair_set():
 
 def test_build_stage_from_stored_pairs_renders_the_scenes(tmp_path):
     """`tessera train mpo` with data.pairs: the scenes come back from their seeds, the reference is recorded."""
+    from tessera.answers import world_query
     from tessera.chat import build_tokenizer, fallback_corpus
     from tessera.model.init import init_model
     from tessera.train import build_stage
-    from tessera.train.rollout import world_query
 
     model = init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0)
     q = world_query(5, "reasoning")
@@ -152,7 +151,7 @@ def _model_sums(model, pairs):
 
 def _recorded_stage(model, shift=0.0, **kw):
     q = Query(1, "reasoning", "q", "7")
-    prepared = {q.key(): Prepared(q, [1, 3], torch.zeros(0, 3, 4, 4), torch.zeros(0, 8), [0])}
+    prepared = {q.key(): PreparedQuery(q, [1, 3], torch.zeros(0, 3, 4, 4), torch.zeros(0, 8), [0])}
     pairs = [PreferencePair(q, [5, 6, 2], [7, 8, 2], accuracy=0.5), PreferencePair(q, [4, 2], [9, 9, 9, 2])]
     for p, (c, r) in zip(pairs, _model_sums(model, pairs)):
         p.chosen_logprob, p.rejected_logprob = c + shift, r + shift

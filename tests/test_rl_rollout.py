@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from tessera.answers import PreparedQuery, Query, Rollout, SamplingConfig, rollout, score
 from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.engine import SamplingParams
 from tessera.engine.sampling import sample_tokens
 from tessera.model.init import init_model
-from tessera.train.rollout import (Prepared, Query, Rollout, SamplingConfig, response_logprobs, rollout,
-                                   score, sequence_batch)
+from tessera.train.rollout import response_logprobs, sequence_batch
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def _prepared(model, queries, tiles=(1, 3)):
         with torch.no_grad():
             feats, per_tile = model.encode_images(px)
         ids = model.tokenizer.build_prompt(q.question, [sum(per_tile)], thinking=q.thinking)
-        out.append(Prepared(q, ids, px, feats, [sum(per_tile)]))
+        out.append(PreparedQuery(q, ids, px, feats, [sum(per_tile)]))
     return out
 
 
@@ -129,11 +129,11 @@ def test_bad_sampling_config_is_rejected(model):
 
 
 def test_unprepared_lists_queries_not_encoded_or_missing_the_tiles_a_trained_vision_side_needs():
-    from tessera.train.rollout import Prepared, unprepared
+    from tessera.answers import PreparedQuery, unprepared
 
     a, b, c = (Query(s, "count", "how many?", "2") for s in (1, 2, 3))
     feats = torch.zeros(4, 8)
-    prepared = {a.key(): Prepared(a, [1], torch.zeros(1, 3, 4, 4), feats, [4]),  # with tiles
-                b.key(): Prepared(b, [1], torch.zeros(0, 3, 4, 4), feats, [4])}  # features only
+    prepared = {a.key(): PreparedQuery(a, [1], torch.zeros(1, 3, 4, 4), feats, [4]),  # with tiles
+                b.key(): PreparedQuery(b, [1], torch.zeros(0, 3, 4, 4), feats, [4])}  # features only
     assert unprepared([a, b, c, c], prepared, need_pixels=False) == [c]
     assert unprepared([a, b, c, c], prepared, need_pixels=True) == [b, c]

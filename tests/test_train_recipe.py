@@ -9,8 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tessera.train.recipe import (RecipeConfig, StagePlan, quick_recipe, read_timings, record_timing, resolve_paths,
-                                  run_recipe, stage_finished, tiny_recipe)
+from tessera.train.recipe import (
+    RecipeConfig,
+    StagePlan,
+    quick_recipe,
+    read_timings,
+    record_timing,
+    resolve_paths,
+    run_recipe,
+    stage_finished,
+    tiny_recipe,
+)
 from tessera.train.trainer import TrainConfig
 
 CASCADE = ["pretrain", "sft", "spatial", "count", "count2", "focus", "mpo", "gspo", "vico", "router"]
@@ -48,7 +57,7 @@ def test_recipe_smoke_and_resume(tmp_path):
     assert result.final_checkpoint == tmp_path / "sft" / "final"
     model = tessera.load(result.final_checkpoint)
     assert model.tokenizer is not None
-    from tessera.tts import Critic
+    from tessera.best_of_n import Critic
 
     Critic.load(result.final_checkpoint)  # the final model ships its Best-of-N critic
     evals = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines() if "eval" in x]

@@ -1,6 +1,6 @@
 """`tessera bench best_of_n CKPT --out DIR`: test-time scaling on the reasoning family, on any checkpoint.
 
-A critic (tessera.tts) is trained on the checkpoint's rollouts of fresh training queries; each held-out
+A critic (tessera.best_of_n) is trained on the checkpoint's rollouts of fresh training queries; each held-out
 reasoning question then gets max(N) samples at the Best-of-N temperature, and N < max uses the first N of
 them, so every column sees the same samples. Per N: the mean accuracy of a single sample, a plain majority
 vote (a baseline, not a critic), the critic's favourite, the critic-weighted vote (`eval --best-of`'s default)
@@ -34,9 +34,10 @@ class BestOfNConfig:
 
 def best_of_n_table(model, cfg: BestOfNConfig, critic_dir: Path) -> dict[str, Any]:
     """Accuracy at each N (greedy, sampled mean, vote, critic, critic-weighted, oracle pass@N) and the critic's report."""
+    from tessera.answers import SamplingConfig, prepare, world_query
+    from tessera.best_of_n import CriticTrainConfig, best_of_n_rollouts, fit_critic, select
     from tessera.evaluate import evaluate
-    from tessera.train.rollout import SamplingConfig, prepare, training_queries, world_query
-    from tessera.tts import CriticTrainConfig, best_of_n_rollouts, fit_critic, select
+    from tessera.train.rollout import training_queries
     from tessera.world import eval_items, verify
 
     start = time.process_time()

@@ -16,7 +16,7 @@ training (rollouts made during training included) and the exact, machine-indepen
 MPO its pairs and every GSPO run its query filter) is shared by all RL rows and reported once, beside them.
 The defaults are the measured run of docs/BENCHMARKS.md (≈ 2 hours at two threads); --quick exercises the path.
 Then the per-family accuracy before (SFT) and after (every row), and Best-of-N on the Cascade model: a critic
-(tessera.tts) is trained on the Cascade model's rollouts of fresh training queries, and each held-out reasoning
+(tessera.best_of_n) is trained on the Cascade model's rollouts of fresh training queries, and each held-out reasoning
 question gets 8 samples; N = 4 uses the first 4. Written to DIR/cascade.md and DIR/cascade.json.
 """
 
@@ -100,7 +100,7 @@ def sampled_accuracy(model, n: int, eval_seed: int, temperature: float, group_si
 
     Greedy decoding reads the policy's mode; RL that sharpens the distribution around it moves this number
     and can leave the mode (and so the greedy accuracy) where it was."""
-    from tessera.train.rollout import SamplingConfig, rollout, world_query
+    from tessera.answers import SamplingConfig, rollout, world_query
     from tessera.world import eval_items
 
     queries = [world_query(it.seed, it.family, split=it.split) for it in eval_items(n, ["reasoning"], offset=eval_seed)]

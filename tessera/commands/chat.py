@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = tessera.Pipeline(model)
     try:
         if args.best_of > 1:
-            from tessera.tts import Critic, best_of_n
+            from tessera.best_of_n import Critic, best_of_n
 
             answer = best_of_n(pipe, args.image, args.question, n=args.best_of, thinking=args.thinking,
                                routing=args.routing, max_new_tokens=args.max_new_tokens,

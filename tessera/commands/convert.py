@@ -1,7 +1,7 @@
 """`tessera convert SRC DST --to hf|tessera|official`: rewrite a checkpoint folder in another layout.
 
 The source layout (tessera, official InternVL3.5, transformers) is detected from its config.json; tensors
-are copied bit for bit and tokenizer.json is copied along, and so is the Best-of-N critic (critic/, tessera.tts)
+are copied bit for bit and tokenizer.json is copied along, and so is the Best-of-N critic (critic/, tessera.best_of_n)
 when the source has one.
 """
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         convert(args.src, dst, to=args.to, dtype=getattr(torch, args.dtype) if args.dtype else None)
-        from tessera.tts import CRITIC_DIR
+        from tessera.best_of_n import CRITIC_DIR
 
         if (Path(args.src) / CRITIC_DIR).is_dir():
             import shutil

@@ -1,7 +1,7 @@
 """`tessera critic CKPT [--out DIR] [--queries N] [--group-size G] ...`: train the Best-of-N critic.
 
 The checkpoint answers `--queries` training questions `--group-size` times each; the world's verifiers label
-the answers; a small head on the frozen model's features learns P(correct) (see tessera.tts). The critic is
+the answers; a small head on the frozen model's features learns P(correct) (see tessera.best_of_n). The critic is
 written to CKPT/critic unless `--out` says otherwise, which is where `eval --best-of` and `chat --best-of` look.
 """
 
@@ -30,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import tessera
-    from tessera.train.rollout import SamplingConfig, training_queries
-    from tessera.tts import CRITIC_DIR, CriticTrainConfig, fit_critic
+    from tessera.answers import SamplingConfig
+    from tessera.best_of_n import CRITIC_DIR, CriticTrainConfig, fit_critic
+    from tessera.train.rollout import training_queries
 
     model = tessera.load(args.checkpoint)
     families = json.loads(args.families) if args.families else None

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--n must be at least 1")
     model = tessera.load(args.checkpoint)
     if args.best_of > 1:
-        from tessera.tts import Critic
+        from tessera.best_of_n import Critic
 
         model.critic = Critic.load(args.critic or args.checkpoint)
     result = evaluate(model, seed=args.seed, n=args.n, routing=args.routing, batch_size=args.batch_size,

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tessera.answers import Group, PreparedQuery, Query, SamplingConfig, prepare, rollout, unprepared
 from tessera.train.mpo import QueryStat
 from tessera.train.rl_losses import group_advantages, gspo_loss
-from tessera.train.rollout import (Group, Prepared, Query, SamplingConfig, SequenceBatch, prepare, response_logprobs,
-                                   rollout, sequence_batch, unprepared)
+from tessera.train.rollout import SequenceBatch, response_logprobs, sequence_batch
 
 
 def select_queries(stats: Sequence[QueryStat], low: float = 0.2, high: float = 0.8) -> list[Query]:
@@ -122,7 +122,7 @@ class GSPOStage:
     queries: list[Query]
     config: GSPOConfig = field(default_factory=GSPOConfig)
     verify: object = None  # (family, text, answer) → bool; None = the world's verifier
-    prepared: dict = field(default_factory=dict)  # query key → Prepared (filled lazily; tests may pre-fill)
+    prepared: dict = field(default_factory=dict)  # query key → PreparedQuery (filled lazily; tests may pre-fill)
     name: str = "gspo"
     precision: str = "fp32"  # log-probs must match the fp32 rollouts / reference (see Trainer.fit)
     trainable: dict[str, bool] = field(default_factory=dict)
@@ -140,7 +140,7 @@ class GSPOStage:
     def setup(self, model) -> None:
         self._model = model
 
-    def _prepared(self, queries: Sequence[Query]) -> list[Prepared]:
+    def _prepared(self, queries: Sequence[Query]) -> list[PreparedQuery]:
         missing = unprepared(queries, self.prepared, need_pixels=self.config.train_vision)
         if missing:
             for p in prepare(self._model, missing, keep_pixels=self.config.train_vision):

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from tessera.train.rl_losses import MPOWeights, RunningMean, implicit_reward_mean, mpo_loss, sequence_logprobs
-from tessera.train.rollout import (Group, Query, SamplingConfig, SequenceBatch, prepare, response_logprobs,
-                                   rollout, sequence_batch, unprepared)
+from tessera.answers import Group, Query, SamplingConfig, prepare, rollout, unprepared
+from tessera.logprobs import sequence_logprobs
+from tessera.train.rl_losses import MPOWeights, RunningMean, implicit_reward_mean, mpo_loss
+from tessera.train.rollout import SequenceBatch, response_logprobs, sequence_batch
 
 
 @dataclass
@@ -194,7 +195,7 @@ class MPOStage:
     weights: MPOWeights = field(default_factory=MPOWeights)
     train_vision: bool = False
     seed: int = 0
-    prepared: dict = field(default_factory=dict)  # query key → Prepared (filled in setup; tests may pre-fill)
+    prepared: dict = field(default_factory=dict)  # query key → PreparedQuery (filled in setup; tests may pre-fill)
     name: str = "mpo"
     precision: str = "fp32"  # log-probs must match the fp32 rollouts / reference (see Trainer.fit)
     trainable: dict[str, bool] = field(default_factory=dict)

@@ -275,10 +275,11 @@ def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny
 
 
 def fit_final_critic(model, final: Path, config: RecipeConfig) -> None:
-    """Train the Best-of-N critic (tessera.tts) on the final model's rollouts into final/critic, so that `eval`
+    """Train the Best-of-N critic (tessera.best_of_n) on the final model's rollouts into final/critic, so that `eval`
     and `chat --best-of N` work on the recipe's checkpoint; skipped when a critic of these weights is there."""
-    from tessera.train.rollout import SamplingConfig, training_queries
-    from tessera.tts import CRITIC_DIR, CriticTrainConfig, fit_critic
+    from tessera.answers import SamplingConfig
+    from tessera.best_of_n import CRITIC_DIR, CriticTrainConfig, fit_critic
+    from tessera.train.rollout import training_queries
 
     folder = final / CRITIC_DIR
     key = json.loads(json.dumps(_eval_key(final, queries=config.critic_queries, seed=config.seed)))

@@ -1,59 +1,24 @@
-"""Rollouts for reasoning RL: G sampled answers per query with their log-probs, scored by the world's verifiers.
+"""What reasoning RL adds to sampled answers: its query pool and the teacher-forced scoring it differentiates.
 
-One call renders each query's scene (the world is deterministic by seed), encodes its tiles once, prefills
-a batch of prompts (left-padded) into a KV cache, repeats the cache G times and samples the G answers of
-every query in lock-step. Each sampled token's log-probability under the policy at the sampling
-temperature is recorded: these are GSPO's π_old, so no second forward pass is needed.
-
-Rewards: 1 when the answer is well-formed and the family's verifier accepts it, else 0. Well-formed means
-the answer ended with `<|im_end|>` (not truncated) and, in thinking mode, is exactly one
-`<think>…</think>` block followed by the final answer; with thinking off it has no think tags at all.
-
-Everything is a function of `SamplingConfig.seed`: the same model, queries and config give the same tokens.
+The rollouts themselves (G sampled answers per query with their log-probs, scored by the world's verifiers)
+are `tessera.answers.rollout`, shared with Best-of-N. Here: `training_queries` (the weighted train-split
+pool), and `sequence_batch` + `response_logprobs`, log π of given responses with gradients for the trainer.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from tessera.engine import SamplingParams, generate
-from tessera.seeds import RL_SEED_OFFSET, sub_seed
+from tessera.answers import PreparedQuery, Query, world_query
+from tessera.logprobs import token_logprobs
+from tessera.seeds import RL_SEED_OFFSET
 from tessera.train.data import Batch, Encoded, collate
 from tessera.train.losses import IGNORE
-from tessera.train.rl_losses import token_logprobs
-
-Verifier = Callable[[str, str, str], bool]  # (family, prediction_text, answer) → correct?
-
-
-@dataclass(frozen=True)
-class Query:
-    """One training or evaluation question; the image is re-rendered from (seed, family, split)."""
-
-    seed: int
-    family: str
-    question: str
-    answer: str
-    thinking: bool = False
-    split: str = "train"
-
-    def key(self) -> tuple[int, str, str]:
-        return (self.seed, self.family, self.split)
-
-
-def world_query(seed: int, family: str | None = None, split: str = "train", thinking: bool | None = None) -> Query:
-    """The world's sample at `seed` as a Query. Thinking defaults to on when the sample carries a worked
-    `<think>` target (the reasoning family), since that is how SFT taught the model to answer it."""
-    from tessera.world import build
-
-    _, task, family, _ = build(seed, family, split)  # the question without rendering the scene
-    think = (task.think is not None) if thinking is None else thinking
-    return Query(seed, family, task.question, task.answer, think, split)
-
-
+from tessera.world import FAMILIES
 
 
 def default_rl_families() -> dict[str, float]:
@@ -62,8 +27,6 @@ def default_rl_families() -> dict[str, float]:
     Count is weighted up because a reasoning-only pool cost it 5.5 points (docs/TRAINING.md, session 8): its
     answers are the reads that reasoning chains build on, and the [0.2, 0.8] filter keeps many of its queries
     (221 of 545 against 2–29 of ~270 for the reading families)."""
-    from tessera.world import FAMILIES
-
     weights = {"reasoning": 8.0, "count": 2.0}
     return {f: weights.get(f, 1.0) for f in FAMILIES}
 
@@ -77,125 +40,6 @@ def training_queries(n: int, families: dict[str, float] | None = None, seed: int
         raise ValueError(f"families must map at least one family to a positive weight, got {families}")
     rng = random.Random(seed)
     return [world_query(seed_offset + seed * n + i, rng.choices(names, weights)[0]) for i in range(n)]
-
-
-def render(query: Query):
-    """The query's image (PIL), rendered again from its seed; checks the world still agrees on the question."""
-    from tessera.world import make_sample
-
-    s = make_sample(query.seed, family=query.family, split=query.split)
-    if s.question != query.question or s.answer != query.answer:
-        raise ValueError(f"world sample (seed={query.seed}, {query.family}, {query.split}) no longer matches the stored "
-                         f"query: {s.question!r}/{s.answer!r} vs {query.question!r}/{query.answer!r}")
-    return s.image
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    group_size: int = 8  # G answers per query
-    max_new_tokens: int = 32  # answer budget with thinking off (tessera.evaluate's default)
-    max_think_tokens: int = 160  # budget of a thinking answer (think block + final answer)
-    queries_per_batch: int = 4  # prompts prefilled together (× G rows while decoding)
-    seed: int = 0
-
-    def budget(self, thinking: bool) -> int:
-        return self.max_think_tokens if thinking else self.max_new_tokens
-
-
-@dataclass
-class Prepared:
-    """A query ready for the model: prompt ids and its image features (computed once, without grad)."""
-
-    query: Query
-    prompt_ids: list[int]
-    pixel_values: torch.Tensor  # [N,3,S,S]
-    image_features: torch.Tensor  # [T_img, D], T_img = number of <IMG_CONTEXT> ids in prompt_ids
-    image_tokens: list[int]  # visual tokens per image (one image per query)
-
-
-@dataclass
-class Rollout:
-    """One sampled answer. `logprobs[j]` = log π_old(tokens[j] | prompt, tokens[:j]) at the sampling temperature."""
-
-    tokens: list[int]
-    logprobs: list[float]
-    finished: bool  # ended with a stop id (kept in `tokens`) rather than by max_new_tokens
-    text: str = ""  # the decoded answer (specials dropped)
-    final: str = ""  # the part the verifier judged
-    format_ok: bool = False
-    correct: bool = False
-    reward: float = 0.0
-
-
-@dataclass
-class Group:
-    """A query's G rollouts; `accuracy` = fraction with reward 1."""
-
-    query: Query
-    rollouts: list[Rollout] = field(default_factory=list)
-
-    @property
-    def rewards(self) -> list[float]:
-        return [r.reward for r in self.rollouts]
-
-    @property
-    def accuracy(self) -> float:
-        return sum(r.correct for r in self.rollouts) / max(len(self.rollouts), 1)
-
-
-# ---- preparing prompts ---------------------------------------------------------------------------
-
-@torch.no_grad()
-def prepare(model, queries: Sequence[Query], keep_pixels: bool = True) -> list[Prepared]:
-    """Render, tile and encode each query's image (every tile at full resolution, 1/4); build its prompt with the
-    real visual-token count. `keep_pixels=False` stores an empty tile tensor (the features suffice when the vision side is frozen)."""
-    from tessera.image import ImageProcessor
-
-    processor = ImageProcessor.from_config(model.config)
-    out = []
-    was_training = model.training
-    model.eval()  # the features are the deterministic ones (no connector dropout), whoever calls
-    try:
-        for q in queries:
-            pixels = processor([render(q)])
-            features, per_tile = model.encode_images(pixels.pixel_values)
-            image_tokens = [int(sum(per_tile))]
-            prompt = model.tokenizer.build_prompt(q.question, image_tokens, thinking=q.thinking)
-            tiles = pixels.pixel_values if keep_pixels else pixels.pixel_values[:0]  # [N,3,S,S] or [0,3,S,S]
-            out.append(Prepared(q, prompt, tiles, features.detach(), image_tokens))
-    finally:
-        model.train(was_training)
-    return out
-
-
-def unprepared(queries: Sequence[Query], prepared: dict, need_pixels: bool) -> list[Query]:
-    """The distinct queries (in order) that `prepared` (query key → Prepared) cannot serve: not encoded yet, or
-    encoded without tiles when the vision side trains and needs them."""
-    def ready(q: Query) -> bool:
-        p = prepared.get(q.key())
-        return p is not None and (not need_pixels or p.pixel_values.numel() > 0)
-
-    return [q for q in dict.fromkeys(queries) if not ready(q)]
-
-
-# ---- sampling --------------------------------------------------------------------------------------
-
-def generate_groups(model, prepared: Sequence[Prepared], group_size: int, config: SamplingConfig, seed: int,
-                    stop_ids: Sequence[int]) -> list[list[Rollout]]:
-    """Sample `group_size` answers for each prepared prompt in one batch (tessera.engine.generate, one
-    generator seeded with `seed`; image placeholders are never drawn): → [Q][G] unscored Rollouts."""
-    tok = model.tokenizer
-    rows = sum(p.image_features.shape[0] for p in prepared)
-    features = torch.cat([p.image_features for p in prepared if p.image_features.shape[0]]) if rows else None  # [ΣT,D]
-    params = SamplingParams(max_tokens=max(config.max_new_tokens, config.max_think_tokens),
-                            temperature=config.temperature, top_p=config.top_p, seed=seed,
-                            stop_ids=frozenset(stop_ids),
-                            banned_ids=frozenset([tok.img_context_id, tok.img_start_id, tok.img_end_id]))
-    gen = generate(model, [p.prompt_ids for p in prepared], features, params, group_size,
-                   max_tokens=[config.budget(p.query.thinking) for p in prepared])
-    return [[Rollout(gen.tokens[r], gen.logprobs[r], gen.finished[r]) for r in group] for group in gen.groups()]
 
 
 # ---- teacher-forced scoring ------------------------------------------------------------------------
@@ -216,7 +60,7 @@ class SequenceBatch:
         return self.batch.targets != IGNORE  # [B,L]
 
 
-def sequence_batch(prepared: Sequence[Prepared], responses: Sequence[Sequence[int]], pad_id: int,
+def sequence_batch(prepared: Sequence[PreparedQuery], responses: Sequence[Sequence[int]], pad_id: int,
                    old_logprobs: Sequence[Sequence[float]] | None = None) -> SequenceBatch:
     """Rows prompt_i + response_i with the loss on the response tokens (data.collate builds the tensors)."""
     if len(prepared) != len(responses) or not prepared:
@@ -258,59 +102,3 @@ def response_logprobs(model, seqs: SequenceBatch, temperature: float = 1.0,
 
 
 # ---- rewards ------------------------------------------------------------------------------------------
-
-def score(tokenizer, rollout: Rollout, query: Query, verify: Verifier) -> Rollout:
-    """Fill in text, final answer, format check, correctness and reward (1 if well-formed and correct)."""
-    ids = list(rollout.tokens)
-    ok = rollout.finished and bool(ids) and ids[-1] == tokenizer.im_end_id
-    body = ids[:-1] if ok else ids
-    think, end = tokenizer.think_id, tokenizer.end_think_id
-    if query.thinking:
-        ok = ok and len(body) > 0 and body[0] == think and body.count(think) == 1 and body.count(end) == 1
-        answer_ids = body[body.index(end) + 1:] if end in body else body
-    else:
-        ok = ok and think not in body and end not in body
-        answer_ids = body
-    rollout.text = tokenizer.decode(body)
-    rollout.final = tokenizer.decode(answer_ids).strip()
-    rollout.format_ok = ok
-    rollout.correct = bool(ok and rollout.final and verify(query.family, rollout.final, query.answer))
-    rollout.reward = 1.0 if rollout.correct else 0.0
-    return rollout
-
-
-def default_verifier() -> Verifier:
-    from tessera.world import verify
-
-    return verify
-
-
-def rollout(model, queries: Sequence[Query], config: SamplingConfig, verify: Verifier | None = None,
-            prepared: Sequence[Prepared] | None = None) -> list[Group]:
-    """G scored rollouts for every query, in query order, reproducible under `config.seed`.
-
-    Queries are processed `queries_per_batch` at a time; batch k draws from a generator seeded with
-    (seed, k), so a run can be repeated exactly. Pass `prepared` to reuse already-encoded images."""
-    if min(config.group_size, config.max_new_tokens, config.max_think_tokens, config.queries_per_batch) < 1:
-        raise ValueError(f"group_size, token budgets and queries_per_batch must be >= 1: {config}")
-    verify = verify or default_verifier()
-    was_training = model.training
-    model.eval()
-    try:
-        prepared = list(prepared) if prepared is not None else prepare(model, queries)
-        if [p.query for p in prepared] != list(queries):
-            raise ValueError("prepared prompts do not match the queries")
-        stop_ids = [model.tokenizer.im_end_id]
-        groups: list[Group | None] = [None] * len(prepared)
-        # thinking and direct answers are batched apart: their lengths differ by an order of magnitude
-        order = sorted(range(len(prepared)), key=lambda i: (prepared[i].query.thinking, i))
-        step = config.queries_per_batch
-        for k, start in enumerate(range(0, len(order), step)):
-            idx = order[start:start + step]
-            chunk = [prepared[i] for i in idx]
-            rolls_of = generate_groups(model, chunk, config.group_size, config, sub_seed(config.seed, k), stop_ids)
-            for i, p, rolls in zip(idx, chunk, rolls_of):
-                groups[i] = Group(p.query, [score(model.tokenizer, r, p.query, verify) for r in rolls])
-        return groups
-    finally:
-        model.train(was_training)

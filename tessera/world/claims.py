@@ -8,7 +8,7 @@ one column at a time (tasks.worked_sum), ending on the whole sum:
 A sampled chain can misread or miscount (a perception claim) or add wrongly (an arithmetic claim). Both kinds
 can be checked without knowing the answer: a perception claim becomes the direct question the world asks for
 it (the label and count families' own wording), which the model answers far more reliably than it reads inside
-a chain; an arithmetic claim is recomputed. Best-of-N's critic (tessera.tts) uses both.
+a chain; an arithmetic claim is recomputed. Best-of-N's critic (tessera.best_of_n) uses both.
 """
 
 from __future__ import annotations

@@ -3,12 +3,23 @@
 import pytest
 import torch
 
+from tessera.answers import PreparedQuery, Query, Rollout
+from tessera.best_of_n import (
+    NUM_FEATURES,
+    Critic,
+    CriticConfig,
+    CriticTrainConfig,
+    auc,
+    confidence_features,
+    generate_best_of_n,
+    select,
+    self_check_features,
+    train_critic,
+)
 from tessera.chat import build_tokenizer, fallback_corpus
+from tessera.logprobs import sequence_logprobs
 from tessera.model.init import init_model
-from tessera.train.rl_losses import sequence_logprobs
-from tessera.train.rollout import Prepared, Query, Rollout, response_logprobs, sequence_batch
-from tessera.tts import (NUM_FEATURES, Critic, CriticConfig, CriticTrainConfig, auc, confidence_features,
-                         generate_best_of_n, self_check_features, select, train_critic)
+from tessera.train.rollout import response_logprobs, sequence_batch
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +57,7 @@ def _prepared(model, n_tiles=2, thinking=False, seed=0):
     with torch.no_grad():
         feats, per_tile = model.encode_images(px)
     q = Query(seed, "reasoning", "what is the sum of the labels?", "7", thinking)
-    return Prepared(q, model.tokenizer.build_prompt(q.question, [sum(per_tile)], thinking=thinking), px[:0], feats,
+    return PreparedQuery(q, model.tokenizer.build_prompt(q.question, [sum(per_tile)], thinking=thinking), px[:0], feats,
                     [sum(per_tile)])
 
 
@@ -54,7 +65,7 @@ def test_confidence_features_are_the_answers_log_probs(model):
     preps = [_prepared(model, 1, seed=1), _prepared(model, 3, seed=2)]
     answers = [[40, 41, 42, model.tokenizer.im_end_id], [50, model.tokenizer.im_end_id]]
     seqs = sequence_batch(preps, answers, model.tokenizer.pad_id)
-    f = confidence_features(model, seqs)
+    f = confidence_features(model, preps, answers)
     assert f.shape == (2, 3)
     with torch.no_grad():
         lp, mask = response_logprobs(model, seqs)
@@ -68,7 +79,7 @@ def _direct_logprob(model, prepared, question, value):
     tok = model.tokenizer
     prompt = tok.build_prompt(question, prepared.image_tokens)
     example = tok.build_example(question, value, prepared.image_tokens)
-    p = Prepared(prepared.query, prompt, prepared.pixel_values, prepared.image_features, prepared.image_tokens)
+    p = PreparedQuery(prepared.query, prompt, prepared.pixel_values, prepared.image_features, prepared.image_tokens)
     seqs = sequence_batch([p], [example.input_ids[len(prompt):]], tok.pad_id)
     with torch.no_grad():
         lp, mask = response_logprobs(model, seqs)

@@ -1,4 +1,4 @@
-"""Test-time scaling: Best-of-N with a learned critic.
+"""Best-of-N with a learned critic (test-time scaling).
 
 Sample N answers, score each with a critic, keep the best. InternVL3.5 uses a process reward model
 (VisualPRM) as its critic. The world can only label *outcomes* (its verifiers judge final answers), so
@@ -19,7 +19,7 @@ Tessera's critic is an outcome reward model, built as small as it can be:
   held-out ones worse (AUC 0.83 vs 0.92 for the seven numbers alone; docs/BENCHMARKS.md).
 * **Head**: per-feature standardisation → Linear(7, 32) → GELU → Linear(32, 1), a logit of P(answer correct).
 * **Training**: binary cross-entropy on the policy's own rollouts of *training* queries, labelled by the
-  world's verifiers (tessera.train.rollout); only the head learns (features are extracted once), a
+  world's verifiers (tessera.answers); only the head learns (features are extracted once), a
   held-out fifth of the queries measures it. Minutes of CPU, no human labels.
 * **Selection**: `critic` keeps the sample with the highest P(correct). `weighted` (default) sums the
   critic's probabilities over samples that give the same final answer and keeps the best-supported answer:
@@ -36,12 +36,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tessera.answers import (
+    Group,
+    PreparedQuery,
+    Query,
+    Rollout,
+    SamplingConfig,
+    answer_logprobs,
+    generate_groups,
+    prepare,
+    rollout,
+    score,
+)
+from tessera.image import load_image
+from tessera.logprobs import sequence_logprobs
+from tessera.pipeline import Answer
+from tessera.routing import RoutingPolicy, encode_routed
 from tessera.seeds import sub_seed
-from tessera.train.rl_losses import sequence_logprobs
-from tessera.train.rollout import (Group, Prepared, Query, Rollout, SamplingConfig, SequenceBatch, generate_groups,
-                                   response_logprobs, score, sequence_batch)
+from tessera.world.claims import arithmetic_consistent, perception_claims
 
 CRITIC_DIR = "critic"  # the critic lives in this folder of a checkpoint: critic.json + critic.safetensors
 STRATEGIES = ("weighted", "critic", "vote")
@@ -84,8 +99,6 @@ class Critic(nn.Module):
         return self.head(x).squeeze(-1)  # [B,1] → [B]
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "critic.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
@@ -94,8 +107,6 @@ class Critic(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> "Critic":
-        from safetensors.torch import load_file
-
         path = Path(path)
         if (path / CRITIC_DIR / "critic.json").exists():
             path = path / CRITIC_DIR  # a checkpoint folder holding its critic
@@ -110,10 +121,10 @@ class Critic(nn.Module):
 # ---- features ----------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def confidence_features(model, seqs: SequenceBatch) -> torch.Tensor:
+def confidence_features(model, prepared: Sequence[PreparedQuery], answers: Sequence[Sequence[int]]) -> torch.Tensor:
     """The policy's confidence in each (prompt, answer) row: [mean log p ; min log p ; log(1+len)] over the
     answer tokens, teacher-forced → [B, 3]."""
-    logp, mask = response_logprobs(model, seqs)  # [B,L] each, logp 0 off the answer
+    logp, mask = answer_logprobs(model, prepared, answers)  # [B,L] each, logp 0 off the answer
     lengths = mask.sum(dim=1).to(logp.dtype)  # [B]
     mean_lp = sequence_logprobs(logp, mask) / lengths  # [B]
     min_lp = logp.masked_fill(~mask, 0.0).min(dim=1).values  # [B]
@@ -121,13 +132,11 @@ def confidence_features(model, seqs: SequenceBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def self_check_features(model, prepared: Prepared, rollouts: Sequence[Rollout]) -> torch.Tensor:
+def self_check_features(model, prepared: PreparedQuery, rollouts: Sequence[Rollout]) -> torch.Tensor:
     """Per rollout of one query, what re-asking its chain's claims says (see the module doc): → [G, 4]
     [mean claim log-prob ; min claim log-prob ; has claims ; arithmetic +1 / -1 / 0]. A claim's log-prob is
     that of the value and the closing `<|im_end|>` after the direct question (so "4" is not half of "47");
     each distinct claim is scored once per query."""
-    from tessera.world.claims import arithmetic_consistent, perception_claims
-
     tok = model.tokenizer
     per_rollout = [perception_claims(r.text) for r in rollouts]
     distinct = sorted({c for claims in per_rollout for c in claims}, key=lambda c: (c.question, c.value))
@@ -139,10 +148,10 @@ def self_check_features(model, prepared: Prepared, rollouts: Sequence[Rollout]) 
             example = tok.build_example(c.question, c.value, prepared.image_tokens, thinking=False)
             if example.input_ids[:len(prompt)] != prompt:
                 raise ValueError(f"the direct prompt for {c.question!r} is not a prefix of its example")
-            prompts.append(Prepared(prepared.query, prompt, prepared.pixel_values, prepared.image_features,
+            prompts.append(PreparedQuery(prepared.query, prompt, prepared.pixel_values, prepared.image_features,
                                     prepared.image_tokens))
             answers.append(example.input_ids[len(prompt):])
-        totals = sequence_logprobs(*response_logprobs(model, sequence_batch(prompts, answers, tok.pad_id)))
+        totals = sequence_logprobs(*answer_logprobs(model, prompts, answers))
         scores = dict(zip(distinct, totals.tolist()))  # claim → log P(value, <|im_end|> | image, question)
     rows = []
     for r, claims in zip(rollouts, per_rollout):
@@ -153,10 +162,10 @@ def self_check_features(model, prepared: Prepared, rollouts: Sequence[Rollout]) 
     return torch.tensor(rows, dtype=torch.float32).reshape(len(rollouts), SELF_CHECK_FEATURES)
 
 
-def rollout_features(model, prepared: Prepared, rollouts: Sequence[Rollout]) -> torch.Tensor:
+def rollout_features(model, prepared: PreparedQuery, rollouts: Sequence[Rollout]) -> torch.Tensor:
     """The critic's input for the rollouts of one query: → [G, 7]."""
-    seqs = sequence_batch([prepared] * len(rollouts), [r.tokens for r in rollouts], model.tokenizer.pad_id)
-    return torch.cat([confidence_features(model, seqs), self_check_features(model, prepared, rollouts)], dim=1)
+    confidence = confidence_features(model, [prepared] * len(rollouts), [r.tokens for r in rollouts])  # [G, 3]
+    return torch.cat([confidence, self_check_features(model, prepared, rollouts)], dim=1)
 
 
 def group_features(model, groups: Sequence[Group], prepared: dict) -> torch.Tensor:
@@ -254,8 +263,6 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 def fit_critic(model, queries: Sequence[Query], sampling: SamplingConfig, config: CriticTrainConfig = CriticTrainConfig(),
                verify=None, log=print) -> tuple[Critic, CriticReport]:
     """Roll the policy out on training queries, label with the verifiers, extract features, train the head."""
-    from tessera.train.rollout import prepare, rollout
-
     prepared = {p.query.key(): p for p in prepare(model, queries, keep_pixels=False)}
     groups = rollout(model, queries, sampling, verify=verify, prepared=[prepared[q.key()] for q in queries])
     feats = group_features(model, groups, prepared)  # [E,7]
@@ -295,7 +302,7 @@ def select(rollouts: Sequence[Rollout], probs: Sequence[float], strategy: str = 
 
 
 @torch.no_grad()
-def best_of_n_rollouts(model, critic: Critic | None, prepared: Sequence[Prepared], n: int, sampling: SamplingConfig,
+def best_of_n_rollouts(model, critic: Critic | None, prepared: Sequence[PreparedQuery], n: int, sampling: SamplingConfig,
                        strategy: str = "weighted", verify=None) -> list[tuple[Rollout, list[Rollout], list[float]]]:
     """For each prompt: sample n answers, score them, keep one. → [(kept, all samples, critic probabilities)].
 
@@ -336,7 +343,7 @@ def generate_best_of_n(model, critic: Critic | None, prompts: Sequence[Sequence[
         feats = image_features[start:start + t] if image_features is not None else torch.zeros(0, model.config.language.hidden_size)
         start += t
         tiles = torch.zeros(0, 3, model.config.tile_size, model.config.tile_size)  # features given: no tiles needed
-        prepared.append(Prepared(Query(i, "", "", "", thinking), list(ids), tiles, feats, [t]))
+        prepared.append(PreparedQuery(Query(i, "", "", "", thinking), list(ids), tiles, feats, [t]))
     budget = max_new_tokens
     cfg = SamplingConfig(temperature, top_p, n, budget, budget, queries_per_batch=max(1, 32 // n), seed=seed)
     kept = best_of_n_rollouts(model, critic, prepared, n, cfg, strategy)
@@ -348,10 +355,6 @@ def best_of_n(pipe, image, question: str, n: int, thinking: bool = False, routin
               max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 1.0, seed: int | None = None,
               critic: Critic | None = None, strategy: str = "weighted"):
     """The `tessera chat --best-of N` hook: a tessera.pipeline.Answer chosen among n samples."""
-    from tessera.image import load_image
-    from tessera.pipeline import Answer
-    from tessera.routing import RoutingPolicy, encode_routed
-
     model, tok = pipe.model, pipe.model.tokenizer
     critic = critic if critic is not None else getattr(model, "critic", None)
     features, image_tokens, tiles, compressed = None, [], 0, 0
