@@ -39,18 +39,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tessera.answers import (
-    Group,
-    PreparedQuery,
-    Query,
-    Rollout,
-    SamplingConfig,
-    answer_logprobs,
-    generate_groups,
-    prepare,
-    rollout,
-    score,
-)
+from tessera.answers import (Group, PreparedQuery, Query, Rollout, SamplingConfig, answer_logprobs, generate_groups,
+                             prepare, rollout, score)
 from tessera.image import load_image
 from tessera.logprobs import sequence_logprobs
 from tessera.pipeline import Answer

@@ -18,8 +18,6 @@ from typing import Any
 
 from tessera.engine import SamplingParams, generate
 
-ROUTINGS = ("full", "compressed", "router", "random")  # tessera.routing.MODES
-
 
 @dataclass
 class EvalResult:

@@ -31,9 +31,10 @@ class RoutingError(ValueError):
     """An invalid routing request: unknown mode, a budget that cannot be met, a router the model lacks."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoutingPolicy:
-    """How to route one request. Thresholds default (None) to the model's `config.flash`."""
+    """How to route one request. Thresholds default (None) to the model's `config.flash`. The one routing type:
+    eval, chat, the API and the DvD wire format (which carries `mode` and `budget`) all use it."""
 
     mode: str = "full"
     relative_threshold: float | None = None
@@ -48,8 +49,16 @@ class RoutingPolicy:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise RoutingError(f"{name} must lie in [0, 1], got {value}")
-        if self.budget is not None and self.budget < 1:
-            raise RoutingError(f"budget must be a positive number of visual tokens, got {self.budget}")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
+                                        or self.budget < 1):
+            raise RoutingError(f"budget must be a positive integer number of visual tokens, got {self.budget!r}")
+
+    def key(self) -> str:
+        """What the decision depends on besides the images: part of a feature-cache key."""
+        base = f"{self.mode}:{self.budget}"
+        if (self.relative_threshold, self.absolute_threshold, self.seed) == (None, None, 0):
+            return base
+        return f"{base}:{self.relative_threshold}:{self.absolute_threshold}:{self.seed}"
 
     @property
     def needs_router(self) -> bool:

@@ -6,18 +6,8 @@ import pytest
 import torch
 
 from tessera.logprobs import sequence_logprobs, token_logprobs
-from tessera.train.rl_losses import (
-    MPOWeights,
-    RunningMean,
-    bco_pair_loss,
-    dpo_loss,
-    group_advantages,
-    gspo_log_ratio,
-    gspo_loss,
-    implicit_reward_mean,
-    mpo_loss,
-    nll_loss,
-)
+from tessera.train.rl_losses import (MPOWeights, RunningMean, bco_pair_loss, dpo_loss, group_advantages,
+                                     gspo_log_ratio, gspo_loss, implicit_reward_mean, mpo_loss, nll_loss)
 
 
 def t(*values):

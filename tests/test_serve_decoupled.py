@@ -16,11 +16,12 @@ import torch
 from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.model.checkpoint import save_checkpoint
 from tessera.model.init import init_model
+from tessera.routing import RoutingPolicy
 from tessera.serve import protocol as P
-from tessera.serve.language_server import CoupledVision, LanguageServer, ServeOptions, VisionUnavailable
+from tessera.serve.language_server import CoupledVision, LanguageServer, ServeOptions
 from tessera.serve.launch import LocalServer, Topology, build_server
 from tessera.serve.loadgen import data_url, image_for_tiles, image_message, make_image
-from tessera.serve.vision import VisionEncoder, VisionInputError
+from tessera.serve.vision import VisionEncoder, VisionInputError, VisionUnavailable
 from tessera.serve.vision_client import RemoteVision
 from tessera.serve.vision_server import VisionServer
 
@@ -56,9 +57,9 @@ def test_wire_format_round_trip_and_errors():
     (back,) = P.parse_features(msg)
     assert back.meta.tokens_per_tile == [16, 4] and back.meta.compressed_tiles == 1
     assert back.features.dtype == torch.bfloat16 and torch.equal(back.features, feats.to(torch.bfloat16))
-    req = P.unpack(P.encode_request("r2", [b"png-bytes"], P.Routing("router", budget=40), max_tiles=4))
+    req = P.unpack(P.encode_request("r2", [b"png-bytes"], RoutingPolicy("router", budget=40), max_tiles=4))
     images, routing, max_tiles = P.parse_encode_request(req)
-    assert images == [b"png-bytes"] and routing == P.Routing("router", 40) and max_tiles == 4
+    assert images == [b"png-bytes"] and routing == RoutingPolicy("router", budget=40) and max_tiles == 4
     with pytest.raises(P.ProtocolError, match="magic"):
         P.unpack([b"HTTP", b"encode", b"{}"])
     with pytest.raises(P.ProtocolError, match="expected rows"):
@@ -66,7 +67,7 @@ def test_wire_format_round_trip_and_errors():
     with pytest.raises(P.ProtocolError, match="feature rows"):
         P.features_reply("r3", [P.EncodedImage(meta, torch.zeros(5, 8))])
     with pytest.raises(ValueError):
-        P.Routing("sideways")
+        RoutingPolicy("sideways")
 
 
 def test_vision_server_batches_concurrent_requests_and_caches(model):
@@ -77,11 +78,11 @@ def test_vision_server_batches_concurrent_requests_and_caches(model):
         await pool.start()
         try:
             imgs = [[image_for_tiles(4, tile, seed=i)] for i in range(4)]
-            first = await asyncio.gather(*(pool.encode(b, P.Routing(), None) for b in imgs))
-            again = await pool.encode(imgs[0], P.Routing(), None)
-            routed = await pool.encode(imgs[0], P.Routing("compressed"), None)
+            first = await asyncio.gather(*(pool.encode(b, RoutingPolicy(), None) for b in imgs))
+            again = await pool.encode(imgs[0], RoutingPolicy(), None)
+            routed = await pool.encode(imgs[0], RoutingPolicy("compressed"), None)
             with pytest.raises(VisionInputError) as bad:
-                await pool.encode([b"not an image"], P.Routing(), None)
+                await pool.encode([b"not an image"], RoutingPolicy(), None)
             return first, again, routed, bad.value
         finally:
             await pool.stop()
@@ -95,7 +96,7 @@ def test_vision_server_batches_concurrent_requests_and_caches(model):
     assert routed[0].meta.tokens_per_tile == [4] * 5 and not routed[0].meta.cache_hit  # routing is part of the key
     assert bad.status == 400
     # the bf16 features equal the coupled encoder's, rounded
-    direct = VisionEncoder(model).encode([image_for_tiles(4, tile, seed=0)], P.Routing())
+    direct = VisionEncoder(model).encode([image_for_tiles(4, tile, seed=0)], RoutingPolicy())
     assert torch.allclose(first[0][0].features.float(), direct[0].features, atol=0.02, rtol=0.02)
 
 
@@ -105,7 +106,7 @@ def test_remote_worker_without_heartbeat_is_marked_down_and_comes_back(model):
             endpoint = server.endpoint
             pool = RemoteVision([endpoint], heartbeat=0.1, heartbeat_timeout=0.5)
             await pool.start()
-            await pool.encode([make_image(50, 50)], P.Routing(), None)
+            await pool.encode([make_image(50, 50)], RoutingPolicy(), None)
         try:
             deadline = time.monotonic() + 5
             while pool.status()["workers_alive"] and time.monotonic() < deadline:
@@ -113,14 +114,14 @@ def test_remote_worker_without_heartbeat_is_marked_down_and_comes_back(model):
             assert pool.status()["workers_alive"] == 0
             t = time.monotonic()
             with pytest.raises(VisionUnavailable):
-                await pool.encode([make_image(50, 50)], P.Routing(), None)
+                await pool.encode([make_image(50, 50)], RoutingPolicy(), None)
             assert time.monotonic() - t < 0.5  # refused at once, not after a timeout
             with ThreadedVisionServer(model, bind=endpoint):
                 deadline = time.monotonic() + 5
                 while not pool.status()["workers_alive"] and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 assert pool.status()["workers_alive"] == 1
-                out = await pool.encode([make_image(50, 50, seed=1)], P.Routing(), None)
+                out = await pool.encode([make_image(50, 50, seed=1)], RoutingPolicy(), None)
                 assert out[0].meta.rows == 16
         finally:
             await pool.stop()
@@ -252,8 +253,8 @@ def test_bf16_vision_side_stays_close_and_leaves_the_llm_alone(model):
 
     twin = copy.deepcopy(model)
     image = [image_for_tiles(4, model.config.tile_size, seed=8)]
-    exact = VisionEncoder(model).encode(image, P.Routing())[0]
-    fast = VisionEncoder(twin, dtype=torch.bfloat16).encode(image, P.Routing())[0]
+    exact = VisionEncoder(model).encode(image, RoutingPolicy())[0]
+    fast = VisionEncoder(twin, dtype=torch.bfloat16).encode(image, RoutingPolicy())[0]
     assert fast.features.dtype == torch.bfloat16 and twin.language_model.embed_tokens.weight.dtype == torch.float32
     assert fast.meta.tokens_per_tile == exact.meta.tokens_per_tile
     rel = (fast.features.float() - exact.features).abs().max() / exact.features.abs().max()

@@ -9,17 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tessera.train.recipe import (
-    RecipeConfig,
-    StagePlan,
-    quick_recipe,
-    read_timings,
-    record_timing,
-    resolve_paths,
-    run_recipe,
-    stage_finished,
-    tiny_recipe,
-)
+from tessera.train.recipe import (RecipeConfig, StagePlan, quick_recipe, read_timings, record_timing, resolve_paths,
+                                  run_recipe, stage_finished, tiny_recipe)
 from tessera.train.trainer import TrainConfig
 
 CASCADE = ["pretrain", "sft", "spatial", "count", "count2", "focus", "mpo", "gspo", "vico", "router"]

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-MODES = ("full", "compressed", "router", "random")
+from tessera.routing import MODES
+
 TARGETS = {"compressed_reading_drop": 10.0, "tokens_saved": 40.0, "accuracy_kept": 98.0, "router_minus_random": 5.0}
 
 

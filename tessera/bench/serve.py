@@ -19,8 +19,8 @@ import asyncio
 import json
 import os
 import shutil
-import statistics
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,8 +187,8 @@ def component_costs(checkpoint: str, tiles_list: list[int], args) -> dict[str, d
 
     import tessera
     from tessera.engine import Engine
+    from tessera.routing import RoutingPolicy
     from tessera.serve.loadgen import image_for_tiles
-    from tessera.serve.protocol import Routing
     from tessera.serve.vision import VisionEncoder
 
     threads = torch.get_num_threads()
@@ -203,9 +203,9 @@ def component_costs(checkpoint: str, tiles_list: list[int], args) -> dict[str, d
             images = [image_for_tiles(tiles, model.config.tile_size, 50_000 + i) for i in range(8)]
             row = {}
             for routing in ("full", "router") if model.config.flash.enabled else ("full",):
-                encoder.encode([images[0]], Routing(routing))  # warm-up
+                encoder.encode([images[0]], RoutingPolicy(routing))  # warm-up
                 start = time.perf_counter()
-                encoded = [encoder.encode([im], Routing(routing))[0] for im in images]
+                encoded = [encoder.encode([im], RoutingPolicy(routing))[0] for im in images]
                 row[f"vision_ms_{routing}"] = (time.perf_counter() - start) / len(images) * 1000
                 row[f"llm_ms_{routing}"] = _llm_ms(engine, model, encoded, args)
             out[str(tiles)] = {k: round(v, 1) for k, v in row.items()}
@@ -235,8 +235,8 @@ def _llm_ms(engine, model, encoded, args) -> float:
 def fresh_checkpoint(out: Path) -> str:
     """A random tiny Flash checkpoint whose language weights make real text (see bench/engine.py): with the
     default init every answer repeats one token that decodes to nothing, and no chunk would carry text to time."""
-    from tessera.model.init import init_lively_model
     from tessera.model.checkpoint import save_checkpoint
+    from tessera.model.init import init_lively_model
 
     model = init_lively_model("tiny")
     model.config.max_tiles = 12  # a tiling limit, not a weight: lets the 9-tile cell tile as 3×3 (+ thumbnail)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-ROUTING = ["full", "compressed", "router", "random"]
+from tessera.routing import MODES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("question")
     p.add_argument("--image", help="image file (PNG, JPEG, ...); omit for a text-only question")
     p.add_argument("--thinking", action="store_true", help="let the model write a <think> block first")
-    p.add_argument("--routing", default="full", choices=ROUTING, help="Flash: which tiles keep full resolution")
+    p.add_argument("--routing", default="full", choices=MODES, help="Flash: which tiles keep full resolution")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from tessera.routing import MODES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tessera.evaluate import ROUTINGS
-
     p.add_argument("checkpoint", help="checkpoint folder")
-    p.add_argument("--routing", default="full", choices=ROUTINGS, help="which tiles use the 1/16 branch")
+    p.add_argument("--routing", default="full", choices=MODES, help="which tiles use the 1/16 branch")
     p.add_argument("--seed", type=int, default=0, help="offset of the held-out set (the world's eval split)")
     p.add_argument("--n", type=int, default=140, help="questions, interleaved over the families")
     p.add_argument("--best-of", type=int, default=1, help="sample N answers and keep the critic's best")

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from tessera.routing import MODES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
@@ -30,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decoupled: a vision worker silent this long is down (503; local: restart)")
     p.add_argument("--max-tiles-per-request", type=int, default=64)
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="pixels per image (decompression-bomb guard)")
-    p.add_argument("--routing", choices=["full", "compressed", "router", "random"], default="full",
+    p.add_argument("--routing", choices=MODES, default="full",
                    help="default routing when a request does not say (Flash models)")
     p.add_argument("--allow-remote-images", action="store_true", help="also fetch http(s) image URLs (off by default)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of this process")

@@ -19,12 +19,13 @@ from typing import AsyncIterator, Protocol
 import torch
 
 from tessera.engine import Engine, EngineFull, GenerationRequest, SamplingParams, TokenEvent
+from tessera.routing import RoutingPolicy
 from tessera.serve.detok import Delta, TextAssembler
 from tessera.serve.metrics import Metrics
 from tessera.serve.prompt import Conversation, read_conversation, render_prompt
-from tessera.serve.protocol import EncodedImage, Routing
+from tessera.serve.protocol import EncodedImage
 from tessera.serve.schema import APIError, ChatCompletionRequest
-from tessera.serve.vision import VisionEncoder, VisionInputError
+from tessera.serve.vision import VisionEncoder, VisionInputError, VisionUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +95,10 @@ def _text_chars(req: ChatCompletionRequest, text_only: bool = False) -> int:
     return total
 
 
-class VisionUnavailable(RuntimeError):
-    """No vision worker can take the request right now (HTTP 503)."""
-
-
 class VisionBackend(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-    async def encode(self, images: list[bytes], routing: Routing, max_tiles: int | None) -> list[EncodedImage]: ...
+    async def encode(self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None) -> list[EncodedImage]: ...
     def status(self) -> dict: ...
 
 
@@ -136,7 +133,7 @@ class CoupledVision:
     async def stop(self) -> None:
         return None
 
-    async def encode(self, images: list[bytes], routing: Routing, max_tiles: int | None) -> list[EncodedImage]:
+    async def encode(self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None) -> list[EncodedImage]:
         fut = self.engine.call_in_loop(lambda: self.encoder.encode(images, routing, max_tiles))
         return await asyncio.wrap_future(fut)
 
@@ -306,7 +303,7 @@ class LanguageServer:
                            code="rate_limit_exceeded")
         blobs = [ref.data if ref.data is not None else await self._fetch(ref.url, ref.param) for ref in conv.images]
         try:
-            routing = Routing(req.routing or opts.default_routing, req.visual_token_budget)
+            routing = RoutingPolicy(req.routing or opts.default_routing, budget=req.visual_token_budget)
         except ValueError as e:
             raise APIError(400, str(e), param="routing") from None
         self.vision_inflight += 1

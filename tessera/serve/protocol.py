@@ -24,33 +24,13 @@ from typing import Any
 
 import torch
 
+from tessera.routing import RoutingPolicy
+
 MAGIC = b"TSV1"
-ROUTING_MODES = ("full", "compressed", "router", "random")  # random: as many tiles as the router, chosen at random
 
 
 class ProtocolError(ValueError):
     """A message that does not follow the wire format."""
-
-
-@dataclass(frozen=True)
-class Routing:
-    """How tiles are resolved: all at 1/4 ("full"), all at 1/16 ("compressed"), or as the ViR decides ("router").
-
-    budget: optional cap on the request's visual tokens (all its images together, as tessera.routing applies it);
-    tiles are compressed (most compressible first) until the request fits. Part of the feature-cache key.
-    """
-
-    mode: str = "full"
-    budget: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in ROUTING_MODES:
-            raise ValueError(f"routing mode {self.mode!r} is not one of {', '.join(ROUTING_MODES)}")
-        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
-            raise ValueError(f"visual token budget must be a positive integer, got {self.budget!r}")
-
-    def key(self) -> str:
-        return f"{self.mode}:{self.budget}"
 
 
 @dataclass
@@ -104,14 +84,17 @@ def unpack(frames: list[bytes]) -> Message:
 
 # ---- requests -------------------------------------------------------------------------------------------
 
-def encode_request(request_id: str, images: list[bytes], routing: Routing, max_tiles: int | None = None) -> list[bytes]:
-    return pack("encode", {"id": request_id, "routing": asdict(routing), "max_tiles": max_tiles}, images)
+def encode_request(request_id: str, images: list[bytes], routing: RoutingPolicy,
+                   max_tiles: int | None = None) -> list[bytes]:
+    """The wire carries the routing's mode and budget; the vision server applies its model's thresholds."""
+    wire = {"mode": routing.mode, "budget": routing.budget}
+    return pack("encode", {"id": request_id, "routing": wire, "max_tiles": max_tiles}, images)
 
 
-def parse_encode_request(msg: Message) -> tuple[list[bytes], Routing, int | None]:
+def parse_encode_request(msg: Message) -> tuple[list[bytes], RoutingPolicy, int | None]:
     r = msg.header.get("routing") or {}
     try:
-        routing = Routing(mode=r.get("mode", "full"), budget=r.get("budget"))
+        routing = RoutingPolicy(mode=r.get("mode", "full"), budget=r.get("budget"))
     except ValueError as e:
         raise ProtocolError(str(e)) from None
     if not msg.blobs:

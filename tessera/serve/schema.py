@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
                       ValidationError, field_validator)
 
-from tessera.serve.protocol import ROUTING_MODES
+from tessera.routing import MODES
 
 
 class APIError(Exception):
@@ -107,7 +107,7 @@ class ChatCompletionRequest(BaseModel):
     # Tessera extras
     thinking: StrictBool | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
-    routing: Literal[ROUTING_MODES] | None = None  # type: ignore[valid-type]
+    routing: Literal[MODES] | None = None  # type: ignore[valid-type]
     visual_token_budget: StrictInt | None = Field(default=None, ge=1)
     max_tiles: StrictInt | None = Field(default=None, ge=1)
     ignore_eos: StrictBool = False  # generate exactly max_tokens (benchmarks; as vLLM's extra)

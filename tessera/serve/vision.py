@@ -20,10 +20,13 @@ import torch
 
 from tessera.image import ImageError, ImageProcessor, image_hash
 from tessera.routing import RoutingError, RoutingPolicy, decide, router_of
-from tessera.serve.protocol import EncodedImage, ImageMeta, Routing
-
+from tessera.serve.protocol import EncodedImage, ImageMeta
 
 VISION_MODULES = ("vision_model", "mlp1", "mlp2", "pooling_before_gating", "gating")  # everything before the LLM
+
+
+class VisionUnavailable(RuntimeError):
+    """No vision worker can take the request right now (HTTP 503)."""
 
 
 class VisionInputError(ValueError):
@@ -47,7 +50,7 @@ class PreparedJob:
     """One request after decoding/tiling; `cached` is set when the whole result came from the cache."""
 
     keys: list[str]
-    routing: Routing
+    routing: RoutingPolicy
     pixel_values: torch.Tensor | None = None  # [ΣN, 3, S, S]
     tiles_per_image: list[int] = field(default_factory=list)
     grids: list[tuple[int, int]] = field(default_factory=list)
@@ -119,14 +122,14 @@ class VisionEncoder:
 
     # ---- phase 1: decode + tile ---------------------------------------------------------------------------
 
-    def cache_key(self, images: list[bytes], routing: Routing, max_tiles: int) -> list[str]:
+    def cache_key(self, images: list[bytes], routing: RoutingPolicy, max_tiles: int) -> list[str]:
         hashes = [image_hash(b) for b in images]
         suffix = f"|{routing.key()}|{max_tiles}"
         if routing.budget is not None:
             return ["+".join(hashes) + suffix]
         return [h + suffix for h in hashes]
 
-    def prepare(self, images: list[bytes], routing: Routing, max_tiles: int | None = None) -> PreparedJob:
+    def prepare(self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None = None) -> PreparedJob:
         cfg = self.config
         if max_tiles is None:
             max_tiles = cfg.max_tiles
@@ -169,7 +172,7 @@ class VisionEncoder:
         grid = model.vision_tokens(pixels)  # [ΣN, h, w, Cv]
         n, h, w, cv = grid.shape
         p = None
-        if any(RoutingPolicy(jobs[i].routing.mode, budget=jobs[i].routing.budget).needs_router for i in todo):
+        if any(jobs[i].routing.needs_router for i in todo):
             if cfg.select_layer not in (-1, cfg.vision.num_layers - 1):
                 raise RoutingError(f"routing reads the last ViT layer, but select_layer is {cfg.select_layer}")
             p = router_of(model).p_compress(grid.reshape(n, h * w, cv)).float().cpu()  # [ΣN]
@@ -177,7 +180,7 @@ class VisionEncoder:
         for i in todo:
             job = jobs[i]
             k = job.num_tiles
-            policy = RoutingPolicy(job.routing.mode, budget=job.routing.budget)
+            policy = job.routing
             try:
                 d = decide(policy, job.tiles_per_image, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile,
                            p[start:start + k] if p is not None and policy.needs_router else None,
@@ -212,7 +215,7 @@ class VisionEncoder:
             for key, e in zip(job.keys, encoded):
                 self.cache.put(key, [e])
 
-    def encode(self, images: list[bytes], routing: Routing, max_tiles: int | None = None) -> list[EncodedImage]:
+    def encode(self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None = None) -> list[EncodedImage]:
         """Both phases for one request (the coupled topology calls this on the engine thread)."""
         result = self.run([self.prepare(images, routing, max_tiles)])[0]
         if isinstance(result, Exception):

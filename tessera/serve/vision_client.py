@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
+from tessera.routing import RoutingPolicy
 from tessera.serve import protocol as P
-from tessera.serve.language_server import VisionUnavailable
-from tessera.serve.vision import VisionInputError
+from tessera.serve.vision import VisionInputError, VisionUnavailable
 
 
 @dataclass
@@ -238,7 +238,7 @@ class RemoteVision:
 
     # ---- requests -----------------------------------------------------------------------------------------
 
-    async def encode(self, images: list[bytes], routing: P.Routing, max_tiles: int | None) -> list[P.EncodedImage]:
+    async def encode(self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None) -> list[P.EncodedImage]:
         alive = [w for w in self.workers if w.alive and w.sock is not None]
         if not alive:
             down = ", ".join(f"{w.name} ({'restarting' if w.restarting else 'down'})" for w in self.workers)
