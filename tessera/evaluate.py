@@ -132,3 +132,16 @@ def format_report(result: EvalResult, chance: dict[str, float] | None = None) ->
                  f" ({result.compressed_tile_fraction:.0%} of tiles compressed); {result.samples_per_second:.1f} questions/s,"
                  f" {result.generated_tokens_per_second:.0f} generated tokens/s")
     return "\n".join(lines)
+
+
+def family_table(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines: one column per model (each a dict with "families" and "overall"), one row per family of
+    the first model, then the overall accuracy."""
+    if not rows:
+        raise ValueError("family_table needs at least one model's accuracies")
+    fams = list(next(iter(rows.values()))["families"])
+    lines = ["| family | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
+    for f in fams:
+        lines.append(f"| {f} | " + " | ".join(f"{r['families'].get(f, float('nan')):.1%}" for r in rows.values()) + " |")
+    lines.append("| **overall** | " + " | ".join(f"**{r['overall']:.1%}**" for r in rows.values()) + " |")
+    return lines

@@ -1,4 +1,4 @@
-"""Dense grounding targets (tessera.world.grounding) and their loss (tessera.train.grounding)."""
+"""Dense grounding targets (tessera.world.grounding_targets) and their loss (tessera.train.grounding_losses)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from tessera.config import preset
 from tessera.image import ImageProcessor
 from tessera.model.connector import pixel_shuffle
-from tessera.train.grounding import GroundingHead, grounding_loss, token_targets
+from tessera.train.grounding_losses import GroundingHead, grounding_loss, token_targets
 from tessera.world import make_sample
-from tessera.world.grounding import FIELDS, IGNORE, cell_targets, tile_targets
+from tessera.world.grounding_targets import FIELDS, IGNORE, cell_targets, tile_targets
 from tessera.world.scenes import COLOURS, DOC_KEYS, SHAPES
 
 GLYPH0, GLYPH1, OBJECT, ANCHOR, COLUMN, ROW = range(len(FIELDS))
@@ -195,7 +195,7 @@ def test_spatial_evidence_is_two_groups_read_from_the_whole_canvas_view():
     which tile they are in), the only tile's tokens in a one-tile image."""
     from tessera.train.data import Curriculum, WorldStream
     from tessera.train.recipe import RecipeConfig, init_model_for
-    from tessera.world.grounding import place_of_cells, thumbnail_token_of_cell, token_of_cell
+    from tessera.world.grounding_targets import place_of_cells, thumbnail_token_of_cell, token_of_cell
 
     model = init_model_for(RecipeConfig(tokenizer_corpus=20))
     tok, per_tile = model.tokenizer, model.config.tokens_per_tile
@@ -230,7 +230,7 @@ def test_each_supervised_head_is_pulled_onto_its_own_group():
     what the gradient lowers, and swapping the groups changes it."""
     from tessera.model.llm import Qwen3Attention
     from tessera.train.data import Evidence
-    from tessera.train.grounding import evidence_attention_loss
+    from tessera.train.grounding_losses import evidence_attention_loss
 
     torch.manual_seed(0)
     attn = Qwen3Attention(preset("tiny").language, 0)
@@ -304,7 +304,7 @@ def test_chain_evidence_grounds_each_number_a_thinking_chain_reads():
     Without it, thinking turns give nothing."""
     from tessera.train.data import Curriculum, WorldStream
     from tessera.train.recipe import RecipeConfig, init_model_for
-    from tessera.world.grounding import token_of_cell
+    from tessera.world.grounding_targets import token_of_cell
 
     model = init_model_for(RecipeConfig(tokenizer_corpus=20))
     tok, per_tile = model.tokenizer, model.config.tokens_per_tile
@@ -331,7 +331,7 @@ def test_place_loss_is_the_cross_entropy_of_each_objects_column_and_row():
     """One spatial entry (two objects) and one entry without places: the loss is the mean cross-entropy over the
     four (object, axis) slots of the spatial answer's position; the other entry adds nothing."""
     from tessera.train.data import Evidence
-    from tessera.train.grounding import PlaceHead, place_loss
+    from tessera.train.grounding_losses import PlaceHead, place_loss
 
     torch.manual_seed(0)
     head = PlaceHead(16)
@@ -373,7 +373,7 @@ def test_probes_train_what_the_middle_heads_fetch(probe, family):
 def test_count_loss_is_the_cross_entropy_of_how_many_things_were_counted():
     """Entries with a sink are read as counts (the number of counted keys, 0 included); others add nothing."""
     from tessera.train.data import Evidence
-    from tessera.train.grounding import CountHead, count_loss
+    from tessera.train.grounding_losses import CountHead, count_loss
 
     torch.manual_seed(0)
     head = CountHead(16)
@@ -395,7 +395,7 @@ def test_count_evidence_is_one_token_per_counted_shape_and_the_sink():
     per shape, whatever its size), and the sample's first token as the sink; an answer of 0 has the sink alone."""
     from tessera.train.data import Curriculum, WorldStream
     from tessera.train.recipe import RecipeConfig, init_model_for
-    from tessera.world.grounding import token_of_cell
+    from tessera.world.grounding_targets import token_of_cell
 
     model = init_model_for(RecipeConfig(tokenizer_corpus=20))
     tok, per_tile = model.tokenizer, model.config.tokens_per_tile
@@ -430,7 +430,7 @@ def test_counting_loss_is_the_kl_to_an_even_share_for_the_sink_and_each_thing():
 
     from tessera.model.llm import Qwen3Attention
     from tessera.train.data import Evidence
-    from tessera.train.grounding import evidence_attention_loss
+    from tessera.train.grounding_losses import evidence_attention_loss
 
     torch.manual_seed(0)
     attn = Qwen3Attention(preset("tiny").language, 0)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.bench.router import MODES, markdown, plot, replace_section, summarise, vision_cost, vision_macs
+from tessera.bench.router import markdown, plot, replace_section, vision_cost, vision_macs
+from tessera.flash_table import summarise
+from tessera.routing import MODES
 from tessera.config import preset
 from tessera.evaluate import EvalResult
 

@@ -18,7 +18,7 @@ from tessera.model.init import init_lively_model
 from tessera.serve.detok import TextAssembler
 from tessera.serve.language_server import EventPump, ServeOptions
 from tessera.serve.launch import LocalServer, Topology, build_server
-from tessera.serve.loadgen import data_url, image_for_tiles, image_message, make_image
+from tessera.bench.loadgen import data_url, image_for_tiles, image_message, make_image
 
 MODEL = "tiny-test"
 

@@ -20,7 +20,7 @@ from tessera.routing import RoutingPolicy
 from tessera.serve import protocol as P
 from tessera.serve.language_server import CoupledVision, LanguageServer, ServeOptions
 from tessera.serve.launch import LocalServer, Topology, build_server
-from tessera.serve.loadgen import data_url, image_for_tiles, image_message, make_image
+from tessera.bench.loadgen import data_url, image_for_tiles, image_message, make_image
 from tessera.serve.vision import VisionEncoder, VisionInputError, VisionUnavailable
 from tessera.serve.vision_client import RemoteVision
 from tessera.serve.vision_server import VisionServer

@@ -15,7 +15,7 @@ from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.model.init import init_model
 from tessera.serve.language_server import ServeOptions
 from tessera.serve.launch import LocalServer, Topology, build_server
-from tessera.serve.loadgen import data_url, image_message, make_image
+from tessera.bench.loadgen import data_url, image_message, make_image
 from tessera.serve.vision import VisionLimits
 
 KEY = "sekrit-test-key"

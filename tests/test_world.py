@@ -284,7 +284,7 @@ def test_document_ink_stays_in_its_entry_cells():
 
 
 def test_probe_geometry_and_template_reading():
-    from tessera.world.probe import geometry, template_reading
+    from tessera.bench.probe import geometry, template_reading
 
     g = geometry()
     assert g["glyphs_per_patch"] == 2 and g["glyph_slots_per_token_1_16"] == 4 * g["glyph_slots_per_token_1_4"]

@@ -34,6 +34,7 @@ import torch
 
 from tessera.bench.best_of_n import BestOfNConfig, best_of_n_table, format_best_of_n
 from tessera.bench.compute import count_token_passes
+from tessera.evaluate import family_table
 
 
 @dataclass
@@ -257,19 +258,6 @@ def compute_ratios(rows: dict[str, dict[str, Any]], reference: str = "+GSPO (2 p
         out.append(f"- {name} vs {reference}: {100 * (r['reasoning'] - ref['reasoning']):+.1f} points of reasoning, at "
                    + ", ".join(x for x in shares if x))
     return out
-
-
-def family_table(rows: dict[str, dict[str, Any]]) -> list[str]:
-    """Markdown lines: one column per model (each a dict with "families" and "overall"), one row per family of
-    the first model, then the overall accuracy."""
-    if not rows:
-        raise ValueError("family_table needs at least one model's accuracies")
-    fams = list(next(iter(rows.values()))["families"])
-    lines = ["| family | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
-    for f in fams:
-        lines.append(f"| {f} | " + " | ".join(f"{r['families'].get(f, float('nan')):.1%}" for r in rows.values()) + " |")
-    lines.append("| **overall** | " + " | ".join(f"**{r['overall']:.1%}**" for r in rows.values()) + " |")
-    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

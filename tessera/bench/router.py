@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from tessera.flash_table import evaluate_modes, reading_accuracy, summarise
 from tessera.routing import MODES
 
-TARGETS = {"compressed_reading_drop": 10.0, "tokens_saved": 40.0, "accuracy_kept": 98.0, "router_minus_random": 5.0}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,58 +106,6 @@ def vision_cost(model, images, rounds: int) -> dict[str, float]:
 
 # ---- the table ---------------------------------------------------------------------------------------------
 
-def evaluate_modes(model, n: int, seed: int = 0, batch_size: int = 16, modes: tuple[str, ...] = MODES) -> dict:
-    """routing → EvalResult on the same n held-out questions; `random` compresses as many tiles as the router."""
-    from tessera.evaluate import evaluate
-
-    return {m: evaluate(model, seed=seed, n=n, routing=m, batch_size=batch_size, keep_records=False) for m in modes}
-
-
-def _reading(r) -> float:
-    """Mean accuracy over the reading families (label, document) of an EvalResult."""
-    from tessera.world import READING_FAMILIES
-
-    vals = [r.families[f] for f in READING_FAMILIES if f in r.families]
-    return sum(vals) / len(vals) if vals else float("nan")
-
-
-def summarise(results: dict, vision: dict | None, router_acc: dict | None) -> dict:
-    reading = _reading
-
-    full, comp, rout, rand = (results[m] for m in MODES)
-    s = {
-        "families": list(full.families),
-        "modes": {m: {"families": r.families, "overall": r.overall, "reading": reading(r),
-                      "visual_tokens": r.visual_tokens_per_image, "compressed_tiles": r.compressed_tile_fraction,
-                      "samples_per_second": r.samples_per_second,
-                      "tokens_saved": 100 * (1 - r.visual_tokens_per_image / full.visual_tokens_per_image),
-                      "accuracy_kept": 100 * r.overall / full.overall if full.overall else float("nan")}
-                  for m, r in results.items()},
-        "tokens_saved": 100 * (1 - rout.visual_tokens_per_image / full.visual_tokens_per_image),
-        "accuracy_kept": 100 * rout.overall / full.overall if full.overall else float("nan"),
-        "reading_kept": 100 * reading(rout) / reading(full) if reading(full) else float("nan"),
-        "compressed_reading_drop": 100 * (reading(full) - reading(comp)),
-        "router_minus_random": 100 * (reading(rout) - reading(rand)),
-        "throughput_ratio": rout.samples_per_second / full.samples_per_second,
-        "n": full.n, "seed": full.seed,
-    }
-    if vision:
-        s["vision"] = vision
-    if router_acc:
-        s["router_tiles"] = router_acc
-    t = TARGETS
-    s["targets"] = {
-        f"all-compressed loses >= {t['compressed_reading_drop']:.0f} points on reading": s["compressed_reading_drop"] >= t["compressed_reading_drop"],
-        f"router saves >= {t['tokens_saved']:.0f} % of visual tokens": s["tokens_saved"] >= t["tokens_saved"],
-        f"router keeps >= {t['accuracy_kept']:.0f} % of full's accuracy": s["accuracy_kept"] >= t["accuracy_kept"],
-        f"router >= random + {t['router_minus_random']:.0f} points on reading (same budget)": s["router_minus_random"] >= t["router_minus_random"],
-        "end-to-end eval throughput with router > full": s["throughput_ratio"] > 1.0,
-    }
-    if vision:
-        s["targets"]["vision side (ViT + router + chosen branch) costs <= full's (time)"] = vision["time_ratio"] <= 1.0
-    return s
-
-
 def world_bound(config, n: int, seed: int = 0) -> dict[str, float]:
     """tessera.world.text_free_token_savings on the table's own n held-out questions."""
     from tessera.world import FAMILIES, eval_items, text_free_token_savings
@@ -165,17 +113,6 @@ def world_bound(config, n: int, seed: int = 0) -> dict[str, float]:
     items = eval_items(-(-n // len(FAMILIES)), FAMILIES, offset=seed)[:n]
     return text_free_token_savings((it.sample() for it in items), config.tokens_per_tile,
                                    config.compressed_tokens_per_tile)
-
-
-def flash_summary(model, n: int, seed: int = 0, batch_size: int = 16) -> dict:
-    """`summarise` of the four routings of a Flash `model` at its configured thresholds (no vision timing, no
-    router tile accuracy): what the recipe's report shows."""
-    if model.router is None:
-        raise ValueError("the Flash table needs a Flash model (mlp2 and a router); this one has neither")
-    s = summarise(evaluate_modes(model, n, seed, batch_size), None, None)
-    flash = model.config.flash
-    s.update(relative_threshold=flash.relative_threshold, absolute_threshold=flash.absolute_threshold)
-    return s
 
 
 INTRO = """`tessera bench router` (tessera/bench/router.py) evaluates one Flash checkpoint four ways on the same held-out
@@ -294,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     for t in [float(x) for x in args.sweep.split(",")] if args.sweep else []:
         flash.relative_threshold = t  # routing reads the thresholds from the config at each decision
         pair = evaluate_modes(model, args.n, args.seed, args.batch_size, ("router", "random"))
-        sweep.append({"relative": t, **{m: {"overall": r.overall, "reading": _reading(r), "visual_tokens": r.visual_tokens_per_image}
+        sweep.append({"relative": t, **{m: {"overall": r.overall, "reading": reading_accuracy(r), "visual_tokens": r.visual_tokens_per_image}
                                         for m, r in pair.items()}})
     flash.relative_threshold = chosen
     images = [item.sample().image for item in eval_items(-(-args.vision_images // 7), offset=args.seed + 10_000)]

@@ -82,7 +82,7 @@ def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 180.0) -> Non
 
 
 def bodies(tile_size: int, tiles: int, n: int, max_tokens: int, routing: str, seed0: int) -> list[dict]:
-    from tessera.serve.loadgen import data_url, image_for_tiles, image_message
+    from tessera.bench.loadgen import data_url, image_for_tiles, image_message
 
     return [{"messages": image_message(data_url(image_for_tiles(tiles, tile_size, seed0 + i)), "describe the image"),
              "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "routing": routing} for i in range(n)]
@@ -114,7 +114,7 @@ class Server:
 def measure(servers: list[Server], tile_size: int, tiles: int, args) -> dict[str, dict]:
     """Rounds alternate between the topologies (order rotated each round), so load from elsewhere on the machine
     hits them alike; req/s is the median over rounds, TTFT percentiles pool every measured request."""
-    from tessera.serve.loadgen import LoadResult, run_load
+    from tessera.bench.loadgen import LoadResult, run_load
 
     per_round = max(1, args.requests // args.rounds)
     rates: dict[str, list[float]] = {s.topology: [] for s in servers}
@@ -188,7 +188,7 @@ def component_costs(checkpoint: str, tiles_list: list[int], args) -> dict[str, d
     import tessera
     from tessera.engine import Engine
     from tessera.routing import RoutingPolicy
-    from tessera.serve.loadgen import image_for_tiles
+    from tessera.bench.loadgen import image_for_tiles
     from tessera.serve.vision import VisionEncoder
 
     threads = torch.get_num_threads()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from tessera.config import PRESETS
+from tessera.model.init import init_checkpoint
+from tessera.world import corpus
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,8 +16,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tessera.model.init import init_checkpoint
-
-    path = init_checkpoint(args.preset, args.out, seed=args.seed)
+    path = init_checkpoint(args.preset, args.out, seed=args.seed, corpus=corpus(600))
     print(f"wrote a random {args.preset} checkpoint to {path}")
     return 0

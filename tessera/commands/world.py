@@ -1,7 +1,7 @@
 """`tessera world sample --n 8 --out DIR [--seed S] [--family F] [--split SPLIT] [--difficulty D]`: render scenes
 and their questions for a person to look at (PNG files plus samples.jsonl).
 
-`tessera world probe [--steps N]`: the learnability probe (tessera/world/probe.py): glyph geometry per patch
+`tessera world probe [--steps N]`: the learnability probe (tessera/bench/probe.py): glyph geometry per patch
 and token, and a short training run comparing how well 16 (1/4) and 4 (1/16) tokens per tile carry a document.
 """
 
@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from tessera.bench import probe
+from tessera.world import ALL_FAMILIES, make_sample
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,17 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train", choices=["train", "eval", "test"])
     p.add_argument("--difficulty", type=float, default=1.0, help="curriculum level in [0, 1] (1 = evaluation)")
     q = sub.add_parser("probe", help="measure what 1/4 and 1/16 tokens of a text tile can carry")
-    from tessera.world.probe import add_arguments as probe_arguments
-
-    probe_arguments(q)
+    probe.add_arguments(q)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "probe":
-        from tessera.world.probe import run as probe_run
-
-        return probe_run(args)
-    from tessera.world import ALL_FAMILIES, make_sample
+        return probe.run(args)
 
     if args.family is not None and args.family not in ALL_FAMILIES:
         raise SystemExit(f"unknown family {args.family!r}; choose from {', '.join(ALL_FAMILIES)}")

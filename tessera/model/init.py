@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from tessera.chat import ChatTokenizer, build_tokenizer, fallback_corpus
 from tessera.config import ModelConfig, preset
+from tessera.model.checkpoint import save_checkpoint
+from tessera.model.vlm import VisionLanguageModel
 
 
-def default_tokenizer(vocab_size: int, corpus_size: int = 600, template: str = "internvl2_5") -> ChatTokenizer:
-    """A BPE tokenizer trained on the world's text (every word the tiny model reads or writes), with the special
-    tokens of chat `template`."""
-    try:
-        from tessera.world import corpus
-    except ImportError:  # the world is optional for bring-up of a bare model
-        texts = fallback_corpus()
-    else:
-        texts = list(corpus(corpus_size))
+def default_tokenizer(vocab_size: int, corpus: Iterable[str] | None = None, template: str = "internvl2_5"
+                      ) -> ChatTokenizer:
+    """A BPE tokenizer with the special tokens of chat `template`, trained on `corpus` (e.g.
+    `tessera.world.corpus(600)`, every word the tiny model reads or writes); without one, on the small built-in
+    fallback text."""
+    texts = list(corpus) if corpus is not None else fallback_corpus()
     return build_tokenizer(texts, vocab_size=min(vocab_size, 1024), template=template)
 
 
-def init_model(config: ModelConfig | str, tokenizer: ChatTokenizer | None = None, seed: int = 0):
-    """A VisionLanguageModel with seeded random weights; the config's image-token id follows the tokenizer."""
-    from tessera.model.vlm import VisionLanguageModel
-
+def init_model(config: ModelConfig | str, tokenizer: ChatTokenizer | None = None, seed: int = 0,
+               corpus: Iterable[str] | None = None):
+    """A VisionLanguageModel with seeded random weights; the config's image-token id follows the tokenizer
+    (default: one trained on `corpus`, see `default_tokenizer`)."""
     config = preset(config) if isinstance(config, str) else config
-    tokenizer = tokenizer or default_tokenizer(config.language.vocab_size, template=config.template)
+    tokenizer = tokenizer or default_tokenizer(config.language.vocab_size, corpus, template=config.template)
     if tokenizer.vocab_size > config.language.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.language.vocab_size}")
     config.image_context_token_id = tokenizer.img_context_id
@@ -38,10 +38,10 @@ def init_model(config: ModelConfig | str, tokenizer: ChatTokenizer | None = None
     return model
 
 
-def init_checkpoint(config: ModelConfig | str, out: str | Path, seed: int = 0) -> Path:
-    from tessera.model.checkpoint import save_checkpoint
-
-    model = init_model(config, seed=seed)
+def init_checkpoint(config: ModelConfig | str, out: str | Path, seed: int = 0,
+                    corpus: Iterable[str] | None = None) -> Path:
+    """A fresh checkpoint (weights, config, tokenizer trained on `corpus`) in `out`."""
+    model = init_model(config, seed=seed, corpus=corpus)
     save_checkpoint(model, out)
     return Path(out)
 

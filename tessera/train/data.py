@@ -29,7 +29,7 @@ from tessera.train.losses import IGNORE
 
 @dataclass(frozen=True)
 class Evidence:
-    """Where one answer's evidence is, for the attention grounding and place losses (tessera.train.grounding).
+    """Where one answer's evidence is, for the attention grounding and place losses (tessera.train.grounding_losses).
 
     queries: the positions that predict the answer's tokens; keys: per group, the positions of the visual tokens
     that show it; words: per group, the positions of the question's words naming it; places: for an answer that
@@ -61,7 +61,7 @@ class Encoded:
     image_tokens: list[int]  # visual tokens per image (their sum = number of <IMG_CONTEXT> ids)
     family: str = ""
     index: int = -1  # stream position, for debugging and resume checks
-    grounding: torch.Tensor | None = None  # [N,8,8,F] long, the tiles' cell targets (tessera.world.grounding)
+    grounding: torch.Tensor | None = None  # [N,8,8,F] long, the tiles' cell targets (tessera.world.grounding_targets)
     evidence: list["Evidence"] | None = None  # per answered turn (row 0, positions in the sample); None without a scene
 
     def __len__(self) -> int:
@@ -98,7 +98,7 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
     them (`chain`), and nothing otherwise; turns without cells (and nothing counted) give nothing."""
     if scene is None:
         return None
-    from tessera.world.grounding import place_of_cells, thumbnail_token_of_cell, token_of_cell
+    from tessera.world.grounding_targets import place_of_cells, thumbnail_token_of_cell, token_of_cell
 
     runs, start = [], None  # maximal runs of loss tokens: one per turn (its answer and <|im_end|>)
     for i, m in enumerate(list(mask) + [0]):
@@ -167,7 +167,7 @@ def _grounding(scene, num_tiles: int) -> torch.Tensor | None:
     that tile exactly, so row-major tiles + thumbnail must be what the processor made)."""
     if scene is None:
         return None
-    from tessera.world.grounding import tile_targets
+    from tessera.world.grounding_targets import tile_targets
 
     tiles = scene.cols * scene.rows
     targets = torch.from_numpy(tile_targets(scene, thumbnail=tiles > 1))  # [N,8,8,F]
@@ -407,7 +407,7 @@ class WorldStream:
     seed: int = 0  # offset into the world's seeds, so stages can use disjoint scenes
     split: str = "train"  # the world's split ("eval" for held-out conversations, e.g. the router's tile labels)
     turns: int = 1  # questions per image: extra turns ask other families about the same scene
-    grounding: bool = False  # attach the tiles' dense grounding targets (tessera.world.grounding)
+    grounding: bool = False  # attach the tiles' dense grounding targets (tessera.world.grounding_targets)
     chain_evidence: bool = False  # also ground the numbers a thinking chain reads off the image
     repeat: tuple[str, ...] = ()  # families a conversation may ask more than once (about other things each time)
     # counts' evidence: one anchor token per counted thing plus a sink with an even share (Evidence.sink), instead

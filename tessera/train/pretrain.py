@@ -22,8 +22,8 @@ class PretrainData:
     row_tokens: int = 512
     curriculum: tuple[tuple[int, float], ...] = ((0, 1.0),)
     workers: int = 1
-    grounding: float = 0.0  # weight of the dense grounding loss on the visual tokens (tessera.train.grounding)
-    evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding)
+    grounding: float = 0.0  # weight of the dense grounding loss on the visual tokens (tessera.train.grounding_losses)
+    evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding_losses)
     evidence_heads: tuple[int, ...] = (0,)  # the middle layer's heads it supervises (one per key/value group: more bandwidth)
     question_attention: float = 0.0  # the same heads one layer below onto the question's words naming the evidence
     families: dict[str, float] = field(default_factory=lambda: {"describe": 1.0})

@@ -78,7 +78,7 @@ class RecipeConfig:
 def tiny_recipe() -> RecipeConfig:
     """The tiny preset's full schedule (docs/TRAINING.md records the probes behind these numbers).
 
-    pretrain: dense descriptions on easy scenes plus the dense grounding loss (tessera.train.grounding: linear
+    pretrain: dense descriptions on easy scenes plus the dense grounding loss (tessera.train.grounding_losses: linear
     probes read every cell's glyphs and shapes back from the ViT patches and from the projected tokens), so the
     vision path learns to see glyphs and objects from a signal at every token rather than from a few answer tokens.
     sft: every question family plus descriptions, four questions per image (one ViT pass serves four answers),
@@ -86,12 +86,12 @@ def tiny_recipe() -> RecipeConfig:
     docs/TRAINING.md E7 vs E8), grounding still on, the world's difficulty stepping up (fixed slots → free placement → full scenes) by sample index, with a
     long middle phase (0.5) in which the language model learns to look entries up among a few.
     sft also tells two attention heads of the language model's middle layer where each answer's evidence is
-    (tessera.train.grounding.evidence_attention_loss), answers and the numbers thinking chains read off the
+    (tessera.train.grounding_losses.evidence_attention_loss), answers and the numbers thinking chains read off the
     image alike: without it the digits sit in the visual tokens but the language model never learns to fetch
     them (docs/TRAINING.md, session 2). 4,800 steps: at 3,200 the accuracy was still rising when the learning
     rate ran out (docs/TRAINING.md, session 4, has the trade-off against the 30-minute target).
     spatial: 600 more sft steps at full difficulty in which an image may be asked several spatial questions
-    (`repeat`) and the place probe (tessera.train.grounding.place_loss) asks what the evidence heads fetched at
+    (`repeat`) and the place probe (tessera.train.grounding_losses.place_loss) asks what the evidence heads fetched at
     a spatial answer to say where both objects are. With one spatial answer per image at most, the heads found
     both objects but fetched only what they are and spatial stayed at chance through 4,800 steps; this phase
     lifts it to ≈ 80 % (docs/TRAINING.md, session 5: run from scratch with both on from the start trailed).
@@ -262,7 +262,7 @@ def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny
     result = stage_evals.get(last) or _evaluate(model, config, out, "final", final)
     flash = None
     if model.router is not None:  # the cascade ended on a Flash model: measure what its router buys
-        from tessera.bench.router import flash_summary
+        from tessera.flash_table import flash_summary
 
         key = _eval_key(final, n=config.flash_n, seed=config.eval_seed)
         flash = cached(out / "evals.json", "flash", key, lambda: flash_summary(model, config.flash_n, config.eval_seed))

@@ -14,7 +14,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tessera.evaluate import EvalResult, format_report
+from tessera.evaluate import EvalResult, family_table, format_report
+from tessera.routing import MODES
 
 
 def chance_levels(n: int = 400, seed: int = 0) -> dict[str, float]:
@@ -100,10 +101,8 @@ def _number(value: float | None, spec: str) -> str:
 
 
 def flash_table(flash: dict[str, Any]) -> list[str]:
-    """Markdown lines of the Flash table (a tessera.bench.router.summarise result): per routing, the accuracy per
+    """Markdown lines of the Flash table (a tessera.flash_table.summarise result): per routing, the accuracy per
     family and overall, visual tokens per image, and tokens saved / accuracy kept relative to full."""
-    from tessera.bench.router import MODES
-
     fams = flash["families"]
     lines = ["| routing | " + " | ".join(fams) + " | overall | visual tokens / image | tokens saved | accuracy kept |",
              "|---|" + "---:|" * (len(fams) + 4)]
@@ -128,9 +127,7 @@ def write_report(out: Path, result: EvalResult, stage_dirs: dict[str, Path], sta
     """Write report.md, curves.png and summary.json into `out`; return the summary.
 
     result: the final model's evaluation; stage_evals: stage → evaluation of the model that stage produced (e.g.
-    after sft, before RL); flash: the final model's Flash table (tessera.bench.router.flash_summary) or None."""
-    from tessera.bench.cascade import family_table
-
+    after sft, before RL); flash: the final model's Flash table (tessera.flash_table.flash_summary) or None."""
     stage_evals = stage_evals or {}
     chance = chance_levels(chance_n)
     curves = plot_curves(stage_dirs, out / "curves.png")

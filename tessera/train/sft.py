@@ -28,12 +28,12 @@ class SFTData:
     row_tokens: int = 512
     curriculum: tuple[tuple[int, float], ...] = ((0, 1.0),)
     workers: int = 1
-    grounding: float = 0.0  # weight of the dense grounding loss on the visual tokens (tessera.train.grounding)
-    evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding)
+    grounding: float = 0.0  # weight of the dense grounding loss on the visual tokens (tessera.train.grounding_losses)
+    evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding_losses)
     evidence_heads: tuple[int, ...] = (0,)  # the middle layer's heads it supervises (one per key/value group: more bandwidth)
     question_attention: float = 0.0  # the same heads one layer below onto the question's words naming the evidence
-    place: float = 0.0  # weight of the place probe at spatial answers (tessera.train.grounding.place_loss)
-    count: float = 0.0  # weight of the count probe at counting answers (tessera.train.grounding.count_loss)
+    place: float = 0.0  # weight of the place probe at spatial answers (tessera.train.grounding_losses.place_loss)
+    count: float = 0.0  # weight of the count probe at counting answers (tessera.train.grounding_losses.count_loss)
     count_sink: bool = False  # counts' evidence: anchors and a sink (WorldStream.count_sink; the count probe needs it)
     chain_evidence: bool = False  # ground the numbers thinking chains read off the image too (evidence attention)
     families: dict[str, float] = field(default_factory=default_families)

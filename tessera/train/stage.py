@@ -72,7 +72,7 @@ class LanguageModelingStage:
     component_lr: dict[str, float] = field(default_factory=dict)
     grounding: float = 0.0  # weight of the dense grounding loss (needs samples with grounding targets)
     extra: torch.nn.Module | None = None  # the grounding head, when grounding > 0
-    evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding)
+    evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding_losses)
     evidence_heads: tuple[int, ...] = (0,)  # the middle layer's heads it supervises
     question_attention: float = 0.0  # weight of the same loss one layer below, onto the question's naming words
     place: float = 0.0  # weight of the place probe on the middle layer's heads at spatial answers (extra.place)
@@ -103,7 +103,7 @@ def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
     place, count = getattr(data, "place", 0.0), getattr(data, "count", 0.0)
     if data.grounding > 0 or place > 0 or count > 0:
         from tessera.model.connector import shuffle_factor
-        from tessera.train.grounding import GroundingHeads
+        from tessera.train.grounding_losses import GroundingHeads
 
         language = model.config.language
         head = GroundingHeads(model.config.vision.hidden_size, language.hidden_size,
@@ -124,16 +124,16 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
     """Forward a packed batch (block-diagonal causal mask, per-sample positions) and take the weighted CE.
 
     `grounding` = (head, weight) adds weight × the dense grounding loss on the batch's visual tokens
-    (tessera.train.grounding), scaled by the batch's share of the step (weight_sum / normalizer) so gradient
+    (tessera.train.grounding_losses), scaled by the batch's share of the step (weight_sum / normalizer) so gradient
     accumulation and data parallelism weigh it like the language loss. `evidence_attention` > 0 adds that weight
     × the attention grounding loss of `evidence_heads` of the language model's middle layer (same scaling);
     `question_attention` > 0 adds the same loss one layer below, pulling those heads from the answer positions
     onto the question's words that name each piece of evidence (the middle layer's queries need them: a model
     whose head found objects but not *which* one — by colour in one run, by kind in another — is what it is for).
     `place` = (head, weight) adds weight × the place probe's loss on what the middle layer's heads fetched (the
-    input of its o_proj) at the positions predicting spatial answers (tessera.train.grounding.place_loss; same
-    scaling); `count` = (head, weight) the count probe's at counting answers (tessera.train.grounding.count_loss)."""
-    from tessera.train.grounding import count_loss, evidence_attention_loss, place_loss, two_level_grounding_loss
+    input of its o_proj) at the positions predicting spatial answers (tessera.train.grounding_losses.place_loss; same
+    scaling); `count` = (head, weight) the count probe's at counting answers (tessera.train.grounding_losses.count_loss)."""
+    from tessera.train.grounding_losses import count_loss, evidence_attention_loss, place_loss, two_level_grounding_loss
 
     grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
     features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4

@@ -12,7 +12,7 @@ positions]` (checked position by position). ξ is a pure function of the sample'
 The router takes no part (it is trained afterwards by the `router` stage, on the model this stage produces).
 
 With `ViCOData.grounding` > 0 the 1/16 tokens also get the dense grounding probe of the base stages
-(tessera.train.grounding, one linear head reading the 4×4 cells each 1/16 token covers): the KL alone tells mlp2
+(tessera.train.grounding_losses, one linear head reading the 4×4 cells each 1/16 token covers): the KL alone tells mlp2
 what the answers need only through a few answer tokens per sample, while the probe asks every 1/16 token of every
 tile which object and which glyphs it covers — the fresh branch starts from nothing, as the projector once did.
 """
@@ -130,7 +130,7 @@ class ViCOStage:
     component_lr: dict[str, float] = field(default_factory=dict)
     reference: torch.nn.Module | None = None
     grounding: float = 0.0  # weight of the dense grounding loss on every tile's 1/16 tokens
-    extra: torch.nn.Module | None = None  # its head (tessera.train.grounding.GroundingHead), when grounding > 0
+    extra: torch.nn.Module | None = None  # its head (tessera.train.grounding_losses.GroundingHead), when grounding > 0
 
     def setup(self, model: torch.nn.Module) -> None:
         model.add_flash_branch()  # an SFT model trained without Flash parts gets a fresh 1/16 branch and router
@@ -162,7 +162,7 @@ class ViCOStage:
         if self.grounding > 0:
             if ref.grounding is None or self.extra is None:
                 raise ValueError("vico grounding needs samples with grounding targets and a head (build_stage makes both)")
-            from tessera.train.grounding import grounding_loss
+            from tessera.train.grounding_losses import grounding_loss
 
             every_small = torch.ones(grid.shape[0], dtype=torch.bool, device=grid.device)
             small, _ = model.project(grid, every_small)  # [ΣN·t16, D], every tile at 1/16
@@ -210,7 +210,7 @@ def build_stage(model, data: "ViCOData | dict | None" = None) -> ViCOStage:
     head = None
     if data.grounding > 0:
         from tessera.model.connector import shuffle_factor
-        from tessera.train.grounding import GroundingHead
+        from tessera.train.grounding_losses import GroundingHead
 
         head = GroundingHead(cfg.language.hidden_size, shuffle_factor(cfg.flash.compressed_downsample_ratio) ** 2)
     return ViCOStage(stream, packer, data.workers, trainable=trainable, grounding=data.grounding, extra=head)

@@ -9,7 +9,7 @@ scenes.py renders, tasks.py asks, verify.py judges, bench.py fixes the evaluatio
 the difficulty knob to scene settings, probe.py measures how much text a tile and a token carry.
 """
 
-from tessera.world.bench import EvalItem, eval_items, eval_set, score, text_free_token_savings
+from tessera.world.eval_sets import EvalItem, eval_items, eval_set, score, text_free_token_savings
 from tessera.world.curriculum import Level, level
 from tessera.world.scenes import Scene, render
 from tessera.world.tasks import (ALL_FAMILIES, DESCRIBE, FAMILIES, READING_FAMILIES, SPLIT_OFFSETS, Lookup, Sample,

@@ -1,4 +1,4 @@
-"""The dense grounding loss: linear probes read every cell's targets back (tessera.world.grounding).
+"""The dense grounding loss: linear probes read every cell's targets back (tessera.world.grounding_targets).
 
 Two probes, because the two halves of the vision path learn at very different speeds (measured with a
 vision-only probe, 200 steps at difficulty 0.5, lr ViT 1e-4 / connector 6e-4): a probe on the ViT's patch tokens
@@ -22,7 +22,7 @@ from torch import nn
 
 from tessera.model.connector import pixel_shuffle
 from tessera.world.curriculum import level
-from tessera.world.grounding import FIELDS, IGNORE, NUM_CLASSES
+from tessera.world.grounding_targets import FIELDS, IGNORE, NUM_CLASSES
 from tessera.world.scenes import CELLS_PER_TILE
 
 

@@ -2,7 +2,7 @@
 
 A question supervises one or three answer tokens; the scene knows exactly which glyph sits in every glyph slot
 and which shape covers every cell. Training the visual tokens to say so (a linear probe on each 1/4 token,
-tessera.train.grounding) gives the ViT and the projector a signal at every token of every tile, the way
+tessera.train.grounding_losses) gives the ViT and the projector a signal at every token of every tile, the way
 InternVL's pre-training leans on OCR and grounding data, so the language model finds reading and object
 features already in place when it learns to look things up.
 
