@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tessera.geometry import tokens_per_tile
+
 
 class ConfigError(ValueError):
     """An invalid, inconsistent or unknown configuration field."""
@@ -202,21 +204,15 @@ class ModelConfig:
 
     @property
     def tokens_per_tile(self) -> int:
-        from tessera.geometry import tokens_per_tile
-
         return tokens_per_tile(self.vision.image_size, self.vision.patch_size, self.downsample_ratio)
 
     @property
     def compressed_tokens_per_tile(self) -> int:
-        from tessera.geometry import tokens_per_tile
-
         return tokens_per_tile(self.vision.image_size, self.vision.patch_size, self.flash.compressed_downsample_ratio)
 
     def validate(self) -> "ModelConfig":
         self.vision.validate()
         self.language.validate()
-        from tessera.geometry import tokens_per_tile
-
         for name, ratio in (("downsample_ratio", self.downsample_ratio), ("flash.compressed_downsample_ratio", self.flash.compressed_downsample_ratio)):
             try:
                 tokens_per_tile(self.vision.image_size, self.vision.patch_size, ratio)

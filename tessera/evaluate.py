@@ -16,7 +16,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tessera.best_of_n import generate_best_of_n
 from tessera.engine import SamplingParams, generate
+from tessera.image import ImageProcessor
+from tessera.routing import RoutingPolicy, encode_routed
+from tessera.world import FAMILIES, eval_items, score, verify
 
 
 @dataclass
@@ -46,14 +50,8 @@ def evaluate(model, seed: int = 0, n: int = 140, routing: str = "full", batch_si
              thinking: str = "auto", max_new_tokens: int = 32, max_think_tokens: int = 160, best_of: int = 1,
              families: list[str] | None = None, keep_records: bool = True) -> EvalResult:
     """Accuracy of `model` (with `.tokenizer`) on n held-out world questions, family by family."""
-    from tessera.image import ImageProcessor
-    from tessera.routing import RoutingPolicy, encode_routed
-    from tessera.world import FAMILIES, eval_items, score, verify
-
     critic = None
     if best_of != 1:  # Best-of-N: the model must carry a critic (tessera.best_of_n.Critic.load(checkpoint))
-        from tessera.best_of_n import generate_best_of_n
-
         critic = getattr(model, "critic", None)
         if critic is None:
             raise ValueError("best_of > 1 needs a critic: set model.critic = tessera.best_of_n.Critic.load(CHECKPOINT) "

@@ -12,6 +12,7 @@ import torch
 
 from tessera.engine import SamplingParams, generate
 from tessera.image import ImageProcessor, load_image
+from tessera.routing import RoutingPolicy, encode_routed, route_tiles
 
 
 @dataclass
@@ -37,8 +38,6 @@ class Pipeline:
         tok = self.model.tokenizer
         features, image_tokens, tiles, compressed = None, [], 0, 0
         if image is not None:
-            from tessera.routing import RoutingPolicy, encode_routed
-
             batch = self.processor([load_image(image)])
             # ViT once, router only when the policy needs it, then only the chosen branch per tile
             features, decision = encode_routed(self.model, batch.pixel_values, batch.tiles_per_image,
@@ -58,6 +57,4 @@ class Pipeline:
         """Per-tile compress flags for a routing policy (None = every tile at full resolution)."""
         if routing == "full":
             return None
-        from tessera.routing import route_tiles
-
         return route_tiles(self.model, pixel_values, tiles_per_image, routing)

@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from tessera.image import load_image, preprocess
+
 MODES = ("full", "compressed", "router", "random")
 
 
@@ -277,8 +279,6 @@ def draw_routing(model, image, routing: "str | RoutingPolicy", out_png: str, see
     Each tile is labelled with its branch and, when the router ran, p(compress). Returns the decision drawn.
     """
     from PIL import Image, ImageDraw, ImageFont
-
-    from tessera.image import load_image, preprocess
 
     cfg = model.config
     img = load_image(image)

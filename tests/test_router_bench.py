@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.bench.router import markdown, plot, replace_section, vision_cost, vision_macs
+from tessera.bench.docs import replace_section
+from tessera.bench.router import markdown, plot, vision_cost, vision_macs
 from tessera.flash_table import summarise
 from tessera.routing import MODES
 from tessera.config import preset

@@ -17,7 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tessera
+from tessera.answers import SamplingConfig, prepare, world_query
+from tessera.best_of_n import CriticTrainConfig, best_of_n_rollouts, fit_critic, select
+from tessera.evaluate import evaluate
 from tessera.seeds import CRITIC_SEED_OFFSET
+from tessera.train.rollout import training_queries
+from tessera.world import eval_items, verify
 
 
 @dataclass
@@ -34,12 +40,6 @@ class BestOfNConfig:
 
 def best_of_n_table(model, cfg: BestOfNConfig, critic_dir: Path) -> dict[str, Any]:
     """Accuracy at each N (greedy, sampled mean, vote, critic, critic-weighted, oracle pass@N) and the critic's report."""
-    from tessera.answers import SamplingConfig, prepare, world_query
-    from tessera.best_of_n import CriticTrainConfig, best_of_n_rollouts, fit_critic, select
-    from tessera.evaluate import evaluate
-    from tessera.train.rollout import training_queries
-    from tessera.world import eval_items, verify
-
     start = time.process_time()
     sampling = SamplingConfig(temperature=cfg.temperature, group_size=cfg.group_size, seed=cfg.seed)
     queries = training_queries(cfg.critic_queries, cfg.families or None, cfg.seed, CRITIC_SEED_OFFSET)
@@ -90,8 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import tessera
-
     cfg = BestOfNConfig(questions=args.questions, critic_queries=args.critic_queries, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

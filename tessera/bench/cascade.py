@@ -32,9 +32,15 @@ from typing import Any
 
 import torch
 
+import tessera
+from tessera.answers import SamplingConfig, rollout, world_query
 from tessera.bench.best_of_n import BestOfNConfig, best_of_n_table, format_best_of_n
 from tessera.bench.compute import count_token_passes
-from tessera.evaluate import family_table
+from tessera.evaluate import evaluate, family_table
+from tessera.train.gspo import GSPOConfig, GSPOStage, select_queries
+from tessera.train.mpo import MPOData, MPOStage, collect_or_load
+from tessera.train.trainer import TrainConfig, Trainer
+from tessera.world import FAMILIES, eval_items
 
 
 @dataclass
@@ -86,9 +92,6 @@ def _cpu() -> float:
 
 def _measure(model, cfg: CascadeConfig) -> dict[str, Any]:
     """Per-family accuracy (eval_per_family each) and reasoning accuracy on eval_reasoning questions, greedy."""
-    from tessera.evaluate import evaluate
-    from tessera.world import FAMILIES
-
     fam = evaluate(model, seed=cfg.eval_seed, n=cfg.eval_per_family * len(FAMILIES), keep_records=False)
     rea = evaluate(model, seed=cfg.eval_seed, n=cfg.eval_reasoning, families=["reasoning"], keep_records=False)
     return {"reasoning": rea.overall, "families": fam.families, "overall": fam.overall,
@@ -101,17 +104,12 @@ def sampled_accuracy(model, n: int, eval_seed: int, temperature: float, group_si
 
     Greedy decoding reads the policy's mode; RL that sharpens the distribution around it moves this number
     and can leave the mode (and so the greedy accuracy) where it was."""
-    from tessera.answers import SamplingConfig, rollout, world_query
-    from tessera.world import eval_items
-
     queries = [world_query(it.seed, it.family, split=it.split) for it in eval_items(n, ["reasoning"], offset=eval_seed)]
     groups = rollout(model, queries, SamplingConfig(temperature=temperature, group_size=group_size, seed=seed + 29))
     return sum(sum(g.rewards) for g in groups) / max(1, group_size * len(groups))
 
 
 def _train(model, stage, steps: int, lr: float, out: Path, cfg: CascadeConfig, stop_after: int | None = None):
-    from tessera.train.trainer import TrainConfig, Trainer
-
     # RL runs use a constant learning rate after a short warm-up: a pass boundary is then just a point in the run
     config = TrainConfig(steps=steps, lr=lr, warmup_steps=min(5, steps), min_lr_ratio=1.0, log_every=1, save_every=0,
                          keep_checkpoints=1, seed=cfg.seed, threads=cfg.threads, progress=False)
@@ -142,10 +140,6 @@ def _pass_name(fraction: float) -> str:
 
 
 def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = CascadeConfig(), log=print) -> dict[str, Any]:
-    import tessera
-    from tessera.train.gspo import GSPOConfig, GSPOStage, select_queries
-    from tessera.train.mpo import MPOData, MPOStage, collect_or_load
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)

@@ -23,6 +23,12 @@ from pathlib import Path
 
 import torch
 
+import tessera
+from tessera.bench.docs import machine, replace_section
+from tessera.engine import Engine, GenerationRequest, SamplingParams
+from tessera.model.checkpoint import convert, save_checkpoint
+from tessera.model.init import init_lively_model
+
 
 MODES = {
     "eager": (False, torch.float32),
@@ -47,8 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def make_engine(model, mode: str, batch: int, max_len: int):
     """An engine over the model's language side; bf16 modes run a bfloat16 copy of it."""
-    from tessera.engine import Engine
-
     compile, dtype = MODES[mode]
     llm = model.language_model if dtype == torch.float32 else copy.deepcopy(model.language_model).to(dtype)
     return Engine(llm, max_batch=max(batch, 1), max_len=max_len, embed_fn=model.embed, compile=compile)
@@ -57,8 +61,6 @@ def make_engine(model, mode: str, batch: int, max_len: int):
 def ours(engine, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float, float, list[list[int]]]:
     """(wall seconds, decode-only seconds, CPU seconds of this thread, tokens per prompt) through an idle
     continuous-batching engine, run until it drains."""
-    from tessera.engine import GenerationRequest, SamplingParams
-
     if engine.has_work():
         raise RuntimeError("the engine must be idle between runs")
     B = prompts.shape[0]
@@ -86,10 +88,6 @@ def theirs(hf, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float, li
 
 def run(args: argparse.Namespace) -> int:
     import transformers
-
-    import tessera
-    from tessera.model.checkpoint import convert, save_checkpoint
-    from tessera.model.init import init_lively_model
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
@@ -172,8 +170,6 @@ def run(args: argparse.Namespace) -> int:
               "parity": {"prompts": args.parity_prompts, "identical": parity}, "rows": rows}
     text = markdown(result)
     if args.docs:
-        from tessera.bench.serve import machine, replace_section
-
         replace_section(Path(args.docs), "## Engine", text + f"\n\nMachine: {machine()}, transformers {transformers.__version__}; "
                         f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after the run.")
     print(json.dumps(result, indent=2) if args.json else text)

@@ -21,8 +21,13 @@ from pathlib import Path
 
 import torch
 
+import tessera
+from tessera.bench.docs import replace_section
 from tessera.flash_table import evaluate_modes, reading_accuracy, summarise
-from tessera.routing import MODES
+from tessera.image import ImageProcessor
+from tessera.routing import MODES, draw_routing, encode_routed
+from tessera.train.router_stage import evaluate_router, heldout_samples
+from tessera.world import FAMILIES, READING_FAMILIES, eval_items, text_free_token_savings
 
 
 
@@ -68,9 +73,6 @@ def vision_macs(config) -> dict[str, float]:
 def vision_cost(model, images, rounds: int) -> dict[str, float]:
     """Seconds for the vision side of `full` (ViT + mlp1) and `router` (ViT + router + chosen branch), and of the
     transformers-style Flash path (ViT + router + both branches), interleaved round by round; MACs alongside."""
-    from tessera.image import ImageProcessor
-    from tessera.routing import encode_routed
-
     processor = ImageProcessor.from_config(model.config)
     batch = processor(images)
     pv, tiles = batch.pixel_values, batch.tiles_per_image
@@ -108,8 +110,6 @@ def vision_cost(model, images, rounds: int) -> dict[str, float]:
 
 def world_bound(config, n: int, seed: int = 0) -> dict[str, float]:
     """tessera.world.text_free_token_savings on the table's own n held-out questions."""
-    from tessera.world import FAMILIES, eval_items, text_free_token_savings
-
     items = eval_items(-(-n // len(FAMILIES)), FAMILIES, offset=seed)[:n]
     return text_free_token_savings((it.sample() for it in items), config.tokens_per_tile,
                                    config.compressed_tokens_per_tile)
@@ -170,20 +170,6 @@ def markdown(s: dict, checkpoint: str, command: str = "") -> str:
     return "\n".join(lines)
 
 
-def replace_section(path: Path, heading: str, body: str) -> None:
-    """Replace the text under `heading` (up to the next '## ' heading) in a markdown file, or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    try:
-        start = lines.index(heading)
-    except ValueError:
-        lines += ["", heading, "", body.rstrip()]
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = [heading, "", body.rstrip(), ""]
-    path.write_text("\n".join(lines).rstrip() + "\n")
-
-
 def plot(s: dict, out: Path) -> None:
     import matplotlib
 
@@ -212,10 +198,6 @@ def plot(s: dict, out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import tessera
-    from tessera.train.router_stage import evaluate_router, heldout_samples
-    from tessera.world import READING_FAMILIES, eval_items
-
     model = tessera.load(args.checkpoint).eval()
     if not model.config.flash.enabled:
         raise SystemExit(f"{args.checkpoint} is not a Flash model (no router, no mlp2)")
@@ -253,8 +235,6 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "flash.json").write_text(json.dumps(s, indent=2) + "\n")
         plot(s, out / "flash_tradeoff.png")
-        from tessera.routing import draw_routing
-
         doc = next(it.sample() for it in eval_items(4, families=[READING_FAMILIES[-1]], offset=args.seed))
         doc.image.save(out / "flash_example.png")
         draw_routing(model, out / "flash_example.png", "router", str(out / "flash_routing.png"))

@@ -27,6 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import tessera
+from tessera.bench.docs import machine, replace_section
+from tessera.bench.loadgen import LoadResult, data_url, image_for_tiles, image_message, run_load
+from tessera.config import ModelConfig
+from tessera.engine import Engine, GenerationRequest, SamplingParams
+from tessera.model.checkpoint import save_checkpoint
+from tessera.model.init import init_lively_model
+from tessera.routing import RoutingPolicy
+from tessera.serve.vision import VisionEncoder
+
 TOPOLOGIES = ("coupled", "decoupled", "decoupled+router")
 
 
@@ -82,8 +92,6 @@ def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 180.0) -> Non
 
 
 def bodies(tile_size: int, tiles: int, n: int, max_tokens: int, routing: str, seed0: int) -> list[dict]:
-    from tessera.bench.loadgen import data_url, image_for_tiles, image_message
-
     return [{"messages": image_message(data_url(image_for_tiles(tiles, tile_size, seed0 + i)), "describe the image"),
              "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "routing": routing} for i in range(n)]
 
@@ -114,8 +122,6 @@ class Server:
 def measure(servers: list[Server], tile_size: int, tiles: int, args) -> dict[str, dict]:
     """Rounds alternate between the topologies (order rotated each round), so load from elsewhere on the machine
     hits them alike; req/s is the median over rounds, TTFT percentiles pool every measured request."""
-    from tessera.bench.loadgen import LoadResult, run_load
-
     per_round = max(1, args.requests // args.rounds)
     rates: dict[str, list[float]] = {s.topology: [] for s in servers}
     pooled = {s.topology: LoadResult() for s in servers}
@@ -185,12 +191,6 @@ def component_costs(checkpoint: str, tiles_list: list[int], args) -> dict[str, d
     coupled ≈ V + L, decoupled ≈ max(V, L), which gives the best speed-up decoupling can buy here."""
     import torch
 
-    import tessera
-    from tessera.engine import Engine
-    from tessera.routing import RoutingPolicy
-    from tessera.bench.loadgen import image_for_tiles
-    from tessera.serve.vision import VisionEncoder
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -215,8 +215,6 @@ def component_costs(checkpoint: str, tiles_list: list[int], args) -> dict[str, d
 
 
 def _llm_ms(engine, model, encoded, args) -> float:
-    from tessera.engine import GenerationRequest, SamplingParams
-
     n = 4 * len(encoded)
     done: list[str] = []
     submitted = 0
@@ -235,9 +233,6 @@ def _llm_ms(engine, model, encoded, args) -> float:
 def fresh_checkpoint(out: Path) -> str:
     """A random tiny Flash checkpoint whose language weights make real text (see bench/engine.py): with the
     default init every answer repeats one token that decodes to nothing, and no chunk would carry text to time."""
-    from tessera.model.checkpoint import save_checkpoint
-    from tessera.model.init import init_lively_model
-
     model = init_lively_model("tiny")
     model.config.max_tiles = 12  # a tiling limit, not a weight: lets the 9-tile cell tile as 3×3 (+ thumbnail)
     save_checkpoint(model, out)
@@ -353,31 +348,7 @@ def plot(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def replace_section(path: Path, heading: str, body: str) -> None:
-    """Replace the text under `heading` (up to the next '## ' heading) in a markdown file, or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    if heading in lines:
-        start = lines.index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = [heading, "", body.rstrip(), ""]
-    else:
-        lines += ["", heading, "", body.rstrip()]
-    path.write_text("\n".join(lines).rstrip() + "\n")
-
-
-def machine() -> str:
-    import platform
-
-    import torch
-
-    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    return f"{os.cpu_count()} CPU(s), {model}; Python {platform.python_version()}, torch {torch.__version__}"
-
-
 def run(args: argparse.Namespace) -> int:
-    from tessera.config import ModelConfig
-
     tmp = None
     checkpoint = args.checkpoint
     if checkpoint is None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.model.connector import pixel_shuffle
+from tessera.model.llm import apply_rope
 from tessera.world.curriculum import level
 from tessera.world.grounding_targets import FIELDS, IGNORE, NUM_CLASSES
 from tessera.world.scenes import CELLS_PER_TILE
@@ -168,8 +169,6 @@ def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
     [B, 1, T, T] mask (None = causal); evidence: tessera.train.data.Evidence entries (row, queries, keys, sink);
     the mean mass on the targets is reported as metric `name`.
     """
-    from tessera.model.llm import apply_rope
-
     group = attn.num_heads // attn.num_kv_heads
     heads = list(heads)
     if not heads or not all(0 <= h < attn.num_heads for h in heads):

@@ -16,12 +16,11 @@ from typing import Any
 
 from tessera.evaluate import EvalResult, family_table, format_report
 from tessera.routing import MODES
+from tessera.world import FAMILIES, build
 
 
 def chance_levels(n: int = 400, seed: int = 0) -> dict[str, float]:
     """family → accuracy of always answering that family's most common answer (train split, difficulty 1)."""
-    from tessera.world import FAMILIES, build
-
     out = {}
     for family in FAMILIES:
         answers = Counter(build(seed + i, family, "train")[1].answer for i in range(n))
