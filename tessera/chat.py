@@ -125,31 +125,41 @@ class ChatTokenizer:
     def image_block(self, num_tokens: int) -> str:
         return IMG_START + IMG_CONTEXT * num_tokens + IMG_END
 
-    def user_text(self, question: str, image_tokens: Sequence[int]) -> str:
-        """The user turn's content: one `<img>…</img>` block per image, then the question."""
-        if len(image_tokens) == 1:
-            images = self.image_block(image_tokens[0]) + "\n"
-        else:
-            images = "".join(f"Image-{i + 1}: {self.image_block(t)}\n" for i, t in enumerate(image_tokens))
-        return images + question
+    # ---- the chat template: the one renderer (prompts, served conversations, multi-turn training) -----------
+
+    def turn(self, role: str, body: str, image_tokens: Sequence[int] = (), numbers: Sequence[int] = ()) -> str:
+        """One message: `<|im_start|>{role}\n{images}{body}<|im_end|>\n` (Harmony:
+        `<|start|>{role}<|message|>{images}{body}<|end|>`), one `<img>…</img>` block per image
+        first (prefixed `Image-k: ` when `numbers` gives the images' 1-based numbers in the conversation)."""
+        blocks = "".join((f"Image-{k}: " if numbers else "") + self.image_block(t) + "\n"
+                         for t, k in zip(image_tokens, numbers or [0] * len(image_tokens)))
+        if self.harmony:
+            return f"{H_START}{role}{H_MESSAGE}{blocks}{body}{H_END}"
+        return f"{IM_START}{role}\n{blocks}{body}{IM_END}\n"
+
+    def assistant_start(self, thinking: bool) -> str:
+        """Where the assistant starts writing; with thinking off, after the empty think block (Harmony: after
+        the final channel's header)."""
+        if self.harmony:
+            return f"{H_START}assistant" + ("" if thinking else FINAL_HEADER)
+        return f"{IM_START}assistant\n" + ("" if thinking else EMPTY_THINK)
+
+    def render(self, turns: Sequence[tuple[str, str, Sequence[int]]], image_tokens: Sequence[int] = (),
+               thinking: bool = False, system: str | None = None) -> str:
+        """The prompt text of a conversation: the system message (the default one when None, none when ""),
+        then each (role, body, indices of its images in `image_tokens`) turn, then the assistant's start. With
+        more than one image in the conversation, images are numbered `Image-1: `, `Image-2: `, … in order."""
+        system = self.system if system is None else system
+        text = self.turn("system", system) if system else ""
+        numbered = len(image_tokens) > 1
+        for role, body, mine in turns:
+            text += self.turn(role, body, [image_tokens[i] for i in mine], [i + 1 for i in mine] if numbered else ())
+        return text + self.assistant_start(thinking)
 
     def build_prompt(self, question: str, image_tokens: Sequence[int] = (), thinking: bool = False,
                      system: str | None = None) -> list[int]:
-        """Token ids of the prompt, ending where the assistant starts writing."""
-        system = self.system if system is None else system
-        text = ""
-        if self.harmony:
-            if system:
-                text += f"{H_START}system{H_MESSAGE}{system}{H_END}"
-            text += f"{H_START}user{H_MESSAGE}{self.user_text(question, image_tokens)}{H_END}{H_START}assistant"
-            text += "" if thinking else FINAL_HEADER
-        else:
-            if system:
-                text += f"{IM_START}system\n{system}{IM_END}\n"
-            text += f"{IM_START}user\n{self.user_text(question, image_tokens)}{IM_END}\n{IM_START}assistant\n"
-            if not thinking:
-                text += EMPTY_THINK
-        ids = self.encode(text)
+        """Token ids of a one-question prompt (its images first), ending where the assistant starts writing."""
+        ids = self.encode(self.render([("user", question, range(len(image_tokens)))], image_tokens, thinking, system))
         self.check_image_tokens(ids, image_tokens)
         return ids
 

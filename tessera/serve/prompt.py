@@ -14,7 +14,6 @@ import binascii
 import re
 from dataclasses import dataclass
 
-from tessera.chat import EMPTY_THINK, IM_END, IM_START
 from tessera.serve.schema import APIError, ChatCompletionRequest, ImagePart, TextPart
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
@@ -105,17 +104,9 @@ def render_prompt(tokenizer, conv: Conversation, image_tokens: list[int], thinki
     """Token ids of the conversation in the chat template; image i carries image_tokens[i] <IMG_CONTEXT>."""
     if len(image_tokens) != len(conv.images):
         raise ValueError(f"{len(image_tokens)} token counts for {len(conv.images)} images")
-    if len(conv.turns) == 1:
-        return tokenizer.build_prompt(conv.turns[0][1], image_tokens, thinking=thinking, system=conv.system)
-    system = tokenizer.system if conv.system is None else conv.system
-    text = f"{IM_START}system\n{system}{IM_END}\n" if system else ""
-    numbered = len(conv.images) > 1
-    for role, body, mine in conv.turns:
-        blocks = "".join((f"Image-{i + 1}: " if numbered else "") + tokenizer.image_block(image_tokens[i]) + "\n" for i in mine)
-        if role == "assistant":
-            body = tokenizer.final_answer(body) if "</think>" in body else body
-        text += f"{IM_START}{role}\n{blocks}{body}{IM_END}\n"
-    text += f"{IM_START}assistant\n" + ("" if thinking else EMPTY_THINK)
-    ids = tokenizer.encode(text)
+    # earlier assistant answers go back without their think blocks
+    turns = [(role, tokenizer.final_answer(body) if role == "assistant" and "</think>" in body else body, mine)
+             for role, body, mine in conv.turns]
+    ids = tokenizer.encode(tokenizer.render(turns, image_tokens, thinking, conv.system))
     tokenizer.check_image_tokens(ids, image_tokens)
     return ids

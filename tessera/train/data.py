@@ -185,15 +185,13 @@ def encode_turns(tokenizer, processor, tokens_per_tile: int, image, turns: Seque
     off) and its answer. Loss on every answer and its `<|im_end|>`. One ViT pass then serves several answers,
     which is where a training step spends most of its time.
     """
-    from tessera.chat import EMPTY_THINK, IM_END, IM_START
-
     pixels = processor([image])
     image_tokens = [n * tokens_per_tile for n in pixels.tiles_per_image]
     (q, a, think), rest = turns[0], turns[1:]
     first = tokenizer.build_example(q, a, image_tokens, thinking=think)
     ids, mask = list(first.input_ids), list(first.loss_mask)
     for q, a, think in rest:
-        prompt = tokenizer.encode(f"\n{IM_START}user\n{q}{IM_END}\n{IM_START}assistant\n" + ("" if think else EMPTY_THINK))
+        prompt = tokenizer.encode("\n" + tokenizer.turn("user", q) + tokenizer.assistant_start(think))
         target = tokenizer.encode(a) + [tokenizer.im_end_id]
         ids += prompt + target
         mask += [0] * len(prompt) + [1] * len(target)
