@@ -86,3 +86,17 @@ def tokens_per_image(width: int, height: int, tile_size: int = 448, patch_size: 
 def routed_tokens(compress: list[bool], full_tokens: int, compressed_tokens: int) -> list[int]:
     """Per-tile token counts under a routing decision (True = compress to the 1/16 branch)."""
     return [compressed_tokens if c else full_tokens for c in compress]
+
+
+def tokens_of_images(tiles_per_image: list[int], tokens_per_tile: int | list[int]) -> list[int]:
+    """Visual tokens per image (what each `<img>` of the prompt carries) for images of tiles_per_image[i] tiles
+    each: at one count for every tile, or from per-tile counts in prompt order (a routing decision's)."""
+    if isinstance(tokens_per_tile, int):
+        return [n * tokens_per_tile for n in tiles_per_image]
+    if sum(tiles_per_image) != len(tokens_per_tile):
+        raise ValueError(f"{len(tokens_per_tile)} per-tile counts for images of {tiles_per_image} tiles")
+    out, start = [], 0
+    for n in tiles_per_image:
+        out.append(sum(tokens_per_tile[start:start + n]))
+        start += n
+    return out

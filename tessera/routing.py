@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from tessera.geometry import routed_tokens, tokens_of_images
 from tessera.image import load_image, preprocess
 
 MODES = ("full", "compressed", "router", "random")
@@ -94,11 +95,7 @@ class RoutingDecision:
     @property
     def image_tokens(self) -> list[int]:
         """Visual tokens per image: what the prompt carries for each `<img>`."""
-        out, start = [], 0
-        for n in self.tiles_per_image:
-            out.append(sum(self.tokens_per_tile[start:start + n]))
-            start += n
-        return out
+        return tokens_of_images(self.tiles_per_image, self.tokens_per_tile)
 
 
 def _check_tiles(n: int, tiles_per_image: list[int]) -> None:
@@ -153,7 +150,7 @@ def enforce_budget(compress: torch.Tensor, p_compress: torch.Tensor | None, budg
     if budget < floor:
         raise RoutingError(f"a budget of {budget} visual tokens is below the {floor} that {n} tiles need even "
                            f"all at 1/16 ({compressed_tokens} each); raise the budget or send a smaller image")
-    tokens = int(compress.sum()) * compressed_tokens + int((~compress).sum()) * full_tokens
+    tokens = sum(routed_tokens(compress.tolist(), full_tokens, compressed_tokens))
     if tokens <= budget:
         return compress
     save = full_tokens - compressed_tokens
@@ -194,7 +191,7 @@ def decide(policy: RoutingPolicy, tiles_per_image: list[int], full_tokens: int, 
         # random stays random under a budget: extra tiles in position order rather than by router score
         scores = None if policy.mode == "random" else p_compress
         compress = enforce_budget(compress, scores, policy.budget, full_tokens, compressed_tokens)
-    tokens = [compressed_tokens if c else full_tokens for c in compress.tolist()]
+    tokens = routed_tokens(compress.tolist(), full_tokens, compressed_tokens)
     return RoutingDecision(compress, tokens, list(tiles_per_image),
                            p_compress.detach().float() if p_compress is not None else None)
 

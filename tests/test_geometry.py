@@ -10,7 +10,8 @@ from itertools import combinations
 import pytest
 
 from tessera.config import preset, tiny_config
-from tessera.geometry import candidate_grids, num_tiles, routed_tokens, tile_grid, tokens_per_image, tokens_per_tile
+from tessera.geometry import (candidate_grids, num_tiles, routed_tokens, tile_grid, tokens_of_images, tokens_per_image,
+                              tokens_per_tile)
 
 
 
@@ -184,3 +185,10 @@ def test_tokens_per_image_matches_transformers_patch_count(got_ocr2):
 def test_routed_tokens():
     assert routed_tokens([False, True, True], 256, 64) == [256, 64, 64]
     assert sum(routed_tokens([], 256, 64)) == 0
+
+
+def test_tokens_of_images():
+    assert tokens_of_images([1, 3], 16) == [16, 48]  # one count for every tile
+    assert tokens_of_images([2, 1], [16, 4, 4]) == [20, 4]  # per-tile counts of a routing decision, in order
+    with pytest.raises(ValueError, match="per-tile counts"):
+        tokens_of_images([2, 2], [16, 4, 4])

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tessera.geometry import tokens_of_images
 from tessera.image import ImageError, ImageProcessor, image_hash
 from tessera.routing import RoutingError, RoutingPolicy, decide, router_of
 from tessera.serve.protocol import EncodedImage, ImageMeta
@@ -199,7 +200,7 @@ class VisionEncoder:
             for count, g in zip(job.tiles_per_image, job.grids):
                 tokens = per_tile[tile:tile + count]
                 rows = sum(tokens)
-                meta = ImageMeta(list(tokens), g, count * cfg.tokens_per_tile)
+                meta = ImageMeta(list(tokens), g, tokens_of_images([count], cfg.tokens_per_tile)[0])
                 encoded.append(EncodedImage(meta, feats[row:row + rows].clone()))  # [rows, D]
                 row += rows
                 tile += count

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from tessera.geometry import tokens_of_images
 from tessera.train.losses import IGNORE
 
 
@@ -79,7 +80,7 @@ def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, ans
     With the world `scene` the image was drawn from (and what the answer is read from, a tessera.world.Lookup),
     the tiles' dense grounding targets and the answer's evidence positions come along."""
     pixels = processor([image])
-    image_tokens = [n * tokens_per_tile for n in pixels.tiles_per_image]
+    image_tokens = tokens_of_images(pixels.tiles_per_image, tokens_per_tile)
     example = tokenizer.build_example(question, answer, image_tokens, thinking=thinking)
     evidence = _evidence(example.input_ids, example.loss_mask, tokenizer, scene, tokens_per_tile, [(lookup, thinking)])
     return Encoded(example.input_ids, example.loss_mask, pixels.pixel_values, image_tokens, family, index,
@@ -186,7 +187,7 @@ def encode_turns(tokenizer, processor, tokens_per_tile: int, image, turns: Seque
     which is where a training step spends most of its time.
     """
     pixels = processor([image])
-    image_tokens = [n * tokens_per_tile for n in pixels.tiles_per_image]
+    image_tokens = tokens_of_images(pixels.tiles_per_image, tokens_per_tile)
     (q, a, think), rest = turns[0], turns[1:]
     first = tokenizer.build_example(q, a, image_tokens, thinking=think)
     ids, mask = list(first.input_ids), list(first.loss_mask)
