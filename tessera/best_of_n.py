@@ -41,6 +41,7 @@ from torch import nn
 
 from tessera.answers import (Group, PreparedQuery, Query, Rollout, SamplingConfig, answer_logprobs, generate_groups,
                              prepare, rollout, score)
+from tessera.auc import auc
 from tessera.image import load_image
 from tessera.logprobs import sequence_logprobs
 from tessera.pipeline import Answer
@@ -238,16 +239,6 @@ def train_critic(features: torch.Tensor, labels: torch.Tensor, query_ids: Sequen
                           auc(logits[val], y[val]) if val.any() else float("nan"), len(val_q),
                           {"stop_loss": best, "best_epoch": float(best_epoch)})
     return critic, report
-
-
-def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties count ½."""
-    pos, neg = scores[labels > 0.5], scores[labels <= 0.5]
-    if not len(pos) or not len(neg):
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).float().mean()  # [P,N] → []
-    ties = (pos[:, None] == neg[None, :]).float().mean()
-    return float(greater + 0.5 * ties)
 
 
 def fit_critic(model, queries: Sequence[Query], sampling: SamplingConfig, config: CriticTrainConfig = CriticTrainConfig(),

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tessera.answers import PreparedQuery, Query, Rollout
-from tessera.best_of_n import (NUM_FEATURES, Critic, CriticConfig, CriticTrainConfig, auc, confidence_features,
+from tessera.auc import auc
+from tessera.best_of_n import (NUM_FEATURES, Critic, CriticConfig, CriticTrainConfig, confidence_features,
                                generate_best_of_n, select, self_check_features, train_critic)
 from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.logprobs import sequence_logprobs

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tessera.train.router_stage import (RatioWindow, RouterStage, SampleBatch, binary_auc, evaluate_router,
+from tessera.auc import auc
+from tessera.train.router_stage import (RatioWindow, RouterStage, SampleBatch, evaluate_router,
                                         router_bce, router_labels, tile_loss_ratios)
 from tessera.train.vico import shrink_image_tokens
 
@@ -93,9 +94,9 @@ def test_bce_matches_binary_cross_entropy_on_p_compress():
 
 
 def test_auc():
-    assert binary_auc(torch.tensor([0.9, 0.8, 0.1, 0.2]), torch.tensor([True, True, False, False])) == 1.0
-    assert binary_auc(torch.tensor([0.1, 0.2, 0.9, 0.8]), torch.tensor([True, True, False, False])) == 0.0
-    assert binary_auc(torch.tensor([0.5, 0.5]), torch.tensor([True, False])) == 0.5
+    assert auc(torch.tensor([0.9, 0.8, 0.1, 0.2]), torch.tensor([True, True, False, False])) == 1.0
+    assert auc(torch.tensor([0.1, 0.2, 0.9, 0.8]), torch.tensor([True, True, False, False])) == 0.0
+    assert auc(torch.tensor([0.5, 0.5]), torch.tensor([True, False])) == 0.5
 
 
 def test_router_training_steps_lower_its_loss_and_touch_nothing_else(tiny):

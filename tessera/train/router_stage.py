@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tessera.auc import auc
 from tessera.model.router import COMPRESS, KEEP
 from tessera.train.data import Encoded, stream_batches
 from tessera.train.vico import shrink_image_tokens
@@ -224,15 +225,6 @@ class RouterStage:
         return loss, metrics
 
 
-def binary_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Area under the ROC curve (probability a random positive outranks a random negative; ties count half)."""
-    pos, neg = scores[positive].float(), scores[~positive].float()
-    if not len(pos) or not len(neg):
-        return float("nan")
-    diff = pos[:, None] - neg[None, :]  # [P,N]
-    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
-
-
 @torch.no_grad()
 def evaluate_router(model, samples: list[Encoded], percentile: float = 50.0, eps: float = 1e-3,
                     tau: float | None = None, chunk_samples: int = 8) -> dict[str, float]:
@@ -253,7 +245,7 @@ def evaluate_router(model, samples: list[Encoded], percentile: float = 50.0, eps
     tp = float((pred & labels).sum()) / max(1, int(labels.sum()))
     tn = float((~pred & ~labels).sum()) / max(1, int((~labels).sum()))
     return {"tiles": float(len(r)), "tau": tau, "accuracy": float((pred == labels).float().mean()),
-            "balanced_accuracy": 0.5 * (tp + tn), "auc": binary_auc(p, labels),
+            "balanced_accuracy": 0.5 * (tp + tn), "auc": auc(p, labels),
             "label_compress": float(labels.float().mean()), "predicted_compress": float(pred.float().mean())}
 
 
