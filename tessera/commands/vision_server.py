@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from tessera.serve.vision import MAX_BATCH_TILES, MAX_WAIT_MS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ address; port * picks a free one")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--max-batch-tiles", type=int, default=32, help="tiles per ViT batch")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    p.add_argument("--max-batch-tiles", type=int, default=MAX_BATCH_TILES, help="tiles per ViT batch")
+    p.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS, help="longest wait for a batch to fill")
     p.add_argument("--cache-entries", type=int, default=256, help="LRU feature cache size (0 disables)")
     p.add_argument("--max-pixels", type=int, default=None, help="pixels per image (decompression-bomb guard)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",

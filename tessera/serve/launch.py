@@ -20,7 +20,7 @@ import uvicorn
 
 from tessera.serve.api import build_app
 from tessera.serve.language_server import CoupledVision, LanguageServer, ServeOptions
-from tessera.serve.vision import VisionEncoder, VisionLimits
+from tessera.serve.vision import MAX_BATCH_TILES, MAX_WAIT_MS, VisionEncoder, VisionLimits
 
 
 @dataclass
@@ -29,8 +29,8 @@ class Topology:
     vision_workers: int = 0  # local vision processes (decoupled)
     vision_servers: list[str] = field(default_factory=list)  # remote vision servers (decoupled)
     worker_threads: int = 1  # torch threads per local vision worker
-    max_batch_tiles: int = 32
-    max_wait_ms: float = 5.0
+    max_batch_tiles: int = MAX_BATCH_TILES
+    max_wait_ms: float = MAX_WAIT_MS
     heartbeat_timeout: float = 10.0  # a vision worker silent this long is down (503; restart)
     vision_dtype: str = "float32"  # float32 | bfloat16: precision of the vision side, in either topology
 

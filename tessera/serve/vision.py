@@ -26,6 +26,12 @@ from tessera.serve.protocol import EncodedImage, ImageMeta
 VISION_MODULES = ("vision_model", "mlp1", "mlp2", "pooling_before_gating", "gating")  # everything before the LLM
 
 
+# a vision server's batching, by default: a ViT batch closes at this many tiles, or when its oldest request has
+# waited this long (every place that starts or configures one reads these)
+MAX_BATCH_TILES = 32
+MAX_WAIT_MS = 5.0
+
+
 class VisionUnavailable(RuntimeError):
     """No vision worker can take the request right now (HTTP 503)."""
 

@@ -31,15 +31,15 @@ import zmq.asyncio
 
 from tessera.routing import RoutingPolicy
 from tessera.serve import protocol as P
-from tessera.serve.vision import VisionInputError, VisionUnavailable
+from tessera.serve.vision import MAX_BATCH_TILES, MAX_WAIT_MS, VisionInputError, VisionUnavailable
 
 
 @dataclass
 class LocalWorkerSpec:
     checkpoint: str
     threads: int = 1
-    max_batch_tiles: int = 32
-    max_wait_ms: float = 5.0
+    max_batch_tiles: int = MAX_BATCH_TILES
+    max_wait_ms: float = MAX_WAIT_MS
     cache_entries: int = 256
     dtype: str = "float32"
     startup_timeout: float = 120.0

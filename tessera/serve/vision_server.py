@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from tessera.serve import protocol as P
-from tessera.serve.vision import PreparedJob, VisionEncoder, VisionInputError
+from tessera.serve.vision import MAX_BATCH_TILES, MAX_WAIT_MS, PreparedJob, VisionEncoder, VisionInputError
 
 
 @dataclass
@@ -44,7 +44,7 @@ class VisionServerStats:
 
 
 class VisionServer:
-    def __init__(self, encoder: VisionEncoder, bind: str, max_batch_tiles: int = 32, max_wait_ms: float = 5.0,
+    def __init__(self, encoder: VisionEncoder, bind: str, max_batch_tiles: int = MAX_BATCH_TILES, max_wait_ms: float = MAX_WAIT_MS,
                  exit_with_parent: bool = False):
         self.encoder = encoder
         self.bind = bind
@@ -159,7 +159,7 @@ class VisionServer:
             sock.send_multipart([ident, *reply])
 
 
-def run_vision_server(checkpoint: str, bind: str, threads: int = 1, max_batch_tiles: int = 32, max_wait_ms: float = 5.0,
+def run_vision_server(checkpoint: str, bind: str, threads: int = 1, max_batch_tiles: int = MAX_BATCH_TILES, max_wait_ms: float = MAX_WAIT_MS,
                       cache_entries: int = 256, max_pixels: int | None = None, exit_with_parent: bool = False,
                       dtype: str = "float32") -> int:
     import torch
