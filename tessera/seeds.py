@@ -5,12 +5,15 @@ The world is a function of its seed, so disjoint seed ranges mean disjoint scene
 - [5e8, 9e8): SFT, and the stages that reuse SFT's scenes (ViCO, the router stage) (`SFT_SEED_OFFSET`),
 - [9e8, 9.5e8): RL's training queries (`RL_SEED_OFFSET`),
 - [9.5e8, ...): the Best-of-N critic's training queries (`CRITIC_SEED_OFFSET`).
-The eval split is a separate split of the world (its own scenes), indexed from 0.
+The world adds a split's offset to every scene seed (`SPLIT_OFFSETS`): the train split's scenes are the seeds
+above, the eval and test splits sit 10⁹ and 2·10⁹ higher, so no training range reaches a held-out scene.
 
 Within a run, the k-th batch / epoch / sample of a run seeded `seed` draws from `sub_seed(seed, k)`.
 """
 
 from __future__ import annotations
+
+SPLIT_OFFSETS = {"train": 0, "eval": 10**9, "test": 2 * 10**9}
 
 PRETRAIN_SEED_OFFSET = 0
 SFT_SEED_OFFSET = 500_000_000

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tessera.geometry import tokens_of_images
+from tessera.seeds import sub_seed
 from tessera.train.losses import IGNORE
 
 
@@ -418,7 +419,7 @@ class WorldStream:
         """The world Sample and the thinking flag at `index` (no tokenisation; used by tests and reports)."""
         from tessera.world import make_sample
 
-        rng = random.Random(self.seed * 1_000_003 + index)
+        rng = random.Random(sub_seed(self.seed, index))
         family = None
         if self.families:
             names = sorted(self.families)
@@ -437,7 +438,7 @@ class WorldStream:
         from tessera.world.curriculum import level
         from tessera.world.tasks import _FAMILY_FNS, thinking_text  # the per-family askers, on a given scene
 
-        rng = random.Random(self.seed * 1_000_003 + index)
+        rng = random.Random(sub_seed(self.seed, index))
         names = sorted(self.families) if self.families else None
         if names:
             first = rng.choices(names, weights=[self.families[n] for n in names])[0]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tessera.answers import Group, PreparedQuery, Query, SamplingConfig, prepare, rollout, unprepared
+from tessera.seeds import sub_seed
 from tessera.train.mpo import QueryStat
 from tessera.train.rl_losses import group_advantages, gspo_loss
 from tessera.train.rollout import SequenceBatch, response_logprobs, sequence_batch
@@ -154,7 +155,7 @@ class GSPOStage:
         for j in range(start, start + k):
             epoch, pos = divmod(j, n)
             order = list(range(n))
-            random.Random(self.config.seed * 1_000_003 + epoch).shuffle(order)
+            random.Random(sub_seed(self.config.seed, epoch)).shuffle(order)
             out.append(self.queries[order[pos]])
         return out
 

@@ -28,6 +28,7 @@ import torch
 
 from tessera.answers import Group, Query, SamplingConfig, prepare, rollout, unprepared
 from tessera.logprobs import sequence_logprobs
+from tessera.seeds import sub_seed
 from tessera.train.rl_losses import MPOWeights, RunningMean, implicit_reward_mean, mpo_loss
 from tessera.train.rollout import SequenceBatch, response_logprobs, sequence_batch
 
@@ -280,7 +281,7 @@ class MPOStage:
         while True:
             epoch, offset = divmod(step * self.pairs_per_batch * world, n)
             order = list(range(n))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            random.Random(sub_seed(self.seed, epoch)).shuffle(order)
             start = offset + rank * self.pairs_per_batch
             idx = [order[(start + k) % n] for k in range(self.pairs_per_batch)]
             chosen = [self.pairs[i] for i in idx]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tessera.seeds import PRETRAIN_SEED_OFFSET
 from tessera.train import dataclass_from
 from tessera.train.data import Curriculum, WorldStream
 from tessera.train.stage import lm_stage
 
-SEED_OFFSET = 0  # train seeds [0, 5e8) for pretraining, SFT uses the upper half
+SEED_OFFSET = PRETRAIN_SEED_OFFSET  # tessera.seeds: the layout of the train split's seeds
 
 
 @dataclass

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tessera.seeds import SFT_SEED_OFFSET
 from tessera.train import dataclass_from
 from tessera.train.data import Curriculum, WorldStream
 from tessera.train.stage import lm_stage
 
-SEED_OFFSET = 500_000_000  # the upper half of the train seeds: scenes disjoint from pretraining
+SEED_OFFSET = SFT_SEED_OFFSET  # tessera.seeds: the layout of the train split's seeds
 
 
 def default_families() -> dict[str, float]:

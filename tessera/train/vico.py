@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tessera.seeds import sub_seed
 from tessera.train.data import Batch, Encoded, collate, stream_batches
 from tessera.train.losses import IGNORE, kl_consistency
 
@@ -63,7 +64,7 @@ def shrink_image_tokens(enc: Encoded, compress: list[bool], full: int, small: in
 
 def draw_xi(index: int, num_images: int, compress_prob: float = 0.5) -> list[bool]:
     """ξ per image of the sample at stream `index`: True = 1/16. Deterministic in the index."""
-    rng = random.Random(XI_SEED * 1_000_003 + index)
+    rng = random.Random(sub_seed(XI_SEED, index))
     return [rng.random() < compress_prob for _ in range(num_images)]
 
 

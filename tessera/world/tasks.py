@@ -24,6 +24,7 @@ from typing import Any
 
 from PIL import Image
 
+from tessera.seeds import SPLIT_OFFSETS
 from tessera.world.curriculum import Level, level
 from tessera.world.scenes import COLOURS, SHAPES, Scene, Shape, layout, render
 
@@ -31,7 +32,6 @@ FAMILIES = ["colour", "shape", "count", "label", "document", "spatial", "reasoni
 READING_FAMILIES = ["label", "document"]  # the ones that need small text at full resolution
 DESCRIBE = "describe"
 ALL_FAMILIES = FAMILIES + [DESCRIBE]
-SPLIT_OFFSETS = {"train": 0, "eval": 10**9, "test": 2 * 10**9}
 SEEDS_PER_SPLIT = 10**9
 MAX_ATTEMPTS = 200
 MIN_SHAPES = {"spatial": 2}  # families that need more shapes than the curriculum level may give
