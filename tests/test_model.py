@@ -221,6 +221,22 @@ def test_sampling_greedy_nucleus_and_seed(model):
     assert a == b
 
 
+def test_generate_groups_share_the_prompt_cache_and_top_k_bounds_the_draws(model):
+    feats, per_tile = model.encode_images(torch.randn(1, 3, 56, 56))
+    ids = prompt(sum(per_tile))[0].tolist()
+    short = [1, 5, 10, 11]  # a text-only prompt of another length: ragged rows in one prefill
+    alone = generate(model, [ids], feats, SamplingParams(max_tokens=6)).tokens[0]
+    grouped = generate(model, [short, ids], feats, SamplingParams(max_tokens=6), group_size=3)
+    assert grouped.groups() == [[0, 1, 2], [3, 4, 5]]
+    assert grouped.tokens[3:] == [alone] * 3  # each copy of the prompt's cache decodes as the prompt alone
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    draws = {sample_tokens(logits, [SamplingParams(temperature=1.0, top_k=2)], torch.Generator().manual_seed(s))[0][0]
+             for s in range(40)}
+    assert draws == {1, 3}  # top-2: the two largest logits, both drawn
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=-1)
+
+
 # ---- packing ----------------------------------------------------------------------------------------------
 
 def test_packed_causal_mask():
