@@ -12,7 +12,7 @@ import torch
 from conftest import perturb_
 
 from tessera.config import LanguageConfig, ModelConfig, RopeScaling, VisionConfig, preset
-from tessera.engine import Engine, GenerationRequest, SamplingParams
+from tessera.engine import Engine, GenerationRequest, SamplingParams, generate
 from tessera.model.checkpoint import convert, load_checkpoint, load_config, save_checkpoint
 from tessera.model.gpt_oss import GptOssExperts
 from tessera.model.llm import DynamicCache, Qwen3ForCausalLM
@@ -81,7 +81,13 @@ def greedy(llm, prompt: torch.Tensor, n: int, cache: bool = True) -> list[int]:
     torch.nn.Module.__init__(vlm)
     vlm.language_model = llm
     vlm.config = ModelConfig(language=llm.config, image_context_token_id=95)
-    return vlm.generate(prompt, max_new_tokens=n, cache=cache)
+    if not cache:  # the reference: recompute the whole sequence at every step
+        ids = prompt
+        with torch.no_grad():
+            for _ in range(n):
+                ids = torch.cat([ids, llm(llm.embed_tokens(ids))[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return ids[0, prompt.shape[1]:].tolist()
+    return generate(vlm, [prompt[0].tolist()], None, SamplingParams(max_tokens=n)).tokens[0]
 
 
 def test_clamp_is_engaged_and_matches_the_exact_semantics():
@@ -223,7 +229,7 @@ def test_vlm_logits_and_greedy_match_transformers_internvl(vlm_pair):
         b = theirs(input_ids=ids, pixel_values=pixel_values).logits
     assert (a - b).abs().max().item() <= TOL
     features, _ = ours.encode_images(pixel_values)
-    mine = ours.generate(ids, features, max_new_tokens=10)
+    mine = generate(ours, [ids[0].tolist()], features, SamplingParams(max_tokens=10)).tokens[0]
     with torch.no_grad():
         out = theirs.generate(
             input_ids=ids,
@@ -265,7 +271,7 @@ def test_bf16_checkpoint_loads_and_generates(vlm_pair, tmp_path):
     # expert choice at some position, as it does in any bf16 MoE)
     per_position = (half - full).abs().amax(-1)[0]  # [T]
     assert per_position.median() < 0.05 * full.abs().max()
-    out = model.generate(ids, max_new_tokens=6)
+    out = generate(model, [ids[0].tolist()], None, SamplingParams(max_tokens=6)).tokens[0]
     assert len(out) == 6 and all(0 <= t < 96 for t in out)
 
 
@@ -341,7 +347,7 @@ def test_a_fresh_gpt_oss_model_gets_a_harmony_tokenizer_and_answers():
         and model.config.image_context_token_id == tok.img_context_id
     )
     prompt = torch.tensor([tok.build_prompt("what colour is the circle", [])])
-    out = model.generate(prompt, max_new_tokens=5, stop_ids=[tok.im_end_id])
+    out = generate(model, [prompt[0].tolist()], None, SamplingParams(max_tokens=5, stop_ids=frozenset([tok.im_end_id]))).tokens[0]
     assert 1 <= len(out) <= 5
 
 

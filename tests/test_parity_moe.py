@@ -12,7 +12,7 @@ import torch
 from conftest import perturb_
 
 from tessera.config import LanguageConfig, ModelConfig, VisionConfig
-from tessera.engine import Engine, GenerationRequest, SamplingParams
+from tessera.engine import Engine, GenerationRequest, SamplingParams, generate
 from tessera.model.checkpoint import convert, load_checkpoint, load_config, save_checkpoint
 from tessera.model.llm import Qwen3ForCausalLM
 from tessera.model.vlm import VisionLanguageModel
@@ -101,7 +101,13 @@ def greedy(llm, prompt: torch.Tensor, n: int, cache: bool = True) -> list[int]:
     torch.nn.Module.__init__(vlm)
     vlm.language_model = llm
     vlm.config = ModelConfig(language=llm.config, image_context_token_id=95)
-    return vlm.generate(prompt, max_new_tokens=n, cache=cache)
+    if not cache:  # the reference: recompute the whole sequence at every step
+        ids = prompt
+        with torch.no_grad():
+            for _ in range(n):
+                ids = torch.cat([ids, llm(llm.embed_tokens(ids))[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return ids[0, prompt.shape[1]:].tolist()
+    return generate(vlm, [prompt[0].tolist()], None, SamplingParams(max_tokens=n)).tokens[0]
 
 
 def test_aux_loss_is_k_for_a_uniform_router_and_grows_when_unbalanced():
@@ -172,7 +178,7 @@ def test_vlm_logits_and_greedy_match_transformers_internvl(vlm_pair):
         b = theirs(input_ids=ids, pixel_values=pixel_values).logits
     assert (a - b).abs().max().item() <= TOL
     features, _ = ours.encode_images(pixel_values)
-    mine = ours.generate(ids, features, max_new_tokens=10)
+    mine = generate(ours, [ids[0].tolist()], features, SamplingParams(max_tokens=10)).tokens[0]
     with torch.no_grad():
         out = theirs.generate(
             input_ids=ids,

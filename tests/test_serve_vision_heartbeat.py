@@ -15,13 +15,14 @@ import pytest
 import torch
 import zmq
 
+from tessera.bench.loadgen import data_url, image_message, make_image
 from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.model.checkpoint import save_checkpoint
 from tessera.model.init import init_model
+from tessera.routing import RoutingPolicy
 from tessera.serve import protocol as P
 from tessera.serve.language_server import ServeOptions
 from tessera.serve.launch import LocalServer, Topology, build_server
-from tessera.serve.loadgen import data_url, image_message, make_image
 from tessera.serve.vision import VisionEncoder
 from tessera.serve.vision_server import VisionServer
 
@@ -55,7 +56,7 @@ def test_a_worker_answers_pings_while_it_computes_a_batch(model):
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(server.endpoint)
     try:
-        sock.send_multipart(P.encode_request("job", [make_image(60, 60)], P.Routing()))
+        sock.send_multipart(P.encode_request("job", [make_image(60, 60)], RoutingPolicy()))
         assert started.wait(30)
         sock.send_multipart(P.pack("ping", {"id": "ping"}))
         assert sock.poll(10_000), "no pong while the batch computes"

@@ -81,7 +81,7 @@ def files_with_times(root):
 
 def test_quick_recipe_runs_the_whole_cascade_and_resumes_as_a_no_op(tmp_path):
     import tessera
-    from tessera.bench.router import MODES
+    from tessera.routing import MODES
 
     plans = {p.name: p for p in quick_recipe().stages}
     assert list(plans) == CASCADE

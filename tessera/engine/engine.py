@@ -283,7 +283,6 @@ class Engine:
 
     def _prefill(self, batch: list[tuple[GenerationRequest, torch.Tensor, torch.Generator | None]]
                  ) -> int:
-        k = len(batch)
         lengths = torch.tensor([e.shape[0] for _, e, _ in batch], device=self.device)  # [k]
         first = len(self.running)
         logits = prefill(self.llm, self.cache, first, [e for _, e, _ in batch])  # [k, V]
