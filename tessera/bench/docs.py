@@ -15,7 +15,9 @@ def replace_section(path: Path, heading: str, body: str) -> None:
     lines = text.splitlines()
     if heading in lines:
         start = lines.index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
         lines[start:end] = [heading, "", body.rstrip(), ""]
     else:
         lines += ["", heading, "", body.rstrip()]
@@ -23,5 +25,8 @@ def replace_section(path: Path, heading: str, body: str) -> None:
 
 
 def machine() -> str:
-    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    model = next(
+        (l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+        platform.processor(),
+    )
     return f"{os.cpu_count()} CPU(s), {model}; Python {platform.python_version()}, torch {torch.__version__}"

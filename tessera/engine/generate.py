@@ -45,7 +45,9 @@ class Generation:
         return [list(range(q * G, q * G + G)) for q in range(len(self.tokens) // G)]
 
 
-def _embed_prompts(model, prompts: Sequence[Sequence[int]], features: torch.Tensor | None) -> list[torch.Tensor]:
+def _embed_prompts(
+    model, prompts: Sequence[Sequence[int]], features: torch.Tensor | None
+) -> list[torch.Tensor]:
     """Each prompt's embeddings [T_i, D], the rows of `features` [ΣT, D] spliced in at its <IMG_CONTEXT>
     tokens in prompt order (model.embed checks the counts)."""
     img = model.image_context_token_id
@@ -53,18 +55,28 @@ def _embed_prompts(model, prompts: Sequence[Sequence[int]], features: torch.Tens
     out, start = [], 0
     for p in prompts:
         n = sum(1 for t in p if t == img)
-        feats = features[start:start + n] if n else None
+        feats = features[start : start + n] if n else None
         start += n
-        out.append(model.embed(torch.tensor([list(p)], dtype=torch.long, device=device), feats)[0])  # [T_i, D]
+        out.append(
+            model.embed(torch.tensor([list(p)], dtype=torch.long, device=device), feats)[0]
+        )  # [T_i, D]
     rows = 0 if features is None else features.shape[0]
     if start != rows:
-        raise ValueError(f"the prompts have {start} <IMG_CONTEXT> tokens but {rows} image feature rows were given")
+        raise ValueError(
+            f"the prompts have {start} <IMG_CONTEXT> tokens but {rows} image feature rows were given"
+        )
     return out
 
 
 @torch.inference_mode()
-def generate(model, prompts: Sequence[Sequence[int]], features: torch.Tensor | None, sampling: SamplingParams,
-             group_size: int = 1, max_tokens: Sequence[int] | None = None) -> Generation:
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    features: torch.Tensor | None,
+    sampling: SamplingParams,
+    group_size: int = 1,
+    max_tokens: Sequence[int] | None = None,
+) -> Generation:
     """Generate `group_size` continuations of every prompt in one batch → Generation.
 
     model: a VisionLanguageModel (or anything with `embed(ids [1,T], features)`, `image_context_token_id`,
@@ -79,7 +91,9 @@ def generate(model, prompts: Sequence[Sequence[int]], features: torch.Tensor | N
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     budgets = list(max_tokens) if max_tokens is not None else [sampling.max_tokens] * len(prompts)
     if len(budgets) != len(prompts) or min(budgets) < 1:
-        raise ValueError(f"need one budget >= 1 per prompt, got {budgets} for {len(prompts)} prompts")
+        raise ValueError(
+            f"need one budget >= 1 per prompt, got {budgets} for {len(prompts)} prompts"
+        )
     llm = model.language_model
     param = next(llm.parameters())
     Q, G = len(prompts), group_size
@@ -87,8 +101,12 @@ def generate(model, prompts: Sequence[Sequence[int]], features: torch.Tensor | N
     lengths = [len(p) for p in prompts]
     steps = max(budgets)
     cfg = llm.config
-    windows = llm.windows() if hasattr(llm, "windows") else {}  # sliding layers store only their window
-    geometry = CacheGeometry(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, B, max(lengths) + steps, windows)
+    windows = (
+        llm.windows() if hasattr(llm, "windows") else {}
+    )  # sliding layers store only their window
+    geometry = CacheGeometry(
+        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, B, max(lengths) + steps, windows
+    )
     cache = SlotKVCache(geometry, dtype=param.dtype, device=param.device)
     logits = prefill(llm, cache, 0, _embed_prompts(model, prompts, features))  # [Q, V]
     # fan out: prompt q's cache (slot q) → slots q·G … q·G+G−1; from the top down, so no source is overwritten
