@@ -77,6 +77,7 @@ class LanguageModelingStage:
     question_attention: float = 0.0  # weight of the same loss one layer below, onto the question's naming words
     place: float = 0.0  # weight of the place probe on the middle layer's heads at spatial answers (extra.place)
     count: float = 0.0  # weight of the count probe on the same heads at counting answers (extra.count)
+    scan_report: Any = None  # tessera.data.scan.ScanReport of a stage reading a user's file
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Batch, int]]:
         return stream_batches(self.make, Packer(self.rows, self.row_tokens, self.pad_id), position, rank, world, self.workers)
