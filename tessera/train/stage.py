@@ -136,8 +136,10 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
     scaling); `count` = (head, weight) the count probe's at counting answers (tessera.train.grounding.count_loss)."""
     from tessera.train.grounding import count_loss, evidence_attention_loss, place_loss, two_level_grounding_loss
 
-    grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
-    features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4
+    grid = features = None  # a batch of text-only conversations has no tiles
+    if batch.pixel_values.numel():
+        grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
+        features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4
     layers = model.language_model.model.layers
     middle = len(layers) // 2
     # (metric name, weight, layer, Evidence entries): where the evidence is, and,
