@@ -61,41 +61,11 @@ def hf_causal_lm(tmp_path):
 
 @pytest.fixture
 def write_dataset():
-    """write_dataset(folder, n, seed, **options) → the JSONL path of a hand-made InternVL-format dataset: Pillow
-    images of one coloured square on a grey canvas and the question 'Which colour is the square?' (category
-    'colour'), plus a 'where' question (category 'side': left or right) every other row."""
-    import json
-    import random
+    """write_dataset(folder, n, seed) → the JSONL path of a hand-made InternVL-format dataset (tests/handmade.py)."""
+    import sys
     from pathlib import Path
 
-    from PIL import Image, ImageDraw
-
-    colours = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
-
-    def write(folder, n: int, seed: int = 0, name: str = "data.jsonl", size: tuple[int, int] = (112, 112)) -> Path:
-        folder = Path(folder)
-        (folder / "img").mkdir(parents=True, exist_ok=True)
-        rng = random.Random(seed)
-        with open(folder / name, "w") as f:
-            for i in range(n):
-                colour = rng.choice(sorted(colours))
-                side = rng.choice(["left", "right"])
-                img = Image.new("RGB", size, (128, 128, 128))
-                w, h = size
-                x0 = rng.randint(4, w // 2 - 36) + (0 if side == "left" else w // 2)
-                y0 = rng.randint(4, h - 36)
-                ImageDraw.Draw(img).rectangle([x0, y0, x0 + 30, y0 + 30], fill=colours[colour])
-                path = f"img/{seed}_{i}.png"
-                img.save(folder / path)
-                if i % 2:
-                    row = {"image": path, "category": "side", "conversations": [
-                        {"from": "human", "value": "<image>\nOn which side is the square?"},
-                        {"from": "gpt", "value": side}]}
-                else:
-                    row = {"image": path, "category": "colour", "conversations": [
-                        {"from": "human", "value": "<image>\nWhich colour is the square?"},
-                        {"from": "gpt", "value": colour}]}
-                f.write(json.dumps(row) + "\n")
-        return folder / name
+    sys.path.insert(0, str(Path(__file__).parent))
+    from handmade import write
 
     return write

@@ -6,7 +6,9 @@ trained on the world's text. An interrupted run resumes from DIR's latest checkp
 Under torchrun every process trains on its own share of the stream (gloo, gradients summed each step).
 
 `--data PATH` trains on your data instead of the world (an InternVL meta JSON or a .jsonl/.json/.parquet file,
-scanned before training: `--skip-bad-records` drops bad records and counts them); `--lora` trains peft LoRA
+scanned before training: `--skip-bad-records` drops bad records and counts them): conversations for sft,
+preference pairs (image, question, chosen, rejected) for mpo, prompts (image, question, answer) for gspo, whose
+rollouts `--reward` scores; `--lora` trains peft LoRA
 adapters only, writes them to DIR/adapter and the merged model to DIR/final (`tessera merge` re-merges).
 """
 
@@ -41,13 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
 
 
-DATA_STAGES = ("sft",)  # the stages that read --data (the others still read the world)
+DATA_STAGES = ("sft", "mpo", "gspo")  # the stages that read --data (the others still read the world)
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """--data, --skip-bad-records and the LoRA flags (tessera.train.lora)."""
     p.add_argument("--data", help="your data: an InternVL meta JSON or a .jsonl/.json/.parquet file "
                                   f"(stages: {', '.join(DATA_STAGES)})")
+    p.add_argument("--reward", help="gspo --data: exact, numeric, choice, boxed or module:function")
     p.add_argument("--skip-bad-records", action="store_true",
                    help="drop bad records (counted in the log) instead of stopping before training")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters only (needs --init)")
@@ -87,6 +90,10 @@ def load_run_config(args: argparse.Namespace) -> tuple[dict, dict, dict]:
             raise SystemExit(f"--data: stage {args.stage!r} still reads only the world; "
                              f"stages reading your data: {', '.join(DATA_STAGES)}")
         data["data"] = args.data
+    if getattr(args, "reward", None):
+        if args.stage != "gspo" or not getattr(args, "data", None):
+            raise SystemExit("--reward scores GSPO's rollouts on --data prompts: use it with gspo --data")
+        data["reward"] = args.reward
     if getattr(args, "skip_bad_records", False):
         data["skip_bad_records"] = True
     return model_section, train, data
@@ -166,6 +173,9 @@ def run(args: argparse.Namespace) -> int:
         finish_lora(model, result.final_dir, out)
     last = result.history[-1] if result.history else {}
     line = f"{args.stage}: step {result.step}, loss {last.get('loss', float('nan')):.4f}; model in {result.final_dir}"
+    rewards = {k: v for k, v in last.items() if k.startswith("reward")}
+    if rewards:
+        line += "; " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(rewards.items()))
     if options is not None:
         line += f" (LoRA merged; adapter in {out / 'adapter'})"
     if report is not None and report.skipped:
