@@ -62,3 +62,13 @@ def test_train_mpo_and_gspo_on_files_report_rewards(base, tmp_path, capsys, monk
     assert last.startswith("gspo: step 1") and "reward " in last
     with pytest.raises(SystemExit, match="--reward scores GSPO"):
         main(["train", "sft", "--data", str(prompts_path), "--reward", "exact", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("stage", ["vico", "router"])
+def test_vico_and_router_train_on_conversation_files(base, tmp_path, write_dataset, capsys, stage):
+    data = write_dataset(tmp_path / "ds", 8)
+    extra = ["--rows", "2", "--row-tokens", "256"] if stage == "vico" else []
+    assert main(["train", stage, "--init", str(base), "--data", str(data), "--out", str(tmp_path / stage),
+                 "--steps", "1", "--no-progress", "--precision", "fp32", *extra]) == 0
+    out = capsys.readouterr().out
+    assert "data: 8 records" in out and out.strip().splitlines()[-1].startswith(f"{stage}: step 1")

@@ -110,7 +110,7 @@ def test_train_stops_before_training_or_skips_and_says_so(tiny, tmp_path, capsys
 
 def test_data_on_a_world_only_stage_fails_clearly(tmp_path):
     with pytest.raises(SystemExit, match="still reads only the world"):
-        main(["train", "vico", "--data", "x.jsonl", "--out", str(tmp_path)])
+        main(["train", "pretrain", "--data", "x.jsonl", "--out", str(tmp_path)])
 
 
 def test_text_only_data_trains(tiny, tmp_path):

@@ -6,7 +6,8 @@ trained on the world's text. An interrupted run resumes from DIR's latest checkp
 Under torchrun every process trains on its own share of the stream (gloo, gradients summed each step).
 
 `--data PATH` trains on your data instead of the world (an InternVL meta JSON or a .jsonl/.json/.parquet file,
-scanned before training: `--skip-bad-records` drops bad records and counts them): conversations for sft,
+scanned before training: `--skip-bad-records` drops bad records and counts them): conversations for sft, vico
+and router,
 preference pairs (image, question, chosen, rejected) for mpo, prompts (image, question, answer) for gspo, whose
 rollouts `--reward` scores; `--lora` trains peft LoRA
 adapters only, writes them to DIR/adapter and the merged model to DIR/final (`tessera merge` re-merges).
@@ -43,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
 
 
-DATA_STAGES = ("sft", "mpo", "gspo")  # the stages that read --data (the others still read the world)
+DATA_STAGES = ("sft", "vico", "router", "mpo", "gspo")  # the stages that read --data (the others still read the world)
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
