@@ -251,11 +251,13 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def fit_critic(model, queries: Sequence[Query], sampling: SamplingConfig, config: CriticTrainConfig = CriticTrainConfig(),
-               verify=None, log=print) -> tuple[Critic, CriticReport]:
-    """Roll the policy out on training queries, label with the verifiers, extract features, train the head."""
+               verify=None, log=print, prepared: dict | None = None) -> tuple[Critic, CriticReport]:
+    """Roll the policy out on training queries, label with the verifiers, extract features, train the head.
+    `prepared` (query key → Prepared) serves queries that are not the world's (tessera.train.records_rl)."""
     from tessera.train.rollout import prepare, rollout
 
-    prepared = {p.query.key(): p for p in prepare(model, queries, keep_pixels=False)}
+    if prepared is None:
+        prepared = {p.query.key(): p for p in prepare(model, queries, keep_pixels=False)}
     groups = rollout(model, queries, sampling, verify=verify, prepared=[prepared[q.key()] for q in queries])
     feats = group_features(model, groups, prepared)  # [E,7]
     labels = torch.tensor([r.reward for g in groups for r in g.rollouts])  # [E]

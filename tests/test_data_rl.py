@@ -72,3 +72,11 @@ def test_vico_and_router_train_on_conversation_files(base, tmp_path, write_datas
                  "--steps", "1", "--no-progress", "--precision", "fp32", *extra]) == 0
     out = capsys.readouterr().out
     assert "data: 8 records" in out and out.strip().splitlines()[-1].startswith(f"{stage}: step 1")
+
+
+def test_critic_trains_on_a_prompt_file(base, tmp_path, write_dataset, capsys):
+    data = write_dataset(tmp_path / "ds", 12)
+    out = tmp_path / "critic"
+    assert main(["critic", str(base), "--data", str(data), "--reward", "exact", "--group-size", "2",
+                 "--epochs", "3", "--out", str(out)]) == 0
+    assert (out / "report.json").exists() and "critic written to" in capsys.readouterr().out
