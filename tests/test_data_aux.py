@@ -21,7 +21,7 @@ class FeatureNorm:
 
     def __call__(self, model, batch, view: ForwardView):
         value = view.features.pow(2).sum(-1).mean()
-        return value, {"feature_norm": float(value)}
+        return value, {"feature_norm": float(value.detach())}
 
 
 def test_a_stage_on_files_is_plain_sft_and_takes_a_plugged_in_aid(tiny, tmp_path, write_dataset):
