@@ -96,3 +96,17 @@ def test_train_sft_data_lora_end_to_end(tiny, tmp_path, write_dataset, capsys):
     again = tessera.load(tmp_path / "merged")
     for n, p in again.state_dict().items():
         assert torch.allclose(p.float(), trained.state_dict()[n].float(), atol=1e-6), n
+
+
+def test_a_lora_run_resumes_from_its_checkpoint(tiny, tmp_path, write_dataset, capsys):
+    base_dir = save_checkpoint(copy.deepcopy(tiny).float(), tmp_path / "base")
+    data = write_dataset(tmp_path / "ds", 6)
+    out = tmp_path / "run"
+    args = ["train", "sft", "--init", str(base_dir), "--data", str(data), "--out", str(out), "--rows", "2",
+            "--row-tokens", "256", "--no-progress", "--lora", "--lora-rank", "4", "--precision", "fp32"]
+    assert main(args + ["--steps", "1"]) == 0
+    assert (out / "checkpoints" / "step-000001" / "adapter" / "adapter_config.json").exists()
+    assert main(args + ["--steps", "2"]) == 0  # picks up step 1's adapters and optimiser state
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert "sft: step 2" in capsys.readouterr().out
