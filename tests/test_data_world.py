@@ -54,3 +54,17 @@ def test_training_on_files_and_on_the_stream_reaches_the_same_loss(tiny, tmp_pat
         losses.append([(h["loss"], h["position"]) for h in result.history])
     assert losses[0] == losses[1]
     assert len(losses[0]) == 3
+
+
+def test_world_export_command(tmp_path, capsys):
+    import json
+
+    from tessera.cli import main
+
+    out = tmp_path / "w"
+    assert main(["world", "export", "--format", "internvl", "--n", "3", "--out", str(out), "--family", "colour"]) == 0
+    rows = [json.loads(line) for line in (out / "annotation.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["category"] == "colour" and (out / r["image"]).exists() for r in rows)
+    assert rows[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert json.loads((out / "meta.json").read_text())["world"]["length"] == 3
+    assert "wrote 3 samples" in capsys.readouterr().out
