@@ -1,8 +1,12 @@
-"""A hand-made dataset in InternVL's format, drawn with Pillow: a task the shipped tiny-sft was never taught.
+"""A hand-made dataset in InternVL's format, drawn with Pillow: a task the shipped tiny-sft was
+never taught.
 
-Each image is a 112×112 canvas of one background colour with a smaller square of another colour in one quadrant.
-Questions: 'In which quadrant is the square?' (category `quadrant`: top left / top right / bottom left / bottom
-right) and 'What colour is the background?' (category `background`). Used by tests (conftest.write_dataset) and
+Each image is a 112×112 canvas of one background colour with a smaller square of another colour in
+one quadrant.
+Questions: 'In which quadrant is the square?' (category `quadrant`: top left / top right / bottom
+left / bottom
+right) and 'What colour is the background?' (category `background`). Used by tests
+(conftest.write_dataset) and
 by the demo in docs/log/2026-12-02-data.md:
 
     python tests/handmade.py OUT_DIR N SEED [NAME]
@@ -17,13 +21,20 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20),
-           "purple": (140, 40, 170), "orange": (240, 140, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (230, 210, 20),
+    "purple": (140, 40, 170),
+    "orange": (240, 140, 20),
+}
 QUADRANTS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
 
 
 def write(folder, n: int, seed: int = 0, name: str = "data.jsonl", size: int = 112) -> Path:
-    """n rows (alternating quadrant / background questions) with their PNGs under folder/img; the JSONL path."""
+    """n rows (alternating quadrant / background questions) with their PNGs under folder/img; the
+    JSONL path."""
     folder = Path(folder)
     (folder / "img").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -41,12 +52,25 @@ def write(folder, n: int, seed: int = 0, name: str = "data.jsonl", size: int = 1
             path = f"img/{seed}_{i:05d}.png"
             img.save(folder / path)
             if i % 2 == 0:
-                question, answer, category = "In which quadrant is the square?", quadrant, "quadrant"
+                question, answer, category = (
+                    "In which quadrant is the square?",
+                    quadrant,
+                    "quadrant",
+                )
             else:
-                question, answer, category = "What colour is the background?", background, "background"
-            row = {"image": path, "category": category,
-                   "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                     {"from": "gpt", "value": answer}]}
+                question, answer, category = (
+                    "What colour is the background?",
+                    background,
+                    "background",
+                )
+            row = {
+                "image": path,
+                "category": category,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
             f.write(json.dumps(row) + "\n")
     return folder / name
 

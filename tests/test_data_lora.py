@@ -1,4 +1,5 @@
-"""LoRA with peft: only adapters train, the merged model's logits equal the adapter model's, merge writes any
+"""LoRA with peft: only adapters train, the merged model's logits equal the adapter model's, merge
+writes any
 layout, and `train sft --data --lora` runs end to end (adapter beside the run, merged final/)."""
 
 import copy
@@ -10,7 +11,15 @@ import torch
 import tessera
 from tessera.cli import main
 from tessera.model.checkpoint import save_checkpoint
-from tessera.train.lora import LoraOptions, apply_lora, is_lora_param, load_adapter, lora_share, merge_into, save_adapter
+from tessera.train.lora import (
+    LoraOptions,
+    apply_lora,
+    is_lora_param,
+    load_adapter,
+    lora_share,
+    merge_into,
+    save_adapter,
+)
 
 
 def _inputs(model):
@@ -20,7 +29,9 @@ def _inputs(model):
 
 
 def _perturb(model):
-    with torch.no_grad():  # peft starts B at zero (adapter = identity); make the adapters do something
+    with (
+        torch.no_grad()
+    ):  # peft starts B at zero (adapter = identity); make the adapters do something
         for name, p in model.named_parameters():
             if is_lora_param(name):
                 p.normal_(0, 0.05)
@@ -44,7 +55,9 @@ def test_merged_logits_equal_the_adapter_model(tiny, components):
         assert torch.allclose(model.encode_images(pixels)[0], lora_vision, atol=1e-5)
     base = copy.deepcopy(tiny).float()
     with torch.no_grad():
-        assert not torch.allclose(base(ids, position_ids=pos), lora_logits, atol=1e-3)  # the adapter mattered
+        assert not torch.allclose(
+            base(ids, position_ids=pos), lora_logits, atol=1e-3
+        )  # the adapter mattered
 
 
 def test_adapter_round_trip_and_merge_command_layouts(tiny, tmp_path):
@@ -80,8 +93,28 @@ def test_train_sft_data_lora_end_to_end(tiny, tmp_path, write_dataset, capsys):
     base_dir = save_checkpoint(copy.deepcopy(tiny).float(), tmp_path / "base")
     data = write_dataset(tmp_path / "ds", 6)
     out = tmp_path / "run"
-    args = ["train", "sft", "--init", str(base_dir), "--data", str(data), "--out", str(out), "--steps", "2",
-            "--rows", "2", "--row-tokens", "256", "--no-progress", "--lora", "--lora-rank", "4", "--precision", "fp32"]
+    args = [
+        "train",
+        "sft",
+        "--init",
+        str(base_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--rows",
+        "2",
+        "--row-tokens",
+        "256",
+        "--no-progress",
+        "--lora",
+        "--lora-rank",
+        "4",
+        "--precision",
+        "fp32",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "LoRA rank 4 on language" in text and "(LoRA merged; adapter in" in text
@@ -89,8 +122,14 @@ def test_train_sft_data_lora_end_to_end(tiny, tmp_path, write_dataset, capsys):
     assert adapter["base"] == str(base_dir.resolve()) and adapter["options"]["rank"] == 4
     trained = tessera.load(out / "final")  # the merged model loads like any checkpoint
     base = tessera.load(base_dir)
-    changed = [n for n, p in trained.state_dict().items() if not torch.equal(p.float(), base.state_dict()[n].float())]
-    assert changed and all(n.startswith("language_model") for n in changed)  # only the adapted layers moved
+    changed = [
+        n
+        for n, p in trained.state_dict().items()
+        if not torch.equal(p.float(), base.state_dict()[n].float())
+    ]
+    assert changed and all(
+        n.startswith("language_model") for n in changed
+    )  # only the adapted layers moved
     assert all(any(t in n for t in ("proj",)) for n in changed)
     assert main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
     again = tessera.load(tmp_path / "merged")
@@ -102,8 +141,26 @@ def test_a_lora_run_resumes_from_its_checkpoint(tiny, tmp_path, write_dataset, c
     base_dir = save_checkpoint(copy.deepcopy(tiny).float(), tmp_path / "base")
     data = write_dataset(tmp_path / "ds", 6)
     out = tmp_path / "run"
-    args = ["train", "sft", "--init", str(base_dir), "--data", str(data), "--out", str(out), "--rows", "2",
-            "--row-tokens", "256", "--no-progress", "--lora", "--lora-rank", "4", "--precision", "fp32"]
+    args = [
+        "train",
+        "sft",
+        "--init",
+        str(base_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--rows",
+        "2",
+        "--row-tokens",
+        "256",
+        "--no-progress",
+        "--lora",
+        "--lora-rank",
+        "4",
+        "--precision",
+        "fp32",
+    ]
     assert main(args + ["--steps", "1"]) == 0
     assert (out / "checkpoints" / "step-000001" / "adapter" / "adapter_config.json").exists()
     assert main(args + ["--steps", "2"]) == 0  # picks up step 1's adapters and optimiser state

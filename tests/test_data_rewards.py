@@ -1,5 +1,7 @@
-"""Rewards: exact after normalisation, numeric with tolerance, multiple-choice letter, \\boxed{} / last number,
-and a user's own `module:function`; `tessera eval --data` scores a file per category with any of them."""
+"""Rewards: exact after normalisation, numeric with tolerance, multiple-choice letter, \\boxed{} /
+last number,
+and a user's own `module:function`; `tessera eval --data` scores a file per category with any of
+them."""
 
 import copy
 import json
@@ -9,7 +11,16 @@ import types
 import pytest
 
 from tessera.cli import main
-from tessera.data.rewards import boxed, boxed_content, choice, choice_letter, exact, last_number, numeric, resolve
+from tessera.data.rewards import (
+    boxed,
+    boxed_content,
+    choice,
+    choice_letter,
+    exact,
+    last_number,
+    numeric,
+    resolve,
+)
 from tessera.model.checkpoint import save_checkpoint
 
 
@@ -28,9 +39,14 @@ def test_numeric_reads_the_last_number_within_tolerance():
 
 
 def test_choice_letters():
-    assert [choice_letter(t) for t in ("B", "(c)", "D.", "Answer: A", "I think the answer is (B) blue")] == \
-        ["B", "C", "D", "A", "B"]
-    assert choice("The answer is C.", "C") == 1.0 and choice("(A)", "B") == 0.0 and choice("no idea", "B") == 0.0
+    assert [
+        choice_letter(t) for t in ("B", "(c)", "D.", "Answer: A", "I think the answer is (B) blue")
+    ] == ["B", "C", "D", "A", "B"]
+    assert (
+        choice("The answer is C.", "C") == 1.0
+        and choice("(A)", "B") == 0.0
+        and choice("no idea", "B") == 0.0
+    )
 
 
 def test_boxed_and_last_number():

@@ -13,8 +13,13 @@ from tessera.data.readers import read_rows
 from tessera.model.checkpoint import save_checkpoint
 from tessera.train.conversations import scan_for
 
-GOOD = {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
-                                             {"from": "gpt", "value": "red"}]}
+GOOD = {
+    "image": "ok.png",
+    "conversations": [
+        {"from": "human", "value": "<image>\nColour?"},
+        {"from": "gpt", "value": "red"},
+    ],
+}
 
 
 def _write(tmp_path, bad_line: str) -> str:
@@ -30,14 +35,36 @@ CASES = {
     "malformed record": ('{"image": "ok.png", "conversations": [', "malformed line"),
     "missing image": (json.dumps({**GOOD, "image": "nowhere.png"}), "image 1 not found"),
     "unreadable image": (json.dumps({**GOOD, "image": "garbage.png"}), "image 1 unreadable"),
-    "no gpt turn": (json.dumps({"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nQ"}]}),
-                    "no gpt turn"),
-    "longer than the context": (json.dumps({**GOOD, "conversations": [
-        {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red " * 600}]}),
-        "longer than the context"),
-    "image tokens in the text": (json.dumps({**GOOD, "conversations": [
-        {"from": "human", "value": "<image>\n<IMG_CONTEXT> Colour?"}, {"from": "gpt", "value": "red"}]}),
-        "IMG_CONTEXT"),
+    "no gpt turn": (
+        json.dumps(
+            {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nQ"}]}
+        ),
+        "no gpt turn",
+    ),
+    "longer than the context": (
+        json.dumps(
+            {
+                **GOOD,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nColour?"},
+                    {"from": "gpt", "value": "red " * 600},
+                ],
+            }
+        ),
+        "longer than the context",
+    ),
+    "image tokens in the text": (
+        json.dumps(
+            {
+                **GOOD,
+                "conversations": [
+                    {"from": "human", "value": "<image>\n<IMG_CONTEXT> Colour?"},
+                    {"from": "gpt", "value": "red"},
+                ],
+            }
+        ),
+        "IMG_CONTEXT",
+    ),
 }
 
 
@@ -47,16 +74,22 @@ def test_each_bad_record_names_file_and_line(tiny, tmp_path, reason):
     path = _write(tmp_path, line)
     with pytest.raises(DataError) as err:
         scan_for(tiny, path, 512)
-    assert f"{path}:2: " in str(err.value) and message in str(err.value) and "--skip-bad-records" in str(err.value)
+    assert (
+        f"{path}:2: " in str(err.value)
+        and message in str(err.value)
+        and "--skip-bad-records" in str(err.value)
+    )
     report = scan_for(tiny, path, 512, skip_bad=True)
     assert len(report.records) == 2 and report.skipped == {reason: 1} and report.total == 3
     assert report.summary() == f"skipped 1 of 3 records (1 {reason})"
 
 
 def test_gpt_turn_only_and_two_humans(tiny, tmp_path):
-    rows = [{"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
-            {"conversations": [{"from": "gpt", "value": "b"}]},
-            {"conversations": []}]
+    rows = [
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
+        {"conversations": [{"from": "gpt", "value": "b"}]},
+        {"conversations": []},
+    ]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError) as err:
@@ -67,8 +100,8 @@ def test_gpt_turn_only_and_two_humans(tiny, tmp_path):
 
 
 def test_oversized_image_hits_the_same_pixel_limit(tiny, tmp_path):
-    from tessera.image import ImageProcessor
     from tessera.data.scan import scan
+    from tessera.image import ImageProcessor
 
     path = _write(tmp_path, json.dumps(GOOD))
     processor = ImageProcessor.from_config(tiny.config, max_pixels=100)
@@ -96,8 +129,23 @@ def test_unreadable_files(tmp_path):
 def test_train_stops_before_training_or_skips_and_says_so(tiny, tmp_path, capsys):
     base = save_checkpoint(copy.deepcopy(tiny).float(), tmp_path / "base")
     path = _write(tmp_path, json.dumps({**GOOD, "image": "nowhere.png"}))
-    args = ["train", "sft", "--init", str(base), "--data", path, "--steps", "1", "--rows", "2",
-            "--row-tokens", "256", "--no-progress", "--precision", "fp32"]
+    args = [
+        "train",
+        "sft",
+        "--init",
+        str(base),
+        "--data",
+        path,
+        "--steps",
+        "1",
+        "--rows",
+        "2",
+        "--row-tokens",
+        "256",
+        "--no-progress",
+        "--precision",
+        "fp32",
+    ]
     with pytest.raises(SystemExit, match=r"d.jsonl:2: image 1 not found"):
         main(args + ["--out", str(tmp_path / "stop")])
     assert not (tmp_path / "stop" / "checkpoints").exists()
@@ -116,6 +164,30 @@ def test_data_on_a_world_only_stage_fails_clearly(tmp_path):
 def test_text_only_data_trains(tiny, tmp_path):
     base = save_checkpoint(copy.deepcopy(tiny).float(), tmp_path / "base")
     path = tmp_path / "t.jsonl"
-    path.write_text("".join(json.dumps({"question": f"{i} plus 1?", "answer": str(i + 1)}) + "\n" for i in range(4)))
-    assert main(["train", "sft", "--init", str(base), "--data", str(path), "--out", str(tmp_path / "run"),
-                 "--steps", "1", "--rows", "2", "--row-tokens", "128", "--no-progress"]) == 0
+    path.write_text(
+        "".join(
+            json.dumps({"question": f"{i} plus 1?", "answer": str(i + 1)}) + "\n" for i in range(4)
+        )
+    )
+    assert (
+        main(
+            [
+                "train",
+                "sft",
+                "--init",
+                str(base),
+                "--data",
+                str(path),
+                "--out",
+                str(tmp_path / "run"),
+                "--steps",
+                "1",
+                "--rows",
+                "2",
+                "--row-tokens",
+                "128",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )

@@ -30,7 +30,9 @@ def test_exported_files_read_back_as_the_same_samples(tiny, tmp_path):
     files, report = file_stream(tiny, str(meta), 512, shuffle=False)
     live = ConversationStream(source, tiny.tokenizer, tiny.config)
     assert report.num_skipped == 0 and len(report.records) == 8
-    assert any(conv.turns[0].thinking for conv in report.records)  # the thinking chains survive the round trip
+    assert any(
+        conv.turns[0].thinking for conv in report.records
+    )  # the thinking chains survive the round trip
     for i in range(8):
         a, b = files(i), live(i)
         assert a.input_ids == b.input_ids and a.loss_mask == b.loss_mask and a.family == b.family
@@ -49,7 +51,9 @@ def test_training_on_files_and_on_the_stream_reaches_the_same_loss(tiny, tmp_pat
         else:
             make = ConversationStream(source, model.tokenizer, model.config)
         stage = lm_stage("sft", model, make, data)
-        cfg = TrainConfig(steps=3, warmup_steps=1, lr=1e-4, precision="fp32", progress=False, log_every=1)
+        cfg = TrainConfig(
+            steps=3, warmup_steps=1, lr=1e-4, precision="fp32", progress=False, log_every=1
+        )
         result = Trainer(model, stage, cfg, tmp_path / kind).fit()
         losses.append([(h["loss"], h["position"]) for h in result.history])
     assert losses[0] == losses[1]
@@ -62,9 +66,27 @@ def test_world_export_command(tmp_path, capsys):
     from tessera.cli import main
 
     out = tmp_path / "w"
-    assert main(["world", "export", "--format", "internvl", "--n", "3", "--out", str(out), "--family", "colour"]) == 0
+    assert (
+        main(
+            [
+                "world",
+                "export",
+                "--format",
+                "internvl",
+                "--n",
+                "3",
+                "--out",
+                str(out),
+                "--family",
+                "colour",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (out / "annotation.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(r["category"] == "colour" and (out / r["image"]).exists() for r in rows)
+    assert len(rows) == 3 and all(
+        r["category"] == "colour" and (out / r["image"]).exists() for r in rows
+    )
     assert rows[0]["conversations"][0]["value"].startswith("<image>\n")
     assert json.loads((out / "meta.json").read_text())["world"]["length"] == 3
     assert "wrote 3 samples" in capsys.readouterr().out

@@ -1,7 +1,9 @@
 """`tessera merge RUN --out CKPT [--layout tessera|official|hf] [--base CKPT]`
 
-Folds the LoRA adapter of a `tessera train ... --lora` run (RUN/adapter, or an adapter folder itself) into the
-base checkpoint it was trained on (recorded in the adapter; --base overrides) and writes the merged weights in
+Folds the LoRA adapter of a `tessera train ... --lora` run (RUN/adapter, or an adapter folder
+itself) into the
+base checkpoint it was trained on (recorded in the adapter; --base overrides) and writes the merged
+weights in
 any layout the checkpoint savers know.
 """
 

@@ -1,9 +1,13 @@
 """A Conversation → token ids and loss mask, given each image's visual-token count.
 
-The text is exactly what `ChatTokenizer.build_example` and `tessera.train.data.encode_turns` make for the world's
-samples (the first turn's prompt through `<|im_start|>assistant\\n`, plus the empty think block when the answer
-does not think; each later turn appended), so a world sample read back from exported files encodes to the same
-ids. `<image>` placeholders become the images' `<img>…</img>` blocks where they stand; without placeholders the
+The text is exactly what `ChatTokenizer.build_example` and `tessera.train.data.encode_turns` make
+for the world's
+samples (the first turn's prompt through `<|im_start|>assistant\\n`, plus the empty think block when
+the answer
+does not think; each later turn appended), so a world sample read back from exported files encodes
+to the same
+ids. `<image>` placeholders become the images' `<img>…</img>` blocks where they stand; without
+placeholders the
 blocks go before the first question (`Image-1: …` for several), as InternVL does.
 """
 
@@ -15,13 +19,12 @@ from tessera.chat import EMPTY_THINK, IM_END, IM_START
 from tessera.data.records import IMAGE_PLACEHOLDER, Conversation, DataError
 
 
-def user_texts(tokenizer, conv: Conversation, image_tokens: Sequence[int]) -> list[str]:
-    """Each turn's user text with the image blocks in place."""
-    if len(image_tokens) != len(conv.images):
-        raise ValueError(f"{len(conv.images)} images but {len(image_tokens)} token counts")
-    questions = [t.question for t in conv.turns]
+def user_texts(tokenizer, questions: Sequence[str], image_tokens: Sequence[int]) -> list[str]:
+    """Each turn's user text with the image blocks in place (`<image>` placeholders, else before the
+    first)."""
     if not any(IMAGE_PLACEHOLDER in q for q in questions):
-        return [tokenizer.user_text(questions[0], image_tokens) if image_tokens else questions[0], *questions[1:]]
+        first = tokenizer.user_text(questions[0], image_tokens) if image_tokens else questions[0]
+        return [first, *questions[1:]]
     blocks = iter(tokenizer.image_block(n) for n in image_tokens)
     out = []
     for q in questions:
@@ -30,9 +33,15 @@ def user_texts(tokenizer, conv: Conversation, image_tokens: Sequence[int]) -> li
     return out
 
 
-def encode_ids(tokenizer, conv: Conversation, image_tokens: Sequence[int]) -> tuple[list[int], list[int]]:
+def encode_ids(
+    tokenizer, conv: Conversation, image_tokens: Sequence[int]
+) -> tuple[list[int], list[int]]:
     """(input_ids, loss_mask): loss on every answer and its `<|im_end|>`."""
-    users = user_texts(tokenizer, conv, image_tokens)
+    if len(image_tokens) != len(conv.images):
+        raise ValueError(
+            f"{conv.where}: {len(conv.images)} images but {len(image_tokens)} token counts"
+        )
+    users = user_texts(tokenizer, [t.question for t in conv.turns], image_tokens)
     system = tokenizer.system if conv.system is None else conv.system
     ids: list[int] = []
     mask: list[int] = []
@@ -54,16 +63,20 @@ def encode_ids(tokenizer, conv: Conversation, image_tokens: Sequence[int]) -> tu
     return ids, mask
 
 
-def prompt_ids(tokenizer, question: str, image_tokens: Sequence[int], thinking: bool = False,
-               system: str | None = None) -> list[int]:
+def prompt_ids(
+    tokenizer,
+    question: str,
+    image_tokens: Sequence[int],
+    thinking: bool = False,
+    system: str | None = None,
+) -> list[int]:
     """The prompt of a one-turn question (for generation), placeholders handled as in training."""
-    from tessera.data.records import Turn
-
-    conv = Conversation(tuple(range(len(image_tokens))), (Turn(question, ""),), system)
-    user = user_texts(tokenizer, conv, image_tokens)[0]
+    user = user_texts(tokenizer, [question], image_tokens)[0]
     system = tokenizer.system if system is None else system
     text = f"{IM_START}system\n{system}{IM_END}\n" if system else ""
-    text += f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n" + ("" if thinking else EMPTY_THINK)
+    text += f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n" + (
+        "" if thinking else EMPTY_THINK
+    )
     ids = tokenizer.encode(text)
     tokenizer.check_image_tokens(ids, image_tokens)
     return ids

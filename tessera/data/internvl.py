@@ -1,11 +1,16 @@
-"""InternVL's fine-tuning rows ⇄ Conversations, and the preference-pair and prompt rows of MPO and GSPO.
+"""InternVL's fine-tuning rows ⇄ Conversations, and the preference-pair and prompt rows of MPO and
+GSPO.
 
 A conversation row (InternVL's format):
-    {"image": PATH | [PATHS] (optional: text-only), "conversations": [{"from": "human", "value": "<image>\\n..."},
+    {"image": PATH | [PATHS] (optional: text-only), "conversations": [{"from": "human", "value":
+    "<image>\\n..."},
      {"from": "gpt", "value": "..."}, ...], "category": "..." (optional)}
-with an optional leading {"from": "system"} turn, and `Image-1: <image>\\nImage-2: <image>\\n...` for several images.
-A prompt row {"image", "question", "answer"} reads as a one-turn conversation too. A pair row (MMPR):
-{"image", "question", "chosen", "rejected"}. Parquet image cells may hold bytes ({"bytes": ..., "path": ...}).
+with an optional leading {"from": "system"} turn, and `Image-1: <image>\\nImage-2: <image>\\n...`
+for several images.
+A prompt row {"image", "question", "answer"} reads as a one-turn conversation too. A pair row
+(MMPR):
+{"image", "question", "chosen", "rejected"}. Parquet image cells may hold bytes ({"bytes": ...,
+"path": ...}).
 """
 
 from __future__ import annotations
@@ -14,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from tessera.data.readers import Row
-from tessera.data.records import IMAGE_PLACEHOLDER, Conversation, DataError, PreferencePair, PromptRecord, Turn
+from tessera.data.records import (
+    IMAGE_PLACEHOLDER,
+    Conversation,
+    DataError,
+    PreferencePair,
+    PromptRecord,
+    Turn,
+)
 
 HUMAN, GPT, SYSTEM = ("human", "user"), ("gpt", "assistant"), ("system",)
 
@@ -35,7 +47,10 @@ def _images(row: Row) -> tuple[Any, ...]:
         elif isinstance(item, str) and item:
             out.append(_resolve(row, item))
         else:
-            raise DataError(f"{row.where}: image entries must be paths (or Parquet image cells), got {item!r:.60}")
+            raise DataError(
+                f"{row.where}: image entries must be paths (or Parquet image cells), "
+                f"got {item!r:.60}"
+            )
     return tuple(out)
 
 
@@ -63,12 +78,20 @@ def conversation(row: Row) -> Conversation:
     data = row.data
     if "conversations" not in data:
         if "question" in data and "answer" in data:
-            return Conversation(_images(row), (Turn(_text(row, "question"), _text(row, "answer")),),
-                                category=_category(row), where=row.where)
-        raise DataError(f"{row.where}: no 'conversations' (nor 'question' and 'answer'); keys: {sorted(data)}")
+            return Conversation(
+                _images(row),
+                (Turn(_text(row, "question"), _text(row, "answer")),),
+                category=_category(row),
+                where=row.where,
+            )
+        raise DataError(
+            f"{row.where}: no 'conversations' (nor 'question' and 'answer'); keys: {sorted(data)}"
+        )
     turns_raw = data["conversations"]
     if not isinstance(turns_raw, list) or not all(isinstance(t, dict) for t in turns_raw):
-        raise DataError(f"{row.where}: 'conversations' must be a list of {{'from', 'value'}} objects")
+        raise DataError(
+            f"{row.where}: 'conversations' must be a list of {{'from', 'value'}} objects"
+        )
     system = None
     if turns_raw and turns_raw[0].get("from") in SYSTEM:
         system, turns_raw = str(turns_raw[0].get("value", "")), turns_raw[1:]
@@ -79,28 +102,39 @@ def conversation(row: Row) -> Conversation:
             raise DataError(f"{row.where}: turn {k + 1} has no string 'value'")
         if who in HUMAN:
             if question is not None:
-                raise DataError(f"{row.where}: turn {k + 1}: two human turns in a row (each needs a gpt answer)")
+                raise DataError(
+                    f"{row.where}: turn {k + 1}: two human turns in a row (each needs a gpt answer)"
+                )
             question = value
         elif who in GPT:
             if question is None:
-                raise DataError(f"{row.where}: turn {k + 1}: a gpt turn without a human question before it")
+                raise DataError(
+                    f"{row.where}: turn {k + 1}: a gpt turn without a human question before it"
+                )
             turns.append(Turn(question, value))
             question = None
         else:
-            raise DataError(f"{row.where}: turn {k + 1}: unknown speaker {who!r} (use human, gpt or system)")
+            raise DataError(
+                f"{row.where}: turn {k + 1}: unknown speaker {who!r} (use human, gpt or system)"
+            )
     if not turns:
-        raise DataError(f"{row.where}: the conversation has no gpt turn (nothing to learn)", "no gpt turn")
+        raise DataError(
+            f"{row.where}: the conversation has no gpt turn (nothing to learn)", "no gpt turn"
+        )
     if question is not None:
         raise DataError(f"{row.where}: the last human turn has no gpt answer", "no gpt turn")
     images = _images(row)
     placeholders = sum(t.question.count(IMAGE_PLACEHOLDER) for t in turns)
     if placeholders and placeholders != len(images):
-        raise DataError(f"{row.where}: {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
+        raise DataError(
+            f"{row.where}: {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images"
+        )
     return Conversation(images, tuple(turns), system, _category(row), row.where)
 
 
 def prompt(row: Row) -> PromptRecord:
-    """A question with its reference answer: {"image", "question", "answer"} or a conversation's first turn."""
+    """A question with its reference answer: {"image", "question", "answer"} or a conversation's
+    first turn."""
     if row.error:
         raise DataError(f"{row.where}: {row.error}")
     conv = conversation(row)
@@ -115,7 +149,10 @@ def pair(row: Row) -> PreferencePair:
         raise DataError(f"{row.where}: {row.error}")
     missing = [k for k in ("chosen", "rejected") if k not in row.data]
     if missing or not ("question" in row.data or "prompt" in row.data):
-        raise DataError(f"{row.where}: a preference pair needs question, chosen and rejected; keys: {sorted(row.data)}")
+        raise DataError(
+            f"{row.where}: a preference pair needs question, chosen and rejected; "
+            f"keys: {sorted(row.data)}"
+        )
     question = _text(row, "question" if "question" in row.data else "prompt")
     chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
     if chosen == rejected:
@@ -124,7 +161,8 @@ def pair(row: Row) -> PreferencePair:
 
 
 def to_row(conv: Conversation, image_paths: list[str]) -> dict[str, Any]:
-    """The InternVL row of `conv`, its images written at `image_paths` (relative to the dataset root)."""
+    """The InternVL row of `conv`, its images written at `image_paths` (relative to the dataset
+    root)."""
     turns = []
     if conv.system is not None:
         turns.append({"from": "system", "value": conv.system})
@@ -135,7 +173,12 @@ def to_row(conv: Conversation, image_paths: list[str]) -> dict[str, Any]:
             if len(image_paths) == 1:
                 question = f"{IMAGE_PLACEHOLDER}\n{question}"
             else:
-                question = "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(image_paths))) + question
+                question = (
+                    "".join(
+                        f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(image_paths))
+                    )
+                    + question
+                )
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": t.answer}]
     row: dict[str, Any] = {}
     if image_paths:

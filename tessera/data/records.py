@@ -1,6 +1,8 @@
-"""The records every stage reads: a conversation (images, turns, optional thinking), a preference pair, a prompt.
+"""The records every stage reads: a conversation (images, turns, optional thinking), a preference
+pair, a prompt.
 
-An image is a path (resolved against its dataset's root, opened lazily in the data worker) or an in-memory
+An image is a path (resolved against its dataset's root, opened lazily in the data worker) or an
+in-memory
 PIL image (the world's). `where` names the file and line a record came from, for error messages.
 """
 
@@ -15,7 +17,8 @@ IMAGE_PLACEHOLDER = "<image>"
 
 
 class DataError(ValueError):
-    """A record or file that cannot be used; the message starts with `file:line`. `reason` names the kind of
+    """A record or file that cannot be used; the message starts with `file:line`. `reason` names the
+    kind of
     problem (what `--skip-bad-records` counts)."""
 
     def __init__(self, message: str, reason: str = "malformed record"):
@@ -25,7 +28,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Turn:
-    """One question and its answer. With `thinking`, the answer is the whole `<think>\\n…\\n</think>\\n\\nfinal`."""
+    """One question and its answer. With `thinking`, the answer is the whole
+    `<think>\\n…\\n</think>\\n\\nfinal`."""
 
     question: str
     answer: str
@@ -37,7 +41,8 @@ class Turn:
 
 @dataclass(frozen=True)
 class Conversation:
-    """Images (paths or PIL images) and the turns about them. The questions may hold `<image>` placeholders
+    """Images (paths or PIL images) and the turns about them. The questions may hold `<image>`
+    placeholders
     (InternVL's convention); without any, the images go before the first question."""
 
     images: tuple[Any, ...]
@@ -71,4 +76,6 @@ class PromptRecord:
     answer: str
     category: str = ""
     where: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # the row's other fields, for a reward
+    extra: dict[str, Any] = field(
+        default_factory=dict, compare=False
+    )  # the row's other fields, for a reward

@@ -1,9 +1,14 @@
-"""Answer checkers for GSPO rewards and `tessera eval --data`: `reward(prediction, answer) -> float` in [0, 1].
+"""Answer checkers for GSPO rewards and `tessera eval --data`: `reward(prediction, answer) -> float`
+in [0, 1].
 
-Built-ins: `exact` (equal after normalisation: the text after any think block, lower case, outer punctuation
-and articles dropped, spaces collapsed), `numeric` (the last number of the prediction within a relative
-tolerance of the answer's), `choice` (the multiple-choice letter), `boxed` (the `\\boxed{…}` content, else the
-last number, compared exactly). `resolve("module:function")` imports a user's own verifier, called the same way.
+Built-ins: `exact` (equal after normalisation: the text after any think block, lower case, outer
+punctuation
+and articles dropped, spaces collapsed), `numeric` (the last number of the prediction within a
+relative
+tolerance of the answer's), `choice` (the multiple-choice letter), `boxed` (the `\\boxed{…}`
+content, else the
+last number, compared exactly). `resolve("module:function")` imports a user's own verifier, called
+the same way.
 """
 
 from __future__ import annotations
@@ -99,19 +104,26 @@ def boxed(prediction: str, answer: str) -> float:
     if exact(got, want):
         return 1.0
     a, b = last_number(got), last_number(want)
-    return float(a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
-                 and normalize(re.sub(_NUMBER, "", got)) == normalize(re.sub(_NUMBER, "", want)))
+    return float(
+        a is not None
+        and b is not None
+        and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+        and normalize(re.sub(_NUMBER, "", got)) == normalize(re.sub(_NUMBER, "", want))
+    )
 
 
 BUILTIN: dict[str, Reward] = {"exact": exact, "numeric": numeric, "choice": choice, "boxed": boxed}
 
 
 def resolve(spec: str) -> Reward:
-    """A built-in by name, or `module:function` (imported; it must be callable as f(prediction, answer))."""
+    """A built-in by name, or `module:function` (imported; it must be callable as f(prediction,
+    answer))."""
     if spec in BUILTIN:
         return BUILTIN[spec]
     if ":" not in spec:
-        raise ValueError(f"unknown reward {spec!r}; use one of {', '.join(BUILTIN)} or module:function")
+        raise ValueError(
+            f"unknown reward {spec!r}; use one of {', '.join(BUILTIN)} or module:function"
+        )
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)

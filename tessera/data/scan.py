@@ -1,9 +1,13 @@
 """Every record checked before training starts, so nothing fails mid-run.
 
-A malformed row, a missing or unreadable image (decoded once, with the same pixel limit as everywhere else:
-tessera.image), a conversation without a gpt turn, text that holds image tokens itself, or a record longer than
-the context (`max_tokens`: the stage's packed row, the model's positions) is an error naming its file and line
-— all of them, up to a few, in one message — unless `skip_bad` is set: then the bad records are dropped and
+A malformed row, a missing or unreadable image (decoded once, with the same pixel limit as
+everywhere else:
+tessera.image), a conversation without a gpt turn, text that holds image tokens itself, or a record
+longer than
+the context (`max_tokens`: the stage's packed row, the model's positions) is an error naming its
+file and line
+— all of them, up to a few, in one message — unless `skip_bad` is set: then the bad records are
+dropped and
 counted by reason (`ScanReport.skipped`), and the run says so in its log and its final line.
 """
 
@@ -24,8 +28,11 @@ from tessera.image import DEFAULT_MAX_PIXELS, ImageError, load_image
 
 log = logging.getLogger(__name__)
 
-PARSERS: dict[str, Callable] = {"conversation": internvl.conversation, "prompt": internvl.prompt,
-                                "pair": internvl.pair}
+PARSERS: dict[str, Callable] = {
+    "conversation": internvl.conversation,
+    "prompt": internvl.prompt,
+    "pair": internvl.pair,
+}
 SHOWN = 5  # errors quoted in one message
 
 
@@ -48,18 +55,26 @@ class ScanReport:
         return f"skipped {self.num_skipped} of {self.total} records ({reasons})"
 
     def to_json(self) -> dict[str, Any]:
-        return {"total": self.total, "used": len(self.records), "skipped": dict(self.skipped), "first": self.first}
+        return {
+            "total": self.total,
+            "used": len(self.records),
+            "skipped": dict(self.skipped),
+            "first": self.first,
+        }
 
 
 def as_conversation(record: Any) -> Conversation:
-    """The conversation whose length bounds the record's (a pair's longer answer; a prompt's reference)."""
+    """The conversation whose length bounds the record's (a pair's longer answer; a prompt's
+    reference)."""
     if isinstance(record, Conversation):
         return record
     if isinstance(record, PreferencePair):
         longer = max((record.chosen, record.rejected), key=len)
         return Conversation(record.images, (Turn(record.question, longer),), where=record.where)
     if isinstance(record, PromptRecord):
-        return Conversation(record.images, (Turn(record.question, record.answer),), where=record.where)
+        return Conversation(
+            record.images, (Turn(record.question, record.answer),), where=record.where
+        )
     raise TypeError(f"not a record: {type(record).__name__}")
 
 
@@ -85,12 +100,22 @@ def check_record(record: Any, tokenizer, processor, tokens_per_tile: int, max_to
     counts = image_tokens(conv.images, processor, tokens_per_tile, conv.where)
     ids, _ = encode_ids(tokenizer, conv, counts)
     if len(ids) > max_tokens:
-        raise DataError(f"{conv.where}: {len(ids)} tokens ({sum(counts)} of them visual) is longer than the "
-                        f"context of {max_tokens}; shorten it or raise --row-tokens", "longer than the context")
+        raise DataError(
+            f"{conv.where}: {len(ids)} tokens ({sum(counts)} of them visual) is longer than the "
+            f"context of {max_tokens}; shorten it or raise --row-tokens",
+            "longer than the context",
+        )
 
 
-def scan(path: str | Path, tokenizer, processor, tokens_per_tile: int, max_tokens: int, kind: str = "conversation",
-         skip_bad: bool = False) -> ScanReport:
+def scan(
+    path: str | Path,
+    tokenizer,
+    processor,
+    tokens_per_tile: int,
+    max_tokens: int,
+    kind: str = "conversation",
+    skip_bad: bool = False,
+) -> ScanReport:
     """Read and check every record of `path`; DataError listing the bad ones unless `skip_bad`."""
     if kind not in PARSERS:
         raise ValueError(f"unknown record kind {kind!r}; choose from {', '.join(PARSERS)}")
@@ -110,8 +135,10 @@ def scan(path: str | Path, tokenizer, processor, tokens_per_tile: int, max_token
         report.records.append(record)
     if errors and not skip_bad:
         more = f"\n  ... and {len(errors) - SHOWN} more" if len(errors) > SHOWN else ""
-        raise DataError(f"{len(errors)} bad record(s) in {path} (fix them, or pass --skip-bad-records to drop "
-                        "them):\n  " + "\n  ".join(errors[:SHOWN]) + more)
+        raise DataError(
+            f"{len(errors)} bad record(s) in {path} (fix them, or pass --skip-bad-records to drop "
+            "them):\n  " + "\n  ".join(errors[:SHOWN]) + more
+        )
     if report.skipped:
         log.warning("%s: %s", path, report.summary())
         for reason, first in report.first.items():

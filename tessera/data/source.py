@@ -1,5 +1,7 @@
-"""Sources: a global stream index → a record. Files cycle through their records in a fresh shuffled order each
-epoch (seeded, so the record at an index never changes and resume is exact); the world (tessera.data.world) is
+"""Sources: a global stream index → a record. Files cycle through their records in a fresh shuffled
+order each
+epoch (seeded, so the record at an index never changes and resume is exact); the world
+(tessera.data.world) is
 a source too."""
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from typing import Any
 
 @dataclass
 class Records:
-    """`records[perm_epoch(index % n)]`, epoch = index // n; `shuffle=False` keeps the file order."""
+    """`records[perm_epoch(index % n)]`, epoch = index // n; `shuffle=False` keeps the file
+    order."""
 
     records: tuple[Any, ...]
     seed: int = 0

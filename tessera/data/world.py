@@ -1,9 +1,13 @@
 """The world as one source among others: index → Conversation, and its export as InternVL files.
 
-`WorldSource(index)` draws the same sample as `tessera.train.data.WorldStream.sample(index)` (same family pick,
-seed, difficulty and thinking draw) and returns it as a Conversation with its image in memory; `export` writes
-N of them as `images/*.png` + `annotation.jsonl` + `meta.json` (InternVL's layout), which read back through
-`tessera.data.readers` into the same Conversations — so training on the files and on the stream sees the same
+`WorldSource(index)` draws the same sample as `tessera.train.data.WorldStream.sample(index)` (same
+family pick,
+seed, difficulty and thinking draw) and returns it as a Conversation with its image in memory;
+`export` writes
+N of them as `images/*.png` + `annotation.jsonl` + `meta.json` (InternVL's layout), which read back
+through
+`tessera.data.readers` into the same Conversations — so training on the files and on the stream sees
+the same
 samples (tests/test_data_world.py).
 """
 
@@ -38,16 +42,28 @@ class WorldSource:
         if self.families:
             names = sorted(self.families)
             family = rng.choices(names, weights=[self.families[n] for n in names])[0]
-        s = make_sample(self.seed + index, family=family, split=self.split, difficulty=self.level(index))
+        s = make_sample(
+            self.seed + index, family=family, split=self.split, difficulty=self.level(index)
+        )
         thinking = s.thinking_answer is not None and rng.random() < self.thinking_prob
         answer = s.thinking_answer if thinking else s.answer
-        return Conversation((s.image,), (Turn(s.question, answer),), category=s.family,
-                            where=f"world:{self.split}:{self.seed + index}")
+        return Conversation(
+            (s.image,),
+            (Turn(s.question, answer),),
+            category=s.family,
+            where=f"world:{self.split}:{self.seed + index}",
+        )
 
 
-def export(source: Callable[[int], Conversation], n: int, out: str | Path, start: int = 0,
-           name: str = "world") -> Path:
-    """Write source(start) … source(start + n - 1) in InternVL's format under `out`; returns the meta JSON."""
+def export(
+    source: Callable[[int], Conversation],
+    n: int,
+    out: str | Path,
+    start: int = 0,
+    name: str = "world",
+) -> Path:
+    """Write source(start) … source(start + n - 1) in InternVL's format under `out`; returns the
+    meta JSON."""
     if n < 1:
         raise ValueError(f"export needs n >= 1, got {n}")
     out = Path(out)
@@ -63,6 +79,11 @@ def export(source: Callable[[int], Conversation], n: int, out: str | Path, start
                 paths.append(rel)
             f.write(json.dumps(to_row(conv, paths)) + "\n")
     meta = out / "meta.json"
-    meta.write_text(json.dumps({name: {"root": ".", "annotation": annotation.name, "repeat_time": 1,
-                                       "length": n}}, indent=2) + "\n")
+    meta.write_text(
+        json.dumps(
+            {name: {"root": ".", "annotation": annotation.name, "repeat_time": 1, "length": n}},
+            indent=2,
+        )
+        + "\n"
+    )
     return meta

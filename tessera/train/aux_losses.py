@@ -1,16 +1,24 @@
 """Auxiliary losses: what a recipe adds to a stage's next-token loss, through one small interface.
 
-An `AuxiliaryLoss` has a `name`, a `weight`, optionally a `module` (a probe head: the trainer optimises it as
-component "aux" and keeps it out of the model's checkpoint), `attach(model, batch)` registering the forward hooks
+An `AuxiliaryLoss` has a `name`, a `weight`, optionally a `module` (a probe head: the trainer
+optimises it as
+component "aux" and keeps it out of the model's checkpoint), `attach(model, batch)` registering the
+forward hooks
 that capture what it reads (returning their handles), and `__call__(model, batch, view)` returning
-`(loss, metrics)` — or None when the batch holds nothing for it. `view` is what the forward saw: the ViT grid
-and the projected features. `tessera.train.stage.packed_lm_loss` adds weight × share × loss for each one, share
-being the batch's part of the step's loss weight (so accumulation and data parallelism weigh it like the
+`(loss, metrics)` — or None when the batch holds nothing for it. `view` is what the forward saw: the
+ViT grid
+and the projected features. `tessera.train.stage.packed_lm_loss` adds weight × share × loss for each
+one, share
+being the batch's part of the step's loss weight (so accumulation and data parallelism weigh it like
+the
 language loss).
 
-The world's training aids (tessera.train.grounding) are the implementations here: dense grounding of the visual
-tokens, evidence and question attention, and the place and count probes; `world_aids(...)` builds the list the
-world's recipe asks for. A stage on other data passes none and is the paper's SFT: next-token loss with square
+The world's training aids (tessera.train.grounding) are the implementations here: dense grounding of
+the visual
+tokens, evidence and question attention, and the place and count probes; `world_aids(...)` builds
+the list the
+world's recipe asks for. A stage on other data passes none and is the paper's SFT: next-token loss
+with square
 averaging.
 """
 
@@ -37,7 +45,9 @@ class AuxiliaryLoss(Protocol):
 
     def attach(self, model, batch) -> list: ...
 
-    def __call__(self, model, batch, view: ForwardView) -> tuple[torch.Tensor, dict[str, float]] | None: ...
+    def __call__(
+        self, model, batch, view: ForwardView
+    ) -> tuple[torch.Tensor, dict[str, float]] | None: ...
 
 
 def _middle(model) -> int:
@@ -46,8 +56,10 @@ def _middle(model) -> int:
 
 @dataclass
 class AttentionGrounding:
-    """Evidence attention on `heads` of the middle layer (`below` = 0), or — `below` = 1, `words` — the same heads
-    one layer below pulled from the answer positions onto the question's words naming each piece of evidence."""
+    """Evidence attention on `heads` of the middle layer (`below` = 0), or — `below` = 1, `words` —
+    the same heads
+    one layer below pulled from the answer positions onto the question's words naming each piece of
+    evidence."""
 
     name: str
     weight: float
@@ -60,7 +72,11 @@ class AttentionGrounding:
     def evidence(self, batch) -> list:
         if not self.words:
             return list(batch.evidence)
-        return [dataclasses.replace(e, keys=e.words, sink=None) for e in batch.evidence if e.words and all(e.words)]
+        return [
+            dataclasses.replace(e, keys=e.words, sink=None)
+            for e in batch.evidence
+            if e.words and all(e.words)
+        ]
 
     def attach(self, model, batch) -> list:
         self._captured.clear()
@@ -81,12 +97,15 @@ class AttentionGrounding:
             return None
         x, cos, sin, _, mask = self._captured.pop("args")
         attn = model.language_model.model.layers[_middle(model) - self.below].self_attn
-        return evidence_attention_loss(attn, x, cos, sin, mask, evidence, self.heads, name=self.name)
+        return evidence_attention_loss(
+            attn, x, cos, sin, mask, evidence, self.heads, name=self.name
+        )
 
 
 @dataclass
 class HeadProbe:
-    """A linear probe (`module`) on what the middle layer's heads fetched (o_proj's input) at the answers it
+    """A linear probe (`module`) on what the middle layer's heads fetched (o_proj's input) at the
+    answers it
     reads (`read`: tessera.train.grounding.place_loss or count_loss)."""
 
     name: str
@@ -98,7 +117,9 @@ class HeadProbe:
     def attach(self, model, batch) -> list:
         self._fetched.clear()
         o_proj = model.language_model.model.layers[_middle(model)].self_attn.o_proj
-        return [o_proj.register_forward_hook(lambda module, args, out: self._fetched.append(args[0]))]
+        return [
+            o_proj.register_forward_hook(lambda module, args, out: self._fetched.append(args[0]))
+        ]
 
     def __call__(self, model, batch, view: ForwardView):
         return self.read(self.module, self._fetched.pop(0), batch.evidence)  # [B, L, H·hd]
@@ -106,7 +127,8 @@ class HeadProbe:
 
 @dataclass
 class DenseGrounding:
-    """The two-level dense grounding loss of the visual tokens (the ViT grid and the projected features)."""
+    """The two-level dense grounding loss of the visual tokens (the ViT grid and the projected
+    features)."""
 
     weight: float
     module: Any
@@ -114,31 +136,45 @@ class DenseGrounding:
 
     def attach(self, model, batch) -> list:
         if batch.grounding is None:
-            raise ValueError(f"grounding weight {self.weight} but the samples carry no grounding targets "
-                             "(WorldStream(grounding=True) makes them)")
+            raise ValueError(
+                f"grounding weight {self.weight} but the samples carry no grounding targets "
+                "(WorldStream(grounding=True) makes them)"
+            )
         return []
 
     def __call__(self, model, batch, view: ForwardView):
         from tessera.train.grounding import two_level_grounding_loss
 
-        return two_level_grounding_loss(self.module, view.grid, view.features, batch.grounding,
-                                        model.config.downsample_ratio)
+        return two_level_grounding_loss(
+            self.module, view.grid, view.features, batch.grounding, model.config.downsample_ratio
+        )
 
 
-def world_aids(grounding: tuple[Any, float] | None = None, evidence_attention: float = 0.0,
-               evidence_heads: Sequence[int] = (0,), question_attention: float = 0.0,
-               place: tuple[Any, float] | None = None,
-               count: tuple[Any, float] | None = None) -> list[AuxiliaryLoss]:
-    """The world recipe's aids, in the order they are added: evidence and question attention, the place and
-    count probes, dense grounding. (head, weight) pairs for those with a head; weight 0 / None leaves one out."""
+def world_aids(
+    grounding: tuple[Any, float] | None = None,
+    evidence_attention: float = 0.0,
+    evidence_heads: Sequence[int] = (0,),
+    question_attention: float = 0.0,
+    place: tuple[Any, float] | None = None,
+    count: tuple[Any, float] | None = None,
+) -> list[AuxiliaryLoss]:
+    """The world recipe's aids, in the order they are added: evidence and question attention, the
+    place and
+    count probes, dense grounding. (head, weight) pairs for those with a head; weight 0 / None
+    leaves one out."""
     from tessera.train.grounding import count_loss, place_loss
 
     aids: list[AuxiliaryLoss] = []
     if evidence_attention > 0:
-        aids.append(AttentionGrounding("evidence_attention", evidence_attention, tuple(evidence_heads)))
+        aids.append(
+            AttentionGrounding("evidence_attention", evidence_attention, tuple(evidence_heads))
+        )
     if question_attention > 0:
-        aids.append(AttentionGrounding("question_attention", question_attention, tuple(evidence_heads), below=1,
-                                       words=True))
+        aids.append(
+            AttentionGrounding(
+                "question_attention", question_attention, tuple(evidence_heads), below=1, words=True
+            )
+        )
     if place is not None:
         aids.append(HeadProbe("place", place[1], place[0], place_loss))
     if count is not None:

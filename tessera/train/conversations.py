@@ -1,7 +1,10 @@
-"""A source of Conversations (a user's files, or the world through tessera.data.world) → Encoded samples.
+"""A source of Conversations (a user's files, or the world through tessera.data.world) → Encoded
+samples.
 
-`ConversationStream(index)` runs in the DataLoader worker: it takes the source's record at `index`, opens its
-images there (paths are read lazily, with tessera.image's limits), tiles them and tokenises the conversation
+`ConversationStream(index)` runs in the DataLoader worker: it takes the source's record at `index`,
+opens its
+images there (paths are read lazily, with tessera.image's limits), tiles them and tokenises the
+conversation
 (tessera.data.encode). It is picklable, so the packing, square averaging, resume and DDP of
 `tessera.train.data.stream_batches` apply unchanged.
 """
@@ -46,23 +49,44 @@ class ConversationStream:
             image_tokens = [n * tpt for n in pixels.tiles_per_image]
             tiles = pixels.pixel_values
         else:
-            image_tokens, tiles = [], torch.zeros(0, 3, self.config.tile_size, self.config.tile_size)
+            image_tokens, tiles = (
+                [],
+                torch.zeros(0, 3, self.config.tile_size, self.config.tile_size),
+            )
         ids, mask = encode_ids(self.tokenizer, conv, image_tokens)
         return Encoded(ids, mask, tiles, image_tokens, conv.category, index)
 
 
-def scan_for(model, path: str, max_tokens: int, kind: str = "conversation", skip_bad: bool = False) -> ScanReport:
-    """tessera.data.scan with the model's tokenizer and tiling; `max_tokens` capped by the model's positions."""
+def scan_for(
+    model, path: str, max_tokens: int, kind: str = "conversation", skip_bad: bool = False
+) -> ScanReport:
+    """tessera.data.scan with the model's tokenizer and tiling; `max_tokens` capped by the model's
+    positions."""
     from tessera.image import ImageProcessor
 
     limit = min(max_tokens, model.config.language.max_position_embeddings)
-    return scan(path, model.tokenizer, ImageProcessor.from_config(model.config), model.config.tokens_per_tile, limit,
-                kind=kind, skip_bad=skip_bad)
+    return scan(
+        path,
+        model.tokenizer,
+        ImageProcessor.from_config(model.config),
+        model.config.tokens_per_tile,
+        limit,
+        kind=kind,
+        skip_bad=skip_bad,
+    )
 
 
-def file_stream(model, path: str, max_tokens: int, skip_bad: bool = False, seed: int = 0,
-                shuffle: bool = True) -> tuple[ConversationStream, ScanReport]:
+def file_stream(
+    model, path: str, max_tokens: int, skip_bad: bool = False, seed: int = 0, shuffle: bool = True
+) -> tuple[ConversationStream, ScanReport]:
     """The scanned records of `path` as a stream of Encoded samples, cycling in seeded epochs."""
     report = scan_for(model, path, max_tokens, skip_bad=skip_bad)
-    log.info("%s: %d records%s", path, len(report.records), f"; {report.summary()}" if report.skipped else "")
-    return ConversationStream(Records(tuple(report.records), seed, shuffle), model.tokenizer, model.config), report
+    log.info(
+        "%s: %d records%s",
+        path,
+        len(report.records),
+        f"; {report.summary()}" if report.skipped else "",
+    )
+    return ConversationStream(
+        Records(tuple(report.records), seed, shuffle), model.tokenizer, model.config
+    ), report

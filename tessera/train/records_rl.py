@@ -1,10 +1,16 @@
-"""MPO on a user's preference pairs and GSPO on a user's prompts (tessera.data records → the RL stages' inputs).
+"""MPO on a user's preference pairs and GSPO on a user's prompts (tessera.data records → the RL
+stages' inputs).
 
-A record becomes a `tessera.train.rollout.Query` keyed by where it came from (split = "file:line", so keys never
-collide with the world's seeds) and a `Prepared` with its images encoded once (every tile at 1/4, the prompt
-built with placeholders in place: tessera.data.encode.prompt_ids). The stages then run unchanged: MPO on
-`PreferencePair`s whose answers are the pair's texts (+ `<|im_end|>`), scored by the frozen model as its
-reference; GSPO on the prompts, its rollouts scored by a reward (tessera.data.rewards, ≥ 0.5 = correct).
+A record becomes a `tessera.train.rollout.Query` keyed by where it came from (split = "file:line",
+so keys never
+collide with the world's seeds) and a `Prepared` with its images encoded once (every tile at 1/4,
+the prompt
+built with placeholders in place: tessera.data.encode.prompt_ids). The stages then run unchanged:
+MPO on
+`PreferencePair`s whose answers are the pair's texts (+ `<|im_end|>`), scored by the frozen model as
+its
+reference; GSPO on the prompts, its rollouts scored by a reward (tessera.data.rewards, ≥ 0.5 =
+correct).
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ CONTEXT = 4096  # the scan's length bound for RL records; the model's positions 
 def record_query(index: int, record, answer: str = "") -> Query:
     category = getattr(record, "category", "") or "data"
     thinking = answer.lstrip().startswith("<think>")
-    return Query(index, category, record.question, answer, thinking, record.where or f"record:{index}")
+    return Query(
+        index, category, record.question, answer, thinking, record.where or f"record:{index}"
+    )
 
 
 @torch.no_grad()
-def prepare_records(model, queries: Sequence[Query], records: Sequence, keep_pixels: bool = False
-                    ) -> dict[tuple, Prepared]:
+def prepare_records(
+    model, queries: Sequence[Query], records: Sequence, keep_pixels: bool = False
+) -> dict[tuple, Prepared]:
     """query key → Prepared for each record (its images tiled and encoded in eval mode)."""
     from tessera.image import ImageProcessor
 
@@ -46,7 +55,7 @@ def prepare_records(model, queries: Sequence[Query], records: Sequence, keep_pix
                 features, per_tile = model.encode_images(pixels.pixel_values)
                 tiles, k, counts = pixels.pixel_values, 0, []
                 for n in pixels.tiles_per_image:
-                    counts.append(int(sum(per_tile[k:k + n])))
+                    counts.append(int(sum(per_tile[k : k + n])))
                     k += n
             else:
                 size = model.config.tile_size
@@ -69,17 +78,33 @@ def mpo_inputs(model, path: str, skip_bad: bool = False, keep_pixels: bool = Fal
     records: list[PairRecord] = report.records
     tok = model.tokenizer
     queries = [record_query(i, r, r.chosen) for i, r in enumerate(records)]
-    pairs = [PreferencePair(q, tok.encode(r.chosen) + [tok.im_end_id], tok.encode(r.rejected) + [tok.im_end_id],
-                            r.chosen, r.rejected) for q, r in zip(queries, records)]
+    pairs = [
+        PreferencePair(
+            q,
+            tok.encode(r.chosen) + [tok.im_end_id],
+            tok.encode(r.rejected) + [tok.im_end_id],
+            r.chosen,
+            r.rejected,
+        )
+        for q, r in zip(queries, records)
+    ]
     return pairs, prepare_records(model, queries, records, keep_pixels), report
 
 
-def gspo_inputs(model, path: str, reward: str = "exact", skip_bad: bool = False, keep_pixels: bool = False):
-    """(queries, prepared, verifier, scan report) from a prompt file; the verifier applies `reward`."""
+def gspo_inputs(
+    model, path: str, reward: str = "exact", skip_bad: bool = False, keep_pixels: bool = False
+):
+    """(queries, prepared, verifier, scan report) from a prompt file; the verifier applies
+    `reward`."""
     report = scan_for(model, path, CONTEXT, kind="prompt", skip_bad=skip_bad)
     records: list[PromptRecord] = report.records
     queries = [record_query(i, r, r.answer) for i, r in enumerate(records)]
-    return queries, prepare_records(model, queries, records, keep_pixels), RewardVerifier(reward), report
+    return (
+        queries,
+        prepare_records(model, queries, records, keep_pixels),
+        RewardVerifier(reward),
+        report,
+    )
 
 
 class RewardVerifier:
