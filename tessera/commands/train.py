@@ -166,8 +166,8 @@ def run(args: argparse.Namespace) -> int:
         stage.param_filter = is_lora_param
         save_model = {"save_model": LoraSaver(options, str(Path(args.init).resolve()))}
         lora, total = lora_share(model)
-        print(f"LoRA rank {options.rank} on {', '.join(options.components)}: {lora:,} of {total:,} parameters "
-              f"train ({lora / total:.2%})")
+        print(f"LoRA rank {options.rank} on {', '.join(options.components)}: {lora:,} adapter parameters train, "
+              f"{lora / (total - lora):.2%} of the model's {total - lora:,}")
     result = Trainer(model, stage, config, out, eval_fn=getattr(stage, "eval_fn", None), **save_model).fit(
         resume=not args.no_resume)
     if options is not None and result.step >= config.steps:
