@@ -10,7 +10,8 @@ A stage answers three questions and nothing else:
 Optionally `trainable` (component → bool) and `component_lr` (component → lr) override the TrainConfig,
 `setup(model)` runs once before the loop (e.g. to build a frozen reference model), and `extra` is a module the
 stage trains beside the model (an auxiliary head: optimised as component "aux", saved in the trainer state, never
-in the model's checkpoint).
+in the model's checkpoint). `param_filter` (parameter name → bool) keeps only the matching parameters trainable
+(`tessera train --lora` sets it to the LoRA adapters').
 
 Components are the model's parts, by top-level attribute: vision (vision_model), connector (mlp1, mlp2),
 router (pooling_before_gating, gating: official Flash key names), language (language_model).
