@@ -167,3 +167,28 @@ def test_a_lora_run_resumes_from_its_checkpoint(tiny, tmp_path, write_dataset, c
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     assert "sft: step 2" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_process_training_on_a_file_with_lora(tiny, tmp_path, write_dataset):
+    """Under torchrun (2 processes, gloo) the file's records are split over the ranks and the LoRA run ends
+    with its adapter and merged model like a single process's."""
+    import os
+    import subprocess
+    import sys
+
+    base_dir = save_checkpoint(copy.deepcopy(tiny).float(), tmp_path / "base")
+    data = write_dataset(tmp_path / "ds", 12)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541"]
+    out = tmp_path / "run"
+    done = subprocess.run(torchrun + ["-m", "tessera.cli", "train", "sft", "--init", str(base_dir), "--data",
+                                      str(data), "--out", str(out), "--steps", "2", "--rows", "1",
+                                      "--row-tokens", "128", "--no-progress", "--lora", "--lora-rank", "4",
+                                      "--precision", "fp32"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert tessera.load(out / "final") is not None
+    positions = [json.loads(line)["position"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert positions[-1] >= 2  # each rank read its own share of the records

@@ -136,6 +136,8 @@ def build_model(model_section: dict, init: str | None, seed: int, corpus_size: i
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from tessera.data import DataError
     from tessera.train import build_stage
     from tessera.train.trainer import TrainConfig, Trainer
@@ -170,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
               f"{lora / (total - lora):.2%} of the model's {total - lora:,}")
     result = Trainer(model, stage, config, out, eval_fn=getattr(stage, "eval_fn", None), **save_model).fit(
         resume=not args.no_resume)
-    if options is not None and result.step >= config.steps:
+    main_process = not dist.is_initialized() or dist.get_rank() == 0  # under torchrun rank 0 writes final/
+    if options is not None and result.step >= config.steps and main_process:
         finish_lora(model, result.final_dir, out)
     last = result.history[-1] if result.history else {}
     line = f"{args.stage}: step {result.step}, loss {last.get('loss', float('nan')):.4f}; model in {result.final_dir}"
