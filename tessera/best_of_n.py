@@ -242,9 +242,11 @@ def train_critic(features: torch.Tensor, labels: torch.Tensor, query_ids: Sequen
 
 
 def fit_critic(model, queries: Sequence[Query], sampling: SamplingConfig, config: CriticTrainConfig = CriticTrainConfig(),
-               verify=None, log=print) -> tuple[Critic, CriticReport]:
-    """Roll the policy out on training queries, label with the verifiers, extract features, train the head."""
-    prepared = {p.query.key(): p for p in prepare(model, queries, keep_pixels=False)}
+               verify=None, log=print, prepared: dict | None = None) -> tuple[Critic, CriticReport]:
+    """Roll the policy out on training queries, label with the verifiers, extract features, train the head.
+    `prepared` (query key → PreparedQuery) serves queries that are not the world's (tessera.train.records_rl)."""
+    if prepared is None:
+        prepared = {p.query.key(): p for p in prepare(model, queries, keep_pixels=False)}
     groups = rollout(model, queries, sampling, verify=verify, prepared=[prepared[q.key()] for q in queries])
     feats = group_features(model, groups, prepared)  # [E,7]
     labels = torch.tensor([r.reward for g in groups for r in g.rollouts])  # [E]

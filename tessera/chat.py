@@ -131,11 +131,20 @@ class ChatTokenizer:
         """One message: `<|im_start|>{role}\n{images}{body}<|im_end|>\n` (Harmony:
         `<|start|>{role}<|message|>{images}{body}<|end|>`), one `<img>…</img>` block per image
         first (prefixed `Image-k: ` when `numbers` gives the images' 1-based numbers in the conversation)."""
-        blocks = "".join((f"Image-{k}: " if numbers else "") + self.image_block(t) + "\n"
-                         for t, k in zip(image_tokens, numbers or [0] * len(image_tokens)))
+        blocks = self.image_blocks(image_tokens, numbers)
         if self.harmony:
             return f"{H_START}{role}{H_MESSAGE}{blocks}{body}{H_END}"
         return f"{IM_START}{role}\n{blocks}{body}{IM_END}\n"
+
+    def image_blocks(self, image_tokens: Sequence[int], numbers: Sequence[int] = ()) -> str:
+        """One `<img>…</img>` line per image, prefixed `Image-k: ` when `numbers` are given."""
+        return "".join((f"Image-{k}: " if numbers else "") + self.image_block(t) + "\n"
+                       for t, k in zip(image_tokens, numbers or [0] * len(image_tokens)))
+
+    def user_text(self, question: str, image_tokens: Sequence[int]) -> str:
+        """A user turn's content: its images (numbered when more than one), then the question."""
+        numbers = range(1, len(image_tokens) + 1) if len(image_tokens) > 1 else ()
+        return self.image_blocks(image_tokens, numbers) + question
 
     def assistant_start(self, thinking: bool) -> str:
         """Where the assistant starts writing; with thinking off, after the empty think block (Harmony: after

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "run one training stage"),
     "recipe": ("recipe", "run the whole training cascade and write a report"),
     "eval": ("eval", "evaluate a checkpoint on a held-out world set"),
+    "merge": ("merge", "fold a LoRA run's adapter into its base and write the merged checkpoint"),
     "critic": ("critic", "train the Best-of-N critic of a checkpoint on its own verified answers"),
     "serve": ("serve", "OpenAI-compatible API server (coupled or decoupled vision)"),
     "vision-server": ("vision_server", "a standalone DvD vision server"),

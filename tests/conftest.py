@@ -57,3 +57,15 @@ def hf_causal_lm(tmp_path):
         return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
 
     return load
+
+
+@pytest.fixture
+def write_dataset():
+    """write_dataset(folder, n, seed) → the JSONL path of a hand-made InternVL-format dataset (tests/handmade.py)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from handmade import write
+
+    return write

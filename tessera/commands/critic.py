@@ -3,6 +3,7 @@
 The checkpoint answers `--queries` training questions `--group-size` times each; the world's verifiers label
 the answers; a small head on the frozen model's features learns P(correct) (see tessera.best_of_n). The critic is
 written to CKPT/critic unless `--out` says otherwise, which is where `eval --best-of` and `chat --best-of` look.
+With `--data FILE` the questions are your prompts (image, question, answer) and `--reward` labels the answers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--families", help='JSON {family: weight}; default: every family, reasoning 4x')
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", help="your prompts (.jsonl/.json/.parquet: image, question, answer) instead of the world")
+    p.add_argument("--reward", default="exact", help="with --data: exact, numeric, choice, boxed or module:function")
+    p.add_argument("--skip-bad-records", action="store_true", help="with --data: drop bad rows instead of stopping")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,10 +40,22 @@ def run(args: argparse.Namespace) -> int:
 
     model = tessera.load(args.checkpoint)
     families = json.loads(args.families) if args.families else None
-    queries = training_queries(args.queries, families, seed=args.seed, seed_offset=CRITIC_SEED_OFFSET)
     sampling = SamplingConfig(temperature=args.temperature, group_size=args.group_size, seed=args.seed)
+    extra = {}
+    if args.data:
+        from tessera.data import DataError
+        from tessera.train.records_rl import gspo_inputs
+
+        try:
+            queries, prepared, verify, _ = gspo_inputs(model, args.data, args.reward, args.skip_bad_records)
+        except (DataError, ValueError) as e:
+            raise SystemExit(str(e))
+        extra = {"verify": verify, "prepared": prepared}
+    else:
+        queries = training_queries(args.queries, families, seed=args.seed, seed_offset=CRITIC_SEED_OFFSET)
     torch.manual_seed(args.seed)
-    critic, report = fit_critic(model, queries, sampling, CriticTrainConfig(epochs=args.epochs, seed=args.seed))
+    critic, report = fit_critic(model, queries, sampling, CriticTrainConfig(epochs=args.epochs, seed=args.seed),
+                                **extra)
     out = Path(args.out) if args.out else Path(args.checkpoint) / CRITIC_DIR
     critic.save(out)
     (out / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")

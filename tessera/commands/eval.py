@@ -1,4 +1,8 @@
-"""`tessera eval CKPT [--routing full|compressed|router|random] [--seed S --n N] [--best-of N] [--json]`"""
+"""`tessera eval CKPT [--routing full|compressed|router|random] [--seed S --n N] [--best-of N] [--json]`
+
+`tessera eval CKPT --data FILE [--reward exact|numeric|choice|boxed|module:function] [--json]` scores your own
+questions instead of the world's (tessera.evaluate_records): `--json` prints overall, n and categories.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--records", action="store_true", help="with --json: include every question and prediction")
+    p.add_argument("--data", help="your questions (.jsonl/.json/.parquet or InternVL meta JSON) instead of the world")
+    p.add_argument("--reward", default="exact", help="with --data: exact, numeric, choice, boxed or module:function")
+    p.add_argument("--skip-bad-records", action="store_true", help="with --data: drop bad rows instead of stopping")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise SystemExit("--n must be at least 1")
     model = tessera.load(args.checkpoint)
+    if args.data:
+        return run_on_data(model, args)
     if args.best_of > 1:
         from tessera.best_of_n import Critic
 
@@ -39,4 +48,18 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(records=args.records)))
     else:
         print(format_report(result))
+    return 0
+
+
+def run_on_data(model, args: argparse.Namespace) -> int:
+    from tessera.data import DataError
+    from tessera.evaluate_records import evaluate_records, format_records_report
+
+    try:
+        result = evaluate_records(model, args.data, reward=args.reward, batch_size=args.batch_size,
+                                  thinking=args.thinking == "on", routing=args.routing,
+                                  skip_bad=args.skip_bad_records)
+    except (DataError, ValueError) as e:
+        raise SystemExit(str(e))
+    print(json.dumps(result.to_json(records=args.records)) if args.json else format_records_report(result))
     return 0

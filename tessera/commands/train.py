@@ -4,6 +4,13 @@ A config FILE is JSON: {"model": {"preset": "tiny"} | a ModelConfig dict, "train
 "data": the stage's data options}. Without --init the model starts from random weights with a tokenizer
 trained on the world's text. An interrupted run resumes from DIR's latest checkpoint (--no-resume restarts).
 Under torchrun every process trains on its own share of the stream (gloo, gradients summed each step).
+
+`--data PATH` trains on your data instead of the world (an InternVL meta JSON or a .jsonl/.json/.parquet file,
+scanned before training: `--skip-bad-records` drops bad records and counts them): conversations for sft, vico
+and router,
+preference pairs (image, question, chosen, rejected) for mpo, prompts (image, question, answer) for gspo, whose
+rollouts `--reward` scores; `--lora` trains peft LoRA
+adapters only, writes them to DIR/adapter and the merged model to DIR/final (`tessera merge` re-merges).
 """
 
 from __future__ import annotations
@@ -34,6 +41,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-corpus", type=int, default=200, help="scenes whose text trains a fresh tokenizer")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_data_arguments(p)
+
+
+DATA_STAGES = ("sft", "vico", "router", "mpo", "gspo")  # the stages that read --data (the others still read the world)
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """--data, --skip-bad-records and the LoRA flags (tessera.train.lora)."""
+    p.add_argument("--data", help="your data: an InternVL meta JSON or a .jsonl/.json/.parquet file "
+                                  f"(stages: {', '.join(DATA_STAGES)})")
+    p.add_argument("--reward", help="gspo --data: exact, numeric, choice, boxed or module:function")
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="drop bad records (counted in the log) instead of stopping before training")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters only (needs --init)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="language",
+                   help="components to adapt, comma-separated: language, vision, connector")
+    p.add_argument("--lora-modules", default="",
+                   help="Linear name suffixes to wrap, comma-separated (default: each component's own)")
 
 
 def load_run_config(args: argparse.Namespace) -> tuple[dict, dict, dict]:
@@ -58,7 +86,34 @@ def load_run_config(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     for flag, key in (("rows", "rows"), ("row_tokens", "row_tokens")):
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
+    if getattr(args, "data", None):
+        if args.stage not in DATA_STAGES:
+            raise SystemExit(f"--data: stage {args.stage!r} still reads only the world; "
+                             f"stages reading your data: {', '.join(DATA_STAGES)}")
+        data["data"] = args.data
+    if getattr(args, "reward", None):
+        if args.stage != "gspo" or not getattr(args, "data", None):
+            raise SystemExit("--reward scores GSPO's rollouts on --data prompts: use it with gspo --data")
+        data["reward"] = args.reward
+    if getattr(args, "skip_bad_records", False):
+        data["skip_bad_records"] = True
     return model_section, train, data
+
+
+def lora_options(args: argparse.Namespace):
+    """The LoraOptions of the command line, or None without --lora."""
+    if not getattr(args, "lora", False):
+        return None
+    from tessera.train.lora import LoraOptions
+
+    if not args.init:
+        raise SystemExit("--lora adapts a trained model: give --init CKPT")
+    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
+    try:
+        return LoraOptions(args.lora_rank, args.lora_alpha, args.lora_dropout, split(args.lora_targets),
+                           split(args.lora_modules))
+    except ValueError as e:
+        raise SystemExit(f"--lora: {e}")
 
 
 def build_model(model_section: dict, init: str | None, seed: int, corpus_size: int = 200):
@@ -81,6 +136,9 @@ def build_model(model_section: dict, init: str | None, seed: int, corpus_size: i
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from tessera.data import DataError
     from tessera.train import build_stage
     from tessera.train.trainer import TrainConfig, Trainer
 
@@ -93,8 +151,51 @@ def run(args: argparse.Namespace) -> int:
                                               "init": args.init}, indent=2) + "\n")
     if args.stage in ("mpo", "gspo"):
         data.setdefault("out", str(out / "rollouts"))  # the offline rollouts (pairs, accuracies) stay with the run
-    stage = build_stage(args.stage, model, data)
-    result = Trainer(model, stage, config, out, eval_fn=getattr(stage, "eval_fn", None)).fit(resume=not args.no_resume)
+    try:
+        stage = build_stage(args.stage, model, data)
+    except DataError as e:
+        raise SystemExit(str(e))
+    report = getattr(stage, "scan_report", None)
+    if report is not None:
+        (out / "data_scan.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        print(f"data: {len(report.records)} records from {args.data}" + (f"; {report.summary()}" if report.skipped else ""))
+    options = lora_options(args)
+    save_model = {}
+    if options is not None:
+        from tessera.train.lora import LoraSaver, apply_lora, is_lora_param, lora_share
+
+        apply_lora(model, options)
+        stage.param_filter = is_lora_param
+        save_model = {"save_model": LoraSaver(options, str(Path(args.init).resolve()))}
+        lora, total = lora_share(model)
+        print(f"LoRA rank {options.rank} on {', '.join(options.components)}: {lora:,} adapter parameters train, "
+              f"{lora / (total - lora):.2%} of the model's {total - lora:,}")
+    result = Trainer(model, stage, config, out, eval_fn=getattr(stage, "eval_fn", None), **save_model).fit(
+        resume=not args.no_resume)
+    main_process = not dist.is_initialized() or dist.get_rank() == 0  # under torchrun rank 0 writes final/
+    if options is not None and result.step >= config.steps and main_process:
+        finish_lora(model, result.final_dir, out)
     last = result.history[-1] if result.history else {}
-    print(f"{args.stage}: step {result.step}, loss {last.get('loss', float('nan')):.4f}; model in {result.final_dir}")
+    line = f"{args.stage}: step {result.step}, loss {last.get('loss', float('nan')):.4f}; model in {result.final_dir}"
+    rewards = {k: v for k, v in last.items() if k.startswith("reward")}
+    if rewards:
+        line += "; " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(rewards.items()))
+    if options is not None:
+        line += f" (LoRA merged; adapter in {out / 'adapter'})"
+    if report is not None and report.skipped:
+        line += f"; {report.summary()} (see {out / 'data_scan.json'})"
+    print(line)
     return 0
+
+
+def finish_lora(model, final: Path, out: Path) -> None:
+    """The adapter beside the run (out/adapter) and final/ as the merged model, loadable like any other."""
+    import shutil
+
+    from tessera.model.checkpoint import save_checkpoint
+    from tessera.train.lora import ADAPTER_DIR, merge_into
+
+    shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)
+    shutil.copytree(final / ADAPTER_DIR, out / ADAPTER_DIR)
+    shutil.rmtree(final)
+    save_checkpoint(merge_into(model), final)

@@ -197,6 +197,9 @@ class GSPOData(GSPOConfig):
     out: str = ""  # folder for the collection when collecting ("" → not written)
     collect_queries: int = 512  # queries rolled out offline when there is no queries.jsonl
     families: dict[str, float] = field(default_factory=dict)  # for that collection; {} → default_rl_families()
+    data: str = ""  # your prompts (image, question, answer) instead of the world's queries (no accuracy filter)
+    reward: str = "exact"  # with data: tessera.data.rewards name or module:function
+    skip_bad_records: bool = False  # with data: drop (and count) bad rows instead of stopping
 
 
 def build_stage(model, data: GSPOData | dict | None = None) -> GSPOStage:
@@ -204,6 +207,14 @@ def build_stage(model, data: GSPOData | dict | None = None) -> GSPOStage:
     from tessera.train.mpo import MPOData, collect_or_load, read_stats
 
     d = dataclass_from(GSPOData, data)
+    if d.data:
+        from tessera.train.records_rl import gspo_inputs
+
+        queries, prepared, verify, report = gspo_inputs(model, d.data, d.reward, d.skip_bad_records, d.train_vision)
+        config = GSPOConfig(**{k: getattr(d, k) for k in GSPOConfig.__dataclass_fields__})
+        stage = GSPOStage(queries, config, verify=verify, prepared=prepared)
+        stage.scan_report = report
+        return stage
     if d.accuracies:
         stats = read_stats(d.accuracies)
     else:

@@ -333,6 +333,8 @@ class MPOData:
     nll: float = 1.0
     beta: float = 0.1
     seed: int = 0
+    data: str = ""  # your preference pairs (MMPR style: image, question, chosen, rejected) instead of rollouts
+    skip_bad_records: bool = False  # with data: drop (and count) bad rows instead of stopping
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.temperature, self.top_p, self.group_size, self.max_new_tokens, self.max_think_tokens,
@@ -365,6 +367,14 @@ def build_stage(model, data: MPOData | dict | None = None) -> MPOStage:
     from tessera.train import dataclass_from
 
     d = dataclass_from(MPOData, data)
+    if d.data:
+        from tessera.train.records_rl import mpo_inputs
+
+        pairs, prepared, report = mpo_inputs(model, d.data, d.skip_bad_records, d.train_vision)
+        stage = MPOStage(pairs, d.pairs_per_batch, MPOWeights(d.dpo, d.bco, d.nll, d.beta), d.train_vision, d.seed,
+                         prepared=prepared, reference="model")
+        stage.scan_report = report
+        return stage
     collected = CollectResult(read_pairs(d.pairs), [], 0.0) if d.pairs else collect_or_load(model, d)
     return MPOStage(collected.pairs, d.pairs_per_batch, MPOWeights(d.dpo, d.bco, d.nll, d.beta), d.train_vision, d.seed,
                     prepared=dict(collected.prepared), reference=d.reference)

@@ -265,6 +265,8 @@ class RouterData:
     turns: int = 1  # questions per image: with more, more of an image's tiles matter to some answer in the loss
     relative_threshold: float | None = None  # the decision thresholds the trained checkpoint ships with
     absolute_threshold: float | None = None
+    data: str | None = None  # your conversations (tessera.data): their loss ratios label the tiles
+    skip_bad_records: bool = False  # with data: drop (and count) bad records instead of stopping
 
 
 def build_stage(model, data: "RouterData | dict | None" = None) -> RouterStage:
@@ -274,12 +276,28 @@ def build_stage(model, data: "RouterData | dict | None" = None) -> RouterStage:
     from tessera.train.sft import SEED_OFFSET, default_families
 
     data = dataclass_from(RouterData, data)
+    if data.data is not None:
+        return file_router_stage(model, data)
     families = dict(data.families) if data.families else default_families()
     stream = WorldStream(model.tokenizer, model.config, families=families, thinking_prob=data.thinking_prob,
                          curriculum=Curriculum(((0, 1.0),)), seed=SEED_OFFSET, turns=data.turns)
     return RouterStage(stream, data.samples_per_batch, data.percentile, data.window, data.eps, data.workers,
                        heldout=data.heldout, thresholds=(data.relative_threshold, data.absolute_threshold),
                        heldout_families=sorted(data.families) if data.families else None)
+
+
+def file_router_stage(model, data: RouterData) -> RouterStage:
+    """The router stage on a user's conversations; the held-out tiles are the file's first `heldout` records."""
+    from tessera.train.conversations import file_stream
+
+    stream, report = file_stream(model, data.data, model.config.language.max_position_embeddings,
+                                 data.skip_bad_records)
+    stage = RouterStage(stream, data.samples_per_batch, data.percentile, data.window, data.eps, data.workers,
+                        heldout=data.heldout, thresholds=(data.relative_threshold, data.absolute_threshold))
+    unshuffled = dataclasses.replace(stream, source=dataclasses.replace(stream.source, shuffle=False))
+    stage._heldout = [unshuffled(i) for i in range(min(data.heldout, len(stream.source)))]
+    stage.scan_report = report
+    return stage
 
 
 HELDOUT_SEED = 2_000_000  # the held-out tiles' scene seeds (eval split)

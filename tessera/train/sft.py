@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from tessera.seeds import SFT_SEED_OFFSET
 from tessera.train import dataclass_from
 from tessera.train.data import Curriculum, WorldStream
-from tessera.train.stage import lm_stage
+from tessera.train.stage import LanguageModelingStage, lm_stage
 
 SEED_OFFSET = SFT_SEED_OFFSET  # tessera.seeds: the layout of the train split's seeds
 
@@ -41,10 +41,19 @@ class SFTData:
     thinking_prob: float = 0.5  # share of reasoning questions asked in thinking mode
     turns: int = 1  # questions per image (multi-turn conversations; one ViT pass serves them all)
     repeat: tuple[str, ...] = ()  # families asked more than once per image (tessera.train.data.WorldStream.repeat)
+    # a user's data instead of the world: an InternVL meta JSON or a .jsonl / .json / .parquet file
+    data: str | None = None
+    skip_bad_records: bool = False  # drop (and count) bad records instead of stopping before training
+    shuffle: bool = True  # a fresh seeded order of the records each epoch (False: file order)
+    seed: int = 0  # the shuffle's seed
+
+WORLD_ONLY = ("grounding", "evidence_attention", "question_attention", "place", "count")
 
 
 def build_stage(model, data: SFTData | dict | None = None) -> LanguageModelingStage:
     data = dataclass_from(SFTData, data)
+    if data.data is not None:
+        return file_stage(model, data)
     if data.count > 0 and not data.count_sink:
         raise ValueError("the count probe reads counting answers, which only count_sink marks: set count_sink too")
     needs_scene = data.grounding > 0 or data.evidence_attention > 0 or data.question_attention > 0 or data.place > 0 \
@@ -54,3 +63,16 @@ def build_stage(model, data: SFTData | dict | None = None) -> LanguageModelingSt
                          repeat=tuple(data.repeat), chain_evidence=data.chain_evidence, grounding=needs_scene,
                          count_sink=data.count_sink)
     return lm_stage("sft", model, stream, data)
+
+
+def file_stage(model, data: SFTData) -> LanguageModelingStage:
+    """Next-token loss with square averaging on the conversations of `data.data` (scanned first)."""
+    from tessera.train.conversations import file_stream
+
+    aids = [name for name in WORLD_ONLY if getattr(data, name) > 0]
+    if aids:
+        raise ValueError(f"{', '.join(aids)} read the world's scenes; a --data file has none (set them to 0)")
+    stream, report = file_stream(model, data.data, data.row_tokens, data.skip_bad_records, data.seed, data.shuffle)
+    stage = lm_stage("sft", model, stream, data)
+    stage.scan_report = report
+    return stage

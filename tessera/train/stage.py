@@ -10,7 +10,8 @@ A stage answers three questions and nothing else:
 Optionally `trainable` (component → bool) and `component_lr` (component → lr) override the TrainConfig,
 `setup(model)` runs once before the loop (e.g. to build a frozen reference model), and `extra` is a module the
 stage trains beside the model (an auxiliary head: optimised as component "aux", saved in the trainer state, never
-in the model's checkpoint).
+in the model's checkpoint). `param_filter` (parameter name → bool) keeps only the matching parameters trainable
+(`tessera train --lora` sets it to the LoRA adapters').
 
 Components are the model's parts, by top-level attribute: vision (vision_model), connector (mlp1, mlp2),
 router (pooling_before_gating, gating: official Flash key names), language (language_model).
@@ -25,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from tessera.train.aux_losses import AuxiliaryLoss, ForwardView, world_aids
 from tessera.train.data import Batch, Encoded, Packer, stream_batches
 from tessera.train.losses import IGNORE, weighted_cross_entropy
 
@@ -56,7 +58,8 @@ class Stage(Protocol):
 
 @dataclass
 class LanguageModelingStage:
-    """Next-token cross-entropy on packed world samples (pretrain and SFT differ only in `make`).
+    """Next-token cross-entropy with square averaging on packed samples (pretrain and SFT differ only in `make`),
+    plus the auxiliary losses a recipe plugs in (`aux`, tessera.train.aux_losses; `extra` holds their heads).
 
     `make(i)` returns the Encoded sample at global stream index i; it runs in a worker process when
     `workers` > 0, so it must be picklable.
@@ -70,13 +73,9 @@ class LanguageModelingStage:
     workers: int = 1
     trainable: dict[str, bool] = field(default_factory=dict)
     component_lr: dict[str, float] = field(default_factory=dict)
-    grounding: float = 0.0  # weight of the dense grounding loss (needs samples with grounding targets)
-    extra: torch.nn.Module | None = None  # the grounding head, when grounding > 0
-    evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding_losses)
-    evidence_heads: tuple[int, ...] = (0,)  # the middle layer's heads it supervises
-    question_attention: float = 0.0  # weight of the same loss one layer below, onto the question's naming words
-    place: float = 0.0  # weight of the place probe on the middle layer's heads at spatial answers (extra.place)
-    count: float = 0.0  # weight of the count probe on the same heads at counting answers (extra.count)
+    aux: tuple[AuxiliaryLoss, ...] = ()  # the auxiliary losses, in the order they are added
+    extra: torch.nn.Module | None = None  # their heads (one module: the trainer optimises it as "aux")
+    scan_report: Any = None  # tessera.data.scan.ScanReport of a stage reading a user's file
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Batch, int]]:
         return stream_batches(self.make, Packer(self.rows, self.row_tokens, self.pad_id), position, rank, world, self.workers)
@@ -85,20 +84,13 @@ class LanguageModelingStage:
         return batch.weight_sum
 
     def loss(self, model: torch.nn.Module, batch: Batch, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.grounding > 0 and batch.grounding is None:
-            raise ValueError(f"stage {self.name!r} has grounding weight {self.grounding} but its samples carry no "
-                             "grounding targets (WorldStream(grounding=True) makes them)")
-        return packed_lm_loss(model, batch, normalizer, grounding=(self.extra, self.grounding) if self.grounding > 0 else None,
-                              evidence_attention=self.evidence_attention, evidence_heads=self.evidence_heads,
-                              question_attention=self.question_attention,
-                              place=(self.extra.place, self.place) if self.place > 0 else None,
-                              count=(self.extra.count, self.count) if self.count > 0 else None)
+        return packed_lm_loss(model, batch, normalizer, aux=self.aux)
 
 
 def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
-    """A LanguageModelingStage over `stream` with the packing, worker and grounding options of `data`
-    (PretrainData / SFTData); the grounding heads are created here, sized for the model's 1/4 tokens (with the
-    place and count probes when the stage weighs them)."""
+    """A LanguageModelingStage over `stream` with the packing and worker options of `data` (PretrainData /
+    SFTData) and the world's training aids it weighs (`world_aids`); their heads are created here, sized for the
+    model's 1/4 tokens (with the place and count probes when the stage weighs them)."""
     head = None
     place, count = getattr(data, "place", 0.0), getattr(data, "count", 0.0)
     if data.grounding > 0 or place > 0 or count > 0:
@@ -109,10 +101,11 @@ def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
         head = GroundingHeads(model.config.vision.hidden_size, language.hidden_size,
                               shuffle_factor(model.config.downsample_ratio) ** 2,
                               fetched_width=language.num_heads * language.head_dim, place=place > 0, count=count > 0)
+    aux = world_aids((head, data.grounding) if data.grounding > 0 else None, data.evidence_attention,
+                     tuple(data.evidence_heads), data.question_attention,
+                     (head.place, place) if place > 0 else None, (head.count, count) if count > 0 else None)
     return LanguageModelingStage(name, stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers,
-                                 grounding=data.grounding, extra=head, evidence_attention=data.evidence_attention,
-                                 evidence_heads=tuple(data.evidence_heads), question_attention=data.question_attention,
-                                 place=place, count=count)
+                                 aux=tuple(aux), extra=head)
 
 
 def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | None = None,
@@ -120,44 +113,25 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
                    evidence_attention: float = 0.0, evidence_heads: Sequence[int] = (0,),
                    question_attention: float = 0.0,
                    place: tuple[torch.nn.Module, float] | None = None,
-                   count: tuple[torch.nn.Module, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Forward a packed batch (block-diagonal causal mask, per-sample positions) and take the weighted CE.
+                   count: tuple[torch.nn.Module, float] | None = None,
+                   aux: Sequence[AuxiliaryLoss] = ()) -> tuple[torch.Tensor, dict[str, float]]:
+    """The paper's SFT loss: forward a packed batch (block-diagonal causal mask, per-sample positions) and take
+    the square-averaged next-token cross-entropy — plus, for each auxiliary loss (tessera.train.aux_losses),
+    its weight × its loss × the batch's share of the step (weight_sum / normalizer), so gradient accumulation and
+    data parallelism weigh it like the language loss.
 
-    `grounding` = (head, weight) adds weight × the dense grounding loss on the batch's visual tokens
-    (tessera.train.grounding_losses), scaled by the batch's share of the step (weight_sum / normalizer) so gradient
-    accumulation and data parallelism weigh it like the language loss. `evidence_attention` > 0 adds that weight
-    × the attention grounding loss of `evidence_heads` of the language model's middle layer (same scaling);
-    `question_attention` > 0 adds the same loss one layer below, pulling those heads from the answer positions
-    onto the question's words that name each piece of evidence (the middle layer's queries need them: a model
-    whose head found objects but not *which* one — by colour in one run, by kind in another — is what it is for).
-    `place` = (head, weight) adds weight × the place probe's loss on what the middle layer's heads fetched (the
-    input of its o_proj) at the positions predicting spatial answers (tessera.train.grounding_losses.place_loss; same
-    scaling); `count` = (head, weight) the count probe's at counting answers (tessera.train.grounding_losses.count_loss)."""
-    from tessera.train.grounding_losses import count_loss, evidence_attention_loss, place_loss, two_level_grounding_loss
-
-    grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
-    features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4
-    layers = model.language_model.model.layers
-    middle = len(layers) // 2
-    # (metric name, weight, layer, Evidence entries): where the evidence is, and,
-    # one layer below, which words of the question name it (what the middle layer's query has to carry)
-    supervised = [("evidence_attention", evidence_attention, middle, batch.evidence),
-                  ("question_attention", question_attention, middle - 1,
-                   [dataclasses.replace(e, keys=e.words, sink=None) for e in batch.evidence if e.words and all(e.words)])]
-    supervised = [entry for entry in supervised if entry[1] > 0 and entry[3]]
-    captured: dict[int, tuple] = {}
-    hooks = []
-    for _, _, layer, _ in supervised:
-        def keep_inputs(module, args, out, layer=layer) -> None:  # returns None: the output is left as it is
-            captured[layer] = args
-
-        hooks.append(layers[layer].self_attn.register_forward_hook(keep_inputs))
-    fetched: list[torch.Tensor] = []
-    probes = [(read, probe) for read, probe in ((place_loss, place), (count_loss, count)) if probe is not None]
-    if probes:
-        # what the middle layer's heads fetched, before o_proj mixes it into the residual stream
-        hooks.append(layers[middle].self_attn.o_proj.register_forward_hook(
-            lambda module, args, out: fetched.append(args[0])))
+    The keyword options are the world's training aids (`world_aids` builds them; they come before `aux`):
+    `grounding` = (head, weight) the dense grounding of the visual tokens; `evidence_attention` the attention
+    grounding of `evidence_heads` of the language model's middle layer; `question_attention` the same loss one
+    layer below, from the answer positions onto the question's words that name each piece of evidence;
+    `place` / `count` = (head, weight) the probes on what the middle layer's heads fetched at spatial / counting
+    answers (tessera.train.grounding_losses)."""
+    aids = [*world_aids(grounding, evidence_attention, evidence_heads, question_attention, place, count), *aux]
+    grid = features = None  # a batch of text-only conversations has no tiles
+    if batch.pixel_values.numel():
+        grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
+        features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4
+    hooks = [h for aid in aids for h in aid.attach(model, batch)]
     try:
         logits = model(batch.input_ids, image_features=features, position_ids=batch.position_ids,
                        attn_mask=batch.attn_mask())  # [B,L,V]
@@ -170,21 +144,14 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
     if router is not None:  # already weighted by router_aux_loss_coef
         loss = loss + share * router
         metrics["router_aux_loss"] = float(router.detach())
-    for name, weight, layer, evidence in supervised:
-        x, cos, sin, _, mask = captured[layer]
-        att_loss, att_metrics = evidence_attention_loss(layers[layer].self_attn, x, cos, sin, mask, evidence,
-                                                        evidence_heads, name=name)
-        loss = loss + weight * share * att_loss
-        metrics.update(att_metrics)
-    for read, (head, weight) in probes:
-        aux, aux_metrics = read(head, fetched[0], batch.evidence)  # fetched[0]: [B, L, H·hd]
-        loss = loss + weight * share * aux
-        metrics.update(aux_metrics)
-    if grounding is not None:
-        heads, weight = grounding
-        aux, aux_metrics = two_level_grounding_loss(heads, grid, features, batch.grounding, model.config.downsample_ratio)
-        loss = loss + weight * share * aux
-        metrics.update(aux_metrics)
+    view = ForwardView(grid, features)
+    for aid in aids:
+        out = aid(model, batch, view)
+        if out is None:
+            continue
+        aid_loss, aid_metrics = out
+        loss = loss + aid.weight * share * aid_loss
+        metrics.update(aid_metrics)
     metrics["samples"] = float(batch.num_samples)
     metrics["tokens"] = float(batch.num_tokens)
     metrics["tiles"] = float(batch.pixel_values.shape[0])

@@ -147,11 +147,12 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, overrides: dict
     lrs = {**config.component_lr, **overrides.get("component_lr", {})}
     lrs.setdefault("aux", lrs.get("connector", config.lr))
     trainable = {**config.trainable, **overrides.get("trainable", {})}
+    keep = overrides.get("param_filter")  # name → bool: only these train (e.g. LoRA adapters)
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     named = [(n, p, component_of(n)) for n, p in model.named_parameters()]
     named += [(n, p, "aux") for n, p in (extra.named_parameters() if extra is not None else [])]
     for name, p, comp in named:
-        p.requires_grad_(trainable.get(comp, True))
+        p.requires_grad_(trainable.get(comp, True) and (comp == "aux" or keep is None or keep(name)))
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2 and not any(m in name for m in _NO_DECAY_MARKERS)
@@ -311,7 +312,8 @@ class Trainer:
         if ddp.world > 1:
             for t in [*self.model.state_dict().values(), *(extra.state_dict().values() if extra is not None else [])]:
                 dist.broadcast(t, src=0)
-        overrides = {k: getattr(self.stage, k) for k in ("trainable", "component_lr") if getattr(self.stage, k, None)}
+        overrides = {k: getattr(self.stage, k) for k in ("trainable", "component_lr", "param_filter")
+                     if getattr(self.stage, k, None)}
         optimizer = build_optimizer(self.model, cfg, overrides, extra)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))

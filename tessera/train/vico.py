@@ -193,6 +193,8 @@ class ViCOData:
     thinking_prob: float = 0.5
     train_vision: bool = True  # the paper trains the whole model; False freezes the ViT
     grounding: float = 0.0  # weight of the dense grounding probe on the 1/16 tokens (see the module doc)
+    data: str | None = None  # your conversations (tessera.data) instead of the SFT world stream
+    skip_bad_records: bool = False  # with data: drop (and count) bad records instead of stopping
 
 
 def build_stage(model, data: "ViCOData | dict | None" = None) -> ViCOStage:
@@ -203,8 +205,17 @@ def build_stage(model, data: "ViCOData | dict | None" = None) -> ViCOStage:
 
     data = dataclass_from(ViCOData, data)
     cfg, tok = model.config, model.tokenizer
-    stream = WorldStream(tok, cfg, families=default_families(), thinking_prob=data.thinking_prob,
-                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET, grounding=data.grounding > 0)
+    report = None
+    if data.data is not None:
+        from tessera.train.conversations import file_stream
+
+        if data.grounding > 0:
+            raise ValueError("vico grounding reads the world's scenes; a --data file has none (set grounding to 0)")
+        stream, report = file_stream(model, data.data, data.row_tokens, data.skip_bad_records)
+    else:
+        stream = WorldStream(tok, cfg, families=default_families(), thinking_prob=data.thinking_prob,
+                             curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET,
+                             grounding=data.grounding > 0)
     packer = PairPacker(data.rows, data.row_tokens, tok.pad_id, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile,
                         cfg.image_context_token_id, data.compress_prob)
     trainable = {"router": False} if data.train_vision else {"router": False, "vision": False}
@@ -214,4 +225,6 @@ def build_stage(model, data: "ViCOData | dict | None" = None) -> ViCOStage:
         from tessera.train.grounding_losses import GroundingHead
 
         head = GroundingHead(cfg.language.hidden_size, shuffle_factor(cfg.flash.compressed_downsample_ratio) ** 2)
-    return ViCOStage(stream, packer, data.workers, trainable=trainable, grounding=data.grounding, extra=head)
+    stage = ViCOStage(stream, packer, data.workers, trainable=trainable, grounding=data.grounding, extra=head)
+    stage.scan_report = report
+    return stage
