@@ -70,7 +70,7 @@ def greedy_generate(model, prompts: list[list[int]], image_features: torch.Tenso
     done = torch.zeros(B, dtype=torch.bool)
     next_pos = position_ids[:, -1] + 1  # [B]
     for _ in range(max_new_tokens):
-        token = logits[:, -1].argmax(-1)  # [B]
+        token = logits[:, -1].argmax(-1).cpu()  # [B], on the host for the per-row bookkeeping
         for b in range(B):
             if not done[b]:
                 if int(token[b]) == stop_id:

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from tessera.device import add_device_arguments, devices_from_args
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint folder (the policy whose answers the critic will judge)")
@@ -22,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--families", help='JSON {family: weight}; default: every family, reasoning 4x')
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from tessera.train.rollout import CRITIC_SEED_OFFSET, SamplingConfig, training_queries
     from tessera.tts import CRITIC_DIR, CriticTrainConfig, fit_critic
 
-    model = tessera.load(args.checkpoint)
+    devices = devices_from_args(args)
+    model = tessera.load(args.checkpoint, device=devices.device, dtype=devices.dtype)
     families = json.loads(args.families) if args.families else None
     queries = training_queries(args.queries, families, seed=args.seed, seed_offset=CRITIC_SEED_OFFSET)
     sampling = SamplingConfig(temperature=args.temperature, group_size=args.group_size, seed=args.seed)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from tessera.device import add_device_arguments, devices_from_args
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from tessera.evaluate import ROUTINGS
@@ -20,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--records", action="store_true", help="with --json: include every question and prediction")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,11 +31,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise SystemExit("--n must be at least 1")
-    model = tessera.load(args.checkpoint)
+    devices = devices_from_args(args)
+    model = tessera.load(args.checkpoint, device=devices.device, dtype=devices.dtype)
     if args.best_of > 1:
         from tessera.tts import Critic
 
-        model.critic = Critic.load(args.critic or args.checkpoint)
+        model.critic = Critic.load(args.critic or args.checkpoint).to(devices.device)
     result = evaluate(model, seed=args.seed, n=args.n, routing=args.routing, batch_size=args.batch_size,
                       thinking=args.thinking, best_of=args.best_of)
     if args.json:

@@ -266,33 +266,35 @@ def generate_groups(model, prepared: Sequence[Prepared], group_size: int, config
     banned = [tok.img_context_id, tok.img_start_id, tok.img_end_id]
     lengths = [len(p.prompt_ids) for p in prepared]
     L = max(lengths)
-    ids = torch.full((Q, L), pad, dtype=torch.long)  # left-padded prompts [Q,L]
-    valid = torch.zeros(Q, L, dtype=torch.bool)  # [Q,L] real tokens
+    dev = model.device  # every tensor of the sampling loop lives beside the model
+    ids = torch.full((Q, L), pad, dtype=torch.long, device=dev)  # left-padded prompts [Q,L]
+    valid = torch.zeros(Q, L, dtype=torch.bool, device=dev)  # [Q,L] real tokens
     for i, p in enumerate(prepared):
         ids[i, L - lengths[i]:] = torch.tensor(p.prompt_ids)
         valid[i, L - lengths[i]:] = True
     position_ids = (valid.long().cumsum(dim=1) - 1).clamp_min(0)  # [Q,L]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()  # [L,L]
+    causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()  # [L,L]
     # a padding query position sees only itself, so no attention row is empty
-    attn = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool)[None]  # [Q,L,L]
+    attn = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=dev)[None]  # [Q,L,L]
     rows = sum(p.image_features.shape[0] for p in prepared)
     features = torch.cat([p.image_features for p in prepared if p.image_features.shape[0]]) if rows else None  # [ΣT,D]
     cache = RolloutCache()
     embeds = model.embed(ids, features)  # [Q,L,D]
     logits = model.language_model(embeds, position_ids, cache=cache, attn_mask=attn[:, None])[:, -1]  # [Q,V]
 
-    limits = torch.tensor([config.budget(p.query.thinking) for p in prepared]).repeat_interleave(G)  # [Q·G]
+    limits = torch.tensor([config.budget(p.query.thinking) for p in prepared], device=dev)
+    limits = limits.repeat_interleave(G)  # [Q·G]
     steps = int(limits.max())
     cache.repeat_interleave(G, extra_capacity=steps)
     logits = logits.repeat_interleave(G, dim=0)  # [Q·G,V]
     keys_valid = valid.repeat_interleave(G, dim=0)  # [Q·G,L]
     next_pos = position_ids[:, -1].repeat_interleave(G) + 1  # [Q·G]
-    stop = torch.tensor(list(stop_ids), dtype=torch.long)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
     B = Q * G
-    tokens = torch.zeros(B, 0, dtype=torch.long)
-    logps = torch.zeros(B, 0)
-    done = torch.zeros(B, dtype=torch.bool)
-    finished = torch.zeros(B, dtype=torch.bool)
+    tokens = torch.zeros(B, 0, dtype=torch.long, device=dev)
+    logps = torch.zeros(B, 0, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
     for step in range(steps):
         new, lp = sample_tokens(logits, config.temperature, config.top_p, generator, banned)  # [B], [B]
         alive = ~done  # rows still writing; finished rows are fed padding that nothing attends to
