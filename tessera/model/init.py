@@ -38,10 +38,14 @@ def init_model(config: ModelConfig | str, tokenizer: ChatTokenizer | None = None
     return model
 
 
-def init_checkpoint(config: ModelConfig | str, out: str | Path, seed: int = 0) -> Path:
+def init_checkpoint(config: ModelConfig | str, out: str | Path, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """A random checkpoint folder; `dtype` casts the stored weights (random values drawn in fp32 first)."""
     from tessera.model.checkpoint import save_checkpoint
 
     model = init_model(config, seed=seed)
+    if dtype != torch.float32:
+        model = model.to(dtype)
     save_checkpoint(model, out)
     return Path(out)
 
