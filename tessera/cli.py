@@ -43,7 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         command = None
     args = build_parser(command).parse_args(argv)
     module = importlib.import_module(f"tessera.commands.{COMMANDS[args.command][0]}")
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except ValueError as e:
+        from tessera.device import DeviceError  # imported here so that `tessera --help` never loads torch
+
+        if not isinstance(e, DeviceError):  # a bad --device / --dtype, or CUDA asked for where there is none
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

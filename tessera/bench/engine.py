@@ -5,7 +5,7 @@ The model is exported to the transformers layout with `tessera.model.checkpoint.
 greedily to exactly `--new-tokens` tokens (no stop token). Reported per batch size: generated tokens per
 second of wall time (prefill included, both sides), and our decode-only rate (steps after the first). Rounds
 alternate between the two sides and the median is kept. At batch 1 the token ids must be identical.
-Without `--checkpoint` a random tiny model is used, its language weights drawn at std 0.1 (instead of 0.02)
+Without `--checkpoint` a random model of `--preset` (tiny by default) is used, its language weights drawn at std 0.1 (instead of 0.02)
 so that greedy text changes from token to token and the identity check means something.
 """
 
@@ -39,7 +39,9 @@ MODES = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="model to use (default: a random tiny model)")
+    p.add_argument("--checkpoint", help="model to use (default: a random model of --preset)")
+    p.add_argument("--preset", default="tiny", help="without --checkpoint: the random model's preset "
+                   "(e.g. internvl3_5-1b for the 1B shape)")
     p.add_argument("--batches", default="1,16", help="batch sizes (comma-separated)")
     p.add_argument("--modes", default="eager,compiled", help=f"our engine's modes to time: {', '.join(MODES)}")
     p.add_argument("--prompt-len", type=int, default=32)
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     for m in modes:
         if m not in MODES:
             raise SystemExit(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
-    model = tessera.load(args.checkpoint) if args.checkpoint else init_lively_model("tiny")
+    model = tessera.load(args.checkpoint, dtype=torch.float32) if args.checkpoint else init_lively_model(args.preset)
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model, Path(tmp) / "tessera")
@@ -162,11 +164,11 @@ def run(args: argparse.Namespace) -> int:
     omp = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = (f"{omp}tessera bench engine --batches {args.batches} --modes {args.modes} --rounds {args.rounds} "
                f"--prompt-len {args.prompt_len} --new-tokens {args.new_tokens} --parity-prompts {args.parity_prompts} "
-               f"--threads {args.threads}" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else ""))
+               f"--threads {args.threads}" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else f" --preset {args.preset}"))
     result = {"command": command,
               "settings": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
                            "threads": args.threads, "modes": modes, "warmup_s": compile_s,
-                           "model": args.checkpoint or "random tiny (language weights std 0.1)"},
+                           "model": args.checkpoint or f"random {args.preset} (language weights std 0.1)"},
               "parity": {"prompts": args.parity_prompts, "identical": parity}, "rows": rows}
     text = markdown(result)
     if args.docs:

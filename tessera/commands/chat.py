@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from tessera.routing import MODES
+from tessera.device import add_device_arguments, devices_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,13 +21,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--best-of", type=int, default=1, help="Best-of-N: sample N answers, keep the critic's favourite")
     p.add_argument("--show-routing", metavar="OUT.png", help="draw the image with kept and compressed tiles marked")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     import tessera
     from tessera.image import ImageError
 
-    model = tessera.load(args.checkpoint)
+    devices = devices_from_args(args)
+    model = tessera.load(args.checkpoint, device=devices.device, dtype=devices.dtype)
     pipe = tessera.Pipeline(model)
     try:
         if args.best_of > 1:
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
             answer = best_of_n(pipe, args.image, args.question, n=args.best_of, thinking=args.thinking,
                                routing=args.routing, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature or 0.7, top_p=args.top_p, seed=args.seed,
-                               critic=Critic.load(args.checkpoint))
+                               critic=Critic.load(args.checkpoint).to(devices.device))
         else:
             answer = pipe.chat(args.image, args.question, thinking=args.thinking, routing=args.routing,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tessera.seeds import CRITIC_SEED_OFFSET
+from tessera.device import add_device_arguments, devices_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="your prompts (.jsonl/.json/.parquet: image, question, answer) instead of the world")
     p.add_argument("--reward", default="exact", help="with --data: exact, numeric, choice, boxed or module:function")
     p.add_argument("--skip-bad-records", action="store_true", help="with --data: drop bad rows instead of stopping")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from tessera.best_of_n import CRITIC_DIR, CriticTrainConfig, fit_critic
     from tessera.train.rollout import training_queries
 
-    model = tessera.load(args.checkpoint)
+    devices = devices_from_args(args)
+    model = tessera.load(args.checkpoint, device=devices.device, dtype=devices.dtype)
     families = json.loads(args.families) if args.families else None
     sampling = SamplingConfig(temperature=args.temperature, group_size=args.group_size, seed=args.seed)
     extra = {}

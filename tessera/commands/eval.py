@@ -10,6 +10,7 @@ import argparse
 import json
 
 from tessera.routing import MODES
+from tessera.device import add_device_arguments, devices_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="your questions (.jsonl/.json/.parquet or InternVL meta JSON) instead of the world")
     p.add_argument("--reward", default="exact", help="with --data: exact, numeric, choice, boxed or module:function")
     p.add_argument("--skip-bad-records", action="store_true", help="with --data: drop bad rows instead of stopping")
+    add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,13 +37,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise SystemExit("--n must be at least 1")
-    model = tessera.load(args.checkpoint)
+    devices = devices_from_args(args)
+    model = tessera.load(args.checkpoint, device=devices.device, dtype=devices.dtype)
     if args.data:
         return run_on_data(model, args)
     if args.best_of > 1:
         from tessera.best_of_n import Critic
 
-        model.critic = Critic.load(args.critic or args.checkpoint)
+        model.critic = Critic.load(args.critic or args.checkpoint).to(devices.device)
     result = evaluate(model, seed=args.seed, n=args.n, routing=args.routing, batch_size=args.batch_size,
                       thinking=args.thinking, best_of=args.best_of)
     if args.json:

@@ -8,6 +8,7 @@ import sys
 
 from tessera.routing import MODES
 from tessera.serve.vision import MAX_BATCH_TILES, MAX_WAIT_MS
+from tessera.device import add_device_arguments, devices_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="precision of the ViT, router and projectors, in either mode (the LLM keeps its own)")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile (graphs are built at start-up, before the port opens)")
+    add_device_arguments(p, vision=True)  # --device: the language server; --vision-device: the vision workers
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,8 +55,15 @@ def run(args: argparse.Namespace) -> int:
     from tessera.serve.launch import Topology, serve
     from tessera.serve.vision import VisionLimits
 
+    devices = devices_from_args(args)
     topology = Topology(args.mode, args.vision_workers, args.vision_server, args.worker_threads, args.max_batch_tiles,
-                        args.max_wait_ms, args.heartbeat_timeout, vision_dtype=args.vision_dtype)
+                        args.max_wait_ms, args.heartbeat_timeout, vision_dtype=args.vision_dtype,
+                        device=str(devices.device),
+                        dtype=str(devices.dtype).removeprefix("torch.") if devices.dtype else None,
+                        vision_device=str(devices.vision_device))
+    if args.mode == "coupled" and args.vision_device:
+        print("error: --vision-device needs --mode decoupled (coupled vision runs on --device)", file=sys.stderr)
+        return 2
     try:
         topology.validate()
     except ValueError as e:

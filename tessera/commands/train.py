@@ -19,6 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
+from tessera.device import add_device_arguments, devices_from_args
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from tessera.train import STAGES
@@ -41,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-corpus", type=int, default=200, help="scenes whose text trains a fresh tokenizer")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_arguments(p)  # --dtype bfloat16|float32: the compute precision (master weights stay fp32)
     add_data_arguments(p)
 
 
@@ -142,9 +145,17 @@ def run(args: argparse.Namespace) -> int:
     from tessera.train import build_stage
     from tessera.train.trainer import TrainConfig, Trainer
 
+    import torch
+
+    devices = devices_from_args(args)
     model_section, train, data = load_run_config(args)
+    if devices.dtype is not None:
+        precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(devices.dtype)
+        if precision is None:
+            raise SystemExit(f"train: --dtype {args.dtype} is not a training precision; use float32 or bfloat16")
+        train.setdefault("precision", precision)
     config = TrainConfig.from_dict(train)
-    model = build_model(model_section, args.init, args.seed, args.tokenizer_corpus)
+    model = build_model(model_section, args.init, args.seed, args.tokenizer_corpus).to(devices.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({"stage": args.stage, "model": model_section, "train": train, "data": data,

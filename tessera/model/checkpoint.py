@@ -10,7 +10,10 @@ tensors copied bit for bit.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +78,74 @@ def read_weight_names(path: Path) -> set[str]:
     return names
 
 
+# safetensors dtype names → torch dtypes (https://github.com/huggingface/safetensors, the format's header)
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _mmap_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file as views of a copy-on-write memory map of it: nothing is read
+    until a tensor is used, no second copy is made, and writing to a tensor never changes the file.
+
+    The format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+    then the data; offsets are relative to the end of the header.
+    """
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{file}: not a valid safetensors file ({why})")
+
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("shorter than its 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise bad(f"header length {n} does not fit a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad(f"header is not JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise bad("header is not a JSON object")
+        data_size = size - 8 - n
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if data_size else None
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = _ST_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} has an unreadable entry {info!r}") from None
+        numel = math.prod(shape)
+        if not 0 <= start <= end <= data_size or end - start != numel * dtype.itemsize:
+            raise bad(f"tensor {name!r}: offsets {start}..{end} do not hold {shape} {info['dtype']}")
+        if numel == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a copy-on-write map is writable; torch need not warn
+            flat = torch.frombuffer(mm, dtype=dtype, count=numel, offset=8 + n + start)  # [numel], in the map
+        out[name] = flat.view(shape)
+    return out
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors file(s), on CPU, as stored."""
+    """Every tensor of the folder's safetensors file(s), on CPU, as stored: memory-mapped views of the files
+    (copy-on-write), so reading costs no memory until the tensors are used and never doubles the weights."""
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    if name in state:
-                        raise CheckpointError(f"tensor {name!r} appears in more than one shard")
-                    state[name] = f.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file}: not a valid safetensors file ({e})") from None
+            tensors = _mmap_safetensors(file)
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot be read ({e})") from None
+        for name, tensor in tensors.items():
+            if name in state:
+                raise CheckpointError(f"tensor {name!r} appears in more than one shard")
+            state[name] = tensor
     return state
 
 
@@ -174,8 +233,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
                     tokenizer: bool = True):
     """A VisionLanguageModel from a checkpoint folder in any layout, strictly.
 
-    dtype None keeps the stored dtypes. The model is built on the meta device and takes the loaded tensors
-    directly, so a large checkpoint is never held twice in memory. The tokenizer is attached when the folder
+    dtype None keeps the stored dtypes. The model is built on the meta device and its parameters become the
+    memory-mapped tensors of the safetensors files themselves (on the CPU, as stored) or their casts/copies on
+    `device`, one tensor at a time, so a large checkpoint is never held twice in memory. The tokenizer is attached when the folder
     has a tokenizer.json (and `tokenizer` is True).
     """
     from tessera.model.vlm import VisionLanguageModel
@@ -189,9 +249,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     with torch.device("meta"):
         model = VisionLanguageModel(config)
     check_state(state, _expected(model), unknown, f"{path} ({layout} layout)")
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    state = {k: v.to(device) for k, v in state.items()}
+    for k, v in state.items():  # one tensor at a time: a cast or a move holds at most one extra tensor
+        state[k] = v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else None)
     model.load_state_dict(state, strict=False, assign=True)
     model.language_model.tie_weights()
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -39,9 +39,12 @@ def init_model(config: ModelConfig | str, tokenizer: ChatTokenizer | None = None
 
 
 def init_checkpoint(config: ModelConfig | str, out: str | Path, seed: int = 0,
-                    corpus: Iterable[str] | None = None) -> Path:
-    """A fresh checkpoint (weights, config, tokenizer trained on `corpus`) in `out`."""
+                    corpus: Iterable[str] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """A fresh checkpoint (weights, config, tokenizer trained on `corpus`) in `out`; `dtype` casts the stored
+    weights (random values drawn in fp32 first)."""
     model = init_model(config, seed=seed, corpus=corpus)
+    if dtype != torch.float32:
+        model = model.to(dtype)
     save_checkpoint(model, out)
     return Path(out)
 

@@ -298,6 +298,9 @@ class Qwen3ForCausalLM(nn.Module):
             position_ids = torch.arange(start, start + t, device=inputs_embeds.device).expand(b, t)
         if position_ids.shape != (b, t):
             raise ValueError(f"position_ids must be [B={b}, T={t}], got {tuple(position_ids.shape)}")
+        position_ids = position_ids.to(inputs_embeds.device)  # inputs built on the CPU meet a model elsewhere
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(inputs_embeds.device)
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             raise ValueError(f"attn_mask must be a bool tensor (True = may attend), got {attn_mask.dtype}")
         cfg = self.config

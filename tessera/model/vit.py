@@ -71,7 +71,8 @@ class InternVisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = self.patch_embedding.weight.dtype
-        patches = self.patch_embedding(pixel_values.to(dtype))  # [N, C, h, w]
+        pixels = pixel_values.to(self.patch_embedding.weight.device, dtype)  # [N, 3, S, S] on the model's device
+        patches = self.patch_embedding(pixels)  # [N, C, h, w]
         n, _, h, w = patches.shape
         patches = patches.flatten(2).transpose(1, 2)  # [N, h*w, C]
         cls = self.class_embedding.expand(n, 1, -1).to(dtype)  # [N, 1, C]

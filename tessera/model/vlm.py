@@ -151,6 +151,7 @@ class VisionLanguageModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings [B, T, D] with image features spliced in, in order, at the <IMG_CONTEXT> positions."""
+        input_ids = input_ids.to(self.device)  # prompts are built on the CPU; the model may be on a GPU
         embeds = self.language_model.embed_tokens(input_ids)  # [B, T, D]
         slots = input_ids == self.config.image_context_token_id  # [B, T]
         n_slots = int(slots.sum())
@@ -162,7 +163,7 @@ class VisionLanguageModel(nn.Module):
             return embeds
         if image_features.dim() != 2 or image_features.shape[1] != embeds.shape[-1]:
             raise ValueError(f"image_features must be [rows, {embeds.shape[-1]}], got {tuple(image_features.shape)}")
-        return embeds.masked_scatter(slots[..., None], image_features.to(embeds.dtype))  # [B, T, D]
+        return embeds.masked_scatter(slots[..., None], image_features.to(embeds.device, embeds.dtype))  # [B, T, D]
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 image_features: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

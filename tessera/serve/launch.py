@@ -33,6 +33,9 @@ class Topology:
     max_wait_ms: float = MAX_WAIT_MS
     heartbeat_timeout: float = 10.0  # a vision worker silent this long is down (503; restart)
     vision_dtype: str = "float32"  # float32 | bfloat16: precision of the vision side, in either topology
+    device: str = "cpu"  # the language server's torch device (and the vision side's when coupled)
+    dtype: str | None = None  # the language model's weights (None: as stored)
+    vision_device: str = "cpu"  # decoupled: the local vision workers' device
 
     def validate(self) -> None:
         if self.mode not in ("coupled", "decoupled"):
@@ -55,7 +58,8 @@ def build_server(checkpoint: str, topology: Topology, options: ServeOptions | No
 
     topology.validate()
     if model is None:
-        model = tessera.load(checkpoint)
+        model = tessera.load(checkpoint, device=topology.device,
+                             dtype=getattr(torch, topology.dtype) if topology.dtype else None)
     limits = limits or VisionLimits()
     if topology.mode == "coupled":
         vision = CoupledVision(VisionEncoder(model, limits, dtype=getattr(torch, topology.vision_dtype)))
@@ -63,7 +67,7 @@ def build_server(checkpoint: str, topology: Topology, options: ServeOptions | No
         from tessera.serve.vision_client import LocalWorkerSpec, RemoteVision
 
         spec = LocalWorkerSpec(str(checkpoint), topology.worker_threads, topology.max_batch_tiles, topology.max_wait_ms,
-                               limits.cache_entries, topology.vision_dtype)
+                               limits.cache_entries, topology.vision_dtype, device=str(topology.vision_device))
         vision = RemoteVision(topology.vision_servers, spec, topology.vision_workers,
                               heartbeat=min(1.0, topology.heartbeat_timeout / 4),
                               heartbeat_timeout=topology.heartbeat_timeout)

@@ -43,6 +43,7 @@ class LocalWorkerSpec:
     cache_entries: int = 256
     dtype: str = "float32"
     startup_timeout: float = 120.0
+    device: str = "cpu"  # the workers' torch device (serve --vision-device)
 
 
 @dataclass
@@ -133,7 +134,8 @@ class RemoteVision:
         spec = self.local_spec
         cmd = [sys.executable, "-m", "tessera.cli", "vision-server", spec.checkpoint, "--bind", "tcp://127.0.0.1:*",
                "--threads", str(spec.threads), "--max-batch-tiles", str(spec.max_batch_tiles),
-               "--max-wait-ms", str(spec.max_wait_ms), "--cache-entries", str(spec.cache_entries), "--dtype", spec.dtype, "--exit-with-parent"]
+               "--max-wait-ms", str(spec.max_wait_ms), "--cache-entries", str(spec.cache_entries), "--dtype", spec.dtype, "--exit-with-parent",
+               "--device", spec.device]
         env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads)}
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, env=env)
         try:

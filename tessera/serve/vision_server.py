@@ -161,14 +161,14 @@ class VisionServer:
 
 def run_vision_server(checkpoint: str, bind: str, threads: int = 1, max_batch_tiles: int = MAX_BATCH_TILES, max_wait_ms: float = MAX_WAIT_MS,
                       cache_entries: int = 256, max_pixels: int | None = None, exit_with_parent: bool = False,
-                      dtype: str = "float32") -> int:
+                      dtype: str = "float32", device: str = "cpu") -> int:
     import torch
 
     import tessera
     from tessera.serve.vision import VisionLimits
 
     torch.set_num_threads(threads)
-    model = tessera.load(checkpoint)
+    model = tessera.load(checkpoint, device=device)
     limits = VisionLimits(cache_entries=cache_entries, **({"max_pixels": max_pixels} if max_pixels else {}))
     encoder = VisionEncoder(model, limits, dtype=getattr(torch, dtype))
     server = VisionServer(encoder, bind, max_batch_tiles, max_wait_ms, exit_with_parent)

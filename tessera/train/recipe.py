@@ -227,8 +227,8 @@ def init_model_for(config: RecipeConfig):
 
 
 def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny", quick: bool = False,
-               progress: bool = True) -> RecipeResult:
-    """Run the cascade; returns the final checkpoint folder and the report's summary."""
+               progress: bool = True, device: str | torch.device = "cpu") -> RecipeResult:
+    """Run the cascade on `device`; returns the final checkpoint folder and the report's summary."""
     from tessera.evaluate import EvalResult
     from tessera.model.checkpoint import load_checkpoint, save_checkpoint
     from tessera.train.report import write_report
@@ -249,12 +249,13 @@ def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny
     else:
         model = init_model_for(config)
         save_checkpoint(model, init_dir)
+    model = model.to(device)
     stage_dirs: dict[str, Path] = {}
     stage_evals: dict[str, EvalResult] = {}
     for plan in config.stages:
         folder = out / plan.name
         stage_dirs[plan.name] = folder
-        model = run_stage(model, plan, config, out, progress)
+        model = run_stage(model, plan, config, out, progress).to(device)  # a finished stage loads on the CPU
         if plan.name in config.eval_after:
             stage_evals[plan.name] = _evaluate(model, config, out, f"after {plan.name}", folder / "final")
     last = config.stages[-1].name if config.stages else None

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from tessera.device import model_device, to_device
 from tessera.train.stage import Stage, component_of
 
 _NO_DECAY_MARKERS = ("norm", "bias", "embed", "ls1", "ls2", "class_embedding", "position_embedding")
@@ -93,8 +94,10 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: str) -> str:
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
     if precision == "auto":
+        if torch.device(device).type == "cuda":
+            return "bf16"  # every GPU this runs on computes bf16 natively
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return precision
 
@@ -295,7 +298,8 @@ class Trainer:
         cfg = self.config
         # a stage may pin the precision: RL stages compare the policy's log-probs with ones recorded outside
         # the trainer (rollouts, a frozen reference) in fp32, and bf16 noise (~1e-3) exceeds GSPO's clip range
-        precision = getattr(self.stage, "precision", None) or resolve_precision(cfg.precision)
+        device = model_device(self.model)
+        precision = getattr(self.stage, "precision", None) or resolve_precision(cfg.precision, device)
         ddp = Distributed.setup()
         set_threads(cfg, ddp.world)
         torch.manual_seed(cfg.seed + ddp.rank)
@@ -346,7 +350,8 @@ class Trainer:
             counts: dict[str, int] = {}
             loss_value = 0.0
             for batch, _ in micro:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                batch = to_device(batch, device)  # stages build batches on the CPU
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                     loss, metrics = self.stage.loss(self.model, batch, float(total_weight))
                 loss.backward()
                 loss_value += float(loss.detach())
