@@ -261,6 +261,10 @@ class LanguageServer:
             await self.vision.stop()
         self.engine.stop()
 
+    def alive(self) -> bool:
+        """Whether generation can run (the engine's thread is up)."""
+        return self.engine._thread is not None and self.engine._thread.is_alive()
+
     # ---- request → prepared -------------------------------------------------------------------------------
 
     async def prepare(self, req: ChatCompletionRequest) -> Prepared:
