@@ -103,6 +103,6 @@ def run(args: argparse.Namespace) -> int:
             find_python(vllm.python)  # a missing vLLM is a one-line error, before the model loads
         return serve(args.checkpoint, topology, options, args.host, args.port, args.api_key, args.threads, limits,
                      vllm=vllm)
-    except VLLMUnavailable as e:
+    except VLLMUnavailable as e:  # not installed, not reachable, or failed to start
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2

@@ -41,6 +41,7 @@ REMOTE_DIR = Path(__file__).parent / "remote"
 REMOTE_CONFIG = "configuration_internvl_chat.py"
 OFFICIAL_IMAGE = "<image>"  # what the official InternVL loaders (and vLLM's InternVLChatModel) expand
 TEMPLATE_FILE = "chat_template.jinja"
+VIDEO_TOKENS = ("<video>", "<quad>")
 
 
 class ExportError(ValueError):
@@ -75,6 +76,17 @@ def _need(tok: ChatTokenizer, token: str) -> int:
     return i
 
 
+def video_token(tok: ChatTokenizer) -> str:
+    """The processor's video placeholder: one token, not the image token. Tessera has no video path; when the
+    vocabulary has no `<video>`, `<quad>` (InternVL's OCR-box token, which prompts do not use) stands in, so the
+    export needs no new token (one would change the vocabulary the model was trained with)."""
+    for t in VIDEO_TOKENS:
+        if tok.tokenizer.token_to_id(t) is not None:
+            return t
+    raise ExportError(f"the tokenizer has none of {', '.join(VIDEO_TOKENS)}, one of which transformers' "
+                      "InternVL processor needs as its video placeholder")
+
+
 def tokenizer_config(tok: ChatTokenizer, config: ModelConfig) -> dict[str, Any]:
     """tokenizer_config.json: the fast tokenizer as stored, our stop token, and the named image tokens."""
     if tok.harmony:
@@ -90,10 +102,9 @@ def tokenizer_config(tok: ChatTokenizer, config: ModelConfig) -> dict[str, Any]:
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": config.language.max_position_embeddings,
         "padding_side": "left",
-        # read by transformers' InternVLProcessor; Tessera has no video path, so the video token is the image
-        # token (the processor's pattern tries images first, so it never matches a video)
+        # read by transformers' InternVLProcessor (and vLLM through it)
         "extra_special_tokens": {"start_image_token": IMG_START, "end_image_token": IMG_END,
-                                 "context_image_token": IMG_CONTEXT, "video_token": IMG_CONTEXT},
+                                 "context_image_token": IMG_CONTEXT, "video_token": video_token(tok)},
     }
 
 
