@@ -1,7 +1,8 @@
-"""vLLM loads `tessera convert --to hf` folders as written and agrees with Tessera token for token in float32:
-from pixels (vLLM's own image processor and ViT on the exported weights) and from Tessera's features
-(`image_embeds`); transformers' AutoProcessor (which needs torchvision, present in the vLLM environment) expands
-images to Tessera's prompt. Needs a Python with vLLM in $TESSERA_VLLM_PYTHON (../shared/tools/vllm-cpu-setup.sh
+"""vLLM loads `tessera convert --to hf` folders as written and agrees with Tessera token for token
+in float32: from pixels (vLLM's own image processor and ViT on the exported weights) and from
+Tessera's features (`image_embeds`); transformers' AutoProcessor (which needs torchvision, present
+in the vLLM environment) expands images to Tessera's prompt. Needs a Python with vLLM in
+$TESSERA_VLLM_PYTHON (../shared/tools/vllm-cpu-setup.sh
 builds one); skipped without it."""
 
 import base64
@@ -24,12 +25,19 @@ from tessera.model.checkpoint import convert
 from tessera.serve.vllm_backend import VLLMOptions, VLLMProcess, embeds_payload
 
 PYTHON = os.environ.get("TESSERA_VLLM_PYTHON")
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not PYTHON, reason="set TESSERA_VLLM_PYTHON to a Python with vLLM")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not PYTHON, reason="set TESSERA_VLLM_PYTHON to a Python with vLLM"),
+]
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "checkpoints/tiny"
-QUESTIONS = ["What colour is the circle?", "How many shapes are there?", "Read the label.",
-             "What is left of the square?", "Describe the image."]
+QUESTIONS = [
+    "What colour is the circle?",
+    "How many shapes are there?",
+    "Read the label.",
+    "What is left of the square?",
+    "Describe the image.",
+]
 
 
 def picture(w: int, h: int, seed: int) -> Image.Image:
@@ -55,16 +63,24 @@ def served(tmp_path_factory):
 
 def chat(url: str, content, max_tokens: int = 24) -> tuple[list[int], list[int]]:
     """(vLLM's prompt ids, its greedy completion ids)."""
-    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "temperature": 0, "return_token_ids": True, "skip_special_tokens": False,
-            "chat_template_kwargs": {"enable_thinking": False}}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "return_token_ids": True,
+        "skip_special_tokens": False,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
     assert r.status_code == 200, r.text
     data = r.json()
     return data["prompt_token_ids"], data["choices"][0]["token_ids"]
 
 
-def ours(model, question: str, images: list[Image.Image], max_tokens: int = 24) -> tuple[list[int], list[int]]:
+def ours(
+    model, question: str, images: list[Image.Image], max_tokens: int = 24
+) -> tuple[list[int], list[int]]:
     tok = model.tokenizer
     feats, counts = None, []
     if images:
@@ -73,7 +89,9 @@ def ours(model, question: str, images: list[Image.Image], max_tokens: int = 24) 
         counts = [t * model.config.tokens_per_tile for t in px.tiles_per_image]
     ids = tok.build_prompt(question, counts)
     stop = frozenset({tok.im_end_id, tok.pad_id})
-    out = generate(model, [ids], feats, SamplingParams(max_tokens=max_tokens, stop_ids=stop)).tokens[0]
+    out = generate(
+        model, [ids], feats, SamplingParams(max_tokens=max_tokens, stop_ids=stop)
+    ).tokens[0]
     return ids, out
 
 
@@ -86,8 +104,13 @@ def strip_stop(ids: list[int], model) -> list[int]:
 def test_vllm_from_pixels_equals_tessera(served, q):
     model, proc, _ = served
     img = picture(120 + 90 * q, 100 + 40 * (q % 3), q)
-    prompt, got = chat(proc.url, [{"type": "image_url", "image_url": {"url": png_url(img)}},
-                                  {"type": "text", "text": QUESTIONS[q]}])
+    prompt, got = chat(
+        proc.url,
+        [
+            {"type": "image_url", "image_url": {"url": png_url(img)}},
+            {"type": "text", "text": QUESTIONS[q]},
+        ],
+    )
     ids, want = ours(model, QUESTIONS[q], [img])
     assert prompt == ids
     assert strip_stop(got, model) == strip_stop(want, model)
@@ -99,8 +122,13 @@ def test_vllm_from_tessera_features_equals_tessera(served, q):
     img = picture(300 - 40 * q, 120 + 60 * q, 10 + q)
     px = ImageProcessor.from_config(model.config)([img])
     feats, _ = model.encode_images(px.pixel_values)
-    prompt, got = chat(proc.url, [{"type": "image_embeds", "image_embeds": embeds_payload(feats)},
-                                  {"type": "text", "text": QUESTIONS[q]}])
+    prompt, got = chat(
+        proc.url,
+        [
+            {"type": "image_embeds", "image_embeds": embeds_payload(feats)},
+            {"type": "text", "text": QUESTIONS[q]},
+        ],
+    )
     ids, want = ours(model, QUESTIONS[q], [img])
     assert prompt == ids
     assert strip_stop(got, model) == strip_stop(want, model)
@@ -125,11 +153,16 @@ def test_auto_processor_in_the_vllm_environment_expands_to_our_prompt(served, tm
         "import json, sys; from PIL import Image; from transformers import AutoProcessor\n"
         "folder, paths = sys.argv[1], sys.argv[2:]\n"
         "proc = AutoProcessor.from_pretrained(folder)\n"
-        "msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'image'}, {'type': 'text', 'text': 'Compare.'}]}]\n"
+        "parts = [{'type': 'image'}, {'type': 'image'}, {'type': 'text', 'text': 'Compare.'}]\n"
+        "msgs = [{'role': 'user', 'content': parts}]\n"
         "text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)\n"
         "out = proc(images=[Image.open(p) for p in paths], text=[text], return_tensors='pt')\n"
-        "print(json.dumps({'ids': out['input_ids'][0].tolist(), 'pixels': out['pixel_values'].shape[0]}))\n")
-    run = subprocess.run([PYTHON, "-c", script, str(folder), *paths], capture_output=True, text=True, timeout=300)
+        "ids, pixels = out['input_ids'][0].tolist(), out['pixel_values'].shape[0]\n"
+        "print(json.dumps({'ids': ids, 'pixels': pixels}))\n"
+    )
+    run = subprocess.run(
+        [PYTHON, "-c", script, str(folder), *paths], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     px = ImageProcessor.from_config(model.config)(images)
