@@ -31,7 +31,9 @@ from tessera.bench.serve import free_port, wait_ready
 from tessera.model.checkpoint import load_config
 from tessera.serve.vllm_backend import VLLMOptions, VLLMProcess, export_for_vllm
 
-SERVERS = ("tessera serve", "vllm serve", "tessera+vllm backend")
+SERVERS = ("tessera serve", "vllm serve", "tessera+vllm backend", "tessera serve unbatched")
+# "unbatched": coupled vision one image per ViT call (--max-batch-tiles 1), as before 2026-12-03
+DEFAULT = SERVERS[:3]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a Python with vLLM (default: $TESSERA_VLLM_PYTHON)",
     )
     p.add_argument(
-        "--servers", default=",".join(SERVERS), help="which servers to measure (comma-separated)"
+        "--servers", default=",".join(DEFAULT), help="which servers to measure (comma-separated)"
     )
     p.add_argument("--json", action="store_true")
 
@@ -143,9 +145,10 @@ def run(args: argparse.Namespace) -> int:
             bases = {"vllm serve": vllm.url}
             extra = {
                 "tessera serve": [],
+                "tessera serve unbatched": ["--max-batch-tiles", "1"],
                 "tessera+vllm backend": ["--language-backend", "vllm", "--vllm-url", vllm.url],
             }
-            for name in ("tessera serve", "tessera+vllm backend"):
+            for name in extra:
                 if name in wanted:
                     port = free_port()
                     procs.append(start_tessera(args.checkpoint, port, extra[name]))

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-remote-images", action="store_true", help="also fetch http(s) image URLs (off by default)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of this process")
     p.add_argument("--worker-threads", type=int, default=1, help="torch threads per local vision worker")
-    p.add_argument("--max-batch-tiles", type=int, default=MAX_BATCH_TILES, help="vision workers: tiles per ViT batch")
+    p.add_argument("--max-batch-tiles", type=int, default=MAX_BATCH_TILES, help="tiles per ViT batch (vision workers, and coupled vision)")
     p.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS, help="vision workers: longest wait to fill a batch")
     p.add_argument("--vision-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="precision of the ViT, router and projectors, in either mode (the LLM keeps its own)")

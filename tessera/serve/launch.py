@@ -72,9 +72,9 @@ def build_server(checkpoint: str, topology: Topology, options: ServeOptions | No
         if vllm_backend:
             from tessera.serve.vllm_backend import ThreadVision
 
-            vision = ThreadVision(encoder)
+            vision = ThreadVision(encoder, topology.max_batch_tiles)
         else:
-            vision = CoupledVision(encoder)
+            vision = CoupledVision(encoder, topology.max_batch_tiles)
     else:
         from tessera.serve.vision_client import LocalWorkerSpec, RemoteVision
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import importlib.util
 import io
 import json
@@ -57,6 +58,7 @@ from tessera.serve.language_server import (
 )
 from tessera.serve.metrics import Metrics
 from tessera.serve.schema import APIError, ChatCompletionRequest, ImagePart, TextPart
+from tessera.serve.vision import MAX_BATCH_TILES
 
 log = logging.getLogger(__name__)
 
@@ -208,15 +210,18 @@ class VLLMProcess:
 
 
 class ThreadVision(CoupledVision):
-    """Vision in this process without Tessera's engine: one request at a time on a worker thread."""
+    """Coupled vision without Tessera's engine: its batches run on one worker thread of this
+    process."""
 
-    def __init__(self, encoder):
-        super().__init__(encoder)
-        self._lock = asyncio.Lock()
+    def __init__(self, encoder, max_batch_tiles: int = MAX_BATCH_TILES):
+        super().__init__(encoder, max_batch_tiles)
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tessera-vision")
 
-    async def encode(self, images, routing, max_tiles):
-        async with self._lock:
-            return await asyncio.to_thread(self.encoder.encode, images, routing, max_tiles)
+    def _submit(self, fn) -> None:
+        self._worker.submit(fn)
+
+    async def stop(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=False)
 
     def status(self) -> dict:
         return {**super().status(), "mode": "local"}
