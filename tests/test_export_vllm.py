@@ -170,3 +170,28 @@ def test_auto_processor_in_the_vllm_environment_expands_to_our_prompt(served, tm
     tok = model.tokenizer
     assert got["pixels"] == sum(px.tiles_per_image)
     assert got["ids"] == tok.encode(tok.render([("user", "Compare.", [0, 1])], counts, False))
+
+
+def test_vllm_reads_the_official_export_with_our_configuration_module(tmp_path):
+    """`--to official` through trust_remote_code: our InternVLChatConfig, vLLM's InternVLChatModel
+    and the `<image>` template."""
+    model = tessera.load(ROOT / "checkpoints/tiny-sft", dtype=torch.float32)
+    folder = convert(ROOT / "checkpoints/tiny-sft", tmp_path / "official", to="official")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    options = VLLMOptions(python=PYTHON, dtype="float32", extra_args=["--trust-remote-code"])
+    proc = VLLMProcess(folder, "tiny", 2048, 4, 2, options)
+    proc.start()
+    try:
+        for q in range(3):
+            img = picture(300, 100 + 50 * q, 20 + q)
+            url = {"url": png_url(img)}
+            content = [
+                {"type": "image_url", "image_url": url},
+                {"type": "text", "text": QUESTIONS[q]},
+            ]
+            prompt, got = chat(proc.url, content)
+            ids, want = ours(model, QUESTIONS[q], [img])
+            assert prompt == ids
+            assert strip_stop(got, model) == strip_stop(want, model)
+    finally:
+        proc.stop()

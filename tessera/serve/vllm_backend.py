@@ -309,6 +309,7 @@ class VLLMGeneration:
                     )
                     continue
                 self.server.check_prompt(chunk, self.prepared)
+                stopping = "stop_token_ids" in self.bodies[i]
                 for c in chunk.get("choices", []):
                     asm, delta = self.assemblers[i], Delta()
                     reason = c.get("finish_reason")
@@ -320,7 +321,7 @@ class VLLMGeneration:
                                 self.server.metrics.observe_ttft(
                                     self.first_token_at - self.prepared.arrival
                                 )
-                            if t in stop_ids and reason == "stop":
+                            if t in stop_ids and stopping:  # vLLM stopped on it: not text
                                 continue
                             d = asm.push(t)
                             delta = Delta(
