@@ -20,6 +20,7 @@ BENCHMARKS = {
     "cascade": "Cascade RL in miniature (Table 16: SFT, +MPO, +GSPO x1/x2, Cascade) and Best-of-N",
     "best_of_n": "Best-of-N on the reasoning family: N = 1, 4, 8 with vote, critic and critic-weighted selection",
     "family_generate": "tiny Qwen3-MoE and GPT-OSS decoders: our engine vs transformers generate, batch 1 and 8",
+    "vllm_serve": "tessera serve vs vllm serve of the hf export (and the vllm language backend), side by side",
     "gpu": "on a CUDA GPU: chat, eval, training steps, the engine and decoupled serving, tiny and 1B shapes",
 }
 

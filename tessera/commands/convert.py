@@ -2,7 +2,8 @@
 
 The source layout (tessera, official InternVL3.5, transformers) is detected from its config.json; tensors
 are copied bit for bit and tokenizer.json is copied along, and so is the Best-of-N critic (critic/, tessera.best_of_n)
-when the source has one.
+when the source has one. `--to hf` also writes what transformers and vLLM read (tessera.model.hf_export) and,
+for a Flash model, leaves out the router and mlp2 they do not have (one line says so; `--keep-flash` keeps them).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", choices=["hf", "tessera", "official"], default="hf",
                    help="target layout: hf = transformers InternVLForConditionalGeneration (default)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast every tensor (default: keep the stored dtypes)")
+    p.add_argument("--keep-flash", action="store_true",
+                   help="--to hf: keep a Flash model's router and mlp2 (Tessera reads them; transformers and vLLM "
+                        "refuse them)")
     p.add_argument("--force", action="store_true", help="overwrite a destination that already holds a checkpoint")
 
 
@@ -32,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         _, layout = load_config(args.src)
         import torch
 
-        convert(args.src, dst, to=args.to, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        convert(args.src, dst, to=args.to, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                drop_flash=args.to == "hf" and not args.keep_flash)
         from tessera.best_of_n import CRITIC_DIR
 
         if (Path(args.src) / CRITIC_DIR).is_dir():

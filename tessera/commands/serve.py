@@ -39,12 +39,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-remote-images", action="store_true", help="also fetch http(s) image URLs (off by default)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of this process")
     p.add_argument("--worker-threads", type=int, default=1, help="torch threads per local vision worker")
-    p.add_argument("--max-batch-tiles", type=int, default=MAX_BATCH_TILES, help="vision workers: tiles per ViT batch")
+    p.add_argument("--max-batch-tiles", type=int, default=MAX_BATCH_TILES, help="tiles per ViT batch (vision workers, and coupled vision)")
     p.add_argument("--max-wait-ms", type=float, default=MAX_WAIT_MS, help="vision workers: longest wait to fill a batch")
     p.add_argument("--vision-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="precision of the ViT, router and projectors, in either mode (the LLM keeps its own)")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile (graphs are built at start-up, before the port opens)")
+    p.add_argument("--language-backend", choices=["tessera", "vllm"], default="tessera",
+                   help="who runs the LLM: Tessera's engine, or a vLLM server fed the image features as "
+                        "image_embeds (vision stays here: coupled or --mode decoupled)")
+    p.add_argument("--vllm-url", default=None, metavar="http://HOST:PORT",
+                   help="vllm backend: a running `vllm serve DIR --enable-mm-embeds` of `tessera convert CKPT DIR "
+                        "--to hf` (default: start one)")
+    p.add_argument("--vllm-python", default=None, metavar="PATH",
+                   help="vllm backend: the Python that has vLLM, to start it with (default: $TESSERA_VLLM_PYTHON, "
+                        "else this one)")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                   help="vllm backend: one more argument for the started `vllm serve` (repeat; e.g. "
+                        "--vllm-arg=--tensor-parallel-size --vllm-arg=2)")
     add_device_arguments(p, vision=True)  # --device: the language server; --vision-device: the vision workers
 
 
@@ -60,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                         args.max_wait_ms, args.heartbeat_timeout, vision_dtype=args.vision_dtype,
                         device=str(devices.device),
                         dtype=str(devices.dtype).removeprefix("torch.") if devices.dtype else None,
-                        vision_device=str(devices.vision_device))
+                        vision_device=str(devices.vision_device), language_backend=args.language_backend)
     if args.mode == "coupled" and args.vision_device:
         print("error: --vision-device needs --mode decoupled (coupled vision runs on --device)", file=sys.stderr)
         return 2
@@ -77,4 +89,20 @@ def run(args: argparse.Namespace) -> int:
                            allow_remote_images=args.allow_remote_images,
                            default_routing=args.routing, compile=args.compile)
     limits = VisionLimits(max_pixels=args.max_pixels, max_tiles_per_request=args.max_tiles_per_request)
-    return serve(args.checkpoint, topology, options, args.host, args.port, args.api_key, args.threads, limits)
+    if args.language_backend != "vllm":
+        if args.vllm_url or args.vllm_python or args.vllm_arg:
+            print("error: --vllm-url / --vllm-python / --vllm-arg need --language-backend vllm", file=sys.stderr)
+            return 2
+        return serve(args.checkpoint, topology, options, args.host, args.port, args.api_key, args.threads, limits)
+    from tessera.serve.vllm_backend import VLLMOptions, VLLMUnavailable, find_python
+
+    vllm = VLLMOptions(url=args.vllm_url, python=args.vllm_python, extra_args=list(args.vllm_arg),
+                       dtype=topology.dtype or "auto")
+    try:
+        if vllm.url is None:
+            find_python(vllm.python)  # a missing vLLM is a one-line error, before the model loads
+        return serve(args.checkpoint, topology, options, args.host, args.port, args.api_key, args.threads, limits,
+                     vllm=vllm)
+    except VLLMUnavailable as e:  # not installed, not reachable, or failed to start
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -10,6 +10,7 @@ tensors copied bit for bit.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import mmap
 import shutil
@@ -22,7 +23,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tessera.config import ConfigError, ModelConfig
-from tessera.model import layouts
+from tessera.model import hf_export, layouts
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("tessera", "official", "hf")
 WEIGHTS = "model.safetensors"
@@ -279,20 +282,31 @@ def tessera_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path, layout: str = "tessera",
-                    tokenizer_file: str | Path | None = None) -> Path:
+                    tokenizer_file: str | Path | None = None, drop_flash: bool = False) -> Path:
     """Write `model` as config.json + model.safetensors (+ tokenizer.json) in `layout` (tessera | official | hf).
 
-    The tokenizer is copied from `tokenizer_file` when given, else saved from `model.tokenizer` when set.
+    The tokenizer is copied from `tokenizer_file` when given, else saved from `model.tokenizer` when set. The hf
+    and official layouts also get the files transformers and vLLM read (tessera.model.hf_export: tokenizer and
+    processor configs, chat template, generation config; the official layout's configuration module).
+    `drop_flash` (hf only): leave out the router and mlp2, which transformers and vLLM do not have, and log
+    one line saying so; without it a Flash model's hf folder keeps them under the InternvlFlash port's names.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if drop_flash and layout != "hf":
+        raise ValueError(f"drop_flash is for the hf layout; the {layout} layout holds the Flash model")
     path = Path(path)
     state = tessera_state(model)
     config: ModelConfig = model.config
+    if drop_flash:
+        config, state, note = hf_export.strip_flash(config, state)
+        if note:
+            log.warning(note)
     if layout == "tessera":
         raw, tensors = config.to_dict(), state
     elif layout == "official":
         raw, tensors = layouts.config_to_official(config), state
+        raw["auto_map"] = hf_export.official_auto_map()
     else:
         raw, tensors = layouts.config_to_hf(config), layouts.tessera_to_hf_keys(state)
     path.mkdir(parents=True, exist_ok=True)
@@ -303,12 +317,16 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, layout: str = "tes
             shutil.copyfile(tokenizer_file, path / TOKENIZER)
     elif getattr(model, "tokenizer", None) is not None:
         model.tokenizer.save(path / TOKENIZER)
+    if layout != "tessera":
+        tok = _load_tokenizer(path / TOKENIZER, config.template) if (path / TOKENIZER).is_file() else None
+        hf_export.write_loader_files(path, config, tok, layout)
     return path
 
 
-def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: torch.dtype | None = None) -> Path:
+def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: torch.dtype | None = None,
+            drop_flash: bool = False) -> Path:
     """Rewrite checkpoint `src` (any layout) as `dst` in layout `to` (hf | tessera | official): bit for bit, or
-    cast to `dtype` (e.g. bfloat16 for a checkpoint half the size)."""
+    cast to `dtype` (e.g. bfloat16 for a checkpoint half the size). `drop_flash`: see `save_checkpoint`."""
     if to not in LAYOUTS:
         raise ValueError(f"unknown target layout {to!r}; choose from {', '.join(LAYOUTS)}")
     src, dst = Path(src), Path(dst)
@@ -316,4 +334,5 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: torch.dtype
         raise CheckpointError(f"source and destination are the same folder: {src}")
     model = load_checkpoint(src, dtype=dtype, tokenizer=False)
     tok = src / TOKENIZER
-    return save_checkpoint(model, dst, layout=to, tokenizer_file=tok if tok.is_file() else None)
+    return save_checkpoint(model, dst, layout=to, tokenizer_file=tok if tok.is_file() else None,
+                           drop_flash=drop_flash)

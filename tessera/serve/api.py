@@ -93,7 +93,7 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
     @app.get("/health")
     async def health(request: Request):
         status = server.status()
-        alive = server.engine._thread is not None and server.engine._thread.is_alive()
+        alive = server.alive()
         v = status["vision"]
         body = {"status": "ok" if alive else "engine_down", "engine": {"running": status["engine"].running,
                 "waiting": status["engine"].waiting}, "vision": v}

@@ -36,6 +36,7 @@ class Topology:
     device: str = "cpu"  # the language server's torch device (and the vision side's when coupled)
     dtype: str | None = None  # the language model's weights (None: as stored)
     vision_device: str = "cpu"  # decoupled: the local vision workers' device
+    language_backend: str = "tessera"  # tessera (its engine) | vllm (a vLLM server runs the LLM)
 
     def validate(self) -> None:
         if self.mode not in ("coupled", "decoupled"):
@@ -44,6 +45,8 @@ class Topology:
             raise ValueError("--vision-workers / --vision-server need --mode decoupled")
         if self.mode == "decoupled" and not (self.vision_workers or self.vision_servers):
             raise ValueError("--mode decoupled needs --vision-workers N (local) and/or --vision-server tcp://HOST:PORT")
+        if self.language_backend not in ("tessera", "vllm"):
+            raise ValueError(f"language backend must be tessera or vllm, got {self.language_backend!r}")
         if self.vision_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"vision dtype must be float32 or bfloat16, got {self.vision_dtype!r}")
         for e in self.vision_servers:
@@ -52,8 +55,10 @@ class Topology:
 
 
 def build_server(checkpoint: str, topology: Topology, options: ServeOptions | None = None,
-                 limits: VisionLimits | None = None, model=None) -> LanguageServer:
-    """A LanguageServer for the topology. `model` (already loaded from `checkpoint`) skips loading it again."""
+                 limits: VisionLimits | None = None, model=None, vllm=None) -> LanguageServer:
+    """A LanguageServer for the topology. `model` (already loaded from `checkpoint`) skips loading it again.
+    With `topology.language_backend == "vllm"`, a vLLM server runs the LLM (`vllm`: its VLLMOptions) and
+    coupled vision runs on a worker thread of this process."""
     import tessera
 
     topology.validate()
@@ -61,8 +66,15 @@ def build_server(checkpoint: str, topology: Topology, options: ServeOptions | No
         model = tessera.load(checkpoint, device=topology.device,
                              dtype=getattr(torch, topology.dtype) if topology.dtype else None)
     limits = limits or VisionLimits()
+    vllm_backend = topology.language_backend == "vllm"
     if topology.mode == "coupled":
-        vision = CoupledVision(VisionEncoder(model, limits, dtype=getattr(torch, topology.vision_dtype)))
+        encoder = VisionEncoder(model, limits, dtype=getattr(torch, topology.vision_dtype))
+        if vllm_backend:
+            from tessera.serve.vllm_backend import ThreadVision
+
+            vision = ThreadVision(encoder, topology.max_batch_tiles)
+        else:
+            vision = CoupledVision(encoder, topology.max_batch_tiles)
     else:
         from tessera.serve.vision_client import LocalWorkerSpec, RemoteVision
 
@@ -71,6 +83,10 @@ def build_server(checkpoint: str, topology: Topology, options: ServeOptions | No
         vision = RemoteVision(topology.vision_servers, spec, topology.vision_workers,
                               heartbeat=min(1.0, topology.heartbeat_timeout / 4),
                               heartbeat_timeout=topology.heartbeat_timeout)
+    if vllm_backend:
+        from tessera.serve.vllm_backend import VLLMOptions, build_vllm_server
+
+        return build_vllm_server(checkpoint, model, vision, options or ServeOptions(), vllm or VLLMOptions())
     return LanguageServer(model, vision, options)
 
 
@@ -118,14 +134,16 @@ class LocalServer:
 
 
 def serve(checkpoint: str, topology: Topology, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, threads: int | None = None, limits: VisionLimits | None = None) -> int:
+          api_key: str | None = None, threads: int | None = None, limits: VisionLimits | None = None,
+          vllm=None) -> int:
     """Run the API in the foreground until interrupted."""
     if threads:
         torch.set_num_threads(threads)
     elif topology.mode == "decoupled" and topology.vision_workers:
         torch.set_num_threads(1)  # the cores belong to the vision workers and the engine, one each
-    server = build_server(checkpoint, topology, options, limits)
+    server = build_server(checkpoint, topology, options, limits, vllm=vllm)
     app = build_app(server, api_key)
-    print(f"tessera: serving {options.model_name} ({topology.mode}) on http://{host}:{port}/v1", flush=True)
+    backend = f", language on vLLM at {server.url}" if topology.language_backend == "vllm" else ""
+    print(f"tessera: serving {options.model_name} ({topology.mode}{backend}) on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", loop="asyncio")
     return 0

@@ -1,0 +1,323 @@
+"""The files transformers and vLLM read besides config.json and the weights, written from our own
+config.
+
+An `hf` export (transformers `InternVLForConditionalGeneration`) gets:
+- tokenizer_config.json: `PreTrainedTokenizerFast`, which runs tokenizer.json exactly as Tessera
+  does (transformers' Qwen2 tokenizer class rebuilds the pre-tokenizer from its own regex and
+  re-tokenises some strings differently); eos `<|im_end|>`; and the named image tokens transformers'
+  `InternVLProcessor` reads from the tokenizer (`start_image_token`, `end_image_token`,
+  `context_image_token`, `video_token`);
+- preprocessor_config.json (GOT-OCR2's tiling image processor: the model's tile size, min/max tiles)
+  and processor_config.json (`image_seq_length`: the model's tokens per tile; transformers assumes
+  256 without it);
+- chat_template.jinja: Tessera's prompt (`ChatTokenizer.render`), with `<IMG_CONTEXT>` where an
+  image goes (the processor expands it to `<img>` + `<IMG_CONTEXT>` × tiles·T + `</img>`);
+- generation_config.json: the stop tokens Tessera's engine stops on.
+An `official` export (`InternVLChatModel`, read with `trust_remote_code`) gets the tokenizer files,
+the template (with the official `<image>` placeholder) and our configuration module
+(tessera/model/remote) with `auto_map`.
+
+transformers and vLLM have no Visual Resolution Router, so the hf export of a Flash model leaves out
+the router and the 1/16 projector (`strip_flash`) and says so in one line; the full model stays in
+the tessera and official layouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tessera.chat import (
+    DEFAULT_SYSTEM,
+    EMPTY_THINK,
+    END_THINK,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    IMG_CONTEXT,
+    IMG_END,
+    IMG_START,
+    THINK,
+    ChatTokenizer,
+)
+from tessera.config import FlashConfig, ModelConfig
+from tessera.image import IMAGENET_MEAN, IMAGENET_STD
+from tessera.model.layouts import FLASH_PREFIXES
+
+log = logging.getLogger(__name__)
+
+REMOTE_DIR = Path(__file__).parent / "remote"
+REMOTE_CONFIG = "configuration_internvl_chat.py"
+OFFICIAL_IMAGE = (
+    "<image>"  # what the official InternVL loaders (and vLLM's InternVLChatModel) expand
+)
+TEMPLATE_FILE = "chat_template.jinja"
+VIDEO_TOKENS = ("<video>", "<quad>")
+
+
+class ExportError(ValueError):
+    """A model the target loaders cannot be given as it is."""
+
+
+# ---- Flash → hf
+# ---------------------------------------------------------------------------------------
+
+
+def strip_flash(
+    config: ModelConfig, state: dict[str, torch.Tensor]
+) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
+    """(config without Flash, tessera-named state without router/mlp2, the one-line note) for an hf
+    export;
+    a plain model comes back unchanged with no note."""
+    if not config.flash.enabled:
+        return config, state, None
+    dropped = [k for k in state if k.startswith(FLASH_PREFIXES)]
+    kept = {k: v for k, v in state.items() if not k.startswith(FLASH_PREFIXES)}
+    numel = sum(state[k].numel() for k in dropped)
+    plain = dataclasses.replace(config, flash=FlashConfig(enabled=False))
+    note = (
+        "hf export: left out the Flash router and 1/16 projector (mlp2, pooling_before_gating, "
+        f"gating: {len(dropped)} tensors, {numel:,} values), which transformers and vLLM do not "
+        "have; the export is the full-resolution model (every tile at 1/4). The full Flash model "
+        "stays in the tessera and official layouts (tessera convert SRC DST --to tessera|official)."
+    )
+    return plain, kept, note
+
+
+# ---- tokenizer
+# ----------------------------------------------------------------------------------------
+
+
+def _need(tok: ChatTokenizer, token: str) -> int:
+    i = tok.tokenizer.token_to_id(token)
+    if i is None:
+        raise ExportError(f"the tokenizer has no {token} token, which the export's template needs")
+    return i
+
+
+def video_token(tok: ChatTokenizer) -> str:
+    """The processor's video placeholder: one token, not the image token. Tessera has no video path;
+    when the vocabulary has no `<video>`, `<quad>` (InternVL's OCR-box token, which prompts do not
+    use) stands in, so the
+    export needs no new token (one would change the vocabulary the model was trained with)."""
+    for t in VIDEO_TOKENS:
+        if tok.tokenizer.token_to_id(t) is not None:
+            return t
+    raise ExportError(
+        f"the tokenizer has none of {', '.join(VIDEO_TOKENS)}, one of which transformers' "
+        "InternVL processor needs as its video placeholder"
+    )
+
+
+def tokenizer_config(tok: ChatTokenizer, config: ModelConfig) -> dict[str, Any]:
+    """tokenizer_config.json: the fast tokenizer as stored, our stop token, and the named image
+    tokens."""
+    if tok.harmony:
+        raise ExportError(
+            "the hf/official export writes the internvl2_5 template; this model uses "
+            f"{tok.template} (export it with --to tessera)"
+        )
+    for t in (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT):
+        _need(tok, t)
+    pad = ENDOFTEXT if tok.tokenizer.token_to_id(ENDOFTEXT) is not None else IM_END
+    return {
+        # runs tokenizer.json as it is (the Qwen2 class would rebuild our pre-tokenizer differently)
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": IM_END,
+        "pad_token": pad,
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config.language.max_position_embeddings,
+        "padding_side": "left",
+        # read by transformers' InternVLProcessor (and vLLM through it)
+        "extra_special_tokens": {
+            "start_image_token": IMG_START,
+            "end_image_token": IMG_END,
+            "context_image_token": IMG_CONTEXT,
+            "video_token": video_token(tok),
+        },
+    }
+
+
+def generation_config(tok: ChatTokenizer) -> dict[str, Any]:
+    """The engine's stop tokens: <|im_end|> and the pad token (<|endoftext|>)."""
+    stops = sorted({tok.im_end_id, tok.pad_id})
+    return {
+        "eos_token_id": stops if len(stops) > 1 else stops[0],
+        "pad_token_id": tok.pad_id,
+        "bos_token_id": None,
+    }
+
+
+# ---- chat template
+# ------------------------------------------------------------------------------------
+
+
+def _q(text: str) -> str:
+    """A Jinja string literal."""
+    return json.dumps(text)
+
+
+# Tessera's internvl2_5 prompt in Jinja; every line starts with a `-` marker, so no newline of
+# this text reaches the output. @NAME@ are filled in by `chat_template`.
+_TEMPLATE = r"""
+{%- set ns = namespace(system=none, images=0, k=0, blocks='', texts=[]) -%}
+{%- for m in messages -%}
+  {%- if m.role in ['system', 'developer'] -%}
+    {%- if m.content is string -%}
+      {%- set t = m.content -%}
+    {%- else -%}
+      {%- set t = m.content | selectattr('type', 'equalto', 'text') | map(attribute='text')
+          | join('\n') -%}
+    {%- endif -%}
+    {%- set ns.system = t if ns.system is none else ns.system ~ '\n' ~ t -%}
+  {%- elif m.content is not string and m.content is not none -%}
+    {%- for p in m.content if p.type != 'text' -%}
+      {%- set ns.images = ns.images + 1 -%}
+    {%- endfor -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- set system = @SYSTEM@ if ns.system is none else ns.system -%}
+{%- if system -%}
+  {{- @IM_START@ ~ 'system\n' ~ system ~ @IM_END@ ~ '\n' -}}
+{%- endif -%}
+{%- for m in messages if m.role not in ['system', 'developer'] -%}
+  {%- set ns.blocks = '' -%}
+  {%- set ns.texts = [] -%}
+  {%- if m.content is string -%}
+    {%- set ns.texts = [m.content] -%}
+  {%- elif m.content is not none -%}
+    {%- for p in m.content -%}
+      {%- if p.type == 'text' -%}
+        {%- set ns.texts = ns.texts + [p.text] -%}
+      {%- else -%}
+        {%- set ns.k = ns.k + 1 -%}
+        {%- set label = 'Image-' ~ ns.k ~ ': ' if ns.images > 1 else '' -%}
+        {%- set ns.blocks = ns.blocks ~ label ~ @IMAGE@ ~ '\n' -%}
+      {%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+  {%- set body = ns.texts | join('\n') -%}
+  {%- if m.role == 'assistant' and @END_THINK@ in body -%}
+    {%- set body = body.split(@END_THINK@, 1)[1].replace(@THINK@, '').strip() -%}
+  {%- endif -%}
+  {{- @IM_START@ ~ m.role ~ '\n' ~ ns.blocks ~ body ~ @IM_END@ ~ '\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- @IM_START@ ~ 'assistant\n' -}}
+  {%- if not enable_thinking | default(false) -%}
+    {{- @EMPTY_THINK@ -}}
+  {%- endif -%}
+{%- endif -%}
+"""
+
+
+def chat_template(image: str = IMG_CONTEXT, system: str = DEFAULT_SYSTEM) -> str:
+    """Jinja rendering `ChatTokenizer.render` (internvl2_5) of OpenAI-style messages, `image`
+    standing for each image: system/developer messages joined by newlines (the default system
+    message when there is none, no system turn when it is empty), each turn's images first
+    (numbered `Image-k: ` across the conversation when it has more than one), text parts joined by
+    newlines, earlier answers without their think blocks, and the assistant's start with an empty
+    think block unless `enable_thinking`."""
+    values = {
+        "SYSTEM": system,
+        "IMAGE": image,
+        "IM_START": IM_START,
+        "IM_END": IM_END,
+        "THINK": THINK,
+        "END_THINK": END_THINK,
+        "EMPTY_THINK": EMPTY_THINK,
+    }
+    text = _TEMPLATE.strip() + "\n"
+    for name, value in values.items():
+        text = text.replace(f"@{name}@", _q(value))
+    return text
+
+
+# ---- image processor
+# ----------------------------------------------------------------------------------
+
+
+def preprocessor_config(config: ModelConfig) -> dict[str, Any]:
+    """GOT-OCR2's tiling processor (what InternVL's -hf checkpoints use) with this model's tiles."""
+    if not config.use_thumbnail:
+        raise ExportError(
+            "transformers' InternVL image processor always appends a thumbnail; this model has "
+            "use_thumbnail false (export it with --to tessera or --to official)"
+        )
+    s = config.tile_size
+    return {
+        "image_processor_type": "GotOcr2ImageProcessor",
+        "processor_class": "InternVLProcessor",
+        "crop_to_patches": True,
+        "min_patches": config.min_tiles,
+        "max_patches": config.max_tiles,
+        "size": {"height": s, "width": s},
+        "do_resize": True,
+        "resample": 3,  # 3 = bicubic
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "do_convert_rgb": True,
+    }
+
+
+def processor_config(config: ModelConfig) -> dict[str, Any]:
+    return {"processor_class": "InternVLProcessor", "image_seq_length": config.tokens_per_tile}
+
+
+# ---- the folder
+# ---------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_loader_files(
+    path: str | Path, config: ModelConfig, tokenizer: ChatTokenizer | None, layout: str
+) -> list[str]:
+    """Write the hf or official layout's loader files into `path` (config.json is already there);
+    returns
+    their names. Without a tokenizer only the files that do not need one are written."""
+    path = Path(path)
+    written: list[str] = []
+    if layout == "hf":
+        _write_json(path / "preprocessor_config.json", preprocessor_config(config))
+        _write_json(path / "processor_config.json", processor_config(config))
+        written += ["preprocessor_config.json", "processor_config.json"]
+    elif layout == "official":
+        shutil.copyfile(REMOTE_DIR / REMOTE_CONFIG, path / REMOTE_CONFIG)
+        written.append(REMOTE_CONFIG)
+    else:
+        raise ValueError(
+            f"loader files are written for the hf and official layouts, not {layout!r}"
+        )
+    if tokenizer is not None:
+        template = chat_template(
+            IMG_CONTEXT if layout == "hf" else OFFICIAL_IMAGE, tokenizer.system
+        )
+        tok_cfg = tokenizer_config(tokenizer, config)
+        tok_cfg["chat_template"] = template
+        _write_json(path / "tokenizer_config.json", tok_cfg)
+        (path / TEMPLATE_FILE).write_text(template)
+        _write_json(path / "generation_config.json", generation_config(tokenizer))
+        written += ["tokenizer_config.json", TEMPLATE_FILE, "generation_config.json"]
+    return written
+
+
+def official_auto_map() -> dict[str, str]:
+    """config.json's `auto_map` for the official layout: our configuration module, shipped in the
+    folder."""
+    return {"AutoConfig": f"{REMOTE_CONFIG.removesuffix('.py')}.InternVLChatConfig"}

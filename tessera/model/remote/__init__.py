@@ -1,0 +1,2 @@
+"""Code shipped inside exported checkpoint folders (read by `trust_remote_code` loaders), not
+imported by Tessera."""
