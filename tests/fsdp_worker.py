@@ -4,12 +4,15 @@
 fsdp: trains STEPS steps (into OUT/run), then the same steps cut after STEPS - 1 and resumed from that checkpoint
 by a fresh model (OUT/cut), and checks that a stage which is not fsdp_ready is refused. Options: `lora` trains
 peft LoRA adapters instead (OUT/lora, saved with the LoraSaver); `mixed` gives rank 1 text-only samples (no
-tiles) while rank 0's have images; `steps=N`. Writes OUT/result.json (losses, grad norms, final folders).
+tiles) while rank 0's have images; `steps=N`; `tiny` uses one ViT block and one decoder layer. Writes
+OUT/result.json (losses, grad norms, final folders). `spawned` runs one rank of a 2-process gloo group started by
+torch.multiprocessing (the fast test) instead of torchrun.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +22,8 @@ import torch.distributed as dist
 from ddp_worker import BothRanks
 from test_train import config, make_fake, small_model
 from test_train_data import fake_sample
+from tessera.config import preset
+from tessera.model.vlm import VisionLanguageModel
 from tessera.train.sharding import ShardingError
 from tessera.train.stage import LanguageModelingStage
 from tessera.train.trainer import Trainer
@@ -43,6 +48,21 @@ def run_config(mode: str, steps: int):
                   fsdp=mode == "fsdp")
 
 
+def tiny_model(seed: int = 0):
+    model_config = preset("tiny")
+    model_config.vision.num_layers, model_config.language.num_layers = 1, 1
+    torch.manual_seed(seed)
+    return VisionLanguageModel(model_config)
+
+
+def spawned(rank: int, port: int, mode: str, out: Path, options: list[str]) -> None:
+    """One rank of a 2-process gloo group (torch.multiprocessing.start_processes calls this)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    main(mode, out, options)
+
+
 def checksum(model) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
@@ -50,6 +70,9 @@ def checksum(model) -> float:
 def main(mode: str, out: Path, options: list[str]) -> None:
     steps = next((int(o.split("=", 1)[1]) for o in options if o.startswith("steps=")), 3)
     mixed = "mixed" in options
+    if "tiny" in options:
+        global small_model
+        small_model = tiny_model
     result: dict = {}
     if "lora" in options:
         from tessera.train.lora import LoraOptions, LoraSaver, apply_lora, is_lora_param

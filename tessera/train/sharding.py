@@ -7,7 +7,10 @@ embedding, the final norm and the LM head). The stages call more of the model th
 methods: each of them gathers the root's parameters first, and the root keeps them gathered until its
 backward, as FSDP does for a root. Gradients are summed over the ranks, not averaged (the stages divide the
 loss by the whole step's weight on every rank, tessera.train.stage), and a parameter one rank did not use
-(a text-only batch, an expert no token chose) still joins the reduction with a zero gradient.
+(an expert no token chose, the Flash branch of a model trained without it) still joins the reduction with a
+zero gradient — as under DDP, where unused parameters count as zero (and AdamW then decays them, while one
+process skips a parameter without a gradient). A rank whose batch has no tiles runs the vision tower on a
+blank tile anyway (tessera.train.stage.packed_lm_loss), so every rank all-gathers the same layers in order.
 
 Checkpoints stay in the usual layout: `full_state(model)` gathers the whole state dict onto the CPU of rank 0,
 `Skeleton.fill(state)` turns it into a plain module there for the usual savers; `load_full_state` puts a full
@@ -119,8 +122,11 @@ def complete(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict on rank 0's CPU ({} on the other ranks); a collective."""
-    return get_model_state_dict(model, options=_FULL)
+    """The whole state dict on rank 0's CPU ({} on the other ranks); a collective. Every tensor owns its
+    storage (a gathered tensor may be a view into a bigger buffer, which safetensors refuses to save)."""
+    state = get_model_state_dict(model, options=_FULL)
+    return {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
+            for k, v in state.items()}
 
 
 def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -134,4 +140,5 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Scatter a full optimizer state (every rank passes it) into the shards, strictly."""
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
