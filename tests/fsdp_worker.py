@@ -1,13 +1,14 @@
-"""Helper for test_train_fsdp: `fsdp OUT [options]` / `ddp OUT` (under torchrun, 2 processes) or `single OUT
-[options]` (one process accumulating the batches both ranks would see, tests/ddp_worker.BothRanks).
+"""Helper for test_train_fsdp: `fsdp OUT [options]` / `ddp OUT` (under torchrun, 2 processes) or
+`single OUT [options]` (one process accumulating the batches both ranks would see,
+tests/ddp_worker.BothRanks).
 
-fsdp: trains STEPS steps (into OUT/run), then the same steps cut after STEPS - 1 and resumed from that checkpoint
-by a fresh model (OUT/cut), and checks that a stage which is not fsdp_ready is refused. Options: `lora` trains
-peft LoRA adapters instead (OUT/lora, saved with the LoraSaver); `mixed` gives rank 1 text-only samples (no
-tiles) while rank 0's have images; `steps=N`; `tiny` uses one ViT block and one decoder layer. Writes
-OUT/result.json (losses, grad norms, final folders). `spawned` runs one rank of a 2-process gloo group started by
-torch.multiprocessing (the fast test) instead of torchrun.
-"""
+fsdp: trains STEPS steps (into OUT/run), then the same steps cut after STEPS - 1 and resumed from
+that checkpoint by a fresh model (OUT/cut), and checks that a stage which is not fsdp_ready is
+refused. Options: `lora` trains peft LoRA adapters instead (OUT/lora, saved with the LoraSaver);
+`mixed` gives rank 1 text-only samples (no tiles) while rank 0's have images; `steps=N`; `tiny` uses
+one ViT block and one decoder layer. Writes OUT/result.json (losses, grad norms, final folders).
+`spawned` runs one rank of a 2-process gloo group started by torch.multiprocessing (the fast test)
+instead of torchrun."""
 
 from __future__ import annotations
 
@@ -18,19 +19,22 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from ddp_worker import BothRanks
 from test_train import config, make_fake, small_model
 from test_train_data import fake_sample
+
 from tessera.config import preset
 from tessera.model.vlm import VisionLanguageModel
 from tessera.train.sharding import ShardingError
 from tessera.train.stage import LanguageModelingStage
 from tessera.train.trainer import Trainer
 
+
 def make_mixed(i: int):
     """Odd stream indices (rank 1's in a 2-process run) are text only."""
-    return fake_sample(i, prompt=3 + i % 5, answer=2 + i % 3, tiles=0 if i % 2 else 1 + i // 2 % 2, seed=7)
+    return fake_sample(
+        i, prompt=3 + i % 5, answer=2 + i % 3, tiles=0 if i % 2 else 1 + i // 2 % 2, seed=7
+    )
 
 
 class NotReady(LanguageModelingStage):
@@ -39,13 +43,20 @@ class NotReady(LanguageModelingStage):
 
 def stage(mode: str, mixed: bool = False, cls=None) -> LanguageModelingStage:
     cls = cls or (BothRanks if mode == "single" else LanguageModelingStage)
-    return cls("sft", make_mixed if mixed else make_fake, rows=2, row_tokens=80, pad_id=0, workers=0)
+    return cls(
+        "sft", make_mixed if mixed else make_fake, rows=2, row_tokens=80, pad_id=0, workers=0
+    )
 
 
 def run_config(mode: str, steps: int):
-    # clipping on (max norm 0.5 is below the tiny model's gradient norm), so the sharded clip is checked too
-    return config(steps=steps, accum_steps=2 if mode == "single" else 1, grad_clip=0.5, save_every=1,
-                  fsdp=mode == "fsdp")
+    # clipping on (max norm 0.5 is below the model's gradient norm): the sharded clip is checked too
+    return config(
+        steps=steps,
+        accum_steps=2 if mode == "single" else 1,
+        grad_clip=0.5,
+        save_every=1,
+        fsdp=mode == "fsdp",
+    )
 
 
 def tiny_model(seed: int = 0):
@@ -57,8 +68,13 @@ def tiny_model(seed: int = 0):
 
 def spawned(rank: int, port: int, mode: str, out: Path, options: list[str]) -> None:
     """One rank of a 2-process gloo group (torch.multiprocessing.start_processes calls this)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     main(mode, out, options)
 
@@ -70,32 +86,40 @@ def checksum(model) -> float:
 def main(mode: str, out: Path, options: list[str]) -> None:
     steps = next((int(o.split("=", 1)[1]) for o in options if o.startswith("steps=")), 3)
     mixed = "mixed" in options
-    if "tiny" in options:
-        global small_model
-        small_model = tiny_model
+    new_model = tiny_model if "tiny" in options else small_model
     result: dict = {}
     if "lora" in options:
         from tessera.train.lora import LoraOptions, LoraSaver, apply_lora, is_lora_param
 
-        model = small_model()
+        model = new_model()
         lora = LoraOptions(rank=4, alpha=8.0)
         apply_lora(model, lora)
         st = stage(mode, mixed)
         st.param_filter = is_lora_param
-        done = Trainer(model, st, run_config(mode, steps), out / "run", save_model=LoraSaver(lora, None)).fit()
+        done = Trainer(
+            model, st, run_config(mode, steps), out / "run", save_model=LoraSaver(lora, None)
+        ).fit()
     else:
-        done = Trainer(small_model(), stage(mode, mixed), run_config(mode, steps), out / "run").fit()
+        done = Trainer(new_model(), stage(mode, mixed), run_config(mode, steps), out / "run").fit()
     result["losses"] = [r["loss"] for r in done.history]
     result["grad_norms"] = [r["grad_norm"] for r in done.history]
     result["final"] = str(done.final_dir)
     result["plain_checksum"] = checksum(done.model) if done.model is not None else None
-    if mode == "fsdp" and "lora" not in options:  # killed one step early, then resumed by a fresh model
-        Trainer(small_model(), stage(mode, mixed), run_config(mode, steps), out / "cut").fit(stop_after=steps - 1)
-        resumed = Trainer(small_model(seed=9), stage(mode, mixed), run_config(mode, steps), out / "cut").fit()
+    if (
+        mode == "fsdp" and "lora" not in options
+    ):  # killed one step early, then resumed by a fresh model
+        Trainer(new_model(), stage(mode, mixed), run_config(mode, steps), out / "cut").fit(
+            stop_after=steps - 1
+        )
+        resumed = Trainer(
+            new_model(seed=9), stage(mode, mixed), run_config(mode, steps), out / "cut"
+        ).fit()
         result["resumed"] = [r["loss"] for r in resumed.history]
         result["resumed_final"] = str(resumed.final_dir)
         try:
-            Trainer(small_model(), stage(mode, cls=NotReady), run_config(mode, steps), out / "refused").fit()
+            Trainer(
+                new_model(), stage(mode, cls=NotReady), run_config(mode, steps), out / "refused"
+            ).fit()
         except ShardingError as e:
             result["refused"] = str(e)
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -161,8 +161,8 @@ class VisionLanguageModel(nn.Module):
                              f"but {n_rows} image feature rows were given")
         if image_features is None:
             return embeds
-        if n_rows == 0:  # no rows, but a graph (FSDP training runs the vision tower on every rank): keep it tied in
-            return embeds + image_features.sum() if image_features.requires_grad else embeds  # + 0.0
+        if n_rows == 0:  # no rows but a graph (FSDP runs the vision tower on every rank): keep it
+            return embeds + image_features.sum() if image_features.requires_grad else embeds  # + 0
         if image_features.dim() != 2 or image_features.shape[1] != embeds.shape[-1]:
             raise ValueError(f"image_features must be [rows, {embeds.shape[-1]}], got {tuple(image_features.shape)}")
         return embeds.masked_scatter(slots[..., None], image_features.to(embeds.device, embeds.dtype))  # [B, T, D]

@@ -1,21 +1,22 @@
 """FSDP2 for the trainer (`TrainConfig.fsdp`, `tessera train ... --fsdp` under torchrun).
 
-`shard(model)` applies `torch.distributed.fsdp.fully_shard` to every ViT block and every decoder layer, then
-to the root, which keeps what is left (patch and position embeddings, the connectors, the router, the token
-embedding, the final norm and the LM head). The stages call more of the model than `forward`
-(`vision_tokens`, `project`, `encode_images`, `embed`), so those methods are registered as FSDP forward
-methods: each of them gathers the root's parameters first, and the root keeps them gathered until its
-backward, as FSDP does for a root. Gradients are summed over the ranks, not averaged (the stages divide the
-loss by the whole step's weight on every rank, tessera.train.stage), and a parameter one rank did not use
-(an expert no token chose, the Flash branch of a model trained without it) still joins the reduction with a
-zero gradient — as under DDP, where unused parameters count as zero (and AdamW then decays them, while one
-process skips a parameter without a gradient). A rank whose batch has no tiles runs the vision tower on a
-blank tile anyway (tessera.train.stage.packed_lm_loss), so every rank all-gathers the same layers in order.
+`shard(model)` applies `torch.distributed.fsdp.fully_shard` to every ViT block and every decoder
+layer, then to the root, which keeps what is left (patch and position embeddings, the connectors,
+the router, the token embedding, the final norm and the LM head). The stages call more of the model
+than `forward` (`vision_tokens`, `project`, `encode_images`, `embed`), so those methods are
+registered as FSDP forward methods: each of them gathers the root's parameters for its call (and
+again for its backward), whichever of them a stage calls first. Gradients are summed over the
+ranks, not averaged (the stages divide the loss by the whole step's weight on every rank,
+tessera.train.stage), and a parameter one rank did not use (an expert no token chose, the Flash
+branch of a model trained without it) still joins the reduction with a zero gradient — as under DDP,
+where unused parameters count as zero (and AdamW then decays them, while one process skips a
+parameter without a gradient). A rank whose batch has no tiles runs the vision tower on a blank tile
+anyway (tessera.train.stage.packed_lm_loss), so every rank all-gathers the same layers in order.
 
-Checkpoints stay in the usual layout: `full_state(model)` gathers the whole state dict onto the CPU of rank 0,
-`Skeleton.fill(state)` turns it into a plain module there for the usual savers; `load_full_state` puts a full
-state dict back into the shards. The optimizer state is gathered and scattered the same way
-(torch.distributed.checkpoint.state_dict).
+Checkpoints stay in the usual layout: `full_state(model)` gathers the whole state dict onto the CPU
+of rank 0, `fill(skeleton(model), state)` turns it into a plain module there for the usual savers;
+`load_full_state` puts a full state dict back into the shards. The optimizer state is gathered and
+scattered the same way (torch.distributed.checkpoint.state_dict).
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def blocks(model: nn.Module) -> list[nn.Module]:
         vision = list(model.vision_model.encoder.layers)
         language = list(model.language_model.model.layers)
     except AttributeError as e:
-        raise ShardingError(f"FSDP shards a VisionLanguageModel (ViT blocks and decoder layers); "
-                            f"{type(model).__name__} has no {e.name!r}") from None
+        raise ShardingError(
+            f"FSDP shards a VisionLanguageModel (ViT blocks and decoder layers); "
+            f"{type(model).__name__} has no {e.name!r}"
+        ) from None
     return [*vision, *language]
 
 
@@ -65,9 +68,15 @@ def shard(model: nn.Module) -> nn.Module:
             register_fsdp_forward_method(model, name)
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)  # sum over ranks: the loss is already a share of the step
-            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
-    model.set_reduce_scatter_unused_params(True)  # unused on one rank → a zero gradient there, not a hang
+            module.set_gradient_divide_factor(
+                1.0
+            )  # sum over ranks: the loss is already a share of the step
+            module.set_force_sum_reduction_for_comms(
+                True
+            )  # a plain SUM (gloo has no pre-multiplied sum)
+    model.set_reduce_scatter_unused_params(
+        True
+    )  # unused on one rank → a zero gradient there, not a hang
     return model
 
 
@@ -76,7 +85,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def skeleton(model: nn.Module) -> nn.Module:
-    """A copy of `model` on the meta device (no memory), with its attributes (config, tokenizer, adapters)."""
+    """A copy of `model` on the meta device (no memory), with its attributes (config, tokenizer,
+    adapters)."""
     memo: dict[int, Any] = {}
     for t in [*model.parameters(), *model.buffers()]:
         meta = torch.empty_like(t, device="meta")
@@ -85,11 +95,11 @@ def skeleton(model: nn.Module) -> nn.Module:
 
 
 def fill(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A plain module: a copy of the meta `template` whose tensors are those of the full `state` (strict)."""
+    """A plain module: a copy of the meta `template` holding the full `state`'s tensors (strict)."""
     model = copy.deepcopy(template)
     tied = _aliases(model)
     model.load_state_dict(state, strict=True, assign=True)
-    for name, canonical in tied.items():  # assign=True gives each name its own tensor: tie them again
+    for name, canonical in tied.items():  # assign=True gives each name its own tensor: tie again
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, model.get_parameter(canonical))
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
@@ -99,7 +109,7 @@ def fill(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:
-    """name → the first name of the same Parameter, for every parameter that is another's alias (tied)."""
+    """name → the first name of the same Parameter, for each parameter aliasing another (tied)."""
     first: dict[int, str] = {}
     out = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -111,7 +121,7 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 
 
 def complete(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` with the keys a file may omit because they alias another (tied) parameter filled in."""
+    """`state` with the keys a file may omit, as aliases of another (tied) parameter, filled in."""
     state = dict(state)
     for name, canonical in _aliases(model).items():
         if name not in state and canonical in state:
@@ -122,16 +132,21 @@ def complete(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict on rank 0's CPU ({} on the other ranks); a collective. Every tensor owns its
-    storage (a gathered tensor may be a view into a bigger buffer, which safetensors refuses to save)."""
+    """The whole state dict on rank 0's CPU ({} on the other ranks); a collective. Every tensor owns
+    its storage (a gathered tensor may be a view into a bigger buffer, which safetensors refuses to
+    save)."""
     state = get_model_state_dict(model, options=_FULL)
-    return {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
-            for k, v in state.items()}
+    return {
+        k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
+        for k, v in state.items()
+    }
 
 
 def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Scatter a full state dict (every rank passes it) into the shards, strictly."""
-    set_model_state_dict(model, complete(model, state), options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(
+        model, complete(model, state), options=StateDictOptions(full_state_dict=True)
+    )
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -139,6 +154,10 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return get_optimizer_state_dict(model, optimizer, options=_FULL)
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def load_full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
     """Scatter a full optimizer state (every rank passes it) into the shards, strictly."""
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model, optimizer, state, options=StateDictOptions(full_state_dict=True)
+    )

@@ -4,9 +4,9 @@ Parameter groups per component (vision, connector, language, router) with their 
 trainable flag; AdamW (no decay on norms, biases, embeddings); linear warm-up then cosine decay to
 `min_lr_ratio`; optional bf16 autocast; gradient accumulation; clipping; data parallelism under torchrun
 (gloo on CPU: gradients are summed with one all-reduce per step, which works whatever model methods a stage
-calls), or sharded with FSDP2 when `fsdp` is set (tessera.train.sharding: every rank holds a slice of the
-weights, gradients and optimizer state; checkpoints are gathered into the usual layout on rank 0); atomic
-checkpoints with everything an exact resume needs; metrics.jsonl and a tqdm bar.
+calls), or sharded with FSDP2 when `fsdp` is set (tessera.train.sharding: every rank holds a
+slice of the weights, gradients and optimizer state; checkpoints are gathered into the usual layout
+on rank 0); atomic checkpoints with everything an exact resume needs; metrics.jsonl and a tqdm bar.
 
 Layout of `out/`:
     metrics.jsonl                one JSON object per logged step (and per evaluation, with "eval")
@@ -62,7 +62,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # torch threads per process; 0 = cores / processes
     progress: bool = True
-    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating (one process: no effect)
+    fsdp: bool = False  # under torchrun: shard with FSDP2, not replicate (no effect in one process)
 
     def validate(self) -> "TrainConfig":
         if self.steps < 1 or self.accum_steps < 1 or self.lr <= 0:
@@ -206,8 +206,8 @@ class TrainResult:
     final_dir: Path
     metrics_path: Path
     history: list[dict[str, float]]
-    # the trained model as a plain module: the Trainer's own, or under FSDP a gathered copy on the main
-    # process once final/ is written (None on the other ranks and after an early stop)
+    # the trained model as a plain module: the Trainer's own, or under FSDP a gathered copy on the
+    # main process once final/ is written (None on the other ranks and after an early stop)
     model: torch.nn.Module | None = None
 
 
@@ -223,8 +223,8 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
         self._fsdp = False  # set by fit: the model is sharded (tessera.train.sharding)
-        self._template: torch.nn.Module | None = None  # under FSDP, rank 0: the model on the meta device
-        self._joint: torch.nn.Module = model  # every trained parameter by name (the model, and the stage's extra)
+        self._template: torch.nn.Module | None = None  # under FSDP, rank 0: the model on meta
+        self._joint: torch.nn.Module = model  # every trained parameter by name (+ stage's extra)
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -238,8 +238,8 @@ class Trainer:
         return path
 
     def _plain_model(self) -> torch.nn.Module | None:
-        """The model as a plain module for the savers: itself, or under FSDP its gathered copy on rank 0 (None
-        on the other ranks). Under FSDP every rank must call this (it is a collective)."""
+        """The model as a plain module for the savers: itself, or under FSDP its gathered copy on
+        rank 0 (None on the other ranks). Under FSDP every rank must call this (a collective)."""
         if not self._fsdp:
             return self.model
         state = sharding.full_state(self.model)
@@ -285,8 +285,9 @@ class Trainer:
         if state["stage"] != self.stage.name:
             raise ValueError(f"{path} is a {state['stage']!r} checkpoint, not {self.stage.name!r}")
         if state.get("fsdp", False) != self._fsdp:
-            raise ValueError(f"{path} was written {'with' if state.get('fsdp') else 'without'} FSDP; resume it the "
-                             f"same way ({'with' if state.get('fsdp') else 'without'} --fsdp)")
+            how = "with" if state.get("fsdp") else "without"
+            raise ValueError(f"{path} was written {how} FSDP; resume it the same way "
+                             f"({how} --fsdp)")
         if self._fsdp:
             sharding.load_full_state(self.model, load_file(str(path / "model.safetensors")))
         else:
@@ -337,9 +338,9 @@ class Trainer:
         self._fsdp = cfg.fsdp and ddp.world > 1
         if self._fsdp and not getattr(self.stage, "fsdp_ready", False):
             raise sharding.ShardingError(
-                f"stage {self.stage.name!r} cannot train under FSDP: its ranks do not run the same forward passes "
-                "in lockstep (e.g. online rollouts of different lengths), which FSDP's per-layer all-gathers "
-                "need; train it with DDP (without --fsdp)")
+                f"stage {self.stage.name!r} cannot train under FSDP: its ranks do not run the "
+                "same forward passes in lockstep (e.g. online rollouts of different lengths), which "
+                "FSDP's per-layer all-gathers need; train it with DDP (without --fsdp)")
         set_threads(cfg, ddp.world)
         torch.manual_seed(cfg.seed + ddp.rank)
         np.random.seed(cfg.seed + ddp.rank)
@@ -360,7 +361,8 @@ class Trainer:
         if self._fsdp:
             self._template = sharding.skeleton(self.model) if ddp.main else None
             sharding.shard(self.model)
-            self._joint = torch.nn.ModuleDict({"model": self.model, "extra": extra}) if extra is not None else self.model
+            if extra is not None:
+                self._joint = torch.nn.ModuleDict({"model": self.model, "extra": extra})
         optimizer = build_optimizer(self.model, cfg, overrides, extra)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
@@ -442,8 +444,8 @@ class Trainer:
 
     def _sync_and_clip(self, params: list[torch.nn.Parameter], ddp: Distributed) -> float:
         """Sum gradients over ranks (one flat all-reduce; unused parameters count as zero), then clip.
-        Under FSDP the sharded parameters' gradients arrive summed (reduce-scatter); the rest (a stage's extra
-        head) are replicated and summed here."""
+        Under FSDP the sharded parameters' gradients arrive summed (reduce-scatter); the rest (a
+        stage's extra head) are replicated and summed here."""
         if self._fsdp:
             return self._sync_and_clip_sharded(params, ddp)
         if ddp.world > 1:
@@ -469,7 +471,7 @@ class Trainer:
             dist.all_reduce(flat)
             offset = 0
             for p in replicated:
-                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()  # [n] → the parameter's shape
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()  # [n] → its shape
                 offset += p.numel()
         # ‖g‖² = Σ over ranks of each rank's shard, plus the replicated parameters once
         local = [p.grad.to_local().double().pow(2).sum() for p in sharded if p.grad is not None]
@@ -479,14 +481,14 @@ class Trainer:
             square = square + p.grad.double().pow(2).sum()
         norm = float(square.sqrt())
         if self.config.grad_clip > 0:
-            coef = min(1.0, self.config.grad_clip / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
+            coef = min(1.0, self.config.grad_clip / (norm + 1e-6))  # as nn.utils.clip_grad_norm_
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(coef)
         return norm
 
     def _evaluate(self, step: int, ddp: Distributed) -> None:
-        if self._fsdp:  # every rank runs the evaluation: the sharded layers gather their weights together
+        if self._fsdp:  # every rank evaluates: the sharded layers gather their weights together
             self.model.eval()
             with torch.no_grad():
                 result = self.eval_fn(self.model, step)
