@@ -48,7 +48,7 @@ def stage(mode: str, mixed: bool = False, cls=None) -> LanguageModelingStage:
     )
 
 
-def run_config(mode: str, steps: int):
+def run_config(mode: str, steps: int, **kw):
     # clipping on (max norm 0.5 is below the model's gradient norm): the sharded clip is checked too
     return config(
         steps=steps,
@@ -56,7 +56,14 @@ def run_config(mode: str, steps: int):
         grad_clip=0.5,
         save_every=1,
         fsdp=mode == "fsdp",
+        **kw,
     )
+
+
+def probe(model, step: int) -> dict:
+    """An evaluation (every rank runs it under FSDP): the mean logit on a fixed text."""
+    ids = torch.arange(20, 40)[None]  # [1, 20]
+    return {"mean_logit": float(model(ids).double().mean())}
 
 
 def tiny_model(seed: int = 0):
@@ -100,7 +107,10 @@ def main(mode: str, out: Path, options: list[str]) -> None:
             model, st, run_config(mode, steps), out / "run", save_model=LoraSaver(lora, None)
         ).fit()
     else:
-        done = Trainer(new_model(), stage(mode, mixed), run_config(mode, steps), out / "run").fit()
+        cfg = run_config(mode, steps, eval_every=1)
+        done = Trainer(new_model(), stage(mode, mixed), cfg, out / "run", eval_fn=probe).fit()
+        lines = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+        result["evals"] = [x["eval"]["mean_logit"] for x in lines if "eval" in x]
     result["losses"] = [r["loss"] for r in done.history]
     result["grad_norms"] = [r["grad_norm"] for r in done.history]
     result["final"] = str(done.final_dir)
