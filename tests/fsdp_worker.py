@@ -5,8 +5,9 @@ tests/ddp_worker.BothRanks).
 fsdp: trains STEPS steps (into OUT/run), then the same steps cut after STEPS - 1 and resumed from
 that checkpoint by a fresh model (OUT/cut), and checks that a stage which is not fsdp_ready is
 refused. Options: `lora` trains peft LoRA adapters instead (OUT/lora, saved with the LoraSaver);
-`mixed` gives rank 1 text-only samples (no tiles) while rank 0's have images; `steps=N`; `tiny` uses
-one ViT block and one decoder layer. Writes OUT/result.json (losses, grad norms, final folders).
+`mixed` gives rank 1 text-only samples (no tiles) while rank 0's have images; `extra` adds an
+auxiliary loss with its own head (the stage's `extra`); `steps=N`; `tiny` uses one ViT block and
+one decoder layer. Writes OUT/result.json (losses, grad norms, final folders).
 `spawned` runs one rank of a 2-process gloo group started by torch.multiprocessing (the fast test)
 instead of torchrun."""
 
@@ -37,15 +38,36 @@ def make_mixed(i: int):
     )
 
 
+class FeatureProbe:
+    """An auxiliary loss with its own head (the stage's `extra`, replicated beside the shards)."""
+
+    name, weight = "probe", 0.5
+
+    def __init__(self, head: torch.nn.Module):
+        self.head = head
+
+    def attach(self, model, batch) -> list:
+        return []
+
+    def __call__(self, model, batch, view):
+        if view.features is None:
+            return None
+        loss = self.head(view.features).pow(2).mean()  # [ΣT, 1] → scalar
+        return loss, {"probe": float(loss.detach())}
+
+
 class NotReady(LanguageModelingStage):
     fsdp_ready = False
 
 
-def stage(mode: str, mixed: bool = False, cls=None) -> LanguageModelingStage:
+def stage(mode: str, mixed: bool = False, cls=None, extra: bool = False) -> LanguageModelingStage:
     cls = cls or (BothRanks if mode == "single" else LanguageModelingStage)
-    return cls(
-        "sft", make_mixed if mixed else make_fake, rows=2, row_tokens=80, pad_id=0, workers=0
-    )
+    st = cls("sft", make_mixed if mixed else make_fake, rows=2, row_tokens=80, pad_id=0, workers=0)
+    if extra:
+        torch.manual_seed(5)
+        st.extra = torch.nn.Linear(preset("tiny").language.hidden_size, 1)
+        st.aux = (FeatureProbe(st.extra),)
+    return st
 
 
 def run_config(mode: str, steps: int, **kw):
@@ -92,7 +114,7 @@ def checksum(model) -> float:
 
 def main(mode: str, out: Path, options: list[str]) -> None:
     steps = next((int(o.split("=", 1)[1]) for o in options if o.startswith("steps=")), 3)
-    mixed = "mixed" in options
+    mixed, extra = "mixed" in options, "extra" in options
     new_model = tiny_model if "tiny" in options else small_model
     result: dict = {}
     if "lora" in options:
@@ -101,14 +123,16 @@ def main(mode: str, out: Path, options: list[str]) -> None:
         model = new_model()
         lora = LoraOptions(rank=4, alpha=8.0)
         apply_lora(model, lora)
-        st = stage(mode, mixed)
+        st = stage(mode, mixed, extra=extra)
         st.param_filter = is_lora_param
         done = Trainer(
             model, st, run_config(mode, steps), out / "run", save_model=LoraSaver(lora, None)
         ).fit()
     else:
         cfg = run_config(mode, steps, eval_every=1)
-        done = Trainer(new_model(), stage(mode, mixed), cfg, out / "run", eval_fn=probe).fit()
+        done = Trainer(
+            new_model(), stage(mode, mixed, extra=extra), cfg, out / "run", eval_fn=probe
+        ).fit()
         lines = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
         result["evals"] = [x["eval"]["mean_logit"] for x in lines if "eval" in x]
     result["losses"] = [r["loss"] for r in done.history]
@@ -118,11 +142,11 @@ def main(mode: str, out: Path, options: list[str]) -> None:
     if (
         mode == "fsdp" and "lora" not in options
     ):  # killed one step early, then resumed by a fresh model
-        Trainer(new_model(), stage(mode, mixed), run_config(mode, steps), out / "cut").fit(
-            stop_after=steps - 1
-        )
+        Trainer(
+            new_model(), stage(mode, mixed, extra=extra), run_config(mode, steps), out / "cut"
+        ).fit(stop_after=steps - 1)
         resumed = Trainer(
-            new_model(seed=9), stage(mode, mixed), run_config(mode, steps), out / "cut"
+            new_model(seed=9), stage(mode, mixed, extra=extra), run_config(mode, steps), out / "cut"
         ).fit()
         result["resumed"] = [r["loss"] for r in resumed.history]
         result["resumed_final"] = str(resumed.final_dir)

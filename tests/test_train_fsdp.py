@@ -48,8 +48,9 @@ def max_difference(a: Path, b: Path, init) -> float:
 
 
 def test_two_spawned_fsdp_ranks_match_one_process(tmp_path):
-    """Fast: one ViT block, one decoder layer, 2 steps; rank 1's samples are text only."""
-    options = ["tiny", "steps=2", "mixed"]
+    """Fast: one ViT block, one decoder layer, 2 steps; rank 1's samples are text only; an auxiliary
+    head (the stage's `extra`) trains replicated beside the shards."""
+    options = ["tiny", "steps=2", "mixed", "extra"]
     mp.start_processes(
         fsdp_worker.spawned,
         args=(free_port(), "fsdp", tmp_path / "fsdp", options),
