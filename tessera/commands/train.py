@@ -3,7 +3,11 @@
 A config FILE is JSON: {"model": {"preset": "tiny"} | a ModelConfig dict, "train": TrainConfig fields,
 "data": the stage's data options}. Without --init the model starts from random weights with a tokenizer
 trained on the world's text. An interrupted run resumes from DIR's latest checkpoint (--no-resume restarts).
-Under torchrun every process trains on its own share of the stream (gloo, gradients summed each step).
+Under torchrun every process trains on its own share of the stream (gloo, gradients summed each
+step); `--fsdp` shards the model, its gradients and the optimizer state over the processes with
+FSDP2 instead of replicating them (per ViT block and decoder layer, then the root); checkpoints and final/
+are gathered into the usual layout, so chat, eval and a resume (with --fsdp and the same number of
+processes) load them as always.
 
 `--data PATH` trains on your data instead of the world (an InternVL meta JSON or a .jsonl/.json/.parquet file,
 scanned before training: `--skip-bad-records` drops bad records and counts them): conversations for sft, vico
@@ -43,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-corpus", type=int, default=200, help="scenes whose text trains a fresh tokenizer")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard with FSDP2 instead of replicating (DDP); "
+                        "no effect in one process")
     add_device_arguments(p)  # --dtype bfloat16|float32: the compute precision (master weights stay fp32)
     add_data_arguments(p)
 
@@ -86,6 +93,8 @@ def load_run_config(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     train.setdefault("seed", args.seed)
     if args.no_progress:
         train["progress"] = False
+    if getattr(args, "fsdp", False):
+        train["fsdp"] = True
     for flag, key in (("rows", "rows"), ("row_tokens", "row_tokens")):
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
@@ -185,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         resume=not args.no_resume)
     main_process = not dist.is_initialized() or dist.get_rank() == 0  # under torchrun rank 0 writes final/
     if options is not None and result.step >= config.steps and main_process:
-        finish_lora(model, result.final_dir, out)
+        finish_lora(result.model, result.final_dir, out)  # under FSDP: the gathered copy
     last = result.history[-1] if result.history else {}
     line = f"{args.stage}: step {result.step}, loss {last.get('loss', float('nan')):.4f}; model in {result.final_dir}"
     rewards = {k: v for k, v in last.items() if k.startswith("reward")}

@@ -159,8 +159,10 @@ class VisionLanguageModel(nn.Module):
         if n_slots != n_rows:
             raise ValueError(f"the prompt has {n_slots} <IMG_CONTEXT> tokens (id {self.config.image_context_token_id}) "
                              f"but {n_rows} image feature rows were given")
-        if image_features is None or n_rows == 0:
+        if image_features is None:
             return embeds
+        if n_rows == 0:  # no rows but a graph (FSDP runs the vision tower on every rank): keep it
+            return embeds + image_features.sum() if image_features.requires_grad else embeds  # + 0
         if image_features.dim() != 2 or image_features.shape[1] != embeds.shape[-1]:
             raise ValueError(f"image_features must be [rows, {embeds.shape[-1]}], got {tuple(image_features.shape)}")
         return embeds.masked_scatter(slots[..., None], image_features.to(embeds.device, embeds.dtype))  # [B, T, D]

@@ -11,7 +11,9 @@ Optionally `trainable` (component → bool) and `component_lr` (component → lr
 `setup(model)` runs once before the loop (e.g. to build a frozen reference model), and `extra` is a module the
 stage trains beside the model (an auxiliary head: optimised as component "aux", saved in the trainer state, never
 in the model's checkpoint). `param_filter` (parameter name → bool) keeps only the matching parameters trainable
-(`tessera train --lora` sets it to the LoRA adapters').
+(`tessera train --lora` sets it to the LoRA adapters'). `fsdp_ready` True says every rank runs the
+same forward passes of the model in each step, whatever its data, which FSDP needs (the Trainer
+refuses `fsdp` otherwise).
 
 Components are the model's parts, by top-level attribute: vision (vision_model), connector (mlp1, mlp2),
 router (pooling_before_gating, gating: official Flash key names), language (language_model).
@@ -22,13 +24,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from tessera.train.aux_losses import AuxiliaryLoss, ForwardView, world_aids
 from tessera.train.data import Batch, Encoded, Packer, stream_batches
 from tessera.train.losses import IGNORE, weighted_cross_entropy
+from tessera.train.sharding import is_sharded
 
 COMPONENTS = {"vision_model": "vision", "mlp1": "connector", "mlp2": "connector", "router": "router",
               "pooling_before_gating": "router", "gating": "router", "language_model": "language"}
@@ -76,6 +79,7 @@ class LanguageModelingStage:
     aux: tuple[AuxiliaryLoss, ...] = ()  # the auxiliary losses, in the order they are added
     extra: torch.nn.Module | None = None  # their heads (one module: the trainer optimises it as "aux")
     scan_report: Any = None  # tessera.data.scan.ScanReport of a stage reading a user's file
+    fsdp_ready: ClassVar[bool] = True  # every rank runs the same forward passes per step
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Batch, int]]:
         return stream_batches(self.make, Packer(self.rows, self.row_tokens, self.pad_id), position, rank, world, self.workers)
@@ -128,12 +132,22 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
     answers (tessera.train.grounding_losses)."""
     aids = [*world_aids(grounding, evidence_attention, evidence_heads, question_attention, place, count), *aux]
     grid = features = None  # a batch of text-only conversations has no tiles
+    given = None  # the features the model is given
     if batch.pixel_values.numel():
         grid = model.vision_tokens(batch.pixel_values)  # [ΣN, h, w, Cv]
         features, _ = model.project(grid)  # [ΣT, D], every tile at 1/4
+        given = features
+    elif is_sharded(model):
+        # FSDP: the other ranks' batches may have tiles, and the vision tower's all-gathers and
+        # reduce-scatters are collective and must come in the same order on every rank: run it on
+        # one blank tile and give the model none of its rows ([0, D]), which the model still ties
+        # into its graph (loss and gradients unchanged)
+        size = model.config.vision.image_size
+        blank, _ = model.project(model.vision_tokens(torch.zeros(1, 3, size, size)))  # [t, D]
+        given = blank[:0]  # [0, D]
     hooks = [h for aid in aids for h in aid.attach(model, batch)]
     try:
-        logits = model(batch.input_ids, image_features=features, position_ids=batch.position_ids,
+        logits = model(batch.input_ids, image_features=given, position_ids=batch.position_ids,
                        attn_mask=batch.attn_mask())  # [B,L,V]
     finally:
         for hook in hooks:

@@ -4,7 +4,9 @@ Parameter groups per component (vision, connector, language, router) with their 
 trainable flag; AdamW (no decay on norms, biases, embeddings); linear warm-up then cosine decay to
 `min_lr_ratio`; optional bf16 autocast; gradient accumulation; clipping; data parallelism under torchrun
 (gloo on CPU: gradients are summed with one all-reduce per step, which works whatever model methods a stage
-calls); atomic checkpoints with everything an exact resume needs; metrics.jsonl and a tqdm bar.
+calls), or sharded with FSDP2 when `fsdp` is set (tessera.train.sharding: every rank holds a
+slice of the weights, gradients and optimizer state; checkpoints are gathered into the usual layout
+on rank 0); atomic checkpoints with everything an exact resume needs; metrics.jsonl and a tqdm bar.
 
 Layout of `out/`:
     metrics.jsonl                one JSON object per logged step (and per evaluation, with "eval")
@@ -30,9 +32,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from tessera.device import model_device, to_device
+from tessera.train import sharding
 from tessera.train.stage import Stage, component_of
 
 _NO_DECAY_MARKERS = ("norm", "bias", "embed", "ls1", "ls2", "class_embedding", "position_embedding")
@@ -58,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # torch threads per process; 0 = cores / processes
     progress: bool = True
+    fsdp: bool = False  # under torchrun: shard with FSDP2, not replicate (no effect in one process)
 
     def validate(self) -> "TrainConfig":
         if self.steps < 1 or self.accum_steps < 1 or self.lr <= 0:
@@ -201,6 +206,9 @@ class TrainResult:
     final_dir: Path
     metrics_path: Path
     history: list[dict[str, float]]
+    # the trained model as a plain module: the Trainer's own, or under FSDP a gathered copy on the
+    # main process once final/ is written (None on the other ranks and after an early stop)
+    model: torch.nn.Module | None = None
 
 
 class Trainer:
@@ -214,6 +222,9 @@ class Trainer:
         self.save_model, self.eval_fn = save_model, eval_fn
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
+        self._fsdp = False  # set by fit: the model is sharded (tessera.train.sharding)
+        self._template: torch.nn.Module | None = None  # under FSDP, rank 0: the model on meta
+        self._joint: torch.nn.Module = model  # every trained parameter by name (+ stage's extra)
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -226,22 +237,35 @@ class Trainer:
             raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
         return path
 
+    def _plain_model(self) -> torch.nn.Module | None:
+        """The model as a plain module for the savers: itself, or under FSDP its gathered copy on
+        rank 0 (None on the other ranks). Under FSDP every rank must call this (a collective)."""
+        if not self._fsdp:
+            return self.model
+        state = sharding.full_state(self.model)
+        return sharding.fill(self._template, state) if self._template is not None else None
+
     def _save(self, step: int, position: int, optimizer, scheduler, ddp: Distributed) -> None:
         gathered = [(position, _rng_state())]
         if ddp.world > 1:
             gathered = [None] * ddp.world
             dist.all_gather_object(gathered, (position, _rng_state()))
+        plain = self._plain_model()
+        optim_state = (sharding.full_optimizer_state(self._joint, optimizer) if self._fsdp
+                       else optimizer.state_dict() if ddp.main else None)
         if ddp.main:
             name = f"step-{step:06d}"
             tmp = self.ckpt_dir / f".tmp-{name}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self.save_model(self.model, tmp)
+            self.save_model(plain, tmp)
+            del plain
             extra = getattr(self.stage, "extra", None)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                         "extra": extra.state_dict() if extra is not None else None,
                         "positions": [g[0] for g in gathered], "rng": [g[1] for g in gathered],
-                        "world": ddp.world, "stage": self.stage.name, "config": asdict(self.config)}, tmp / "trainer.pt")
+                        "world": ddp.world, "fsdp": self._fsdp, "stage": self.stage.name,
+                        "config": asdict(self.config)}, tmp / "trainer.pt")
             final = self.ckpt_dir / name
             shutil.rmtree(final, ignore_errors=True)
             os.rename(tmp, final)  # the checkpoint appears complete or not at all
@@ -260,14 +284,24 @@ class Trainer:
             raise ValueError(f"{path} was written by {state['world']} processes; resume with the same number (now {ddp.world})")
         if state["stage"] != self.stage.name:
             raise ValueError(f"{path} is a {state['stage']!r} checkpoint, not {self.stage.name!r}")
-        load_weights(self.model, path / "model.safetensors")
+        if state.get("fsdp", False) != self._fsdp:
+            how = "with" if state.get("fsdp") else "without"
+            raise ValueError(f"{path} was written {how} FSDP; resume it the same way "
+                             f"({how} --fsdp)")
+        if self._fsdp:
+            sharding.load_full_state(self.model, load_file(str(path / "model.safetensors")))
+        else:
+            load_weights(self.model, path / "model.safetensors")
         extra = getattr(self.stage, "extra", None)
         if (extra is None) != (state.get("extra") is None):
             raise ValueError(f"{path} was written {'with' if state.get('extra') is not None else 'without'} a stage "
                              f"head (e.g. grounding) and this run is configured {'with' if extra is not None else 'without'} one")
         if extra is not None:
             extra.load_state_dict(state["extra"])
-        optimizer.load_state_dict(state["optimizer"])
+        if self._fsdp:
+            sharding.load_full_optimizer_state(self._joint, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"][ddp.rank])
         return state["step"], state["positions"][ddp.rank]
@@ -301,6 +335,12 @@ class Trainer:
         device = model_device(self.model)
         precision = getattr(self.stage, "precision", None) or resolve_precision(cfg.precision, device)
         ddp = Distributed.setup()
+        self._fsdp = cfg.fsdp and ddp.world > 1
+        if self._fsdp and not getattr(self.stage, "fsdp_ready", False):
+            raise sharding.ShardingError(
+                f"stage {self.stage.name!r} cannot train under FSDP: its ranks do not run the "
+                "same forward passes in lockstep (e.g. online rollouts of different lengths), which "
+                "FSDP's per-layer all-gathers need; train it with DDP (without --fsdp)")
         set_threads(cfg, ddp.world)
         torch.manual_seed(cfg.seed + ddp.rank)
         np.random.seed(cfg.seed + ddp.rank)
@@ -318,6 +358,11 @@ class Trainer:
                 dist.broadcast(t, src=0)
         overrides = {k: getattr(self.stage, k) for k in ("trainable", "component_lr", "param_filter")
                      if getattr(self.stage, k, None)}
+        if self._fsdp:
+            self._template = sharding.skeleton(self.model) if ddp.main else None
+            sharding.shard(self.model)
+            if extra is not None:
+                self._joint = torch.nn.ModuleDict({"model": self.model, "extra": extra})
         optimizer = build_optimizer(self.model, cfg, overrides, extra)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
@@ -383,19 +428,26 @@ class Trainer:
         if hasattr(batches, "close"):
             batches.close()  # stops the data worker now rather than at garbage collection
         final_dir = self.out / "final"
-        if step >= cfg.steps and ddp.main:
-            tmp = self.out / ".tmp-final"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self.save_model(self.model, tmp)
-            shutil.rmtree(final_dir, ignore_errors=True)
-            os.rename(tmp, final_dir)
+        plain = None if self._fsdp else self.model
+        if step >= cfg.steps:
+            plain = self._plain_model()
+            if ddp.main:
+                tmp = self.out / ".tmp-final"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                self.save_model(plain, tmp)
+                shutil.rmtree(final_dir, ignore_errors=True)
+                os.rename(tmp, final_dir)
         if ddp.world > 1:
             dist.barrier()
-        return TrainResult(step, final_dir, self.metrics_path, history)
+        return TrainResult(step, final_dir, self.metrics_path, history, plain)
 
     def _sync_and_clip(self, params: list[torch.nn.Parameter], ddp: Distributed) -> float:
-        """Sum gradients over ranks (one flat all-reduce; unused parameters count as zero), then clip."""
+        """Sum gradients over ranks (one flat all-reduce; unused parameters count as zero), then clip.
+        Under FSDP the sharded parameters' gradients arrive summed (reduce-scatter); the rest (a
+        stage's extra head) are replicated and summed here."""
+        if self._fsdp:
+            return self._sync_and_clip_sharded(params, ddp)
         if ddp.world > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads])  # [P] all trainable parameters
@@ -410,7 +462,41 @@ class Trainer:
         norms = [p.grad.norm() for p in params if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
+    def _sync_and_clip_sharded(self, params: list[torch.nn.Parameter], ddp: Distributed) -> float:
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        replicated = [p for p in params if not isinstance(p, DTensor)]
+        if replicated:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in replicated]
+            flat = torch.cat([g.reshape(-1) for g in grads])  # [P] the replicated parameters
+            dist.all_reduce(flat)
+            offset = 0
+            for p in replicated:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()  # [n] → its shape
+                offset += p.numel()
+        # ‖g‖² = Σ over ranks of each rank's shard, plus the replicated parameters once
+        local = [p.grad.to_local().double().pow(2).sum() for p in sharded if p.grad is not None]
+        square = torch.stack(local).sum() if local else torch.zeros((), dtype=torch.float64)
+        dist.all_reduce(square)
+        for p in replicated:
+            square = square + p.grad.double().pow(2).sum()
+        norm = float(square.sqrt())
+        if self.config.grad_clip > 0:
+            coef = min(1.0, self.config.grad_clip / (norm + 1e-6))  # as nn.utils.clip_grad_norm_
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return norm
+
     def _evaluate(self, step: int, ddp: Distributed) -> None:
+        if self._fsdp:  # every rank evaluates: the sharded layers gather their weights together
+            self.model.eval()
+            with torch.no_grad():
+                result = self.eval_fn(self.model, step)
+            self.model.train()
+            if ddp.main:
+                self._log({"step": step, "eval": result})
+            dist.barrier()
+            return
         if ddp.main:
             self.model.eval()
             with torch.no_grad():
