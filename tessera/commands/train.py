@@ -65,6 +65,12 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="components to adapt, comma-separated: language, vision, connector")
     p.add_argument("--lora-modules", default="",
                    help="Linear name suffixes to wrap, comma-separated (default: each component's own)")
+    p.add_argument("--lora-train-modules", default="",
+                   help="module name suffixes trained in full beside the adapters, saved with them "
+                        "and merged (peft modules_to_save), comma-separated, "
+                        "e.g. vision_model.embeddings,norm1,norm2")
+    p.add_argument("--lora-rslora", action="store_true",
+                   help="rank-stabilised scaling alpha/sqrt(rank)")
 
 
 def load_run_config(args: argparse.Namespace) -> tuple[dict, dict, dict]:
@@ -113,8 +119,9 @@ def lora_options(args: argparse.Namespace):
         raise SystemExit("--lora adapts a trained model: give --init CKPT")
     split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
     try:
-        return LoraOptions(args.lora_rank, args.lora_alpha, args.lora_dropout, split(args.lora_targets),
-                           split(args.lora_modules))
+        return LoraOptions(args.lora_rank, args.lora_alpha, args.lora_dropout,
+                           split(args.lora_targets), split(args.lora_modules),
+                           split(args.lora_train_modules), args.lora_rslora)
     except ValueError as e:
         raise SystemExit(f"--lora: {e}")
 
@@ -179,8 +186,10 @@ def run(args: argparse.Namespace) -> int:
         stage.param_filter = is_lora_param
         save_model = {"save_model": LoraSaver(options, str(Path(args.init).resolve()))}
         lora, total = lora_share(model)
-        print(f"LoRA rank {options.rank} on {', '.join(options.components)}: {lora:,} adapter parameters train, "
-              f"{lora / (total - lora):.2%} of the model's {total - lora:,}")
+        full = f" + {', '.join(options.train_modules)} in full" if options.train_modules else ""
+        base = total - lora  # the trained copies of train modules count once, as trained
+        print(f"LoRA rank {options.rank} on {', '.join(options.components)}{full}: "
+              f"{lora:,} parameters train, {lora / base:.2%} of the model's {base:,}")
     result = Trainer(model, stage, config, out, eval_fn=getattr(stage, "eval_fn", None), **save_model).fit(
         resume=not args.no_resume)
     main_process = not dist.is_initialized() or dist.get_rank() == 0  # under torchrun rank 0 writes final/
