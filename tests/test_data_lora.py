@@ -277,3 +277,23 @@ def test_two_process_training_on_a_file_with_lora(tiny, tmp_path, write_dataset)
     assert tessera.load(out / "final") is not None
     positions = [json.loads(line)["position"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert positions[-1] >= 2  # each rank read its own share of the records
+
+
+def test_lora_plus_gives_the_b_matrices_a_larger_learning_rate(tiny):
+    from tessera.train.lora import lr_scale
+    from tessera.train.trainer import TrainConfig, build_optimizer
+
+    model = copy.deepcopy(tiny).float()
+    options = LoraOptions(rank=4, plus_ratio=16.0)
+    apply_lora(model, options)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-3), {"param_filter": is_lora_param,
+                                                              "lr_scale": lr_scale(options)})
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    b_lrs = [lr_of[id(p)] for n, p in named.items() if ".lora_B." in n]
+    a_lrs = [lr_of[id(p)] for n, p in named.items() if ".lora_A." in n]
+    assert b_lrs and a_lrs
+    assert b_lrs == pytest.approx([1.6e-2] * len(b_lrs)) and a_lrs == pytest.approx([1e-3] * len(a_lrs))
+    assert lr_scale(LoraOptions()) is None  # ratio 1: plain LoRA
+    with pytest.raises(ValueError, match="plus ratio"):
+        LoraOptions(plus_ratio=0)

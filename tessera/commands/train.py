@@ -71,6 +71,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                         "e.g. vision_model.embeddings,norm1,norm2")
     p.add_argument("--lora-rslora", action="store_true",
                    help="rank-stabilised scaling alpha/sqrt(rank)")
+    p.add_argument("--lora-plus-ratio", type=float, default=1.0,
+                   help="LoRA+: the adapters' B matrices learn at this multiple of --lr (e.g. 16)")
 
 
 def load_run_config(args: argparse.Namespace) -> tuple[dict, dict, dict]:
@@ -121,7 +123,7 @@ def lora_options(args: argparse.Namespace):
     try:
         return LoraOptions(args.lora_rank, args.lora_alpha, args.lora_dropout,
                            split(args.lora_targets), split(args.lora_modules),
-                           split(args.lora_train_modules), args.lora_rslora)
+                           split(args.lora_train_modules), args.lora_rslora, args.lora_plus_ratio)
     except ValueError as e:
         raise SystemExit(f"--lora: {e}")
 
@@ -180,10 +182,11 @@ def run(args: argparse.Namespace) -> int:
     options = lora_options(args)
     save_model = {}
     if options is not None:
-        from tessera.train.lora import LoraSaver, apply_lora, is_lora_param, lora_share
+        from tessera.train.lora import LoraSaver, apply_lora, is_lora_param, lora_share, lr_scale
 
         apply_lora(model, options)
         stage.param_filter = is_lora_param
+        stage.lr_scale = lr_scale(options)
         save_model = {"save_model": LoraSaver(options, str(Path(args.init).resolve()))}
         lora, total = lora_share(model)
         full = f" + {', '.join(options.train_modules)} in full" if options.train_modules else ""

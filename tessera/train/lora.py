@@ -58,15 +58,15 @@ class LoraOptions:
     # the adapter, copied in by merge_into
     train_modules: tuple[str, ...] = ()
     rslora: bool = False  # scale the adapters by alpha/sqrt(rank) instead of alpha/rank
+    plus_ratio: float = 1.0  # LoRA+: lora_B learns at this multiple of the learning rate
 
     def __post_init__(self) -> None:
         self.components, self.modules = tuple(self.components), tuple(self.modules)
         self.train_modules = tuple(self.train_modules)
-        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or self.plus_ratio <= 0:
             raise ValueError(
-                f"LoRA needs rank >= 1, alpha > 0, 0 <= dropout < 1 "
-                f"(got {self.rank}, {self.alpha}, "
-                f"{self.dropout})"
+                f"LoRA needs rank >= 1, alpha > 0, 0 <= dropout < 1, plus ratio > 0 "
+                f"(got {self.rank}, {self.alpha}, {self.dropout}, {self.plus_ratio})"
             )
         unknown = sorted(set(self.components) - set(PREFIXES))
         if unknown or not self.components:
@@ -141,6 +141,13 @@ def apply_lora(model: torch.nn.Module, options: LoraOptions) -> list[str]:
 def is_lora_param(name: str) -> bool:
     """An adapter's parameter or a train module's (trainable) copy: what a LoRA run trains."""
     return ".lora_" in name or ".modules_to_save." in name
+
+
+def lr_scale(options: LoraOptions):
+    """The trainer's `lr_scale` (parameter name → learning-rate factor) for LoRA+, or None."""
+    if options.plus_ratio == 1:
+        return None
+    return lambda name: options.plus_ratio if ".lora_B." in name else 1.0
 
 
 def lora_share(model: torch.nn.Module) -> tuple[int, int]:

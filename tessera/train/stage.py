@@ -11,7 +11,8 @@ Optionally `trainable` (component → bool) and `component_lr` (component → lr
 `setup(model)` runs once before the loop (e.g. to build a frozen reference model), and `extra` is a module the
 stage trains beside the model (an auxiliary head: optimised as component "aux", saved in the trainer state, never
 in the model's checkpoint). `param_filter` (parameter name → bool) keeps only the matching parameters trainable
-(`tessera train --lora` sets it to the LoRA adapters').
+(`tessera train --lora` sets it to the LoRA adapters'); `lr_scale` (parameter name → factor) multiplies
+their learning rate (LoRA+ sets it for the adapters' B matrices).
 
 Components are the model's parts, by top-level attribute: vision (vision_model), connector (mlp1, mlp2),
 router (pooling_before_gating, gating: official Flash key names), language (language_model).
