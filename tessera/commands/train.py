@@ -72,7 +72,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rslora", action="store_true",
                    help="rank-stabilised scaling alpha/sqrt(rank)")
     p.add_argument("--lora-plus-ratio", type=float, default=1.0,
-                   help="LoRA+: the adapters' B matrices learn at this multiple of --lr (e.g. 16)")
+                   help="LoRA+: the adapters' B matrices learn at this multiple of --lr "
+                        "(16 lifted SFT on a new task from 72%% to 99%%: docs/log/2026-12-03-lora.md)")
 
 
 def load_run_config(args: argparse.Namespace) -> tuple[dict, dict, dict]:
