@@ -72,6 +72,15 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="components to adapt, comma-separated: language, vision, connector")
     p.add_argument("--lora-modules", default="",
                    help="Linear name suffixes to wrap, comma-separated (default: each component's own)")
+    p.add_argument("--lora-train-modules", default="",
+                   help="module name suffixes trained in full beside the adapters, saved with them "
+                        "and merged (peft modules_to_save), comma-separated, "
+                        "e.g. vision_model.embeddings,norm1,norm2")
+    p.add_argument("--lora-rslora", action="store_true",
+                   help="rank-stabilised scaling alpha/sqrt(rank)")
+    p.add_argument("--lora-plus-ratio", type=float, default=1.0,
+                   help="LoRA+: the adapters' B matrices learn at this multiple of --lr "
+                        "(16 lifted SFT on a new task from 72%% to 99%%: docs/log/2026-12-03-lora.md)")
 
 
 def load_run_config(args: argparse.Namespace) -> tuple[dict, dict, dict]:
@@ -122,8 +131,9 @@ def lora_options(args: argparse.Namespace):
         raise SystemExit("--lora adapts a trained model: give --init CKPT")
     split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
     try:
-        return LoraOptions(args.lora_rank, args.lora_alpha, args.lora_dropout, split(args.lora_targets),
-                           split(args.lora_modules))
+        return LoraOptions(args.lora_rank, args.lora_alpha, args.lora_dropout,
+                           split(args.lora_targets), split(args.lora_modules),
+                           split(args.lora_train_modules), args.lora_rslora, args.lora_plus_ratio)
     except ValueError as e:
         raise SystemExit(f"--lora: {e}")
 
@@ -182,14 +192,17 @@ def run(args: argparse.Namespace) -> int:
     options = lora_options(args)
     save_model = {}
     if options is not None:
-        from tessera.train.lora import LoraSaver, apply_lora, is_lora_param, lora_share
+        from tessera.train.lora import LoraSaver, apply_lora, is_lora_param, lora_share, lr_scale
 
         apply_lora(model, options)
         stage.param_filter = is_lora_param
+        stage.lr_scale = lr_scale(options)
         save_model = {"save_model": LoraSaver(options, str(Path(args.init).resolve()))}
         lora, total = lora_share(model)
-        print(f"LoRA rank {options.rank} on {', '.join(options.components)}: {lora:,} adapter parameters train, "
-              f"{lora / (total - lora):.2%} of the model's {total - lora:,}")
+        full = f" + {', '.join(options.train_modules)} in full" if options.train_modules else ""
+        base = total - lora  # the trained copies of train modules count once, as trained
+        print(f"LoRA rank {options.rank} on {', '.join(options.components)}{full}: "
+              f"{lora:,} parameters train, {lora / base:.2%} of the model's {base:,}")
     result = Trainer(model, stage, config, out, eval_fn=getattr(stage, "eval_fn", None), **save_model).fit(
         resume=not args.no_resume)
     main_process = not dist.is_initialized() or dist.get_rank() == 0  # under torchrun rank 0 writes final/

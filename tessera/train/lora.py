@@ -1,16 +1,16 @@
-"""LoRA on any training stage, with peft: adapters injected into the model's Linear layers, only
-they train.
+"""LoRA on any training stage, with peft: adapters injected into the model's Linear layers, and
+optionally a few small modules trained in full beside them; only those train.
 
 `apply_lora(model, LoraOptions)` wraps the chosen Linear layers (language model by default; vision
-and
-connector optional) in peft's LoRA layers, in place: parameter names keep their component prefix, so
-the
+and connector optional) in peft's LoRA layers, in place, and the `train_modules` (e.g. the ViT's
+embeddings, which hold the position table no adapter can wrap, or norms) in peft's
+ModulesToSaveWrapper, which trains a copy. Parameter names keep their component prefix, so the
 trainer's groups and learning rates apply. `save_adapter(model, dir, base)` writes the adapter
-(`adapter_config.json` + `adapter_model.safetensors`, only the LoRA tensors) with the base
-checkpoint it
-belongs to; `merge_into(model)` folds every adapter into its base weight (W + B·A·alpha/r) and
-removes the
-wrappers, leaving a plain model that every checkpoint saver writes (`tessera merge RUN --out CKPT`).
+(`adapter_config.json` + `adapter_model.safetensors`: the LoRA tensors and the train modules'
+copies) with the base checkpoint it belongs to; `merge_into(model)` folds every adapter into its
+base weight (W + B·A·alpha/r, or alpha/sqrt(r) with rsLoRA), puts each trained copy in place of its
+original and removes the wrappers, leaving a plain model that every checkpoint saver writes
+(`tessera merge RUN --out CKPT`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from peft import (
     set_peft_model_state_dict,
 )
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
 
 ADAPTER_DIR = "adapter"
@@ -53,14 +54,19 @@ class LoraOptions:
     dropout: float = 0.0
     components: tuple[str, ...] = ("language",)
     modules: tuple[str, ...] = ()  # Linear name suffixes to wrap; () = each component's defaults
+    # module name suffixes trained in full beside the adapters (peft's modules_to_save): saved with
+    # the adapter, copied in by merge_into
+    train_modules: tuple[str, ...] = ()
+    rslora: bool = False  # scale the adapters by alpha/sqrt(rank) instead of alpha/rank
+    plus_ratio: float = 1.0  # LoRA+: lora_B learns at this multiple of the learning rate
 
     def __post_init__(self) -> None:
         self.components, self.modules = tuple(self.components), tuple(self.modules)
-        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+        self.train_modules = tuple(self.train_modules)
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or self.plus_ratio <= 0:
             raise ValueError(
-                f"LoRA needs rank >= 1, alpha > 0, 0 <= dropout < 1 "
-                f"(got {self.rank}, {self.alpha}, "
-                f"{self.dropout})"
+                f"LoRA needs rank >= 1, alpha > 0, 0 <= dropout < 1, plus ratio > 0 "
+                f"(got {self.rank}, {self.alpha}, {self.dropout}, {self.plus_ratio})"
             )
         unknown = sorted(set(self.components) - set(PREFIXES))
         if unknown or not self.components:
@@ -87,10 +93,36 @@ def target_names(model: torch.nn.Module, options: LoraOptions) -> list[str]:
     return names
 
 
+def full_names(model: torch.nn.Module, options: LoraOptions, targets: list[str]) -> list[str]:
+    """The full names of the modules `options.train_modules` trains in full; ValueError when a
+    suffix matches none, when a module holds a LoRA target, or when it shares a weight with a
+    module outside it (a tied embedding would come untied)."""
+    modules = dict(model.named_modules())
+    names = []
+    for suffix in options.train_modules:
+        found = [n for n in modules if n and (n == suffix or n.endswith("." + suffix))]
+        if not found:
+            raise ValueError(f"LoRA train module {suffix!r} matches no module of the model")
+        names += [n for n in found if n not in names]
+    names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost only
+    for name in names:
+        inside = [t for t in targets if t == name or t.startswith(name + ".")]
+        if inside:
+            raise ValueError(f"LoRA train module {name} holds LoRA target(s) {inside[:3]}; "
+                             "train it in full or adapt it, not both")
+        own = {p.data_ptr() for p in modules[name].parameters()}
+        shared = [n for n, p in model.named_parameters(remove_duplicate=False)
+                  if p.data_ptr() in own and not n.startswith(name + ".")]
+        if shared:
+            raise ValueError(f"LoRA train module {name} shares weights with {shared[:2]} "
+                             "(tied); training a copy would untie them")
+    return names
+
+
 def apply_lora(model: torch.nn.Module, options: LoraOptions) -> list[str]:
-    """Wrap the target layers in place; returns their names. Only `is_lora_param` parameters should
-    train."""
-    if any(isinstance(m, LoraLayer) for m in model.modules()):
+    """Wrap the target layers in place (and the train modules in peft's ModulesToSaveWrapper);
+    returns the target names. Only `is_lora_param` parameters should train."""
+    if any(isinstance(m, (LoraLayer, ModulesToSaveWrapper)) for m in model.modules()):
         raise ValueError("the model already carries LoRA adapters")
     names = target_names(model, options)
     config = LoraConfig(
@@ -98,6 +130,8 @@ def apply_lora(model: torch.nn.Module, options: LoraOptions) -> list[str]:
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
         target_modules=names,
+        modules_to_save=full_names(model, options, names) or None,
+        use_rslora=options.rslora,
         bias="none",
     )
     inject_adapter_in_model(config, model)
@@ -105,11 +139,19 @@ def apply_lora(model: torch.nn.Module, options: LoraOptions) -> list[str]:
 
 
 def is_lora_param(name: str) -> bool:
-    return ".lora_" in name
+    """An adapter's parameter or a train module's (trainable) copy: what a LoRA run trains."""
+    return ".lora_" in name or ".modules_to_save." in name
+
+
+def lr_scale(options: LoraOptions):
+    """The trainer's `lr_scale` (parameter name → learning-rate factor) for LoRA+, or None."""
+    if options.plus_ratio == 1:
+        return None
+    return lambda name: options.plus_ratio if ".lora_B." in name else 1.0
 
 
 def lora_share(model: torch.nn.Module) -> tuple[int, int]:
-    """(LoRA parameters, all parameters)."""
+    """(trained parameters: adapters + train modules' copies, all parameters)."""
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for n, p in model.named_parameters() if is_lora_param(n)), total
 
@@ -124,11 +166,13 @@ def save_adapter(
     state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     targets = sorted(
-        {n.rsplit(".lora_", 1)[0] for n, _ in model.named_parameters() if is_lora_param(n)}
+        {n.rsplit(".lora_", 1)[0] for n, _ in model.named_parameters() if ".lora_" in n}
     )
+    saved = sorted(n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
     (out / CONFIG_FILE).write_text(
         json.dumps(
-            {"base": base, "options": asdict(options), "targets": targets, "peft_type": "LORA"},
+            {"base": base, "options": asdict(options), "targets": targets, "train_modules": saved,
+             "peft_type": "LORA"},
             indent=2,
         )
         + "\n"
@@ -160,13 +204,20 @@ def load_adapter(model: torch.nn.Module, path: str | Path) -> dict:
 
 
 def merge_into(model: torch.nn.Module) -> torch.nn.Module:
-    """Fold every LoRA adapter into its base Linear and put the plain Linear back (in place)."""
-    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    """Fold every LoRA adapter into its base Linear and put the plain Linear back, and put each
+    train module's trained copy in place of its original (in place)."""
+    wrapped = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))
+    ]
     for name, module in wrapped:
-        module.merge()
+        if isinstance(module, ModulesToSaveWrapper):
+            plain = module.modules_to_save[module.active_adapters[0]]
+        else:
+            module.merge()
+            plain = module.get_base_layer()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.get_base_layer())
+        setattr(parent, child, plain)
     return model
 
 

@@ -11,9 +11,10 @@ Optionally `trainable` (component → bool) and `component_lr` (component → lr
 `setup(model)` runs once before the loop (e.g. to build a frozen reference model), and `extra` is a module the
 stage trains beside the model (an auxiliary head: optimised as component "aux", saved in the trainer state, never
 in the model's checkpoint). `param_filter` (parameter name → bool) keeps only the matching parameters trainable
-(`tessera train --lora` sets it to the LoRA adapters'). `fsdp_ready` True says every rank runs the
-same forward passes of the model in each step, whatever its data, which FSDP needs (the Trainer
-refuses `fsdp` otherwise).
+(`tessera train --lora` sets it to the LoRA adapters'); `lr_scale` (parameter name → factor) multiplies
+their learning rate (LoRA+ sets it for the adapters' B matrices). `fsdp_ready` True says every rank runs the
+same forward passes of the model in each step, whatever its data, which FSDP needs (the Trainer refuses `fsdp`
+otherwise).
 
 Components are the model's parts, by top-level attribute: vision (vision_model), connector (mlp1, mlp2),
 router (pooling_before_gating, gating: official Flash key names), language (language_model).

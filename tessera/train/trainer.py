@@ -156,7 +156,8 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, overrides: dict
     lrs.setdefault("aux", lrs.get("connector", config.lr))
     trainable = {**config.trainable, **overrides.get("trainable", {})}
     keep = overrides.get("param_filter")  # name → bool: only these train (e.g. LoRA adapters)
-    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    scale = overrides.get("lr_scale") or (lambda name: 1.0)  # name → lr factor (e.g. LoRA+ on lora_B)
+    groups: dict[tuple[str, bool, float], list[torch.nn.Parameter]] = {}
     named = [(n, p, component_of(n)) for n, p in model.named_parameters()]
     named += [(n, p, "aux") for n, p in (extra.named_parameters() if extra is not None else [])]
     for name, p, comp in named:
@@ -164,12 +165,12 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, overrides: dict
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2 and not any(m in name for m in _NO_DECAY_MARKERS)
-        groups.setdefault((comp, decay), []).append(p)
+        groups.setdefault((comp, decay, scale(name)), []).append(p)
     if not groups:
         raise ValueError("every component is frozen: nothing to train")
-    param_groups = [{"params": ps, "lr": lrs.get(comp, config.lr),
-                     "weight_decay": config.weight_decay if decay else 0.0, "name": f"{comp}{'' if decay else '.no_decay'}"}
-                    for (comp, decay), ps in sorted(groups.items())]
+    param_groups = [{"params": ps, "lr": lrs.get(comp, config.lr) * factor,
+                     "weight_decay": config.weight_decay if decay else 0.0, "name": f"{comp}{'' if decay else '.no_decay'}{'' if factor == 1 else f'.x{factor:g}'}"}
+                    for (comp, decay, factor), ps in sorted(groups.items())]
     return torch.optim.AdamW(param_groups, betas=config.betas)
 
 
@@ -356,7 +357,7 @@ class Trainer:
         if ddp.world > 1:
             for t in [*self.model.state_dict().values(), *(extra.state_dict().values() if extra is not None else [])]:
                 dist.broadcast(t, src=0)
-        overrides = {k: getattr(self.stage, k) for k in ("trainable", "component_lr", "param_filter")
+        overrides = {k: getattr(self.stage, k) for k in ("trainable", "component_lr", "param_filter", "lr_scale")
                      if getattr(self.stage, k, None)}
         if self._fsdp:
             self._template = sharding.skeleton(self.model) if ddp.main else None
