@@ -31,8 +31,16 @@ from tessera.bench.serve import free_port, wait_ready
 from tessera.model.checkpoint import load_config
 from tessera.serve.vllm_backend import VLLMOptions, VLLMProcess, export_for_vllm
 
-SERVERS = ("tessera serve", "vllm serve", "tessera+vllm backend", "tessera serve unbatched")
-# "unbatched": coupled vision one image per ViT call (--max-batch-tiles 1), as before 2026-12-03
+SERVERS = (
+    "tessera serve",
+    "vllm serve",
+    "tessera+vllm backend",
+    "tessera serve unbatched",
+    "tessera serve decoupled",
+    "tessera serve compiled",
+)
+# "unbatched": coupled vision one image per ViT call (--max-batch-tiles 1), as before 2026-12-03;
+# "decoupled": DvD with one local vision worker; "compiled": the engine's decode graphs compiled at start-up
 DEFAULT = SERVERS[:3]
 
 
@@ -146,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
             extra = {
                 "tessera serve": [],
                 "tessera serve unbatched": ["--max-batch-tiles", "1"],
+                "tessera serve decoupled": ["--mode", "decoupled", "--vision-workers", "1", "--threads", "1"],
+                "tessera serve compiled": ["--compile"],
                 "tessera+vllm backend": ["--language-backend", "vllm", "--vllm-url", vllm.url],
             }
             for name in extra:
