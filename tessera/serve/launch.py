@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 import torch
 import uvicorn
 
+import tessera
 from tessera.serve.api import build_app
 from tessera.serve.language_server import CoupledVision, LanguageServer, ServeOptions
 from tessera.serve.vision import MAX_BATCH_TILES, MAX_WAIT_MS, VisionEncoder, VisionLimits
+from tessera.serve.vision_client import LocalWorkerSpec, RemoteVision
 
 
 @dataclass
@@ -54,8 +56,6 @@ class Topology:
 def build_server(checkpoint: str, topology: Topology, options: ServeOptions | None = None,
                  limits: VisionLimits | None = None, model=None) -> LanguageServer:
     """A LanguageServer for the topology. `model` (already loaded from `checkpoint`) skips loading it again."""
-    import tessera
-
     topology.validate()
     if model is None:
         model = tessera.load(checkpoint, device=topology.device,
@@ -64,8 +64,6 @@ def build_server(checkpoint: str, topology: Topology, options: ServeOptions | No
     if topology.mode == "coupled":
         vision = CoupledVision(VisionEncoder(model, limits, dtype=getattr(torch, topology.vision_dtype)))
     else:
-        from tessera.serve.vision_client import LocalWorkerSpec, RemoteVision
-
         spec = LocalWorkerSpec(str(checkpoint), topology.worker_threads, topology.max_batch_tiles, topology.max_wait_ms,
                                limits.cache_entries, topology.vision_dtype, device=str(topology.vision_device))
         vision = RemoteVision(topology.vision_servers, spec, topology.vision_workers,

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from tessera.device import model_device, to_device
+from tessera.model.checkpoint import save_checkpoint
 from tessera.train.stage import Stage, component_of
 
 _NO_DECAY_MARKERS = ("norm", "bias", "embed", "ls1", "ls2", "class_embedding", "position_embedding")
@@ -190,8 +191,6 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def _default_save_model(model: torch.nn.Module, path: Path) -> None:
-    from tessera.model.checkpoint import save_checkpoint
-
     save_checkpoint(model, path)
 
 
