@@ -1,23 +1,88 @@
-"""Fixtures shared across test modules."""
+"""Fixtures shared across test modules.
+
+Models: `tiny` (one random `tiny` Flash model per test module, eval mode: read it, or deep-copy it
+before changing it), `make_tiny` (a factory of fresh ones, for tests that train or edit a model),
+`lively` (the serving tests' model, whose greedy text varies with the prompt), `tokenizer` (their
+small fallback tokenizer, built once) and `make_world_model` (fresh copies of the recipe's starting
+model). Torch runs on one thread for the whole session (`torch_threads`).
+"""
+
+import copy
 
 import pytest
+import torch
+
+from tessera.chat import build_tokenizer, fallback_corpus
+from tessera.model.init import init_lively_model, init_model
+from tessera.train.recipe import RecipeConfig, init_model_for
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    """One intra-op thread for every test: the tiny models run no faster on more, and the serving
+    tests run server threads beside the test's own (the suite shares its cores with other jobs)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The small BPE tokenizer on the fallback corpus (vocab 1024) of every tiny test model."""
+    return build_tokenizer(fallback_corpus(), vocab_size=1024)
+
+
+@pytest.fixture
+def make_tiny(tokenizer):
+    """Factory: make_tiny() → a fresh random `tiny` Flash model (seed 0, train mode, as init_model
+    returns it), for tests that train, patch or otherwise change the model."""
+
+    def make():
+        return init_model("tiny", tokenizer=tokenizer, seed=0)
+
+    return make
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """A random `tiny` Flash model (eval mode) with a small tokenizer; a fresh one per test module."""
-    from tessera.chat import build_tokenizer, fallback_corpus
-    from tessera.model.init import init_model
+def tiny(tokenizer):
+    """A random `tiny` Flash model (eval mode) with the small tokenizer; one per test module. Tests
+    that change it work on copy.deepcopy(tiny) or ask make_tiny for their own."""
+    return init_model("tiny", tokenizer=tokenizer, seed=0).eval()
 
-    return init_model("tiny", tokenizer=build_tokenizer(fallback_corpus(), vocab_size=1024), seed=0).eval()
+
+@pytest.fixture(scope="session")
+def _world_model():
+    """The recipe's starting model (tokenizer on 20 scenes' text, no Flash parts) and torch's global
+    generator state right after building it (init_model seeds it)."""
+    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    return model, torch.get_rng_state()
+
+
+@pytest.fixture
+def make_world_model(_world_model):
+    """Factory: make_world_model() → a fresh init_model_for(RecipeConfig(tokenizer_corpus=20)),
+    copied from one built per session (training its world tokenizer takes longer than the copy),
+    with torch's global generator left where building it anew would leave it."""
+    model, rng_state = _world_model
+
+    def make():
+        torch.set_rng_state(rng_state)
+        return copy.deepcopy(model)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def lively():
+    """The serving tests' random `tiny` model (tessera.model.init.init_lively_model), per module."""
+    return init_lively_model("tiny")
 
 
 def perturb_(module, seed: int = 0, router_scale: float = 20.0, expert_std: float = 0.0) -> None:
     """Move a random model off its init so every tensor matters in a parity test: 1-D tensors (norms, biases,
     attention sinks) get noise, MoE routers are scaled up so top-k choices are decisive (no near-ties that float
     rounding could flip), and with `expert_std` > 0 GPT-OSS experts are redrawn that wide (their clamp engages)."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -36,7 +101,6 @@ def hf_causal_lm(tmp_path):
     checkpoints' names)."""
     import json
 
-    import torch
     from safetensors.torch import save_file
 
     from tessera.model.layouts import _ARCH_NAMES, _qwen3_dict, _rope_dict
@@ -69,3 +133,28 @@ def write_dataset():
     from handmade import write
 
     return write
+
+
+def _markdown_tables(text: str) -> list[list[dict[str, str]]]:
+    """Every pipe table in `text`, in order: one {column header: cell} per row, cells stripped of
+    spaces and bold markers. Tests read a report's values through it, not its exact row strings."""
+    tables, lines = [], [line.strip() for line in text.splitlines()]
+    cells = lambda line: [c.strip().strip("*").strip() for c in line.strip("|").split("|")]
+    i = 0
+    while i + 1 < len(lines):
+        rule = lines[i + 1]
+        if lines[i].startswith("|") and rule.startswith("|") and set(rule) <= set("|-: "):
+            head, rows, i = cells(lines[i]), [], i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(dict(zip(head, cells(lines[i]))))
+                i += 1
+            tables.append(rows)
+        else:
+            i += 1
+    return tables
+
+
+@pytest.fixture
+def markdown_tables():
+    """markdown_tables(text) → every pipe table of a markdown text, as lists of {header: cell}."""
+    return _markdown_tables

@@ -7,15 +7,13 @@ from tessera.answers import PreparedQuery, Query, Rollout
 from tessera.auc import auc
 from tessera.best_of_n import (NUM_FEATURES, Critic, CriticConfig, CriticTrainConfig, confidence_features,
                                generate_best_of_n, select, self_check_features, train_critic)
-from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.logprobs import sequence_logprobs
-from tessera.model.init import init_model
 from tessera.train.rollout import response_logprobs, sequence_batch
 
 
 @pytest.fixture(scope="module")
-def model():
-    return init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0).eval()
+def model(tiny):
+    return tiny
 
 
 def R(final, ok=True):

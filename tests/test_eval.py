@@ -39,7 +39,7 @@ def test_batched_greedy_matches_single_prompt_generation(model):
     assert len({len(p) for p in prompts}) > 1  # the prompts really needed padding
 
 
-def test_eval_result_fields_and_report(model):
+def test_eval_result_fields_and_report(model, markdown_tables):
     r = evaluate(model, seed=3, n=14, batch_size=5)
     data = r.to_json()
     for key in ("overall", "families", "visual_tokens_per_image", "n", "routing", "samples_per_second"):
@@ -52,7 +52,15 @@ def test_eval_result_fields_and_report(model):
     # every image carries whole tiles of 16 tokens (1/4 branch), thumbnails included
     assert all(rec["visual_tokens"] % 16 == 0 and rec["visual_tokens"] >= 16 for rec in r.records)
     assert data["visual_tokens_per_image"] == pytest.approx(sum(x["visual_tokens"] for x in r.records) / 14)
-    assert "| **overall** | 14 |" in format_report(r)
+    [table] = markdown_tables(format_report(r))  # one row per family, then the totals
+    rows = {row["family"]: row for row in table}
+    assert list(rows) == list(r.families) + ["overall"]
+    assert all(rows[f]["n"] == str(r.counts[f]) for f in r.families)
+    assert rows["overall"]["n"] == "14"
+    percent = lambda cell: float(cell.rstrip("%")) / 100
+    for family, accuracy in r.families.items():
+        assert percent(rows[family]["accuracy"]) == pytest.approx(accuracy, abs=5e-4)
+    assert percent(rows["overall"]["accuracy"]) == pytest.approx(r.overall, abs=5e-4)
     json.dumps(data)  # serialisable
 
 

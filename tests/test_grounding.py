@@ -112,9 +112,8 @@ def test_grounding_head_learns_a_fixed_batch():
         grounding_loss(head, features[:-1], cells, 0.5)
 
 
-def test_grounding_stage_trains_saves_the_head_and_resumes_exactly(tmp_path):
+def test_grounding_stage_trains_saves_the_head_and_resumes_exactly(tmp_path, make_world_model):
     from tessera.train import build_stage
-    from tessera.train.recipe import RecipeConfig, init_model_for
     from tessera.train.trainer import TrainConfig, Trainer
 
     data = {"rows": 2, "row_tokens": 384, "workers": 0, "grounding": 1.0, "curriculum": [[0, 1.0]]}
@@ -122,7 +121,7 @@ def test_grounding_stage_trains_saves_the_head_and_resumes_exactly(tmp_path):
                       precision="fp32")
 
     def run(out, **kw):
-        model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+        model = make_world_model()
         return Trainer(model, build_stage("pretrain", model, data), cfg, out).fit(**kw)
 
     full = run(tmp_path / "a")
@@ -138,12 +137,11 @@ def test_grounding_stage_trains_saves_the_head_and_resumes_exactly(tmp_path):
     assert "extra" in torch.load(tmp_path / "b" / "checkpoints" / "step-000004" / "trainer.pt", weights_only=False)
 
 
-def test_evidence_points_at_the_visual_token_that_shows_the_answer():
+def test_evidence_points_at_the_visual_token_that_shows_the_answer(make_world_model):
     """For document and label answers, the evidence key is the 1/4 token whose cells hold the answer's digits."""
     from tessera.train.data import WorldStream, Curriculum, collate
-    from tessera.train.recipe import RecipeConfig, init_model_for
 
-    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    model = make_world_model()
     tok = model.tokenizer
     for family in ("document", "label"):
         stream = WorldStream(tok, model.config, families={family: 1.0}, curriculum=Curriculum(((0, 1.0),)),
@@ -175,12 +173,11 @@ def fit_one_batch(model, stage, batch, metric: str, steps: int, lr: float) -> li
     return values
 
 
-def test_evidence_attention_loss_pulls_the_head_onto_the_evidence():
+def test_evidence_attention_loss_pulls_the_head_onto_the_evidence(make_world_model):
     from tessera.train import build_stage
-    from tessera.train.recipe import RecipeConfig, init_model_for
 
     torch.manual_seed(0)
-    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    model = make_world_model()
     stage = build_stage("sft", model, {"rows": 1, "row_tokens": 512, "workers": 0, "evidence_attention": 1.0,
                                        "families": {"document": 1.0}, "curriculum": [[0, 1.0]]})
     batch, _ = next(stage.batches(0, 0, 1))
@@ -189,15 +186,14 @@ def test_evidence_attention_loss_pulls_the_head_onto_the_evidence():
     assert masses[-1] > 3 * masses[0]
 
 
-def test_spatial_evidence_is_two_groups_read_from_the_whole_canvas_view():
+def test_spatial_evidence_is_two_groups_read_from_the_whole_canvas_view(make_world_model):
     """A spatial answer compares two objects' places: one evidence group per object, its tokens on the view that
     shows the whole canvas — the thumbnail's tokens at its cells in a multi-tile image (tile tokens cannot know
     which tile they are in), the only tile's tokens in a one-tile image."""
     from tessera.train.data import Curriculum, WorldStream
-    from tessera.train.recipe import RecipeConfig, init_model_for
     from tessera.world.grounding_targets import place_of_cells, thumbnail_token_of_cell, token_of_cell
 
-    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    model = make_world_model()
     tok, per_tile = model.tokenizer, model.config.tokens_per_tile
     stream = WorldStream(tok, model.config, families={"spatial": 1.0}, curriculum=Curriculum(((0, 1.0),)), grounding=True)
     seen = {"one tile": 0, "thumbnail": 0}
@@ -248,13 +244,12 @@ def test_each_supervised_head_is_pulled_onto_its_own_group():
         evidence_attention_loss(attn, x, cos, sin, None, [Evidence([10], [a])], heads=(7,))
 
 
-def test_question_words_name_each_evidence_group_in_order():
+def test_question_words_name_each_evidence_group_in_order(make_world_model):
     """Each group's naming words are found in its own turn's question, in the order the question names them
     (a spatial question naming two yellow shapes still gets each its own 'yellow')."""
     from tessera.train.data import Curriculum, WorldStream
-    from tessera.train.recipe import RecipeConfig, init_model_for
 
-    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    model = make_world_model()
     tok = model.tokenizer
     families = {"colour": 1.0, "shape": 1.0, "label": 1.0, "document": 1.0, "spatial": 1.0, "count": 1.0}
     stream = WorldStream(tok, model.config, families=families, curriculum=Curriculum(((0, 1.0),)), grounding=True,
@@ -276,13 +271,12 @@ def test_question_words_name_each_evidence_group_in_order():
     assert seen >= 12
 
 
-def test_question_attention_is_a_second_loss_one_layer_below():
+def test_question_attention_is_a_second_loss_one_layer_below(make_world_model):
     from tessera.train.data import Curriculum, WorldStream, collate
-    from tessera.train.recipe import RecipeConfig, init_model_for
     from tessera.train.stage import packed_lm_loss
 
     torch.manual_seed(0)
-    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    model = make_world_model()
     stream = WorldStream(model.tokenizer, model.config, families={"colour": 1.0, "spatial": 1.0},
                          curriculum=Curriculum(((0, 1.0),)), grounding=True, turns=2)
     batch = collate([[stream(0)], [stream(1)]], model.tokenizer.pad_id)
@@ -298,15 +292,14 @@ def test_question_attention_is_a_second_loss_one_layer_below():
     assert layers[middle].self_attn.q_proj.weight.grad.abs().sum() == 0
 
 
-def test_chain_evidence_grounds_each_number_a_thinking_chain_reads():
+def test_chain_evidence_grounds_each_number_a_thinking_chain_reads(make_world_model):
     """With `chain_evidence`, a thinking turn gives one entry per number its chain reads off the image: the
     positions that write that number, pointed at its own group's tokens (the label's cell, the counted shapes).
     Without it, thinking turns give nothing."""
     from tessera.train.data import Curriculum, WorldStream
-    from tessera.train.recipe import RecipeConfig, init_model_for
     from tessera.world.grounding_targets import token_of_cell
 
-    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    model = make_world_model()
     tok, per_tile = model.tokenizer, model.config.tokens_per_tile
     stream = WorldStream(tok, model.config, families={"reasoning": 1.0}, curriculum=Curriculum(((0, 1.0),)),
                          grounding=True, thinking_prob=1.0, chain_evidence=True)
@@ -349,14 +342,13 @@ def test_place_loss_is_the_cross_entropy_of_each_objects_column_and_row():
 
 
 @pytest.mark.parametrize("probe, family", [("place", "spatial"), ("count", "count")])
-def test_probes_train_what_the_middle_heads_fetch(probe, family):
+def test_probes_train_what_the_middle_heads_fetch(probe, family, make_world_model):
     """With a place (count) weight the sft stage carries the probe; its loss reaches the middle layer's value
     projection (the probe reads the heads' outputs before o_proj) and a few steps on one batch lower it."""
     from tessera.train import build_stage
-    from tessera.train.recipe import RecipeConfig, init_model_for
 
     torch.manual_seed(0)
-    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    model = make_world_model()
     stage = build_stage("sft", model, {"rows": 1, "row_tokens": 512, "workers": 0, probe: 1.0, "turns": 3,
                                        "count_sink": probe == "count",
                                        "repeat": [family], "families": {family: 1.0}, "curriculum": [[0, 1.0]]})
@@ -390,14 +382,13 @@ def test_count_loss_is_the_cross_entropy_of_how_many_things_were_counted():
         count_loss(head, hidden, [Evidence([5], [list(range(7))], sink=0)])
 
 
-def test_count_evidence_is_one_token_per_counted_shape_and_the_sink():
+def test_count_evidence_is_one_token_per_counted_shape_and_the_sink(make_world_model):
     """A count answer's evidence: the 1/4 token holding each counted shape's top-left cell (distinct tokens, one
     per shape, whatever its size), and the sample's first token as the sink; an answer of 0 has the sink alone."""
     from tessera.train.data import Curriculum, WorldStream
-    from tessera.train.recipe import RecipeConfig, init_model_for
     from tessera.world.grounding_targets import token_of_cell
 
-    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    model = make_world_model()
     tok, per_tile = model.tokenizer, model.config.tokens_per_tile
     stream = WorldStream(tok, model.config, families={"count": 1.0}, curriculum=Curriculum(((0, 1.0),)), grounding=True,
                          count_sink=True)
@@ -456,10 +447,9 @@ def test_counting_loss_is_the_kl_to_an_even_share_for_the_sink_and_each_thing():
     assert nothing > 0 and torch.isfinite(nothing)
 
 
-def test_the_count_probe_needs_counting_answers():
+def test_the_count_probe_needs_counting_answers(make_world_model):
     from tessera.train import build_stage
-    from tessera.train.recipe import RecipeConfig, init_model_for
 
-    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    model = make_world_model()
     with pytest.raises(ValueError, match="count_sink"):
         build_stage("sft", model, {"rows": 1, "row_tokens": 512, "workers": 0, "count": 1.0})

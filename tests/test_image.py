@@ -310,7 +310,7 @@ def test_transparency_is_where_we_differ_from_transformers(transformers_processo
     assert torch.equal(ours, preprocess(opaque, 112, 1, 6)[0])  # the colours underneath
 
 
-def test_preprocess_benchmark_runs_and_agrees(capsys, transformers_processor):
+def test_preprocess_benchmark_runs_and_agrees(capsys, transformers_processor, markdown_tables):
     import argparse
     import json
 
@@ -328,4 +328,6 @@ def test_preprocess_benchmark_runs_and_agrees(capsys, transformers_processor):
         assert set(row["images_per_s"]) == {"transformers", "ours", "ours_fast", "ours_2threads"}
         assert row["max_abs_diff"]["ours"] == 0.0
     assert result["machine"]["nproc"] >= 1 and result["settings"]["threads"] == 2
-    assert "| 200x100 | 2x1 | 3 |" in bench.markdown(result)
+    [table] = markdown_tables(bench.markdown(result))  # one row per image size, as in the JSON
+    rows = [(row["image"], row["grid"], row["tiles"]) for row in table]
+    assert rows == [("200x100", "2x1", "3"), ("64x64", "1x1", "1")]

@@ -12,15 +12,13 @@ import pytest
 
 
 @pytest.mark.slow
-def test_cascade_bench_runs_every_row(tmp_path, monkeypatch):
+def test_cascade_bench_runs_every_row(tmp_path, monkeypatch, make_tiny):
     import tessera.answers as answers_mod
     import tessera.best_of_n as best_of_n_mod
     from tessera.bench.cascade import format_cascade, quick_config, run_cascade
-    from tessera.chat import build_tokenizer, fallback_corpus
     from tessera.model.checkpoint import save_checkpoint
-    from tessera.model.init import init_model
 
-    save_checkpoint(init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0), tmp_path / "sft")
+    save_checkpoint(make_tiny(), tmp_path / "sft")
     real = answers_mod.score
 
     def first_token_rule(tokenizer, r, query, verify):
@@ -63,22 +61,23 @@ def test_a_gspo_pass_of_no_epochs_is_refused():
         CascadeConfig(pass_epochs=0)
 
 
-def test_token_passes_count_forward_positions_and_triple_the_differentiated_ones():
+def test_token_passes_count_forward_positions_and_triple_the_differentiated_ones(make_tiny):
     import torch
 
     from tessera.bench.compute import count_token_passes
-    from tessera.chat import build_tokenizer, fallback_corpus
-    from tessera.model.init import init_model
 
-    model = init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0)
+    model = make_tiny()
     ids = torch.randint(10, 100, (2, 7))  # [B,T] text only
     with count_token_passes(model) as meter:
         with torch.no_grad():
             model(ids)
         model(ids[:1, :5]).sum().backward()
     assert (meter.forward, meter.trained, meter.total) == (14, 5, 14 + 3 * 5)
-    model(ids)  # outside the block: not counted, and the hook is gone
-    assert meter.total == 29 and not model.language_model._forward_pre_hooks
+    model(ids)  # outside the block: not counted
+    assert meter.total == 29
+    with count_token_passes(model) as again, torch.no_grad():  # counts only its own passes
+        model(ids[:1])
+    assert (again.forward, again.total, meter.total) == (7, 7, 29)
 
 
 def test_cascade_stops_are_distinct_steps_inside_the_pass():

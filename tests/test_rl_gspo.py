@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tessera.answers import Group, PreparedQuery, Query, Rollout
+from tessera.answers import Group, PreparedQuery, Query, Rollout, SamplingConfig
 from tessera.logprobs import sequence_logprobs
 from tessera.train.gspo import GSPOConfig, GSPOStage, gspo_minibatch_loss, make_minibatches, select_queries
 from tessera.train.mpo import QueryStat
@@ -59,7 +59,7 @@ def test_a_gspo_step_raises_the_rewarded_completion():
     good, bad = [5, 6, 2], [7, 8, 2]
     group = Group(q, [_rollout(model, prep, good, 1.0), _rollout(model, prep, bad, 0.0)])
     before = (_seq_logp(model, prep, good), _seq_logp(model, prep, bad))
-    cfg = GSPOConfig(group_size=2, mini_batches=1)
+    cfg = GSPOConfig(mini_batches=1, sampling=SamplingConfig(group_size=2))
     [mb] = make_minibatches([group], {q.key(): prep}, cfg, pad_id=0, rng=random.Random(0))
     assert sorted(mb.advantages.tolist()) == [-1.0, 1.0]
     loss, metrics = gspo_minibatch_loss(model, mb, cfg)
@@ -78,9 +78,10 @@ def test_flat_groups_are_dropped_and_give_a_zero_loss():
     q = Query(0, "reasoning", "q", "7")
     prep = _toy_prepared(q)
     group = Group(q, [_rollout(model, prep, [5, 2], 1.0), _rollout(model, prep, [6, 2], 1.0)])
-    [mb] = make_minibatches([group], {q.key(): prep}, GSPOConfig(group_size=2), 0, random.Random(0))
+    cfg = GSPOConfig(sampling=SamplingConfig(group_size=2))
+    [mb] = make_minibatches([group], {q.key(): prep}, cfg, 0, random.Random(0))
     assert mb.seqs is None and mb.stats["informative_groups"] == 0.0 and mb.stats["reward"] == 1.0
-    loss, metrics = gspo_minibatch_loss(model, mb, GSPOConfig(group_size=2))
+    loss, metrics = gspo_minibatch_loss(model, mb, cfg)
     assert loss.item() == 0.0 and loss.requires_grad and not torch.isnan(loss)
 
 
@@ -91,7 +92,8 @@ def test_rollout_batch_is_split_and_later_minibatches_are_off_policy():
     completions = [[4, 2], [5, 2], [6, 2], [7, 2]]
     groups = [Group(q, [_rollout(model, preps[q.key()], c, float(k % 2 == i)) for k, c in enumerate(completions)])
               for i, q in enumerate(queries)]
-    cfg = GSPOConfig(group_size=4, mini_batches=3, eps_low=3e-4, eps_high=4e-4)
+    cfg = GSPOConfig(mini_batches=3, eps_low=3e-4, eps_high=4e-4,
+                     sampling=SamplingConfig(group_size=4))
     minis = make_minibatches(groups, preps, cfg, 0, random.Random(1))
     assert [m.part for m in minis] == [0, 1, 2]
     assert sum(m.advantages.shape[0] for m in minis) == 8
@@ -107,15 +109,13 @@ def test_rollout_batch_is_split_and_later_minibatches_are_off_policy():
     assert abs(ratios[1] - 1.0) > 1e-4 and abs(ratios[2] - 1.0) > 1e-4  # the policy moved since the rollout
 
 
-def test_stage_under_the_trainer_learns_what_is_rewarded(tmp_path, monkeypatch):
+def test_stage_under_the_trainer_learns_what_is_rewarded(tmp_path, monkeypatch, make_tiny):
     """The real stage (rollouts from the tiny VLM being trained, mini-batches, Trainer) for 12 steps on a rule
     reward: the first answer token must lie in the lower half of the vocabulary. Its probability must rise."""
     import tessera.train.gspo as gspo_mod
-    from tessera.chat import build_tokenizer, fallback_corpus
-    from tessera.model.init import init_model
     from tessera.train.trainer import TrainConfig, Trainer
 
-    model = init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0)
+    model = make_tiny()
     half = model.config.language.vocab_size // 2
     queries = [Query(i, "reasoning", f"what is {i} plus one?", str(i + 1), thinking=False) for i in range(4)]
     prepared = {}
@@ -142,7 +142,8 @@ def test_stage_under_the_trainer_learns_what_is_rewarded(tmp_path, monkeypatch):
         return groups
 
     monkeypatch.setattr(gspo_mod, "rollout", rollout_with_rule)
-    stage = GSPOStage(queries, GSPOConfig(group_size=8, queries_per_rollout=4, mini_batches=2, max_new_tokens=2),
+    stage = GSPOStage(queries, GSPOConfig(queries_per_rollout=4, mini_batches=2,
+                                           sampling=SamplingConfig(group_size=8, max_new_tokens=2)),
                       prepared=prepared)
     before = rewarded_mass()
     config = TrainConfig(steps=12, lr=3e-3, warmup_steps=1, min_lr_ratio=1.0, log_every=1, progress=False, threads=1)
@@ -155,17 +156,28 @@ def test_stage_under_the_trainer_learns_what_is_rewarded(tmp_path, monkeypatch):
     assert any(n.startswith("vision_model") for n in frozen) and not any(n.startswith("language_model") for n in frozen)
 
 
-def test_build_stage_filters_the_stored_offline_accuracies(tmp_path):
-    from tessera.chat import build_tokenizer, fallback_corpus
-    from tessera.model.init import init_model
+def test_build_stage_filters_the_stored_offline_accuracies(tmp_path, make_tiny):
     from tessera.train import build_stage
     from tessera.train.mpo import write_jsonl
 
-    model = init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0)
+    model = make_tiny()
     stats = [QueryStat(Query(i, "reasoning", "q", "1", True), a, 8) for i, a in enumerate([0.0, 0.25, 0.75, 1.0])]
     write_jsonl(tmp_path / "queries.jsonl", stats)
     stage = build_stage("gspo", model, {"accuracies": str(tmp_path / "queries.jsonl"), "eps_high": 5e-4, "mini_batches": 2})
     assert [q.seed for q in stage.queries] == [1, 2]
     assert stage.config.eps_high == 5e-4 and stage.config.eps_low == 3e-4 and stage.config.mini_batches == 2
+    assert stage.config.sampling == SamplingConfig(queries_per_batch=8)  # GSPO's default
+    # the sampling fields, flat (as run configs wrote them before they were grouped) or grouped
+    accuracies = str(tmp_path / "queries.jsonl")
+    flat = {"accuracies": accuracies, "group_size": 4, "temperature": 0.7, "seed": 3}
+    grouped = {"group_size": 4, "temperature": 0.7, "seed": 3}
+    nested = {"accuracies": accuracies, "sampling": grouped}
+    for options in (flat, nested):
+        assert build_stage("gspo", model, options).config.sampling == SamplingConfig(
+            temperature=0.7, group_size=4, queries_per_batch=8, seed=3)
+    with pytest.raises(ValueError, match="temperature given both flat and under 'sampling'"):
+        build_stage("gspo", model, {**nested, "temperature": 1.0})
+    with pytest.raises(ValueError, match="unknown GSPOData option.*tempreature"):
+        build_stage("gspo", model, {"accuracies": accuracies, "tempreature": 0.7})
     with pytest.raises(ValueError, match="no query"):
         build_stage("gspo", model, {"accuracies": str(tmp_path / "queries.jsonl"), "low": 0.3, "high": 0.7})

@@ -2,13 +2,14 @@
 
 import math
 import random
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from tessera.answers import Group, PreparedQuery, Query, Rollout
+from tessera.answers import Group, PreparedQuery, Query, Rollout, SamplingConfig
 from tessera.train.mpo import MPOStage, PreferencePair, QueryStat, build_pairs, read_pairs, read_stats, write_jsonl
 
 
@@ -112,14 +113,12 @@ def test_stage_refuses_an_empty_pair_set():
         MPOStage([])
 
 
-def test_build_stage_from_stored_pairs_renders_the_scenes(tmp_path):
+def test_build_stage_from_stored_pairs_renders_the_scenes(tmp_path, make_tiny):
     """`tessera train mpo` with data.pairs: the scenes come back from their seeds, the reference is recorded."""
     from tessera.answers import world_query
-    from tessera.chat import build_tokenizer, fallback_corpus
-    from tessera.model.init import init_model
     from tessera.train import build_stage
 
-    model = init_model("tiny", build_tokenizer(fallback_corpus(), 1024), seed=0)
+    model = make_tiny()
     q = world_query(5, "reasoning")
     end = model.tokenizer.im_end_id
     pairs = [PreferencePair(q, [40, 41, end], [42, end], accuracy=0.5), PreferencePair(q, [43, end], [44, 45, end])]
@@ -158,6 +157,14 @@ def _recorded_stage(model, shift=0.0, **kw):
     return MPOStage(pairs, pairs_per_batch=2, prepared=prepared, **kw), pairs
 
 
+def batch_references(stage) -> list[float]:
+    """The frozen reference a set-up stage trains against: (Σ log π(chosen), Σ log π(rejected)) of
+    each pair of its first batch (every pair when pairs_per_batch covers them), sorted, flat."""
+    batch, _ = next(stage.batches(0, 0, 1))
+    pairs = sorted(zip(batch.ref_chosen.tolist(), batch.ref_rejected.tolist()))
+    return [x for pair in pairs for x in pair]
+
+
 def test_pairs_record_their_summed_sampling_logprobs():
     pairs = build_pairs(_group([True, False]), 2, random.Random(0))
     assert [(p.chosen_logprob, p.rejected_logprob) for p in pairs] == [(-2.0, -2.0)]
@@ -171,7 +178,9 @@ def test_recorded_logprobs_are_the_reference_when_the_model_agrees():
     stage, pairs = _recorded_stage(model)
     stage.setup(model)
     assert stage.reference_source == "rollout"
-    assert stage._ref == [(p.chosen_logprob, p.rejected_logprob) for p in pairs]
+    recorded = sorted((p.chosen_logprob, p.rejected_logprob) for p in pairs)
+    flat = [x for pair in recorded for x in pair]
+    assert batch_references(stage) == pytest.approx(flat, abs=1e-6)
     batch, _ = next(stage.batches(0, 0, 1))
     _, m = stage.loss(model, batch, 1.0)
     assert m["dpo"] == pytest.approx(math.log(2), abs=1e-5)  # the policy is the reference at step 0
@@ -182,8 +191,8 @@ def test_recorded_logprobs_of_another_model_are_not_trusted():
     stage, _ = _recorded_stage(model, shift=0.5)  # as if another model had sampled the pairs
     stage.setup(model)
     assert stage.reference_source == "model"
-    assert [x for pair in stage._ref for x in pair] == pytest.approx(
-        [x for pair in _model_sums(model, stage.pairs) for x in pair], abs=1e-5)
+    scored = sorted(_model_sums(model, stage.pairs))
+    assert batch_references(stage) == pytest.approx([x for pair in scored for x in pair], abs=1e-5)
     strict, _ = _recorded_stage(model, shift=0.5, reference="rollout")
     with pytest.raises(ValueError, match="sampled by another model"):
         strict.setup(model)
@@ -205,10 +214,12 @@ def test_collected_pairs_carry_the_reference_and_the_encoded_scenes():
     trains in, so MPO takes the recorded log-probs (they agree with a teacher-forced pass) and the collection's
     image features, and its setup encodes and scores nothing again."""
     import tessera
+    from tessera.answers import answer_logprobs
     from tessera.train.mpo import MPOData, collect_or_load
 
     model = tessera.load("checkpoints/tiny-sft")
-    data = MPOData(queries=6, families={"count": 1.0}, group_size=4, seed=2)
+    sampling = SamplingConfig(group_size=4, seed=2)
+    data = MPOData(queries=6, families={"count": 1.0}, sampling=sampling)
     result = collect_or_load(model, data, log=None)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert result.pairs and all(p.recorded for p in result.pairs)
@@ -219,8 +230,14 @@ def test_collected_pairs_carry_the_reference_and_the_encoded_scenes():
     stage.setup(model)
     assert stage.reference_source == "rollout"
     assert all(stage.prepared[k] is result.prepared[k] for k in result.prepared)  # nothing encoded again
-    scored = [x for pair in stage._model_logprobs(model, result.pairs) for x in pair]
-    assert scored == pytest.approx([x for p in result.pairs for x in (p.chosen_logprob, p.rejected_logprob)], abs=1e-3)
-    hot = collect_or_load(model, MPOData(queries=6, families={"count": 1.0}, group_size=4, seed=2, temperature=0.7),
-                          log=None)
+    prompts = [result.prepared[p.query.key()] for p in result.pairs]
+    with torch.no_grad():  # teacher-forced Σ log π of each answer, beside what the rollout recorded
+        for side in ("chosen", "rejected"):
+            answers = [getattr(p, side) for p in result.pairs]
+            recorded = [getattr(p, f"{side}_logprob") for p in result.pairs]
+            lp, mask = answer_logprobs(model.eval(), prompts, answers)  # [B,L]
+            assert (lp * mask).sum(1).tolist() == pytest.approx(recorded, abs=1e-3)
+    hot_data = MPOData(queries=6, families={"count": 1.0},
+                       sampling=replace(sampling, temperature=0.7))
+    hot = collect_or_load(model, hot_data, log=None)
     assert hot.pairs and not any(p.recorded for p in hot.pairs)  # another temperature: not the model's log-probs

@@ -4,18 +4,14 @@ import pytest
 import torch
 
 from tessera.answers import PreparedQuery, Query, Rollout, SamplingConfig, rollout, score
-from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.engine import SamplingParams
 from tessera.engine.sampling import sample_tokens
-from tessera.model.init import init_model
 from tessera.train.rollout import response_logprobs, sequence_batch
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    tok = build_tokenizer(fallback_corpus(), 1024)
-    return init_model("tiny", tok, seed=0).eval()
+def model(tiny):
+    return tiny
 
 
 def _prepared(model, queries, tiles=(1, 3)):

@@ -10,8 +10,6 @@ from tessera.config import FlashConfig, preset
 from tessera.model.router import (COMPRESS, CrossAttentionPooling, Gating, VisualResolutionRouter, build_router_parts,
                                   flash_hf_to_official, flash_official_to_hf)
 
-torch.set_num_threads(1)
-
 
 class ReleasedPooling(nn.Module):
     """An independent write-up of the released pooling, using nn.MultiheadAttention calls in the released order."""

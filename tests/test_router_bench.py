@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tessera.bench.docs import replace_section
 from tessera.bench.router import markdown, plot, vision_cost, vision_macs
@@ -12,8 +11,6 @@ from tessera.routing import MODES
 from tessera.config import preset
 from tessera.evaluate import EvalResult
 
-torch.set_num_threads(1)
-
 
 def result(mode: str, accs: dict[str, float], tokens: float, qps: float, compressed: float) -> EvalResult:
     return EvalResult(overall=sum(accs.values()) / len(accs), families=accs, counts={f: 10 for f in accs},
@@ -21,7 +18,7 @@ def result(mode: str, accs: dict[str, float], tokens: float, qps: float, compres
                       samples_per_second=qps, generated_tokens_per_second=1.0, compressed_tile_fraction=compressed)
 
 
-def test_summary_ratios_and_targets(tmp_path):
+def test_summary_ratios_and_targets(tmp_path, markdown_tables):
     fams = ["colour", "label", "document"]
     results = {
         "full": result("full", dict(zip(fams, [1.0, 0.8, 0.6])), 64.0, 2.0, 0.0),
@@ -40,10 +37,16 @@ def test_summary_ratios_and_targets(tmp_path):
     assert s["throughput_ratio"] == pytest.approx(1.25)
     assert all(s["targets"].values())
     text = markdown(s, "ckpt")
-    for m in MODES:
-        assert f"| {m} |" in text
-    assert "50.0 % fewer visual tokens" in text and "| yes |" in text
-    assert "| 0.30 | 30.0 | 70.0 | 60.0 | 60.0 | 40.0 |" in text
+    modes, sweep, targets = markdown_tables(text)
+    assert [row["routing"] for row in modes] == list(MODES)  # one row per mode, its measurements
+    assert {row["routing"]: float(row["visual tokens / image"]) for row in modes} == {
+        m: r.visual_tokens_per_image for m, r in results.items()}
+    assert sweep == [{"relative threshold": "0.30", "visual tokens / image": "30.0",
+                      "router overall": "70.0", "router reading": "60.0",
+                      "random overall": "60.0", "random reading": "40.0"}]
+    assert {row["target"] for row in targets} == set(s["targets"])
+    assert all(row["met"] == "yes" for row in targets)
+    assert "50.0 % fewer visual tokens" in text
     s["world_bound"] = {"text_free": 0.105, "text_free_and_thumbnails": 0.263}
     assert "saves 10.5 % of the visual tokens (26.3 % with every thumbnail too)" in markdown(s, "ckpt")
     plot(s, tmp_path / "p.png")

@@ -13,13 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 import tessera
-from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.model.checkpoint import convert, read_weight_names
 from tessera.routing import RoutingPolicy, decide, encode_routed
 
 from test_router import ReleasedPooling, released_gating  # noqa: E402
 
-torch.set_num_threads(1)
 CV, CL = 32, 48
 
 
@@ -61,13 +59,12 @@ def released_weights(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def official_dir(tmp_path_factory):
+def official_dir(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("flash-official")
-    tok = build_tokenizer(fallback_corpus(), vocab_size=1024)
     weights, pooling, gating = released_weights()
     save_file(weights, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(official_config(tok.img_context_id)))
-    tok.save(path)
+    (path / "config.json").write_text(json.dumps(official_config(tokenizer.img_context_id)))
+    tokenizer.save(path)
     return path, pooling, gating
 
 

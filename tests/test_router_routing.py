@@ -9,7 +9,6 @@ from tessera.config import preset
 from tessera.routing import (RoutingError, RoutingPolicy, decide, encode_routed, enforce_budget, route_tiles,
                              threshold_decision)
 
-torch.set_num_threads(1)
 TILES = [5, 1, 7, 3]
 
 

@@ -13,8 +13,6 @@ from tessera.train.router_stage import (RatioWindow, RouterStage, SampleBatch, e
                                         router_bce, router_labels, tile_loss_ratios)
 from tessera.train.vico import shrink_image_tokens
 
-torch.set_num_threads(1)
-
 from test_vico import ListStream, make_sample  # noqa: E402  (shared synthetic samples)
 
 
@@ -149,12 +147,11 @@ def test_stage_runs_in_the_trainer_with_only_the_router_trainable(tiny, tmp_path
     assert changed and all(n.startswith(("pooling_before_gating.", "gating.")) for n in changed)
 
 
-def test_router_labels_can_come_from_descriptions():
+def test_router_labels_can_come_from_descriptions(make_world_model):
     """`families` picks the questions whose loss ratios label the tiles; the held-out tiles follow them."""
-    from tessera.train.recipe import RecipeConfig, init_model_for
     from tessera.train.router_stage import build_stage, heldout_samples
 
-    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    model = make_world_model()
     model.add_flash_branch()
     stage = build_stage(model, {"families": {"describe": 1.0}, "workers": 0})
     assert {stage.make.sample(i)[0].family for i in range(4)} == {"describe"}
@@ -164,12 +161,11 @@ def test_router_labels_can_come_from_descriptions():
     assert default.heldout_families is None and "describe" not in default.make.families
 
 
-def test_held_out_tiles_are_labelled_by_as_many_questions_as_the_training_tiles():
+def test_held_out_tiles_are_labelled_by_as_many_questions_as_the_training_tiles(make_world_model):
     from tessera.train.data import WorldStream
-    from tessera.train.recipe import RecipeConfig, init_model_for
     from tessera.train.router_stage import build_stage, heldout_samples
 
-    model = init_model_for(RecipeConfig(tokenizer_corpus=20))
+    model = make_world_model()
     model.add_flash_branch()
     stage = build_stage(model, {"turns": 4, "workers": 0, "heldout": 2})
     stage.eval_fn(model, 0)  # builds its held-out set from the stage's own stream, on the eval split

@@ -11,10 +11,8 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 from tessera.engine import SamplingParams, TokenEvent, generate
-from tessera.model.init import init_lively_model
 from tessera.serve.detok import TextAssembler
 from tessera.serve.language_server import EventPump, ServeOptions
 from tessera.serve.launch import LocalServer, Topology, build_server
@@ -24,9 +22,8 @@ MODEL = "tiny-test"
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(1)
-    return init_lively_model("tiny")
+def model(lively):
+    return lively
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,7 @@ import httpx
 import pytest
 import torch
 
-from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.model.checkpoint import save_checkpoint
-from tessera.model.init import init_model
 from tessera.routing import RoutingPolicy
 from tessera.serve import protocol as P
 from tessera.serve.language_server import CoupledVision, LanguageServer, ServeOptions
@@ -27,9 +25,8 @@ from tessera.serve.vision_server import VisionServer
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(1)
-    return init_model("tiny", tokenizer=build_tokenizer(fallback_corpus(), 1024), seed=0)
+def model(tiny):
+    return tiny
 
 
 class ThreadedVisionServer:

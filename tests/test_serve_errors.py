@@ -9,10 +9,7 @@ import concurrent.futures
 import httpx
 import openai
 import pytest
-import torch
 
-from tessera.chat import build_tokenizer, fallback_corpus
-from tessera.model.init import init_model
 from tessera.serve.language_server import ServeOptions
 from tessera.serve.launch import LocalServer, Topology, build_server
 from tessera.bench.loadgen import data_url, image_message, make_image
@@ -22,12 +19,10 @@ KEY = "sekrit-test-key"
 
 
 @pytest.fixture(scope="module")
-def server():
-    torch.set_num_threads(1)
-    model = init_model("tiny", tokenizer=build_tokenizer(fallback_corpus(), 1024), seed=0)
+def server(tiny):
     options = ServeOptions(model_name="tiny", max_batch=1, max_waiting=1, max_len=256, max_images=2)
     limits = VisionLimits(max_pixels=300 * 300, max_tiles_per_request=8)
-    srv = build_server("in-memory", Topology("coupled"), options, limits, model=model)
+    srv = build_server("in-memory", Topology("coupled"), options, limits, model=tiny)
     with LocalServer(srv, api_key=KEY) as s:
         yield s
 

@@ -11,11 +11,9 @@ import threading
 
 import httpx
 import pytest
-import torch
 
 import tessera.serve.language_server as ls_mod
 from tessera.cli import build_parser
-from tessera.model.init import init_lively_model
 from tessera.serve.api import MAX_JSON_DEPTH, json_depth
 from tessera.serve.detok import StopMatcher, TextAssembler
 from tessera.serve.language_server import OFF_LOOP_CHARS, ServeOptions
@@ -28,9 +26,8 @@ URL = "/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(1)
-    return init_lively_model("tiny")
+def model(lively):
+    return lively
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,9 @@ import time
 
 import httpx
 import pytest
-import torch
 
 import tessera.engine.engine as engine_mod
 from tessera.engine import Engine, GenerationRequest, SamplingParams
-from tessera.model.init import init_lively_model
 from tessera.serve.detok import TextAssembler
 from tessera.serve.language_server import ServeOptions
 from tessera.serve.launch import LocalServer, Topology, build_server
@@ -25,9 +23,8 @@ SENTINEL = (
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(1)
-    return init_lively_model("tiny")
+def model(lively):
+    return lively
 
 
 @pytest.fixture(scope="module")

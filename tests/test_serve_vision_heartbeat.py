@@ -12,13 +12,10 @@ import time
 
 import httpx
 import pytest
-import torch
 import zmq
 
 from tessera.bench.loadgen import data_url, image_message, make_image
-from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.model.checkpoint import save_checkpoint
-from tessera.model.init import init_model
 from tessera.routing import RoutingPolicy
 from tessera.serve import protocol as P
 from tessera.serve.language_server import ServeOptions
@@ -30,9 +27,8 @@ VISION_TIMEOUT = 120.0  # the server's default: a hung worker's requests must fa
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(1)
-    return init_model("tiny", tokenizer=build_tokenizer(fallback_corpus(), 1024), seed=0)
+def model(tiny):
+    return tiny
 
 
 def test_a_worker_answers_pings_while_it_computes_a_batch(model):

@@ -26,25 +26,36 @@ def tiny_plan() -> RecipeConfig:
     ])
 
 
-def check_outputs(out, n, stages=("pretrain", "sft")):
+def report_tables(report: str, markdown_tables) -> dict[tuple[str, ...], list[dict[str, str]]]:
+    """The report's tables by their column headers."""
+    return {tuple(t[0]): t for t in markdown_tables(report) if t}
+
+
+def check_outputs(out, n, markdown_tables, stages=("pretrain", "sft")):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"]["n"] == n and set(summary["eval"]["families"]) <= set(summary["chance"])
     assert set(summary["stage_seconds"]) == set(stages)
     assert all(s > 0 for s in summary["stage_seconds"].values())
     report = (out / "report.md").read_text()
-    assert "| family | n | accuracy | chance |" in report and "curves.png" in report
+    tables = report_tables(report, markdown_tables)
+    families = tables["family", "n", "accuracy", "chance"]  # the final evaluation, chance beside it
+    assert families[-1]["family"] == "overall" and families[-1]["n"] == str(n)
+    assert "curves.png" in report
+    assert {row["family"] for row in families[:-1]} == set(summary["eval"]["families"])
     assert (out / "curves.png").stat().st_size > 1000
+    stage_table = tables["stage", "steps", "seconds", "s / step", "final loss"]
+    stage_rows = {row["stage"]: row for row in stage_table}
     for stage in stages:
         assert (out / stage / "final" / "model.safetensors").exists()
-        assert f"| {stage} | {summary['stages'][stage]['steps']} |" in report  # the stage table
+        assert int(stage_rows[stage]["steps"]) == summary["stages"][stage]["steps"]
     return summary
 
 
-def test_recipe_smoke_and_resume(tmp_path):
+def test_recipe_smoke_and_resume(tmp_path, markdown_tables):
     import tessera
 
     result = run_recipe(tiny_plan(), tmp_path, progress=False)
-    summary = check_outputs(tmp_path, 2)
+    summary = check_outputs(tmp_path, 2, markdown_tables)
     assert result.final_checkpoint == tmp_path / "sft" / "final"
     model = tessera.load(result.final_checkpoint)
     assert model.tokenizer is not None
@@ -62,13 +73,13 @@ def test_recipe_smoke_and_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_recipe_command(tmp_path, capsys):
+def test_quick_recipe_command(tmp_path, capsys, markdown_tables):
     from tessera.cli import main
 
     assert main(["recipe", "--preset", "tiny", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "overall" in printed and "fewer visual tokens" in printed
-    check_outputs(tmp_path, 14, CASCADE)
+    check_outputs(tmp_path, 14, markdown_tables, CASCADE)
 
 
 def training_steps(folder):
@@ -79,14 +90,14 @@ def files_with_times(root):
     return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
-def test_quick_recipe_runs_the_whole_cascade_and_resumes_as_a_no_op(tmp_path):
+def test_quick_recipe_runs_the_whole_cascade_and_resumes_as_a_no_op(tmp_path, markdown_tables):
     import tessera
     from tessera.routing import MODES
 
     plans = {p.name: p for p in quick_recipe().stages}
     assert list(plans) == CASCADE
     result = run_recipe("tiny", tmp_path, quick=True, progress=False)
-    summary = check_outputs(tmp_path, 14, CASCADE)
+    summary = check_outputs(tmp_path, 14, markdown_tables, CASCADE)
     for name, plan in plans.items():
         assert training_steps(tmp_path / name)[-1] == plan.train.steps, name
     # mpo collected from the SFT model's rollouts into its folder; gspo trained on queries filtered from them
@@ -105,9 +116,14 @@ def test_quick_recipe_runs_the_whole_cascade_and_resumes_as_a_no_op(tmp_path):
     assert compressed["visual_tokens"] == pytest.approx(full["visual_tokens"] / 4)  # 1/16 instead of 1/4 per tile
     assert compressed["tokens_saved"] == pytest.approx(75.0) and full["tokens_saved"] == 0.0
     report = (tmp_path / "report.md").read_text()
-    assert "## Per family through the cascade" in report and "| family | after sft | final |" in report
-    assert "## Flash" in report and all(f"| {m} |" in report for m in MODES) and "| compressed |" in report
-    assert "| tokens saved | accuracy kept |" in report and "## Stages" in report
+    assert all(f"## {h}" in report for h in ("Per family through the cascade", "Flash", "Stages"))
+    tables = report_tables(report, markdown_tables)
+    cascade = next(t for head, t in tables.items() if head[0] == "family" and "after sft" in head)
+    assert list(cascade[0])[-1] == "final" and cascade[-1]["family"] == "overall"
+    flash_rows = next(t for h, t in tables.items() if h[0] == "routing" and "tokens saved" in h)
+    assert [row["routing"] for row in flash_rows] == list(MODES)
+    saved = {row["routing"]: float(row["tokens saved"].rstrip(" %")) for row in flash_rows}
+    assert saved["compressed"] == pytest.approx(75.0) and saved["full"] == 0.0
 
     # resume after completion: nothing is trained, saved or evaluated again; the same report is rewritten
     before = files_with_times(tmp_path)

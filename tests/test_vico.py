@@ -8,8 +8,6 @@ import torch
 from tessera.train.data import Encoded
 from tessera.train.vico import PairPacker, ViCOStage, draw_xi, shrink_image_tokens
 
-torch.set_num_threads(1)
-
 
 def make_sample(model, index: int, tiles: list[int], answer: str = "red 42") -> Encoded:
     """A synthetic Encoded: random tiles, one image per entry of `tiles`, tokens at 1/4."""

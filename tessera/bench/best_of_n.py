@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +31,27 @@ class BestOfNConfig:
     questions: int = 300  # held-out reasoning questions
     best_of: tuple[int, ...] = (1, 4, 8)
     critic_queries: int = 300  # training queries rolled out for the critic
-    group_size: int = 8  # the critic's rollouts per training query
-    temperature: float = 0.7
     families: dict[str, float] = field(default_factory=dict)  # the critic's queries; {} → default_rl_families()
     eval_seed: int = 0
-    seed: int = 0
+    # how every answer is drawn: the critic's rollouts (group_size per training query) and the
+    # held-out questions' max(best_of) samples (seeded 17 after it); its seed seeds the critic too
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
 
 
 def best_of_n_table(model, cfg: BestOfNConfig, critic_dir: Path) -> dict[str, Any]:
     """Accuracy at each N (greedy, sampled mean, vote, critic, critic-weighted, oracle pass@N) and the critic's report."""
     start = time.process_time()
-    sampling = SamplingConfig(temperature=cfg.temperature, group_size=cfg.group_size, seed=cfg.seed)
-    queries = training_queries(cfg.critic_queries, cfg.families or None, cfg.seed, CRITIC_SEED_OFFSET)
-    critic, report = fit_critic(model, queries, sampling, CriticTrainConfig(seed=cfg.seed))
+    sampling = cfg.sampling
+    queries = training_queries(cfg.critic_queries, cfg.families or None, sampling.seed,
+                               CRITIC_SEED_OFFSET)
+    critic, report = fit_critic(model, queries, sampling, CriticTrainConfig(seed=sampling.seed))
     critic.save(critic_dir)
     critic_cpu = time.process_time() - start
     items = eval_items(cfg.questions, ["reasoning"], offset=cfg.eval_seed)
     prepared = prepare(model, [world_query(it.seed, it.family, split=it.split) for it in items], keep_pixels=False)
-    sampled = best_of_n_rollouts(model, critic, prepared, max(cfg.best_of),
-                                 SamplingConfig(temperature=cfg.temperature, seed=cfg.seed + 17), "weighted", verify=verify)
+    held_out = replace(sampling, seed=sampling.seed + 17)
+    sampled = best_of_n_rollouts(model, critic, prepared, max(cfg.best_of), held_out, "weighted",
+                                 verify=verify)
     greedy = evaluate(model, seed=cfg.eval_seed, n=cfg.questions, families=["reasoning"], keep_records=False).overall
     table = {}
     for n in cfg.best_of:
@@ -64,7 +66,7 @@ def best_of_n_table(model, cfg: BestOfNConfig, critic_dir: Path) -> dict[str, An
         k = len(sampled)
         table[n] = {"sampled_mean": mean_sample / k, "oracle": oracle / k, **{s: v / k for s, v in acc.items()}}
     return {"greedy": greedy, "by_n": table, "critic": asdict(report), "critic_cpu_seconds": critic_cpu,
-            "questions": len(sampled), "temperature": cfg.temperature}
+            "questions": len(sampled), "temperature": sampling.temperature}
 
 
 def format_best_of_n(bon: dict[str, Any], model_name: str) -> list[str]:
@@ -90,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = BestOfNConfig(questions=args.questions, critic_queries=args.critic_queries, seed=args.seed)
+    cfg = BestOfNConfig(questions=args.questions, critic_queries=args.critic_queries,
+                        sampling=replace(BestOfNConfig().sampling, seed=args.seed))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bon = best_of_n_table(tessera.load(args.checkpoint), cfg, out / "critic")

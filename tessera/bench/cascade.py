@@ -149,16 +149,20 @@ def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = Casca
 
     offline_dir = out / "offline"
     sft = tessera.load(sft_dir)
-    data = MPOData(out=str(offline_dir), queries=cfg.collect_queries, families=cfg.families, group_size=cfg.group_size,
-                   seed=cfg.seed, pairs_per_batch=cfg.pairs_per_batch)
+    data = MPOData(out=str(offline_dir), queries=cfg.collect_queries, families=cfg.families,
+                   sampling=SamplingConfig(group_size=cfg.group_size, seed=cfg.seed),
+                   pairs_per_batch=cfg.pairs_per_batch)
     with count_token_passes(sft) as offline_passes:
         offline = collect_or_load(sft, data, log=log)
     collect_cpu = offline.seconds  # measured when collected (and kept in offline/collect.json for a rerun)
     pool = select_queries(offline.stats)
     log(f"cascade: {len(offline.pairs)} pairs, {len(pool)}/{len(offline.stats)} queries in [0.2, 0.8], "
         f"offline accuracy {offline.accuracy:.3f}")
-    gspo_cfg = GSPOConfig(group_size=cfg.group_size, queries_per_rollout=cfg.queries_per_rollout,
-                          mini_batches=cfg.mini_batches, eps_low=cfg.eps_low, eps_high=cfg.eps_high, seed=cfg.seed)
+    gspo_sampling = SamplingConfig(group_size=cfg.group_size,
+                                   queries_per_batch=cfg.queries_per_rollout, seed=cfg.seed)
+    gspo_cfg = GSPOConfig(queries_per_rollout=cfg.queries_per_rollout,
+                          mini_batches=cfg.mini_batches, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                          sampling=gspo_sampling)
     steps_per_pass = cfg.pass_epochs * math.ceil(len(pool) / cfg.queries_per_rollout) * cfg.mini_batches
 
     log("cascade: +MPO")
@@ -191,9 +195,11 @@ def run_cascade(sft_dir: str | Path, out: str | Path, cfg: CascadeConfig = Casca
     rows["Cascade (MPO → GSPO)"] = {**_measure(c_model, cfg), **_plus(*spent, c_cost)}
 
     log("cascade: Best-of-N on the Cascade model")
-    bon = best_of_n_table(c_model, BestOfNConfig(cfg.eval_reasoning, cfg.best_of, cfg.critic_queries, cfg.group_size,
-                                                 cfg.bon_temperature, cfg.families, cfg.eval_seed, cfg.seed),
-                          out / "critic")
+    bon_sampling = SamplingConfig(temperature=cfg.bon_temperature, group_size=cfg.group_size,
+                                  seed=cfg.seed)
+    bon_cfg = BestOfNConfig(cfg.eval_reasoning, cfg.best_of, cfg.critic_queries, cfg.families,
+                            cfg.eval_seed, bon_sampling)
+    bon = best_of_n_table(c_model, bon_cfg, out / "critic")
     summary = {"config": asdict(cfg), "rows": rows, "offline": {"queries": len(offline.stats), "pairs": len(offline.pairs),
                "accuracy": offline.accuracy, "filtered_queries": len(pool), "cpu_seconds": collect_cpu,
                           "token_passes": offline_passes.total or None},  # None: read back from an earlier run

@@ -28,8 +28,15 @@ from pathlib import Path
 
 import torch
 
+import tessera
 from tessera.device import add_device_arguments, resolve_device
-from tessera.engine import generate
+from tessera.engine import Engine, GenerationRequest, SamplingParams, generate
+from tessera.evaluate import evaluate
+from tessera.model.init import init_checkpoint
+from tessera.serve.language_server import ServeOptions
+from tessera.serve.launch import LocalServer, Topology, build_server
+from tessera.train import build_stage
+from tessera.train.trainer import TrainConfig, Trainer
 
 USES_DEVICE = True
 log = logging.getLogger(__name__)
@@ -71,8 +78,6 @@ def _sync(device: torch.device) -> None:
 
 
 def check_chat(ckpt: Path, device: torch.device, image: Path) -> str:
-    import tessera
-
     model = tessera.load(ckpt, device=device)
     pipe = tessera.Pipeline(model)
     start = time.perf_counter()
@@ -84,18 +89,11 @@ def check_chat(ckpt: Path, device: torch.device, image: Path) -> str:
 
 
 def check_eval(ckpt: Path, device: torch.device) -> str:
-    import tessera
-    from tessera.evaluate import evaluate
-
     result = evaluate(tessera.load(ckpt, device=device), n=8, batch_size=8, thinking="off", keep_records=False)
     return f"{result.n} questions, {result.samples_per_second:.1f} questions/s, accuracy {result.overall:.2f}"
 
 
 def check_train(ckpt: Path, device: torch.device, out: Path) -> str:
-    import tessera
-    from tessera.train import build_stage
-    from tessera.train.trainer import TrainConfig, Trainer
-
     model = tessera.load(ckpt, device=device)
     stage = build_stage("sft", model, {"rows": 2, "row_tokens": 256})
     config = TrainConfig.from_dict({"steps": 3, "warmup_steps": 1, "progress": False, "save_every": 0})
@@ -111,9 +109,6 @@ def check_train(ckpt: Path, device: torch.device, out: Path) -> str:
 
 
 def check_engine(ckpt: Path, device: torch.device, new_tokens: int) -> str:
-    import tessera
-    from tessera.engine import Engine, GenerationRequest, SamplingParams
-
     model = tessera.load(ckpt, device=device)
     vocab = model.tokenizer.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -144,8 +139,6 @@ def check_engine(ckpt: Path, device: torch.device, new_tokens: int) -> str:
 def check_serve(ckpt: Path, device: torch.device, vision_device: torch.device, image: bytes) -> str:
     import httpx
 
-    from tessera.serve.language_server import ServeOptions
-    from tessera.serve.launch import LocalServer, Topology, build_server
 
     topology = Topology("decoupled", vision_workers=1, device=str(device), vision_device=str(vision_device))
     server = build_server(str(ckpt), topology, ServeOptions(model_name="bench", max_batch=4, max_len=2048))
@@ -168,8 +161,6 @@ def check_serve(ckpt: Path, device: torch.device, vision_device: torch.device, i
 
 
 def _checkpoint(shape: str, folder: Path) -> Path:
-    from tessera.model.init import init_checkpoint
-
     path = folder / shape
     if not (path / "model.safetensors").is_file():
         dtype = torch.bfloat16 if shape != "tiny" else torch.float32

@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imports stay in functions here: `tessera chat --help` builds its parser without them
     import tessera
     from tessera.image import ImageError
 

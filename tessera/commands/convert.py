@@ -25,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imports stay in functions here: `tessera convert --help` builds its parser without them
     from tessera.config import ConfigError
     from tessera.model.checkpoint import CheckpointError, convert, load_config
 

@@ -35,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    # imports stay in functions here: `tessera critic --help` builds its parser without them
     import tessera
     from tessera.answers import SamplingConfig
     from tessera.best_of_n import CRITIC_DIR, CriticTrainConfig, fit_critic

@@ -28,6 +28,7 @@ def find_checkpoint(explicit: str | None) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imports stay in functions here: `tessera demo --help` builds its parser without them
     import tessera
     from tessera.evaluate import evaluate, format_report
     from tessera.world import FAMILIES, make_sample, verify

@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imports stay in functions here: `tessera eval --help` builds its parser without them
     import tessera
     from tessera.evaluate import evaluate, format_report
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tessera.model.checkpoint import LAYOUTS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tessera.model.checkpoint import LAYOUTS
-
     p.add_argument("run", help="run folder of a --lora training (or its adapter folder)")
     p.add_argument("--out", required=True, help="folder for the merged checkpoint")
     p.add_argument("--layout", default="tessera", choices=LAYOUTS)
@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imports stay in functions here: `tessera merge --help` builds its parser without them
     import tessera
     from tessera.model.checkpoint import save_checkpoint
     from tessera.train.lora import ADAPTER_DIR, CONFIG_FILE, load_adapter, merge_into, read_adapter

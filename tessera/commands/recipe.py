@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imports stay in functions here: `tessera recipe --help` builds its parser without them
     from tessera.train.recipe import run_recipe
 
     devices = devices_from_args(args)

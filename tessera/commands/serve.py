@@ -63,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    # imports stay in functions here: `tessera serve --help` builds its parser without them
     from tessera.serve.language_server import ServeOptions
     from tessera.serve.launch import Topology, serve
     from tessera.serve.vision import VisionLimits

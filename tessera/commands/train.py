@@ -24,11 +24,10 @@ import json
 from pathlib import Path
 
 from tessera.device import add_device_arguments, devices_from_args
+from tessera.train import STAGES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tessera.train import STAGES
-
     p.add_argument("stage", choices=sorted(STAGES), help="training stage")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None, help="model preset for a fresh model (default tiny)")
@@ -125,6 +124,7 @@ def lora_options(args: argparse.Namespace):
     """The LoraOptions of the command line, or None without --lora."""
     if not getattr(args, "lora", False):
         return None
+    # imports stay in functions here: `tessera train --help` builds its parser without them
     from tessera.train.lora import LoraOptions
 
     if not args.init:

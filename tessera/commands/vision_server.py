@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imports stay in functions here: `tessera vision-server --help` builds its parser without them
     from tessera.serve.vision_server import run_vision_server
 
     import torch

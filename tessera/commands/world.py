@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def export_run(args: argparse.Namespace) -> int:
+    # imports stay in functions here: `tessera world --help` builds its parser without them
     from tessera.data.world import WorldSource, export
     from tessera.world import ALL_FAMILIES
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tessera.data.internvl import to_row
 from tessera.data.records import Conversation, Turn
+from tessera.world import make_sample
 
 
 @dataclass
@@ -35,8 +36,6 @@ class WorldSource:
         return self.difficulty(index) if callable(self.difficulty) else float(self.difficulty)
 
     def __call__(self, index: int) -> Conversation:
-        from tessera.world import make_sample
-
         rng = random.Random(self.seed * 1_000_003 + index)
         family = None
         if self.families:

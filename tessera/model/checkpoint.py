@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from tessera.config import ConfigError, ModelConfig
 from tessera.model import hf_export, layouts
+from tessera.model.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +242,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     `device`, one tensor at a time, so a large checkpoint is never held twice in memory. The tokenizer is attached when the folder
     has a tokenizer.json (and `tokenizer` is True).
     """
-    from tessera.model.vlm import VisionLanguageModel
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -266,7 +265,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
 
 
 def _load_tokenizer(file: Path, template: str = "internvl2_5"):
-    try:
+    try:  # here, not at the top: weights load without the tokenizers package
         from tessera.chat import ChatTokenizer
     except ImportError:
         return None

@@ -22,7 +22,15 @@ from typing import Any
 
 import torch
 
-from tessera.config import ConfigError, FlashConfig, LanguageConfig, ModelConfig, RopeScaling, VisionConfig
+from tessera.config import (
+    ConfigError,
+    FlashConfig,
+    LanguageConfig,
+    ModelConfig,
+    RopeScaling,
+    VisionConfig,
+)
+from tessera.model.router import flash_hf_to_official, flash_official_to_hf
 
 OFFICIAL_ARCH = "InternVLChatModel"
 HF_ARCH = "InternVLForConditionalGeneration"
@@ -340,8 +348,6 @@ def _swap_prefix(rest: str, table: dict[str, str]) -> str | None:
 
 
 def tessera_to_hf_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from tessera.model.router import flash_official_to_hf
-
     out: dict[str, torch.Tensor] = {}
     flash: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -394,8 +400,6 @@ def _modernise_hf_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def hf_to_tessera_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """transformers keys → tessera keys. Returns (mapped, names that have no tessera counterpart)."""
-    from tessera.model.router import flash_hf_to_official
-
     state = _modernise_hf_keys(state)
     inv_embed = {v: k for k, v in _VIT_EMBED.items()}
     inv_layer = {v: k for k, v in _VIT_LAYER.items()}

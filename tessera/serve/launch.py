@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 import torch
 import uvicorn
 
+import tessera
 from tessera.serve.api import build_app
 from tessera.serve.language_server import CoupledVision, LanguageServer, ServeOptions
 from tessera.serve.vision import MAX_BATCH_TILES, MAX_WAIT_MS, VisionEncoder, VisionLimits
+from tessera.serve.vision_client import LocalWorkerSpec, RemoteVision
+from tessera.serve.vllm_backend import ThreadVision, VLLMOptions, build_vllm_server
 
 
 @dataclass
@@ -59,8 +62,6 @@ def build_server(checkpoint: str, topology: Topology, options: ServeOptions | No
     """A LanguageServer for the topology. `model` (already loaded from `checkpoint`) skips loading it again.
     With `topology.language_backend == "vllm"`, a vLLM server runs the LLM (`vllm`: its VLLMOptions) and
     coupled vision runs on a worker thread of this process."""
-    import tessera
-
     topology.validate()
     if model is None:
         model = tessera.load(checkpoint, device=topology.device,
@@ -70,22 +71,16 @@ def build_server(checkpoint: str, topology: Topology, options: ServeOptions | No
     if topology.mode == "coupled":
         encoder = VisionEncoder(model, limits, dtype=getattr(torch, topology.vision_dtype))
         if vllm_backend:
-            from tessera.serve.vllm_backend import ThreadVision
-
             vision = ThreadVision(encoder, topology.max_batch_tiles)
         else:
             vision = CoupledVision(encoder, topology.max_batch_tiles)
     else:
-        from tessera.serve.vision_client import LocalWorkerSpec, RemoteVision
-
         spec = LocalWorkerSpec(str(checkpoint), topology.worker_threads, topology.max_batch_tiles, topology.max_wait_ms,
                                limits.cache_entries, topology.vision_dtype, device=str(topology.vision_device))
         vision = RemoteVision(topology.vision_servers, spec, topology.vision_workers,
                               heartbeat=min(1.0, topology.heartbeat_timeout / 4),
                               heartbeat_timeout=topology.heartbeat_timeout)
     if vllm_backend:
-        from tessera.serve.vllm_backend import VLLMOptions, build_vllm_server
-
         return build_vllm_server(checkpoint, model, vision, options or ServeOptions(), vllm or VLLMOptions())
     return LanguageServer(model, vision, options)
 

@@ -24,8 +24,16 @@ from dataclasses import dataclass, field
 
 import zmq
 
+import tessera
 from tessera.serve import protocol as P
-from tessera.serve.vision import MAX_BATCH_TILES, MAX_WAIT_MS, PreparedJob, VisionEncoder, VisionInputError
+from tessera.serve.vision import (
+    MAX_BATCH_TILES,
+    MAX_WAIT_MS,
+    PreparedJob,
+    VisionEncoder,
+    VisionInputError,
+    VisionLimits,
+)
 
 
 @dataclass
@@ -164,8 +172,6 @@ def run_vision_server(checkpoint: str, bind: str, threads: int = 1, max_batch_ti
                       dtype: str = "float32", device: str = "cpu") -> int:
     import torch
 
-    import tessera
-    from tessera.serve.vision import VisionLimits
 
     torch.set_num_threads(threads)
     model = tessera.load(checkpoint, device=device)

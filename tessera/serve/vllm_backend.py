@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from tessera.engine import EngineStats
+from tessera.model.checkpoint import convert
 from tessera.serve.detok import Delta, TextAssembler
 from tessera.serve.language_server import (
     NORMALISATION_MARGIN,
@@ -122,8 +123,6 @@ def _free_port() -> int:
 
 def export_for_vllm(checkpoint: str | Path, dst: str | Path) -> Path:
     """The checkpoint as the hf folder vLLM loads (router and mlp2 left out: Tessera keeps them)."""
-    from tessera.model.checkpoint import convert
-
     return convert(checkpoint, dst, to="hf", drop_flash=True)
 
 

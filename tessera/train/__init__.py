@@ -7,7 +7,7 @@ Stage protocol); `STAGES` names them for `tessera train STAGE` and the recipe. A
 from __future__ import annotations
 
 import importlib
-from dataclasses import fields
+from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
 STAGES: dict[str, str] = {
@@ -28,13 +28,38 @@ def build_stage(name: str, model, data: dict[str, Any] | None = None):
 
 
 def dataclass_from(cls: type, data: Any):
-    """`cls(**data)` for a dict (unknown keys named in the error), the instance itself, or defaults for None."""
+    """`cls(**data)` for a dict (unknown keys named in the error), the instance itself, or defaults
+    for None.
+
+    A field that is itself a dataclass (a stage's `sampling`) takes a dict of its own fields, laid
+    over the field's default; its fields may also be given flat, beside cls's own (run configs
+    written before they were grouped), but not both ways at once."""
     if data is None:
         return cls()
     if isinstance(data, cls):
         return data
+    defaults = cls()
     names = {f.name for f in fields(cls)}
+    nested = {n: type(getattr(defaults, n)) for n in names if is_dataclass(getattr(defaults, n))}
+    data = dict(data)
+    for name, sub in nested.items():
+        given = data.get(name, {})
+        if isinstance(given, sub):
+            continue
+        if not isinstance(given, dict):
+            raise ValueError(
+                f"{cls.__name__} option {name!r} must be a mapping of {sub.__name__} fields")
+        own = [f.name for f in fields(sub) if f.name in data and f.name not in names]
+        flat = {k: data.pop(k) for k in own}
+        both = sorted(set(flat) & set(given))
+        if both:
+            raise ValueError(
+                f"{cls.__name__}: {', '.join(both)} given both flat and under {name!r}")
+        if flat or name in data:
+            data[name] = dataclass_from(sub, {**asdict(getattr(defaults, name)), **given, **flat})
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        known = sorted(names | {f.name for sub in nested.values() for f in fields(sub)})
+        raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}; "
+                         f"known: {', '.join(known)}")
     return cls(**data)

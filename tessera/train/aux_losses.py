@@ -31,6 +31,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from tessera.train.grounding_losses import (
+    count_loss,
+    evidence_attention_loss,
+    place_loss,
+    two_level_grounding_loss,
+)
+
 
 @dataclass
 class ForwardView:
@@ -90,8 +97,6 @@ class AttentionGrounding:
         return [layer.self_attn.register_forward_hook(keep_inputs)]
 
     def __call__(self, model, batch, view: ForwardView):
-        from tessera.train.grounding_losses import evidence_attention_loss
-
         evidence = self.evidence(batch)
         if not evidence:
             return None
@@ -143,8 +148,6 @@ class DenseGrounding:
         return []
 
     def __call__(self, model, batch, view: ForwardView):
-        from tessera.train.grounding_losses import two_level_grounding_loss
-
         return two_level_grounding_loss(
             self.module, view.grid, view.features, batch.grounding, model.config.downsample_ratio
         )
@@ -162,8 +165,6 @@ def world_aids(
     place and
     count probes, dense grounding. (head, weight) pairs for those with a head; weight 0 / None
     leaves one out."""
-    from tessera.train.grounding_losses import count_loss, place_loss
-
     aids: list[AuxiliaryLoss] = []
     if evidence_attention > 0:
         aids.append(

@@ -22,6 +22,7 @@ from tessera.data.encode import encode_ids
 from tessera.data.records import Conversation
 from tessera.data.scan import ScanReport, scan
 from tessera.data.source import Records
+from tessera.image import ImageProcessor
 from tessera.train.data import Encoded
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,6 @@ class ConversationStream:
 
     def processor(self):
         if self._processor is None:
-            from tessera.image import ImageProcessor
-
             self._processor = ImageProcessor.from_config(self.config)
         return self._processor
 
@@ -62,8 +61,6 @@ def scan_for(
 ) -> ScanReport:
     """tessera.data.scan with the model's tokenizer and tiling; `max_tokens` capped by the model's
     positions."""
-    from tessera.image import ImageProcessor
-
     limit = min(max_tokens, model.config.language.max_position_embeddings)
     return scan(
         path,

@@ -25,8 +25,22 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tessera.geometry import tokens_of_images
+from tessera.image import ImageProcessor
+from tessera.model.llm import packed_causal_mask
 from tessera.seeds import sub_seed
 from tessera.train.losses import IGNORE
+from tessera.world import FAMILIES, Lookup, build, make_sample, render
+from tessera.world.curriculum import level
+from tessera.world.grounding_targets import (
+    place_of_cells,
+    thumbnail_token_of_cell,
+    tile_targets,
+    token_of_cell,
+)
+from tessera.world.tasks import (  # the per-family askers, on a given scene
+    _FAMILY_FNS,
+    thinking_text,
+)
 
 
 @dataclass(frozen=True)
@@ -100,8 +114,6 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
     them (`chain`), and nothing otherwise; turns without cells (and nothing counted) give nothing."""
     if scene is None:
         return None
-    from tessera.world.grounding_targets import place_of_cells, thumbnail_token_of_cell, token_of_cell
-
     runs, start = [], None  # maximal runs of loss tokens: one per turn (its answer and <|im_end|>)
     for i, m in enumerate(list(mask) + [0]):
         if m and start is None:
@@ -169,8 +181,6 @@ def _grounding(scene, num_tiles: int) -> torch.Tensor | None:
     that tile exactly, so row-major tiles + thumbnail must be what the processor made)."""
     if scene is None:
         return None
-    from tessera.world.grounding_targets import tile_targets
-
     tiles = scene.cols * scene.rows
     targets = torch.from_numpy(tile_targets(scene, thumbnail=tiles > 1))  # [N,8,8,F]
     if targets.shape[0] != num_tiles:
@@ -241,8 +251,6 @@ class Batch:
 
     def attn_mask(self) -> torch.Tensor:
         """bool [B,1,L,L], True = may attend: same segment and causal. Padding (segment 0) attends to padding."""
-        from tessera.model.llm import packed_causal_mask
-
         return packed_causal_mask(self.segment_ids)
 
 
@@ -417,8 +425,6 @@ class WorldStream:
 
     def sample(self, index: int):
         """The world Sample and the thinking flag at `index` (no tokenisation; used by tests and reports)."""
-        from tessera.world import make_sample
-
         rng = random.Random(sub_seed(self.seed, index))
         family = None
         if self.families:
@@ -434,17 +440,11 @@ class WorldStream:
         The first turn is `sample(index)`; the others are drawn (without repeating a family unless it is in
         `repeat`, never `describe`, never the same question twice) and asked about the same scene.
         """
-        from tessera.world import build, render
-        from tessera.world.curriculum import level
-        from tessera.world.tasks import _FAMILY_FNS, thinking_text  # the per-family askers, on a given scene
-
         rng = random.Random(sub_seed(self.seed, index))
         names = sorted(self.families) if self.families else None
         if names:
             first = rng.choices(names, weights=[self.families[n] for n in names])[0]
         else:
-            from tessera.world import FAMILIES
-
             names, first = list(FAMILIES), None
         difficulty = self.curriculum(index)
         scene, task, first, _ = build(self.seed + index, first, self.split, difficulty)
@@ -481,15 +481,11 @@ class WorldStream:
 
     def __call__(self, index: int) -> Encoded:
         if self._processor is None:
-            from tessera.image import ImageProcessor
-
             self._processor = ImageProcessor.from_config(self.config)
         if self.turns > 1:
             image, turns, family, scene, lookups = self.conversation(index)
             return encode_turns(self.tokenizer, self._processor, self.config.tokens_per_tile, image, turns, family, index,
                                 scene if self.grounding else None, lookups)
-        from tessera.world import Lookup
-
         s, thinking = self.sample(index)
         answer = s.thinking_answer if thinking else s.answer
         return encode(self.tokenizer, self._processor, self.config.tokens_per_tile, s.image, s.question, answer,

@@ -17,13 +17,23 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from tessera.answers import Group, PreparedQuery, Query, SamplingConfig, prepare, rollout, unprepared
+from tessera.answers import (
+    Group,
+    PreparedQuery,
+    Query,
+    SamplingConfig,
+    prepare,
+    rollout,
+    unprepared,
+)
 from tessera.seeds import sub_seed
-from tessera.train.mpo import QueryStat
+from tessera.train import dataclass_from
+from tessera.train.mpo import MPOData, QueryStat, collect_or_load, read_stats
+from tessera.train.records_rl import gspo_inputs
 from tessera.train.rl_losses import group_advantages, gspo_loss
 from tessera.train.rollout import SequenceBatch, response_logprobs, sequence_batch
 
@@ -37,34 +47,32 @@ def select_queries(stats: Sequence[QueryStat], low: float = 0.2, high: float = 0
 
 @dataclass
 class GSPOConfig:
-    group_size: int = 8  # G rollouts per query
+    """GSPO's options. How answers are drawn is `sampling` (G = sampling.group_size answers per
+    query, at sampling.temperature, which the trained log-probs use too); its seed is the stage's:
+    query order, every rollout batch's seed and the mini-batch shuffles derive from it. A run
+    config may give the sampling fields flat (tessera.train.dataclass_from)."""
+
     queries_per_rollout: int = 8  # queries per rollout batch
     mini_batches: int = 4  # optimiser steps per rollout batch (the first on-policy, the rest off-policy)
     eps_low: float = 3e-4  # GSPO paper's clipping range
     eps_high: float = 4e-4
-    temperature: float = 1.0  # sampling temperature; the trained log-probs use the same one
-    top_p: float = 1.0
-    max_new_tokens: int = 32  # answer budget with thinking off
-    max_think_tokens: int = 160  # with thinking on
     low: float = 0.2  # offline-accuracy filter
     high: float = 0.8
     train_vision: bool = False  # False: image features fixed, only the language model learns
     max_resamples: int = 4  # rollout batches tried in a row before giving up on finding any signal
-    seed: int = 0
+    # a default rollout batch is prefilled as one (a smaller queries_per_batch splits it)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(queries_per_batch=8))
 
     def validate(self) -> "GSPOConfig":
-        if self.group_size < 2:
-            raise ValueError(f"GSPO compares answers within a group: group_size must be >= 2, got {self.group_size}")
+        G = self.sampling.group_size
+        if G < 2:
+            raise ValueError(
+                f"GSPO compares answers within a group: group_size must be >= 2, got {G}")
         if self.queries_per_rollout < 1 or self.mini_batches < 1:
             raise ValueError("queries_per_rollout and mini_batches must be >= 1")
         if self.eps_low < 0 or self.eps_high < 0:
             raise ValueError(f"clipping ranges must be >= 0, got {self.eps_low}, {self.eps_high}")
         return self
-
-    def sampling(self, seed: int) -> SamplingConfig:
-        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, group_size=self.group_size,
-                              max_new_tokens=self.max_new_tokens, max_think_tokens=self.max_think_tokens,
-                              queries_per_batch=self.queries_per_rollout, seed=seed)
 
 
 @dataclass
@@ -109,7 +117,8 @@ def gspo_minibatch_loss(model, batch: MiniBatch, config: GSPOConfig,
     if batch.seqs is None:  # nothing to learn from: a zero loss that still reaches the trainable parameters
         anchor = next(p for p in model.parameters() if p.requires_grad)
         return anchor.sum() * 0.0, {**batch.stats, "gspo": 0.0, "sequences": 0.0}
-    lp, mask = response_logprobs(model, batch.seqs, config.temperature, config.train_vision)  # [B,L]
+    temperature = config.sampling.temperature
+    lp, mask = response_logprobs(model, batch.seqs, temperature, config.train_vision)  # [B,L]
     loss, metrics = gspo_loss(lp, batch.seqs.old_logprobs, mask, batch.advantages, config.eps_low, config.eps_high)
     metrics.update(batch.stats)
     metrics.update({"sequences": float(batch.advantages.shape[0]), "on_policy": float(batch.part == 0)})
@@ -155,7 +164,7 @@ class GSPOStage:
         for j in range(start, start + k):
             epoch, pos = divmod(j, n)
             order = list(range(n))
-            random.Random(sub_seed(self.config.seed, epoch)).shuffle(order)
+            random.Random(sub_seed(self.config.sampling.seed, epoch)).shuffle(order)
             out.append(self.queries[order[pos]])
         return out
 
@@ -164,14 +173,16 @@ class GSPOStage:
             raise RuntimeError("GSPOStage.setup(model) must run before batches() (the Trainer calls it)")
         index = position
         pad = self._model.tokenizer.pad_id
+        sampling = self.config.sampling
         while True:
             for attempt in range(self.config.max_resamples):
                 queries = self._queries_for(index, rank, world)
                 start = time.process_time()
-                groups = rollout(self._model, queries, self.config.sampling(self.config.seed * 7919 + index * 31 + rank),
-                                 verify=self.verify, prepared=self._prepared(queries))
+                batch_sampling = replace(sampling, seed=sampling.seed * 7919 + index * 31 + rank)
+                groups = rollout(self._model, queries, batch_sampling, verify=self.verify,
+                                 prepared=self._prepared(queries))
                 self.rollout_cpu_seconds += time.process_time() - start
-                rng = random.Random(self.config.seed * 104_729 + index)
+                rng = random.Random(sampling.seed * 104_729 + index)
                 minis = make_minibatches(groups, self.prepared, self.config, pad, rng, index)
                 index += 1
                 if minis[0].seqs is not None or attempt == self.config.max_resamples - 1:
@@ -203,13 +214,8 @@ class GSPOData(GSPOConfig):
 
 
 def build_stage(model, data: GSPOData | dict | None = None) -> GSPOStage:
-    from tessera.train import dataclass_from
-    from tessera.train.mpo import MPOData, collect_or_load, read_stats
-
     d = dataclass_from(GSPOData, data)
     if d.data:
-        from tessera.train.records_rl import gspo_inputs
-
         queries, prepared, verify, report = gspo_inputs(model, d.data, d.reward, d.skip_bad_records, d.train_vision)
         config = GSPOConfig(**{k: getattr(d, k) for k in GSPOConfig.__dataclass_fields__})
         stage = GSPOStage(queries, config, verify=verify, prepared=prepared)
@@ -218,9 +224,10 @@ def build_stage(model, data: GSPOData | dict | None = None) -> GSPOStage:
     if d.accuracies:
         stats = read_stats(d.accuracies)
     else:
-        offline = MPOData(out=d.out, queries=d.collect_queries, families=d.families, group_size=d.group_size,
-                          temperature=d.temperature, top_p=d.top_p, max_new_tokens=d.max_new_tokens,
-                          max_think_tokens=d.max_think_tokens, seed=d.seed)
+        # the offline collection samples as the stage does, prefilled in mpo's batches
+        collect = replace(d.sampling, queries_per_batch=MPOData().sampling.queries_per_batch)
+        offline = MPOData(out=d.out, queries=d.collect_queries, families=d.families,
+                          sampling=collect)
         stats = collect_or_load(model, offline).stats
     config = GSPOConfig(**{k: getattr(d, k) for k in GSPOConfig.__dataclass_fields__})
     return GSPOStage(select_queries(stats, d.low, d.high), config)

@@ -29,8 +29,9 @@ import torch
 from tessera.answers import Group, Query, SamplingConfig, prepare, rollout, unprepared
 from tessera.logprobs import sequence_logprobs
 from tessera.seeds import sub_seed
+from tessera.train import dataclass_from
 from tessera.train.rl_losses import MPOWeights, RunningMean, implicit_reward_mean, mpo_loss
-from tessera.train.rollout import SequenceBatch, response_logprobs, sequence_batch
+from tessera.train.rollout import SequenceBatch, response_logprobs, sequence_batch, training_queries
 
 
 @dataclass
@@ -312,18 +313,15 @@ class MPOStage:
 
 @dataclass
 class MPOData:
-    """The mpo stage's data options (the `data` section of a run config)."""
+    """The mpo stage's data options (the `data` section of a run config). `sampling` is how the
+    collection draws its answers; its seed is the stage's (the pair shuffles too). A run config may
+    give the sampling fields flat (tessera.train.dataclass_from)."""
 
     pairs: str = ""  # a pairs.jsonl to train on; "" → roll out the model now (or reuse out/pairs.jsonl)
     out: str = ""  # folder for pairs.jsonl and queries.jsonl when collecting ("" → not written)
     queries: int = 512  # training queries rolled out
     families: dict[str, float] = field(default_factory=dict)  # family → weight; {} → default_rl_families()
-    group_size: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    max_think_tokens: int = 160
-    queries_per_batch: int = 4
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_pairs_per_query: int = 2
     pairs_per_batch: int = 8
     train_vision: bool = False
@@ -332,13 +330,8 @@ class MPOData:
     bco: float = 0.2
     nll: float = 1.0
     beta: float = 0.1
-    seed: int = 0
     data: str = ""  # your preference pairs (MMPR style: image, question, chosen, rejected) instead of rollouts
     skip_bad_records: bool = False  # with data: drop (and count) bad rows instead of stopping
-
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.temperature, self.top_p, self.group_size, self.max_new_tokens, self.max_think_tokens,
-                              self.queries_per_batch, self.seed)
 
 
 def collect_or_load(model, data: MPOData, log=print) -> CollectResult:
@@ -347,16 +340,15 @@ def collect_or_load(model, data: MPOData, log=print) -> CollectResult:
     A model stored in bf16 is first cast to fp32, the precision MPO trains it in (tessera.train.trainer keeps fp32
     master weights): sampled so, the pairs' recorded log-probs are the reference's to ~1e-5 nats, where a bf16
     sampler's differ by ~2e-2 nats per token and MPO would have to score every pair again."""
-    from tessera.train.rollout import training_queries
-
     out = Path(data.out) if data.out else None
     if out is not None and (out / "pairs.jsonl").exists() and (out / "queries.jsonl").exists():
         info = json.loads((out / "collect.json").read_text()) if (out / "collect.json").exists() else {}
         return CollectResult(read_pairs(out / "pairs.jsonl"), read_stats(out / "queries.jsonl"),
                              float(info.get("cpu_seconds", 0.0)))
-    queries = training_queries(data.queries, data.families or None, data.seed)
+    queries = training_queries(data.queries, data.families or None, data.sampling.seed)
     model.float()
-    result = collect_preferences(model, queries, data.sampling(), data.max_pairs_per_query, out, log=log)
+    result = collect_preferences(model, queries, data.sampling, data.max_pairs_per_query, out,
+                                 log=log)
     if out is not None:
         (out / "collect.json").write_text(json.dumps({"queries": len(result.stats), "pairs": len(result.pairs),
                                                       "accuracy": result.accuracy, "cpu_seconds": result.seconds}) + "\n")
@@ -364,17 +356,18 @@ def collect_or_load(model, data: MPOData, log=print) -> CollectResult:
 
 
 def build_stage(model, data: MPOData | dict | None = None) -> MPOStage:
-    from tessera.train import dataclass_from
-
     d = dataclass_from(MPOData, data)
     if d.data:
+        # here, not at the top: records_rl builds this module's PreferencePair (an import cycle)
         from tessera.train.records_rl import mpo_inputs
 
         pairs, prepared, report = mpo_inputs(model, d.data, d.skip_bad_records, d.train_vision)
-        stage = MPOStage(pairs, d.pairs_per_batch, MPOWeights(d.dpo, d.bco, d.nll, d.beta), d.train_vision, d.seed,
+        weights = MPOWeights(d.dpo, d.bco, d.nll, d.beta)
+        stage = MPOStage(pairs, d.pairs_per_batch, weights, d.train_vision, d.sampling.seed,
                          prepared=prepared, reference="model")
         stage.scan_report = report
         return stage
     collected = CollectResult(read_pairs(d.pairs), [], 0.0) if d.pairs else collect_or_load(model, d)
-    return MPOStage(collected.pairs, d.pairs_per_batch, MPOWeights(d.dpo, d.bco, d.nll, d.beta), d.train_vision, d.seed,
+    weights = MPOWeights(d.dpo, d.bco, d.nll, d.beta)
+    return MPOStage(collected.pairs, d.pairs_per_batch, weights, d.train_vision, d.sampling.seed,
                     prepared=dict(collected.prepared), reference=d.reference)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from tessera.seeds import PRETRAIN_SEED_OFFSET
 from tessera.train import dataclass_from
 from tessera.train.data import Curriculum, WorldStream
-from tessera.train.stage import lm_stage
+from tessera.train.stage import LanguageModelingStage, lm_stage
 
 SEED_OFFSET = PRETRAIN_SEED_OFFSET  # tessera.seeds: the layout of the train split's seeds
 

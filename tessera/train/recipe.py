@@ -26,8 +26,20 @@ from typing import Any
 
 import torch
 
+from tessera.answers import SamplingConfig
+from tessera.best_of_n import CRITIC_DIR, CriticTrainConfig, fit_critic
+from tessera.chat import build_tokenizer
+from tessera.config import preset
+from tessera.evaluate import EvalResult, evaluate
+from tessera.flash_table import flash_summary
+from tessera.model.checkpoint import load_checkpoint, save_checkpoint
+from tessera.model.init import init_model
 from tessera.seeds import CRITIC_SEED_OFFSET
+from tessera.train import build_stage
+from tessera.train.report import write_report
+from tessera.train.rollout import training_queries
 from tessera.train.trainer import TrainConfig, Trainer
+from tessera.world import corpus
 
 
 @dataclass
@@ -215,11 +227,6 @@ class RecipeResult:
 def init_model_for(config: RecipeConfig):
     """A fresh model of the preset with a tokenizer trained on the world's text, without Flash parts: the base
     stages never train mlp2 or the router, so ViCO adds them (VisionLanguageModel.add_flash_branch)."""
-    from tessera.chat import build_tokenizer
-    from tessera.config import preset
-    from tessera.model.init import init_model
-    from tessera.world import corpus
-
     model_config = preset(config.preset)
     model_config.flash.enabled = False
     tokenizer = build_tokenizer(corpus(config.tokenizer_corpus), vocab_size=model_config.language.vocab_size)
@@ -229,10 +236,6 @@ def init_model_for(config: RecipeConfig):
 def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny", quick: bool = False,
                progress: bool = True, device: str | torch.device = "cpu") -> RecipeResult:
     """Run the cascade on `device`; returns the final checkpoint folder and the report's summary."""
-    from tessera.evaluate import EvalResult
-    from tessera.model.checkpoint import load_checkpoint, save_checkpoint
-    from tessera.train.report import write_report
-
     if isinstance(preset, RecipeConfig):
         config = preset
     elif preset == "tiny":
@@ -263,8 +266,6 @@ def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny
     result = stage_evals.get(last) or _evaluate(model, config, out, "final", final)
     flash = None
     if model.router is not None:  # the cascade ended on a Flash model: measure what its router buys
-        from tessera.flash_table import flash_summary
-
         key = _eval_key(final, n=config.flash_n, seed=config.eval_seed)
         flash = cached(out / "evals.json", "flash", key, lambda: flash_summary(model, config.flash_n, config.eval_seed))
     if config.critic_queries:
@@ -278,10 +279,6 @@ def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny
 def fit_final_critic(model, final: Path, config: RecipeConfig) -> None:
     """Train the Best-of-N critic (tessera.best_of_n) on the final model's rollouts into final/critic, so that `eval`
     and `chat --best-of N` work on the recipe's checkpoint; skipped when a critic of these weights is there."""
-    from tessera.answers import SamplingConfig
-    from tessera.best_of_n import CRITIC_DIR, CriticTrainConfig, fit_critic
-    from tessera.train.rollout import training_queries
-
     folder = final / CRITIC_DIR
     key = json.loads(json.dumps(_eval_key(final, queries=config.critic_queries, seed=config.seed)))
     stamp = folder / "weights.json"
@@ -298,9 +295,6 @@ def fit_final_critic(model, final: Path, config: RecipeConfig) -> None:
 def run_stage(model, plan: StagePlan, config: RecipeConfig, out: Path, progress: bool = True):
     """Train one stage into out/<name> (resuming from its checkpoints) and return the trained model; a stage a
     previous run finished is loaded from its final/ folder instead of being built again."""
-    from tessera.model.checkpoint import load_checkpoint
-    from tessera.train import build_stage
-
     folder = out / plan.name
     if stage_finished(folder, plan.train.steps):
         return load_checkpoint(folder / "final")
@@ -373,8 +367,6 @@ def _eval_key(checkpoint: Path, **settings: Any) -> dict[str, Any]:
 
 def _evaluate(model, config: RecipeConfig, out: Path, label: str, checkpoint: Path):
     """The report's per-family evaluation of `model` (whose weights are `checkpoint`'s), cached in out/evals.json."""
-    from tessera.evaluate import EvalResult, evaluate
-
     def compute() -> dict[str, Any]:
         torch.manual_seed(config.seed)
         return evaluate(model, seed=config.eval_seed, n=config.eval_n, families=config.eval_families,
@@ -386,8 +378,6 @@ def _evaluate(model, config: RecipeConfig, out: Path, label: str, checkpoint: Pa
 
 def _probe(config: RecipeConfig):
     """The eval_fn the trainer calls during training: a small held-out set, disjoint from the final one."""
-    from tessera.evaluate import evaluate
-
     def probe(model, step: int) -> dict[str, Any]:
         r = evaluate(model, seed=config.eval_seed + 100_000, n=config.probe_n, families=config.eval_families,
                      keep_records=False)

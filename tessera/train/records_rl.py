@@ -19,12 +19,14 @@ from collections.abc import Sequence
 
 import torch
 
+from tessera.answers import PreparedQuery, Query
 from tessera.data.encode import prompt_ids
 from tessera.data.records import PreferencePair as PairRecord
 from tessera.data.records import PromptRecord
 from tessera.data.rewards import resolve
+from tessera.image import ImageProcessor
 from tessera.train.conversations import scan_for
-from tessera.answers import PreparedQuery, Query
+from tessera.train.mpo import PreferencePair
 
 CONTEXT = 4096  # the scan's length bound for RL records; the model's positions cap it (scan_for)
 
@@ -42,8 +44,6 @@ def prepare_records(
     model, queries: Sequence[Query], records: Sequence, keep_pixels: bool = False
 ) -> dict[tuple, PreparedQuery]:
     """query key → PreparedQuery for each record (its images tiled and encoded in eval mode)."""
-    from tessera.image import ImageProcessor
-
     processor = ImageProcessor.from_config(model.config)
     was_training = model.training
     model.eval()
@@ -72,8 +72,6 @@ def prepare_records(
 
 def mpo_inputs(model, path: str, skip_bad: bool = False, keep_pixels: bool = False):
     """(tessera.train.mpo.PreferencePair list, prepared, scan report) from an MMPR-style file."""
-    from tessera.train.mpo import PreferencePair
-
     report = scan_for(model, path, CONTEXT, kind="pair", skip_bad=skip_bad)
     records: list[PairRecord] = report.records
     tok = model.tokenizer

@@ -27,9 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from tessera.auc import auc
+from tessera.image import ImageProcessor
 from tessera.model.router import COMPRESS, KEEP
-from tessera.train.data import Encoded, stream_batches
+from tessera.train import dataclass_from
+from tessera.train.conversations import file_stream
+from tessera.train.data import Curriculum, Encoded, WorldStream, encode, stream_batches
+from tessera.train.sft import SEED_OFFSET, default_families
 from tessera.train.vico import shrink_image_tokens
+from tessera.world import FAMILIES, make_sample
 
 
 @dataclass
@@ -271,10 +276,6 @@ class RouterData:
 
 def build_stage(model, data: "RouterData | dict | None" = None) -> RouterStage:
     """The router stage on the SFT stream (same seeds as `sft`; its families unless `data.families` names others)."""
-    from tessera.train import dataclass_from
-    from tessera.train.data import Curriculum, WorldStream
-    from tessera.train.sft import SEED_OFFSET, default_families
-
     data = dataclass_from(RouterData, data)
     if data.data is not None:
         return file_router_stage(model, data)
@@ -288,8 +289,6 @@ def build_stage(model, data: "RouterData | dict | None" = None) -> RouterStage:
 
 def file_router_stage(model, data: RouterData) -> RouterStage:
     """The router stage on a user's conversations; the held-out tiles are the file's first `heldout` records."""
-    from tessera.train.conversations import file_stream
-
     stream, report = file_stream(model, data.data, model.config.language.max_position_embeddings,
                                  data.skip_bad_records)
     stage = RouterStage(stream, data.samples_per_batch, data.percentile, data.window, data.eps, data.workers,
@@ -315,10 +314,6 @@ def heldout_samples(model, n: int = 64, seed: int = HELDOUT_SEED, families: list
     """n held-out (eval-split) world samples at 1/4 for `evaluate_router`. With turns = 1 each asks one question,
     of `families` (default: every question family) in turn; with more, each image is a conversation of `turns`
     questions from the router stage's own stream at its defaults (`heldout_conversations`)."""
-    from tessera.image import ImageProcessor
-    from tessera.train.data import encode
-    from tessera.world import FAMILIES, make_sample
-
     if turns > 1:
         data = {"turns": turns, "workers": 0, **({"families": {f: 1.0 for f in families}} if families else {})}
         return heldout_conversations(build_stage(model, data).make, n, seed)

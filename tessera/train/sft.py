@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 
 from tessera.seeds import SFT_SEED_OFFSET
 from tessera.train import dataclass_from
+from tessera.train.conversations import file_stream
 from tessera.train.data import Curriculum, WorldStream
 from tessera.train.stage import LanguageModelingStage, lm_stage
+from tessera.world import FAMILIES
 
 SEED_OFFSET = SFT_SEED_OFFSET  # tessera.seeds: the layout of the train split's seeds
 
 
 def default_families() -> dict[str, float]:
-    from tessera.world import FAMILIES
-
     return {f: 1.0 for f in FAMILIES}
 
 
@@ -67,8 +67,6 @@ def build_stage(model, data: SFTData | dict | None = None) -> LanguageModelingSt
 
 def file_stage(model, data: SFTData) -> LanguageModelingStage:
     """Next-token loss with square averaging on the conversations of `data.data` (scanned first)."""
-    from tessera.train.conversations import file_stream
-
     aids = [name for name in WORLD_ONLY if getattr(data, name) > 0]
     if aids:
         raise ValueError(f"{', '.join(aids)} read the world's scenes; a --data file has none (set them to 0)")

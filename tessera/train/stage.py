@@ -22,15 +22,16 @@ router (pooling_before_gating, gating: official Flash key names), language (lang
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from tessera.model.connector import shuffle_factor
 from tessera.train.aux_losses import AuxiliaryLoss, ForwardView, world_aids
 from tessera.train.data import Batch, Encoded, Packer, stream_batches
+from tessera.train.grounding_losses import GroundingHeads
 from tessera.train.losses import IGNORE, weighted_cross_entropy
 from tessera.train.sharding import is_sharded
 
@@ -99,9 +100,6 @@ def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
     head = None
     place, count = getattr(data, "place", 0.0), getattr(data, "count", 0.0)
     if data.grounding > 0 or place > 0 or count > 0:
-        from tessera.model.connector import shuffle_factor
-        from tessera.train.grounding_losses import GroundingHeads
-
         language = model.config.language
         head = GroundingHeads(model.config.vision.hidden_size, language.hidden_size,
                               shuffle_factor(model.config.downsample_ratio) ** 2,

@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from tessera.device import model_device, to_device
+from tessera.model.checkpoint import save_checkpoint
 from tessera.train import sharding
 from tessera.train.stage import Stage, component_of
 
@@ -196,8 +197,6 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def _default_save_model(model: torch.nn.Module, path: Path) -> None:
-    from tessera.model.checkpoint import save_checkpoint
-
     save_checkpoint(model, path)
 
 

@@ -27,9 +27,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tessera.model.connector import shuffle_factor
 from tessera.seeds import sub_seed
-from tessera.train.data import Batch, Encoded, collate, stream_batches
+from tessera.train import dataclass_from
+from tessera.train.conversations import file_stream
+from tessera.train.data import Batch, Curriculum, Encoded, WorldStream, collate, stream_batches
+from tessera.train.grounding_losses import GroundingHead, grounding_loss
 from tessera.train.losses import IGNORE, kl_consistency
+from tessera.train.sft import SEED_OFFSET, default_families
 
 XI_SEED = 0x51C0  # mixes the ξ draw with the stream index
 
@@ -163,8 +168,6 @@ class ViCOStage:
         if self.grounding > 0:
             if ref.grounding is None or self.extra is None:
                 raise ValueError("vico grounding needs samples with grounding targets and a head (build_stage makes both)")
-            from tessera.train.grounding_losses import grounding_loss
-
             every_small = torch.ones(grid.shape[0], dtype=torch.bool, device=grid.device)
             small, _ = model.project(grid, every_small)  # [ΣN·t16, D], every tile at 1/16
             share = pol.weight_sum / normalizer if normalizer else 1.0
@@ -199,16 +202,10 @@ class ViCOData:
 
 def build_stage(model, data: "ViCOData | dict | None" = None) -> ViCOStage:
     """The ViCO stage on the SFT stream (same families and seeds as `sft`) for a Flash `model` with a tokenizer."""
-    from tessera.train import dataclass_from
-    from tessera.train.data import Curriculum, WorldStream
-    from tessera.train.sft import SEED_OFFSET, default_families
-
     data = dataclass_from(ViCOData, data)
     cfg, tok = model.config, model.tokenizer
     report = None
     if data.data is not None:
-        from tessera.train.conversations import file_stream
-
         if data.grounding > 0:
             raise ValueError("vico grounding reads the world's scenes; a --data file has none (set grounding to 0)")
         stream, report = file_stream(model, data.data, data.row_tokens, data.skip_bad_records)
@@ -221,9 +218,6 @@ def build_stage(model, data: "ViCOData | dict | None" = None) -> ViCOStage:
     trainable = {"router": False} if data.train_vision else {"router": False, "vision": False}
     head = None
     if data.grounding > 0:
-        from tessera.model.connector import shuffle_factor
-        from tessera.train.grounding_losses import GroundingHead
-
         head = GroundingHead(cfg.language.hidden_size, shuffle_factor(cfg.flash.compressed_downsample_ratio) ** 2)
     stage = ViCOStage(stream, packer, data.workers, trainable=trainable, grounding=data.grounding, extra=head)
     stage.scan_report = report
