@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 import tessera
-from tessera.chat import IMG_CONTEXT, ChatTokenizer
+from tessera.chat import IMG_CONTEXT, ChatTokenizer, build_tokenizer, fallback_corpus
 from tessera.cli import main as cli
+from tessera.config import preset
 from tessera.image import ImageProcessor
+from tessera.model import hf_export
 from tessera.model.checkpoint import load_checkpoint, load_config
 
 transformers = pytest.importorskip("transformers")
@@ -213,6 +215,34 @@ def test_chat_template_renders_tesseras_prompt(exported, ours, case):
         got = parts[0] + "".join(ours.image_block(c) + p for c, p in zip(counts, parts[1:]))
         assert got == want
 
+
+
+@pytest.fixture(scope="module")
+def harmony_folder(tmp_path_factory):
+    """A GPT-OSS (Harmony template) tokenizer with the export's tokenizer_config.json."""
+    folder = tmp_path_factory.mktemp("harmony")
+    tok = build_tokenizer(fallback_corpus(), 512, template="internvl3_5_gpt_oss")
+    tok.save(folder / "tokenizer.json")
+    config = preset("tiny")
+    tok_cfg = hf_export.tokenizer_config(tok, config)
+    tok_cfg["chat_template"] = hf_export.chat_template(IMG_CONTEXT, tok.system, harmony=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return folder, ChatTokenizer.from_file(folder / "tokenizer.json", template="internvl3_5_gpt_oss")
+
+
+@pytest.mark.parametrize("case", range(len(conversations())))
+def test_harmony_chat_template_renders_tesseras_gpt_oss_prompt(harmony_folder, case):
+    folder, ours = harmony_folder
+    messages, (system, turns), n_images, thinking = conversations()[case]
+    counts = [16 * (i + 1) for i in range(n_images)]
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tok.eos_token == "<|return|>"
+    text = tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+    )
+    parts = text.split(IMG_CONTEXT)
+    got = parts[0] + "".join(ours.image_block(c) + p for c, p in zip(counts, parts[1:]))
+    assert got == ours.render(turns, counts, thinking, system)
 
 # ---- image processor and model
 # ------------------------------------------------------------------------

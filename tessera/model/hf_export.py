@@ -38,6 +38,12 @@ from tessera.chat import (
     EMPTY_THINK,
     END_THINK,
     ENDOFTEXT,
+    FINAL_HEADER,
+    H_END,
+    H_MESSAGE,
+    H_RETURN,
+    H_START,
+    HARMONY_TOKENS,
     IM_END,
     IM_START,
     IMG_CONTEXT,
@@ -118,19 +124,16 @@ def video_token(tok: ChatTokenizer) -> str:
 def tokenizer_config(tok: ChatTokenizer, config: ModelConfig) -> dict[str, Any]:
     """tokenizer_config.json: the fast tokenizer as stored, our stop token, and the named image
     tokens."""
-    if tok.harmony:
-        raise ExportError(
-            "the hf/official export writes the internvl2_5 template; this model uses "
-            f"{tok.template} (export it with --to tessera)"
-        )
-    for t in (IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT):
+    turn_tokens = HARMONY_TOKENS if tok.harmony else [IM_START, IM_END]
+    for t in (*turn_tokens, IMG_START, IMG_END, IMG_CONTEXT):
         _need(tok, t)
-    pad = ENDOFTEXT if tok.tokenizer.token_to_id(ENDOFTEXT) is not None else IM_END
+    stop = H_RETURN if tok.harmony else IM_END
+    pad = ENDOFTEXT if tok.tokenizer.token_to_id(ENDOFTEXT) is not None else stop
     return {
         # runs tokenizer.json as it is (the Qwen2 class would rebuild our pre-tokenizer differently)
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
-        "eos_token": IM_END,
+        "eos_token": stop,
         "pad_token": pad,
         "unk_token": None,
         "add_bos_token": False,
@@ -167,8 +170,9 @@ def _q(text: str) -> str:
     return json.dumps(text)
 
 
-# Tessera's internvl2_5 prompt in Jinja; every line starts with a `-` marker, so no newline of
-# this text reaches the output. @NAME@ are filled in by `chat_template`.
+# Tessera's prompt in Jinja (both templates: ChatML-style internvl2_5 and Harmony-style
+# internvl3_5_gpt_oss differ only in the turn delimiters); every line starts with a `-` marker, so
+# no newline of this text reaches the output. @NAME@ are filled in by `chat_template`.
 _TEMPLATE = r"""
 {%- set ns = namespace(system=none, images=0, k=0, blocks='', texts=[]) -%}
 {%- for m in messages -%}
@@ -188,7 +192,7 @@ _TEMPLATE = r"""
 {%- endfor -%}
 {%- set system = @SYSTEM@ if ns.system is none else ns.system -%}
 {%- if system -%}
-  {{- @IM_START@ ~ 'system\n' ~ system ~ @IM_END@ ~ '\n' -}}
+  {{- @START@ ~ 'system' ~ @SEP@ ~ system ~ @END@ -}}
 {%- endif -%}
 {%- for m in messages if m.role not in ['system', 'developer'] -%}
   {%- set ns.blocks = '' -%}
@@ -210,33 +214,35 @@ _TEMPLATE = r"""
   {%- if m.role == 'assistant' and @END_THINK@ in body -%}
     {%- set body = body.split(@END_THINK@, 1)[1].replace(@THINK@, '').strip() -%}
   {%- endif -%}
-  {{- @IM_START@ ~ m.role ~ '\n' ~ ns.blocks ~ body ~ @IM_END@ ~ '\n' -}}
+  {{- @START@ ~ m.role ~ @SEP@ ~ ns.blocks ~ body ~ @END@ -}}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
-  {{- @IM_START@ ~ 'assistant\n' -}}
+  {{- @GENERATION@ -}}
   {%- if not enable_thinking | default(false) -%}
-    {{- @EMPTY_THINK@ -}}
+    {{- @NO_THINK@ -}}
   {%- endif -%}
 {%- endif -%}
 """
 
 
-def chat_template(image: str = IMG_CONTEXT, system: str = DEFAULT_SYSTEM) -> str:
-    """Jinja rendering `ChatTokenizer.render` (internvl2_5) of OpenAI-style messages, `image`
+def chat_template(
+    image: str = IMG_CONTEXT, system: str = DEFAULT_SYSTEM, harmony: bool = False
+) -> str:
+    """Jinja rendering `ChatTokenizer.render` (internvl2_5, or internvl3_5_gpt_oss when `harmony`:
+    `<|start|>role<|message|>…<|end|>` turns, the answer after the final channel's header) of
+    OpenAI-style messages, `image`
     standing for each image: system/developer messages joined by newlines (the default system
     message when there is none, no system turn when it is empty), each turn's images first
     (numbered `Image-k: ` across the conversation when it has more than one), text parts joined by
     newlines, earlier answers without their think blocks, and the assistant's start with an empty
     think block unless `enable_thinking`."""
-    values = {
-        "SYSTEM": system,
-        "IMAGE": image,
-        "IM_START": IM_START,
-        "IM_END": IM_END,
-        "THINK": THINK,
-        "END_THINK": END_THINK,
-        "EMPTY_THINK": EMPTY_THINK,
-    }
+    if harmony:  # ChatTokenizer.turn / assistant_start, Harmony-style
+        delimiters = {"START": H_START, "SEP": H_MESSAGE, "END": H_END}
+        delimiters |= {"GENERATION": H_START + "assistant", "NO_THINK": FINAL_HEADER}
+    else:
+        delimiters = {"START": IM_START, "SEP": "\n", "END": IM_END + "\n"}
+        delimiters |= {"GENERATION": IM_START + "assistant\n", "NO_THINK": EMPTY_THINK}
+    values = {"SYSTEM": system, "IMAGE": image, "THINK": THINK, "END_THINK": END_THINK, **delimiters}
     text = _TEMPLATE.strip() + "\n"
     for name, value in values.items():
         text = text.replace(f"@{name}@", _q(value))
@@ -306,7 +312,7 @@ def write_loader_files(
         )
     if tokenizer is not None:
         template = chat_template(
-            IMG_CONTEXT if layout == "hf" else OFFICIAL_IMAGE, tokenizer.system
+            IMG_CONTEXT if layout == "hf" else OFFICIAL_IMAGE, tokenizer.system, tokenizer.harmony
         )
         tok_cfg = tokenizer_config(tokenizer, config)
         tok_cfg["chat_template"] = template
