@@ -17,7 +17,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tessera.cli demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
 
 test-all: $(STAMP)

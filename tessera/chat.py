@@ -33,20 +33,42 @@ IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 THINK, END_THINK = "<think>", "</think>"
 
 # Order fixes the ids of a tokenizer built by Tessera (tiny preset): <IMG_CONTEXT> is id 3.
-SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, IMG_CONTEXT, IMG_START, IMG_END, THINK, END_THINK,
-                  "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+SPECIAL_TOKENS = [
+    ENDOFTEXT,
+    IM_START,
+    IM_END,
+    IMG_CONTEXT,
+    IMG_START,
+    IMG_END,
+    THINK,
+    END_THINK,
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+]
 
 DEFAULT_SYSTEM = "You are Tessera, a vision-language assistant."
 EMPTY_THINK = f"{THINK}\n{END_THINK}\n\n"
 
 TEMPLATES = ("internvl2_5", "internvl3_5_gpt_oss")
-H_START, H_MESSAGE, H_END, H_CHANNEL, H_RETURN = "<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|return|>"
+H_START, H_MESSAGE, H_END, H_CHANNEL, H_RETURN = (
+    "<|start|>",
+    "<|message|>",
+    "<|end|>",
+    "<|channel|>",
+    "<|return|>",
+)
 HARMONY_TOKENS = [H_START, H_MESSAGE, H_END, H_CHANNEL, H_RETURN]
 FINAL_HEADER = f"{H_CHANNEL}final{H_MESSAGE}"
 # the official internvl3_5_gpt_oss system message
-HARMONY_SYSTEM = ("You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: "
-                  "2024-06\nCurrent date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be "
-                  "included for every message.")
+HARMONY_SYSTEM = (
+    "You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: "
+    "2024-06\nCurrent date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be "
+    "included for every message."
+)
 
 
 class TokenizerError(ValueError):
@@ -68,17 +90,27 @@ class Example:
 class ChatTokenizer:
     """A `tokenizers.Tokenizer` plus the ids and the template InternVL3.5 needs."""
 
-    def __init__(self, tokenizer: Tokenizer, system: str | None = None, template: str = "internvl2_5"):
+    def __init__(
+        self, tokenizer: Tokenizer, system: str | None = None, template: str = "internvl2_5"
+    ):
         if template not in TEMPLATES:
-            raise TokenizerError(f"unknown chat template {template!r}; choose from {', '.join(TEMPLATES)}")
+            raise TokenizerError(
+                f"unknown chat template {template!r}; choose from {', '.join(TEMPLATES)}"
+            )
         self.tokenizer = tokenizer
         self.template = template
         self.harmony = template == "internvl3_5_gpt_oss"
-        self.system = system if system is not None else (HARMONY_SYSTEM if self.harmony else DEFAULT_SYSTEM)
-        needed = [IMG_START, IMG_END, IMG_CONTEXT] + (HARMONY_TOKENS if self.harmony else [IM_START, IM_END, THINK, END_THINK])
+        self.system = (
+            system if system is not None else (HARMONY_SYSTEM if self.harmony else DEFAULT_SYSTEM)
+        )
+        needed = [IMG_START, IMG_END, IMG_CONTEXT] + (
+            HARMONY_TOKENS if self.harmony else [IM_START, IM_END, THINK, END_THINK]
+        )
         missing = [t for t in needed if tokenizer.token_to_id(t) is None]
         if missing:
-            raise TokenizerError(f"tokenizer lacks the special token(s) {', '.join(missing)} of template {template}")
+            raise TokenizerError(
+                f"tokenizer lacks the special token(s) {', '.join(missing)} of template {template}"
+            )
         # the turn delimiters: <|im_start|> / <|im_end|>, or Harmony's <|start|> / <|return|> (the stop token)
         self.im_start_id = tokenizer.token_to_id(H_START if self.harmony else IM_START)
         self.im_end_id = tokenizer.token_to_id(H_RETURN if self.harmony else IM_END)
@@ -93,7 +125,7 @@ class ChatTokenizer:
     # ---- files ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_file(cls, path: str | Path, template: str = "internvl2_5") -> "ChatTokenizer":
+    def from_file(cls, path: str | Path, template: str = "internvl2_5") -> ChatTokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -127,7 +159,9 @@ class ChatTokenizer:
 
     # ---- the chat template: the one renderer (prompts, served conversations, multi-turn training) -----------
 
-    def turn(self, role: str, body: str, image_tokens: Sequence[int] = (), numbers: Sequence[int] = ()) -> str:
+    def turn(
+        self, role: str, body: str, image_tokens: Sequence[int] = (), numbers: Sequence[int] = ()
+    ) -> str:
         """One message: `<|im_start|>{role}\n{images}{body}<|im_end|>\n` (Harmony:
         `<|start|>{role}<|message|>{images}{body}<|end|>`), one `<img>…</img>` block per image
         first (prefixed `Image-k: ` when `numbers` gives the images' 1-based numbers in the conversation)."""
@@ -138,8 +172,10 @@ class ChatTokenizer:
 
     def image_blocks(self, image_tokens: Sequence[int], numbers: Sequence[int] = ()) -> str:
         """One `<img>…</img>` line per image, prefixed `Image-k: ` when `numbers` are given."""
-        return "".join((f"Image-{k}: " if numbers else "") + self.image_block(t) + "\n"
-                       for t, k in zip(image_tokens, numbers or [0] * len(image_tokens)))
+        return "".join(
+            (f"Image-{k}: " if numbers else "") + self.image_block(t) + "\n"
+            for t, k in zip(image_tokens, numbers or [0] * len(image_tokens))
+        )
 
     def user_text(self, question: str, image_tokens: Sequence[int]) -> str:
         """A user turn's content: its images (numbered when more than one), then the question."""
@@ -153,8 +189,13 @@ class ChatTokenizer:
             return f"{H_START}assistant" + ("" if thinking else FINAL_HEADER)
         return f"{IM_START}assistant\n" + ("" if thinking else EMPTY_THINK)
 
-    def render(self, turns: Sequence[tuple[str, str, Sequence[int]]], image_tokens: Sequence[int] = (),
-               thinking: bool = False, system: str | None = None) -> str:
+    def render(
+        self,
+        turns: Sequence[tuple[str, str, Sequence[int]]],
+        image_tokens: Sequence[int] = (),
+        thinking: bool = False,
+        system: str | None = None,
+    ) -> str:
         """The prompt text of a conversation: the system message (the default one when None, none when ""),
         then each (role, body, indices of its images in `image_tokens`) turn, then the assistant's start. With
         more than one image in the conversation, images are numbered `Image-1: `, `Image-2: `, … in order."""
@@ -162,18 +203,38 @@ class ChatTokenizer:
         text = self.turn("system", system) if system else ""
         numbered = len(image_tokens) > 1
         for role, body, mine in turns:
-            text += self.turn(role, body, [image_tokens[i] for i in mine], [i + 1 for i in mine] if numbered else ())
+            text += self.turn(
+                role,
+                body,
+                [image_tokens[i] for i in mine],
+                [i + 1 for i in mine] if numbered else (),
+            )
         return text + self.assistant_start(thinking)
 
-    def build_prompt(self, question: str, image_tokens: Sequence[int] = (), thinking: bool = False,
-                     system: str | None = None) -> list[int]:
+    def build_prompt(
+        self,
+        question: str,
+        image_tokens: Sequence[int] = (),
+        thinking: bool = False,
+        system: str | None = None,
+    ) -> list[int]:
         """Token ids of a one-question prompt (its images first), ending where the assistant starts writing."""
-        ids = self.encode(self.render([("user", question, range(len(image_tokens)))], image_tokens, thinking, system))
+        ids = self.encode(
+            self.render(
+                [("user", question, range(len(image_tokens)))], image_tokens, thinking, system
+            )
+        )
         self.check_image_tokens(ids, image_tokens)
         return ids
 
-    def build_example(self, question: str, answer: str, image_tokens: Sequence[int] = (), thinking: bool = False,
-                      system: str | None = None) -> Example:
+    def build_example(
+        self,
+        question: str,
+        answer: str,
+        image_tokens: Sequence[int] = (),
+        thinking: bool = False,
+        system: str | None = None,
+    ) -> Example:
         """A training example: loss on the assistant's tokens and its closing `<|im_end|>`, nothing else.
 
         With thinking on, `answer` is the whole `<think>\\n…\\n</think>\\n\\nfinal` text the model must write.
@@ -189,8 +250,10 @@ class ChatTokenizer:
     def check_image_tokens(self, ids: Sequence[int], image_tokens: Sequence[int]) -> None:
         count = sum(1 for i in ids if i == self.img_context_id)
         if count != sum(image_tokens):
-            raise ValueError(f"prompt has {count} {IMG_CONTEXT} tokens but the images need {sum(image_tokens)}; "
-                             "does the question text itself contain image tokens?")
+            raise ValueError(
+                f"prompt has {count} {IMG_CONTEXT} tokens but the images need {sum(image_tokens)}; "
+                "does the question text itself contain image tokens?"
+            )
 
     def final_answer(self, text: str) -> str:
         """The answer after a think block or a Harmony `final` channel header (or the whole text), stripped."""
@@ -202,29 +265,71 @@ class ChatTokenizer:
         return text.replace(THINK, "").strip()
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024, template: str = "internvl2_5") -> ChatTokenizer:
+def build_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1024, template: str = "internvl2_5"
+) -> ChatTokenizer:
     """Train a small byte-level BPE on `texts` with InternVL3.5's special tokens (ids fixed by SPECIAL_TOKENS;
     the `internvl3_5_gpt_oss` template appends its Harmony tokens after them).
 
     Digits are split one per token (as Qwen's tokenizer does), which keeps numbers easy to read and write.
     """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     specials = SPECIAL_TOKENS + (HARMONY_TOKENS if template == "internvl3_5_gpt_oss" else [])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     if tok.get_vocab_size() > vocab_size:
-        raise TokenizerError(f"tokenizer has {tok.get_vocab_size()} tokens, more than vocab_size {vocab_size}")
+        raise TokenizerError(
+            f"tokenizer has {tok.get_vocab_size()} tokens, more than vocab_size {vocab_size}"
+        )
     return ChatTokenizer(tok, template=template)
 
 
 def fallback_corpus() -> list[str]:
     """A little English and template text, for `tessera init` when the world is not wanted."""
-    words = ("what is the colour of the shape label read text left right above below how many red green blue "
-             "yellow circle square triangle answer think count number total plus minus image question").split()
+    words = [
+        "what",
+        "is",
+        "the",
+        "colour",
+        "of",
+        "the",
+        "shape",
+        "label",
+        "read",
+        "text",
+        "left",
+        "right",
+        "above",
+        "below",
+        "how",
+        "many",
+        "red",
+        "green",
+        "blue",
+        "yellow",
+        "circle",
+        "square",
+        "triangle",
+        "answer",
+        "think",
+        "count",
+        "number",
+        "total",
+        "plus",
+        "minus",
+        "image",
+        "question",
+    ]
     return [" ".join(words), DEFAULT_SYSTEM] + [str(i) for i in range(100)]

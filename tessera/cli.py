@@ -11,7 +11,10 @@ import sys
 # command → (module under tessera.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("init", "write a random-initialised checkpoint for a preset"),
-    "convert": ("convert", "convert a checkpoint between the official, tessera and transformers layouts"),
+    "convert": (
+        "convert",
+        "convert a checkpoint between the official, tessera and transformers layouts",
+    ),
     "chat": ("chat", "ask a checkpoint about an image"),
     "world": ("world", "render the world's scenes and questions"),
     "train": ("train", "run one training stage"),
@@ -27,7 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tessera", description="InternVL3.5, complete: model, router, DvD serving, Cascade RL.")
+    parser = argparse.ArgumentParser(
+        prog="tessera", description="InternVL3.5, complete: model, router, DvD serving, Cascade RL."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -46,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except ValueError as e:
-        from tessera.device import DeviceError  # imported here so that `tessera --help` never loads torch
+        from tessera.device import (
+            DeviceError,  # imported here so that `tessera --help` never loads torch
+        )
 
-        if not isinstance(e, DeviceError):  # a bad --device / --dtype, or CUDA asked for where there is none
+        if not isinstance(
+            e, DeviceError
+        ):  # a bad --device / --dtype, or CUDA asked for where there is none
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,9 +46,18 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     def validate(self) -> None:
-        _require(self.hidden_size % self.num_heads == 0, "vision.hidden_size must be divisible by vision.num_heads")
-        _require(self.image_size % self.patch_size == 0, "vision.image_size must be a multiple of vision.patch_size")
-        _require(self.norm_type in ("layer_norm", "rms_norm"), f"vision.norm_type {self.norm_type!r} is not layer_norm|rms_norm")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            "vision.hidden_size must be divisible by vision.num_heads",
+        )
+        _require(
+            self.image_size % self.patch_size == 0,
+            "vision.image_size must be a multiple of vision.patch_size",
+        )
+        _require(
+            self.norm_type in ("layer_norm", "rms_norm"),
+            f"vision.norm_type {self.norm_type!r} is not layer_norm|rms_norm",
+        )
 
 
 ARCHITECTURES = ("qwen3", "qwen3_moe", "gpt_oss")
@@ -96,13 +105,17 @@ class LanguageConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0  # qwen3_moe expert width (gpt_oss experts use intermediate_size)
-    norm_topk_prob: bool = True  # qwen3_moe: renormalise the top-k routing probabilities to sum to 1
+    norm_topk_prob: bool = (
+        True  # qwen3_moe: renormalise the top-k routing probabilities to sum to 1
+    )
     decoder_sparse_step: int = 1  # qwen3_moe: layer i is sparse when (i + 1) % step == 0 ...
     mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
     router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss in training
     # gpt_oss
     sliding_window: int = 0  # keys a sliding layer sees (its own position included)
-    layer_types: list[str] = field(default_factory=list)  # per layer full_attention | sliding_attention; [] = full
+    layer_types: list[str] = field(
+        default_factory=list
+    )  # per layer full_attention | sliding_attention; [] = full
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
 
@@ -126,8 +139,11 @@ class LanguageConfig:
         """Whether layer `layer_idx` has a mixture-of-experts MLP."""
         if self.architecture == "gpt_oss":
             return True
-        return self.architecture == "qwen3_moe" and layer_idx not in self.mlp_only_layers \
+        return (
+            self.architecture == "qwen3_moe"
+            and layer_idx not in self.mlp_only_layers
             and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
 
     def window(self, layer_idx: int) -> int:
         """The sliding window of layer `layer_idx`, 0 for a full-attention layer."""
@@ -136,30 +152,52 @@ class LanguageConfig:
         return 0
 
     def validate(self) -> None:
-        _require(self.num_heads % self.num_kv_heads == 0, "language.num_heads must be a multiple of language.num_kv_heads")
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            "language.num_heads must be a multiple of language.num_kv_heads",
+        )
         _require(self.head_dim % 2 == 0, "language.head_dim must be even (RoPE rotates pairs)")
-        _require(self.architecture in ARCHITECTURES,
-                 f"language.architecture {self.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
-        _require(self.rope_scaling.rope_type in ("default", "yarn"),
-                 f"language.rope_scaling.rope_type {self.rope_scaling.rope_type!r} is not default|yarn")
+        _require(
+            self.architecture in ARCHITECTURES,
+            f"language.architecture {self.architecture!r} is not one of {', '.join(ARCHITECTURES)}",
+        )
+        _require(
+            self.rope_scaling.rope_type in ("default", "yarn"),
+            f"language.rope_scaling.rope_type {self.rope_scaling.rope_type!r} is not default|yarn",
+        )
         if self.architecture == "qwen3":
-            _require(self.num_experts == 0, "language.num_experts > 0 needs architecture qwen3_moe or gpt_oss")
+            _require(
+                self.num_experts == 0,
+                "language.num_experts > 0 needs architecture qwen3_moe or gpt_oss",
+            )
         else:
-            _require(self.num_experts > 0 and 0 < self.num_experts_per_tok <= self.num_experts,
-                     f"language: a {self.architecture} model needs num_experts > 0 and 0 < num_experts_per_tok <= "
-                     f"num_experts (got {self.num_experts}, {self.num_experts_per_tok})")
+            _require(
+                self.num_experts > 0 and 0 < self.num_experts_per_tok <= self.num_experts,
+                f"language: a {self.architecture} model needs num_experts > 0 and 0 < num_experts_per_tok <= "
+                f"num_experts (got {self.num_experts}, {self.num_experts_per_tok})",
+            )
         if self.architecture == "qwen3_moe":
-            _require(self.moe_intermediate_size > 0, "language.moe_intermediate_size must be > 0 for qwen3_moe")
+            _require(
+                self.moe_intermediate_size > 0,
+                "language.moe_intermediate_size must be > 0 for qwen3_moe",
+            )
             _require(self.decoder_sparse_step >= 1, "language.decoder_sparse_step must be >= 1")
             bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
             _require(not bad, f"language.mlp_only_layers {bad} outside [0, {self.num_layers})")
         if self.layer_types:
-            _require(len(self.layer_types) == self.num_layers,
-                     f"language.layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            _require(
+                len(self.layer_types) == self.num_layers,
+                f"language.layer_types has {len(self.layer_types)} entries for {self.num_layers} layers",
+            )
             odd = sorted(set(self.layer_types) - set(LAYER_TYPES))
-            _require(not odd, f"language.layer_types: unknown type(s) {odd} (use {', '.join(LAYER_TYPES)})")
-            _require("sliding_attention" not in self.layer_types or self.sliding_window > 0,
-                     "language: sliding_attention layers need sliding_window > 0")
+            _require(
+                not odd,
+                f"language.layer_types: unknown type(s) {odd} (use {', '.join(LAYER_TYPES)})",
+            )
+            _require(
+                "sliding_attention" not in self.layer_types or self.sliding_window > 0,
+                "language: sliding_attention layers need sliding_window > 0",
+            )
 
 
 @dataclass
@@ -173,7 +211,9 @@ class FlashConfig:
 
     enabled: bool = False
     compressed_downsample_ratio: float = 0.25  # 1/16 of the patch tokens
-    router_hidden_size: int = 0  # 0 → vision.hidden_size (released: no projection, the router works at Cv)
+    router_hidden_size: int = (
+        0  # 0 → vision.hidden_size (released: no projection, the router works at Cv)
+    )
     router_num_blocks: int = 4  # residual MLP blocks of `gating` (released: block1..block4)
     router_num_queries: int = 1  # learned pooling queries (released: one, `query_token` [1, Cv])
     router_num_heads: int = 16  # heads of the pooling cross-attention (released: 16)
@@ -204,25 +244,39 @@ class ModelConfig:
 
     @property
     def tokens_per_tile(self) -> int:
-        return tokens_per_tile(self.vision.image_size, self.vision.patch_size, self.downsample_ratio)
+        return tokens_per_tile(
+            self.vision.image_size, self.vision.patch_size, self.downsample_ratio
+        )
 
     @property
     def compressed_tokens_per_tile(self) -> int:
-        return tokens_per_tile(self.vision.image_size, self.vision.patch_size, self.flash.compressed_downsample_ratio)
+        return tokens_per_tile(
+            self.vision.image_size, self.vision.patch_size, self.flash.compressed_downsample_ratio
+        )
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         self.vision.validate()
         self.language.validate()
-        for name, ratio in (("downsample_ratio", self.downsample_ratio), ("flash.compressed_downsample_ratio", self.flash.compressed_downsample_ratio)):
+        for name, ratio in (
+            ("downsample_ratio", self.downsample_ratio),
+            ("flash.compressed_downsample_ratio", self.flash.compressed_downsample_ratio),
+        ):
             try:
                 tokens_per_tile(self.vision.image_size, self.vision.patch_size, ratio)
             except ValueError as e:
                 raise ConfigError(f"{name}={ratio}: {e}") from None
-        _require(1 <= self.min_tiles <= self.max_tiles, f"need 1 <= min_tiles ({self.min_tiles}) <= max_tiles ({self.max_tiles})")
-        _require(0 <= self.image_context_token_id < self.language.vocab_size,
-                 f"image_context_token_id {self.image_context_token_id} outside vocab_size {self.language.vocab_size}")
-        _require(-self.vision.num_layers <= self.select_layer < self.vision.num_layers,
-                 f"select_layer {self.select_layer} out of range for {self.vision.num_layers} ViT layers")
+        _require(
+            1 <= self.min_tiles <= self.max_tiles,
+            f"need 1 <= min_tiles ({self.min_tiles}) <= max_tiles ({self.max_tiles})",
+        )
+        _require(
+            0 <= self.image_context_token_id < self.language.vocab_size,
+            f"image_context_token_id {self.image_context_token_id} outside vocab_size {self.language.vocab_size}",
+        )
+        _require(
+            -self.vision.num_layers <= self.select_layer < self.vision.num_layers,
+            f"select_layer {self.select_layer} out of range for {self.vision.num_layers} ViT layers",
+        )
         return self
 
     # ---- serialisation ------------------------------------------------------------------------
@@ -231,14 +285,14 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return _build(cls, data, "").validate()
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
+    def load(cls, path: str | Path) -> ModelConfig:
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
@@ -265,7 +319,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str):
 
 def _unknown_fields(cls: type, data: Any, prefix: str) -> list[str]:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be an object, got {type(data).__name__}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'} must be an object, got {type(data).__name__}"
+        )
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [prefix + k for k in data if k not in names]
     for name, value in data.items():
@@ -275,41 +331,93 @@ def _unknown_fields(cls: type, data: Any, prefix: str) -> list[str]:
     return unknown
 
 
-_SUBCONFIGS = {(ModelConfig, "vision"): VisionConfig, (ModelConfig, "language"): LanguageConfig,
-               (ModelConfig, "flash"): FlashConfig, (LanguageConfig, "rope_scaling"): RopeScaling}
+_SUBCONFIGS = {
+    (ModelConfig, "vision"): VisionConfig,
+    (ModelConfig, "language"): LanguageConfig,
+    (ModelConfig, "flash"): FlashConfig,
+    (LanguageConfig, "rope_scaling"): RopeScaling,
+}
 
 
 # ---- presets ------------------------------------------------------------------------------------
 
+
 def _qwen3(hidden: int, intermediate: int, layers: int, heads: int, tied: bool) -> LanguageConfig:
-    return LanguageConfig(hidden_size=hidden, intermediate_size=intermediate, num_layers=layers, num_heads=heads,
-                          num_kv_heads=8, head_dim=128, tie_word_embeddings=tied)
+    return LanguageConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=8,
+        head_dim=128,
+        tie_word_embeddings=tied,
+    )
 
 
-def _qwen3_moe(hidden: int, intermediate: int, expert: int, layers: int, heads: int) -> LanguageConfig:
+def _qwen3_moe(
+    hidden: int, intermediate: int, expert: int, layers: int, heads: int
+) -> LanguageConfig:
     """A Qwen3-MoE decoder: 128 experts, top-8, renormalised, every layer sparse, 4 KV heads, untied head."""
-    return LanguageConfig(hidden_size=hidden, intermediate_size=intermediate, num_layers=layers, num_heads=heads,
-                          num_kv_heads=4, head_dim=128, tie_word_embeddings=False, architecture="qwen3_moe",
-                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=expert,
-                          norm_topk_prob=True, decoder_sparse_step=1, router_aux_loss_coef=0.001)
+    return LanguageConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=4,
+        head_dim=128,
+        tie_word_embeddings=False,
+        architecture="qwen3_moe",
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=expert,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        router_aux_loss_coef=0.001,
+    )
 
 
 def _gpt_oss_20b() -> LanguageConfig:
     """GPT-OSS-20B (transformers' GptOssConfig with num_hidden_layers 24, num_local_experts 32)."""
     return LanguageConfig(
-        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_layers=24, num_heads=64, num_kv_heads=8,
-        head_dim=64, rope_theta=150_000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
-        tie_word_embeddings=False, architecture="gpt_oss",
-        rope_scaling=RopeScaling(rope_type="yarn", factor=32.0, original_max_position_embeddings=4096,
-                                 beta_fast=32.0, beta_slow=1.0, truncate=False),
-        num_experts=32, num_experts_per_tok=4, router_aux_loss_coef=0.9, sliding_window=128,
-        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(24)])
+        vocab_size=201088,
+        hidden_size=2880,
+        intermediate_size=2880,
+        num_layers=24,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=64,
+        rope_theta=150_000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        architecture="gpt_oss",
+        rope_scaling=RopeScaling(
+            rope_type="yarn",
+            factor=32.0,
+            original_max_position_embeddings=4096,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            truncate=False,
+        ),
+        num_experts=32,
+        num_experts_per_tok=4,
+        router_aux_loss_coef=0.9,
+        sliding_window=128,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(24)],
+    )
 
 
 def _intern_vit_6b() -> VisionConfig:
     """InternViT-6B-448px-V2.5, the tower of InternVL3.5-38B and -241B-A28B."""
-    return VisionConfig(hidden_size=3200, num_layers=45, num_heads=25, intermediate_size=12800, norm_type="rms_norm",
-                        qkv_bias=False, qk_normalization=True)
+    return VisionConfig(
+        hidden_size=3200,
+        num_layers=45,
+        num_heads=25,
+        intermediate_size=12800,
+        norm_type="rms_norm",
+        qkv_bias=False,
+        qk_normalization=True,
+    )
 
 
 _REAL_LLMS = {
@@ -332,12 +440,28 @@ _GPT_OSS_TEMPLATE = "internvl3_5_gpt_oss"
 def tiny_config() -> ModelConfig:
     """The world's model: 112 px tiles (8×8 patches → 16 tokens at 1/4, 4 at 1/16), trainable on 2 CPU cores."""
     return ModelConfig(
-        vision=VisionConfig(image_size=112, patch_size=14, hidden_size=192, num_layers=6, num_heads=3, intermediate_size=768),
+        vision=VisionConfig(
+            image_size=112,
+            patch_size=14,
+            hidden_size=192,
+            num_layers=6,
+            num_heads=3,
+            intermediate_size=768,
+        ),
         # sized so that the Flash model fits 15 MiB in bf16 (7.7 M parameters): the world's tokenizer needs < 512
         # ids, a 2× MLP suffices for its short answers, and the router works at half the ViT width
-        language=LanguageConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4,
-                                num_kv_heads=2, head_dim=64, rope_theta=10_000.0, max_position_embeddings=2048,
-                                tie_word_embeddings=True),
+        language=LanguageConfig(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=64,
+            rope_theta=10_000.0,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        ),
         flash=FlashConfig(enabled=True, router_hidden_size=64),
         max_tiles=6,
         image_context_token_id=3,  # fixed by tessera.chat's special-token order
@@ -356,9 +480,15 @@ def preset(name: str) -> ModelConfig:
     language = copy.deepcopy(_REAL_LLMS[size])
     vision = _intern_vit_6b() if size in _VIT_6B_SIZES else VisionConfig()
     template = _GPT_OSS_TEMPLATE if language.architecture == "gpt_oss" else "internvl2_5"
-    return ModelConfig(vision=vision, language=language, flash=FlashConfig(enabled=flash), template=template,
-                       preset=name).validate()
+    return ModelConfig(
+        vision=vision,
+        language=language,
+        flash=FlashConfig(enabled=flash),
+        template=template,
+        preset=name,
+    ).validate()
 
 
-PRESETS = ["tiny"] + [f"internvl3_5-{s}{f}" for s in _REAL_LLMS
-                      for f in (("",) if s in _NO_FLASH else ("", "-flash"))]
+PRESETS = ["tiny"] + [
+    f"internvl3_5-{s}{f}" for s in _REAL_LLMS for f in (("",) if s in _NO_FLASH else ("", "-flash"))
+]

@@ -48,13 +48,17 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if kind != "cuda" or (index and not index.isdigit()):
         raise DeviceError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise DeviceError(f"device {spec!r} asked for, but torch sees no CUDA GPU here "
-                          f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
-                          "use --device cpu or --device auto")
+        raise DeviceError(
+            f"device {spec!r} asked for, but torch sees no CUDA GPU here "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
+            "use --device cpu or --device auto"
+        )
     count = torch.cuda.device_count()
     if index and int(index) >= count:
-        raise DeviceError(f"device {spec!r} asked for, but this machine has {count} CUDA GPU(s) "
-                          f"(cuda:0 .. cuda:{count - 1})")
+        raise DeviceError(
+            f"device {spec!r} asked for, but this machine has {count} CUDA GPU(s) "
+            f"(cuda:0 .. cuda:{count - 1})"
+        )
     return torch.device(spec)
 
 
@@ -110,26 +114,41 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 # ---- the command-line flags ----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Devices:
     """What `--device`, `--dtype` and `--vision-device` resolved to."""
 
     device: torch.device
     dtype: torch.dtype | None  # None: keep the stored dtypes
-    vision_device: torch.device  # the vision workers' device (decoupled serving); `device` elsewhere
+    vision_device: (
+        torch.device
+    )  # the vision workers' device (decoupled serving); `device` elsewhere
 
 
 def add_device_arguments(p: argparse.ArgumentParser, vision: bool = False) -> None:
     """`--device` and `--dtype` (and `--vision-device` when `vision`) on a command's parser."""
     group = p.add_argument_group("device")
-    group.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
-                       help="where the model runs (default auto: CUDA when present, else the CPU)")
-    group.add_argument("--dtype", default="auto", choices=list(DTYPES),
-                       help="cast the weights (default auto: keep the checkpoint's stored dtypes)")
+    group.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda|cuda:N",
+        help="where the model runs (default auto: CUDA when present, else the CPU)",
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=list(DTYPES),
+        help="cast the weights (default auto: keep the checkpoint's stored dtypes)",
+    )
     if vision:
-        group.add_argument("--vision-device", default=None, metavar="auto|cpu|cuda|cuda:N",
-                           help="decoupled serving: the vision workers' device (default: --device); "
-                                "--device is then the language server's")
+        group.add_argument(
+            "--vision-device",
+            default=None,
+            metavar="auto|cpu|cuda|cuda:N",
+            help="decoupled serving: the vision workers' device (default: --device); "
+            "--device is then the language server's",
+        )
 
 
 def devices_from_args(args: argparse.Namespace) -> Devices:

@@ -46,16 +46,30 @@ class EvalResult:
         return data
 
 
-def evaluate(model, seed: int = 0, n: int = 140, routing: str = "full", batch_size: int = 16,
-             thinking: str = "auto", max_new_tokens: int = 32, max_think_tokens: int = 160, best_of: int = 1,
-             families: list[str] | None = None, keep_records: bool = True) -> EvalResult:
+def evaluate(
+    model,
+    seed: int = 0,
+    n: int = 140,
+    routing: str = "full",
+    batch_size: int = 16,
+    thinking: str = "auto",
+    max_new_tokens: int = 32,
+    max_think_tokens: int = 160,
+    best_of: int = 1,
+    families: list[str] | None = None,
+    keep_records: bool = True,
+) -> EvalResult:
     """Accuracy of `model` (with `.tokenizer`) on n held-out world questions, family by family."""
     critic = None
-    if best_of != 1:  # Best-of-N: the model must carry a critic (tessera.best_of_n.Critic.load(checkpoint))
+    if (
+        best_of != 1
+    ):  # Best-of-N: the model must carry a critic (tessera.best_of_n.Critic.load(checkpoint))
         critic = getattr(model, "critic", None)
         if critic is None:
-            raise ValueError("best_of > 1 needs a critic: set model.critic = tessera.best_of_n.Critic.load(CHECKPOINT) "
-                             "(train one with `tessera critic CHECKPOINT`)")
+            raise ValueError(
+                "best_of > 1 needs a critic: set model.critic = tessera.best_of_n.Critic.load(CHECKPOINT) "
+                "(train one with `tessera critic CHECKPOINT`)"
+            )
     if thinking not in ("auto", "on", "off"):
         raise ValueError(f"thinking must be auto, on or off, got {thinking!r}")
     tok = model.tokenizer
@@ -64,7 +78,10 @@ def evaluate(model, seed: int = 0, n: int = 140, routing: str = "full", batch_si
     fams = list(families or FAMILIES)
     processor = ImageProcessor.from_config(model.config)
     samples = [item.sample() for item in eval_items(-(-n // len(fams)), fams, offset=seed)[:n]]
-    think = [(thinking == "on") or (thinking == "auto" and s.thinking_answer is not None) for s in samples]
+    think = [
+        (thinking == "on") or (thinking == "auto" and s.thinking_answer is not None)
+        for s in samples
+    ]
     was_training = model.training
     model.eval()
     records: list[dict[str, Any]] = []
@@ -73,7 +90,7 @@ def evaluate(model, seed: int = 0, n: int = 140, routing: str = "full", batch_si
     # batch thinking and non-thinking questions separately: their generation lengths differ a lot
     order = sorted(range(n), key=lambda i: (think[i], i))
     for lo in range(0, n, batch_size):
-        idx = order[lo:lo + batch_size]
+        idx = order[lo : lo + batch_size]
         mode = think[idx[0]]
         group = [i for i in idx if think[i] == mode]
         rest = [i for i in idx if think[i] != mode]
@@ -81,22 +98,43 @@ def evaluate(model, seed: int = 0, n: int = 140, routing: str = "full", batch_si
             if not part:
                 continue
             pixels = processor([samples[i].image for i in part])
-            features, decision = encode_routed(model, pixels.pixel_values, pixels.tiles_per_image,
-                                               RoutingPolicy(mode=routing, seed=seed))
+            features, decision = encode_routed(
+                model,
+                pixels.pixel_values,
+                pixels.tiles_per_image,
+                RoutingPolicy(mode=routing, seed=seed),
+            )
             image_tokens = decision.image_tokens
-            prompts = [tok.build_prompt(samples[i].question, [image_tokens[k]], thinking=think[i]) for k, i in enumerate(part)]
+            prompts = [
+                tok.build_prompt(samples[i].question, [image_tokens[k]], thinking=think[i])
+                for k, i in enumerate(part)
+            ]
             limit = max_think_tokens if think[part[0]] else max_new_tokens
             if best_of > 1:
-                outs = generate_best_of_n(model, critic, prompts, features, think[part[0]], best_of, limit, seed=seed + lo)
+                outs = generate_best_of_n(
+                    model, critic, prompts, features, think[part[0]], best_of, limit, seed=seed + lo
+                )
             else:
                 greedy = SamplingParams(max_tokens=limit, stop_ids=frozenset([tok.im_end_id]))
                 outs = generate(model, prompts, features, greedy).answers()
             for k, i in enumerate(part):
-                s, text = samples[i], tok.decode(outs[k], skip_special_tokens=False)  # keep </think>: verify splits on it
+                s, text = (
+                    samples[i],
+                    tok.decode(outs[k], skip_special_tokens=False),
+                )  # keep </think>: verify splits on it
                 ok = bool(verify(s.family, text, s.answer))
                 generated += len(outs[k])
-                records.append({"index": i, "family": s.family, "question": s.question, "answer": s.answer,
-                                "prediction": text, "correct": ok, "visual_tokens": image_tokens[k]})
+                records.append(
+                    {
+                        "index": i,
+                        "family": s.family,
+                        "question": s.question,
+                        "answer": s.answer,
+                        "prediction": text,
+                        "correct": ok,
+                        "visual_tokens": image_tokens[k],
+                    }
+                )
             tokens_total += sum(image_tokens)
             tiles_total += len(decision.tokens_per_tile)
             compressed_total += decision.compressed_tiles
@@ -106,12 +144,20 @@ def evaluate(model, seed: int = 0, n: int = 140, routing: str = "full", batch_si
     scores = score((r["family"], r["prediction"], r["answer"]) for r in records)
     counts = {f: sum(r["family"] == f for r in records) for f in fams}
     return EvalResult(
-        overall=scores["overall"], families={f: scores[f] for f in fams if counts[f]},
-        counts={f: c for f, c in counts.items() if c}, visual_tokens_per_image=tokens_total / max(1, n),
-        n=n, routing=routing, seed=seed, seconds=seconds, samples_per_second=n / max(seconds, 1e-9),
+        overall=scores["overall"],
+        families={f: scores[f] for f in fams if counts[f]},
+        counts={f: c for f, c in counts.items() if c},
+        visual_tokens_per_image=tokens_total / max(1, n),
+        n=n,
+        routing=routing,
+        seed=seed,
+        seconds=seconds,
+        samples_per_second=n / max(seconds, 1e-9),
         generated_tokens_per_second=generated / max(seconds, 1e-9),
-        compressed_tile_fraction=compressed_total / max(1, tiles_total), best_of=best_of,
-        records=records if keep_records else [])
+        compressed_tile_fraction=compressed_total / max(1, tiles_total),
+        best_of=best_of,
+        records=records if keep_records else [],
+    )
 
 
 def format_report(result: EvalResult, chance: dict[str, float] | None = None) -> str:
@@ -124,11 +170,15 @@ def format_report(result: EvalResult, chance: dict[str, float] | None = None) ->
         if chance:
             line += f" {chance.get(fam, float('nan')):.1%} |"
         lines.append(line)
-    lines.append(f"| **overall** | {result.n} | **{result.overall:.1%}** |" + (" |" if chance else ""))
+    lines.append(
+        f"| **overall** | {result.n} | **{result.overall:.1%}** |" + (" |" if chance else "")
+    )
     lines.append("")
-    lines.append(f"routing {result.routing}: {result.visual_tokens_per_image:.1f} visual tokens per image"
-                 f" ({result.compressed_tile_fraction:.0%} of tiles compressed); {result.samples_per_second:.1f} questions/s,"
-                 f" {result.generated_tokens_per_second:.0f} generated tokens/s")
+    lines.append(
+        f"routing {result.routing}: {result.visual_tokens_per_image:.1f} visual tokens per image"
+        f" ({result.compressed_tile_fraction:.0%} of tiles compressed); {result.samples_per_second:.1f} questions/s,"
+        f" {result.generated_tokens_per_second:.0f} generated tokens/s"
+    )
     return "\n".join(lines)
 
 
@@ -140,6 +190,12 @@ def family_table(rows: dict[str, dict[str, Any]]) -> list[str]:
     fams = list(next(iter(rows.values()))["families"])
     lines = ["| family | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
     for f in fams:
-        lines.append(f"| {f} | " + " | ".join(f"{r['families'].get(f, float('nan')):.1%}" for r in rows.values()) + " |")
-    lines.append("| **overall** | " + " | ".join(f"**{r['overall']:.1%}**" for r in rows.values()) + " |")
+        lines.append(
+            f"| {f} | "
+            + " | ".join(f"{r['families'].get(f, float('nan')):.1%}" for r in rows.values())
+            + " |"
+        )
+    lines.append(
+        "| **overall** | " + " | ".join(f"**{r['overall']:.1%}**" for r in rows.values()) + " |"
+    )
     return lines

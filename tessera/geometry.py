@@ -6,10 +6,10 @@ servers all ask here.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 
-@lru_cache(maxsize=None)
+@cache
 def candidate_grids(min_tiles: int = 1, max_tiles: int = 12) -> tuple[tuple[int, int], ...]:
     """Every (cols, rows) with min_tiles <= cols*rows <= max_tiles, ordered by tile count.
 
@@ -29,7 +29,9 @@ def candidate_grids(min_tiles: int = 1, max_tiles: int = 12) -> tuple[tuple[int,
     return tuple(sorted(pairs, key=lambda g: g[0] * g[1]))
 
 
-def tile_grid(width: int, height: int, tile_size: int = 448, min_tiles: int = 1, max_tiles: int = 12) -> tuple[int, int]:
+def tile_grid(
+    width: int, height: int, tile_size: int = 448, min_tiles: int = 1, max_tiles: int = 12
+) -> tuple[int, int]:
     """InternVL's dynamic-resolution grid (cols, rows) for a width×height image.
 
     Candidates are visited in `candidate_grids` order; the closest aspect ratio wins, and on an exact tie
@@ -55,14 +57,22 @@ def tile_grid(width: int, height: int, tile_size: int = 448, min_tiles: int = 1,
     return best
 
 
-def num_tiles(width: int, height: int, tile_size: int = 448, min_tiles: int = 1, max_tiles: int = 12,
-              use_thumbnail: bool = True) -> int:
+def num_tiles(
+    width: int,
+    height: int,
+    tile_size: int = 448,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    use_thumbnail: bool = True,
+) -> int:
     """Tiles fed to the ViT for one image: the grid, plus a thumbnail when the grid has more than one tile."""
     cols, rows = tile_grid(width, height, tile_size, min_tiles, max_tiles)
     return cols * rows + (1 if use_thumbnail and cols * rows > 1 else 0)
 
 
-def tokens_per_tile(tile_size: int = 448, patch_size: int = 14, downsample_ratio: float = 0.5) -> int:
+def tokens_per_tile(
+    tile_size: int = 448, patch_size: int = 14, downsample_ratio: float = 0.5
+) -> int:
     """Visual tokens one tile becomes after pixel shuffle: (tile/patch · ratio)².
 
     448/14 = 32 patches per side → 16×16 = 256 tokens at ratio 1/2 (1/4 of the tokens), 8×8 = 64 at 1/4 (1/16).
@@ -72,12 +82,22 @@ def tokens_per_tile(tile_size: int = 448, patch_size: int = 14, downsample_ratio
     side = tile_size // patch_size
     inv = round(1 / downsample_ratio)
     if abs(inv * downsample_ratio - 1) > 1e-9 or side % inv:
-        raise ValueError(f"downsample ratio {downsample_ratio} must be 1/k with k dividing {side} patches per side")
+        raise ValueError(
+            f"downsample ratio {downsample_ratio} must be 1/k with k dividing {side} patches per side"
+        )
     return (side // inv) ** 2
 
 
-def tokens_per_image(width: int, height: int, tile_size: int = 448, patch_size: int = 14, downsample_ratio: float = 0.5,
-                     min_tiles: int = 1, max_tiles: int = 12, use_thumbnail: bool = True) -> int:
+def tokens_per_image(
+    width: int,
+    height: int,
+    tile_size: int = 448,
+    patch_size: int = 14,
+    downsample_ratio: float = 0.5,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    use_thumbnail: bool = True,
+) -> int:
     """Visual tokens for one image at a single resolution for every tile (thumbnail included)."""
     tiles = num_tiles(width, height, tile_size, min_tiles, max_tiles, use_thumbnail)
     return tiles * tokens_per_tile(tile_size, patch_size, downsample_ratio)
@@ -94,9 +114,11 @@ def tokens_of_images(tiles_per_image: list[int], tokens_per_tile: int | list[int
     if isinstance(tokens_per_tile, int):
         return [n * tokens_per_tile for n in tiles_per_image]
     if sum(tiles_per_image) != len(tokens_per_tile):
-        raise ValueError(f"{len(tokens_per_tile)} per-tile counts for images of {tiles_per_image} tiles")
+        raise ValueError(
+            f"{len(tokens_per_tile)} per-tile counts for images of {tiles_per_image} tiles"
+        )
     out, start = [], 0
     for n in tiles_per_image:
-        out.append(sum(tokens_per_tile[start:start + n]))
+        out.append(sum(tokens_per_tile[start : start + n]))
         start += n
     return out

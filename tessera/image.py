@@ -29,9 +29,10 @@ import os
 import struct
 import threading
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Callable, Sequence, Union
+from typing import TYPE_CHECKING, BinaryIO, Union
 
 import numpy as np
 import torch
@@ -44,8 +45,12 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_MAX_PIXELS = 64_000_000  # 64 Mpx: 48 Mpx phone photos pass; Pillow's own warning starts at 89.5 Mpx
-FAST_REDUCING_GAP = 3.0  # Pillow: box-reduce by an integer factor first while the remaining scale is >= 3
+DEFAULT_MAX_PIXELS = (
+    64_000_000  # 64 Mpx: 48 Mpx phone photos pass; Pillow's own warning starts at 89.5 Mpx
+)
+FAST_REDUCING_GAP = (
+    3.0  # Pillow: box-reduce by an integer factor first while the remaining scale is >= 3
+)
 
 ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image, BinaryIO]
 
@@ -60,6 +65,7 @@ class ImageError(ValueError):
 
 
 # ---- hashing ------------------------------------------------------------------------------------
+
 
 def image_hash(data: bytes | bytearray | memoryview | Image.Image) -> str:
     """Content key for a feature cache: 32 hex characters of BLAKE2b-128.
@@ -82,6 +88,7 @@ def image_hash(data: bytes | bytearray | memoryview | Image.Image) -> str:
 
 
 # ---- decoding -----------------------------------------------------------------------------------
+
 
 def load_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode `source` (bytes, a path, a `data:` URL, a binary file object or a PIL image) to an RGB image.
@@ -111,7 +118,9 @@ def _open(source: ImageSource, max_pixels: int | None) -> tuple[Image.Image, str
             warnings.simplefilter("ignore" if lenient else "error", Image.DecompressionBombWarning)
             img = Image.open(fp)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{what}: refused as a possible decompression bomb by Pillow: {e}") from None
+        raise ImageError(
+            f"{what}: refused as a possible decompression bomb by Pillow: {e}"
+        ) from None
     except UnidentifiedImageError:
         raise ImageError(f"{what}: not a recognised image{_explain_unidentified(head)}") from None
     except OSError as e:
@@ -140,13 +149,17 @@ def _as_file(source: ImageSource) -> tuple[BinaryIO | str, str, bytes]:
         return path, repr(path), head
     if hasattr(source, "read"):
         return source, "image file object", b""
-    raise TypeError(f"expected bytes, a path, a data: URL, a binary file or a PIL image, got {type(source).__name__}")
+    raise TypeError(
+        f"expected bytes, a path, a data: URL, a binary file or a PIL image, got {type(source).__name__}"
+    )
 
 
 def _data_url_bytes(url: str) -> bytes:
     header, comma, payload = url.partition(",")
     if not comma or not header.endswith(";base64"):
-        raise ImageError(f"data URL must look like 'data:image/png;base64,<data>', got {url[:40]!r}...")
+        raise ImageError(
+            f"data URL must look like 'data:image/png;base64,<data>', got {url[:40]!r}..."
+        )
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -172,7 +185,8 @@ def _check_size(size: tuple[int, int], max_pixels: int | None, what: str) -> Non
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError(
             f"{what}: {width}x{height} = {width * height / 1e6:.1f} Mpx exceeds max_pixels = {max_pixels / 1e6:.1f} Mpx "
-            "(decompression-bomb guard, checked from the header before decoding); pass a larger max_pixels to accept it")
+            "(decompression-bomb guard, checked from the header before decoding); pass a larger max_pixels to accept it"
+        )
 
 
 def _decode(img: Image.Image, what: str) -> Image.Image:
@@ -182,7 +196,9 @@ def _decode(img: Image.Image, what: str) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageError(f"{what}: refused as a possible decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError) as e:
-        raise ImageError(f"{what}: corrupt or truncated {img.format or ''} data ({img.size[0]}x{img.size[1]}): {e}") from None
+        raise ImageError(
+            f"{what}: corrupt or truncated {img.format or ''} data ({img.size[0]}x{img.size[1]}): {e}"
+        ) from None
     if img.mode == "RGB":
         return img
     try:
@@ -193,10 +209,13 @@ def _decode(img: Image.Image, what: str) -> Image.Image:
 
 # ---- tiling and normalisation -------------------------------------------------------------------
 
+
 def _resize(img: Image.Image, size: tuple[int, int], fast: bool) -> Image.Image:
     if img.size == size:
         return img
-    return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=FAST_REDUCING_GAP if fast else None)
+    return img.resize(
+        size, Image.Resampling.BICUBIC, reducing_gap=FAST_REDUCING_GAP if fast else None
+    )
 
 
 def _write_tiles(canvas: Image.Image, out: np.ndarray, cols: int, rows: int) -> None:
@@ -210,11 +229,15 @@ def _write_tiles(canvas: Image.Image, out: np.ndarray, cols: int, rows: int) -> 
     """
     size = out.shape[-1]
     for ch, plane in enumerate(canvas.split()):
-        src = np.asarray(plane).reshape(rows, size, cols, size)  # [rows·S, cols·S] → [rows, S, cols, S] uint8
+        src = np.asarray(plane).reshape(
+            rows, size, cols, size
+        )  # [rows·S, cols·S] → [rows, S, cols, S] uint8
         mean, std = IMAGENET_MEAN[ch], IMAGENET_STD[ch]
         for k in range(rows * cols):
             dst = out[k, ch]  # [S, S] float32, contiguous
-            np.copyto(dst, src[k // cols, :, k % cols], casting="unsafe")  # tile (row k // cols, col k % cols)
+            np.copyto(
+                dst, src[k // cols, :, k % cols], casting="unsafe"
+            )  # tile (row k // cols, col k % cols)
             np.divide(dst, 255.0, out=dst)
             np.subtract(dst, mean, out=dst)
             np.divide(dst, std, out=dst)
@@ -251,17 +274,23 @@ class ImageProcessor:
         if self.tile_size <= 0:
             raise ValueError(f"tile_size must be positive, got {self.tile_size}")
         if not 1 <= self.min_tiles <= self.max_tiles:
-            raise ValueError(f"need 1 <= min_tiles ({self.min_tiles}) <= max_tiles ({self.max_tiles})")
+            raise ValueError(
+                f"need 1 <= min_tiles ({self.min_tiles}) <= max_tiles ({self.max_tiles})"
+            )
         if self.max_pixels is not None and self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive or None, got {self.max_pixels}")
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
     @classmethod
-    def from_config(cls, config: "ModelConfig", **overrides) -> "ImageProcessor":
+    def from_config(cls, config: ModelConfig, **overrides) -> ImageProcessor:
         """The processor a model expects: its tile size, tile limits and thumbnail setting."""
-        settings = dict(tile_size=config.tile_size, min_tiles=config.min_tiles, max_tiles=config.max_tiles,
-                        use_thumbnail=config.use_thumbnail)
+        settings = dict(
+            tile_size=config.tile_size,
+            min_tiles=config.min_tiles,
+            max_tiles=config.max_tiles,
+            use_thumbnail=config.use_thumbnail,
+        )
         settings.update(overrides)
         return cls(**settings)
 
@@ -274,7 +303,9 @@ class ImageProcessor:
             raise ValueError("no images given")
         size = self.tile_size
         label = (lambda i, e: f"image {i}: {e}") if len(items) > 1 else (lambda i, e: str(e))
-        opened: list[tuple[Image.Image, str]] = []  # headers only: sizes fix every grid and the output shape
+        opened: list[
+            tuple[Image.Image, str]
+        ] = []  # headers only: sizes fix every grid and the output shape
         owned = [not isinstance(source, Image.Image) for source in items]  # ours to draft and close
         try:
             for i, source in enumerate(items):
@@ -293,7 +324,9 @@ class ImageProcessor:
                 img, what = opened[i]
                 cols, rows = grids[i]
                 if self.fast and owned[i] and img.format == "JPEG":
-                    img.draft("RGB", (size * cols, size * rows))  # DCT-domain downscale, never below the canvas
+                    img.draft(
+                        "RGB", (size * cols, size * rows)
+                    )  # DCT-domain downscale, never below the canvas
                 try:
                     return _decode(img, what)
                 except ImageError as e:
@@ -302,10 +335,15 @@ class ImageProcessor:
             def grid_job(i: int, img: Image.Image) -> None:
                 cols, rows = grids[i]
                 canvas = _resize(img, (size * cols, size * rows), self.fast)
-                _write_tiles(canvas, out_np[starts[i]: starts[i] + cols * rows], cols, rows)
+                _write_tiles(canvas, out_np[starts[i] : starts[i] + cols * rows], cols, rows)
 
             def thumbnail_job(i: int, img: Image.Image) -> None:
-                _write_tiles(_resize(img, (size, size), self.fast), out_np[starts[i + 1] - 1: starts[i + 1]], 1, 1)
+                _write_tiles(
+                    _resize(img, (size, size), self.fast),
+                    out_np[starts[i + 1] - 1 : starts[i + 1]],
+                    1,
+                    1,
+                )
 
             def run(job: tuple[Callable[[int, Image.Image], None], int, Image.Image]) -> None:
                 job[0](job[1], job[2])
@@ -317,7 +355,11 @@ class ImageProcessor:
                     chunk = range(first, min(first + self.num_threads, len(items)))
                     decoded = list(mapper(decode, chunk))
                     jobs = [(grid_job, i, img) for i, img in zip(chunk, decoded)]
-                    jobs += [(thumbnail_job, i, img) for i, img in zip(chunk, decoded) if counts[i] > grids[i][0] * grids[i][1]]
+                    jobs += [
+                        (thumbnail_job, i, img)
+                        for i, img in zip(chunk, decoded)
+                        if counts[i] > grids[i][0] * grids[i][1]
+                    ]
                     list(mapper(run, jobs))
                     del decoded, jobs
                     for i in chunk:  # free this chunk's pixels and file handles now, not at the end
@@ -335,9 +377,18 @@ def _close(img: Image.Image, owned: bool) -> None:
         img.close()
 
 
-def preprocess(image: ImageSource, tile_size: int = 448, min_tiles: int = 1, max_tiles: int = 12,
-               use_thumbnail: bool = True, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               fast: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+def preprocess(
+    image: ImageSource,
+    tile_size: int = 448,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    use_thumbnail: bool = True,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    fast: bool = False,
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """One image → (pixel_values float32 [N, 3, S, S], (cols, rows)); N = cols·rows (+1 thumbnail if > 1 tile)."""
-    batch = ImageProcessor(tile_size, min_tiles, max_tiles, use_thumbnail, max_pixels, fast)([image])
+    batch = ImageProcessor(tile_size, min_tiles, max_tiles, use_thumbnail, max_pixels, fast)(
+        [image]
+    )
     return batch.pixel_values, batch.grids[0]

@@ -19,8 +19,8 @@ chosen branch per tile (tiles batched per branch) — via `VisionLanguageModel.e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
@@ -47,14 +47,19 @@ class RoutingPolicy:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise RoutingError(f"unknown routing mode {self.mode!r}; choose from {', '.join(MODES)}")
+            raise RoutingError(
+                f"unknown routing mode {self.mode!r}; choose from {', '.join(MODES)}"
+            )
         for name in ("relative_threshold", "absolute_threshold"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise RoutingError(f"{name} must lie in [0, 1], got {value}")
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
-                                        or self.budget < 1):
-            raise RoutingError(f"budget must be a positive integer number of visual tokens, got {self.budget!r}")
+        if self.budget is not None and (
+            isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1
+        ):
+            raise RoutingError(
+                f"budget must be a positive integer number of visual tokens, got {self.budget!r}"
+            )
 
     def key(self) -> str:
         """What the decision depends on besides the images: part of a feature-cache key."""
@@ -66,10 +71,12 @@ class RoutingPolicy:
     @property
     def needs_router(self) -> bool:
         """True when the decision reads router scores (router, random, or any budgeted request but all-compressed)."""
-        return self.mode in ("router", "random") or (self.budget is not None and self.mode != "compressed")
+        return self.mode in ("router", "random") or (
+            self.budget is not None and self.mode != "compressed"
+        )
 
     @classmethod
-    def parse(cls, routing: "str | RoutingPolicy | None", **overrides) -> "RoutingPolicy":
+    def parse(cls, routing: str | RoutingPolicy | None, **overrides) -> RoutingPolicy:
         if isinstance(routing, RoutingPolicy):
             return replace(routing, **overrides) if overrides else routing
         return cls(mode=routing or "full", **overrides)
@@ -103,8 +110,9 @@ def _check_tiles(n: int, tiles_per_image: list[int]) -> None:
         raise RoutingError(f"tiles_per_image {tiles_per_image} does not add up to {n} tiles")
 
 
-def threshold_decision(p_compress: torch.Tensor, tiles_per_image: list[int], relative: float,
-                       absolute: float) -> torch.Tensor:
+def threshold_decision(
+    p_compress: torch.Tensor, tiles_per_image: list[int], relative: float, absolute: float
+) -> torch.Tensor:
     """The released ViR rule per image: compress where p > quantile(p_image, relative) and p >= absolute.
 
     p_compress [N] → bool [N]. Raising either threshold never adds a compressed tile (monotone). Because the
@@ -116,14 +124,16 @@ def threshold_decision(p_compress: torch.Tensor, tiles_per_image: list[int], rel
     out = torch.zeros_like(p, dtype=torch.bool)
     start = 0
     for n in tiles_per_image:
-        chunk = p[start:start + n]  # [n]
+        chunk = p[start : start + n]  # [n]
         q = torch.quantile(chunk, relative)
-        out[start:start + n] = (chunk > q) & (chunk >= absolute)
+        out[start : start + n] = (chunk > q) & (chunk >= absolute)
         start += n
     return out
 
 
-def random_decision(counts: list[int], tiles_per_image: list[int], generator: torch.Generator) -> torch.Tensor:
+def random_decision(
+    counts: list[int], tiles_per_image: list[int], generator: torch.Generator
+) -> torch.Tensor:
     """Per image, compress `counts[i]` tiles chosen uniformly at random. → bool [ΣN]."""
     if len(counts) != len(tiles_per_image):
         raise RoutingError(f"{len(counts)} counts for {len(tiles_per_image)} images")
@@ -137,8 +147,13 @@ def random_decision(counts: list[int], tiles_per_image: list[int], generator: to
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
-def enforce_budget(compress: torch.Tensor, p_compress: torch.Tensor | None, budget: int, full_tokens: int,
-                   compressed_tokens: int) -> torch.Tensor:
+def enforce_budget(
+    compress: torch.Tensor,
+    p_compress: torch.Tensor | None,
+    budget: int,
+    full_tokens: int,
+    compressed_tokens: int,
+) -> torch.Tensor:
     """Compress more tiles (highest p(compress) first, then by position) until Σ tokens <= budget.
 
     Smaller budgets compress supersets of the tiles larger budgets compress (monotone). Without scores
@@ -148,8 +163,10 @@ def enforce_budget(compress: torch.Tensor, p_compress: torch.Tensor | None, budg
     n = compress.numel()
     floor = n * compressed_tokens
     if budget < floor:
-        raise RoutingError(f"a budget of {budget} visual tokens is below the {floor} that {n} tiles need even "
-                           f"all at 1/16 ({compressed_tokens} each); raise the budget or send a smaller image")
+        raise RoutingError(
+            f"a budget of {budget} visual tokens is below the {floor} that {n} tiles need even "
+            f"all at 1/16 ({compressed_tokens} each); raise the budget or send a smaller image"
+        )
     tokens = sum(routed_tokens(compress.tolist(), full_tokens, compressed_tokens))
     if tokens <= budget:
         return compress
@@ -161,15 +178,24 @@ def enforce_budget(compress: torch.Tensor, p_compress: torch.Tensor | None, budg
     return compress
 
 
-def decide(policy: RoutingPolicy, tiles_per_image: list[int], full_tokens: int, compressed_tokens: int,
-           p_compress: torch.Tensor | None = None, relative: float = 0.5, absolute: float = 0.5,
-           generator: torch.Generator | None = None) -> RoutingDecision:
+def decide(
+    policy: RoutingPolicy,
+    tiles_per_image: list[int],
+    full_tokens: int,
+    compressed_tokens: int,
+    p_compress: torch.Tensor | None = None,
+    relative: float = 0.5,
+    absolute: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> RoutingDecision:
     """Route one request. `relative`/`absolute` are the model's defaults, overridden by the policy's own values."""
     n = sum(tiles_per_image)
     _check_tiles(n, tiles_per_image)
     if policy.needs_router and p_compress is None:
-        raise RoutingError(f"routing mode {policy.mode!r}{' with a budget' if policy.budget else ''} needs router "
-                           "scores, and none were given (is this a Flash model?)")
+        raise RoutingError(
+            f"routing mode {policy.mode!r}{' with a budget' if policy.budget else ''} needs router "
+            "scores, and none were given (is this a Flash model?)"
+        )
     if p_compress is not None and p_compress.numel() != n:
         raise RoutingError(f"{p_compress.numel()} router scores for {n} tiles")
     rel = policy.relative_threshold if policy.relative_threshold is not None else relative
@@ -183,7 +209,7 @@ def decide(policy: RoutingPolicy, tiles_per_image: list[int], full_tokens: int, 
         if policy.mode == "random":
             counts, start = [], 0
             for k in tiles_per_image:
-                counts.append(int(compress[start:start + k].sum()))
+                counts.append(int(compress[start : start + k].sum()))
                 start += k
             gen = generator if generator is not None else torch.Generator().manual_seed(policy.seed)
             compress = random_decision(counts, tiles_per_image, gen)
@@ -192,11 +218,16 @@ def decide(policy: RoutingPolicy, tiles_per_image: list[int], full_tokens: int, 
         scores = None if policy.mode == "random" else p_compress
         compress = enforce_budget(compress, scores, policy.budget, full_tokens, compressed_tokens)
     tokens = routed_tokens(compress.tolist(), full_tokens, compressed_tokens)
-    return RoutingDecision(compress, tokens, list(tiles_per_image),
-                           p_compress.detach().float() if p_compress is not None else None)
+    return RoutingDecision(
+        compress,
+        tokens,
+        list(tiles_per_image),
+        p_compress.detach().float() if p_compress is not None else None,
+    )
 
 
 # ---- the model-facing path --------------------------------------------------------------------------------
+
 
 def _model_thresholds(model) -> tuple[float, float]:
     flash = model.config.flash
@@ -207,12 +238,18 @@ def router_of(model):
     """The model's VisualResolutionRouter, or a RoutingError naming what is missing."""
     router = getattr(model, "router", None)
     if router is None or not model.config.flash.enabled:
-        raise RoutingError("this model has no Visual Resolution Router (not a Flash model); use --routing full")
+        raise RoutingError(
+            "this model has no Visual Resolution Router (not a Flash model); use --routing full"
+        )
     return router
 
 
-def make_router_hook(model, tiles_per_image: list[int], policy: RoutingPolicy,
-                     generator: torch.Generator | None = None) -> tuple[Callable[[torch.Tensor], torch.Tensor], list]:
+def make_router_hook(
+    model,
+    tiles_per_image: list[int],
+    policy: RoutingPolicy,
+    generator: torch.Generator | None = None,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], list]:
     """A callable for `encode_images(compress=...)`: last-layer patch tokens [N,P,Cv] → bool [N].
 
     Returns (hook, box); after encoding, box[0] holds the RoutingDecision.
@@ -232,8 +269,14 @@ def make_router_hook(model, tiles_per_image: list[int], policy: RoutingPolicy,
 
 
 @torch.no_grad()
-def encode_routed(model, pixel_values: torch.Tensor, tiles_per_image: list[int], routing: "str | RoutingPolicy",
-                  generator: torch.Generator | None = None, seed: int | None = None) -> tuple[torch.Tensor, RoutingDecision]:
+def encode_routed(
+    model,
+    pixel_values: torch.Tensor,
+    tiles_per_image: list[int],
+    routing: str | RoutingPolicy,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, RoutingDecision]:
     """ViT once → router (only when the policy needs it) → only the chosen branch per tile.
 
     Returns (features [ΣT, D], decision); `decision.image_tokens` is what the prompt must carry per image.
@@ -241,19 +284,32 @@ def encode_routed(model, pixel_values: torch.Tensor, tiles_per_image: list[int],
     """
     policy = RoutingPolicy.parse(routing, **({"seed": seed} if seed is not None else {}))
     if policy.mode != "full" and not model.config.flash.enabled:
-        raise RoutingError(f"routing {policy.mode!r} needs a Flash model (mlp2 and the router); this one is plain")
+        raise RoutingError(
+            f"routing {policy.mode!r} needs a Flash model (mlp2 and the router); this one is plain"
+        )
     hook, box = make_router_hook(model, tiles_per_image, policy, generator)
     features, tokens_per_tile = model.encode_images(pixel_values, compress=hook)
     decision = box[0]
-    if list(tokens_per_tile) != decision.tokens_per_tile or features.shape[0] != decision.visual_tokens:
-        raise RoutingError(f"encoder produced {features.shape[0]} rows / {tokens_per_tile} per tile, but routing "
-                           f"decided {decision.tokens_per_tile}")
+    if (
+        list(tokens_per_tile) != decision.tokens_per_tile
+        or features.shape[0] != decision.visual_tokens
+    ):
+        raise RoutingError(
+            f"encoder produced {features.shape[0]} rows / {tokens_per_tile} per tile, but routing "
+            f"decided {decision.tokens_per_tile}"
+        )
     return features, decision
 
 
 @torch.no_grad()
-def route_tiles(model, pixel_values: torch.Tensor, tiles_per_image: list[int], routing: "str | RoutingPolicy",
-                generator: torch.Generator | None = None, seed: int | None = None) -> torch.Tensor | None:
+def route_tiles(
+    model,
+    pixel_values: torch.Tensor,
+    tiles_per_image: list[int],
+    routing: str | RoutingPolicy,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> torch.Tensor | None:
     """Only the per-tile compress flags (runs the ViT for the router; prefer `encode_routed`, which runs it once)."""
     policy = RoutingPolicy.parse(routing, **({"seed": seed} if seed is not None else {}))
     if policy.mode == "full" and policy.budget is None:
@@ -264,13 +320,24 @@ def route_tiles(model, pixel_values: torch.Tensor, tiles_per_image: list[int], r
         p = router_of(model).p_compress(grid.reshape(grid.shape[0], -1, grid.shape[-1]))  # [N]
     rel, ab = _model_thresholds(model)
     cfg = model.config
-    return decide(policy, tiles_per_image, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile, p, rel, ab,
-                  generator).compress
+    return decide(
+        policy,
+        tiles_per_image,
+        cfg.tokens_per_tile,
+        cfg.compressed_tokens_per_tile,
+        p,
+        rel,
+        ab,
+        generator,
+    ).compress
 
 
 # ---- a picture of one routing decision ----------------------------------------------------------------------
 
-def draw_routing(model, image, routing: "str | RoutingPolicy", out_png: str, seed: int = 0, scale: int = 0) -> RoutingDecision:
+
+def draw_routing(
+    model, image, routing: str | RoutingPolicy, out_png: str, seed: int = 0, scale: int = 0
+) -> RoutingDecision:
     """Draw the tiled image with each tile marked kept (1/4, green) or compressed (1/16, red), plus the thumbnail.
 
     Each tile is labelled with its branch and, when the router ran, p(compress). Returns the decision drawn.
@@ -279,7 +346,9 @@ def draw_routing(model, image, routing: "str | RoutingPolicy", out_png: str, see
 
     cfg = model.config
     img = load_image(image)
-    pixel_values, (cols, rows) = preprocess(img, cfg.tile_size, cfg.min_tiles, cfg.max_tiles, cfg.use_thumbnail)
+    pixel_values, (cols, rows) = preprocess(
+        img, cfg.tile_size, cfg.min_tiles, cfg.max_tiles, cfg.use_thumbnail
+    )
     n = pixel_values.shape[0]
     policy = RoutingPolicy.parse(routing, seed=seed)
     with torch.no_grad():
@@ -288,21 +357,31 @@ def draw_routing(model, image, routing: "str | RoutingPolicy", out_png: str, see
             grid = model.vision_tokens(pixel_values)  # [N, h, w, Cv]
             p = router_of(model).p_compress(grid.reshape(n, -1, grid.shape[-1]))  # [N]
         rel, ab = _model_thresholds(model)
-        decision = decide(policy, [n], cfg.tokens_per_tile, cfg.compressed_tokens_per_tile, p, rel, ab)
+        decision = decide(
+            policy, [n], cfg.tokens_per_tile, cfg.compressed_tokens_per_tile, p, rel, ab
+        )
     S = cfg.tile_size
     k = scale or max(1, round(448 / S))  # small tiles are drawn larger so the labels fit
     T = S * k
-    base = img.convert("RGB").resize((S * cols, S * rows), Image.BICUBIC).resize((T * cols, T * rows), Image.NEAREST)
+    base = (
+        img.convert("RGB")
+        .resize((S * cols, S * rows), Image.BICUBIC)
+        .resize((T * cols, T * rows), Image.NEAREST)
+    )
     thumb = n > cols * rows
     legend_h = 28
-    canvas = Image.new("RGB", (T * cols + (T // 2 + 12 if thumb else 0), T * rows + legend_h), "white")
+    canvas = Image.new(
+        "RGB", (T * cols + (T // 2 + 12 if thumb else 0), T * rows + legend_h), "white"
+    )
     canvas.paste(base, (0, 0))
     if thumb:
         canvas.paste(img.convert("RGB").resize((T // 2, T // 2), Image.BICUBIC), (T * cols + 6, 0))
     overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
     font = ImageFont.load_default(size=max(10, T // 16))
-    boxes = [(c * T, r * T, (c + 1) * T - 1, (r + 1) * T - 1) for r in range(rows) for c in range(cols)]
+    boxes = [
+        (c * T, r * T, (c + 1) * T - 1, (r + 1) * T - 1) for r in range(rows) for c in range(cols)
+    ]
     if thumb:
         boxes.append((T * cols + 6, 0, T * cols + 6 + T // 2 - 1, T // 2 - 1))
     for i, box in enumerate(boxes):
@@ -311,14 +390,26 @@ def draw_routing(model, image, routing: "str | RoutingPolicy", out_png: str, see
         if compressed:
             draw.rectangle(box, fill=colour + (70,))
         draw.rectangle(box, outline=colour + (255,), width=max(2, T // 100))
-        label = ("thumb " if i == cols * rows else "") + ("1/16" if compressed else "1/4") \
+        label = (
+            ("thumb " if i == cols * rows else "")
+            + ("1/16" if compressed else "1/4")
             + (f" p={float(p[i]):.2f}" if p is not None else "")
-        draw.text((box[0] + 4, box[1] + 3), label, fill=(255, 255, 255, 255), font=font, stroke_width=2,
-                  stroke_fill=colour + (255,))
+        )
+        draw.text(
+            (box[0] + 4, box[1] + 3),
+            label,
+            fill=(255, 255, 255, 255),
+            font=font,
+            stroke_width=2,
+            stroke_fill=colour + (255,),
+        )
     canvas = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
     ImageDraw.Draw(canvas).text(
-        (4, T * rows + 6), f"routing {policy.mode}: {decision.compressed_tiles}/{n} tiles at 1/16, "
-        f"{decision.visual_tokens} visual tokens (all 1/4: {n * cfg.tokens_per_tile})", fill=(0, 0, 0),
-        font=ImageFont.load_default(size=14))
+        (4, T * rows + 6),
+        f"routing {policy.mode}: {decision.compressed_tiles}/{n} tiles at 1/16, "
+        f"{decision.visual_tokens} visual tokens (all 1/4: {n * cfg.tokens_per_tile})",
+        fill=(0, 0, 0),
+        font=ImageFont.load_default(size=14),
+    )
     canvas.save(out_png)
     return decision

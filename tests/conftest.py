@@ -109,8 +109,11 @@ def hf_causal_lm(tmp_path):
         import transformers
 
         lang = llm.config
-        raw = {"architectures": [_ARCH_NAMES[lang.architecture]], **_qwen3_dict(lang),
-               "rope_parameters": _rope_dict(lang)}
+        raw = {
+            "architectures": [_ARCH_NAMES[lang.architecture]],
+            **_qwen3_dict(lang),
+            "rope_parameters": _rope_dict(lang),
+        }
         state = {k: v.detach().contiguous() for k, v in llm.state_dict().items()}
         if lang.tie_word_embeddings:
             state.pop("lm_head.weight")

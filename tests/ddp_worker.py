@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from test_train import config, make_fake, save_weights, small_model
+
 from tessera.train.stage import LanguageModelingStage
 from tessera.train.trainer import Trainer
 
@@ -32,13 +32,25 @@ def main(mode: str, out: Path) -> None:
     cfg = config(steps=3, accum_steps=1 if mode == "ddp" else 2, grad_clip=0)
     model = small_model()
     result = Trainer(model, stage, cfg, out, save_model=save_weights).fit()
-    checksum = torch.tensor([float(sum(p.double().sum() for p in model.parameters()))], dtype=torch.float64)
-    sums = [checksum.clone() for _ in range(dist.get_world_size())] if dist.is_initialized() else [checksum]
+    checksum = torch.tensor(
+        [float(sum(p.double().sum() for p in model.parameters()))], dtype=torch.float64
+    )
+    sums = (
+        [checksum.clone() for _ in range(dist.get_world_size())]
+        if dist.is_initialized()
+        else [checksum]
+    )
     if dist.is_initialized():
         dist.all_gather(sums, checksum)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        (out / "result.json").write_text(json.dumps({"losses": [r["loss"] for r in result.history],
-                                                     "rank_checksums": [float(s) for s in sums]}))
+        (out / "result.json").write_text(
+            json.dumps(
+                {
+                    "losses": [r["loss"] for r in result.history],
+                    "rank_checksums": [float(s) for s in sums],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

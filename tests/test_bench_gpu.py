@@ -14,8 +14,21 @@ def test_without_a_gpu_it_skips_with_exit_0(capsys):
 
 
 def test_its_checks_run_and_report_on_the_cpu(tmp_path, capsys):
-    argv = ["bench", "gpu", "--allow-cpu", "--device", "cpu", "--shapes", "tiny", "--checks", "chat,engine",
-            "--new-tokens", "6", "--out", str(tmp_path)]
+    argv = [
+        "bench",
+        "gpu",
+        "--allow-cpu",
+        "--device",
+        "cpu",
+        "--shapes",
+        "tiny",
+        "--checks",
+        "chat,engine",
+        "--new-tokens",
+        "6",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "PASS  tiny  chat" in out and "PASS  tiny  engine" in out and "tok/s" in out
@@ -29,7 +42,17 @@ def test_a_failing_check_is_reported_and_fails_the_run(tmp_path, capsys, monkeyp
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(gpu, "check_chat", broken)
-    argv = ["bench", "gpu", "--allow-cpu", "--shapes", "tiny", "--checks", "chat", "--out", str(tmp_path)]
+    argv = [
+        "bench",
+        "gpu",
+        "--allow-cpu",
+        "--shapes",
+        "tiny",
+        "--checks",
+        "chat",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 1
     out = capsys.readouterr().out
     assert "FAIL  tiny  chat" in out and "kernel exploded" in out and "failed: tiny/chat" in out

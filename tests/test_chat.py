@@ -2,8 +2,15 @@
 
 import pytest
 
-from tessera.chat import (EMPTY_THINK, IMG_CONTEXT, SPECIAL_TOKENS, ChatTokenizer, TokenizerError, build_tokenizer,
-                          fallback_corpus)
+from tessera.chat import (
+    EMPTY_THINK,
+    IMG_CONTEXT,
+    SPECIAL_TOKENS,
+    ChatTokenizer,
+    TokenizerError,
+    build_tokenizer,
+    fallback_corpus,
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +28,10 @@ def test_prompt_expands_each_image_with_its_real_count(tok):
     ids = tok.build_prompt("how many circles", [5, 2])
     text = tok.decode(ids, skip_special_tokens=False)
     assert ids.count(tok.img_context_id) == 7
-    assert f"Image-1: <img>{IMG_CONTEXT * 5}</img>\nImage-2: <img>{IMG_CONTEXT * 2}</img>\nhow many circles" in text
+    assert (
+        f"Image-1: <img>{IMG_CONTEXT * 5}</img>\nImage-2: <img>{IMG_CONTEXT * 2}</img>\nhow many circles"
+        in text
+    )
     assert text.startswith("<|im_start|>system\n")
     assert text.endswith("<|im_start|>assistant\n" + EMPTY_THINK)
 
@@ -36,7 +46,7 @@ def test_loss_mask_covers_exactly_the_answer_and_im_end(tok):
     answer_ids = tok.encode("red") + [tok.im_end_id]
     assert len(ex.input_ids) == len(ex.loss_mask)
     assert [i for i, m in zip(ex.input_ids, ex.loss_mask) if m] == answer_ids
-    assert ex.loss_mask[-len(answer_ids):] == [1] * len(answer_ids)
+    assert ex.loss_mask[-len(answer_ids) :] == [1] * len(answer_ids)
     assert sum(ex.loss_mask) == len(answer_ids)
 
 
@@ -72,6 +82,7 @@ def test_tokenizer_file_errors(tmp_path, tok):
 
 # ---- internvl3_5_gpt_oss (Harmony-style) -------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def harmony() -> ChatTokenizer:
     return build_tokenizer(fallback_corpus() * 5, vocab_size=512, template="internvl3_5_gpt_oss")
@@ -81,11 +92,17 @@ def test_harmony_prompt_follows_the_official_template(harmony):
     from tessera.chat import HARMONY_SYSTEM
 
     text = harmony.decode(harmony.build_prompt("how many circles", [2]), skip_special_tokens=False)
-    assert text == (f"<|start|>system<|message|>{HARMONY_SYSTEM}<|end|><|start|>user<|message|>"
-                    f"<img>{IMG_CONTEXT * 2}</img>\nhow many circles<|end|><|start|>assistant"
-                    "<|channel|>final<|message|>")
-    thinking = harmony.decode(harmony.build_prompt("q", [], thinking=True, system=""), skip_special_tokens=False)
-    assert thinking == "<|start|>user<|message|>q<|end|><|start|>assistant"  # the model names its channel
+    assert text == (
+        f"<|start|>system<|message|>{HARMONY_SYSTEM}<|end|><|start|>user<|message|>"
+        f"<img>{IMG_CONTEXT * 2}</img>\nhow many circles<|end|><|start|>assistant"
+        "<|channel|>final<|message|>"
+    )
+    thinking = harmony.decode(
+        harmony.build_prompt("q", [], thinking=True, system=""), skip_special_tokens=False
+    )
+    assert (
+        thinking == "<|start|>user<|message|>q<|end|><|start|>assistant"
+    )  # the model names its channel
 
 
 def test_harmony_example_has_loss_after_start_assistant_through_return(harmony):
@@ -93,8 +110,13 @@ def test_harmony_example_has_loss_after_start_assistant_through_return(harmony):
     ids, mask = ex.input_ids, ex.loss_mask
     first = mask.index(1)
     assert harmony.decode(ids[:first], skip_special_tokens=False).endswith("<|start|>assistant")
-    assert harmony.decode(ids[first:], skip_special_tokens=False) == "<|channel|>final<|message|>red<|return|>"
-    assert all(mask[first:]) and ids[-1] == harmony.im_end_id == harmony.tokenizer.token_to_id("<|return|>")
+    assert (
+        harmony.decode(ids[first:], skip_special_tokens=False)
+        == "<|channel|>final<|message|>red<|return|>"
+    )
+    assert all(mask[first:]) and ids[-1] == harmony.im_end_id == harmony.tokenizer.token_to_id(
+        "<|return|>"
+    )
     assert harmony.im_start_id == harmony.tokenizer.token_to_id("<|start|>")
 
 
@@ -120,4 +142,7 @@ def test_checkpoint_loader_attaches_the_config_template(harmony, tmp_path):
     model.tokenizer = harmony
     save_checkpoint(model, tmp_path / "ckpt")
     back = load_checkpoint(tmp_path / "ckpt")
-    assert back.tokenizer.template == "internvl3_5_gpt_oss" and back.tokenizer.im_end_id == harmony.im_end_id
+    assert (
+        back.tokenizer.template == "internvl3_5_gpt_oss"
+        and back.tokenizer.im_end_id == harmony.im_end_id
+    )

@@ -11,25 +11,57 @@ from safetensors.torch import load_file, save_file
 from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.cli import main as cli
 from tessera.config import ConfigError, FlashConfig, LanguageConfig, ModelConfig, VisionConfig
-from tessera.model.checkpoint import CheckpointError, convert, load_checkpoint, load_config, save_checkpoint
+from tessera.model.checkpoint import (
+    CheckpointError,
+    convert,
+    load_checkpoint,
+    load_config,
+    save_checkpoint,
+)
 from tessera.model.vlm import VisionLanguageModel
 
 
 def tiny_config(flash: bool = False, tied: bool = False, rms: bool = False) -> ModelConfig:
-    vision = VisionConfig(image_size=56, patch_size=14, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    vision = VisionConfig(
+        image_size=56,
+        patch_size=14,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+    )
     if rms:
-        vision = dataclasses.replace(vision, norm_type="rms_norm", qkv_bias=False, qk_normalization=True)
-    language = LanguageConfig(vocab_size=320, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
-                              num_kv_heads=2, head_dim=16, rope_theta=10_000.0, tie_word_embeddings=tied)
+        vision = dataclasses.replace(
+            vision, norm_type="rms_norm", qkv_bias=False, qk_normalization=True
+        )
+    language = LanguageConfig(
+        vocab_size=320,
+        hidden_size=48,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10_000.0,
+        tie_word_embeddings=tied,
+    )
     # released router settings (hidden = Cv, 4 blocks, 16 heads) so the model is writable in the official layout
-    return ModelConfig(vision=vision, language=language, flash=FlashConfig(enabled=flash, relative_threshold=0.3),
-                       max_tiles=4, image_context_token_id=3, preset="unit").validate()
+    return ModelConfig(
+        vision=vision,
+        language=language,
+        flash=FlashConfig(enabled=flash, relative_threshold=0.3),
+        max_tiles=4,
+        image_context_token_id=3,
+        preset="unit",
+    ).validate()
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> VisionLanguageModel:
     torch.manual_seed(seed)
     model = VisionLanguageModel(config)
-    with torch.no_grad():  # move norms and layer scales off their init so a swapped tensor would show
+    with (
+        torch.no_grad()
+    ):  # move norms and layer scales off their init so a swapped tensor would show
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p))
@@ -48,29 +80,43 @@ def tokenizer():
     return build_tokenizer(fallback_corpus(), vocab_size=300)
 
 
-@pytest.mark.parametrize("flash,tied,rms", [(False, False, False), (True, True, True)], ids=["plain", "flash-tied-rms"])
-def test_official_tessera_hf_tessera_round_trip_is_bit_identical(tmp_path, tokenizer, flash, tied, rms):
+@pytest.mark.parametrize(
+    "flash,tied,rms", [(False, False, False), (True, True, True)], ids=["plain", "flash-tied-rms"]
+)
+def test_official_tessera_hf_tessera_round_trip_is_bit_identical(
+    tmp_path, tokenizer, flash, tied, rms
+):
     model = random_model(tiny_config(flash, tied, rms))
     model.tokenizer = tokenizer
     save_checkpoint(model, tmp_path / "official", layout="official")
     raw = json.loads((tmp_path / "official/config.json").read_text())
     assert raw["architectures"] == ["InternVLChatModel"] and raw["ps_version"] == "v2"
     keys = set(load_file(tmp_path / "official/model.safetensors"))
-    assert {"vision_model.embeddings.class_embedding", "mlp1.3.weight",
-            "language_model.model.layers.1.self_attn.k_norm.weight"} <= keys
+    assert {
+        "vision_model.embeddings.class_embedding",
+        "mlp1.3.weight",
+        "language_model.model.layers.1.self_attn.k_norm.weight",
+    } <= keys
     assert ("language_model.lm_head.weight" in keys) is not tied
     assert ("mlp2.7.weight" in keys and "gating.gate.1.weight" in keys) is flash
 
     convert(tmp_path / "official", tmp_path / "tessera", to="tessera")
     convert(tmp_path / "tessera", tmp_path / "hf", to="hf")
     convert(tmp_path / "hf", tmp_path / "back", to="tessera")
-    for folder, layout in (("official", "official"), ("tessera", "tessera"), ("hf", "hf"), ("back", "tessera")):
+    for folder, layout in (
+        ("official", "official"),
+        ("tessera", "tessera"),
+        ("hf", "hf"),
+        ("back", "tessera"),
+    ):
         config, found = load_config(tmp_path / folder)
         assert found == layout and config == model.config, folder
         loaded = load_checkpoint(tmp_path / folder)
         assert_same_weights(model, loaded)
         assert loaded.tokenizer is not None and loaded.tokenizer.img_context_id == 3
-    assert (tmp_path / "back/tokenizer.json").read_bytes() == (tmp_path / "official/tokenizer.json").read_bytes()
+    assert (tmp_path / "back/tokenizer.json").read_bytes() == (
+        tmp_path / "official/tokenizer.json"
+    ).read_bytes()
     hf_keys = set(load_file(tmp_path / "hf/model.safetensors"))
     assert "model.vision_tower.encoder.layer.0.attention.q_proj.weight" in hf_keys
     assert ("model.vision_tower.encoder.layer.0.attention.q_proj.bias" in hf_keys) is not rms
@@ -86,7 +132,10 @@ def test_official_config_without_our_block_uses_the_tokenizer(tmp_path, tokenize
     (tmp_path / "config.json").write_text(json.dumps(raw))
     config, layout = load_config(tmp_path)
     assert layout == "official" and config.flash.enabled and config.flash.router_num_blocks == 4
-    assert config.image_context_token_id == tokenizer.img_context_id and config.flash.relative_threshold == 0.3
+    assert (
+        config.image_context_token_id == tokenizer.img_context_id
+        and config.flash.relative_threshold == 0.3
+    )
     assert config.preset == "" and dataclasses.replace(config, preset="unit") == model.config
     assert_same_weights(model, load_checkpoint(tmp_path))
 
@@ -96,8 +145,13 @@ def test_pre_4_52_transformers_keys_load(tmp_path):
     save_checkpoint(model, tmp_path, layout="hf")
     state = load_file(tmp_path / "model.safetensors")
     legacy = {}
-    for k, v in state.items():  # the layout of InternVL3-*-hf checkpoints saved before transformers 4.52
-        k = k.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.", "vision_tower.")
+    for (
+        k,
+        v,
+    ) in state.items():  # the layout of InternVL3-*-hf checkpoints saved before transformers 4.52
+        k = k.replace("model.language_model.", "language_model.model.").replace(
+            "model.vision_tower.", "vision_tower."
+        )
         k = k.replace("model.multi_modal_projector.", "multi_modal_projector.")
         legacy["language_model.lm_head.weight" if k == "lm_head.weight" else k] = v
     save_file(legacy, tmp_path / "model.safetensors")
@@ -110,7 +164,10 @@ def test_sharded_checkpoint_loads(tmp_path):
     state = load_file(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
     names = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     for file, part in shards.items():
         save_file({k: state[k] for k in part}, tmp_path / file)
     index = {"weight_map": {k: f for f, part in shards.items() for k in part}}
@@ -126,6 +183,7 @@ def test_dtype_cast_on_load(tmp_path):
 
 
 # ---- bad checkpoints: every error names the problem -------------------------------------------------------
+
 
 @pytest.fixture
 def good(tmp_path) -> Path:
@@ -147,13 +205,18 @@ def test_missing_key_is_named(good):
 
 def test_unexpected_key_is_named(good):
     _edit_weights(good, lambda s: s.update({"vision_model.encoder.layers.9.ls1": torch.zeros(32)}))
-    with pytest.raises(CheckpointError, match=r"unexpected keys: vision_model\.encoder\.layers\.9\.ls1"):
+    with pytest.raises(
+        CheckpointError, match=r"unexpected keys: vision_model\.encoder\.layers\.9\.ls1"
+    ):
         load_checkpoint(good)
 
 
 def test_wrong_shape_is_named(good):
     _edit_weights(good, lambda s: s.update({"mlp1.0.weight": torch.zeros(127)}))
-    with pytest.raises(CheckpointError, match=r"shape mismatches: mlp1\.0\.weight \(127,\) \(model expects \(128,\)\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape mismatches: mlp1\.0\.weight \(127,\) \(model expects \(128,\)\)",
+    ):
         load_checkpoint(good)
 
 
@@ -182,8 +245,12 @@ def test_bad_config_json_and_unsupported_layouts(good):
     (good / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         load_checkpoint(good)
-    (good / "config.json").write_text(json.dumps({"architectures": ["LlavaForConditionalGeneration"]}))
-    with pytest.raises(ConfigError, match="unsupported architecture 'LlavaForConditionalGeneration'"):
+    (good / "config.json").write_text(
+        json.dumps({"architectures": ["LlavaForConditionalGeneration"]})
+    )
+    with pytest.raises(
+        ConfigError, match="unsupported architecture 'LlavaForConditionalGeneration'"
+    ):
         load_checkpoint(good)
     official = VisionLanguageModel(tiny_config())
     save_checkpoint(official, good, layout="official")
@@ -220,11 +287,14 @@ def test_not_a_checkpoint_folder(tmp_path):
 
 # ---- the command ------------------------------------------------------------------------------------------
 
+
 def test_cli_convert(good, tmp_path, capsys):
     assert cli(["convert", str(good), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert "tessera layout" in capsys.readouterr().out
     assert load_config(tmp_path / "hf")[1] == "hf"
-    assert cli(["convert", str(good), str(tmp_path / "hf"), "--to", "hf"]) == 2  # refuses to overwrite
+    assert (
+        cli(["convert", str(good), str(tmp_path / "hf"), "--to", "hf"]) == 2
+    )  # refuses to overwrite
     assert "--force" in capsys.readouterr().out
     (good / "model.safetensors").write_bytes(b"junk")
     assert cli(["convert", str(good), str(tmp_path / "x"), "--to", "tessera"]) == 1
@@ -235,7 +305,12 @@ def test_cli_convert_casts_to_bfloat16_and_carries_the_critic(good, tmp_path):
     from tessera.best_of_n import Critic, CriticConfig
 
     Critic(CriticConfig()).save(good / "critic")
-    assert cli(["convert", str(good), str(tmp_path / "bf16"), "--to", "tessera", "--dtype", "bfloat16"]) == 0
+    assert (
+        cli(
+            ["convert", str(good), str(tmp_path / "bf16"), "--to", "tessera", "--dtype", "bfloat16"]
+        )
+        == 0
+    )
     Critic.load(tmp_path / "bf16")
     src, half = load_checkpoint(good), load_checkpoint(tmp_path / "bf16")
     for (name, a), (_, b) in zip(src.state_dict().items(), half.state_dict().items()):

@@ -41,6 +41,8 @@ def test_init_is_seeded(tmp_path):
 
 def test_every_command_has_help():
     for name in COMMANDS:
-        result = subprocess.run([sys.executable, "-m", "tessera.cli", name, "-h"], capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "tessera.cli", name, "-h"], capture_output=True, text=True
+        )
         assert result.returncode == 0, (name, result.stderr)
         assert "usage: tessera" in result.stdout

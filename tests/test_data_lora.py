@@ -50,16 +50,22 @@ FULL = ("vision_model.embeddings", "norm1", "mlp1.0")
 
 @pytest.mark.parametrize(
     "components,train_modules",
-    [(("language",), ()), (("language", "vision", "connector"), ()),
-     (("language", "vision", "connector"), FULL)],
+    [
+        (("language",), ()),
+        (("language", "vision", "connector"), ()),
+        (("language", "vision", "connector"), FULL),
+    ],
 )
 def test_merged_logits_equal_the_adapter_model(tiny, components, train_modules):
     model = copy.deepcopy(tiny).float()
     options = LoraOptions(rank=4, alpha=8, components=components, train_modules=train_modules)
     names = apply_lora(model, options)
     if train_modules:
-        trained = {n.split(".modules_to_save.")[0] for n, p in model.named_parameters()
-                   if is_lora_param(n) and ".modules_to_save." in n}
+        trained = {
+            n.split(".modules_to_save.")[0]
+            for n, p in model.named_parameters()
+            if is_lora_param(n) and ".modules_to_save." in n
+        }
         assert "vision_model.embeddings" in trained and "mlp1.0" in trained
         assert "vision_model.encoder.layers.5.norm1" in trained
         assert all(p.requires_grad == is_lora_param(n) for n, p in model.named_parameters())
@@ -111,8 +117,9 @@ def test_adapter_round_trip_and_merge_command_layouts(tiny, tmp_path):
 def test_train_modules_round_trip_through_the_adapter_and_merge(tiny, tmp_path):
     base_dir = save_checkpoint(copy.deepcopy(tiny).float(), tmp_path / "base")
     model = tessera.load(base_dir).float()
-    options = LoraOptions(rank=4, alpha=8, components=("language", "vision"), train_modules=FULL,
-                          rslora=True)
+    options = LoraOptions(
+        rank=4, alpha=8, components=("language", "vision"), train_modules=FULL, rslora=True
+    )
     apply_lora(model, options)
     _perturb(model)
     _perturb_trained_copies(model)
@@ -135,9 +142,11 @@ def test_train_modules_round_trip_through_the_adapter_and_merge(tiny, tmp_path):
 
 @pytest.mark.parametrize(
     "train_modules,message",
-    [(("no_such_module",), "matches no module"),
-     (("vision_model.encoder.layers.0",), "holds LoRA target"),
-     (("embed_tokens",), "tied")],
+    [
+        (("no_such_module",), "matches no module"),
+        (("vision_model.encoder.layers.0",), "holds LoRA target"),
+        (("embed_tokens",), "tied"),
+    ],
 )
 def test_bad_train_modules_fail_clearly(tiny, train_modules, message):
     model = copy.deepcopy(tiny).float()
@@ -203,17 +212,41 @@ def test_train_sft_lora_train_modules_train_in_full(tiny, tmp_path, write_datase
     base_dir = save_checkpoint(copy.deepcopy(tiny).float(), tmp_path / "base")
     data = write_dataset(tmp_path / "ds", 6)
     out = tmp_path / "run"
-    args = ["train", "sft", "--init", str(base_dir), "--data", str(data), "--out", str(out),
-            "--steps", "2", "--rows", "2", "--row-tokens", "256", "--no-progress",
-            "--precision", "fp32",
-            "--lora", "--lora-rank", "4", "--lora-rslora", "--lora-train-modules", "mlp1.0,norm"]
+    args = [
+        "train",
+        "sft",
+        "--init",
+        str(base_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--rows",
+        "2",
+        "--row-tokens",
+        "256",
+        "--no-progress",
+        "--precision",
+        "fp32",
+        "--lora",
+        "--lora-rank",
+        "4",
+        "--lora-rslora",
+        "--lora-train-modules",
+        "mlp1.0,norm",
+    ]
     assert main(args) == 0
     assert "LoRA rank 4 on language + mlp1.0, norm in full" in capsys.readouterr().out
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["train_modules"] == ["language_model.model.norm", "mlp1.0"]
     trained, base = tessera.load(out / "final"), tessera.load(base_dir)
-    changed = {n for n, p in trained.state_dict().items()
-               if not torch.equal(p.float(), base.state_dict()[n].float())}
+    changed = {
+        n
+        for n, p in trained.state_dict().items()
+        if not torch.equal(p.float(), base.state_dict()[n].float())
+    }
     assert {"mlp1.0.weight", "language_model.model.norm.weight"} <= changed  # trained in full
     assert all(n.startswith("language_model") or n.startswith("mlp1.0") for n in changed)
     assert main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
@@ -265,17 +298,51 @@ def test_two_process_training_on_a_file_with_lora(tiny, tmp_path, write_dataset)
     base_dir = save_checkpoint(copy.deepcopy(tiny).float(), tmp_path / "base")
     data = write_dataset(tmp_path / "ds", 12)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29541",
+    ]
     out = tmp_path / "run"
-    done = subprocess.run(torchrun + ["-m", "tessera.cli", "train", "sft", "--init", str(base_dir), "--data",
-                                      str(data), "--out", str(out), "--steps", "2", "--rows", "1",
-                                      "--row-tokens", "128", "--no-progress", "--lora", "--lora-rank", "4",
-                                      "--precision", "fp32"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        torchrun
+        + [
+            "-m",
+            "tessera.cli",
+            "train",
+            "sft",
+            "--init",
+            str(base_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--rows",
+            "1",
+            "--row-tokens",
+            "128",
+            "--no-progress",
+            "--lora",
+            "--lora-rank",
+            "4",
+            "--precision",
+            "fp32",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "adapter" / "adapter_config.json").exists()
     assert tessera.load(out / "final") is not None
-    positions = [json.loads(line)["position"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    positions = [
+        json.loads(line)["position"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
     assert positions[-1] >= 2  # each rank read its own share of the records
 
 
@@ -286,14 +353,17 @@ def test_lora_plus_gives_the_b_matrices_a_larger_learning_rate(tiny):
     model = copy.deepcopy(tiny).float()
     options = LoraOptions(rank=4, plus_ratio=16.0)
     apply_lora(model, options)
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-3), {"param_filter": is_lora_param,
-                                                              "lr_scale": lr_scale(options)})
+    optimizer = build_optimizer(
+        model, TrainConfig(lr=1e-3), {"param_filter": is_lora_param, "lr_scale": lr_scale(options)}
+    )
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
     b_lrs = [lr_of[id(p)] for n, p in named.items() if ".lora_B." in n]
     a_lrs = [lr_of[id(p)] for n, p in named.items() if ".lora_A." in n]
     assert b_lrs and a_lrs
-    assert b_lrs == pytest.approx([1.6e-2] * len(b_lrs)) and a_lrs == pytest.approx([1e-3] * len(a_lrs))
+    assert b_lrs == pytest.approx([1.6e-2] * len(b_lrs)) and a_lrs == pytest.approx(
+        [1e-3] * len(a_lrs)
+    )
     assert lr_scale(LoraOptions()) is None  # ratio 1: plain LoRA
     with pytest.raises(ValueError, match="plus ratio"):
         LoraOptions(plus_ratio=0)

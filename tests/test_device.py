@@ -19,7 +19,9 @@ from tessera.device import (
     to_device,
 )
 
-no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+no_cuda = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the error of a machine without CUDA"
+)
 
 
 def parse(argv, vision=False):
@@ -36,7 +38,11 @@ def test_auto_is_cuda_when_present_else_cpu():
 
 def test_cpu_and_dtype_names():
     d = parse(["--device", "cpu", "--dtype", "bf16"])
-    assert d.device == torch.device("cpu") and d.dtype is torch.bfloat16 and d.vision_device == d.device
+    assert (
+        d.device == torch.device("cpu")
+        and d.dtype is torch.bfloat16
+        and d.vision_device == d.device
+    )
     assert parse(["--dtype", "auto"]).dtype is None  # keep the stored dtypes
     assert resolve_dtype("float16") is torch.float16 and resolve_dtype("FP32") is torch.float32
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
@@ -77,7 +83,9 @@ def test_vision_device_defaults_to_device():
 def test_autocast_is_a_noop_on_cpu():
     a = torch.randn(4, 4)
     with autocast("cpu"):
-        assert (a @ a).dtype is torch.float32  # the CPU keeps fp32 (its bf16 is the trainer's --precision)
+        assert (
+            a @ a
+        ).dtype is torch.float32  # the CPU keeps fp32 (its bf16 is the trainer's --precision)
 
 
 @dataclasses.dataclass
@@ -91,7 +99,12 @@ def test_to_device_walks_batches_and_keeps_untouched_objects():
     b = Batch(torch.ones(2), {"m": [torch.zeros(1), 3]}, 5)
     assert to_device(b, "cpu") is b  # nothing moved: the very same object
     moved = to_device(b, "meta")
-    assert moved.ids.is_meta and moved.extra["m"][0].is_meta and moved.extra["m"][1] == 3 and moved.n == 5
+    assert (
+        moved.ids.is_meta
+        and moved.extra["m"][0].is_meta
+        and moved.extra["m"][1] == 3
+        and moved.n == 5
+    )
     assert not b.ids.is_meta  # the original is left alone
 
 
@@ -102,7 +115,9 @@ MODEL_COMMANDS = ["chat", "eval", "serve", "vision-server", "train", "recipe", "
 def test_every_model_command_takes_device_and_dtype(command):
     p = argparse.ArgumentParser()
     importlib.import_module(f"tessera.commands.{COMMANDS[command][0]}").add_arguments(p)
-    if command == "bench":  # the flags belong to each benchmark's own parser (see the CLI test below)
+    if (
+        command == "bench"
+    ):  # the flags belong to each benchmark's own parser (see the CLI test below)
         return
     options = {o for a in p._actions for o in a.option_strings}
     assert {"--device", "--dtype"} <= options
@@ -116,7 +131,12 @@ def test_cli_reports_cuda_without_cuda_and_runs_on_cpu(tmp_path, capsys):
     assert main(["init", "--preset", "tiny", "--out", str(ckpt), "--seed", "1"]) == 0
     assert main(["chat", str(ckpt), "hi", "--max-new-tokens", "2", "--device", "cuda"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
-    assert main(["chat", str(ckpt), "hi", "--max-new-tokens", "2", "--device", "cpu", "--dtype", "bf16"]) == 0
+    assert (
+        main(
+            ["chat", str(ckpt), "hi", "--max-new-tokens", "2", "--device", "cpu", "--dtype", "bf16"]
+        )
+        == 0
+    )
     assert main(["eval", str(ckpt), "--n", "2", "--device", "nope"]) == 2
     assert "unknown device" in capsys.readouterr().err
     # a CPU-only benchmark refuses a GPU it was explicitly given

@@ -31,7 +31,7 @@ def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     hd = x.shape[-1]
     freq = 1.0 / (100.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))  # [hd/2]
     ang = pos[:, None, :, None].float() * freq  # [B,1,T,hd/2]
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
     return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], dim=-1)
 
 
@@ -42,16 +42,22 @@ class ToyLayer(torch.nn.Module):
         self.q = torch.nn.Linear(c.hidden_size, c.num_heads * c.head_dim)
         self.kv = torch.nn.Linear(c.hidden_size, 2 * c.num_kv_heads * c.head_dim)
         self.o = torch.nn.Linear(c.num_heads * c.head_dim, c.hidden_size)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(c.hidden_size, 64), torch.nn.GELU(), torch.nn.Linear(64, c.hidden_size))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(c.hidden_size, 64), torch.nn.GELU(), torch.nn.Linear(64, c.hidden_size)
+        )
 
     def forward(self, x, pos, idx, cache, mask):
         c, (B, T, _) = self.c, x.shape
         q = self.q(x).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # [B,H,T,hd]
-        k, v = self.kv(x).view(B, T, 2, c.num_kv_heads, c.head_dim).permute(2, 0, 3, 1, 4)  # 2 × [B,Hkv,T,hd]
+        k, v = (
+            self.kv(x).view(B, T, 2, c.num_kv_heads, c.head_dim).permute(2, 0, 3, 1, 4)
+        )  # 2 × [B,Hkv,T,hd]
         q, k = rope(q, pos), rope(k, pos)
         if cache is not None:
             k, v = cache.update(idx, k, v)  # [B,Hkv,S,hd]
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)  # [B,H,T,hd]
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+        )  # [B,H,T,hd]
         x = x + self.o(a.transpose(1, 2).reshape(B, T, -1))  # [B,T,H*hd]
         return x + self.mlp(x)
 
@@ -67,7 +73,9 @@ class ToyLLM(torch.nn.Module):
         self.model.embed_tokens = torch.nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = torch.nn.ModuleList(ToyLayer(c) for _ in range(c.num_layers))
         self.lm_head = torch.nn.Linear(c.hidden_size, c.vocab_size)
-        torch.nn.init.normal_(self.lm_head.weight, std=2.0)  # peaked logits: no near-ties between paths
+        torch.nn.init.normal_(
+            self.lm_head.weight, std=2.0
+        )  # peaked logits: no near-ties between paths
 
     def hidden(self, inputs_embeds, position_ids, cache=None, attn_mask=None):
         x = inputs_embeds
@@ -120,19 +128,32 @@ def run_all(engine: Engine, max_steps: int = 1000):
     raise AssertionError("engine did not drain")
 
 
-PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [9, 9, 9, 9, 9], [3, 1, 4, 1, 5, 9, 2, 6], [7, 7]]
+PROMPTS = [
+    [5, 6, 7],
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+    [42],
+    [9, 9, 9, 9, 9],
+    [3, 1, 4, 1, 5, 9, 2, 6],
+    [7, 7],
+]
 MAX_TOKENS = [6, 3, 9, 5, 7, 4]
 
 
 def test_slot_cache_writes_rows_at_their_own_positions():
-    cache = SlotKVCache(CacheGeometry(num_layers=1, num_kv_heads=2, head_dim=3, slots=4, max_len=10))
+    cache = SlotKVCache(
+        CacheGeometry(num_layers=1, num_kv_heads=2, head_dim=3, slots=4, max_len=10)
+    )
     positions = torch.tensor([[4], [7]])  # [B=2, T=1], slots 1 and 2
     k = torch.arange(2 * 2 * 3, dtype=torch.float32).view(2, 2, 1, 3)  # [B,Hkv,T,hd]
     k_all, v_all = cache.view(1, positions, 8).update(0, k, -k)
     assert k_all.shape == (2, 2, 8, 3)
-    assert torch.equal(cache.k[0][1, :, 4], k[0, :, 0]) and torch.equal(cache.k[0][2, :, 7], k[1, :, 0])
+    assert torch.equal(cache.k[0][1, :, 4], k[0, :, 0]) and torch.equal(
+        cache.k[0][2, :, 7], k[1, :, 0]
+    )
     assert torch.equal(v_all[1, :, 7], -k[1, :, 0])
-    assert cache.k[0][0].abs().sum() == 0 and cache.k[0][3].abs().sum() == 0  # other slots untouched
+    assert (
+        cache.k[0][0].abs().sum() == 0 and cache.k[0][3].abs().sum() == 0
+    )  # other slots untouched
     cache.move(2, 0, 8)
     assert torch.equal(cache.k[0][0, :, 7], k[1, :, 0])
     # several tokens per row (prefill): row r's token t goes to position positions[r, t] of slot 2 + r
@@ -155,7 +176,9 @@ def test_single_request_matches_full_recompute():
 
 def test_continuous_batching_matches_one_at_a_time():
     llm = ToyLLM()
-    expected = {f"r{i}": reference_greedy(llm, p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))}
+    expected = {
+        f"r{i}": reference_greedy(llm, p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))
+    }
     # small batch + staggered arrivals: requests join mid-flight, finish at different steps, slots get compacted
     engine = Engine(llm, max_batch=3, max_len=64, prefill_token_budget=16)
     col = Collector()
@@ -192,7 +215,9 @@ def test_sampling_is_seeded_per_request_and_independent_of_the_batch():
         col = Collector()
         engine.submit(make_request("x", PROMPTS[3], col, **params))
         for j in range(companions):
-            engine.submit(make_request(f"c{j}", PROMPTS[j], col, max_tokens=5, temperature=1.0, seed=j))
+            engine.submit(
+                make_request(f"c{j}", PROMPTS[j], col, max_tokens=5, temperature=1.0, seed=j)
+            )
         run_all(engine)
         return col.tokens["x"]
 
@@ -202,7 +227,9 @@ def test_sampling_is_seeded_per_request_and_independent_of_the_batch():
     col = Collector()
     other.submit(make_request("y", PROMPTS[3], col, **{**params, "seed": 99}))
     run_all(other)
-    assert col.tokens["y"] != alone  # 10 tokens at T=1.5 from a 97-way vocab: a collision means the seed is ignored
+    assert (
+        col.tokens["y"] != alone
+    )  # 10 tokens at T=1.5 from a 97-way vocab: a collision means the seed is ignored
 
 
 def test_top_p_keeps_the_smallest_nucleus():
@@ -220,13 +247,23 @@ def test_batched_sampling_equals_row_by_row():
     """Mixed greedy / sampled rows in one call give each row what it would get alone (same seed)."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 97, generator=g) * 3
-    params = [SamplingParams(), SamplingParams(temperature=0.7, top_p=0.5, seed=1), SamplingParams(temperature=1.5, seed=2),
-              SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9, seed=3)]
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.7, top_p=0.5, seed=1),
+        SamplingParams(temperature=1.5, seed=2),
+        SamplingParams(),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=3),
+    ]
     batched, _ = sample_tokens(logits, params, [p.make_generator() for p in params])
-    alone = [sample_tokens(logits[b:b + 1], [p], [p.make_generator()])[0][0] for b, p in enumerate(params)]
+    alone = [
+        sample_tokens(logits[b : b + 1], [p], [p.make_generator()])[0][0]
+        for b, p in enumerate(params)
+    ]
     assert batched == alone
     assert batched[0] == int(logits[0].argmax()) and batched[3] == int(logits[3].argmax())
-    probs = torch.softmax(logits[:2], dim=-1)  # per-row top_p: row 0 untouched at 1.0, row 1 as the 1-D filter
+    probs = torch.softmax(
+        logits[:2], dim=-1
+    )  # per-row top_p: row 0 untouched at 1.0, row 1 as the 1-D filter
     rows = top_p_filter(probs, torch.tensor([1.0, 0.6]))
     assert torch.equal(rows[0], probs[0]) and torch.allclose(rows[1], top_p_filter(probs[1], 0.6))
 
@@ -265,7 +302,11 @@ def test_bad_image_features_fail_only_that_request():
 
     engine = Engine(llm, max_batch=4, max_len=32, embed_fn=embed)
     col = Collector()
-    engine.submit(GenerationRequest("bad", [1, 2, 3], SamplingParams(max_tokens=3), col, image_features=torch.zeros(5, 32)))
+    engine.submit(
+        GenerationRequest(
+            "bad", [1, 2, 3], SamplingParams(max_tokens=3), col, image_features=torch.zeros(5, 32)
+        )
+    )
     engine.submit(make_request("good", PROMPTS[0], col, max_tokens=3))
     run_all(engine)
     assert col.reasons == {"bad": "error", "good": "length"}
@@ -280,7 +321,10 @@ def test_loop_thread_serves_concurrent_submissions_and_jobs():
         col.expected = len(PROMPTS)
         for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS)):
             engine.submit(make_request(f"r{i}", p, col, max_tokens=m))
-        assert engine.call_in_loop(lambda: threading.current_thread().name).result(5) == "tessera-engine"
+        assert (
+            engine.call_in_loop(lambda: threading.current_thread().name).result(5)
+            == "tessera-engine"
+        )
         assert col.done.wait(10)
         for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS)):
             assert col.tokens[f"r{i}"] == reference_greedy(llm, p, m)

@@ -22,14 +22,19 @@ def model():
     cfg.vision.num_layers, cfg.language.num_layers = 2, 2
     tok = build_tokenizer(corpus(30), vocab_size=cfg.language.vocab_size)
     m = init_model(cfg, tok, seed=0).eval()
-    with torch.no_grad():  # a sharper random LM so greedy outputs differ between prompts and run for a while
+    with (
+        torch.no_grad()
+    ):  # a sharper random LM so greedy outputs differ between prompts and run for a while
         m.language_model.lm_head.weight.mul_(20)
     return m
 
 
 def test_batched_greedy_matches_single_prompt_generation(model):
     tok = model.tokenizer
-    prompts = [tok.build_prompt(q, []) for q in ("What colour is the circle?", "How many shapes?", "Describe the image.")]
+    prompts = [
+        tok.build_prompt(q, [])
+        for q in ("What colour is the circle?", "How many shapes?", "Describe the image.")
+    ]
     with torch.no_grad():
         greedy = SamplingParams(max_tokens=6, stop_ids=frozenset([tok.im_end_id]))
         batched = generate(model, prompts, None, greedy).answers()
@@ -42,7 +47,14 @@ def test_batched_greedy_matches_single_prompt_generation(model):
 def test_eval_result_fields_and_report(model, markdown_tables):
     r = evaluate(model, seed=3, n=14, batch_size=5)
     data = r.to_json()
-    for key in ("overall", "families", "visual_tokens_per_image", "n", "routing", "samples_per_second"):
+    for key in (
+        "overall",
+        "families",
+        "visual_tokens_per_image",
+        "n",
+        "routing",
+        "samples_per_second",
+    ):
         assert key in data
     assert data["n"] == 14 and data["routing"] == "full" and "records" not in data
     from tessera.world import FAMILIES
@@ -51,7 +63,9 @@ def test_eval_result_fields_and_report(model, markdown_tables):
     assert 0.0 <= data["overall"] <= 1.0
     # every image carries whole tiles of 16 tokens (1/4 branch), thumbnails included
     assert all(rec["visual_tokens"] % 16 == 0 and rec["visual_tokens"] >= 16 for rec in r.records)
-    assert data["visual_tokens_per_image"] == pytest.approx(sum(x["visual_tokens"] for x in r.records) / 14)
+    assert data["visual_tokens_per_image"] == pytest.approx(
+        sum(x["visual_tokens"] for x in r.records) / 14
+    )
     [table] = markdown_tables(format_report(r))  # one row per family, then the totals
     rows = {row["family"]: row for row in table}
     assert list(rows) == list(r.families) + ["overall"]
@@ -81,5 +95,7 @@ def test_eval_command_prints_one_json_object(model, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "ckpt"), "--n", "7", "--seed", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["n"] == 7 and data["routing"] == "full" and len(data["families"]) == 7
-    with pytest.raises(ValueError, match="critic"):  # Best-of-N needs a critic attached to the model
+    with pytest.raises(
+        ValueError, match="critic"
+    ):  # Best-of-N needs a critic attached to the model
         evaluate(model, n=7, best_of=4)

@@ -216,7 +216,6 @@ def test_chat_template_renders_tesseras_prompt(exported, ours, case):
         assert got == want
 
 
-
 @pytest.fixture(scope="module")
 def harmony_folder(tmp_path_factory):
     """A GPT-OSS (Harmony template) tokenizer with the export's tokenizer_config.json."""
@@ -227,7 +226,9 @@ def harmony_folder(tmp_path_factory):
     tok_cfg = hf_export.tokenizer_config(tok, config)
     tok_cfg["chat_template"] = hf_export.chat_template(IMG_CONTEXT, tok.system, harmony=True)
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-    return folder, ChatTokenizer.from_file(folder / "tokenizer.json", template="internvl3_5_gpt_oss")
+    return folder, ChatTokenizer.from_file(
+        folder / "tokenizer.json", template="internvl3_5_gpt_oss"
+    )
 
 
 @pytest.mark.parametrize("case", range(len(conversations())))
@@ -243,6 +244,7 @@ def test_harmony_chat_template_renders_tesseras_gpt_oss_prompt(harmony_folder, c
     parts = text.split(IMG_CONTEXT)
     got = parts[0] + "".join(ours.image_block(c) + p for c, p in zip(counts, parts[1:]))
     assert got == ours.render(turns, counts, thinking, system)
+
 
 # ---- image processor and model
 # ------------------------------------------------------------------------

@@ -10,9 +10,15 @@ from itertools import combinations
 import pytest
 
 from tessera.config import preset, tiny_config
-from tessera.geometry import (candidate_grids, num_tiles, routed_tokens, tile_grid, tokens_of_images, tokens_per_image,
-                              tokens_per_tile)
-
+from tessera.geometry import (
+    candidate_grids,
+    num_tiles,
+    routed_tokens,
+    tile_grid,
+    tokens_of_images,
+    tokens_per_image,
+    tokens_per_tile,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +35,13 @@ def hf_grid(got_ocr2):
 def official_candidates(min_num: int, max_num: int) -> list[tuple[int, int]]:
     """The official candidate list, written the way InternVL's dynamic_preprocess builds it: a Python set of
     (i, j) pairs, sorted by i·j (a stable sort, so inside one tile count the set's iteration order stays)."""
-    pairs = {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-             if min_num <= i * j <= max_num}
+    pairs = {
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    }
     return sorted(pairs, key=lambda g: g[0] * g[1])
 
 
@@ -69,7 +80,10 @@ def test_candidates_are_the_official_list_and_the_transformers_set(max_tiles, go
 def test_tile_grid_equals_transformers_on_random_sizes(max_tiles, tile_size, hf_grid):
     for width, height in random_sizes(3000, seed=max_tiles * 1000 + tile_size):
         ours = tile_grid(width, height, tile_size, 1, max_tiles)
-        assert ours == hf_grid((height, width), (tile_size, tile_size), 1, max_tiles), (width, height)
+        assert ours == hf_grid((height, width), (tile_size, tile_size), 1, max_tiles), (
+            width,
+            height,
+        )
 
 
 @pytest.mark.parametrize("max_tiles", [6, 12, 24])
@@ -89,7 +103,9 @@ def test_equal_tile_count_ties_never_decide_when_min_tiles_is_small(min_tiles, m
         best = min(diffs.values())
         assert not (diffs[g1] == best and diffs[g2] == best), (g1, g2)
         for k in (1, 7, 60, 400):
-            assert tile_grid(p * k, q * k, 448, min_tiles, max_tiles) == hf_grid((q * k, p * k), (448, 448), min_tiles, max_tiles)
+            assert tile_grid(p * k, q * k, 448, min_tiles, max_tiles) == hf_grid(
+                (q * k, p * k), (448, 448), min_tiles, max_tiles
+            )
 
 
 def test_exact_tie_between_equal_tile_counts_follows_the_official_order(hf_grid):
@@ -133,7 +149,9 @@ def test_closest_aspect_wins_regardless_of_size(hf_grid):
     assert tile_grid(40000, 10) == (12, 1)
     assert tile_grid(10, 40000, max_tiles=6) == (1, 6)
     assert tile_grid(4000, 3000, min_tiles=2, max_tiles=2) in {(2, 1), (1, 2)}
-    assert tile_grid(4000, 3000, min_tiles=2, max_tiles=2) == hf_grid((3000, 4000), (448, 448), 2, 2)
+    assert tile_grid(4000, 3000, min_tiles=2, max_tiles=2) == hf_grid(
+        (3000, 4000), (448, 448), 2, 2
+    )
 
 
 def test_tile_grid_rejects_bad_input():
@@ -172,14 +190,17 @@ def test_tokens_match_the_configs():
 
 def test_tokens_per_image_matches_transformers_patch_count(got_ocr2):
     """transformers' processor counts patches with the same rule (grid + thumbnail when > 1) × 256 tokens."""
-    processor = got_ocr2.GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True,
-                                                  min_patches=1, max_patches=12)
+    processor = got_ocr2.GotOcr2ImageProcessorPil(
+        size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=12
+    )
     for width, height in random_sizes(300, seed=5):
         expected = processor.get_number_of_image_patches(height, width) * 256
         assert tokens_per_image(width, height) == expected, (width, height)
     assert tokens_per_image(1920, 1080) == 9 * 256
     assert tokens_per_image(1920, 1080, downsample_ratio=0.25) == 9 * 64
-    assert tokens_per_image(300, 200, 112, 14, 0.5, 1, 6, use_thumbnail=False) == 6 * 16  # 3:2 → (3, 2) exactly
+    assert (
+        tokens_per_image(300, 200, 112, 14, 0.5, 1, 6, use_thumbnail=False) == 6 * 16
+    )  # 3:2 → (3, 2) exactly
 
 
 def test_routed_tokens():
@@ -189,6 +210,9 @@ def test_routed_tokens():
 
 def test_tokens_of_images():
     assert tokens_of_images([1, 3], 16) == [16, 48]  # one count for every tile
-    assert tokens_of_images([2, 1], [16, 4, 4]) == [20, 4]  # per-tile counts of a routing decision, in order
+    assert tokens_of_images([2, 1], [16, 4, 4]) == [
+        20,
+        4,
+    ]  # per-tile counts of a routing decision, in order
     with pytest.raises(ValueError, match="per-tile counts"):
         tokens_of_images([2, 2], [16, 4, 4])

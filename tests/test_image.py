@@ -31,7 +31,9 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     """A smooth random colour field with grain (photo-like, compresses like one)."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, (max(2, height // 32), max(2, width // 32), 3), dtype=np.uint8)
-    field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    field = np.asarray(
+        Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16
+    )
     grain = rng.integers(-10, 11, (height, width, 3), dtype=np.int16)
     return Image.fromarray(np.clip(field + grain, 0, 255).astype(np.uint8))
 
@@ -44,39 +46,69 @@ def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A well-formed PNG that declares width×height but carries almost no pixel data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
-def reference_tiles(img: Image.Image, cols: int, rows: int, size: int, thumbnail: bool = True) -> torch.Tensor:
+def reference_tiles(
+    img: Image.Image, cols: int, rows: int, size: int, thumbnail: bool = True
+) -> torch.Tensor:
     """The official recipe written plainly: resize, crop row-major, thumbnail, ToTensor + Normalize."""
     canvas = img.resize((size * cols, size * rows), Image.Resampling.BICUBIC)
-    tiles = [canvas.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(cols)]
+    tiles = [
+        canvas.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
+        for r in range(rows)
+        for c in range(cols)
+    ]
     if thumbnail and len(tiles) > 1:
         tiles.append(img.resize((size, size), Image.Resampling.BICUBIC))
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return torch.stack([(torch.from_numpy(np.array(t)).permute(2, 0, 1).float().div(255) - mean) / std for t in tiles])
+    return torch.stack(
+        [
+            (torch.from_numpy(np.array(t)).permute(2, 0, 1).float().div(255) - mean) / std
+            for t in tiles
+        ]
+    )
 
 
 # ---- bad inputs ---------------------------------------------------------------------------------
+
 
 def test_image_error_is_a_value_error():
     assert issubclass(ImageError, ValueError)
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"", "empty"),
-    (b"hello, this is not an image at all", "not a recognised image"),
-    (b"\x89PNG\r\n\x1a\n", "not a recognised image"),
-    (png_header_only(0, 10), "zero-size image \\(0x10\\)"),
-    (png_header_only(10, 0), "zero-size image \\(10x0\\)"),
-    (png_header_only(9000, 8000), "9000x8000 = 72.0 Mpx exceeds max_pixels = 64.0 Mpx"),  # our limit
-    (png_header_only(10000, 9500), "decompression bomb"),  # Pillow's warning (> 89.5 Mpx), turned into an error
-    (png_header_only(100000, 100000), "decompression bomb"),  # Pillow's error (> 179 Mpx)
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty"),
+        (b"hello, this is not an image at all", "not a recognised image"),
+        (b"\x89PNG\r\n\x1a\n", "not a recognised image"),
+        (png_header_only(0, 10), "zero-size image \\(0x10\\)"),
+        (png_header_only(10, 0), "zero-size image \\(10x0\\)"),
+        (
+            png_header_only(9000, 8000),
+            "9000x8000 = 72.0 Mpx exceeds max_pixels = 64.0 Mpx",
+        ),  # our limit
+        (
+            png_header_only(10000, 9500),
+            "decompression bomb",
+        ),  # Pillow's warning (> 89.5 Mpx), turned into an error
+        (png_header_only(100000, 100000), "decompression bomb"),  # Pillow's error (> 179 Mpx)
+    ],
+)
 def test_bad_bytes_raise_image_error(data, message):
     with pytest.raises(ImageError, match=message):
         load_image(data)
@@ -98,7 +130,9 @@ def test_pixel_limit_above_pillows_replaces_pillows_warning():
     # 95 Mpx: over Pillow's warning threshold (89.5 Mpx), under its hard limit (179 Mpx)
     with pytest.raises(ImageError, match="decompression bomb"):
         load_image(png_header_only(10000, 9500), max_pixels=None)
-    with pytest.raises(ImageError, match="truncated"):  # explicitly allowed: the bytes reach the decoder
+    with pytest.raises(
+        ImageError, match="truncated"
+    ):  # explicitly allowed: the bytes reach the decoder
         load_image(png_header_only(10000, 9500), max_pixels=100_000_000)
 
 
@@ -156,13 +190,23 @@ def test_batch_errors_name_the_image():
 
 # ---- decoding and conversion --------------------------------------------------------------------
 
+
 def test_every_source_kind_gives_the_same_tiles(tmp_path):
     img = photo(250, 130, seed=3)
     data = encode(img)
     path = tmp_path / "x.png"
     path.write_bytes(data)
-    sources = [data, bytearray(data), memoryview(data), str(path), path, io.BytesIO(data), Image.open(io.BytesIO(data)),
-               img, "data:image/png;base64," + base64.b64encode(data).decode()]
+    sources = [
+        data,
+        bytearray(data),
+        memoryview(data),
+        str(path),
+        path,
+        io.BytesIO(data),
+        Image.open(io.BytesIO(data)),
+        img,
+        "data:image/png;base64," + base64.b64encode(data).decode(),
+    ]
     expected, grid = preprocess(img, 112, 1, 6)
     for source in sources:
         got, got_grid = preprocess(source, 112, 1, 6)
@@ -175,7 +219,9 @@ def test_modes_convert_like_the_official_loader(mode):
     rgb = photo(90, 60, seed=1)
     img = rgb.convert(mode) if mode not in ("RGBA", "LA") else rgb.convert(mode[:-1]).convert(mode)
     if mode in ("RGBA", "LA"):
-        img.putalpha(Image.new("L", img.size, 0))  # fully transparent: the colour underneath must survive
+        img.putalpha(
+            Image.new("L", img.size, 0)
+        )  # fully transparent: the colour underneath must survive
     loaded = load_image(img)
     assert loaded.mode == "RGB" and loaded.size == (90, 60)
     assert np.array_equal(np.asarray(loaded), np.asarray(img.convert("RGB")))
@@ -183,12 +229,16 @@ def test_modes_convert_like_the_official_loader(mode):
 
 # ---- tiling, thumbnail, normalisation -----------------------------------------------------------
 
+
 def test_tiles_are_row_major_and_the_thumbnail_comes_last():
     size, cols, rows = 112, 3, 2
     colours = [(40 * k, 255 - 40 * k, (70 * k) % 256) for k in range(cols * rows)]
     canvas = Image.new("RGB", (size * cols, size * rows))
     for k, colour in enumerate(colours):  # tile k at (row k // cols, col k % cols)
-        canvas.paste(colour, ((k % cols) * size, (k // cols) * size, (k % cols + 1) * size, (k // cols + 1) * size))
+        canvas.paste(
+            colour,
+            ((k % cols) * size, (k // cols) * size, (k % cols + 1) * size, (k // cols + 1) * size),
+        )
     pixels, grid = preprocess(canvas, size, 1, 6)
     assert grid == (3, 2) and pixels.shape == (7, 3, size, size) and pixels.dtype == torch.float32
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -196,7 +246,10 @@ def test_tiles_are_row_major_and_the_thumbnail_comes_last():
     for k, colour in enumerate(colours):
         expected = (torch.tensor(colour, dtype=torch.float32).view(3, 1, 1).div(255) - mean) / std
         assert torch.equal(pixels[k], expected.expand(3, size, size)), k
-    assert torch.equal(pixels[-1], reference_tiles(canvas.resize((size, size), Image.Resampling.BICUBIC), 1, 1, size)[0])
+    assert torch.equal(
+        pixels[-1],
+        reference_tiles(canvas.resize((size, size), Image.Resampling.BICUBIC), 1, 1, size)[0],
+    )
 
 
 def test_thumbnail_rule_and_shapes():
@@ -212,11 +265,16 @@ def test_normalisation_values():
     img = Image.new("RGB", (50, 50), (0, 128, 255))
     pixels, _ = preprocess(img, 112, 1, 6)
     got = pixels[0, :, 0, 0].double()
-    expected = [(0 / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], (128 / 255 - IMAGENET_MEAN[1]) / IMAGENET_STD[1],
-                (255 / 255 - IMAGENET_MEAN[2]) / IMAGENET_STD[2]]
+    expected = [
+        (0 / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0],
+        (128 / 255 - IMAGENET_MEAN[1]) / IMAGENET_STD[1],
+        (255 / 255 - IMAGENET_MEAN[2]) / IMAGENET_STD[2],
+    ]
     assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
     assert abs(got[0].item() + 2.1179) < 1e-4 and abs(got[2].item() - 2.64) < 1e-4
-    assert (pixels[:, 0] == pixels[0, 0, 0, 0]).all()  # a uniform image stays uniform through bicubic
+    assert (
+        pixels[:, 0] == pixels[0, 0, 0, 0]
+    ).all()  # a uniform image stays uniform through bicubic
 
 
 def test_matches_the_plain_reference_bit_for_bit():
@@ -230,13 +288,20 @@ def test_processor_batches_many_images():
     cfg = tiny_config()
     processor = ImageProcessor.from_config(cfg)
     assert (processor.tile_size, processor.max_tiles) == (112, 6)
-    images = [photo(300, 120, 0), encode(photo(90, 90, 1)), photo(150, 500, 2), encode(photo(640, 480, 3), "JPEG")]
+    images = [
+        photo(300, 120, 0),
+        encode(photo(90, 90, 1)),
+        photo(150, 500, 2),
+        encode(photo(640, 480, 3), "JPEG"),
+    ]
     batch = processor(images)
     sizes = [(300, 120), (90, 90), (150, 500), (640, 480)]
     assert batch.image_sizes == sizes
     assert batch.tiles_per_image == [num_tiles(w, h, 112, 1, 6) for w, h in sizes]
     assert batch.pixel_values.shape == (sum(batch.tiles_per_image), 3, 112, 112)
-    for (w, h), tiles in zip(sizes, batch.tiles_per_image):  # the token count the model will produce
+    for (w, h), tiles in zip(
+        sizes, batch.tiles_per_image
+    ):  # the token count the model will produce
         assert tiles * cfg.tokens_per_tile == tokens_per_image(w, h, 112, 14, 0.5, 1, 6)
     for part, image in zip(batch.split(), images):
         alone, _ = preprocess(image, 112, 1, 6)
@@ -247,7 +312,9 @@ def test_processor_batches_many_images():
 
 def test_fast_mode_is_close_to_exact():
     """fast=True decodes big JPEGs at reduced DCT scale and resizes with reducing_gap: same grid, close pixels."""
-    data = encode(photo(1600, 1200, seed=4), "JPEG", quality=90)  # canvas 336×224 → JPEG decoded at 1/4 scale
+    data = encode(
+        photo(1600, 1200, seed=4), "JPEG", quality=90
+    )  # canvas 336×224 → JPEG decoded at 1/4 scale
     exact = ImageProcessor(tile_size=112, max_tiles=6)([data])
     fast = ImageProcessor(tile_size=112, max_tiles=6, fast=True)([data])
     assert fast.grids == exact.grids and fast.pixel_values.shape == exact.pixel_values.shape
@@ -261,7 +328,9 @@ def test_image_hash():
     assert image_hash(data) == image_hash(bytearray(data)) and len(image_hash(data)) == 32
     assert image_hash(data) != image_hash(data + b"\0")
     img = photo(40, 30)
-    assert image_hash(img) == image_hash(img.copy()) == image_hash(img.convert("RGBA"))  # pixels, RGB-converted
+    assert (
+        image_hash(img) == image_hash(img.copy()) == image_hash(img.convert("RGBA"))
+    )  # pixels, RGB-converted
     assert image_hash(img) != image_hash(data)  # separate domains
     assert image_hash(img) != image_hash(photo(40, 30, seed=9))
     with pytest.raises(TypeError):
@@ -270,15 +339,22 @@ def test_image_hash():
 
 # ---- against transformers -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def transformers_processor():
     """A factory for transformers' InternVL image processor (GOT-OCR2's, crop_to_patches) as the checkpoints set it."""
     got_ocr2 = pytest.importorskip("transformers.models.got_ocr2.image_processing_pil_got_ocr2")
 
     def make(size: int, max_tiles: int):
-        return got_ocr2.GotOcr2ImageProcessorPil(size={"height": size, "width": size}, crop_to_patches=True,
-                                                 min_patches=1, max_patches=max_tiles,
-                                                 image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+        return got_ocr2.GotOcr2ImageProcessorPil(
+            size={"height": size, "width": size},
+            crop_to_patches=True,
+            min_patches=1,
+            max_patches=max_tiles,
+            image_mean=list(IMAGENET_MEAN),
+            image_std=list(IMAGENET_STD),
+        )
+
     return make
 
 
@@ -286,9 +362,17 @@ def transformers_processor():
 def test_pixels_equal_transformers(size, max_tiles, transformers_processor):
     """Same grid, same tile order (row-major, thumbnail last), and max abs diff 0 for opaque images."""
     hf = transformers_processor(size, max_tiles)
-    cases = [photo(640, 480, 0), photo(1000, 300, 1), photo(300, 1000, 2), photo(100, 30, 3), photo(448, 448, 4),
-             photo(700, 700, 5), photo(1280, 720, 6).convert("L"), photo(500, 333, 7).convert("P"),
-             photo(321, 123, 8).convert("CMYK")]
+    cases = [
+        photo(640, 480, 0),
+        photo(1000, 300, 1),
+        photo(300, 1000, 2),
+        photo(100, 30, 3),
+        photo(448, 448, 4),
+        photo(700, 700, 5),
+        photo(1280, 720, 6).convert("L"),
+        photo(500, 333, 7).convert("P"),
+        photo(321, 123, 8).convert("CMYK"),
+    ]
     ours = ImageProcessor(size, 1, max_tiles)(cases)
     theirs = hf(images=cases, return_tensors="pt")
     assert theirs["num_patches"].tolist() == ours.tiles_per_image
@@ -300,13 +384,17 @@ def test_transparency_is_where_we_differ_from_transformers(transformers_processo
     """transformers composites alpha on white; the official loader (and we) drop it. Opaque RGBA agrees."""
     hf = transformers_processor(112, 6)
     opaque = photo(200, 100).convert("RGBA")
-    assert torch.equal(preprocess(opaque, 112, 1, 6)[0], hf(images=[opaque], return_tensors="pt")["pixel_values"])
+    assert torch.equal(
+        preprocess(opaque, 112, 1, 6)[0], hf(images=[opaque], return_tensors="pt")["pixel_values"]
+    )
     clear = opaque.copy()
     clear.putalpha(0)
     ours = preprocess(clear, 112, 1, 6)[0]
     theirs = hf(images=[clear], return_tensors="pt")["pixel_values"]
     white = (1.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    assert torch.allclose(theirs[:, :, 0, 0], white.expand(theirs.shape[0], 3), atol=1e-5)  # all white
+    assert torch.allclose(
+        theirs[:, :, 0, 0], white.expand(theirs.shape[0], 3), atol=1e-5
+    )  # all white
     assert torch.equal(ours, preprocess(opaque, 112, 1, 6)[0])  # the colours underneath
 
 
@@ -318,8 +406,23 @@ def test_preprocess_benchmark_runs_and_agrees(capsys, transformers_processor, ma
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--sizes", "200x100,64x64", "--images", "2", "--rounds", "1", "--tile-size", "112",
-                              "--max-tiles", "6", "--threads", "2", "--json"])
+    args = parser.parse_args(
+        [
+            "--sizes",
+            "200x100,64x64",
+            "--images",
+            "2",
+            "--rounds",
+            "1",
+            "--tile-size",
+            "112",
+            "--max-tiles",
+            "6",
+            "--threads",
+            "2",
+            "--json",
+        ]
+    )
     assert bench.run(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert [r["size"] for r in result["rows"]] == ["200x100", "64x64"]

@@ -36,7 +36,9 @@ def layer_of(unit: str) -> int:
     for i, units in enumerate(LAYERS):
         if unit in units:
             return i
-    raise AssertionError(f"tessera.{unit} is in no layer: add it to LAYERS and docs/ARCHITECTURE.md")
+    raise AssertionError(
+        f"tessera.{unit} is in no layer: add it to LAYERS and docs/ARCHITECTURE.md"
+    )
 
 
 def imports(path: Path) -> list[tuple[int, str]]:
@@ -49,7 +51,9 @@ def imports(path: Path) -> list[tuple[int, str]]:
             elif node.module.startswith("tessera."):
                 found.append((node.lineno, node.module))
         elif isinstance(node, ast.Import):
-            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "tessera"]
+            found += [
+                (node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "tessera"
+            ]
     return found
 
 
@@ -79,7 +83,9 @@ def test_no_upward_import(path: Path):
         # `from tessera import load` names an attribute of the root, which sits at the inference layer
         dst_layer = layer_of(dst) if any(dst in units for units in LAYERS) else layer_of("tessera")
         if dst_layer > layer_of(src) or (src, dst) in FORBIDDEN:
-            bad.append(f"{path.name}:{line} imports {target} (tessera.{src} may not import tessera.{dst})")
+            bad.append(
+                f"{path.name}:{line} imports {target} (tessera.{src} may not import tessera.{dst})"
+            )
     assert not bad, "\n".join(bad)
 
 

@@ -18,7 +18,10 @@ from tessera.model.checkpoint import CheckpointError, load_checkpoint, read_weig
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("lean")
-    assert main(["init", "--preset", "tiny", "--out", str(out), "--seed", "2", "--dtype", "bfloat16"]) == 0
+    assert (
+        main(["init", "--preset", "tiny", "--out", str(out), "--seed", "2", "--dtype", "bfloat16"])
+        == 0
+    )
     return out
 
 
@@ -36,7 +39,10 @@ def test_mapped_tensors_equal_the_file_and_writes_stay_private(ckpt):
     assert (ckpt / "model.safetensors").read_bytes() == before
     again = load_checkpoint(ckpt, dtype=torch.float32)
     assert again.language_model.embed_tokens.weight.dtype is torch.float32
-    assert torch.equal(again.language_model.embed_tokens.weight, loaded["language_model.model.embed_tokens.weight"].float())
+    assert torch.equal(
+        again.language_model.embed_tokens.weight,
+        loaded["language_model.model.embed_tokens.weight"].float(),
+    )
 
 
 def test_strict_keys_survive_lean_loading(ckpt, tmp_path):
@@ -45,8 +51,11 @@ def test_strict_keys_survive_lean_loading(ckpt, tmp_path):
     state["language_model.extra"] = torch.zeros(2)
     (tmp_path / "config.json").write_text((ckpt / "config.json").read_text())
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="missing keys: language_model.model.norm.weight.*unexpected keys: "
-                                              "language_model.extra"):
+    with pytest.raises(
+        CheckpointError,
+        match="missing keys: language_model.model.norm.weight.*unexpected keys: "
+        "language_model.extra",
+    ):
         load_checkpoint(tmp_path)
 
 
@@ -57,9 +66,9 @@ def test_a_damaged_file_is_named(ckpt, tmp_path, damage):
     if damage == "short":
         data = data[:5]
     elif damage == "length":
-        data = (10 ** 12).to_bytes(8, "little") + data[8:]
+        data = (10**12).to_bytes(8, "little") + data[8:]
     elif damage == "json":
-        data = data[:8] + b"{" * n + data[8 + n:]
+        data = data[:8] + b"{" * n + data[8 + n :]
     else:
         data = data[:-64]  # the last tensor's offsets now run past the end
     (tmp_path / "config.json").write_text((ckpt / "config.json").read_text())
@@ -95,8 +104,13 @@ print(json.dumps({"status": r.status_code, "text": r.json()["choices"][0]["messa
 
 
 def _child(script: str, *argv: str) -> dict:
-    run = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=900,
-                         cwd=Path(__file__).resolve().parents[1])
+    run = subprocess.run(
+        [sys.executable, "-c", script, *argv],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -104,15 +118,33 @@ def _child(script: str, *argv: str) -> dict:
 @pytest.mark.slow
 def test_a_1b_bf16_checkpoint_loads_within_1_3x_its_size_chats_and_serves(tmp_path):
     out = tmp_path / "1b"
-    subprocess.run([sys.executable, "-m", "tessera.cli", "init", "--preset", "internvl3_5-1b", "--dtype", "bfloat16",
-                    "--out", str(out)], check=True, timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tessera.cli",
+            "init",
+            "--preset",
+            "internvl3_5-1b",
+            "--dtype",
+            "bfloat16",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        timeout=900,
+    )
     size = (out / "model.safetensors").stat().st_size
     assert size > 1.5e9  # really the 1B shape in bf16
     image = tmp_path / "red.png"
     Image.new("RGB", (448, 448), "red").save(image)  # one tile: the ViT's weights are read too
     report = _child(CHILD, str(out), str(image))
     assert report["code"] == 0
-    assert report["peak"] <= 1.3 * size, f"chat: peak RSS {report['peak'] / 2**30:.2f} GiB, file {size / 2**30:.2f} GiB"
+    assert report["peak"] <= 1.3 * size, (
+        f"chat: peak RSS {report['peak'] / 2**30:.2f} GiB, file {size / 2**30:.2f} GiB"
+    )
     served = _child(SERVE_CHILD, str(out))
     assert served["status"] == 200 and isinstance(served["text"], str)
-    assert served["peak"] <= 1.3 * size, f"serve: peak RSS {served['peak'] / 2**30:.2f} GiB, file {size / 2**30:.2f} GiB"
+    assert served["peak"] <= 1.3 * size, (
+        f"serve: peak RSS {served['peak'] / 2**30:.2f} GiB, file {size / 2**30:.2f} GiB"
+    )

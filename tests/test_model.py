@@ -7,10 +7,10 @@ import torch
 
 from tessera import geometry
 from tessera.config import FlashConfig, LanguageConfig, ModelConfig, VisionConfig
-from tessera.model.connector import make_mlp1, make_mlp2, pixel_shuffle
 from tessera.engine import SamplingParams, generate
 from tessera.engine.kv_cache import CacheGeometry, SlotKVCache
 from tessera.engine.sampling import sample_tokens
+from tessera.model.connector import make_mlp1, make_mlp2, pixel_shuffle
 from tessera.model.llm import Qwen3ForCausalLM, packed_causal_mask
 from tessera.model.vit import InternVisionModel, RMSNorm
 from tessera.model.vlm import VisionLanguageModel
@@ -20,13 +20,36 @@ IMG = 3  # <IMG_CONTEXT> id of these tiny models
 
 def tiny_config(flash: bool = True, rms: bool = False) -> ModelConfig:
     """56 px tiles, patch 14: 4×4 patches → 4 tokens at 1/4, 1 token at 1/16. GQA 4 heads / 2 kv heads."""
-    vision = VisionConfig(image_size=56, patch_size=14, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    vision = VisionConfig(
+        image_size=56,
+        patch_size=14,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+    )
     if rms:
-        vision = dataclasses.replace(vision, norm_type="rms_norm", qkv_bias=False, qk_normalization=True)
-    language = LanguageConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
-                              num_kv_heads=2, head_dim=16, rope_theta=10_000.0, tie_word_embeddings=False)
-    return ModelConfig(vision=vision, language=language, flash=FlashConfig(enabled=flash), max_tiles=4,
-                       image_context_token_id=IMG).validate()
+        vision = dataclasses.replace(
+            vision, norm_type="rms_norm", qkv_bias=False, qk_normalization=True
+        )
+    language = LanguageConfig(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10_000.0,
+        tie_word_embeddings=False,
+    )
+    return ModelConfig(
+        vision=vision,
+        language=language,
+        flash=FlashConfig(enabled=flash),
+        max_tiles=4,
+        image_context_token_id=IMG,
+    ).validate()
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +64,7 @@ def prompt(n_image_tokens: int, text=(10, 11, 12)) -> torch.Tensor:
 
 # ---- InternViT --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("rms", [False, True], ids=["300M-layernorm", "6B-rmsnorm-qknorm"])
 def test_vit_variants_run_with_official_names(rms):
     cfg = tiny_config(rms=rms).vision
@@ -48,14 +72,24 @@ def test_vit_variants_run_with_official_names(rms):
     out = vit(torch.randn(3, 3, 56, 56))
     assert out.shape == (3, 1 + 16, 32) and torch.isfinite(out).all()
     keys = set(vit.state_dict())
-    for name in ("embeddings.class_embedding", "embeddings.patch_embedding.weight", "embeddings.position_embedding",
-                 "encoder.layers.1.attn.qkv.weight", "encoder.layers.1.attn.proj.weight", "encoder.layers.1.ls1",
-                 "encoder.layers.1.ls2", "encoder.layers.1.norm1.weight", "encoder.layers.1.mlp.fc1.weight",
-                 "encoder.layers.1.mlp.fc2.bias"):
+    for name in (
+        "embeddings.class_embedding",
+        "embeddings.patch_embedding.weight",
+        "embeddings.position_embedding",
+        "encoder.layers.1.attn.qkv.weight",
+        "encoder.layers.1.attn.proj.weight",
+        "encoder.layers.1.ls1",
+        "encoder.layers.1.ls2",
+        "encoder.layers.1.norm1.weight",
+        "encoder.layers.1.mlp.fc1.weight",
+        "encoder.layers.1.mlp.fc2.bias",
+    ):
         assert name in keys
     assert ("encoder.layers.0.attn.qkv.bias" in keys) is not rms
     assert ("encoder.layers.0.attn.q_norm.weight" in keys) is rms
-    assert ("encoder.layers.0.norm1.bias" in keys) is not rms  # LayerNorm has a bias, RMSNorm does not
+    assert (
+        "encoder.layers.0.norm1.bias" in keys
+    ) is not rms  # LayerNorm has a bias, RMSNorm does not
     assert isinstance(vit.encoder.layers[0].norm1, RMSNorm) is rms
 
 
@@ -72,6 +106,7 @@ def test_vit_layer_indexing_matches_hidden_states():
 
 # ---- connector --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("ratio", [0.5, 0.25])
 def test_pixel_shuffle_v2_concatenates_row_major_blocks(ratio):
     k = round(1 / ratio)
@@ -80,7 +115,9 @@ def test_pixel_shuffle_v2_concatenates_row_major_blocks(ratio):
     assert y.shape == (2, 8 // k, 8 // k, 3 * k * k)
     for i in range(8 // k):
         for j in range(8 // k):
-            block = [x[:, i * k + a, j * k + b] for a in range(k) for b in range(k)]  # row-major inside the block
+            block = [
+                x[:, i * k + a, j * k + b] for a in range(k) for b in range(k)
+            ]  # row-major inside the block
             assert torch.equal(y[:, i, j], torch.cat(block, dim=-1))
     with pytest.raises(ValueError, match="not divisible"):
         pixel_shuffle(torch.randn(1, 6, 6, 2), 0.25)
@@ -90,12 +127,20 @@ def test_projector_keys_and_shapes():
     mlp1 = make_mlp1(32, 48, 0.5)
     mlp2 = make_mlp2(32, 48, 0.25)
     assert {k: tuple(v.shape) for k, v in mlp1.state_dict().items() if k.endswith("weight")} == {
-        "0.weight": (128,), "1.weight": (48, 128), "3.weight": (48, 48)}
+        "0.weight": (128,),
+        "1.weight": (48, 128),
+        "3.weight": (48, 48),
+    }
     assert {k: tuple(v.shape) for k, v in mlp2.state_dict().items() if k.endswith("weight")} == {
-        "0.weight": (512,), "1.weight": (96, 512), "4.weight": (96, 96), "7.weight": (48, 96)}
+        "0.weight": (512,),
+        "1.weight": (96, 512),
+        "4.weight": (96, 96),
+        "7.weight": (48, 96),
+    }
 
 
 # ---- tile encoding ----------------------------------------------------------------------------------------
+
 
 def test_encode_images_mixed_compress_counts_and_order(model):
     cfg = model.config
@@ -109,8 +154,8 @@ def test_encode_images_mixed_compress_counts_and_order(model):
     # each tile's rows are exactly what that tile alone produces through its branch
     start = 0
     for i, c in enumerate(compress.tolist()):
-        alone, _ = model.encode_images(pv[i:i + 1], torch.tensor([c]))
-        torch.testing.assert_close(feats[start:start + per_tile[i]], alone, atol=1e-6, rtol=1e-5)
+        alone, _ = model.encode_images(pv[i : i + 1], torch.tensor([c]))
+        torch.testing.assert_close(feats[start : start + per_tile[i]], alone, atol=1e-6, rtol=1e-5)
         start += per_tile[i]
     # a router hook (callable) sees the last-layer patch tokens and gives the same result as the mask
     seen = []
@@ -163,9 +208,12 @@ def test_embed_splices_features_and_checks_counts(model):
 
 # ---- decoding: KV cache, sampling -------------------------------------------------------------------------
 
+
 def _greedy(model, ids, feats, n, stop_ids=()):
     """Greedy tokens of the engine's batched generate for one prompt [1, T] (the stop id, when hit, last)."""
-    return generate(model, [ids[0].tolist()], feats, SamplingParams(max_tokens=n, stop_ids=frozenset(stop_ids))).tokens[0]
+    return generate(
+        model, [ids[0].tolist()], feats, SamplingParams(max_tokens=n, stop_ids=frozenset(stop_ids))
+    ).tokens[0]
 
 
 def _greedy_uncached(model, ids, feats, n):
@@ -188,7 +236,7 @@ def test_kv_cache_generation_equals_full_recompute(model):
     uncached = _greedy_uncached(model, ids, feats, 12)
     assert cached == uncached and len(cached) == 12
     stop = cached[3]
-    assert _greedy(model, ids, feats, 12, stop_ids=[stop]) == cached[:cached.index(stop) + 1]
+    assert _greedy(model, ids, feats, 12, stop_ids=[stop]) == cached[: cached.index(stop) + 1]
     # incremental logits (prefill in two chunks, then one token) equal one full forward
     full_ids = torch.cat([ids, torch.tensor([cached[:3]])], dim=1)
     with torch.no_grad():
@@ -207,7 +255,9 @@ def test_sampling_greedy_nucleus_and_seed(model):
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
 
     def draw(temperature=0.0, top_p=1.0, generator=None):
-        return sample_tokens(logits, [SamplingParams(temperature=temperature, top_p=top_p)], generator)[0][0]
+        return sample_tokens(
+            logits, [SamplingParams(temperature=temperature, top_p=top_p)], generator
+        )[0][0]
 
     assert draw() == 1
     assert draw(1.0, 1e-6) == 1  # the nucleus keeps only the top token
@@ -228,10 +278,16 @@ def test_generate_groups_share_the_prompt_cache_and_top_k_bounds_the_draws(model
     alone = generate(model, [ids], feats, SamplingParams(max_tokens=6)).tokens[0]
     grouped = generate(model, [short, ids], feats, SamplingParams(max_tokens=6), group_size=3)
     assert grouped.groups() == [[0, 1, 2], [3, 4, 5]]
-    assert grouped.tokens[3:] == [alone] * 3  # each copy of the prompt's cache decodes as the prompt alone
+    assert (
+        grouped.tokens[3:] == [alone] * 3
+    )  # each copy of the prompt's cache decodes as the prompt alone
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
-    draws = {sample_tokens(logits, [SamplingParams(temperature=1.0, top_k=2)], torch.Generator().manual_seed(s))[0][0]
-             for s in range(40)}
+    draws = {
+        sample_tokens(
+            logits, [SamplingParams(temperature=1.0, top_k=2)], torch.Generator().manual_seed(s)
+        )[0][0]
+        for s in range(40)
+    }
     assert draws == {1, 3}  # top-2: the two largest logits, both drawn
     with pytest.raises(ValueError, match="top_k"):
         SamplingParams(top_k=-1)
@@ -239,10 +295,13 @@ def test_generate_groups_share_the_prompt_cache_and_top_k_bounds_the_draws(model
 
 # ---- packing ----------------------------------------------------------------------------------------------
 
+
 def test_packed_causal_mask():
     mask = packed_causal_mask(torch.tensor([[0, 0, 1, 1, -1]]))
-    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]],
-                            dtype=torch.bool)
+    expected = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]],
+        dtype=torch.bool,
+    )
     assert mask.shape == (1, 1, 5, 5) and torch.equal(mask[0, 0], expected)
 
 
@@ -253,13 +312,22 @@ def test_packed_logits_equal_separate_forwards(model):
     pad = 2
     packed = torch.cat([a, b, torch.zeros(1, pad, dtype=torch.long)], dim=1)
     segments = torch.tensor([[0] * a.shape[1] + [1] * b.shape[1] + [-1] * pad])
-    positions = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1]), torch.arange(pad)])[None]
+    positions = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1]), torch.arange(pad)])[
+        None
+    ]
     with torch.no_grad():
-        together = model(packed, image_features=feats, position_ids=positions, attn_mask=packed_causal_mask(segments))
+        together = model(
+            packed,
+            image_features=feats,
+            position_ids=positions,
+            attn_mask=packed_causal_mask(segments),
+        )
         alone_a = model(a, image_features=feats)
         alone_b = model(b)
-    torch.testing.assert_close(together[:, :a.shape[1]], alone_a, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(together[:, a.shape[1]:a.shape[1] + b.shape[1]], alone_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[:, : a.shape[1]], alone_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        together[:, a.shape[1] : a.shape[1] + b.shape[1]], alone_b, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_tied_head_shares_the_embedding():

@@ -85,8 +85,10 @@ def greedy(llm, prompt: torch.Tensor, n: int, cache: bool = True) -> list[int]:
         ids = prompt
         with torch.no_grad():
             for _ in range(n):
-                ids = torch.cat([ids, llm(llm.embed_tokens(ids))[:, -1].argmax(-1, keepdim=True)], dim=1)
-        return ids[0, prompt.shape[1]:].tolist()
+                ids = torch.cat(
+                    [ids, llm(llm.embed_tokens(ids))[:, -1].argmax(-1, keepdim=True)], dim=1
+                )
+        return ids[0, prompt.shape[1] :].tolist()
     return generate(vlm, [prompt[0].tolist()], None, SamplingParams(max_tokens=n)).tokens[0]
 
 
@@ -347,7 +349,12 @@ def test_a_fresh_gpt_oss_model_gets_a_harmony_tokenizer_and_answers():
         and model.config.image_context_token_id == tok.img_context_id
     )
     prompt = torch.tensor([tok.build_prompt("what colour is the circle", [])])
-    out = generate(model, [prompt[0].tolist()], None, SamplingParams(max_tokens=5, stop_ids=frozenset([tok.im_end_id]))).tokens[0]
+    out = generate(
+        model,
+        [prompt[0].tolist()],
+        None,
+        SamplingParams(max_tokens=5, stop_ids=frozenset([tok.im_end_id])),
+    ).tokens[0]
     assert 1 <= len(out) <= 5
 
 
@@ -371,14 +378,19 @@ def test_pipeline_chats_with_an_image_and_survives_an_official_round_trip(tmp_pa
     from tessera.pipeline import Pipeline
 
     config = preset("tiny")
-    config = dataclasses.replace(config, flash=dataclasses.replace(config.flash, enabled=False),
-                                 language=dataclasses.replace(gpt_oss_language(window=4), vocab_size=512),
-                                 template="internvl3_5_gpt_oss")
+    config = dataclasses.replace(
+        config,
+        flash=dataclasses.replace(config.flash, enabled=False),
+        language=dataclasses.replace(gpt_oss_language(window=4), vocab_size=512),
+        template="internvl3_5_gpt_oss",
+    )
     model = init_model(config, seed=0)
     image = Image.new("RGB", (200, 120), (200, 30, 30))
     first = Pipeline(model).chat(image, "what colour is it", max_new_tokens=6)
     assert first.visual_tokens > 0 and 1 <= len(first.token_ids) <= 6
     save_checkpoint(model, tmp_path / "tessera")
     convert(tmp_path / "tessera", tmp_path / "official", to="official")
-    again = Pipeline(load_checkpoint(tmp_path / "official")).chat(image, "what colour is it", max_new_tokens=6)
+    again = Pipeline(load_checkpoint(tmp_path / "official")).chat(
+        image, "what colour is it", max_new_tokens=6
+    )
     assert again.token_ids == first.token_ids

@@ -19,13 +19,36 @@ TOL = 1e-4
 
 
 def tiny_config(rms: bool, tied: bool, select_layer: int) -> ModelConfig:
-    vision = VisionConfig(image_size=56, patch_size=14, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64)
+    vision = VisionConfig(
+        image_size=56,
+        patch_size=14,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=2,
+        intermediate_size=64,
+    )
     if rms:  # InternViT-6B style
-        vision = dataclasses.replace(vision, norm_type="rms_norm", qkv_bias=False, qk_normalization=True)
-    language = LanguageConfig(vocab_size=96, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
-                              num_kv_heads=2, head_dim=16, rope_theta=10_000.0, tie_word_embeddings=tied)
-    return ModelConfig(vision=vision, language=language, max_tiles=4, select_layer=select_layer,
-                       image_context_token_id=IMG).validate()
+        vision = dataclasses.replace(
+            vision, norm_type="rms_norm", qkv_bias=False, qk_normalization=True
+        )
+    language = LanguageConfig(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10_000.0,
+        tie_word_embeddings=tied,
+    )
+    return ModelConfig(
+        vision=vision,
+        language=language,
+        max_tiles=4,
+        select_layer=select_layer,
+        image_context_token_id=IMG,
+    ).validate()
 
 
 CASES = {
@@ -46,7 +69,9 @@ def pair(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     save_checkpoint(ours, root / "tessera")
     convert(root / "tessera", root / "hf", to="hf")
-    theirs = transformers.InternVLForConditionalGeneration.from_pretrained(root / "hf", dtype=torch.float32)
+    theirs = transformers.InternVLForConditionalGeneration.from_pretrained(
+        root / "hf", dtype=torch.float32
+    )
     return request.param, ours.eval(), theirs.eval()
 
 
@@ -80,6 +105,12 @@ def test_greedy_generation_matches_transformers(pair):
     features, _ = ours.encode_images(pixel_values)
     mine = generate(ours, [ids[0].tolist()], features, SamplingParams(max_tokens=10)).tokens[0]
     with torch.no_grad():
-        out = theirs.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=10, min_new_tokens=10,
-                              do_sample=False, pad_token_id=0)
-    assert mine == out[0, ids.shape[1]:].tolist()
+        out = theirs.generate(
+            input_ids=ids,
+            pixel_values=pixel_values,
+            max_new_tokens=10,
+            min_new_tokens=10,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    assert mine == out[0, ids.shape[1] :].tolist()

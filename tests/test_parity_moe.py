@@ -105,8 +105,10 @@ def greedy(llm, prompt: torch.Tensor, n: int, cache: bool = True) -> list[int]:
         ids = prompt
         with torch.no_grad():
             for _ in range(n):
-                ids = torch.cat([ids, llm(llm.embed_tokens(ids))[:, -1].argmax(-1, keepdim=True)], dim=1)
-        return ids[0, prompt.shape[1]:].tolist()
+                ids = torch.cat(
+                    [ids, llm(llm.embed_tokens(ids))[:, -1].argmax(-1, keepdim=True)], dim=1
+                )
+        return ids[0, prompt.shape[1] :].tolist()
     return generate(vlm, [prompt[0].tolist()], None, SamplingParams(max_tokens=n)).tokens[0]
 
 

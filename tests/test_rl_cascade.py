@@ -31,24 +31,49 @@ def test_cascade_bench_runs_every_row(tmp_path, monkeypatch, make_tiny):
     monkeypatch.setattr(answers_mod, "score", first_token_rule)
     monkeypatch.setattr(best_of_n_mod, "score", first_token_rule)
     summary = run_cascade(tmp_path / "sft", tmp_path / "out", quick_config(), log=lambda *_: None)
-    assert list(summary["rows"]) == ["SFT", "+MPO", "+GSPO (1 pass)", "+GSPO (2 passes)", "Cascade (MPO → GSPO ½ pass)",
-                                     "Cascade (MPO → GSPO 0.75 pass)", "Cascade (MPO → GSPO)"]
+    assert list(summary["rows"]) == [
+        "SFT",
+        "+MPO",
+        "+GSPO (1 pass)",
+        "+GSPO (2 passes)",
+        "Cascade (MPO → GSPO ½ pass)",
+        "Cascade (MPO → GSPO 0.75 pass)",
+        "Cascade (MPO → GSPO)",
+    ]
     rows = summary["rows"]
     assert all(0.0 <= r["sampled"] <= 1.0 for r in rows.values())
     assert rows["+GSPO (2 passes)"]["cpu_seconds"] > rows["+GSPO (1 pass)"]["cpu_seconds"] > 0
-    assert rows["Cascade (MPO → GSPO)"]["cpu_seconds"] > rows["Cascade (MPO → GSPO ½ pass)"]["cpu_seconds"] > 0
+    assert (
+        rows["Cascade (MPO → GSPO)"]["cpu_seconds"]
+        > rows["Cascade (MPO → GSPO ½ pass)"]["cpu_seconds"]
+        > 0
+    )
     assert rows["+GSPO (2 passes)"]["token_passes"] > rows["+GSPO (1 pass)"]["token_passes"] > 0
-    assert (rows["Cascade (MPO → GSPO)"]["token_passes"] > rows["Cascade (MPO → GSPO ½ pass)"]["token_passes"]
-            > rows["+MPO"]["token_passes"] > 0)
-    assert summary["mpo_reference"] == "rollout"  # the collection's recorded log-probs: no reference pass
+    assert (
+        rows["Cascade (MPO → GSPO)"]["token_passes"]
+        > rows["Cascade (MPO → GSPO ½ pass)"]["token_passes"]
+        > rows["+MPO"]["token_passes"]
+        > 0
+    )
+    assert (
+        summary["mpo_reference"] == "rollout"
+    )  # the collection's recorded log-probs: no reference pass
     assert summary["offline"]["pairs"] > 0 and summary["offline"]["filtered_queries"] > 0
     assert set(map(int, summary["best_of_n"]["by_n"])) == {1, 2, 4}
     assert (tmp_path / "out" / "critic" / "critic.safetensors").exists()
     assert (tmp_path / "out" / "offline" / "pairs.jsonl").exists()
-    cfg = quick_config()  # a pass is pass_epochs epochs over the filtered queries, in rollout batches of mini-batches
-    epoch = math.ceil(summary["offline"]["filtered_queries"] / cfg.queries_per_rollout) * cfg.mini_batches
+    cfg = (
+        quick_config()
+    )  # a pass is pass_epochs epochs over the filtered queries, in rollout batches of mini-batches
+    epoch = (
+        math.ceil(summary["offline"]["filtered_queries"] / cfg.queries_per_rollout)
+        * cfg.mini_batches
+    )
     assert summary["steps_per_pass"] == cfg.pass_epochs * epoch
-    assert json.loads((tmp_path / "out" / "cascade.json").read_text())["steps_per_pass"] == summary["steps_per_pass"]
+    assert (
+        json.loads((tmp_path / "out" / "cascade.json").read_text())["steps_per_pass"]
+        == summary["steps_per_pass"]
+    )
     table = format_cascade(summary)
     assert "| Cascade (MPO → GSPO) |" in table and "oracle pass@N" in table
     assert "Cascade (MPO → GSPO) vs +GSPO (2 passes):" in table and "of its token passes" in table
@@ -84,7 +109,10 @@ def test_cascade_stops_are_distinct_steps_inside_the_pass():
     from tessera.bench.cascade import CascadeConfig, cascade_stop_steps
 
     assert cascade_stop_steps((0.5, 0.9), 2368) == [(0.5, 1184), (0.9, 2131)]
-    assert cascade_stop_steps((0.9, 0.5), 4) == [(0.5, 2), (0.9, 3)]  # sorted; 0.9·4 rounds to the pass's end: one before
+    assert cascade_stop_steps((0.9, 0.5), 4) == [
+        (0.5, 2),
+        (0.9, 3),
+    ]  # sorted; 0.9·4 rounds to the pass's end: one before
     assert cascade_stop_steps((0.5, 0.6), 2) == [(0.5, 1)]  # both round to step 1: measured once
     with pytest.raises(ValueError, match="cascade_stops"):
         CascadeConfig(cascade_stops=(0.5, 1.0))

@@ -8,7 +8,13 @@ from torch import nn
 
 from tessera.answers import Group, PreparedQuery, Query, Rollout, SamplingConfig
 from tessera.logprobs import sequence_logprobs
-from tessera.train.gspo import GSPOConfig, GSPOStage, gspo_minibatch_loss, make_minibatches, select_queries
+from tessera.train.gspo import (
+    GSPOConfig,
+    GSPOStage,
+    gspo_minibatch_loss,
+    make_minibatches,
+    select_queries,
+)
 from tessera.train.mpo import QueryStat
 from tessera.train.rollout import response_logprobs, sequence_batch
 
@@ -19,7 +25,9 @@ class ToyLM(nn.Module):
     def __init__(self, vocab: int = 12, dim: int = 8):
         super().__init__()
         torch.manual_seed(0)
-        self.language_model = nn.Sequential(nn.Embedding(vocab, dim), nn.Tanh(), nn.Linear(dim, vocab))
+        self.language_model = nn.Sequential(
+            nn.Embedding(vocab, dim), nn.Tanh(), nn.Linear(dim, vocab)
+        )
 
     def forward(self, input_ids, pixel_values=None, image_features=None, position_ids=None, **_):
         return self.language_model(input_ids)  # [B,T,V]
@@ -90,10 +98,19 @@ def test_rollout_batch_is_split_and_later_minibatches_are_off_policy():
     queries = [Query(i, "reasoning", "q", "7") for i in range(2)]
     preps = {q.key(): _toy_prepared(q) for q in queries}
     completions = [[4, 2], [5, 2], [6, 2], [7, 2]]
-    groups = [Group(q, [_rollout(model, preps[q.key()], c, float(k % 2 == i)) for k, c in enumerate(completions)])
-              for i, q in enumerate(queries)]
-    cfg = GSPOConfig(mini_batches=3, eps_low=3e-4, eps_high=4e-4,
-                     sampling=SamplingConfig(group_size=4))
+    groups = [
+        Group(
+            q,
+            [
+                _rollout(model, preps[q.key()], c, float(k % 2 == i))
+                for k, c in enumerate(completions)
+            ],
+        )
+        for i, q in enumerate(queries)
+    ]
+    cfg = GSPOConfig(
+        mini_batches=3, eps_low=3e-4, eps_high=4e-4, sampling=SamplingConfig(group_size=4)
+    )
     minis = make_minibatches(groups, preps, cfg, 0, random.Random(1))
     assert [m.part for m in minis] == [0, 1, 2]
     assert sum(m.advantages.shape[0] for m in minis) == 8
@@ -106,7 +123,9 @@ def test_rollout_batch_is_split_and_later_minibatches_are_off_policy():
         loss.backward()
         opt.step()
     assert ratios[0] == pytest.approx(1.0, abs=1e-6)
-    assert abs(ratios[1] - 1.0) > 1e-4 and abs(ratios[2] - 1.0) > 1e-4  # the policy moved since the rollout
+    assert (
+        abs(ratios[1] - 1.0) > 1e-4 and abs(ratios[2] - 1.0) > 1e-4
+    )  # the policy moved since the rollout
 
 
 def test_stage_under_the_trainer_learns_what_is_rewarded(tmp_path, monkeypatch, make_tiny):
@@ -117,19 +136,33 @@ def test_stage_under_the_trainer_learns_what_is_rewarded(tmp_path, monkeypatch, 
 
     model = make_tiny()
     half = model.config.language.vocab_size // 2
-    queries = [Query(i, "reasoning", f"what is {i} plus one?", str(i + 1), thinking=False) for i in range(4)]
+    queries = [
+        Query(i, "reasoning", f"what is {i} plus one?", str(i + 1), thinking=False)
+        for i in range(4)
+    ]
     prepared = {}
     for q in queries:
         px = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(q.seed))
         with torch.no_grad():
             feats, per_tile = model.encode_images(px)
-        prepared[q.key()] = PreparedQuery(q, model.tokenizer.build_prompt(q.question, [sum(per_tile)]), px[:0], feats,
-                                     [sum(per_tile)])
+        prepared[q.key()] = PreparedQuery(
+            q,
+            model.tokenizer.build_prompt(q.question, [sum(per_tile)]),
+            px[:0],
+            feats,
+            [sum(per_tile)],
+        )
 
     def rewarded_mass():
         with torch.no_grad():
-            return sum(torch.softmax(model(torch.tensor([p.prompt_ids]), image_features=p.image_features)[0, -1], -1)
-                       [:half].sum().item() for p in prepared.values()) / len(prepared)
+            return sum(
+                torch.softmax(
+                    model(torch.tensor([p.prompt_ids]), image_features=p.image_features)[0, -1], -1
+                )[:half]
+                .sum()
+                .item()
+                for p in prepared.values()
+            ) / len(prepared)
 
     # a random model never finishes an answer, so the world's verifier would reward nothing: use the rule instead
     real = gspo_mod.rollout
@@ -142,18 +175,32 @@ def test_stage_under_the_trainer_learns_what_is_rewarded(tmp_path, monkeypatch, 
         return groups
 
     monkeypatch.setattr(gspo_mod, "rollout", rollout_with_rule)
-    stage = GSPOStage(queries, GSPOConfig(queries_per_rollout=4, mini_batches=2,
-                                           sampling=SamplingConfig(group_size=8, max_new_tokens=2)),
-                      prepared=prepared)
+    stage = GSPOStage(
+        queries,
+        GSPOConfig(
+            queries_per_rollout=4,
+            mini_batches=2,
+            sampling=SamplingConfig(group_size=8, max_new_tokens=2),
+        ),
+        prepared=prepared,
+    )
     before = rewarded_mass()
-    config = TrainConfig(steps=12, lr=3e-3, warmup_steps=1, min_lr_ratio=1.0, log_every=1, progress=False, threads=1)
-    result = Trainer(model, stage, config, tmp_path, save_model=lambda m, p: p.mkdir(exist_ok=True)).fit()
+    config = TrainConfig(
+        steps=12, lr=3e-3, warmup_steps=1, min_lr_ratio=1.0, log_every=1, progress=False, threads=1
+    )
+    result = Trainer(
+        model, stage, config, tmp_path, save_model=lambda m, p: p.mkdir(exist_ok=True)
+    ).fit()
     assert result.step == 12
-    assert result.history[0]["on_policy"] == 1.0 and result.history[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert result.history[0]["on_policy"] == 1.0 and result.history[0][
+        "ratio_mean"
+    ] == pytest.approx(1.0, abs=1e-4)
     assert result.history[1]["on_policy"] == 0.0  # the second mini-batch of the same rollout batch
     assert rewarded_mass() > before + 0.1
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert any(n.startswith("vision_model") for n in frozen) and not any(n.startswith("language_model") for n in frozen)
+    assert any(n.startswith("vision_model") for n in frozen) and not any(
+        n.startswith("language_model") for n in frozen
+    )
 
 
 def test_build_stage_filters_the_stored_offline_accuracies(tmp_path, make_tiny):
@@ -161,11 +208,22 @@ def test_build_stage_filters_the_stored_offline_accuracies(tmp_path, make_tiny):
     from tessera.train.mpo import write_jsonl
 
     model = make_tiny()
-    stats = [QueryStat(Query(i, "reasoning", "q", "1", True), a, 8) for i, a in enumerate([0.0, 0.25, 0.75, 1.0])]
+    stats = [
+        QueryStat(Query(i, "reasoning", "q", "1", True), a, 8)
+        for i, a in enumerate([0.0, 0.25, 0.75, 1.0])
+    ]
     write_jsonl(tmp_path / "queries.jsonl", stats)
-    stage = build_stage("gspo", model, {"accuracies": str(tmp_path / "queries.jsonl"), "eps_high": 5e-4, "mini_batches": 2})
+    stage = build_stage(
+        "gspo",
+        model,
+        {"accuracies": str(tmp_path / "queries.jsonl"), "eps_high": 5e-4, "mini_batches": 2},
+    )
     assert [q.seed for q in stage.queries] == [1, 2]
-    assert stage.config.eps_high == 5e-4 and stage.config.eps_low == 3e-4 and stage.config.mini_batches == 2
+    assert (
+        stage.config.eps_high == 5e-4
+        and stage.config.eps_low == 3e-4
+        and stage.config.mini_batches == 2
+    )
     assert stage.config.sampling == SamplingConfig(queries_per_batch=8)  # GSPO's default
     # the sampling fields, flat (as run configs wrote them before they were grouped) or grouped
     accuracies = str(tmp_path / "queries.jsonl")
@@ -174,10 +232,13 @@ def test_build_stage_filters_the_stored_offline_accuracies(tmp_path, make_tiny):
     nested = {"accuracies": accuracies, "sampling": grouped}
     for options in (flat, nested):
         assert build_stage("gspo", model, options).config.sampling == SamplingConfig(
-            temperature=0.7, group_size=4, queries_per_batch=8, seed=3)
+            temperature=0.7, group_size=4, queries_per_batch=8, seed=3
+        )
     with pytest.raises(ValueError, match="temperature given both flat and under 'sampling'"):
         build_stage("gspo", model, {**nested, "temperature": 1.0})
     with pytest.raises(ValueError, match="unknown GSPOData option.*tempreature"):
         build_stage("gspo", model, {"accuracies": accuracies, "tempreature": 0.7})
     with pytest.raises(ValueError, match="no query"):
-        build_stage("gspo", model, {"accuracies": str(tmp_path / "queries.jsonl"), "low": 0.3, "high": 0.7})
+        build_stage(
+            "gspo", model, {"accuracies": str(tmp_path / "queries.jsonl"), "low": 0.3, "high": 0.7}
+        )

@@ -6,8 +6,18 @@ import pytest
 import torch
 
 from tessera.logprobs import sequence_logprobs, token_logprobs
-from tessera.train.rl_losses import (MPOWeights, RunningMean, bco_pair_loss, dpo_loss, group_advantages,
-                                     gspo_log_ratio, gspo_loss, implicit_reward_mean, mpo_loss, nll_loss)
+from tessera.train.rl_losses import (
+    MPOWeights,
+    RunningMean,
+    bco_pair_loss,
+    dpo_loss,
+    group_advantages,
+    gspo_log_ratio,
+    gspo_loss,
+    implicit_reward_mean,
+    mpo_loss,
+    nll_loss,
+)
 
 
 def t(*values):
@@ -85,7 +95,9 @@ def test_mpo_mixes_the_three_terms():
     expected = 0.8 * softplus(0.2) + 0.2 * (softplus(0.05) + softplus(0.15)) + 1.0 * 0.5
     assert loss.item() == pytest.approx(expected)
     assert m["dpo"] == pytest.approx(softplus(0.2)) and m["nll"] == pytest.approx(0.5)
-    only_dpo, _ = mpo_loss(chosen, mask, rejected, mask, t(-2), t(-2), 0.05, MPOWeights(dpo=1, bco=0, nll=0))
+    only_dpo, _ = mpo_loss(
+        chosen, mask, rejected, mask, t(-2), t(-2), 0.05, MPOWeights(dpo=1, bco=0, nll=0)
+    )
     assert only_dpo.item() == pytest.approx(softplus(0.2))
 
 

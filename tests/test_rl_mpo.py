@@ -10,14 +10,24 @@ import torch
 from torch import nn
 
 from tessera.answers import Group, PreparedQuery, Query, Rollout, SamplingConfig
-from tessera.train.mpo import MPOStage, PreferencePair, QueryStat, build_pairs, read_pairs, read_stats, write_jsonl
+from tessera.train.mpo import (
+    MPOStage,
+    PreferencePair,
+    QueryStat,
+    build_pairs,
+    read_pairs,
+    read_stats,
+    write_jsonl,
+)
 
 
 def _group(outcomes, query=None):
     """A group whose rollout k has tokens [10 + k, 2] and correctness outcomes[k]."""
     query = query or Query(7, "reasoning", "what is 3 plus 4?", "7", thinking=True)
-    rolls = [Rollout([10 + k, 2], [-1.0, -1.0], True, text=str(k), correct=c, reward=float(c))
-             for k, c in enumerate(outcomes)]
+    rolls = [
+        Rollout([10 + k, 2], [-1.0, -1.0], True, text=str(k), correct=c, reward=float(c))
+        for k, c in enumerate(outcomes)
+    ]
     return Group(query, rolls)
 
 
@@ -63,7 +73,9 @@ class ToyLM(nn.Module):
     def __init__(self, vocab: int = 12, dim: int = 8):
         super().__init__()
         torch.manual_seed(0)
-        self.language_model = nn.Sequential(nn.Embedding(vocab, dim), nn.Tanh(), nn.Linear(dim, vocab))
+        self.language_model = nn.Sequential(
+            nn.Embedding(vocab, dim), nn.Tanh(), nn.Linear(dim, vocab)
+        )
         self.tokenizer = SimpleNamespace(pad_id=0)
 
     def forward(self, input_ids, pixel_values=None, image_features=None, position_ids=None, **_):
@@ -101,7 +113,9 @@ def test_stage_under_the_trainer_prefers_the_chosen_answer(tmp_path):
     model = ToyLM()
     stage = _stage(model)
     config = TrainConfig(steps=6, lr=0.05, warmup_steps=1, log_every=1, progress=False, threads=1)
-    result = Trainer(model, stage, config, tmp_path, save_model=lambda m, p: p.mkdir(exist_ok=True)).fit()
+    result = Trainer(
+        model, stage, config, tmp_path, save_model=lambda m, p: p.mkdir(exist_ok=True)
+    ).fit()
     first, last = result.history[0], result.history[-1]
     assert first["reward_margin"] == pytest.approx(0.0, abs=1e-6)
     assert last["reward_margin"] > 0.0 and last["reward_accuracy"] == 1.0
@@ -121,18 +135,26 @@ def test_build_stage_from_stored_pairs_renders_the_scenes(tmp_path, make_tiny):
     model = make_tiny()
     q = world_query(5, "reasoning")
     end = model.tokenizer.im_end_id
-    pairs = [PreferencePair(q, [40, 41, end], [42, end], accuracy=0.5), PreferencePair(q, [43, end], [44, 45, end])]
+    pairs = [
+        PreferencePair(q, [40, 41, end], [42, end], accuracy=0.5),
+        PreferencePair(q, [43, end], [44, 45, end]),
+    ]
     write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    stage = build_stage("mpo", model, {"pairs": str(tmp_path / "pairs.jsonl"), "pairs_per_batch": 2})
+    stage = build_stage(
+        "mpo", model, {"pairs": str(tmp_path / "pairs.jsonl"), "pairs_per_batch": 2}
+    )
     assert stage.trainable == {"vision": False, "connector": False, "router": False}
     stage.setup(model)
     batch, _ = next(stage.batches(0, 0, 1))
     loss, m = stage.loss(model, batch, 1.0)
     assert torch.isfinite(loss) and m["dpo"] == pytest.approx(math.log(2), abs=1e-4)
-    assert stage.prepared[q.key()].image_features.shape[0] == stage.prepared[q.key()].image_tokens[0]
+    assert (
+        stage.prepared[q.key()].image_features.shape[0] == stage.prepared[q.key()].image_tokens[0]
+    )
 
 
 # ---- the frozen reference: recorded at sampling time, or scored by the model ------------------------
+
 
 def _model_sums(model, pairs):
     """Σ log π(chosen), Σ log π(rejected) of ToyLM on prompt [1, 3] + answer, by hand."""
@@ -151,7 +173,10 @@ def _model_sums(model, pairs):
 def _recorded_stage(model, shift=0.0, **kw):
     q = Query(1, "reasoning", "q", "7")
     prepared = {q.key(): PreparedQuery(q, [1, 3], torch.zeros(0, 3, 4, 4), torch.zeros(0, 8), [0])}
-    pairs = [PreferencePair(q, [5, 6, 2], [7, 8, 2], accuracy=0.5), PreferencePair(q, [4, 2], [9, 9, 9, 2])]
+    pairs = [
+        PreferencePair(q, [5, 6, 2], [7, 8, 2], accuracy=0.5),
+        PreferencePair(q, [4, 2], [9, 9, 9, 2]),
+    ]
     for p, (c, r) in zip(pairs, _model_sums(model, pairs)):
         p.chosen_logprob, p.rejected_logprob = c + shift, r + shift
     return MPOStage(pairs, pairs_per_batch=2, prepared=prepared, **kw), pairs
@@ -224,12 +249,16 @@ def test_collected_pairs_carry_the_reference_and_the_encoded_scenes():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert result.pairs and all(p.recorded for p in result.pairs)
     assert set(result.prepared) == {p.query.key() for p in result.pairs}
-    assert all(p.pixel_values.numel() == 0 and p.image_features.shape[0] == p.image_tokens[0]
-               for p in result.prepared.values())
+    assert all(
+        p.pixel_values.numel() == 0 and p.image_features.shape[0] == p.image_tokens[0]
+        for p in result.prepared.values()
+    )
     stage = MPOStage(result.pairs, 2, prepared=dict(result.prepared))
     stage.setup(model)
     assert stage.reference_source == "rollout"
-    assert all(stage.prepared[k] is result.prepared[k] for k in result.prepared)  # nothing encoded again
+    assert all(
+        stage.prepared[k] is result.prepared[k] for k in result.prepared
+    )  # nothing encoded again
     prompts = [result.prepared[p.query.key()] for p in result.pairs]
     with torch.no_grad():  # teacher-forced Σ log π of each answer, beside what the rollout recorded
         for side in ("chosen", "rejected"):
@@ -237,7 +266,10 @@ def test_collected_pairs_carry_the_reference_and_the_encoded_scenes():
             recorded = [getattr(p, f"{side}_logprob") for p in result.pairs]
             lp, mask = answer_logprobs(model.eval(), prompts, answers)  # [B,L]
             assert (lp * mask).sum(1).tolist() == pytest.approx(recorded, abs=1e-3)
-    hot_data = MPOData(queries=6, families={"count": 1.0},
-                       sampling=replace(sampling, temperature=0.7))
+    hot_data = MPOData(
+        queries=6, families={"count": 1.0}, sampling=replace(sampling, temperature=0.7)
+    )
     hot = collect_or_load(model, hot_data, log=None)
-    assert hot.pairs and not any(p.recorded for p in hot.pairs)  # another temperature: not the model's log-probs
+    assert hot.pairs and not any(
+        p.recorded for p in hot.pairs
+    )  # another temperature: not the model's log-probs

@@ -26,8 +26,10 @@ def _prepared(model, queries, tiles=(1, 3)):
     return out
 
 
-QUERIES = [Query(1, "reasoning", "what is the total plus the count?", "7", thinking=True),
-           Query(2, "colour", "what is the colour of the circle?", "red", thinking=False)]
+QUERIES = [
+    Query(1, "reasoning", "what is the total plus the count?", "7", thinking=True),
+    Query(2, "colour", "what is the colour of the circle?", "red", thinking=False),
+]
 
 
 def never(family, prediction, answer):
@@ -36,7 +38,11 @@ def never(family, prediction, answer):
 
 def test_sample_tokens_greedy_top_p_and_generator():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
-    greedy, nucleus, free = SamplingParams(), SamplingParams(temperature=1.0, top_p=1e-3), SamplingParams(temperature=1.0)
+    greedy, nucleus, free = (
+        SamplingParams(),
+        SamplingParams(temperature=1.0, top_p=1e-3),
+        SamplingParams(temperature=1.0),
+    )
     ids, lp = sample_tokens(logits, [greedy] * 2, None, logprobs=True)
     assert ids == [1, 0]
     assert torch.allclose(lp, torch.log_softmax(logits, -1)[[0, 1], [1, 0]])
@@ -50,13 +56,23 @@ def test_sample_tokens_greedy_top_p_and_generator():
 
 def test_rollouts_are_reproducible_under_a_seed(model):
     prep = _prepared(model, QUERIES)
-    cfg = SamplingConfig(group_size=3, max_new_tokens=6, max_think_tokens=6, queries_per_batch=2, seed=11)
+    cfg = SamplingConfig(
+        group_size=3, max_new_tokens=6, max_think_tokens=6, queries_per_batch=2, seed=11
+    )
     first = rollout(model, QUERIES, cfg, verify=never, prepared=prep)
     again = rollout(model, QUERIES, cfg, verify=never, prepared=prep)
-    other = rollout(model, QUERIES, SamplingConfig(group_size=3, max_new_tokens=6, max_think_tokens=6, seed=12), verify=never, prepared=prep)
+    other = rollout(
+        model,
+        QUERIES,
+        SamplingConfig(group_size=3, max_new_tokens=6, max_think_tokens=6, seed=12),
+        verify=never,
+        prepared=prep,
+    )
     toks = [[r.tokens for r in g.rollouts] for g in first]
     assert toks == [[r.tokens for r in g.rollouts] for g in again]
-    assert [[r.logprobs for r in g.rollouts] for g in first] == [[r.logprobs for r in g.rollouts] for g in again]
+    assert [[r.logprobs for r in g.rollouts] for g in first] == [
+        [r.logprobs for r in g.rollouts] for g in again
+    ]
     assert toks != [[r.tokens for r in g.rollouts] for g in other]
     assert [g.query for g in first] == QUERIES and all(len(g.rollouts) == 3 for g in first)
     # the G samples of one query differ (they are samples, not copies)
@@ -67,11 +83,17 @@ def test_rollouts_are_reproducible_under_a_seed(model):
 def test_recorded_logprobs_match_a_teacher_forced_pass(model, temperature):
     """The KV-cached, left-padded batch must give each row the log-probs a plain forward of that row gives."""
     prep = _prepared(model, QUERIES)
-    cfg = SamplingConfig(temperature=temperature, group_size=2, max_new_tokens=5, max_think_tokens=9, seed=3)
+    cfg = SamplingConfig(
+        temperature=temperature, group_size=2, max_new_tokens=5, max_think_tokens=9, seed=3
+    )
     groups = rollout(model, QUERIES, cfg, verify=never, prepared=prep)
     rows = [(p, r) for p, g in zip(prep, groups) for r in g.rollouts]
-    seqs = sequence_batch([p for p, _ in rows], [r.tokens for _, r in rows], model.tokenizer.pad_id,
-                          [r.logprobs for _, r in rows])
+    seqs = sequence_batch(
+        [p for p, _ in rows],
+        [r.tokens for _, r in rows],
+        model.tokenizer.pad_id,
+        [r.logprobs for _, r in rows],
+    )
     with torch.no_grad():
         lp, mask = response_logprobs(model, seqs, temperature=temperature)
     assert int(mask.sum()) == sum(len(r.tokens) for _, r in rows)
@@ -101,7 +123,13 @@ def test_rewards_check_format_and_answer(model):
     tok = model.tokenizer
     verify = lambda family, prediction, answer: prediction == answer  # noqa: E731
     think_q, plain_q = QUERIES
-    well = [tok.think_id] + _tok(model, "\n3 plus 4\n") + [tok.end_think_id] + _tok(model, "\n\n7") + [tok.im_end_id]
+    well = (
+        [tok.think_id]
+        + _tok(model, "\n3 plus 4\n")
+        + [tok.end_think_id]
+        + _tok(model, "\n\n7")
+        + [tok.im_end_id]
+    )
     r = score(tok, Rollout(well, [0.0] * len(well), True), think_q, verify)
     assert (r.format_ok, r.correct, r.reward, r.final) == (True, True, 1.0, "7")
     wrong = well[:-2] + _tok(model, "8") + [tok.im_end_id]
@@ -110,7 +138,9 @@ def test_rewards_check_format_and_answer(model):
     r = score(tok, Rollout(no_close, [0.0] * len(no_close), True), think_q, verify)
     assert not r.format_ok and r.reward == 0.0
     truncated = well[:-1]  # right answer but never ended
-    assert score(tok, Rollout(truncated, [0.0] * len(truncated), False), think_q, verify).reward == 0.0
+    assert (
+        score(tok, Rollout(truncated, [0.0] * len(truncated), False), think_q, verify).reward == 0.0
+    )
     plain = _tok(model, "red") + [tok.im_end_id]
     assert score(tok, Rollout(plain, [0.0] * len(plain), True), plain_q, verify).reward == 1.0
     tagged = [tok.think_id] + plain  # thinking off must not open a think block
@@ -119,7 +149,13 @@ def test_rewards_check_format_and_answer(model):
 
 def test_bad_sampling_config_is_rejected(model):
     with pytest.raises(ValueError, match="group_size"):
-        rollout(model, QUERIES, SamplingConfig(group_size=0), verify=never, prepared=_prepared(model, QUERIES))
+        rollout(
+            model,
+            QUERIES,
+            SamplingConfig(group_size=0),
+            verify=never,
+            prepared=_prepared(model, QUERIES),
+        )
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(temperature=1.0, top_p=0.0)
 
@@ -129,7 +165,9 @@ def test_unprepared_lists_queries_not_encoded_or_missing_the_tiles_a_trained_vis
 
     a, b, c = (Query(s, "count", "how many?", "2") for s in (1, 2, 3))
     feats = torch.zeros(4, 8)
-    prepared = {a.key(): PreparedQuery(a, [1], torch.zeros(1, 3, 4, 4), feats, [4]),  # with tiles
-                b.key(): PreparedQuery(b, [1], torch.zeros(0, 3, 4, 4), feats, [4])}  # features only
+    prepared = {
+        a.key(): PreparedQuery(a, [1], torch.zeros(1, 3, 4, 4), feats, [4]),  # with tiles
+        b.key(): PreparedQuery(b, [1], torch.zeros(0, 3, 4, 4), feats, [4]),
+    }  # features only
     assert unprepared([a, b, c, c], prepared, need_pixels=False) == [c]
     assert unprepared([a, b, c, c], prepared, need_pixels=True) == [b, c]

@@ -7,8 +7,15 @@ import torch
 from torch import nn
 
 from tessera.config import FlashConfig, preset
-from tessera.model.router import (COMPRESS, CrossAttentionPooling, Gating, VisualResolutionRouter, build_router_parts,
-                                  flash_hf_to_official, flash_official_to_hf)
+from tessera.model.router import (
+    COMPRESS,
+    CrossAttentionPooling,
+    Gating,
+    VisualResolutionRouter,
+    build_router_parts,
+    flash_hf_to_official,
+    flash_official_to_hf,
+)
 
 
 class ReleasedPooling(nn.Module):
@@ -31,8 +38,14 @@ class ReleasedPooling(nn.Module):
 
 def released_gating(dim: int) -> nn.Module:
     def block():
-        return nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(0.1), nn.Linear(4 * dim, dim),
-                             nn.Dropout(0.1), nn.LayerNorm(dim))
+        return nn.Sequential(
+            nn.Linear(dim, 4 * dim),
+            nn.GELU(),
+            nn.Dropout(0.1),
+            nn.Linear(4 * dim, dim),
+            nn.Dropout(0.1),
+            nn.LayerNorm(dim),
+        )
 
     m = nn.Module()
     for k in range(1, 5):
@@ -79,7 +92,9 @@ def test_multiple_queries_average():
     pooling = CrossAttentionPooling(32, num_heads=4, num_queries=3).eval()
     x = torch.randn(2, 5, 32)
     single = CrossAttentionPooling(32, num_heads=4).eval()
-    single.load_state_dict({k: v[:1] if k == "query_token" else v for k, v in pooling.state_dict().items()})
+    single.load_state_dict(
+        {k: v[:1] if k == "query_token" else v for k, v in pooling.state_dict().items()}
+    )
     assert pooling(x).shape == (2, 32)
     assert not torch.allclose(pooling(x), single(x))
 
@@ -96,7 +111,11 @@ def test_flash_key_map_round_trip():
     from tessera.model.vlm import VisionLanguageModel
 
     model = VisionLanguageModel(cfg)
-    flash = {k: v for k, v in model.state_dict().items() if k.startswith(("mlp2.", "pooling_before_gating.", "gating."))}
+    flash = {
+        k: v
+        for k, v in model.state_dict().items()
+        if k.startswith(("mlp2.", "pooling_before_gating.", "gating."))
+    }
     hf = flash_official_to_hf(flash)
     assert "model.mlp2.dense3.weight" in hf and "model.gating.gate_proj.bias" in hf
     assert "model.gating.block4.dense_out.weight" in hf
@@ -115,7 +134,10 @@ def test_vlm_exposes_router_sharing_its_weights():
 
     model = VisionLanguageModel(preset("tiny"))
     router = model.router
-    assert router.gating is model.gating and router.pooling_before_gating is model.pooling_before_gating
+    assert (
+        router.gating is model.gating
+        and router.pooling_before_gating is model.pooling_before_gating
+    )
     assert not any(k.startswith("router.") for k in model.state_dict())
     plain = preset("tiny")
     plain.flash.enabled = False

@@ -6,16 +6,28 @@ import pytest
 
 from tessera.bench.docs import replace_section
 from tessera.bench.router import markdown, plot, vision_cost, vision_macs
-from tessera.flash_table import summarise
-from tessera.routing import MODES
 from tessera.config import preset
 from tessera.evaluate import EvalResult
+from tessera.flash_table import summarise
+from tessera.routing import MODES
 
 
-def result(mode: str, accs: dict[str, float], tokens: float, qps: float, compressed: float) -> EvalResult:
-    return EvalResult(overall=sum(accs.values()) / len(accs), families=accs, counts={f: 10 for f in accs},
-                      visual_tokens_per_image=tokens, n=10 * len(accs), routing=mode, seed=0, seconds=1.0,
-                      samples_per_second=qps, generated_tokens_per_second=1.0, compressed_tile_fraction=compressed)
+def result(
+    mode: str, accs: dict[str, float], tokens: float, qps: float, compressed: float
+) -> EvalResult:
+    return EvalResult(
+        overall=sum(accs.values()) / len(accs),
+        families=accs,
+        counts=dict.fromkeys(accs, 10),
+        visual_tokens_per_image=tokens,
+        n=10 * len(accs),
+        routing=mode,
+        seed=0,
+        seconds=1.0,
+        samples_per_second=qps,
+        generated_tokens_per_second=1.0,
+        compressed_tile_fraction=compressed,
+    )
 
 
 def test_summary_ratios_and_targets(tmp_path, markdown_tables):
@@ -27,9 +39,17 @@ def test_summary_ratios_and_targets(tmp_path, markdown_tables):
         "random": result("random", dict(zip(fams, [1.0, 0.5, 0.3])), 32.0, 2.5, 0.66),
     }
     s = summarise(results, None, None)
-    s.update(relative_threshold=0.5, absolute_threshold=0.5,
-             sweep=[{"relative": 0.3, "router": {"overall": 0.7, "reading": 0.6, "visual_tokens": 30.0},
-                     "random": {"overall": 0.6, "reading": 0.4, "visual_tokens": 30.0}}])
+    s.update(
+        relative_threshold=0.5,
+        absolute_threshold=0.5,
+        sweep=[
+            {
+                "relative": 0.3,
+                "router": {"overall": 0.7, "reading": 0.6, "visual_tokens": 30.0},
+                "random": {"overall": 0.6, "reading": 0.4, "visual_tokens": 30.0},
+            }
+        ],
+    )
     assert s["tokens_saved"] == pytest.approx(50.0)
     assert s["accuracy_kept"] == pytest.approx(100 * (2.38 / 3) / (2.4 / 3))
     assert s["compressed_reading_drop"] == pytest.approx(100 * (0.7 - 0.15))
@@ -40,22 +60,34 @@ def test_summary_ratios_and_targets(tmp_path, markdown_tables):
     modes, sweep, targets = markdown_tables(text)
     assert [row["routing"] for row in modes] == list(MODES)  # one row per mode, its measurements
     assert {row["routing"]: float(row["visual tokens / image"]) for row in modes} == {
-        m: r.visual_tokens_per_image for m, r in results.items()}
-    assert sweep == [{"relative threshold": "0.30", "visual tokens / image": "30.0",
-                      "router overall": "70.0", "router reading": "60.0",
-                      "random overall": "60.0", "random reading": "40.0"}]
+        m: r.visual_tokens_per_image for m, r in results.items()
+    }
+    assert sweep == [
+        {
+            "relative threshold": "0.30",
+            "visual tokens / image": "30.0",
+            "router overall": "70.0",
+            "router reading": "60.0",
+            "random overall": "60.0",
+            "random reading": "40.0",
+        }
+    ]
     assert {row["target"] for row in targets} == set(s["targets"])
     assert all(row["met"] == "yes" for row in targets)
     assert "50.0 % fewer visual tokens" in text
     s["world_bound"] = {"text_free": 0.105, "text_free_and_thumbnails": 0.263}
-    assert "saves 10.5 % of the visual tokens (26.3 % with every thumbnail too)" in markdown(s, "ckpt")
+    assert "saves 10.5 % of the visual tokens (26.3 % with every thumbnail too)" in markdown(
+        s, "ckpt"
+    )
     plot(s, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
 def test_replace_section_keeps_the_rest(tmp_path):
     doc = tmp_path / "B.md"
-    doc.write_text("# Benchmarks\n\n## Preprocessing\n\nkeep me\n\n## Flash\n\nold\n\n## Serving\n\nkeep too\n")
+    doc.write_text(
+        "# Benchmarks\n\n## Preprocessing\n\nkeep me\n\n## Flash\n\nold\n\n## Serving\n\nkeep too\n"
+    )
     replace_section(doc, "## Flash", "new table")
     text = doc.read_text()
     assert "old" not in text and "new table" in text and "keep me" in text and "keep too" in text

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from tessera.config import preset
-from tessera.routing import (RoutingError, RoutingPolicy, decide, encode_routed, enforce_budget, route_tiles,
-                             threshold_decision)
+from tessera.routing import (
+    RoutingError,
+    RoutingPolicy,
+    decide,
+    encode_routed,
+    enforce_budget,
+    route_tiles,
+    threshold_decision,
+)
 
 TILES = [5, 1, 7, 3]
 
@@ -36,9 +43,13 @@ def test_thresholds_are_monotone(seed):
     p = scores(seed)
     grid = [0.0, 0.2, 0.5, 0.8, 1.0]
     for rel_lo, rel_hi in zip(grid, grid[1:]):
-        assert subset(threshold_decision(p, TILES, rel_hi, 0.3), threshold_decision(p, TILES, rel_lo, 0.3))
+        assert subset(
+            threshold_decision(p, TILES, rel_hi, 0.3), threshold_decision(p, TILES, rel_lo, 0.3)
+        )
     for ab_lo, ab_hi in zip(grid, grid[1:]):
-        assert subset(threshold_decision(p, TILES, 0.3, ab_hi), threshold_decision(p, TILES, 0.3, ab_lo))
+        assert subset(
+            threshold_decision(p, TILES, 0.3, ab_hi), threshold_decision(p, TILES, 0.3, ab_lo)
+        )
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -71,7 +82,9 @@ def test_random_compresses_as_many_tiles_per_image_as_router(seed):
     rand = decide(RoutingPolicy("random", seed=seed), TILES, 16, 4, p)
     start = 0
     for n in TILES:
-        assert int(router.compress[start:start + n].sum()) == int(rand.compress[start:start + n].sum())
+        assert int(router.compress[start : start + n].sum()) == int(
+            rand.compress[start : start + n].sum()
+        )
         start += n
     assert rand.visual_tokens == router.visual_tokens
     again = decide(RoutingPolicy("random", seed=seed), TILES, 16, 4, p)

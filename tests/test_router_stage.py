@@ -7,13 +7,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_vico import ListStream, make_sample  # noqa: E402  (shared synthetic samples)
 
 from tessera.auc import auc
-from tessera.train.router_stage import (RatioWindow, RouterStage, SampleBatch, evaluate_router,
-                                        router_bce, router_labels, tile_loss_ratios)
+from tessera.train.router_stage import (
+    RatioWindow,
+    RouterStage,
+    SampleBatch,
+    evaluate_router,
+    router_bce,
+    router_labels,
+    tile_loss_ratios,
+)
 from tessera.train.vico import shrink_image_tokens
-
-from test_vico import ListStream, make_sample  # noqa: E402  (shared synthetic samples)
 
 
 def answer_loss(model, ids: list[int], mask: list[int], features: torch.Tensor) -> float:
@@ -31,7 +37,11 @@ def test_ratios_are_exact_one_tile_at_a_time(tiny):
     samples = [make_sample(model, 3, [3]), make_sample(model, 4, [1])]
     ratios = tile_loss_ratios(model, samples, eps=0.0)
     assert ratios.tiles_per_sample == [3, 1] and ratios.r.shape == (4,)
-    assert ratios.patch_tokens.shape == (4, (cfg.tile_size // cfg.vision.patch_size) ** 2, cfg.vision.hidden_size)
+    assert ratios.patch_tokens.shape == (
+        4,
+        (cfg.tile_size // cfg.vision.patch_size) ** 2,
+        cfg.vision.hidden_size,
+    )
     s = samples[0]
     with torch.no_grad():
         feats, _ = model.encode_images(s.pixel_values)
@@ -39,8 +49,13 @@ def test_ratios_are_exact_one_tile_at_a_time(tiny):
     assert ratios.loss_full[0].item() == pytest.approx(base, rel=1e-4)
     for i in range(3):
         compress = [j == i for j in range(3)]
-        enc = shrink_image_tokens(s, compress, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile,
-                                  cfg.image_context_token_id)
+        enc = shrink_image_tokens(
+            s,
+            compress,
+            cfg.tokens_per_tile,
+            cfg.compressed_tokens_per_tile,
+            cfg.image_context_token_id,
+        )
         with torch.no_grad():
             feats, _ = model.encode_images(s.pixel_values, compress=torch.tensor(compress))
         want = answer_loss(model, enc.input_ids, enc.loss_mask, feats)
@@ -54,19 +69,30 @@ def test_each_answer_of_a_multi_question_sample_weighs_the_same(tiny):
     s = make_sample(model, 5, [2])
     answer = [t for t, m in enumerate(s.loss_mask) if m]
     cut = answer[len(answer) // 2]
-    s.loss_mask[cut] = 0  # two answers: the tokens before the cut and after it (as two turns would give)
+    s.loss_mask[cut] = (
+        0  # two answers: the tokens before the cut and after it (as two turns would give)
+    )
     first = [int(m and t < cut) for t, m in enumerate(s.loss_mask)]
     second = [int(m and t > cut) for t, m in enumerate(s.loss_mask)]
     ratios = tile_loss_ratios(model, [s], eps=0.0)
     with torch.no_grad():
         feats, _ = model.encode_images(s.pixel_values)
     base = [answer_loss(model, s.input_ids, m, feats) for m in (first, second)]
-    enc = shrink_image_tokens(s, [True, False], cfg.tokens_per_tile, cfg.compressed_tokens_per_tile,
-                              cfg.image_context_token_id)
-    dropped = len(s.input_ids) - len(enc.input_ids)  # image-context tokens the compressed tile no longer needs
+    enc = shrink_image_tokens(
+        s,
+        [True, False],
+        cfg.tokens_per_tile,
+        cfg.compressed_tokens_per_tile,
+        cfg.image_context_token_id,
+    )
+    dropped = len(s.input_ids) - len(
+        enc.input_ids
+    )  # image-context tokens the compressed tile no longer needs
     with torch.no_grad():
         feats, _ = model.encode_images(s.pixel_values, compress=torch.tensor([True, False]))
-    tile0 = [answer_loss(model, enc.input_ids, m[dropped:], feats) for m in (first, second)]  # answers sit after the image
+    tile0 = [
+        answer_loss(model, enc.input_ids, m[dropped:], feats) for m in (first, second)
+    ]  # answers sit after the image
     want = 0.5 * (tile0[0] / base[0] + tile0[1] / base[1])
     assert ratios.r[0].item() == pytest.approx(want, rel=1e-4)
 
@@ -74,7 +100,9 @@ def test_each_answer_of_a_multi_question_sample_weighs_the_same(tiny):
 def test_window_percentile_and_labels():
     w = RatioWindow(size=4, percentile=50)
     assert w.update(torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx(2.5)
-    assert w.update(torch.tensor([10.0, 20.0])) == pytest.approx(7.0)  # window keeps the last 4: 3, 4, 10, 20
+    assert w.update(torch.tensor([10.0, 20.0])) == pytest.approx(
+        7.0
+    )  # window keeps the last 4: 3, 4, 10, 20
     labels = router_labels(torch.tensor([0.9, 1.1, 1.5]), 1.2)
     assert labels.tolist() == [True, True, False]
     with pytest.raises(ValueError):
@@ -131,7 +159,9 @@ def test_router_training_steps_lower_its_loss_and_touch_nothing_else(tiny):
             assert torch.equal(p, frozen[n]), n
     result = evaluate_router(model, batch.samples)
     assert result["tiles"] == batch.tiles and result["accuracy"] > 0.7
-    assert {"auc", "balanced_accuracy", "tau", "label_compress", "predicted_compress"} <= set(result)
+    assert {"auc", "balanced_accuracy", "tau", "label_compress", "predicted_compress"} <= set(
+        result
+    )
 
 
 def test_stage_runs_in_the_trainer_with_only_the_router_trainable(tiny, tmp_path):
@@ -141,7 +171,9 @@ def test_stage_runs_in_the_trainer_with_only_the_router_trainable(tiny, tmp_path
     stage = RouterStage(ListStream(model, 8), samples_per_batch=2, workers=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = TrainConfig(steps=2, warmup_steps=1, lr=1e-3, log_every=1, progress=False, threads=1)
-    result = Trainer(model, stage, cfg, tmp_path, save_model=lambda m, p: torch.save(m.state_dict(), p / "w.pt")).fit()
+    result = Trainer(
+        model, stage, cfg, tmp_path, save_model=lambda m, p: torch.save(m.state_dict(), p / "w.pt")
+    ).fit()
     assert result.step == 2 and "tau" in result.history[-1]
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(("pooling_before_gating.", "gating.")) for n in changed)
@@ -156,7 +188,9 @@ def test_router_labels_can_come_from_descriptions(make_world_model):
     stage = build_stage(model, {"families": {"describe": 1.0}, "workers": 0})
     assert {stage.make.sample(i)[0].family for i in range(4)} == {"describe"}
     assert stage.heldout_families == ["describe"]
-    assert {s.family for s in heldout_samples(model, 3, families=stage.heldout_families)} == {"describe"}
+    assert {s.family for s in heldout_samples(model, 3, families=stage.heldout_families)} == {
+        "describe"
+    }
     default = build_stage(model, {"workers": 0})
     assert default.heldout_families is None and "describe" not in default.make.families
 
@@ -168,8 +202,15 @@ def test_held_out_tiles_are_labelled_by_as_many_questions_as_the_training_tiles(
     model = make_world_model()
     model.add_flash_branch()
     stage = build_stage(model, {"turns": 4, "workers": 0, "heldout": 2})
-    stage.eval_fn(model, 0)  # builds its held-out set from the stage's own stream, on the eval split
+    stage.eval_fn(
+        model, 0
+    )  # builds its held-out set from the stage's own stream, on the eval split
     for held in (stage._heldout, heldout_samples(model, 2, turns=4)):
-        answers = [sum(1 for a, b in zip([0] + s.loss_mask, s.loss_mask) if b and not a) for s in held]
+        answers = [
+            sum(1 for a, b in zip([0] + s.loss_mask, s.loss_mask) if b and not a) for s in held
+        ]
         assert answers == [4, 4]  # four answers (one per question) in each held-out conversation
-    assert WorldStream(model.tokenizer, model.config, split="eval").sample(0)[0].meta["split"] == "eval"
+    assert (
+        WorldStream(model.tokenizer, model.config, split="eval").sample(0)[0].meta["split"]
+        == "eval"
+    )

@@ -13,12 +13,12 @@ import httpx
 import pytest
 import torch
 
+from tessera.bench.loadgen import data_url, image_for_tiles, image_message, make_image
 from tessera.model.checkpoint import save_checkpoint
 from tessera.routing import RoutingPolicy
 from tessera.serve import protocol as P
 from tessera.serve.language_server import CoupledVision, LanguageServer, ServeOptions
 from tessera.serve.launch import LocalServer, Topology, build_server
-from tessera.bench.loadgen import data_url, image_for_tiles, image_message, make_image
 from tessera.serve.vision import VisionEncoder, VisionInputError, VisionUnavailable
 from tessera.serve.vision_client import RemoteVision
 from tessera.serve.vision_server import VisionServer
@@ -33,8 +33,12 @@ class ThreadedVisionServer:
     """A vision server on a thread of this process (same code as the `tessera vision-server` process)."""
 
     def __init__(self, model, bind="tcp://127.0.0.1:*", max_wait_ms=30.0):
-        self.server = VisionServer(VisionEncoder(model), bind, max_batch_tiles=64, max_wait_ms=max_wait_ms)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"announce": False}, daemon=True)
+        self.server = VisionServer(
+            VisionEncoder(model), bind, max_batch_tiles=64, max_wait_ms=max_wait_ms
+        )
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"announce": False}, daemon=True
+        )
 
     def __enter__(self):
         self.thread.start()
@@ -53,10 +57,18 @@ def test_wire_format_round_trip_and_errors():
     msg = P.unpack(P.features_reply("r1", [P.EncodedImage(meta, feats)]))
     (back,) = P.parse_features(msg)
     assert back.meta.tokens_per_tile == [16, 4] and back.meta.compressed_tiles == 1
-    assert back.features.dtype == torch.bfloat16 and torch.equal(back.features, feats.to(torch.bfloat16))
-    req = P.unpack(P.encode_request("r2", [b"png-bytes"], RoutingPolicy("router", budget=40), max_tiles=4))
+    assert back.features.dtype == torch.bfloat16 and torch.equal(
+        back.features, feats.to(torch.bfloat16)
+    )
+    req = P.unpack(
+        P.encode_request("r2", [b"png-bytes"], RoutingPolicy("router", budget=40), max_tiles=4)
+    )
     images, routing, max_tiles = P.parse_encode_request(req)
-    assert images == [b"png-bytes"] and routing == RoutingPolicy("router", budget=40) and max_tiles == 4
+    assert (
+        images == [b"png-bytes"]
+        and routing == RoutingPolicy("router", budget=40)
+        and max_tiles == 4
+    )
     with pytest.raises(P.ProtocolError, match="magic"):
         P.unpack([b"HTTP", b"encode", b"{}"])
     with pytest.raises(P.ProtocolError, match="expected rows"):
@@ -90,7 +102,9 @@ def test_vision_server_batches_concurrent_requests_and_caches(model):
     assert all(r[0].meta.tokens_per_tile == [16] * 5 for r in first)
     assert stats.batches < 4  # the four concurrent requests shared ViT batches
     assert again[0].meta.cache_hit and torch.equal(again[0].features, first[0][0].features)
-    assert routed[0].meta.tokens_per_tile == [4] * 5 and not routed[0].meta.cache_hit  # routing is part of the key
+    assert (
+        routed[0].meta.tokens_per_tile == [4] * 5 and not routed[0].meta.cache_hit
+    )  # routing is part of the key
     assert bad.status == 400
     # the bf16 features equal the coupled encoder's, rounded
     direct = VisionEncoder(model).encode([image_for_tiles(4, tile, seed=0)], RoutingPolicy())
@@ -141,28 +155,44 @@ def kill_worker(http) -> int:
 
 
 def ask_image(http, seed):
-    body = {"messages": image_message(data_url(make_image(200, 150, seed)), "what"), "max_tokens": 3}
+    body = {
+        "messages": image_message(data_url(make_image(200, 150, seed)), "what"),
+        "max_tokens": 3,
+    }
     return http.post("/v1/chat/completions", json=body)
 
 
 def decoupled(model, checkpoint):
-    srv = build_server(checkpoint, Topology("decoupled", vision_workers=1), ServeOptions(model_name="tiny"), model=model)
+    srv = build_server(
+        checkpoint,
+        Topology("decoupled", vision_workers=1),
+        ServeOptions(model_name="tiny"),
+        model=model,
+    )
     return LocalServer(srv)
 
 
 def test_dying_worker_gives_a_prompt_503_and_text_keeps_working(model, checkpoint):
     with decoupled(model, checkpoint) as s, httpx.Client(base_url=s.base_url, timeout=60) as http:
         r = ask_image(http, 1)
-        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 7 * 16
+        assert (
+            r.status_code == 200
+            and r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 7 * 16
+        )
         kill_worker(http)
         t = time.monotonic()
         r = ask_image(http, 2)
         assert r.status_code == 503 and r.json()["error"]["code"] == "vision_unavailable"
         assert time.monotonic() - t < 1.0
-        text = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        text = http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        )
         assert text.status_code == 200
         health = http.get("/health").json()
-        assert health["status"] == "degraded" and health["vision"]["restarts"] == 1  # a replacement is starting
+        assert (
+            health["status"] == "degraded" and health["vision"]["restarts"] == 1
+        )  # a replacement is starting
 
 
 @pytest.mark.slow
@@ -183,7 +213,9 @@ def test_feature_cache_is_lru_by_entries_and_bytes():
     from tessera.serve.vision import FeatureCache
 
     def entry(rows):
-        return [P.EncodedImage(P.ImageMeta([rows], (1, 1), 16), torch.zeros(rows, 4))]  # rows × 16 bytes
+        return [
+            P.EncodedImage(P.ImageMeta([rows], (1, 1), 16), torch.zeros(rows, 4))
+        ]  # rows × 16 bytes
 
     cache = FeatureCache(capacity=2, max_bytes=1000)
     cache.put("a", entry(16))
@@ -208,12 +240,24 @@ class SlowEncoder(VisionEncoder):
 
 def longest_gap_while_an_image_is_encoded(base_url: str) -> float:
     """Stream a long text answer; midway send an image request; return the longest pause between text chunks."""
-    body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 400, "ignore_eos": True, "stream": True,
-            "temperature": 0}
-    image = {"messages": image_message(data_url(make_image(150, 100, seed=4)), "what"), "max_tokens": 2}
+    body = {
+        "messages": [{"role": "user", "content": "go on"}],
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "stream": True,
+        "temperature": 0,
+    }
+    image = {
+        "messages": image_message(data_url(make_image(150, 100, seed=4)), "what"),
+        "max_tokens": 2,
+    }
     stamps, started = [], threading.Event()
-    image_thread = threading.Thread(target=lambda: (started.wait(10),
-                                                    httpx.post(base_url + "/v1/chat/completions", json=image, timeout=60)))
+    image_thread = threading.Thread(
+        target=lambda: (
+            started.wait(10),
+            httpx.post(base_url + "/v1/chat/completions", json=image, timeout=60),
+        )
+    )
     image_thread.start()
     with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
@@ -232,17 +276,25 @@ def test_decoding_continues_while_vision_works_only_when_decoupled(model):
     while server.endpoint is None:
         time.sleep(0.01)
     try:
-        decoupled_srv = LanguageServer(model, RemoteVision([server.endpoint]), ServeOptions(model_name="tiny"))
+        decoupled_srv = LanguageServer(
+            model, RemoteVision([server.endpoint]), ServeOptions(model_name="tiny")
+        )
         with LocalServer(decoupled_srv) as s:
             decoupled_gap = longest_gap_while_an_image_is_encoded(s.base_url)
     finally:
         server.stop()
         thread.join(5)
-    coupled_srv = LanguageServer(model, CoupledVision(SlowEncoder(model)), ServeOptions(model_name="tiny"))
+    coupled_srv = LanguageServer(
+        model, CoupledVision(SlowEncoder(model)), ServeOptions(model_name="tiny")
+    )
     with LocalServer(coupled_srv) as s:
         coupled_gap = longest_gap_while_an_image_is_encoded(s.base_url)
-    assert decoupled_gap < 0.5, decoupled_gap  # the engine kept decoding while the vision server worked
-    assert coupled_gap >= 0.9, coupled_gap  # the baseline: vision on the engine thread stalls every stream
+    assert decoupled_gap < 0.5, (
+        decoupled_gap
+    )  # the engine kept decoding while the vision server worked
+    assert coupled_gap >= 0.9, (
+        coupled_gap
+    )  # the baseline: vision on the engine thread stalls every stream
 
 
 def test_bf16_vision_side_stays_close_and_leaves_the_llm_alone(model):
@@ -252,7 +304,10 @@ def test_bf16_vision_side_stays_close_and_leaves_the_llm_alone(model):
     image = [image_for_tiles(4, model.config.tile_size, seed=8)]
     exact = VisionEncoder(model).encode(image, RoutingPolicy())[0]
     fast = VisionEncoder(twin, dtype=torch.bfloat16).encode(image, RoutingPolicy())[0]
-    assert fast.features.dtype == torch.bfloat16 and twin.language_model.embed_tokens.weight.dtype == torch.float32
+    assert (
+        fast.features.dtype == torch.bfloat16
+        and twin.language_model.embed_tokens.weight.dtype == torch.float32
+    )
     assert fast.meta.tokens_per_tile == exact.meta.tokens_per_tile
     rel = (fast.features.float() - exact.features).abs().max() / exact.features.abs().max()
     assert rel < 0.05

@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 
+from tessera.bench.loadgen import data_url, image_message, make_image
 from tessera.serve.language_server import ServeOptions
 from tessera.serve.launch import LocalServer, Topology, build_server
-from tessera.bench.loadgen import data_url, image_message, make_image
 from tessera.serve.vision import VisionLimits
 
 KEY = "sekrit-test-key"
@@ -29,7 +29,9 @@ def server(tiny):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+    with httpx.Client(
+        base_url=server.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as c:
         yield c
 
 
@@ -57,25 +59,37 @@ def assert_error(r, status, param=None, contains=None):
 
 
 def test_invalid_json(http):
-    r = http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    r = http.post(
+        "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert assert_error(r, 400)["type"] == "invalid_request_error"
 
 
 def test_missing_and_invalid_fields(http):
     assert_error(post(http, {"model": "tiny"}), 400, param="messages", contains="missing")
     assert_error(post(http, {"messages": []}), 400, param="messages")
-    assert_error(post(http, {"messages": [{"role": "wizard", "content": "x"}]}), 400, param="messages.0.role")
+    assert_error(
+        post(http, {"messages": [{"role": "wizard", "content": "x"}]}), 400, param="messages.0.role"
+    )
     assert_error(post(http, {**user("x"), "temperature": 5}), 400, param="temperature")
     assert_error(post(http, {**user("x"), "n": 0}), 400, param="n")
     assert_error(post(http, [1, 2]), 400)
-    assert_error(post(http, {"messages": [{"role": "assistant", "content": "hi"}]}), 400, contains="last message")
+    assert_error(
+        post(http, {"messages": [{"role": "assistant", "content": "hi"}]}),
+        400,
+        contains="last message",
+    )
     assert_error(post(http, {**user("x"), "model": "gpt-9"}), 404, param="model")
 
 
 def test_bad_base64_and_bad_urls(http):
-    assert_error(post(http, image_body("data:image/png;base64,@@@not-base64@@@")), 400, contains="base64")
+    assert_error(
+        post(http, image_body("data:image/png;base64,@@@not-base64@@@")), 400, contains="base64"
+    )
     assert_error(post(http, image_body("data:image/png,rawbytes")), 400, contains="data:image")
-    assert_error(post(http, image_body("data:text/plain;base64,aGVsbG8=")), 400, contains="media type")
+    assert_error(
+        post(http, image_body("data:text/plain;base64,aGVsbG8=")), 400, contains="media type"
+    )
     assert_error(post(http, image_body("ftp://example.invalid/a.png")), 400)
 
 
@@ -93,17 +107,29 @@ def test_not_an_image_and_truncated_image(http):
 
 def test_too_many_pixels_images_and_tiles(http):
     assert_error(post(http, image_body(data_url(make_image(400, 400)))), 400, contains="max_pixels")
-    three = [{"type": "image_url", "image_url": {"url": data_url(make_image(50, 50, seed=i))}} for i in range(3)]
+    three = [
+        {"type": "image_url", "image_url": {"url": data_url(make_image(50, 50, seed=i))}}
+        for i in range(3)
+    ]
     assert_error(post(http, user(three)), 400, contains="at most 2 images")
-    wide = [{"type": "image_url", "image_url": {"url": data_url(make_image(560, 112, seed=i))}} for i in range(2)]
-    assert_error(post(http, user(wide)), 400, contains="tiles")  # 2 × (5×1 grid + thumbnail) = 12 > 8 tiles
-    assert_error(post(http, image_body(data_url(make_image(60, 60)), max_tiles=50)), 400, param="max_tiles")
+    wide = [
+        {"type": "image_url", "image_url": {"url": data_url(make_image(560, 112, seed=i))}}
+        for i in range(2)
+    ]
+    assert_error(
+        post(http, user(wide)), 400, contains="tiles"
+    )  # 2 × (5×1 grid + thumbnail) = 12 > 8 tiles
+    assert_error(
+        post(http, image_body(data_url(make_image(60, 60)), max_tiles=50)), 400, param="max_tiles"
+    )
 
 
 def test_routing_and_budget_errors(http):
     url = data_url(make_image(112, 112, seed=9))
     assert_error(post(http, image_body(url, routing="sideways")), 400, param="routing")
-    assert_error(post(http, image_body(url, visual_token_budget=1)), 400, param="visual_token_budget")
+    assert_error(
+        post(http, image_body(url, visual_token_budget=1)), 400, param="visual_token_budget"
+    )
 
 
 def test_prompt_beyond_context(http):
@@ -116,13 +142,24 @@ def test_prompt_beyond_context(http):
 def test_auth(server):
     body = user("hi")
     assert_error(httpx.post(server.base_url + "/v1/chat/completions", json=body), 401)
-    assert_error(httpx.post(server.base_url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"}), 401)
+    assert_error(
+        httpx.post(
+            server.base_url + "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": "Bearer nope"},
+        ),
+        401,
+    )
     assert httpx.get(server.base_url + "/health").status_code == 200  # health stays open for probes
     assert_error(httpx.get(server.base_url + "/v1/models"), 401)
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=server.base_url + "/v1", api_key="wrong", max_retries=0).models.list()
+        openai.OpenAI(
+            base_url=server.base_url + "/v1", api_key="wrong", max_retries=0
+        ).models.list()
     good = openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEY, max_retries=0)
-    assert good.chat.completions.create(model="tiny", messages=body["messages"], max_tokens=2).choices
+    assert good.chat.completions.create(
+        model="tiny", messages=body["messages"], max_tokens=2
+    ).choices
 
 
 def test_overload_gets_429_then_recovers(http, server):
@@ -130,14 +167,19 @@ def test_overload_gets_429_then_recovers(http, server):
     body = {**user("count"), "max_tokens": 180, "temperature": 0}
 
     def send(_):
-        return httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=120,
-                          headers={"Authorization": f"Bearer {KEY}"})
+        return httpx.post(
+            server.base_url + "/v1/chat/completions",
+            json=body,
+            timeout=120,
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(send, range(4)))
     codes = sorted(r.status_code for r in results)
     assert 429 in codes and 200 in codes, codes
-    assert_error(next(r for r in results if r.status_code == 429), 429)["type"] == "rate_limit_error"
+    limited = next(r for r in results if r.status_code == 429)
+    assert assert_error(limited, 429)["type"] == "rate_limit_error"
     assert post(http, user("still there?")).status_code == 200
 
 

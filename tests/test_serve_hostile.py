@@ -229,7 +229,7 @@ def test_assembler_cuts_and_holds_back_as_the_naive_search_does(model):
             assert not stopped and out == decoded
         else:  # the first stop string to complete ends the answer, cut before it
             first = min(
-                (s for s in stops if 0 <= decoded.find(s) and decoded.find(s) + len(s) == cut),
+                (s for s in stops if decoded.find(s) >= 0 and decoded.find(s) + len(s) == cut),
                 key=len,
                 default=None,
             )

@@ -9,21 +9,48 @@ from pathlib import Path
 
 import pytest
 
-from tessera.train.recipe import (RecipeConfig, StagePlan, quick_recipe, read_timings, record_timing, resolve_paths,
-                                  run_recipe, stage_finished, tiny_recipe)
+from tessera.train.recipe import (
+    RecipeConfig,
+    StagePlan,
+    quick_recipe,
+    read_timings,
+    record_timing,
+    resolve_paths,
+    run_recipe,
+    stage_finished,
+    tiny_recipe,
+)
 from tessera.train.trainer import TrainConfig
 
-CASCADE = ["pretrain", "sft", "spatial", "count", "count2", "focus", "mpo", "gspo", "vico", "router"]
+CASCADE = [
+    "pretrain",
+    "sft",
+    "spatial",
+    "count",
+    "count2",
+    "focus",
+    "mpo",
+    "gspo",
+    "vico",
+    "router",
+]
 
 
 def tiny_plan() -> RecipeConfig:
     small = dict(rows=1, row_tokens=384, workers=0)
     one = dict(steps=1, warmup_steps=1, log_every=1, progress=False)
-    return RecipeConfig(tokenizer_corpus=20, eval_n=2, probe_n=2, chance_n=20, eval_families=["colour", "label"],
-                        critic_queries=2, stages=[
-        StagePlan("pretrain", TrainConfig(**one), dict(small)),
-        StagePlan("sft", TrainConfig(**one, eval_every=1), dict(small)),
-    ])
+    return RecipeConfig(
+        tokenizer_corpus=20,
+        eval_n=2,
+        probe_n=2,
+        chance_n=20,
+        eval_families=["colour", "label"],
+        critic_queries=2,
+        stages=[
+            StagePlan("pretrain", TrainConfig(**one), dict(small)),
+            StagePlan("sft", TrainConfig(**one, eval_every=1), dict(small)),
+        ],
+    )
 
 
 def report_tables(report: str, markdown_tables) -> dict[tuple[str, ...], list[dict[str, str]]]:
@@ -62,7 +89,11 @@ def test_recipe_smoke_and_resume(tmp_path, markdown_tables):
     from tessera.best_of_n import Critic
 
     Critic.load(result.final_checkpoint)  # the final model ships its Best-of-N critic
-    evals = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines() if "eval" in x]
+    evals = [
+        json.loads(x)
+        for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
+        if "eval" in x
+    ]
     assert len(evals) == 1 and 0 <= evals[0]["eval"]["overall"] <= 1
     # no Flash parts anywhere: no Flash table; the plan ends with sft, so its evaluation is the final one
     assert summary["flash"] is None and "## Flash" not in (tmp_path / "report.md").read_text()
@@ -76,14 +107,21 @@ def test_recipe_smoke_and_resume(tmp_path, markdown_tables):
 def test_quick_recipe_command(tmp_path, capsys, markdown_tables):
     from tessera.cli import main
 
-    assert main(["recipe", "--preset", "tiny", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
+    assert (
+        main(["recipe", "--preset", "tiny", "--out", str(tmp_path), "--quick", "--no-progress"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "overall" in printed and "fewer visual tokens" in printed
     check_outputs(tmp_path, 14, markdown_tables, CASCADE)
 
 
 def training_steps(folder):
-    return [json.loads(x)["step"] for x in (folder / "metrics.jsonl").read_text().splitlines() if '"eval"' not in x]
+    return [
+        json.loads(x)["step"]
+        for x in (folder / "metrics.jsonl").read_text().splitlines()
+        if '"eval"' not in x
+    ]
 
 
 def files_with_times(root):
@@ -103,7 +141,10 @@ def test_quick_recipe_runs_the_whole_cascade_and_resumes_as_a_no_op(tmp_path, ma
     # mpo collected from the SFT model's rollouts into its folder; gspo trained on queries filtered from them
     collect = json.loads((tmp_path / "mpo" / "collect.json").read_text())
     assert collect["pairs"] > 0 and (tmp_path / "mpo" / "queries.jsonl").exists()
-    assert json.loads((tmp_path / "gspo" / "metrics.jsonl").read_text().splitlines()[0])["sequences"] > 0
+    assert (
+        json.loads((tmp_path / "gspo" / "metrics.jsonl").read_text().splitlines()[0])["sequences"]
+        > 0
+    )
     # the base stages train without Flash parts, vico adds them, the recipe ends on the router's Flash model
     assert tessera.load(tmp_path / "gspo" / "final").router is None
     assert result.final_checkpoint == tmp_path / "router" / "final"
@@ -113,7 +154,9 @@ def test_quick_recipe_runs_the_whole_cascade_and_resumes_as_a_no_op(tmp_path, ma
     flash = summary["flash"]
     assert set(flash["modes"]) == set(MODES) and flash["n"] == 7
     full, compressed = flash["modes"]["full"], flash["modes"]["compressed"]
-    assert compressed["visual_tokens"] == pytest.approx(full["visual_tokens"] / 4)  # 1/16 instead of 1/4 per tile
+    assert compressed["visual_tokens"] == pytest.approx(
+        full["visual_tokens"] / 4
+    )  # 1/16 instead of 1/4 per tile
     assert compressed["tokens_saved"] == pytest.approx(75.0) and full["tokens_saved"] == 0.0
     report = (tmp_path / "report.md").read_text()
     assert all(f"## {h}" in report for h in ("Per family through the cascade", "Flash", "Stages"))
@@ -148,9 +191,15 @@ def test_tiny_recipe_runs_the_cascade_in_order_with_constant_rl_learning_rates(t
     config = tiny_recipe().validate()
     assert [p.name for p in config.stages] == CASCADE
     plans = {p.name: p for p in config.stages}
-    assert plans["spatial"].kind == "sft" and plans["spatial"].data["repeat"] == ["spatial"]  # sft again, own folder
+    assert plans["spatial"].kind == "sft" and plans["spatial"].data["repeat"] == [
+        "spatial"
+    ]  # sft again, own folder
     # counting's sink and probe only in its own phase: sft keeps the plain lookup (docs/TRAINING.md, session 6)
-    assert plans["count"].kind == "sft" and plans["count"].data["count_sink"] and plans["count"].data["count"] > 0
+    assert (
+        plans["count"].kind == "sft"
+        and plans["count"].data["count_sink"]
+        and plans["count"].data["count"] > 0
+    )
     assert not plans["sft"].data.get("count_sink") and not plans["spatial"].data.get("count_sink")
     assert plans["mpo"].train.min_lr_ratio == plans["gspo"].train.min_lr_ratio == 1.0
     # gspo's offline accuracies are the file mpo writes into its own folder
@@ -192,11 +241,38 @@ def test_train_command_with_config_file(tmp_path, capsys):
     from tessera.cli import main
 
     cfg = tmp_path / "run.json"
-    cfg.write_text(json.dumps({"model": {"preset": "tiny"}, "train": {"warmup_steps": 1, "log_every": 1},
-                               "data": {"workers": 0, "curriculum": [[0, 0.0], [10, 1.0]]}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "model": {"preset": "tiny"},
+                "train": {"warmup_steps": 1, "log_every": 1},
+                "data": {"workers": 0, "curriculum": [[0, 0.0], [10, 1.0]]},
+            }
+        )
+    )
     out = tmp_path / "run"
-    assert main(["train", "sft", "--config", str(cfg), "--out", str(out), "--steps", "2", "--rows", "1",
-                 "--row-tokens", "384", "--no-progress", "--tokenizer-corpus", "20"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "sft",
+                "--config",
+                str(cfg),
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--rows",
+                "1",
+                "--row-tokens",
+                "384",
+                "--no-progress",
+                "--tokenizer-corpus",
+                "20",
+            ]
+        )
+        == 0
+    )
     assert "sft: step 2" in capsys.readouterr().out
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2]

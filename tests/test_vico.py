@@ -23,7 +23,9 @@ class ListStream:
     """index → a fixed synthetic sample (stands in for the world's SFT stream)."""
 
     def __init__(self, model, count: int = 64):
-        self.samples = [make_sample(model, i, [1 + i % 3] if i % 4 else [2, 1]) for i in range(count)]
+        self.samples = [
+            make_sample(model, i, [1 + i % 3] if i % 4 else [2, 1]) for i in range(count)
+        ]
 
     def __call__(self, index: int) -> Encoded:
         return self.samples[index % len(self.samples)]
@@ -31,7 +33,11 @@ class ListStream:
 
 def test_shrink_image_tokens_cuts_exactly_the_chosen_tiles(tiny):
     cfg = tiny.config
-    full, small, ctx = cfg.tokens_per_tile, cfg.compressed_tokens_per_tile, cfg.image_context_token_id
+    full, small, ctx = (
+        cfg.tokens_per_tile,
+        cfg.compressed_tokens_per_tile,
+        cfg.image_context_token_id,
+    )
     enc = make_sample(tiny, 0, [3, 2])
     out = shrink_image_tokens(enc, [True, False, True, False, False], full, small, ctx)
     assert out.image_tokens == [2 * small + full, 2 * full]
@@ -52,8 +58,15 @@ def test_xi_is_per_image_and_deterministic():
 
 def packer_for(model, rows=4, compress_prob=0.5, row_tokens=512) -> PairPacker:
     cfg = model.config
-    return PairPacker(rows, row_tokens, model.tokenizer.pad_id, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile,
-                      cfg.image_context_token_id, compress_prob)
+    return PairPacker(
+        rows,
+        row_tokens,
+        model.tokenizer.pad_id,
+        cfg.tokens_per_tile,
+        cfg.compressed_tokens_per_tile,
+        cfg.image_context_token_id,
+        compress_prob,
+    )
 
 
 def test_pairs_share_rows_answers_and_tiles(tiny):
@@ -68,7 +81,8 @@ def test_pairs_share_rows_answers_and_tiles(tiny):
     assert 0 < n_small < batch.compress.numel()
     ctx = cfg.image_context_token_id
     assert int((pol.input_ids == ctx).sum()) == int((ref.input_ids == ctx).sum()) - n_small * (
-        cfg.tokens_per_tile - cfg.compressed_tokens_per_tile)
+        cfg.tokens_per_tile - cfg.compressed_tokens_per_tile
+    )
     # every tile of an image shares its ξ: the compressed positions are whole samples here (one image each
     # except the two-image samples, whose images draw separately)
     assert batch.small_positions.any()
@@ -79,19 +93,25 @@ def test_kl_is_zero_at_quarter_and_training_reduces_it_at_one_sixteenth(tiny):
 
     model = copy.deepcopy(tiny)
     stream = ListStream(model, 8)
-    stage_full = ViCOStage(stream, packer_for(model, rows=1, compress_prob=0.0, row_tokens=160), workers=0)
+    stage_full = ViCOStage(
+        stream, packer_for(model, rows=1, compress_prob=0.0, row_tokens=160), workers=0
+    )
     stage_full.setup(model)
     batch, _ = next(stage_full.batches(0, 0, 1))
     loss, metrics = stage_full.loss(model.eval(), batch, stage_full.weight(batch))
     assert abs(float(loss.detach())) < 1e-6 and metrics["compressed_tiles"] == 0.0
 
-    stage = ViCOStage(stream, packer_for(model, rows=1, compress_prob=1.0, row_tokens=160), workers=0)
+    stage = ViCOStage(
+        stream, packer_for(model, rows=1, compress_prob=1.0, row_tokens=160), workers=0
+    )
     stage.setup(model)
     batch, _ = next(stage.batches(0, 0, 1))
     assert bool(batch.compress.all())
     model.train()
     for n, p in model.named_parameters():
-        p.requires_grad_(n.startswith("mlp2."))  # only the 1/16 branch learns here: a fast, focused check
+        p.requires_grad_(
+            n.startswith("mlp2.")
+        )  # only the 1/16 branch learns here: a fast, focused check
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=2e-3)
     first = None
@@ -121,7 +141,9 @@ def test_stage_runs_in_the_trainer(tiny, tmp_path):
     stage = ViCOStage(ListStream(model, 16), packer_for(model, rows=2, row_tokens=160), workers=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = TrainConfig(steps=2, warmup_steps=1, lr=1e-3, log_every=1, progress=False, threads=1)
-    result = Trainer(model, stage, cfg, tmp_path, save_model=lambda m, p: torch.save(m.state_dict(), p / "w.pt")).fit()
+    result = Trainer(
+        model, stage, cfg, tmp_path, save_model=lambda m, p: torch.save(m.state_dict(), p / "w.pt")
+    ).fit()
     assert result.step == 2 and "kl" in result.history[-1]
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.startswith("mlp2.") for n in changed)
@@ -135,14 +157,22 @@ def test_grounding_probe_reaches_the_compressed_branch_on_world_samples(tiny):
     from tessera.train.vico import ViCOData, build_stage
 
     model = copy.deepcopy(tiny)
-    stage = build_stage(model, ViCOData(rows=1, row_tokens=512, workers=0, grounding=1.0, curriculum=((0, 0.0),)))
+    stage = build_stage(
+        model, ViCOData(rows=1, row_tokens=512, workers=0, grounding=1.0, curriculum=((0, 0.0),))
+    )
     stage.setup(model)
     batch, _ = next(stage.batches(0, 0, 1))
     assert batch.reference.grounding is not None
-    assert batch.reference.grounding.shape[0] == batch.policy.pixel_values.shape[0]  # one target grid per tile
+    assert (
+        batch.reference.grounding.shape[0] == batch.policy.pixel_values.shape[0]
+    )  # one target grid per tile
     model.train()
     loss, metrics = stage.loss(model, batch, stage.weight(batch))
     assert "ground16/loss" in metrics and "kl" in metrics
     loss.backward()
     assert stage.extra.proj.weight.grad is not None and stage.extra.proj.weight.grad.abs().sum() > 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("mlp2."))
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in model.named_parameters()
+        if n.startswith("mlp2.")
+    )

@@ -10,8 +10,20 @@ import re
 import pytest
 
 from tessera.geometry import tile_grid
-from tessera.world import (ALL_FAMILIES, FAMILIES, READING_FAMILIES, build, corpus, eval_items, level, make_sample,
-                           normalise, pick_family, score, verify)
+from tessera.world import (
+    ALL_FAMILIES,
+    FAMILIES,
+    READING_FAMILIES,
+    build,
+    corpus,
+    eval_items,
+    level,
+    make_sample,
+    normalise,
+    pick_family,
+    score,
+    verify,
+)
 from tessera.world.scenes import CELL, CELLS_PER_TILE, COLOURS, SHAPES, TILE
 
 
@@ -23,11 +35,17 @@ def _png(image) -> bytes:
 
 # ---- determinism ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_same_seed_same_bytes_and_answers(family):
     a, b = make_sample(123, family), make_sample(123, family)
     assert _png(a.image) == _png(b.image)
-    assert (a.question, a.answer, a.thinking_answer, a.meta) == (b.question, b.answer, b.thinking_answer, b.meta)
+    assert (a.question, a.answer, a.thinking_answer, a.meta) == (
+        b.question,
+        b.answer,
+        b.thinking_answer,
+        b.meta,
+    )
 
 
 def test_family_drawn_from_seed_matches_explicit_family():
@@ -35,7 +53,9 @@ def test_family_drawn_from_seed_matches_explicit_family():
         implicit = make_sample(seed)
         explicit = make_sample(seed, pick_family(seed))
         assert implicit.family == pick_family(seed)
-        assert _png(implicit.image) == _png(explicit.image) and implicit.question == explicit.question
+        assert (
+            _png(implicit.image) == _png(explicit.image) and implicit.question == explicit.question
+        )
     assert len({pick_family(s) for s in range(200)}) == len(FAMILIES)
 
 
@@ -46,6 +66,7 @@ def test_different_seeds_differ():
 
 # ---- every family, many seeds ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("difficulty", [0.0, 0.5, 1.0])
 def test_every_family_yields_valid_samples(difficulty):
     for family in ALL_FAMILIES:
@@ -53,12 +74,17 @@ def test_every_family_yields_valid_samples(difficulty):
             s = make_sample(seed, family, difficulty=difficulty)
             w, h = s.image.size
             cols, rows = s.meta["grid"]
-            assert (w, h) == (cols * TILE, rows * TILE) and tile_grid(w, h, TILE, 1, 6) == (cols, rows)
+            assert (w, h) == (cols * TILE, rows * TILE) and tile_grid(w, h, TILE, 1, 6) == (
+                cols,
+                rows,
+            )
             assert cols * rows <= level(difficulty).max_tiles
             assert s.family == family and s.question.endswith("?") or family == "describe"
             assert s.answer and "\n" not in s.answer
             assert verify(family, s.answer, s.answer)
-            assert all(0 <= t < cols * rows for t in s.meta["evidence_tiles"] + s.meta["text_tiles"])
+            assert all(
+                0 <= t < cols * rows for t in s.meta["evidence_tiles"] + s.meta["text_tiles"]
+            )
             json.dumps(s.meta)  # serialisable for samples.jsonl
             if family == "reasoning":
                 assert s.thinking_answer.startswith("<think>\n")
@@ -86,22 +112,36 @@ def test_answers_are_consistent_with_the_scene():
                 name = re.match(r"What is the label of the (\w+ \w+)\?", q).group(1)
                 assert scene.find(name).label == a and a.isdigit() and len(a) == 2
             elif family == "document":
-                key = re.match(r"In the document, what is the number after the (\w+) mark\?", q).group(1)
+                key = re.match(
+                    r"In the document, what is the number after the (\w+) mark\?", q
+                ).group(1)
                 assert scene.document.code_for(key) == a and len(a) == 3
             elif family == "spatial":
-                m = re.match(r"Is the (\w+ \w+) (left or right of|above or below) the (\w+ \w+)\?", q)
+                m = re.match(
+                    r"Is the (\w+ \w+) (left or right of|above or below) the (\w+ \w+)\?", q
+                )
                 sa, sb = scene.find(m.group(1)), scene.find(m.group(3))
                 axis = 0 if m.group(2).startswith("left") else 1
                 before = sa.centre[axis] < sb.centre[axis]
-                assert a == ("left" if before else "right") if axis == 0 else a == ("above" if before else "below")
+                assert (
+                    a == ("left" if before else "right")
+                    if axis == 0
+                    else a == ("above" if before else "below")
+                )
             elif family == "reasoning":
-                m = re.match(r"What is the label of the (\w+ \w+) (plus|minus) the number of (\w+)s\?", q)
+                m = re.match(
+                    r"What is the label of the (\w+ \w+) (plus|minus) the number of (\w+)s\?", q
+                )
                 if m:
                     label, n = int(scene.find(m.group(1)).label), scene.count(kind=m.group(3))
                     assert int(a) == (label + n if m.group(2) == "plus" else label - n) >= 0
                 else:
-                    m = re.match(r"What is the sum of the labels of the (\w+ \w+) and the (\w+ \w+)\?", q)
-                    assert int(a) == int(scene.find(m.group(1)).label) + int(scene.find(m.group(2)).label)
+                    m = re.match(
+                        r"What is the sum of the labels of the (\w+ \w+) and the (\w+ \w+)\?", q
+                    )
+                    assert int(a) == int(scene.find(m.group(1)).label) + int(
+                        scene.find(m.group(2)).label
+                    )
 
 
 def test_scene_invariants():
@@ -155,32 +195,67 @@ def test_counts_and_objects_follow_the_curriculum():
 
 # ---- verifiers ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family,answer", [("colour", "red"), ("count", "3"), ("label", "47"), ("document", "093"),
-                                           ("reasoning", "50"), ("shape", "triangle")])
+
+@pytest.mark.parametrize(
+    "family,answer",
+    [
+        ("colour", "red"),
+        ("count", "3"),
+        ("label", "47"),
+        ("document", "093"),
+        ("reasoning", "50"),
+        ("shape", "triangle"),
+    ],
+)
 def test_verifier_accepts_allowed_forms(family, answer):
-    forms = [answer, answer.upper(), f"  {answer}  ", f"{answer}.", f"The answer is {answer}.", f"Answer: {answer}",
-             f"the answer is: {answer}", f"**{answer}**", f'"{answer}"', f"Final answer: {answer}!",
-             f"<think>\nsome steps, maybe 12 + 3 = 15\n</think>\n\n{answer}", f"<think>\n</think>\n\n{answer}.",
-             f"<think>a</think><think>b</think> The answer is {answer}"]
+    forms = [
+        answer,
+        answer.upper(),
+        f"  {answer}  ",
+        f"{answer}.",
+        f"The answer is {answer}.",
+        f"Answer: {answer}",
+        f"the answer is: {answer}",
+        f"**{answer}**",
+        f'"{answer}"',
+        f"Final answer: {answer}!",
+        f"<think>\nsome steps, maybe 12 + 3 = 15\n</think>\n\n{answer}",
+        f"<think>\n</think>\n\n{answer}.",
+        f"<think>a</think><think>b</think> The answer is {answer}",
+    ]
     for form in forms:
         assert verify(family, form, answer), form
 
 
-@pytest.mark.parametrize("family,answer,wrong", [
-    ("colour", "red", ["blue", "reddish", "red or blue", "not red", "", "<think>\nred"]),
-    ("count", "3", ["4", "33", "3 or 4", "three", "03", "<think>\n3\n"]),
-    ("label", "47", ["74", "470", "4 7", "47 48", "4"]),
-    ("document", "093", ["93", "094", "0930", "0 93", "C093"]),
-    ("reasoning", "50", ["49", "51", "<think>\n47 + 3 = 50\n</think>\n\n49", "<think>\n47 + 3 = 50", "500"]),
-    ("spatial", "left", ["right", "above", "left or right", "to the right"]),
-])
+@pytest.mark.parametrize(
+    "family,answer,wrong",
+    [
+        ("colour", "red", ["blue", "reddish", "red or blue", "not red", "", "<think>\nred"]),
+        ("count", "3", ["4", "33", "3 or 4", "three", "03", "<think>\n3\n"]),
+        ("label", "47", ["74", "470", "4 7", "47 48", "4"]),
+        ("document", "093", ["93", "094", "0930", "0 93", "C093"]),
+        (
+            "reasoning",
+            "50",
+            ["49", "51", "<think>\n47 + 3 = 50\n</think>\n\n49", "<think>\n47 + 3 = 50", "500"],
+        ),
+        ("spatial", "left", ["right", "above", "left or right", "to the right"]),
+    ],
+)
 def test_verifier_rejects_wrong_answers(family, answer, wrong):
     for w in wrong:
         assert not verify(family, w, answer), w
 
 
 def test_spatial_phrasings():
-    for form in ["left", "To the left.", "on the left", "left of it", "left of the blue square", "The answer is left"]:
+    for form in [
+        "left",
+        "To the left.",
+        "on the left",
+        "left of it",
+        "left of the blue square",
+        "The answer is left",
+    ]:
         assert verify("spatial", form, "left"), form
     for form in ["above", "Above it.", "above the red circle"]:
         assert verify("spatial", form, "above"), form
@@ -194,14 +269,23 @@ def test_verifier_unknown_family_and_normalise():
 
 # ---- splits, eval sets, corpus --------------------------------------------------------------------
 
+
 def test_eval_split_is_disjoint_from_train():
     items = eval_items(20)
-    assert len(items) == 20 * len(FAMILIES) and len({(i.seed, i.family) for i in items}) == len(items)
+    assert len(items) == 20 * len(FAMILIES) and len({(i.seed, i.family) for i in items}) == len(
+        items
+    )
     train_pngs = {_png(make_sample(s, f).image) for s in range(30) for f in ("label", "document")}
-    eval_pngs = {_png(make_sample(s, f, split="eval").image) for s in range(30) for f in ("label", "document")}
+    eval_pngs = {
+        _png(make_sample(s, f, split="eval").image)
+        for s in range(30)
+        for f in ("label", "document")
+    }
     assert not train_pngs & eval_pngs
     a, b = make_sample(5, "label"), make_sample(5, "label", split="eval")
-    assert a.meta["split"] == "train" and b.meta["split"] == "eval" and _png(a.image) != _png(b.image)
+    assert (
+        a.meta["split"] == "train" and b.meta["split"] == "eval" and _png(a.image) != _png(b.image)
+    )
     with pytest.raises(ValueError):
         make_sample(10**9, "label")  # train seeds stop where eval seeds begin
     with pytest.raises(ValueError):
@@ -210,10 +294,17 @@ def test_eval_split_is_disjoint_from_train():
 
 
 def test_score():
-    results = [("label", "47", "47"), ("label", "48", "47"), ("document", "093", "093"), ("colour", "red", "blue")]
+    results = [
+        ("label", "47", "47"),
+        ("label", "48", "47"),
+        ("document", "093", "093"),
+        ("colour", "red", "blue"),
+    ]
     s = score(results)
     assert s["label"] == 0.5 and s["document"] == 1.0 and s["colour"] == 0.0
-    assert s["overall"] == pytest.approx(0.5) and s["reading"] == pytest.approx(0.75) and s["n"] == 4
+    assert (
+        s["overall"] == pytest.approx(0.5) and s["reading"] == pytest.approx(0.75) and s["n"] == 4
+    )
     assert set(READING_FAMILIES) <= set(FAMILIES)
 
 
@@ -226,15 +317,25 @@ def test_corpus_covers_every_word_the_model_writes():
     for seed in range(40):
         for family in ALL_FAMILIES:
             _, task, _, _ = build(seed + 500, family)
-            missing = [w for w in words(task.question + " " + task.answer) if w not in vocab and not w.isdigit()]
+            missing = [
+                w
+                for w in words(task.question + " " + task.answer)
+                if w not in vocab and not w.isdigit()
+            ]
             assert not missing, (family, missing)
-    assert any("<think>" in t for t in texts) and any(t.startswith("A ") and "labelled" in t for t in texts)
+    assert any("<think>" in t for t in texts) and any(
+        t.startswith("A ") and "labelled" in t for t in texts
+    )
 
 
 # ---- geometry: grids vary, text stays on the patch lattice -----------------------------------------
 
+
 def test_grids_vary():
-    grids = {tile_grid(*make_sample(s).image.size, tile_size=TILE, min_tiles=1, max_tiles=6) for s in range(200)}
+    grids = {
+        tile_grid(*make_sample(s).image.size, tile_size=TILE, min_tiles=1, max_tiles=6)
+        for s in range(200)
+    }
     tiles = {c * r for c, r in grids}
     assert tiles == {1, 2, 3, 4, 5, 6}, grids
     assert len(grids) >= 10
@@ -253,7 +354,9 @@ def test_text_sits_in_its_cell():
             g = np.asarray(solo.convert("L"))
             lx, ly = s.label_cell
             ink = g < 128
-            ink[s.y * CELL:(s.y + s.size) * CELL, s.x * CELL:(s.x + s.size) * CELL] = False  # the shape itself
+            ink[s.y * CELL : (s.y + s.size) * CELL, s.x * CELL : (s.x + s.size) * CELL] = (
+                False  # the shape itself
+            )
             ys, xs = np.nonzero(ink)
             assert ys.min() >= ly * CELL and ys.max() < (ly + 1) * CELL
             assert xs.min() >= lx * CELL and xs.max() < (lx + 1) * CELL
@@ -269,25 +372,37 @@ def test_document_ink_stays_in_its_entry_cells():
         scene, _, _, _ = build(seed, "document")
         d = scene.document
         g = np.asarray(render(Scene(scene.cols, scene.rows, "white", "plain", (0, 0, 0), (), d)))
-        ink = np.abs(g.astype(int) - np.array(PAPER)).sum(-1) > 60  # not paper, not the grey panel border
+        ink = (
+            np.abs(g.astype(int) - np.array(PAPER)).sum(-1) > 60
+        )  # not paper, not the grey panel border
         inside = np.zeros_like(ink)
         for i in range(len(d.keys)):
             cx, cy = d.cell(i)
-            inside[cy * CELL:(cy + 1) * CELL, cx * CELL:(cx + 2) * CELL] = True
+            inside[cy * CELL : (cy + 1) * CELL, cx * CELL : (cx + 2) * CELL] = True
         border = np.zeros_like(ink)
-        x0, y0, x1, y1 = d.x * CELL - 4, d.y * CELL - 3, (d.x + d.width) * CELL + 3, (d.y + d.height) * CELL + 2
-        border[max(0, y0):y1 + 1, max(0, x0):x1 + 1] = True
-        border[y0 + 1:y1, x0 + 1:x1] = False  # only the outline
+        x0, y0, x1, y1 = (
+            d.x * CELL - 4,
+            d.y * CELL - 3,
+            (d.x + d.width) * CELL + 3,
+            (d.y + d.height) * CELL + 2,
+        )
+        border[max(0, y0) : y1 + 1, max(0, x0) : x1 + 1] = True
+        border[y0 + 1 : y1, x0 + 1 : x1] = False  # only the outline
         assert not (ink & ~inside & ~border).any()
         cells = [d.cell(i) for i in range(len(d.keys))]
-        assert all(ink[cy * CELL:(cy + 1) * CELL, cx * CELL:(cx + 2) * CELL].any() for cx, cy in cells)
+        assert all(
+            ink[cy * CELL : (cy + 1) * CELL, cx * CELL : (cx + 2) * CELL].any() for cx, cy in cells
+        )
 
 
 def test_probe_geometry_and_template_reading():
     from tessera.bench.probe import geometry, template_reading
 
     g = geometry()
-    assert g["glyphs_per_patch"] == 2 and g["glyph_slots_per_token_1_16"] == 4 * g["glyph_slots_per_token_1_4"]
+    assert (
+        g["glyphs_per_patch"] == 2
+        and g["glyph_slots_per_token_1_16"] == 4 * g["glyph_slots_per_token_1_4"]
+    )
     assert g["entries_per_token_1_4"] == 1 and g["max_entries_per_token_1_16"] == 4
     full = template_reading(n=10)
     squeezed = template_reading(n=10, squeeze=3)
@@ -296,10 +411,27 @@ def test_probe_geometry_and_template_reading():
 
 # ---- CLI ------------------------------------------------------------------------------------------
 
+
 def test_world_sample_command(tmp_path):
     from tessera.cli import main
 
-    assert main(["world", "sample", "--n", "3", "--out", str(tmp_path), "--seed", "7", "--family", "reasoning"]) == 0
+    assert (
+        main(
+            [
+                "world",
+                "sample",
+                "--n",
+                "3",
+                "--out",
+                str(tmp_path),
+                "--seed",
+                "7",
+                "--family",
+                "reasoning",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in rows] == [7, 8, 9] and all(r["family"] == "reasoning" for r in rows)
     for r in rows:
@@ -322,10 +454,12 @@ def test_processor_tiles_are_exact_crops():
         s = make_sample(seed, "document")
         pixels, (cols, rows) = preprocess(s.image, TILE, 1, 6, True)
         assert [cols, rows] == s.meta["grid"] and pixels.shape[0] == cols * rows + (cols * rows > 1)
-        rgb = torch.tensor(np.asarray(s.image, np.float32) / 255).permute(2, 0, 1)  # [H,W,3] → [3,H,W]
+        rgb = torch.tensor(np.asarray(s.image, np.float32) / 255).permute(
+            2, 0, 1
+        )  # [H,W,3] → [3,H,W]
         for i in range(cols * rows):
             ty, tx = divmod(i, cols)
-            crop = rgb[:, ty * TILE:(ty + 1) * TILE, tx * TILE:(tx + 1) * TILE]
+            crop = rgb[:, ty * TILE : (ty + 1) * TILE, tx * TILE : (tx + 1) * TILE]
             assert torch.allclose(pixels[i] * std + mean, crop, atol=1e-5)
 
 
@@ -362,16 +496,21 @@ def test_a_chains_claims_are_the_direct_questions_and_its_sum_checks():
     assert arithmetic_consistent("The red circle is labelled 4. 4 + 3 = 8.", "8") is False
     assert arithmetic_consistent("The red circle is labelled 4.", "4") is None
     assert perception_claims("There is 1 diamond. There are 3 diamonds.") == [
-        Claim(count_question("diamond"), "1"), Claim(count_question("diamond"), "3")]
+        Claim(count_question("diamond"), "1"),
+        Claim(count_question("diamond"), "3"),
+    ]
 
 
-@pytest.mark.parametrize("a, op, b, text", [
-    (47, "+", 85, "47 + 85: 7 + 5 = 12, 4 + 8 + 1 = 13, so 47 + 85 = 132."),
-    (47, "-", 9, "47 - 9: 17 - 9 = 8, 4 - 0 - 1 = 3, so 47 - 9 = 38."),
-    (20, "-", 1, "20 - 1: 10 - 1 = 9, 2 - 0 - 1 = 1, so 20 - 1 = 19."),
-    (5, "+", 47, "5 + 47: 5 + 7 = 12, 0 + 4 + 1 = 5, so 5 + 47 = 52."),
-    (5, "-", 5, "5 - 5: 5 - 5 = 0, so 5 - 5 = 0."),
-])
+@pytest.mark.parametrize(
+    "a, op, b, text",
+    [
+        (47, "+", 85, "47 + 85: 7 + 5 = 12, 4 + 8 + 1 = 13, so 47 + 85 = 132."),
+        (47, "-", 9, "47 - 9: 17 - 9 = 8, 4 - 0 - 1 = 3, so 47 - 9 = 38."),
+        (20, "-", 1, "20 - 1: 10 - 1 = 9, 2 - 0 - 1 = 1, so 20 - 1 = 19."),
+        (5, "+", 47, "5 + 47: 5 + 7 = 12, 0 + 4 + 1 = 5, so 5 + 47 = 52."),
+        (5, "-", 5, "5 - 5: 5 - 5 = 0, so 5 - 5 = 0."),
+    ],
+)
 def test_worked_sums_go_one_column_at_a_time(a, op, b, text):
     from tessera.world.tasks import worked_sum
 
@@ -402,8 +541,12 @@ def test_text_free_token_savings_counts_tiles_without_text_and_thumbnails():
 
     from tessera.world import text_free_token_savings
 
-    one = SimpleNamespace(meta={"grid": [1, 1], "text_tiles": []})  # 16 tokens, 12 saved, no thumbnail
-    four = SimpleNamespace(meta={"grid": [2, 2], "text_tiles": [0, 3, 3]})  # 5 tiles = 80 tokens; 2 text-free
+    one = SimpleNamespace(
+        meta={"grid": [1, 1], "text_tiles": []}
+    )  # 16 tokens, 12 saved, no thumbnail
+    four = SimpleNamespace(
+        meta={"grid": [2, 2], "text_tiles": [0, 3, 3]}
+    )  # 5 tiles = 80 tokens; 2 text-free
     got = text_free_token_savings([one, four], full_tokens=16, compressed_tokens=4)
     assert got["text_free"] == pytest.approx((12 + 2 * 12) / 96)
     assert got["text_free_and_thumbnails"] == pytest.approx((12 + 3 * 12) / 96)

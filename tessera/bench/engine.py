@@ -29,7 +29,6 @@ from tessera.engine import Engine, GenerationRequest, SamplingParams
 from tessera.model.checkpoint import convert, save_checkpoint
 from tessera.model.init import init_lively_model
 
-
 MODES = {
     "eager": (False, torch.float32),
     "compiled": (True, torch.float32),
@@ -40,27 +39,48 @@ MODES = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="model to use (default: a random model of --preset)")
-    p.add_argument("--preset", default="tiny", help="without --checkpoint: the random model's preset "
-                   "(e.g. internvl3_5-1b for the 1B shape)")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        help="without --checkpoint: the random model's preset "
+        "(e.g. internvl3_5-1b for the 1B shape)",
+    )
     p.add_argument("--batches", default="1,16", help="batch sizes (comma-separated)")
-    p.add_argument("--modes", default="eager,compiled", help=f"our engine's modes to time: {', '.join(MODES)}")
+    p.add_argument(
+        "--modes", default="eager,compiled", help=f"our engine's modes to time: {', '.join(MODES)}"
+    )
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--parity-prompts", type=int, default=4, help="batch-1 prompts checked for identical greedy ids")
+    p.add_argument(
+        "--parity-prompts",
+        type=int,
+        default=4,
+        help="batch-1 prompts checked for identical greedy ids",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (both sides)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--docs", help="markdown file whose '## Engine' section is replaced with the result")
+    p.add_argument(
+        "--docs", help="markdown file whose '## Engine' section is replaced with the result"
+    )
 
 
 def make_engine(model, mode: str, batch: int, max_len: int):
     """An engine over the model's language side; bf16 modes run a bfloat16 copy of it."""
     compile, dtype = MODES[mode]
-    llm = model.language_model if dtype == torch.float32 else copy.deepcopy(model.language_model).to(dtype)
-    return Engine(llm, max_batch=max(batch, 1), max_len=max_len, embed_fn=model.embed, compile=compile)
+    llm = (
+        model.language_model
+        if dtype == torch.float32
+        else copy.deepcopy(model.language_model).to(dtype)
+    )
+    return Engine(
+        llm, max_batch=max(batch, 1), max_len=max_len, embed_fn=model.embed, compile=compile
+    )
 
 
-def ours(engine, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float, float, list[list[int]]]:
+def ours(
+    engine, prompts: torch.Tensor, new_tokens: int
+) -> tuple[float, float, float, list[list[int]]]:
     """(wall seconds, decode-only seconds, CPU seconds of this thread, tokens per prompt) through an idle
     continuous-batching engine, run until it drains."""
     if engine.has_work():
@@ -68,8 +88,14 @@ def ours(engine, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float, 
     B = prompts.shape[0]
     out: dict[str, list[int]] = {str(i): [] for i in range(B)}
     for i in range(B):
-        engine.submit(GenerationRequest(str(i), prompts[i].tolist(), SamplingParams(max_tokens=new_tokens),
-                                        lambda ev: ev.token_id is not None and out[ev.request_id].append(ev.token_id)))
+        engine.submit(
+            GenerationRequest(
+                str(i),
+                prompts[i].tolist(),
+                SamplingParams(max_tokens=new_tokens),
+                lambda ev: ev.token_id is not None and out[ev.request_id].append(ev.token_id),
+            )
+        )
     cpu, start = time.thread_time(), time.perf_counter()
     engine.step()  # prefill (+ the first decode step)
     after_first = time.perf_counter()
@@ -83,9 +109,18 @@ def theirs(hf, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float, li
     """(wall seconds, CPU seconds of this thread, tokens per prompt) through transformers' generate."""
     cpu, start = time.thread_time(), time.perf_counter()
     with torch.inference_mode():
-        out = hf.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                          do_sample=False, pad_token_id=0)
-    return time.perf_counter() - start, time.thread_time() - cpu, out[:, prompts.shape[1]:].tolist()
+        out = hf.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return (
+        time.perf_counter() - start,
+        time.thread_time() - cpu,
+        out[:, prompts.shape[1] :].tolist(),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,18 +132,30 @@ def run(args: argparse.Namespace) -> int:
     for m in modes:
         if m not in MODES:
             raise SystemExit(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
-    model = tessera.load(args.checkpoint, dtype=torch.float32) if args.checkpoint else init_lively_model(args.preset)
+    model = (
+        tessera.load(args.checkpoint, dtype=torch.float32)
+        if args.checkpoint
+        else init_lively_model(args.preset)
+    )
     model.eval()
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model, Path(tmp) / "tessera")
         convert(Path(tmp) / "tessera", Path(tmp) / "hf", to="hf")
-        hf = transformers.InternVLForConditionalGeneration.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
+        hf = transformers.InternVLForConditionalGeneration.from_pretrained(
+            Path(tmp) / "hf", dtype=torch.float32
+        ).eval()
     hf.generation_config.eos_token_id = None  # both sides run to exactly --new-tokens
-    vocab = model.tokenizer.vocab_size if model.tokenizer is not None else model.config.language.vocab_size
+    vocab = (
+        model.tokenizer.vocab_size
+        if model.tokenizer is not None
+        else model.config.language.vocab_size
+    )
     g = torch.Generator().manual_seed(0)
     low = 16  # above the special tokens
     batches = [int(b) for b in args.batches.split(",")]
-    prompts = torch.randint(low, vocab, (max(max(batches), args.parity_prompts), args.prompt_len), generator=g)
+    prompts = torch.randint(
+        low, vocab, (max(max(batches), args.parity_prompts), args.prompt_len), generator=g
+    )
     max_len = args.prompt_len + args.new_tokens + 1
     engines: dict[tuple[str, int], object] = {}
     compile_s: dict[str, float] = {}
@@ -118,13 +165,15 @@ def run(args: argparse.Namespace) -> int:
         if (mode, B) not in engines:
             engines[mode, B] = make_engine(model, mode, B, max_len)
             t = time.perf_counter()
-            ours(engines[mode, B], prompts[:B], 4)  # warm-up (compiles the batch's bucket when compiled)
+            ours(
+                engines[mode, B], prompts[:B], 4
+            )  # warm-up (compiles the batch's bucket when compiled)
             compile_s[f"{mode} batch {B}"] = round(time.perf_counter() - t, 1)
         return engines[mode, B]
 
-    parity = {m: 0 for m in modes}
+    parity = dict.fromkeys(modes, 0)
     for i in range(args.parity_prompts):
-        p = prompts[i:i + 1]
+        p = prompts[i : i + 1]
         ref = theirs(hf, p, args.new_tokens)[2]
         for m in modes:
             parity[m] += int(ours(engine(m, 1), p, args.new_tokens)[3] == ref)
@@ -140,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         o_cpu: dict[str, list[float]] = {m: [] for m in modes}
         for r in range(args.rounds):
             sides = ["transformers"] + modes
-            for side in sides[r % len(sides):] + sides[: r % len(sides)]:  # rotate who goes first
+            for side in sides[r % len(sides) :] + sides[: r % len(sides)]:  # rotate who goes first
                 if side == "transformers":
                     w, c, _ = theirs(hf, p, args.new_tokens)
                     t_wall.append(w)
@@ -151,8 +200,11 @@ def run(args: argparse.Namespace) -> int:
                     o_decode[side].append(d)
                     o_cpu[side].append(c)
         n = B * args.new_tokens
-        row = {"batch": B, "transformers_tok_s": n / statistics.median(t_wall),
-               "transformers_cpu_ms": 1e3 * statistics.median(t_cpu) / args.new_tokens}
+        row = {
+            "batch": B,
+            "transformers_tok_s": n / statistics.median(t_wall),
+            "transformers_cpu_ms": 1e3 * statistics.median(t_cpu) / args.new_tokens,
+        }
         for m in modes:
             row[f"{m}_tok_s"] = n / statistics.median(o_wall[m])
             row[f"{m}_x"] = row[f"{m}_tok_s"] / row["transformers_tok_s"]
@@ -161,19 +213,39 @@ def run(args: argparse.Namespace) -> int:
             row[f"{m}_cpu_x"] = statistics.median(t_cpu) / statistics.median(o_cpu[m])
         rows.append({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})
         print(f"batch {B}: {rows[-1]}", file=sys.stderr)
-    omp = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = (f"{omp}tessera bench engine --batches {args.batches} --modes {args.modes} --rounds {args.rounds} "
-               f"--prompt-len {args.prompt_len} --new-tokens {args.new_tokens} --parity-prompts {args.parity_prompts} "
-               f"--threads {args.threads}" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else f" --preset {args.preset}"))
-    result = {"command": command,
-              "settings": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
-                           "threads": args.threads, "modes": modes, "warmup_s": compile_s,
-                           "model": args.checkpoint or f"random {args.preset} (language weights std 0.1)"},
-              "parity": {"prompts": args.parity_prompts, "identical": parity}, "rows": rows}
+    omp = (
+        f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} "
+        if "OMP_NUM_THREADS" in os.environ
+        else ""
+    )
+    command = (
+        f"{omp}tessera bench engine --batches {args.batches} --modes {args.modes} --rounds {args.rounds} "
+        f"--prompt-len {args.prompt_len} --new-tokens {args.new_tokens} --parity-prompts {args.parity_prompts} "
+        f"--threads {args.threads}"
+        + (f" --checkpoint {args.checkpoint}" if args.checkpoint else f" --preset {args.preset}")
+    )
+    result = {
+        "command": command,
+        "settings": {
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "rounds": args.rounds,
+            "threads": args.threads,
+            "modes": modes,
+            "warmup_s": compile_s,
+            "model": args.checkpoint or f"random {args.preset} (language weights std 0.1)",
+        },
+        "parity": {"prompts": args.parity_prompts, "identical": parity},
+        "rows": rows,
+    }
     text = markdown(result)
     if args.docs:
-        replace_section(Path(args.docs), "## Engine", text + f"\n\nMachine: {machine()}, transformers {transformers.__version__}; "
-                        f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after the run.")
+        replace_section(
+            Path(args.docs),
+            "## Engine",
+            text + f"\n\nMachine: {machine()}, transformers {transformers.__version__}; "
+            f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after the run.",
+        )
     print(json.dumps(result, indent=2) if args.json else text)
     fp32 = [m for m in modes if MODES[m][1] == torch.float32]
     return 0 if all(parity[m] == args.parity_prompts for m in fp32) else 1
@@ -185,7 +257,7 @@ def markdown(r: dict) -> str:
     lines = [
         "`tessera bench engine` (tessera/bench/engine.py): our continuous-batching engine (tessera/engine/) against "
         "`transformers.InternVLForConditionalGeneration.generate` on the same model exported with "
-        f"`tessera.model.checkpoint.convert(..., to=\"hf\")`, transformers in float32, {s['threads']} torch thread(s), "
+        f'`tessera.model.checkpoint.convert(..., to="hf")`, transformers in float32, {s["threads"]} torch thread(s), '
         f"prompts of {s['prompt_len']} tokens, exactly {s['new_tokens']} greedy new tokens, median of {s['rounds']} "
         f"rounds in which transformers and each of our modes ({', '.join(modes)}) take turns, the order rotating. "
         f"Model: {s['model']}. tokens/s = generated tokens / wall time, prefill included on both sides; "
@@ -203,38 +275,57 @@ def markdown(r: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
-        lines.append(f"| {row['batch']} | transformers | {row['transformers_tok_s']:.0f} | 1.00 "
-                     f"| {row['transformers_cpu_ms']:.2f} | 1.00 | |")
+        lines.append(
+            f"| {row['batch']} | transformers | {row['transformers_tok_s']:.0f} | 1.00 "
+            f"| {row['transformers_cpu_ms']:.2f} | 1.00 | |"
+        )
         for m in modes:
-            lines.append(f"| {row['batch']} | {m} | {row[f'{m}_tok_s']:.0f} | {row[f'{m}_x']:.2f} | {row[f'{m}_cpu_ms']:.2f} "
-                         f"| {row[f'{m}_cpu_x']:.2f} | {row[f'{m}_decode_tok_s']:.0f} |")
+            lines.append(
+                f"| {row['batch']} | {m} | {row[f'{m}_tok_s']:.0f} | {row[f'{m}_x']:.2f} | {row[f'{m}_cpu_ms']:.2f} "
+                f"| {row[f'{m}_cpu_x']:.2f} | {row[f'{m}_decode_tok_s']:.0f} |"
+            )
     p = r["parity"]
-    lines += ["", f"Greedy token ids identical to transformers at batch 1 ({p['prompts']} prompts × {s['new_tokens']} "
-                  "tokens): " + ", ".join(f"{m} {n} / {p['prompts']}" for m, n in p["identical"].items()) + ".",
-              "Warm-up (first 4-token run of each engine; includes building the compiled graph): "
-              + ", ".join(f"{k} {v} s" for k, v in s["warmup_s"].items()) + "."]
+    lines += [
+        "",
+        f"Greedy token ids identical to transformers at batch 1 ({p['prompts']} prompts × {s['new_tokens']} "
+        "tokens): "
+        + ", ".join(f"{m} {n} / {p['prompts']}" for m, n in p["identical"].items())
+        + ".",
+        "Warm-up (first 4-token run of each engine; includes building the compiled graph): "
+        + ", ".join(f"{k} {v} s" for k, v in s["warmup_s"].items())
+        + ".",
+    ]
     big = max(r["rows"], key=lambda row: row["batch"])
     exact = [m for m in modes if MODES[m][1] == torch.float32 and p["identical"][m] == p["prompts"]]
     if exact:
         best = max(exact, key=lambda m: big[f"{m}_cpu_x"])
         met = big[f"{best}_x"] >= 3 and big[f"{best}_cpu_x"] >= 3
-        lines.append(f"Target ≥ 3× transformers at batch {big['batch']} with identical greedy ids: best float32 mode "
-                     f"`{best}` measured {big[f'{best}_x']:.2f}× in wall time, {big[f'{best}_cpu_x']:.2f}× in CPU time → "
-                     f"{'met' if met else '**not met**'}.")
+        lines.append(
+            f"Target ≥ 3× transformers at batch {big['batch']} with identical greedy ids: best float32 mode "
+            f"`{best}` measured {big[f'{best}_x']:.2f}× in wall time, {big[f'{best}_cpu_x']:.2f}× in CPU time → "
+            f"{'met' if met else '**not met**'}."
+        )
     lines += ["", notes(big)]
     return "\n".join(lines)
 
 
-FLOOR_MS = 0.94 + 0.3 + 0.33  # float32 GEMMs + attention at bandwidth + prefill share, per step at batch 16 (see notes)
+FLOOR_MS = (
+    0.94 + 0.3 + 0.33
+)  # float32 GEMMs + attention at bandwidth + prefill share, per step at batch 16 (see notes)
 
 
 def notes(big: dict) -> str:
     """The analysis under the table; the bound it states is computed from this run's transformers CPU time."""
     bound = big["transformers_cpu_ms"] / FLOOR_MS
-    verdict = ("So 3× lies beyond even an engine with no per-step overhead at all." if bound < 3 else
-               "Reaching 3× means removing nearly all of the remaining per-step overhead, which none of the measured "
-               "alternatives did.")
-    return NOTES.format(hf_cpu=big["transformers_cpu_ms"], batch=big["batch"], bound=bound, verdict=verdict)
+    verdict = (
+        "So 3× lies beyond even an engine with no per-step overhead at all."
+        if bound < 3
+        else "Reaching 3× means removing nearly all of the remaining per-step overhead, which none of the measured "
+        "alternatives did."
+    )
+    return NOTES.format(
+        hf_cpu=big["transformers_cpu_ms"], batch=big["batch"], bound=bound, verdict=verdict
+    )
 
 
 NOTES = """Where the time goes (CPU time of one thread at batch 16, measured separately from the table with

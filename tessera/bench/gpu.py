@@ -54,10 +54,21 @@ class Check:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shapes", default="tiny,1b", help=f"model shapes, comma-separated: {', '.join(SHAPES)}")
-    p.add_argument("--checks", default="chat,eval,train,engine,serve", help="which checks, comma-separated")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence in the engine check")
-    p.add_argument("--allow-cpu", action="store_true", help="without CUDA, run the checks on the CPU instead")
+    p.add_argument(
+        "--shapes", default="tiny,1b", help=f"model shapes, comma-separated: {', '.join(SHAPES)}"
+    )
+    p.add_argument(
+        "--checks", default="chat,eval,train,engine,serve", help="which checks, comma-separated"
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        default=32,
+        help="tokens generated per sequence in the engine check",
+    )
+    p.add_argument(
+        "--allow-cpu", action="store_true", help="without CUDA, run the checks on the CPU instead"
+    )
     p.add_argument("--out", help="folder for the random checkpoints (default: a temporary folder)")
     add_device_arguments(p, vision=True)
 
@@ -89,14 +100,18 @@ def check_chat(ckpt: Path, device: torch.device, image: Path) -> str:
 
 
 def check_eval(ckpt: Path, device: torch.device) -> str:
-    result = evaluate(tessera.load(ckpt, device=device), n=8, batch_size=8, thinking="off", keep_records=False)
+    result = evaluate(
+        tessera.load(ckpt, device=device), n=8, batch_size=8, thinking="off", keep_records=False
+    )
     return f"{result.n} questions, {result.samples_per_second:.1f} questions/s, accuracy {result.overall:.2f}"
 
 
 def check_train(ckpt: Path, device: torch.device, out: Path) -> str:
     model = tessera.load(ckpt, device=device)
     stage = build_stage("sft", model, {"rows": 2, "row_tokens": 256})
-    config = TrainConfig.from_dict({"steps": 3, "warmup_steps": 1, "progress": False, "save_every": 0})
+    config = TrainConfig.from_dict(
+        {"steps": 3, "warmup_steps": 1, "progress": False, "save_every": 0}
+    )
     result = Trainer(model, stage, config, out).fit(resume=False)
     losses = [r["loss"] for r in result.history]
     if len(losses) != 3 or not all(torch.isfinite(torch.tensor(losses))):
@@ -118,8 +133,14 @@ def check_engine(ckpt: Path, device: torch.device, new_tokens: int) -> str:
         engine = Engine(model.language_model, max_batch=batch, max_len=24 + new_tokens + 1)
         out: dict[str, list[int]] = {str(i): [] for i in range(batch)}
         for i in range(batch):
-            engine.submit(GenerationRequest(str(i), prompts[i].tolist(), SamplingParams(max_tokens=new_tokens),
-                                            lambda ev: ev.token_id is not None and out[ev.request_id].append(ev.token_id)))
+            engine.submit(
+                GenerationRequest(
+                    str(i),
+                    prompts[i].tolist(),
+                    SamplingParams(max_tokens=new_tokens),
+                    lambda ev: ev.token_id is not None and out[ev.request_id].append(ev.token_id),
+                )
+            )
         _sync(device)
         start = time.perf_counter()
         while engine.has_work():
@@ -129,22 +150,40 @@ def check_engine(ckpt: Path, device: torch.device, new_tokens: int) -> str:
         alone = generate(model, [prompts[0].tolist()], None, SamplingParams(max_tokens=new_tokens))
         same = out["0"] == alone.answers()[0]
         if batch == 1 and not same:
-            raise AssertionError("batch 1: the engine's greedy ids differ from tessera.engine.generate")
+            raise AssertionError(
+                "batch 1: the engine's greedy ids differ from tessera.engine.generate"
+            )
         # batched bf16 kernels may round differently from one sequence's, so batch 8 only reports it
-        parts.append(f"batch {batch}: {batch * new_tokens / seconds:.0f} tok/s, greedy ids "
-                     f"{'equal' if same else 'differ'}")
+        parts.append(
+            f"batch {batch}: {batch * new_tokens / seconds:.0f} tok/s, greedy ids "
+            f"{'equal' if same else 'differ'}"
+        )
     return ", ".join(parts)
 
 
 def check_serve(ckpt: Path, device: torch.device, vision_device: torch.device, image: bytes) -> str:
     import httpx
 
-
-    topology = Topology("decoupled", vision_workers=1, device=str(device), vision_device=str(vision_device))
-    server = build_server(str(ckpt), topology, ServeOptions(model_name="bench", max_batch=4, max_len=2048))
+    topology = Topology(
+        "decoupled", vision_workers=1, device=str(device), vision_device=str(vision_device)
+    )
+    server = build_server(
+        str(ckpt), topology, ServeOptions(model_name="bench", max_batch=4, max_len=2048)
+    )
     url = "data:image/png;base64," + base64.b64encode(image).decode()
-    body = {"model": "bench", "max_tokens": 8, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}]}
+    body = {
+        "model": "bench",
+        "max_tokens": 8,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "What is this?"},
+                ],
+            }
+        ],
+    }
     with LocalServer(server) as s, httpx.Client(base_url=s.base_url, timeout=240) as http:
         deadline = time.monotonic() + 180
         while http.get("/health").json().get("vision", {}).get("workers_alive", 0) < 1:
@@ -168,8 +207,9 @@ def _checkpoint(shape: str, folder: Path) -> Path:
     return path
 
 
-def run_checks(args: argparse.Namespace, device: torch.device, vision_device: torch.device,
-               folder: Path) -> list[Check]:
+def run_checks(
+    args: argparse.Namespace, device: torch.device, vision_device: torch.device, folder: Path
+) -> list[Check]:
     image_bytes = _png()
     image = folder / "image.png"
     image.write_bytes(image_bytes)
@@ -180,7 +220,9 @@ def run_checks(args: argparse.Namespace, device: torch.device, vision_device: to
             raise SystemExit(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
         start = time.perf_counter()
         ckpt = _checkpoint(shape, folder)
-        results.append(Check(shape, "init", True, time.perf_counter() - start, f"random checkpoint in {ckpt}"))
+        results.append(
+            Check(shape, "init", True, time.perf_counter() - start, f"random checkpoint in {ckpt}")
+        )
         runs = {
             "chat": lambda: check_chat(ckpt, device, image),
             "eval": lambda: check_eval(ckpt, device),
@@ -213,15 +255,20 @@ def _line(c: Check) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available() and not args.allow_cpu:
-        print(f"tessera bench gpu: skipped, torch sees no CUDA GPU here (torch {torch.__version__}, CUDA build "
-              f"{torch.version.cuda}); run it on a machine with one, or pass --allow-cpu to run the checks on "
-              "the CPU")
+        print(
+            f"tessera bench gpu: skipped, torch sees no CUDA GPU here (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda}); run it on a machine with one, or pass --allow-cpu to run the checks on "
+            "the CPU"
+        )
         return 0
     default = "cuda" if torch.cuda.is_available() else "cpu"
     device = resolve_device(default if args.device == "auto" else args.device)
     vision_device = resolve_device(args.vision_device) if args.vision_device else device
-    print(f"tessera bench gpu on {device} (vision {vision_device})"
-          + (f": {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""), flush=True)
+    print(
+        f"tessera bench gpu on {device} (vision {vision_device})"
+        + (f": {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+        flush=True,
+    )
     start = time.perf_counter()
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -230,6 +277,8 @@ def run(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             results = run_checks(args, device, vision_device, Path(tmp))
     failed = [c for c in results if not c.ok]
-    print(f"{len(results) - len(failed)}/{len(results)} passed in {time.perf_counter() - start:.0f} s"
-          + (f"; failed: {', '.join(f'{c.shape}/{c.name}' for c in failed)}" if failed else ""))
+    print(
+        f"{len(results) - len(failed)}/{len(results)} passed in {time.perf_counter() - start:.0f} s"
+        + (f"; failed: {', '.join(f'{c.shape}/{c.name}' for c in failed)}" if failed else "")
+    )
     return 1 if failed else 0

@@ -45,7 +45,15 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 
 
 def image_message(url: str, text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": text},
+            ],
+        }
+    ]
 
 
 @dataclass
@@ -61,12 +69,19 @@ class LoadResult:
             return float(np.percentile(xs, q)) if xs else float("nan")
 
         done = len(self.latencies)
-        return {"requests": done, "errors": len(self.errors), "wall_s": round(self.wall, 3),
-                "req_per_s": round(done / self.wall, 3) if self.wall else 0.0,
-                "tokens_per_s": round(self.tokens / self.wall, 1) if self.wall else 0.0,
-                "ttft_p50_ms": round(pct(self.ttfts, 50) * 1000, 1), "ttft_p99_ms": round(pct(self.ttfts, 99) * 1000, 1),
-                "latency_p50_ms": round(pct(self.latencies, 50) * 1000, 1),
-                "latency_mean_ms": round(statistics.fmean(self.latencies) * 1000, 1) if self.latencies else float("nan")}
+        return {
+            "requests": done,
+            "errors": len(self.errors),
+            "wall_s": round(self.wall, 3),
+            "req_per_s": round(done / self.wall, 3) if self.wall else 0.0,
+            "tokens_per_s": round(self.tokens / self.wall, 1) if self.wall else 0.0,
+            "ttft_p50_ms": round(pct(self.ttfts, 50) * 1000, 1),
+            "ttft_p99_ms": round(pct(self.ttfts, 99) * 1000, 1),
+            "latency_p50_ms": round(pct(self.latencies, 50) * 1000, 1),
+            "latency_mean_ms": round(statistics.fmean(self.latencies) * 1000, 1)
+            if self.latencies
+            else float("nan"),
+        }
 
 
 async def _one(client, url: str, body: dict, headers: dict, result: LoadResult) -> None:
@@ -85,8 +100,10 @@ async def _one(client, url: str, body: dict, headers: dict, result: LoadResult) 
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 # the first chunk that carries generated text (the role chunk is sent before generation starts)
-                if first is None and any(c.get("delta", {}).get("content") or c.get("delta", {}).get("reasoning_content")
-                                         for c in chunk.get("choices", [])):
+                if first is None and any(
+                    c.get("delta", {}).get("content") or c.get("delta", {}).get("reasoning_content")
+                    for c in chunk.get("choices", [])
+                ):
                     first = time.perf_counter()
     except Exception as e:  # a benchmark records failures instead of dying on them
         result.errors.append(f"{type(e).__name__}: {e}")
@@ -97,8 +114,13 @@ async def _one(client, url: str, body: dict, headers: dict, result: LoadResult) 
     result.tokens += tokens
 
 
-async def run_load(base_url: str, bodies: list[dict], concurrency: int, api_key: str | None = None,
-                   timeout: float = 300.0) -> LoadResult:
+async def run_load(
+    base_url: str,
+    bodies: list[dict],
+    concurrency: int,
+    api_key: str | None = None,
+    timeout: float = 300.0,
+) -> LoadResult:
     """Send `bodies` (streamed, usage included) keeping `concurrency` requests in flight; closed loop."""
     import httpx
 
@@ -108,6 +130,7 @@ async def run_load(base_url: str, bodies: list[dict], concurrency: int, api_key:
     url = base_url.rstrip("/") + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+
         async def worker():
             while queue:
                 body = queue.pop()

@@ -18,7 +18,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -30,23 +30,44 @@ DEFAULT_SIZES = "640x480,1920x1080,4000x3000"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated WxH image sizes (default {DEFAULT_SIZES})")
-    parser.add_argument("--images", type=int, default=4, help="distinct images per size (default 4)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side; the median is reported (default 5)")
-    parser.add_argument("--format", choices=["jpeg", "png"], default="jpeg", help="encoding of the input bytes")
+    parser.add_argument(
+        "--sizes",
+        default=DEFAULT_SIZES,
+        help=f"comma-separated WxH image sizes (default {DEFAULT_SIZES})",
+    )
+    parser.add_argument(
+        "--images", type=int, default=4, help="distinct images per size (default 4)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="timed rounds per side; the median is reported (default 5)",
+    )
+    parser.add_argument(
+        "--format", choices=["jpeg", "png"], default="jpeg", help="encoding of the input bytes"
+    )
     parser.add_argument("--tile-size", type=int, default=448)
     parser.add_argument("--max-tiles", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads for both sides; >1 also times our processor with that many workers")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for both sides; >1 also times our processor with that many workers",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-transformers", action="store_true", help="time only our processor")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON instead of a markdown table"
+    )
 
 
 def photo_like(width: int, height: int, rng: np.random.Generator) -> Image.Image:
     """A smooth random colour field (bicubic-upsampled noise) with grain: compresses and decodes like a photo."""
     coarse = rng.integers(0, 256, (max(2, height // 64), max(2, width // 64), 3), dtype=np.uint8)
-    field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    field = np.asarray(
+        Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16
+    )
     grain = rng.integers(-12, 13, (height, width, 3), dtype=np.int16)
     return Image.fromarray(np.clip(field + grain, 0, 255).astype(np.uint8))
 
@@ -61,12 +82,21 @@ def machine() -> dict:
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+            )
     except OSError:
         pass
-    info = {"nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
-            "pillow": Image.__version__, "numpy": np.__version__}
+    info = {
+        "nproc": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pillow": Image.__version__,
+        "numpy": np.__version__,
+    }
     try:
         import transformers
 
@@ -79,12 +109,19 @@ def machine() -> dict:
 def transformers_processor(tile_size: int, max_tiles: int):
     """InternVL's image processor in transformers, configured like the InternVL3.5 checkpoints (None if missing)."""
     try:
-        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+            GotOcr2ImageProcessorPil,
+        )
     except ImportError:
         return None
-    return GotOcr2ImageProcessorPil(size={"height": tile_size, "width": tile_size}, crop_to_patches=True,
-                                    min_patches=1, max_patches=max_tiles, image_mean=list(IMAGENET_MEAN),
-                                    image_std=list(IMAGENET_STD))
+    return GotOcr2ImageProcessorPil(
+        size={"height": tile_size, "width": tile_size},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=max_tiles,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+    )
 
 
 def _median_seconds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -112,31 +149,61 @@ def measure(args: argparse.Namespace) -> dict:
 def _measure(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)
     hf = None if args.no_transformers else transformers_processor(args.tile_size, args.max_tiles)
-    ours = {"ours": ImageProcessor(args.tile_size, 1, args.max_tiles),
-            "ours_fast": ImageProcessor(args.tile_size, 1, args.max_tiles, fast=True)}
+    ours = {
+        "ours": ImageProcessor(args.tile_size, 1, args.max_tiles),
+        "ours_fast": ImageProcessor(args.tile_size, 1, args.max_tiles, fast=True),
+    }
     if args.threads > 1:
-        ours[f"ours_{args.threads}threads"] = ImageProcessor(args.tile_size, 1, args.max_tiles, num_threads=args.threads)
+        ours[f"ours_{args.threads}threads"] = ImageProcessor(
+            args.tile_size, 1, args.max_tiles, num_threads=args.threads
+        )
     rows = []
     for spec in args.sizes.split(","):
         width, height = (int(v) for v in spec.lower().split("x"))
         blobs = [encode(photo_like(width, height, rng), args.format) for _ in range(args.images)]
-        fns: dict[str, Callable[[], object]] = {name: (lambda p=p: p(blobs)) for name, p in ours.items()}
+        fns: dict[str, Callable[[], object]] = {
+            name: (lambda p=p: p(blobs)) for name, p in ours.items()
+        }
         if hf is not None:
-            fns["transformers"] = lambda: hf(images=[Image.open(io.BytesIO(b)) for b in blobs], return_tensors="pt")
+            fns["transformers"] = lambda: hf(
+                images=[Image.open(io.BytesIO(b)) for b in blobs], return_tensors="pt"
+            )
         seconds = _median_seconds(fns, args.rounds)
         batch = ours["ours"](blobs)
-        row = {"size": f"{width}x{height}", "grid": "{}x{}".format(*batch.grids[0]), "tiles": batch.tiles_per_image[0],
-               "bytes_per_image": sum(map(len, blobs)) // len(blobs),
-               "images_per_s": {name: args.images / s for name, s in seconds.items()}}
+        row = {
+            "size": f"{width}x{height}",
+            "grid": "{}x{}".format(*batch.grids[0]),
+            "tiles": batch.tiles_per_image[0],
+            "bytes_per_image": sum(map(len, blobs)) // len(blobs),
+            "images_per_s": {name: args.images / s for name, s in seconds.items()},
+        }
         if hf is not None:
             reference = fns["transformers"]()
             ref = reference["pixel_values"]
-            assert reference["num_patches"].tolist() == batch.tiles_per_image, "tile counts differ from transformers"
-            row["max_abs_diff"] = {"ours": (batch.pixel_values - ref).abs().max().item(),
-                                   "ours_fast": (ours["ours_fast"](blobs).pixel_values - ref).abs().max().item()}
-            row["speedup_vs_transformers"] = {name: seconds["transformers"] / seconds[name] for name in ours}
+            assert reference["num_patches"].tolist() == batch.tiles_per_image, (
+                "tile counts differ from transformers"
+            )
+            row["max_abs_diff"] = {
+                "ours": (batch.pixel_values - ref).abs().max().item(),
+                "ours_fast": (ours["ours_fast"](blobs).pixel_values - ref).abs().max().item(),
+            }
+            row["speedup_vs_transformers"] = {
+                name: seconds["transformers"] / seconds[name] for name in ours
+            }
         rows.append(row)
-    settings = {k: getattr(args, k) for k in ("sizes", "images", "rounds", "format", "tile_size", "max_tiles", "threads", "seed")}
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "sizes",
+            "images",
+            "rounds",
+            "format",
+            "tile_size",
+            "max_tiles",
+            "threads",
+            "seed",
+        )
+    }
     return {"machine": machine(), "settings": settings, "rows": rows}
 
 
@@ -162,11 +229,15 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     m = result["machine"]
     lines.append("")
-    lines.append(f"machine: {m['nproc']} CPU(s), {m['cpu']}; torch {m['torch']}, Pillow {m['pillow']}"
-                 + (f", transformers {m['transformers']}" if "transformers" in m else ""))
+    lines.append(
+        f"machine: {m['nproc']} CPU(s), {m['cpu']}; torch {m['torch']}, Pillow {m['pillow']}"
+        + (f", transformers {m['transformers']}" if "transformers" in m else "")
+    )
     s = result["settings"]
-    lines.append(f"settings: {s['images']} {s['format']} images per size, median of {s['rounds']} rounds, "
-                 f"tile {s['tile_size']}, max_tiles {s['max_tiles']}, torch threads {s['threads']}")
+    lines.append(
+        f"settings: {s['images']} {s['format']} images per size, median of {s['rounds']} rounds, "
+        f"tile {s['tile_size']}, max_tiles {s['max_tiles']}, torch threads {s['threads']}"
+    )
     return "\n".join(lines)
 
 

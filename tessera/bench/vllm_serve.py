@@ -154,7 +154,14 @@ def run(args: argparse.Namespace) -> int:
             extra = {
                 "tessera serve": [],
                 "tessera serve unbatched": ["--max-batch-tiles", "1"],
-                "tessera serve decoupled": ["--mode", "decoupled", "--vision-workers", "1", "--threads", "1"],
+                "tessera serve decoupled": [
+                    "--mode",
+                    "decoupled",
+                    "--vision-workers",
+                    "1",
+                    "--threads",
+                    "1",
+                ],
                 "tessera serve compiled": ["--compile"],
                 "tessera+vllm backend": ["--language-backend", "vllm", "--vllm-url", vllm.url],
             }

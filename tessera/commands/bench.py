@@ -28,21 +28,31 @@ BENCHMARKS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "benchmarks: " + "; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items())
     parser.add_argument("benchmark", choices=list(BENCHMARKS))
-    parser.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (see tessera bench NAME -h)")
+    parser.add_argument(
+        "options",
+        nargs=argparse.REMAINDER,
+        help="the benchmark's own options (see tessera bench NAME -h)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"tessera.bench.{args.benchmark}")
-    parser = argparse.ArgumentParser(prog=f"tessera bench {args.benchmark}", description=BENCHMARKS[args.benchmark])
+    parser = argparse.ArgumentParser(
+        prog=f"tessera bench {args.benchmark}", description=BENCHMARKS[args.benchmark]
+    )
     module.add_arguments(parser)
     if not any("--device" in a.option_strings for a in parser._actions):
-        add_device_arguments(parser)  # every benchmark takes the flags; those below run on the CPU only
+        add_device_arguments(
+            parser
+        )  # every benchmark takes the flags; those below run on the CPU only
     options = parser.parse_args(args.options)
     devices = devices_from_args(options)
     if not getattr(module, "USES_DEVICE", False) and devices.device.type != "cpu":
         if options.device != "auto":
-            print(f"error: benchmark {args.benchmark} runs on the CPU only (got --device {options.device})",
-                  file=sys.stderr)
+            print(
+                f"error: benchmark {args.benchmark} runs on the CPU only (got --device {options.device})",
+                file=sys.stderr,
+            )
             return 2
         print(f"note: benchmark {args.benchmark} runs on the CPU", file=sys.stderr)
     return int(module.run(options) or 0)

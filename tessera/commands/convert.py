@@ -15,13 +15,28 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint folder to read (any layout)")
     p.add_argument("dst", help="folder to write")
-    p.add_argument("--to", choices=["hf", "tessera", "official"], default="hf",
-                   help="target layout: hf = transformers InternVLForConditionalGeneration (default)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast every tensor (default: keep the stored dtypes)")
-    p.add_argument("--keep-flash", action="store_true",
-                   help="--to hf: keep a Flash model's router and mlp2 (Tessera reads them; transformers and vLLM "
-                        "refuse them)")
-    p.add_argument("--force", action="store_true", help="overwrite a destination that already holds a checkpoint")
+    p.add_argument(
+        "--to",
+        choices=["hf", "tessera", "official"],
+        default="hf",
+        help="target layout: hf = transformers InternVLForConditionalGeneration (default)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="cast every tensor (default: keep the stored dtypes)",
+    )
+    p.add_argument(
+        "--keep-flash",
+        action="store_true",
+        help="--to hf: keep a Flash model's router and mlp2 (Tessera reads them; transformers and vLLM "
+        "refuse them)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite a destination that already holds a checkpoint",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,8 +52,13 @@ def run(args: argparse.Namespace) -> int:
         _, layout = load_config(args.src)
         import torch
 
-        convert(args.src, dst, to=args.to, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                drop_flash=args.to == "hf" and not args.keep_flash)
+        convert(
+            args.src,
+            dst,
+            to=args.to,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            drop_flash=args.to == "hf" and not args.keep_flash,
+        )
         from tessera.best_of_n import CRITIC_DIR
 
         if (Path(args.src) / CRITIC_DIR).is_dir():

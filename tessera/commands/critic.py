@@ -13,22 +13,40 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from tessera.seeds import CRITIC_SEED_OFFSET
 from tessera.device import add_device_arguments, devices_from_args
+from tessera.seeds import CRITIC_SEED_OFFSET
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint folder (the policy whose answers the critic will judge)")
+    p.add_argument(
+        "checkpoint", help="checkpoint folder (the policy whose answers the critic will judge)"
+    )
     p.add_argument("--out", help="critic folder (default CHECKPOINT/critic)")
     p.add_argument("--queries", type=int, default=400, help="training questions rolled out")
     p.add_argument("--group-size", type=int, default=8, help="answers sampled per question")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (use the one Best-of-N uses)")
-    p.add_argument("--families", help='JSON {family: weight}; default: every family, reasoning 4x')
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.7,
+        help="sampling temperature (use the one Best-of-N uses)",
+    )
+    p.add_argument("--families", help="JSON {family: weight}; default: every family, reasoning 4x")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", help="your prompts (.jsonl/.json/.parquet: image, question, answer) instead of the world")
-    p.add_argument("--reward", default="exact", help="with --data: exact, numeric, choice, boxed or module:function")
-    p.add_argument("--skip-bad-records", action="store_true", help="with --data: drop bad rows instead of stopping")
+    p.add_argument(
+        "--data",
+        help="your prompts (.jsonl/.json/.parquet: image, question, answer) instead of the world",
+    )
+    p.add_argument(
+        "--reward",
+        default="exact",
+        help="with --data: exact, numeric, choice, boxed or module:function",
+    )
+    p.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="with --data: drop bad rows instead of stopping",
+    )
     add_device_arguments(p)
 
 
@@ -44,24 +62,33 @@ def run(args: argparse.Namespace) -> int:
     devices = devices_from_args(args)
     model = tessera.load(args.checkpoint, device=devices.device, dtype=devices.dtype)
     families = json.loads(args.families) if args.families else None
-    sampling = SamplingConfig(temperature=args.temperature, group_size=args.group_size, seed=args.seed)
+    sampling = SamplingConfig(
+        temperature=args.temperature, group_size=args.group_size, seed=args.seed
+    )
     extra = {}
     if args.data:
         from tessera.data import DataError
         from tessera.train.records_rl import gspo_inputs
 
         try:
-            queries, prepared, verify, _ = gspo_inputs(model, args.data, args.reward, args.skip_bad_records)
+            queries, prepared, verify, _ = gspo_inputs(
+                model, args.data, args.reward, args.skip_bad_records
+            )
         except (DataError, ValueError) as e:
             raise SystemExit(str(e))
         extra = {"verify": verify, "prepared": prepared}
     else:
-        queries = training_queries(args.queries, families, seed=args.seed, seed_offset=CRITIC_SEED_OFFSET)
+        queries = training_queries(
+            args.queries, families, seed=args.seed, seed_offset=CRITIC_SEED_OFFSET
+        )
     torch.manual_seed(args.seed)
-    critic, report = fit_critic(model, queries, sampling, CriticTrainConfig(epochs=args.epochs, seed=args.seed),
-                                **extra)
+    critic, report = fit_critic(
+        model, queries, sampling, CriticTrainConfig(epochs=args.epochs, seed=args.seed), **extra
+    )
     out = Path(args.out) if args.out else Path(args.checkpoint) / CRITIC_DIR
     critic.save(out)
     (out / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-    print(f"critic written to {out}: held-out accuracy {report.val_accuracy:.3f}, AUC {report.val_auc:.3f}")
+    print(
+        f"critic written to {out}: held-out accuracy {report.val_accuracy:.3f}, AUC {report.val_auc:.3f}"
+    )
     return 0

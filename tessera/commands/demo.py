@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
         from tessera.train.recipe import run_recipe
 
         out = Path(tempfile.mkdtemp(prefix="tessera-demo-"))
-        print(f"no shipped checkpoint found: training a quick one in {out} (toy scale, so expect low accuracy)")
+        print(
+            f"no shipped checkpoint found: training a quick one in {out} (toy scale, so expect low accuracy)"
+        )
         ckpt = run_recipe("tiny", out, quick=True).final_checkpoint
     print(f"checkpoint: {ckpt}\n")
     model = tessera.load(ckpt)
@@ -48,9 +50,15 @@ def run(args: argparse.Namespace) -> int:
     pipe = tessera.Pipeline(model)
     print("\nfresh scenes:")
     for i in range(args.questions):
-        sample = make_sample(args.seed + 10_000 + i, family=FAMILIES[i % len(FAMILIES)], split="eval")
-        answer = pipe.chat(sample.image, sample.question, thinking=sample.thinking_answer is not None)
+        sample = make_sample(
+            args.seed + 10_000 + i, family=FAMILIES[i % len(FAMILIES)], split="eval"
+        )
+        answer = pipe.chat(
+            sample.image, sample.question, thinking=sample.thinking_answer is not None
+        )
         mark = "✓" if verify(sample.family, answer.text, sample.answer) else "✗"
-        print(f"  {mark} [{sample.family}] {sample.question}\n      expected {sample.answer!r}, got {answer.final!r}"
-              f"  ({answer.tiles} tiles, {answer.visual_tokens} visual tokens)")
+        print(
+            f"  {mark} [{sample.family}] {sample.question}\n      expected {sample.answer!r}, got {answer.final!r}"
+            f"  ({answer.tiles} tiles, {answer.visual_tokens} visual tokens)"
+        )
     return 0

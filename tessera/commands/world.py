@@ -26,15 +26,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="first seed (samples use seed, seed+1, ...)")
     p.add_argument("--family", default=None, help="one family (default: drawn from each seed)")
     p.add_argument("--split", default="train", choices=["train", "eval", "test"])
-    p.add_argument("--difficulty", type=float, default=1.0, help="curriculum level in [0, 1] (1 = evaluation)")
+    p.add_argument(
+        "--difficulty", type=float, default=1.0, help="curriculum level in [0, 1] (1 = evaluation)"
+    )
     e = sub.add_parser("export", help="write world samples as an InternVL-format dataset")
     e.add_argument("--format", default="internvl", choices=["internvl"])
     e.add_argument("--n", type=int, required=True, help="number of samples")
     e.add_argument("--out", required=True, help="output directory")
-    e.add_argument("--seed", type=int, default=0, help="world seed offset (samples use seed+0, seed+1, ...)")
+    e.add_argument(
+        "--seed", type=int, default=0, help="world seed offset (samples use seed+0, seed+1, ...)"
+    )
     e.add_argument("--family", default=None, help="one family (default: the world's own pick)")
     e.add_argument("--split", default="train", choices=["train", "eval", "test"])
-    e.add_argument("--thinking-prob", type=float, default=0.0, help="share of reasoning samples written thinking")
+    e.add_argument(
+        "--thinking-prob",
+        type=float,
+        default=0.0,
+        help="share of reasoning samples written thinking",
+    )
     q = sub.add_parser("probe", help="measure what 1/4 and 1/16 tokens of a text tile can carry")
     probe.add_arguments(q)
 
@@ -58,10 +67,18 @@ def run(args: argparse.Namespace) -> int:
             s = make_sample(seed, args.family, args.split, args.difficulty)
             name = f"{args.split}_{seed:06d}_{s.family}.png"
             s.image.save(out / name)
-            record = {"image": name, "family": s.family, "question": s.question, "answer": s.answer,
-                      "thinking_answer": s.thinking_answer, **s.meta}
+            record = {
+                "image": name,
+                "family": s.family,
+                "question": s.question,
+                "answer": s.answer,
+                "thinking_answer": s.thinking_answer,
+                **s.meta,
+            }
             f.write(json.dumps(record) + "\n")
-            print(f"{name}  {s.meta['grid'][0]}x{s.meta['grid'][1]} tiles  Q: {s.question}  A: {s.answer}")
+            print(
+                f"{name}  {s.meta['grid'][0]}x{s.meta['grid'][1]} tiles  Q: {s.question}  A: {s.answer}"
+            )
     print(f"wrote {args.n} samples to {out}")
     return 0
 
@@ -75,7 +92,9 @@ def export_run(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown family {args.family!r}; choose from {', '.join(ALL_FAMILIES)}")
     if args.n < 1:
         raise SystemExit("--n must be at least 1")
-    source = WorldSource({args.family: 1.0} if args.family else None, args.thinking_prob, args.seed, args.split)
+    source = WorldSource(
+        {args.family: 1.0} if args.family else None, args.thinking_prob, args.seed, args.split
+    )
     meta = export(source, args.n, args.out)
     print(f"wrote {args.n} samples to {args.out} ({meta.name}, annotation.jsonl, images/)")
     return 0

@@ -4,5 +4,13 @@ from tessera.engine.engine import Engine, EngineFull, EngineStats, GenerationReq
 from tessera.engine.generate import Generation, generate
 from tessera.engine.sampling import SamplingParams
 
-__all__ = ["Engine", "EngineFull", "EngineStats", "Generation", "GenerationRequest", "SamplingParams", "TokenEvent",
-           "generate"]
+__all__ = [
+    "Engine",
+    "EngineFull",
+    "EngineStats",
+    "Generation",
+    "GenerationRequest",
+    "SamplingParams",
+    "TokenEvent",
+    "generate",
+]

@@ -20,7 +20,7 @@ only a model that will not be trained while the engine serves it.
 from __future__ import annotations
 
 import types
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -47,11 +47,26 @@ class DecodeStep:
     attends to positions [0, lengths[b]] of slot b.
     """
 
-    def __init__(self, llm: torch.nn.Module, token_embed: Callable, cache: SlotKVCache, dtype: torch.dtype,
-                 device: torch.device, compile: bool = False):
-        self.llm, self.token_embed, self.cache, self.dtype, self.device = llm, token_embed, cache, dtype, device
+    def __init__(
+        self,
+        llm: torch.nn.Module,
+        token_embed: Callable,
+        cache: SlotKVCache,
+        dtype: torch.dtype,
+        device: torch.device,
+        compile: bool = False,
+    ):
+        self.llm, self.token_embed, self.cache, self.dtype, self.device = (
+            llm,
+            token_embed,
+            cache,
+            dtype,
+            device,
+        )
         self.max_batch, self.max_len = cache.geometry.slots, cache.geometry.max_len
-        self._arange = torch.arange(self.max_len, device=device)  # [max_len], the mask's key positions
+        self._arange = torch.arange(
+            self.max_len, device=device
+        )  # [max_len], the mask's key positions
         self.compiled = compile
         self.buckets = batch_buckets(self.max_batch)
         self._forward = self._compile() if compile else self._logits
@@ -62,13 +77,17 @@ class DecodeStep:
         graphs at every call nor share one recompile limit (the buckets must fit in it: raised, process-wide,
         when they would not)."""
         fn = DecodeStep._logits
-        private = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        private = types.FunctionType(
+            fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+        )
         limit = torch._dynamo.config.recompile_limit
         if len(self.buckets) + 1 > limit:
             torch._dynamo.config.recompile_limit = len(self.buckets) + 1
         return torch.compile(types.MethodType(private, self), dynamic=False)
 
-    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _logits(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """tokens/positions [B, 1], mask bool [B, 1, 1, S] → logits [B, V]. The traced function when compiled."""
         view = SlotView(self.cache, 0, positions, mask.shape[-1])
         embeds = self.token_embed(tokens).to(self.dtype)  # [B, 1, D]
@@ -78,14 +97,18 @@ class DecodeStep:
     def __call__(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
         B = len(tokens)
         S = max(lengths) + 1
-        if B > self.max_batch or S > self.max_len:
-            raise ValueError(f"decode of {B} sequences up to {S} positions exceeds the cache "
-                             f"({self.max_batch} slots of {self.max_len})")
+        if self.max_batch < B or self.max_len < S:
+            raise ValueError(
+                f"decode of {B} sequences up to {S} positions exceeds the cache "
+                f"({self.max_batch} slots of {self.max_len})"
+            )
         if self.compiled:
             pad = next(b for b in self.buckets if b >= B) - B
             tokens, lengths = tokens + [0] * pad, lengths + [0] * pad
         tok = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)  # [Bp, 1]
-        positions = torch.tensor(lengths, dtype=torch.long, device=self.device).view(-1, 1)  # [Bp, 1]
+        positions = torch.tensor(lengths, dtype=torch.long, device=self.device).view(
+            -1, 1
+        )  # [Bp, 1]
         mask = (self._arange[:S] <= positions).view(-1, 1, 1, S)  # [Bp, S] → [Bp, 1, 1, S]
         if not self.compiled:
             return self._logits(tok, positions, mask)
@@ -103,7 +126,9 @@ class DecodeStep:
                 self([0] * b, [1] * b)
 
 
-def prefill(llm: torch.nn.Module, cache: SlotKVCache, first_slot: int, prompts: list[torch.Tensor]) -> torch.Tensor:
+def prefill(
+    llm: torch.nn.Module, cache: SlotKVCache, first_slot: int, prompts: list[torch.Tensor]
+) -> torch.Tensor:
     """Prefill prompt embeddings (each [T_i, D]) into cache slots [first_slot, first_slot + k) in one forward
     → logits [k, V] (float32) of each prompt's last token.
 
@@ -116,7 +141,9 @@ def prefill(llm: torch.nn.Module, cache: SlotKVCache, first_slot: int, prompts: 
     device, dtype = param.device, param.dtype
     lengths = torch.tensor([e.shape[0] for e in prompts], device=device)  # [k]
     T = int(lengths.max())
-    embeds = torch.zeros(k, T, prompts[0].shape[1], dtype=dtype, device=device)  # [k, T, D], right-padded
+    embeds = torch.zeros(
+        k, T, prompts[0].shape[1], dtype=dtype, device=device
+    )  # [k, T, D], right-padded
     for i, e in enumerate(prompts):
         embeds[i, : e.shape[0]] = e
     positions = torch.arange(T, device=device).expand(k, T)  # [k, T]

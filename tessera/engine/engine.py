@@ -26,8 +26,8 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -60,7 +60,9 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     on_event: Callable[[TokenEvent], None]
-    image_features: torch.Tensor | None = None  # [ΣT, D], rows for the prompt's <IMG_CONTEXT> positions in order
+    image_features: torch.Tensor | None = (
+        None  # [ΣT, D], rows for the prompt's <IMG_CONTEXT> positions in order
+    )
     arrival: float = field(default_factory=time.monotonic)
 
 
@@ -83,7 +85,9 @@ class EngineStats:
     generated_tokens: int = 0
     finished_requests: int = 0
     steps: int = 0
-    tokens_per_second: float = 0.0  # generated tokens over the last `window` seconds, at snapshot time
+    tokens_per_second: float = (
+        0.0  # generated tokens over the last `window` seconds, at snapshot time
+    )
 
 
 class Engine:
@@ -97,12 +101,24 @@ class Engine:
     bucket compiles, `warmup()` does that up front).
     """
 
-    def __init__(self, llm: torch.nn.Module, *, max_batch: int = 16, max_len: int = 2048, max_waiting: int = 256,
-                 prefill_token_budget: int = 4096, embed_fn: Callable | None = None, token_embed: Callable | None = None,
-                 tokens_per_second_window: float = 5.0, compile: bool = False):
+    def __init__(
+        self,
+        llm: torch.nn.Module,
+        *,
+        max_batch: int = 16,
+        max_len: int = 2048,
+        max_waiting: int = 256,
+        prefill_token_budget: int = 4096,
+        embed_fn: Callable | None = None,
+        token_embed: Callable | None = None,
+        tokens_per_second_window: float = 5.0,
+        compile: bool = False,
+    ):
         for attr in ("hidden", "lm_head"):
             if not hasattr(llm, attr):
-                raise TypeError(f"the engine needs llm.{attr} (see docs/CONTRACTS.md); {type(llm).__name__} lacks it")
+                raise TypeError(
+                    f"the engine needs llm.{attr} (see docs/CONTRACTS.md); {type(llm).__name__} lacks it"
+                )
         cfg = llm.config
         self.llm = llm.eval()
         self.max_batch, self.max_len, self.max_waiting = max_batch, max_len, max_waiting
@@ -111,17 +127,27 @@ class Engine:
         self.embed_fn = embed_fn or self._text_embed
         param = next(llm.parameters())
         self.device, self.dtype = param.device, param.dtype
-        windows = llm.windows() if hasattr(llm, "windows") else {}  # sliding layers store only their window
-        geometry = CacheGeometry(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_batch, max_len, windows)
+        windows = (
+            llm.windows() if hasattr(llm, "windows") else {}
+        )  # sliding layers store only their window
+        geometry = CacheGeometry(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_batch, max_len, windows
+        )
         self.cache = SlotKVCache(geometry, dtype=self.dtype, device=self.device)
-        self.decoder = DecodeStep(llm, self.token_embed, self.cache, self.dtype, self.device, compile=compile)
+        self.decoder = DecodeStep(
+            llm, self.token_embed, self.cache, self.dtype, self.device, compile=compile
+        )
         self.running: list[_Sequence] = []  # running[i].slot == i
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.stats = EngineStats()
         self._window = tokens_per_second_window
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
+        self._recent: collections.deque[tuple[float, int]] = (
+            collections.deque()
+        )  # (time, tokens) per step
         self._lock = threading.Lock()
-        self._inbox: collections.deque[tuple[str, object]] = collections.deque()  # ("abort"|"job", payload)
+        self._inbox: collections.deque[tuple[str, object]] = (
+            collections.deque()
+        )  # ("abort"|"job", payload)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -134,11 +160,15 @@ class Engine:
         if n == 0:
             raise ValueError("empty prompt")
         if n + req.params.max_tokens > self.max_len:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({req.params.max_tokens}) exceeds the context of "
-                             f"{self.max_len} tokens")
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({req.params.max_tokens}) exceeds the context of "
+                f"{self.max_len} tokens"
+            )
         with self._lock:
             if len(self.waiting) >= self.max_waiting:
-                raise EngineFull(f"{len(self.waiting)} requests already waiting (bound {self.max_waiting})")
+                raise EngineFull(
+                    f"{len(self.waiting)} requests already waiting (bound {self.max_waiting})"
+                )
             self.waiting.append(req)
         self._wake.set()
 
@@ -155,7 +185,7 @@ class Engine:
         self._wake.set()
         return fut
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self._thread is None:
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="tessera-engine", daemon=True)
@@ -173,7 +203,9 @@ class Engine:
         """Compile the decode graphs now rather than on first use (no-op unless compile=True): after
         construction, before `start()` and before any request runs (it writes into free cache slots)."""
         if self.running or self._thread is not None:
-            raise RuntimeError("call warmup() before start() and before any request runs: it writes into cache slots")
+            raise RuntimeError(
+                "call warmup() before start() and before any request runs: it writes into cache slots"
+            )
         with torch.inference_mode():
             self.decoder.warmup()
 
@@ -260,7 +292,9 @@ class Engine:
                 ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)  # [1, T]
                 embeds = self.embed_fn(ids, req.image_features)[0].to(self.dtype)  # [T, D]
                 generator = req.params.make_generator()  # e.g. a seed beyond 64 bits: this one only
-            except Exception as e:  # e.g. feature rows ≠ <IMG_CONTEXT> count: fail this request only
+            except (
+                Exception
+            ) as e:  # e.g. feature rows ≠ <IMG_CONTEXT> count: fail this request only
                 self._fail(req, f"{type(e).__name__}: {e}")
                 continue
             batch.append((req, embeds, generator))
@@ -281,13 +315,16 @@ class Engine:
                 self._fail(item[0], f"prefill failed: {type(e).__name__}: {e}")
         return produced
 
-    def _prefill(self, batch: list[tuple[GenerationRequest, torch.Tensor, torch.Generator | None]]
-                 ) -> int:
+    def _prefill(
+        self, batch: list[tuple[GenerationRequest, torch.Tensor, torch.Generator | None]]
+    ) -> int:
         lengths = torch.tensor([e.shape[0] for _, e, _ in batch], device=self.device)  # [k]
         first = len(self.running)
         logits = prefill(self.llm, self.cache, first, [e for _, e, _ in batch])  # [k, V]
-        seqs = [_Sequence(req, first + i, int(lengths[i]), -1, gen)
-                for i, (req, _, gen) in enumerate(batch)]
+        seqs = [
+            _Sequence(req, first + i, int(lengths[i]), -1, gen)
+            for i, (req, _, gen) in enumerate(batch)
+        ]
         tokens = self._sample(logits, seqs)
         self.running.extend(seqs)
         self.stats.prompt_tokens += int(lengths.sum())
@@ -302,14 +339,18 @@ class Engine:
         row draws what it would have drawn had the failure not happened."""
         states = [q.generator.get_state() if q.generator is not None else None for q in seqs]
         try:
-            return sample_tokens(logits, [q.req.params for q in seqs], [q.generator for q in seqs])[0]
+            return sample_tokens(logits, [q.req.params for q in seqs], [q.generator for q in seqs])[
+                0
+            ]
         except Exception:
             out: list[int | Exception] = []
             for b, q in enumerate(seqs):
                 if states[b] is not None:
                     q.generator.set_state(states[b])
                 try:
-                    out.append(sample_tokens(logits[b:b + 1], [q.req.params], [q.generator])[0][0])
+                    out.append(
+                        sample_tokens(logits[b : b + 1], [q.req.params], [q.generator])[0][0]
+                    )
                 except Exception as e:
                     out.append(e)
             return out
@@ -381,9 +422,13 @@ class Engine:
         now = time.monotonic()
         recent = [(t, n) for t, n in list(self._recent) if t >= now - self._window]
         tps = sum(n for _, n in recent) / self._window
-        return dataclasses.replace(self.stats, waiting=len(self.waiting), running=len(self.running), tokens_per_second=tps)
+        return dataclasses.replace(
+            self.stats, waiting=len(self.waiting), running=len(self.running), tokens_per_second=tps
+        )
 
     def _text_embed(self, ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         if image_features is not None:
-            raise ValueError("this engine has no embed_fn for image features (pass the model's embed)")
+            raise ValueError(
+                "this engine has no embed_fn for image features (pass the model's embed)"
+            )
         return self.token_embed(ids)

@@ -124,7 +124,7 @@ def generate(
     tokens: list[list[int]] = [[] for _ in range(B)]
     logps: list[list[float]] = [[] for _ in range(B)]
     finished, done = [False] * B, [False] * B
-    for step in range(steps):
+    for _step in range(steps):
         ids, lp = sample_tokens(logits, params, generator, logprobs=True)  # [B], [B]
         lp = lp.tolist()
         for b in range(B):

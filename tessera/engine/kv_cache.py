@@ -36,7 +36,9 @@ class CacheGeometry:
     head_dim: int
     slots: int
     max_len: int
-    windows: dict[int, int] = field(default_factory=dict)  # sliding layer → its window (ring length)
+    windows: dict[int, int] = field(
+        default_factory=dict
+    )  # sliding layer → its window (ring length)
 
     def layer_len(self, layer_idx: int) -> int:
         """Positions layer `layer_idx` stores per slot: max_len, or its window when that is shorter."""
@@ -52,18 +54,30 @@ class CacheGeometry:
 class SlotKVCache:
     """Preallocated keys/values for `slots` sequences of up to `max_len` tokens each."""
 
-    def __init__(self, geometry: CacheGeometry, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        geometry: CacheGeometry,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ):
         g = geometry
         self.geometry = g
         # [slots, Hkv, max_len (or the window W of a sliding layer), hd]
-        shapes = [(g.slots, g.num_kv_heads, g.layer_len(i), g.head_dim) for i in range(g.num_layers)]
+        shapes = [
+            (g.slots, g.num_kv_heads, g.layer_len(i), g.head_dim) for i in range(g.num_layers)
+        ]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         # the layers stored as rings (a window shorter than max_len): layer → ring length
         self.ring = {i: g.layer_len(i) for i in range(g.num_layers) if g.layer_len(i) < g.max_len}
 
-    def view(self, first_slot: int, positions: torch.Tensor, kv_len: int,
-             lengths: torch.Tensor | None = None) -> "SlotView":
+    def view(
+        self,
+        first_slot: int,
+        positions: torch.Tensor,
+        kv_len: int,
+        lengths: torch.Tensor | None = None,
+    ) -> SlotView:
         """A cache object for one forward over slots [first_slot, first_slot + B).
 
         positions: [B, T] absolute positions the new tokens are written at (row b goes to slot first_slot + b);
@@ -73,13 +87,19 @@ class SlotKVCache:
         """
         if self.ring and positions.shape[1] > 1:
             if lengths is None or int(positions[:, 0].max()) != 0:
-                raise ValueError("a multi-token forward into a cache with sliding-window rings must be a prefill "
-                                 "from position 0 with the rows' lengths given")
+                raise ValueError(
+                    "a multi-token forward into a cache with sliding-window rings must be a prefill "
+                    "from position 0 with the rows' lengths given"
+                )
         B = positions.shape[0]
         if first_slot < 0 or first_slot + B > self.geometry.slots:
-            raise ValueError(f"slots [{first_slot}, {first_slot + B}) outside the cache's {self.geometry.slots} slots")
+            raise ValueError(
+                f"slots [{first_slot}, {first_slot + B}) outside the cache's {self.geometry.slots} slots"
+            )
         if kv_len > self.geometry.max_len or int(positions.max()) >= self.geometry.max_len:
-            raise ValueError(f"positions up to {int(positions.max())} / kv_len {kv_len} exceed max_len {self.geometry.max_len}")
+            raise ValueError(
+                f"positions up to {int(positions.max())} / kv_len {kv_len} exceed max_len {self.geometry.max_len}"
+            )
         return SlotView(self, first_slot, positions, kv_len, lengths)
 
     def move(self, src: int, dst: int, length: int) -> None:
@@ -99,40 +119,60 @@ class SlotView:
     checked entry point (the engine's compiled decode builds it directly, inside the traced function).
     """
 
-    def __init__(self, cache: SlotKVCache, first_slot: int, positions: torch.Tensor, kv_len: int,
-                 lengths: torch.Tensor | None = None):
+    def __init__(
+        self,
+        cache: SlotKVCache,
+        first_slot: int,
+        positions: torch.Tensor,
+        kv_len: int,
+        lengths: torch.Tensor | None = None,
+    ):
         g = cache.geometry
         self.cache = cache
         B, T = positions.shape
         self.lo, self.hi = first_slot, first_slot + B
         self.shape = (B, T)
         # flat row of (slot lo + b, head h, position positions[b, t]) in a [slots * Hkv * max_len, hd] view
-        slot_head = (torch.arange(B, device=positions.device)[:, None] + first_slot) * g.num_kv_heads \
-            + torch.arange(g.num_kv_heads, device=positions.device)[None, :]  # [B, Hkv]
-        self.index = (slot_head[:, :, None] * g.max_len + positions[:, None, :]).reshape(-1)  # [B, Hkv, T] → [B*Hkv*T]
+        slot_head = (
+            torch.arange(B, device=positions.device)[:, None] + first_slot
+        ) * g.num_kv_heads + torch.arange(g.num_kv_heads, device=positions.device)[
+            None, :
+        ]  # [B, Hkv]
+        self.index = (slot_head[:, :, None] * g.max_len + positions[:, None, :]).reshape(
+            -1
+        )  # [B, Hkv, T] → [B*Hkv*T]
         self.kv_len = kv_len
         self.positions = positions  # [B, T]: slot index = position (sliding-window masks read it)
         self.ring = cache.ring  # layer → ring length, read by the model's mask builder
-        self._ring_writes = {n: self._ring_targets(slot_head, positions, lengths, n) for n in set(cache.ring.values())}
+        self._ring_writes = {
+            n: self._ring_targets(slot_head, positions, lengths, n)
+            for n in set(cache.ring.values())
+        }
 
     @staticmethod
-    def _ring_targets(slot_head, positions, lengths, n: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _ring_targets(
+        slot_head, positions, lengths, n: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(which of the B·Hkv·T new rows to write, their flat rows in a [slots * Hkv * n, hd] ring view): every
         token when decoding; in a prefill only each row's last n real positions (distinct ring indices)."""
         T = positions.shape[1]
-        rows = (slot_head[:, :, None] * n + positions[:, None, :] % n)  # [B, Hkv, T]
+        rows = slot_head[:, :, None] * n + positions[:, None, :] % n  # [B, Hkv, T]
         if T == 1:  # decoding writes every token (no data-dependent shapes for the compiled step)
             return None, rows.reshape(-1)
         keep = (positions < lengths[:, None]) & (positions >= lengths[:, None] - n)  # [B, T]
         select = keep[:, None, :].expand_as(rows).reshape(-1)  # [B*Hkv*T]
         return select.nonzero().flatten(), rows.reshape(-1)[select]
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
         B, H, T, hd = k.shape
-        if (B, T) != self.shape or H != kc.shape[1] or hd != kc.shape[3]:
-            raise ValueError(f"cache update got k {tuple(k.shape)} for positions {self.shape} "
-                             f"and cache heads/dim {kc.shape[1]}/{kc.shape[3]}")
+        if self.shape != (B, T) or kc.shape[1] != H or hd != kc.shape[3]:
+            raise ValueError(
+                f"cache update got k {tuple(k.shape)} for positions {self.shape} "
+                f"and cache heads/dim {kc.shape[1]}/{kc.shape[3]}"
+            )
         n = self.ring.get(layer_idx)
         if n is not None:
             which, target = self._ring_writes[n]
@@ -143,8 +183,10 @@ class SlotView:
             vc.view(-1, hd).index_copy_(0, target, v_rows.to(vc.dtype))
             if T > 1:  # a prefill from position 0 attends over its own keys
                 return k, v
-            return kc[self.lo:self.hi, :, : min(self.kv_len, n)], vc[self.lo:self.hi, :, : min(self.kv_len, n)]
+            return kc[self.lo : self.hi, :, : min(self.kv_len, n)], vc[
+                self.lo : self.hi, :, : min(self.kv_len, n)
+            ]
         # [B, Hkv, T, hd] → [B*Hkv*T, hd] rows in the order of self.index (a view when T == 1)
         kc.view(-1, hd).index_copy_(0, self.index, k.reshape(B * H * T, hd).to(kc.dtype))
         vc.view(-1, hd).index_copy_(0, self.index, v.reshape(B * H * T, hd).to(vc.dtype))
-        return kc[self.lo:self.hi, :, : self.kv_len], vc[self.lo:self.hi, :, : self.kv_len]
+        return kc[self.lo : self.hi, :, : self.kv_len], vc[self.lo : self.hi, :, : self.kv_len]

@@ -62,7 +62,9 @@ def top_p_filter(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tens
     if bool((top_p >= 1).all()):
         return probs
     # a threshold of +inf never drops: rows at top_p >= 1 keep every token even where rounding lifts cum past 1
-    threshold = torch.where(top_p >= 1, torch.full_like(top_p, float("inf")), top_p)[..., None]  # [..., 1]
+    threshold = torch.where(top_p >= 1, torch.full_like(top_p, float("inf")), top_p)[
+        ..., None
+    ]  # [..., 1]
     sorted_p, order = torch.sort(probs, dim=-1, descending=True)  # [..., V], [..., V]
     cum = torch.cumsum(sorted_p, dim=-1)
     drop = (cum - sorted_p) >= threshold  # mass before this token already reaches top_p
@@ -93,9 +95,12 @@ def _ban(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return out
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
-                  generators: torch.Generator | list[torch.Generator | None] | None,
-                  logprobs: bool = False) -> tuple[list[int], torch.Tensor | None]:
+def sample_tokens(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: torch.Generator | list[torch.Generator | None] | None,
+    logprobs: bool = False,
+) -> tuple[list[int], torch.Tensor | None]:
     """One token per row of logits [B, V] → (ids, log-probs [B] or None).
 
     Greedy rows: one argmax over the batch. Sampled rows: temperature, top-k, softmax and top-p for all of them
@@ -107,18 +112,29 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
     ids = allowed.argmax(dim=-1)  # [B]; kept for greedy rows
     rows = [b for b, p in enumerate(params) if not p.greedy]
     if rows:
-        temperature = torch.tensor([params[b].temperature for b in rows], dtype=torch.float32, device=logits.device)
-        top_p = torch.tensor([params[b].top_p for b in rows], dtype=torch.float32, device=logits.device)
+        temperature = torch.tensor(
+            [params[b].temperature for b in rows], dtype=torch.float32, device=logits.device
+        )
+        top_p = torch.tensor(
+            [params[b].top_p for b in rows], dtype=torch.float32, device=logits.device
+        )
         picked = allowed[rows] if len(rows) < len(params) else allowed  # [n, V]
-        picked = top_k_filter(picked / temperature[:, None], [params[b].top_k for b in rows])  # [n, V]
+        picked = top_k_filter(
+            picked / temperature[:, None], [params[b].top_k for b in rows]
+        )  # [n, V]
         probs = top_p_filter(torch.softmax(picked, dim=-1), top_p)  # [n, V]
         if isinstance(generators, list):
-            drawn = [int(torch.multinomial(probs[i], 1, generator=generators[b])) for i, b in enumerate(rows)]
+            drawn = [
+                int(torch.multinomial(probs[i], 1, generator=generators[b]))
+                for i, b in enumerate(rows)
+            ]
             ids[rows] = torch.tensor(drawn, device=ids.device)
         else:
             ids[rows] = torch.multinomial(probs, 1, generator=generators).squeeze(1)  # [n, 1] → [n]
     if not logprobs:
         return ids.tolist(), None
-    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)  # [B]
+    temps = torch.tensor(
+        [p.temperature if not p.greedy else 1.0 for p in params], device=logits.device
+    )  # [B]
     logp = torch.log_softmax(logits / temps[:, None], dim=-1)  # [B, V]
     return ids.tolist(), logp.gather(-1, ids[:, None]).squeeze(1)  # [B, 1] → [B]

@@ -40,6 +40,7 @@ class CheckpointError(ValueError):
 
 # ---- reading --------------------------------------------------------------------------------------------
 
+
 def read_config(path: Path) -> dict[str, Any]:
     file = path / "config.json"
     if not file.is_file():
@@ -60,14 +61,22 @@ def _weight_files(path: Path) -> list[Path]:
         try:
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path / INDEX}: not a safetensors index with a weight_map ({e})") from None
+            raise CheckpointError(
+                f"{path / INDEX}: not a safetensors index with a weight_map ({e})"
+            ) from None
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
-            raise CheckpointError(f"{path / INDEX} names shard(s) that do not exist: {', '.join(missing)}")
+            raise CheckpointError(
+                f"{path / INDEX} names shard(s) that do not exist: {', '.join(missing)}"
+            )
         return [path / f for f in files]
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-    hint = f" (found {', '.join(pickles)}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
+    hint = (
+        f" (found {', '.join(pickles)}: pickle files are never loaded; convert them to safetensors)"
+        if pickles
+        else ""
+    )
     raise CheckpointError(f"{path}: no {WEIGHTS} or {INDEX}{hint}")
 
 
@@ -84,9 +93,18 @@ def read_weight_names(path: Path) -> set[str]:
 
 # safetensors dtype names → torch dtypes (https://github.com/huggingface/safetensors, the format's header)
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -97,6 +115,7 @@ def _mmap_safetensors(file: Path) -> dict[str, torch.Tensor]:
     The format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
     then the data; offsets are relative to the end of the header.
     """
+
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{file}: not a valid safetensors file ({why})")
 
@@ -121,18 +140,28 @@ def _mmap_safetensors(file: Path) -> dict[str, torch.Tensor]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (start, end) = _ST_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
+            dtype, shape, (start, end) = (
+                _ST_DTYPES[info["dtype"]],
+                list(info["shape"]),
+                info["data_offsets"],
+            )
         except (KeyError, TypeError, ValueError):
             raise bad(f"tensor {name!r} has an unreadable entry {info!r}") from None
         numel = math.prod(shape)
         if not 0 <= start <= end <= data_size or end - start != numel * dtype.itemsize:
-            raise bad(f"tensor {name!r}: offsets {start}..{end} do not hold {shape} {info['dtype']}")
+            raise bad(
+                f"tensor {name!r}: offsets {start}..{end} do not hold {shape} {info['dtype']}"
+            )
         if numel == 0:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # a copy-on-write map is writable; torch need not warn
-            flat = torch.frombuffer(mm, dtype=dtype, count=numel, offset=8 + n + start)  # [numel], in the map
+            warnings.simplefilter(
+                "ignore", UserWarning
+            )  # a copy-on-write map is writable; torch need not warn
+            flat = torch.frombuffer(
+                mm, dtype=dtype, count=numel, offset=8 + n + start
+            )  # [numel], in the map
         out[name] = flat.view(shape)
     return out
 
@@ -185,7 +214,9 @@ def load_config(path: str | Path) -> tuple[ModelConfig, str]:
         raise ConfigError(f"{path / 'config.json'}: {e}") from None
 
 
-def to_tessera_state(state: dict[str, torch.Tensor], layout: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+def to_tessera_state(
+    state: dict[str, torch.Tensor], layout: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(tessera-named tensors, names with no tessera counterpart)."""
     if layout in ("tessera", "official"):
         return state, []
@@ -207,21 +238,31 @@ def _drop_tied_head(state: dict[str, torch.Tensor], config: ModelConfig) -> None
         return
     embed = state.get("language_model.model.embed_tokens.weight")
     if embed is not None and (head.shape != embed.shape or not torch.equal(head, embed)):
-        raise CheckpointError("tie_word_embeddings is true but the stored LM head differs from embed_tokens "
-                              "(set tie_word_embeddings false in config.json if the head is separate)")
+        raise CheckpointError(
+            "tie_word_embeddings is true but the stored LM head differs from embed_tokens "
+            "(set tie_word_embeddings false in config.json if the head is separate)"
+        )
     del state["language_model.lm_head.weight"]
 
 
-def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], unknown: list[str], where: str) -> None:
+def check_state(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Size], unknown: list[str], where: str
+) -> None:
     """Raise a CheckpointError listing missing keys, unexpected keys and shape mismatches, by name."""
+
     def listed(names):
         names = sorted(names)
-        return ", ".join(names[:12]) + (f" ... (+{len(names) - 12} more)" if len(names) > 12 else "")
+        return ", ".join(names[:12]) + (
+            f" ... (+{len(names) - 12} more)" if len(names) > 12 else ""
+        )
 
     missing = set(expected) - set(state)
     unexpected = [*unknown, *(set(state) - set(expected))]
-    shapes = [f"{k} {tuple(state[k].shape)} (model expects {tuple(expected[k])})"
-              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k]]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (model expects {tuple(expected[k])})"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k]
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {listed(missing)}")
@@ -233,8 +274,12 @@ def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size],
         raise CheckpointError(f"{where}: " + "; ".join(problems))
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                    tokenizer: bool = True):
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    tokenizer: bool = True,
+):
     """A VisionLanguageModel from a checkpoint folder in any layout, strictly.
 
     dtype None keeps the stored dtypes. The model is built on the meta device and its parameters become the
@@ -251,8 +296,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     with torch.device("meta"):
         model = VisionLanguageModel(config)
     check_state(state, _expected(model), unknown, f"{path} ({layout} layout)")
-    for k, v in state.items():  # one tensor at a time: a cast or a move holds at most one extra tensor
-        state[k] = v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else None)
+    for (
+        k,
+        v,
+    ) in state.items():  # one tensor at a time: a cast or a move holds at most one extra tensor
+        state[k] = v.to(
+            device=device, dtype=dtype if dtype is not None and v.is_floating_point() else None
+        )
     model.load_state_dict(state, strict=False, assign=True)
     model.language_model.tie_weights()
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -274,14 +324,22 @@ def _load_tokenizer(file: Path, template: str = "internvl2_5"):
 
 # ---- writing --------------------------------------------------------------------------------------------
 
+
 def tessera_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores: the state dict without a tied LM head, detached, contiguous, on CPU."""
     expected = _expected(model)
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in expected}
+    return {
+        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in expected
+    }
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | Path, layout: str = "tessera",
-                    tokenizer_file: str | Path | None = None, drop_flash: bool = False) -> Path:
+def save_checkpoint(
+    model: torch.nn.Module,
+    path: str | Path,
+    layout: str = "tessera",
+    tokenizer_file: str | Path | None = None,
+    drop_flash: bool = False,
+) -> Path:
     """Write `model` as config.json + model.safetensors (+ tokenizer.json) in `layout` (tessera | official | hf).
 
     The tokenizer is copied from `tokenizer_file` when given, else saved from `model.tokenizer` when set. The hf
@@ -293,7 +351,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, layout: str = "tes
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     if drop_flash and layout != "hf":
-        raise ValueError(f"drop_flash is for the hf layout; the {layout} layout holds the Flash model")
+        raise ValueError(
+            f"drop_flash is for the hf layout; the {layout} layout holds the Flash model"
+        )
     path = Path(path)
     state = tessera_state(model)
     config: ModelConfig = model.config
@@ -317,13 +377,22 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, layout: str = "tes
     elif getattr(model, "tokenizer", None) is not None:
         model.tokenizer.save(path / TOKENIZER)
     if layout != "tessera":
-        tok = _load_tokenizer(path / TOKENIZER, config.template) if (path / TOKENIZER).is_file() else None
+        tok = (
+            _load_tokenizer(path / TOKENIZER, config.template)
+            if (path / TOKENIZER).is_file()
+            else None
+        )
         hf_export.write_loader_files(path, config, tok, layout)
     return path
 
 
-def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: torch.dtype | None = None,
-            drop_flash: bool = False) -> Path:
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: str = "hf",
+    dtype: torch.dtype | None = None,
+    drop_flash: bool = False,
+) -> Path:
     """Rewrite checkpoint `src` (any layout) as `dst` in layout `to` (hf | tessera | official): bit for bit, or
     cast to `dtype` (e.g. bfloat16 for a checkpoint half the size). `drop_flash`: see `save_checkpoint`."""
     if to not in LAYOUTS:
@@ -333,5 +402,6 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", dtype: torch.dtype
         raise CheckpointError(f"source and destination are the same folder: {src}")
     model = load_checkpoint(src, dtype=dtype, tokenizer=False)
     tok = src / TOKENIZER
-    return save_checkpoint(model, dst, layout=to, tokenizer_file=tok if tok.is_file() else None,
-                           drop_flash=drop_flash)
+    return save_checkpoint(
+        model, dst, layout=to, tokenizer_file=tok if tok.is_file() else None, drop_flash=drop_flash
+    )

@@ -38,7 +38,9 @@ def pixel_shuffle(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
         raise ValueError(f"grid {h}x{w} is not divisible by the shuffle factor {k} (ratio {ratio})")
     x = x.reshape(n, h, w // k, c * k)  # [N, h, w/k, C·k]: k neighbouring columns side by side
     x = x.permute(0, 2, 1, 3).contiguous()  # [N, w/k, h, C·k]
-    x = x.reshape(n, w // k, h // k, c * k * k)  # [N, w/k, h/k, C·k²]: k neighbouring rows side by side
+    x = x.reshape(
+        n, w // k, h // k, c * k * k
+    )  # [N, w/k, h/k, C·k²]: k neighbouring rows side by side
     return x.permute(0, 2, 1, 3).contiguous()  # [N, h/k, w/k, C·k²]  (v2: swap back to row-major)
 
 
@@ -53,25 +55,31 @@ def _init_linears(seq: nn.Sequential) -> nn.Sequential:
 def make_mlp1(vision_hidden: int, language_hidden: int, ratio: float = 0.5) -> nn.Sequential:
     """The standard projector for tokens pixel-shuffled at `ratio` (default 1/2 → 4·Cv inputs)."""
     d_in = vision_hidden * shuffle_factor(ratio) ** 2
-    return _init_linears(nn.Sequential(
-        nn.LayerNorm(d_in),
-        nn.Linear(d_in, language_hidden),
-        nn.GELU(),
-        nn.Linear(language_hidden, language_hidden),
-    ))
+    return _init_linears(
+        nn.Sequential(
+            nn.LayerNorm(d_in),
+            nn.Linear(d_in, language_hidden),
+            nn.GELU(),
+            nn.Linear(language_hidden, language_hidden),
+        )
+    )
 
 
-def make_mlp2(vision_hidden: int, language_hidden: int, ratio: float = 0.25, dropout: float = 0.1) -> nn.Sequential:
+def make_mlp2(
+    vision_hidden: int, language_hidden: int, ratio: float = 0.25, dropout: float = 0.1
+) -> nn.Sequential:
     """Flash's compressed-branch projector for tokens pixel-shuffled at `ratio` (default 1/4 → 16·Cv inputs)."""
     d_in = vision_hidden * shuffle_factor(ratio) ** 2
     d_mid = 2 * language_hidden
-    return _init_linears(nn.Sequential(
-        nn.LayerNorm(d_in),
-        nn.Linear(d_in, d_mid),
-        nn.GELU(),
-        nn.Dropout(dropout),
-        nn.Linear(d_mid, d_mid),
-        nn.GELU(),
-        nn.Dropout(dropout),
-        nn.Linear(d_mid, language_hidden),
-    ))
+    return _init_linears(
+        nn.Sequential(
+            nn.LayerNorm(d_in),
+            nn.Linear(d_in, d_mid),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(d_mid, d_mid),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(d_mid, language_hidden),
+        )
+    )

@@ -242,7 +242,13 @@ def chat_template(
     else:
         delimiters = {"START": IM_START, "SEP": "\n", "END": IM_END + "\n"}
         delimiters |= {"GENERATION": IM_START + "assistant\n", "NO_THINK": EMPTY_THINK}
-    values = {"SYSTEM": system, "IMAGE": image, "THINK": THINK, "END_THINK": END_THINK, **delimiters}
+    values = {
+        "SYSTEM": system,
+        "IMAGE": image,
+        "THINK": THINK,
+        "END_THINK": END_THINK,
+        **delimiters,
+    }
     text = _TEMPLATE.strip() + "\n"
     for name, value in values.items():
         text = text.replace(f"@{name}@", _q(value))

@@ -43,7 +43,9 @@ class DynamicCache:
         self.windows = dict(windows or {})
         self.dropped: dict[int, int] = {}  # layer → positions no longer stored
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         while len(self.keys) <= layer_idx:
             self.keys.append(None)
             self.values.append(None)
@@ -53,7 +55,10 @@ class DynamicCache:
         keep = self.windows.get(layer_idx, 0) - 1
         if keep >= 0 and k.shape[2] > keep:
             self.dropped[layer_idx] = self.dropped.get(layer_idx, 0) + k.shape[2] - keep
-            self.keys[layer_idx], self.values[layer_idx] = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
+            self.keys[layer_idx], self.values[layer_idx] = (
+                k[:, :, k.shape[2] - keep :],
+                v[:, :, v.shape[2] - keep :],
+            )
         else:
             self.keys[layer_idx], self.values[layer_idx] = k, v
         return k, v
@@ -84,14 +89,18 @@ def packed_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]  # [B, 1, T, T]
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
-                 scaling=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [B, T, hd] for rotate-half RoPE, computed in float32 (inv_freq recomputed, never cast to bf16).
 
     `scaling`: a tessera.config.RopeScaling (YaRN scales the frequencies and cos/sin); None = plain RoPE."""
     if scaling is None or scaling.rope_type == "default":
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
-        inv_freq, scale = 1.0 / (theta ** exponents), 1.0  # [hd/2]
+        exponents = (
+            torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
+            / head_dim
+        )
+        inv_freq, scale = 1.0 / (theta**exponents), 1.0  # [hd/2]
     else:
         inv_freq, scale = rope_frequencies(head_dim, theta, scaling, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
@@ -119,7 +128,11 @@ class Qwen3Attention(nn.Module):
     def __init__(self, config: LanguageConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
         self.rope_theta = config.rope_theta
         self.window = config.window(layer_idx)
         d, bias = config.hidden_size, config.attention_bias
@@ -134,12 +147,24 @@ class Qwen3Attention(nn.Module):
             self.q_norm = self.k_norm = nn.Identity()
         self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache=None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        q = self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim)).transpose(
+            1, 2
+        )  # [B, H, T, hd]
+        k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)).transpose(
+            1, 2
+        )  # [B, Hkv, T, hd]
+        v = (
+            self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        )  # [B, Hkv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, S, hd]
@@ -150,21 +175,32 @@ class Qwen3Attention(nn.Module):
             raise ValueError(f"attn_mask must end in [T={t}, S={s}], got {tuple(attn_mask.shape)}")
         if self.sinks is not None:
             out = self._attend_with_sinks(q, k, v, attn_mask)
-        elif t == 1 and s > 1 and (attn_mask is None or attn_mask.dim() < 3 or attn_mask.shape[-3] == 1):
+        elif (
+            t == 1
+            and s > 1
+            and (attn_mask is None or attn_mask.dim() < 3 or attn_mask.shape[-3] == 1)
+        ):
             # decoding: fold each KV head's group of query heads into the query axis, [B, H, 1, hd] → [B, Hkv, G, hd],
             # so the kernel reads every cached key/value head once instead of once per query head. Same scores;
             # a head-independent [B, 1, 1, S] mask broadcasts over the group.
             g = self.num_heads // self.num_kv_heads
-            out = F.scaled_dot_product_attention(q.reshape(b, self.num_kv_heads, g, self.head_dim), k, v,
-                                                 attn_mask=attn_mask)  # [B, Hkv, G, hd]
+            out = F.scaled_dot_product_attention(
+                q.reshape(b, self.num_kv_heads, g, self.head_dim), k, v, attn_mask=attn_mask
+            )  # [B, Hkv, G, hd]
             out = out.reshape(b, self.num_heads, 1, self.head_dim)  # [B, H, T=1, hd]
         elif attn_mask is not None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)  # [B, H, T, hd]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, enable_gqa=True
+            )  # [B, H, T, hd]
         elif t == s:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal(t, s, x.device), enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))  # [B, T, D]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=_causal(t, s, x.device), enable_gqa=True
+            )
+        return self.o_proj(
+            out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        )  # [B, T, D]
 
     def _attend_with_sinks(self, q, k, v, attn_mask):
         """SDPA over the keys plus one extra all-zero key/value whose logit is the head's sink: q·0 = 0, so its
@@ -175,14 +211,19 @@ class Qwen3Attention(nn.Module):
         k, v = torch.cat([k, zero], dim=2), torch.cat([v, zero], dim=2)  # [B, Hkv, S+1, hd]
         if attn_mask is None:
             attn_mask = torch.zeros(t, s, dtype=q.dtype, device=q.device).masked_fill_(
-                ~_causal(t, s, q.device), float("-inf"))  # [T, S]
+                ~_causal(t, s, q.device), float("-inf")
+            )  # [T, S]
         elif attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-                ~attn_mask, float("-inf"))
+                ~attn_mask, float("-inf")
+            )
         bias = attn_mask.expand(b, self.num_heads, t, s)  # [B, H, T, S]
-        sink = self.sinks.to(q.dtype)[None, :, None, None].expand(b, self.num_heads, t, 1)  # [B, H, T, 1]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.cat([bias, sink], dim=-1),
-                                              enable_gqa=True)  # [B, H, T, hd]
+        sink = self.sinks.to(q.dtype)[None, :, None, None].expand(
+            b, self.num_heads, t, 1
+        )  # [B, H, T, 1]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.cat([bias, sink], dim=-1), enable_gqa=True
+        )  # [B, H, T, hd]
 
 
 def _causal(t: int, s: int, device) -> torch.Tensor:
@@ -285,8 +326,13 @@ class Qwen3ForCausalLM(nn.Module):
     def embed_tokens(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None,
-               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Final-norm hidden states [B, T, D]."""
         if inputs_embeds.dim() != 3:
             raise ValueError(f"inputs_embeds must be [B, T, D], got {tuple(inputs_embeds.shape)}")
@@ -297,20 +343,33 @@ class Qwen3ForCausalLM(nn.Module):
             start = cache.seq_len if cache is not None else 0
             position_ids = torch.arange(start, start + t, device=inputs_embeds.device).expand(b, t)
         if position_ids.shape != (b, t):
-            raise ValueError(f"position_ids must be [B={b}, T={t}], got {tuple(position_ids.shape)}")
-        position_ids = position_ids.to(inputs_embeds.device)  # inputs built on the CPU meet a model elsewhere
+            raise ValueError(
+                f"position_ids must be [B={b}, T={t}], got {tuple(position_ids.shape)}"
+            )
+        position_ids = position_ids.to(
+            inputs_embeds.device
+        )  # inputs built on the CPU meet a model elsewhere
         if attn_mask is not None:
             attn_mask = attn_mask.to(inputs_embeds.device)
         if attn_mask is not None and attn_mask.dtype != torch.bool:
-            raise ValueError(f"attn_mask must be a bool tensor (True = may attend), got {attn_mask.dtype}")
+            raise ValueError(
+                f"attn_mask must be a bool tensor (True = may attend), got {attn_mask.dtype}"
+            )
         cfg = self.config
-        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype, cfg.rope_scaling)
+        cos, sin = rope_cos_sin(
+            position_ids, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype, cfg.rope_scaling
+        )
         masks = self._layer_masks(attn_mask, cache, b, t, inputs_embeds)
         if attn_mask is not None:
             # the additive form SDPA turns a bool mask into, built once here instead of inside every layer's call
             attn_mask = _additive(attn_mask, inputs_embeds.dtype)  # same shape, 0 = may attend
         x = inputs_embeds
-        use_ckpt = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        use_ckpt = (
+            self.gradient_checkpointing
+            and self.training
+            and cache is None
+            and torch.is_grad_enabled()
+        )
         for i, layer in enumerate(self.model.layers):
             mask = masks.get(i, attn_mask)
             if use_ckpt:
@@ -319,17 +378,26 @@ class Qwen3ForCausalLM(nn.Module):
                 x = layer(x, cos, sin, cache, mask)
         return self.model.norm(x)
 
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.lm_head(self.hidden(inputs_embeds, position_ids, cache, attn_mask))  # [B, T, V]
 
-    def _layer_masks(self, attn_mask, cache, b: int, t: int, like: torch.Tensor) -> dict[int, torch.Tensor]:
+    def _layer_masks(
+        self, attn_mask, cache, b: int, t: int, like: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
         """Additive masks of the sliding layers (layer → [B, 1, T, S]): the given mask (or causal) ∩ the window."""
         windows = self.windows()
         if not windows:
             return {}
         if getattr(cache, "positions", None) is not None:
-            q_index = cache.positions  # [B, T]: the engine's slot cache stores position p at index p
+            q_index = (
+                cache.positions
+            )  # [B, T]: the engine's slot cache stores position p at index p
         else:
             past = cache.seq_len if cache is not None else 0
             q_index = (past + torch.arange(t, device=like.device)).expand(b, t)  # [B, T]
@@ -345,22 +413,33 @@ class Qwen3ForCausalLM(nn.Module):
                 # index r holds a real key iff r <= p, which is the given mask's column r
                 key = ("ring", n)
                 if key not in built:
-                    built[key] = _additive(base[..., : min(s, n)], like.dtype)  # [B, 1, 1, min(S, n)]
+                    built[key] = _additive(
+                        base[..., : min(s, n)], like.dtype
+                    )  # [B, 1, 1, min(S, n)]
             else:
                 key = w
                 if key not in built:
-                    built[key] = _additive(base & sliding_band(q_index, s, w), like.dtype)  # [B, 1, T, S]
+                    built[key] = _additive(
+                        base & sliding_band(q_index, s, w), like.dtype
+                    )  # [B, 1, T, S]
             out[i] = built[key]
         return out
 
     def windows(self) -> dict[int, int]:
         """{layer: sliding window} of the sliding layers (for DynamicCache(windows=...))."""
-        return {i: layer.self_attn.window for i, layer in enumerate(self.model.layers) if layer.self_attn.window}
+        return {
+            i: layer.self_attn.window
+            for i, layer in enumerate(self.model.layers)
+            if layer.self_attn.window
+        }
 
     def router_logits(self) -> list[torch.Tensor]:
         """The router logits [N, E] of every sparse layer from the latest forward (empty for a dense model)."""
-        return [layer.mlp.router_logits for layer in self.model.layers
-                if getattr(layer.mlp, "router_logits", None) is not None]
+        return [
+            layer.mlp.router_logits
+            for layer in self.model.layers
+            if getattr(layer.mlp, "router_logits", None) is not None
+        ]
 
     def aux_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """The load-balancing loss of the latest forward, already weighted by `router_aux_loss_coef`; None for a
@@ -368,10 +447,13 @@ class Qwen3ForCausalLM(nn.Module):
         logits = self.router_logits()
         if not logits:
             return None
-        return self.config.router_aux_loss_coef * load_balancing_loss(logits, self.config.num_experts_per_tok,
-                                                                      token_mask)
+        return self.config.router_aux_loss_coef * load_balancing_loss(
+            logits, self.config.num_experts_per_tok, token_mask
+        )
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """bool mask (True = may attend) → additive float mask (0 / -inf), same shape."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf")
+    )

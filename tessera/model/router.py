@@ -49,40 +49,62 @@ from tessera.config import FlashConfig
 COMPRESS = 0  # class index of "compress this tile" in the router's softmax (released convention)
 KEEP = 1
 
-FLASH_PREFIXES = ("mlp2.", "pooling_before_gating.", "gating.")  # official top-level Flash-only keys
+FLASH_PREFIXES = (
+    "mlp2.",
+    "pooling_before_gating.",
+    "gating.",
+)  # official top-level Flash-only keys
 
 
 class CrossAttentionPooling(nn.Module):
     """Learned-query cross-attention over one tile's patch tokens → one vector per tile (released `pooling_before_gating`)."""
 
-    def __init__(self, vision_hidden: int, hidden: int = 0, num_heads: int = 16, num_queries: int = 1):
+    def __init__(
+        self, vision_hidden: int, hidden: int = 0, num_heads: int = 16, num_queries: int = 1
+    ):
         super().__init__()
         hidden = hidden or vision_hidden
         if hidden % num_heads:
-            raise ValueError(f"router hidden size {hidden} is not divisible by router_num_heads {num_heads}")
+            raise ValueError(
+                f"router hidden size {hidden} is not divisible by router_num_heads {num_heads}"
+            )
         if num_queries < 1:
             raise ValueError(f"router_num_queries must be >= 1, got {num_queries}")
         self.hidden, self.num_heads = hidden, num_heads
         if hidden != vision_hidden:
-            self.proj_in = nn.Linear(vision_hidden, hidden)  # Tessera extension, see the module docstring
+            self.proj_in = nn.Linear(
+                vision_hidden, hidden
+            )  # Tessera extension, see the module docstring
         self.query_token = nn.Parameter(torch.randn(num_queries, hidden))  # [Q, H]
-        for k in range(1, 5):  # all four exist in released checkpoints; the forward uses attn1 and attn2
+        for k in range(
+            1, 5
+        ):  # all four exist in released checkpoints; the forward uses attn1 and attn2
             setattr(self, f"attn{k}", nn.MultiheadAttention(hidden, num_heads, batch_first=True))
             setattr(self, f"norm{k}", nn.LayerNorm(hidden))
 
-    def _keys_values(self, attn: nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _keys_values(
+        self, attn: nn.MultiheadAttention, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of `attn` for tokens x [N,P,H] → two [N,heads,P,hd] (computed once, reused by repeated calls)."""
         N, P, H = x.shape
         w, b = attn.in_proj_weight, attn.in_proj_bias
         kv = F.linear(x, w[H:], b[H:])  # [N,P,2H]
-        kv = kv.view(N, P, 2, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)  # [2,N,heads,P,hd]
+        kv = kv.view(N, P, 2, self.num_heads, H // self.num_heads).permute(
+            2, 0, 3, 1, 4
+        )  # [2,N,heads,P,hd]
         return kv[0], kv[1]
 
-    def _attend(self, attn: nn.MultiheadAttention, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, attn: nn.MultiheadAttention, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         """nn.MultiheadAttention(query, X, X) with precomputed K, V: query [N,Q,H] → [N,Q,H]."""
         N, Q, H = query.shape
         w, b = attn.in_proj_weight, attn.in_proj_bias
-        q = F.linear(query, w[:H], b[:H]).view(N, Q, self.num_heads, H // self.num_heads).transpose(1, 2)  # [N,heads,Q,hd]
+        q = (
+            F.linear(query, w[:H], b[:H])
+            .view(N, Q, self.num_heads, H // self.num_heads)
+            .transpose(1, 2)
+        )  # [N,heads,Q,hd]
         out = F.scaled_dot_product_attention(q, k, v)  # [N,heads,Q,hd]
         out = out.transpose(1, 2).reshape(N, Q, H)  # [N,Q,H]
         return attn.out_proj(out)
@@ -90,7 +112,9 @@ class CrossAttentionPooling(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [N,P,Cv] (one tile per row, CLS removed) → pooled [N,H]."""
         if tokens.dim() != 3:
-            raise ValueError(f"router pooling expects tile tokens [N,P,C], got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"router pooling expects tile tokens [N,P,C], got shape {tuple(tokens.shape)}"
+            )
         x = self.proj_in(tokens) if hasattr(self, "proj_in") else tokens  # [N,P,H]
         if x.shape[-1] != self.hidden:
             raise ValueError(f"router pooling expects width {self.hidden}, got {x.shape[-1]}")
@@ -98,7 +122,9 @@ class CrossAttentionPooling(nn.Module):
         query = self.query_token.unsqueeze(0).expand(x.shape[0], -1, -1)  # [N,Q,H]
         k1, v1 = self._keys_values(self.attn1, x)
         h = self.norm1(self._attend(self.attn1, query, k1, v1))  # [N,Q,H]
-        k2, v2 = self._keys_values(self.attn2, x)  # the released forward applies attn2/norm2 three times
+        k2, v2 = self._keys_values(
+            self.attn2, x
+        )  # the released forward applies attn2/norm2 three times
         for _ in range(3):
             h = self.norm2(self._attend(self.attn2, h, k2, v2))  # [N,Q,H]
         return h.mean(dim=1)  # [N,H]; a plain squeeze when Q = 1 (released)
@@ -106,8 +132,14 @@ class CrossAttentionPooling(nn.Module):
 
 def _gating_block(hidden: int, expansion: int, dropout: float) -> nn.Sequential:
     # indices 0 / 3 / 5 carry weights: the released keys blockK.0, blockK.3, blockK.5
-    return nn.Sequential(nn.Linear(hidden, hidden * expansion), nn.GELU(), nn.Dropout(dropout),
-                         nn.Linear(hidden * expansion, hidden), nn.Dropout(dropout), nn.LayerNorm(hidden))
+    return nn.Sequential(
+        nn.Linear(hidden, hidden * expansion),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden * expansion, hidden),
+        nn.Dropout(dropout),
+        nn.LayerNorm(hidden),
+    )
 
 
 class Gating(nn.Module):
@@ -129,10 +161,14 @@ class Gating(nn.Module):
         return self.gate(x)  # [N,2]
 
 
-def build_router_parts(vision_hidden: int, flash: FlashConfig) -> tuple[CrossAttentionPooling, Gating]:
+def build_router_parts(
+    vision_hidden: int, flash: FlashConfig
+) -> tuple[CrossAttentionPooling, Gating]:
     """The two modules the VLM registers as `pooling_before_gating` and `gating`."""
     hidden = flash.router_hidden_size or vision_hidden
-    pooling = CrossAttentionPooling(vision_hidden, hidden, flash.router_num_heads, flash.router_num_queries)
+    pooling = CrossAttentionPooling(
+        vision_hidden, hidden, flash.router_num_heads, flash.router_num_queries
+    )
     return pooling, Gating(hidden, flash.router_num_blocks)
 
 
@@ -148,7 +184,7 @@ class VisualResolutionRouter(nn.Module):
         self.gating = gating
 
     @classmethod
-    def from_config(cls, vision_hidden: int, flash: FlashConfig) -> "VisualResolutionRouter":
+    def from_config(cls, vision_hidden: int, flash: FlashConfig) -> VisualResolutionRouter:
         return cls(*build_router_parts(vision_hidden, flash))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -185,16 +221,30 @@ def flash_official_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         parts = key.split(".")
         if parts[0] == "mlp2" and len(parts) == 3 and parts[1] in _MLP2_TO_HF:
             out[f"model.mlp2.{_MLP2_TO_HF[parts[1]]}.{parts[2]}"] = value
-        elif parts[0] == "pooling_before_gating" and len(parts) == 3 and parts[2] in ("in_proj_weight", "in_proj_bias"):
+        elif (
+            parts[0] == "pooling_before_gating"
+            and len(parts) == 3
+            and parts[2] in ("in_proj_weight", "in_proj_bias")
+        ):
             suffix = "weight" if parts[2] == "in_proj_weight" else "bias"
             q, k, v = value.chunk(3, dim=0)  # [3H,...] → three [H,...] in q, k, v order
             for name, part in (("query", q), ("key", k), ("value", v)):
                 out[f"model.pooling_before_gating.{parts[1]}.{name}.{suffix}"] = part.clone()
         elif parts[0] == "pooling_before_gating":
             out["model." + key] = value
-        elif parts[0] == "gating" and len(parts) == 4 and parts[1].startswith("block") and parts[2] in _BLOCK_TO_HF:
+        elif (
+            parts[0] == "gating"
+            and len(parts) == 4
+            and parts[1].startswith("block")
+            and parts[2] in _BLOCK_TO_HF
+        ):
             out[f"model.gating.{parts[1]}.{_BLOCK_TO_HF[parts[2]]}.{parts[3]}"] = value
-        elif parts[0] == "gating" and len(parts) == 4 and parts[1] == "gate" and parts[2] in _GATE_TO_HF:
+        elif (
+            parts[0] == "gating"
+            and len(parts) == 4
+            and parts[1] == "gate"
+            and parts[2] in _GATE_TO_HF
+        ):
             out[f"model.gating.{_GATE_TO_HF[parts[2]]}.{parts[3]}"] = value
         else:
             raise KeyError(f"not an official Flash key: {key!r}")
@@ -209,14 +259,23 @@ def flash_hf_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     for key, value in state.items():
         if not key.startswith("model."):
             raise KeyError(f"not a transformers Flash key: {key!r}")
-        parts = key[len("model."):].split(".")
+        parts = key[len("model.") :].split(".")
         if parts[0] == "mlp2" and len(parts) == 3 and parts[1] in mlp2:
             out[f"mlp2.{mlp2[parts[1]]}.{parts[2]}"] = value
-        elif parts[0] == "pooling_before_gating" and len(parts) == 4 and parts[2] in ("query", "key", "value"):
+        elif (
+            parts[0] == "pooling_before_gating"
+            and len(parts) == 4
+            and parts[2] in ("query", "key", "value")
+        ):
             pending.setdefault((parts[1], parts[3]), {})[parts[2]] = value
         elif parts[0] == "pooling_before_gating":
             out[".".join(parts)] = value
-        elif parts[0] == "gating" and len(parts) == 4 and parts[1].startswith("block") and parts[2] in block:
+        elif (
+            parts[0] == "gating"
+            and len(parts) == 4
+            and parts[1].startswith("block")
+            and parts[2] in block
+        ):
             out[f"gating.{parts[1]}.{block[parts[2]]}.{parts[3]}"] = value
         elif parts[0] == "gating" and len(parts) == 3 and parts[1] in gate:
             out[f"gating.gate.{gate[parts[1]]}.{parts[2]}"] = value
@@ -225,6 +284,10 @@ def flash_hf_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     for (attn, suffix), qkv in pending.items():
         missing = {"query", "key", "value"} - set(qkv)
         if missing:
-            raise KeyError(f"pooling_before_gating.{attn}.{suffix}: missing {sorted(missing)} of query/key/value")
-        out[f"pooling_before_gating.{attn}.in_proj_{suffix}"] = torch.cat([qkv["query"], qkv["key"], qkv["value"]], dim=0)
+            raise KeyError(
+                f"pooling_before_gating.{attn}.{suffix}: missing {sorted(missing)} of query/key/value"
+            )
+        out[f"pooling_before_gating.{attn}.in_proj_{suffix}"] = torch.cat(
+            [qkv["query"], qkv["key"], qkv["value"]], dim=0
+        )
     return out

@@ -10,7 +10,7 @@ Module attribute names are those of the official `modeling_intern_vit.py`, so of
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +56,10 @@ class InternVisionEmbeddings(nn.Module):
         self.config = config
         dim = config.hidden_size
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, dim))
-        self.patch_embedding = nn.Conv2d(config.num_channels, dim, kernel_size=config.patch_size, stride=config.patch_size)
-        self.position_embedding = nn.Parameter(torch.zeros(1, config.patches_per_side ** 2 + 1, dim))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, dim, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.position_embedding = nn.Parameter(torch.zeros(1, config.patches_per_side**2 + 1, dim))
 
     def _patch_positions(self, h: int, w: int) -> torch.Tensor:
         """Position embeddings of the patch grid h×w: the stored grid itself, or a bicubic resize of it."""
@@ -71,12 +73,16 @@ class InternVisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = self.patch_embedding.weight.dtype
-        pixels = pixel_values.to(self.patch_embedding.weight.device, dtype)  # [N, 3, S, S] on the model's device
+        pixels = pixel_values.to(
+            self.patch_embedding.weight.device, dtype
+        )  # [N, 3, S, S] on the model's device
         patches = self.patch_embedding(pixels)  # [N, C, h, w]
         n, _, h, w = patches.shape
         patches = patches.flatten(2).transpose(1, 2)  # [N, h*w, C]
         cls = self.class_embedding.expand(n, 1, -1).to(dtype)  # [N, 1, C]
-        pos = torch.cat([self.position_embedding[:, :1], self._patch_positions(h, w)], dim=1)  # [1, 1+h*w, C]
+        pos = torch.cat(
+            [self.position_embedding[:, :1], self._patch_positions(h, w)], dim=1
+        )  # [1, 1+h*w, C]
         return torch.cat([cls, patches], dim=1) + pos.to(dtype)  # [N, 1+P, C]
 
 
@@ -101,8 +107,12 @@ class InternAttention(nn.Module):
         qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, self.head_dim)  # [N, L, 3, H, hd]
         q, k, v = qkv.unbind(2)  # each [N, L, H, hd]
         if self.qk_normalization:
-            q = self.q_norm(q.flatten(-2)).view(n, length, self.num_heads, self.head_dim)  # [N, L, H, hd]
-            k = self.k_norm(k.flatten(-2)).view(n, length, self.num_heads, self.head_dim)  # [N, L, H, hd]
+            q = self.q_norm(q.flatten(-2)).view(
+                n, length, self.num_heads, self.head_dim
+            )  # [N, L, H, hd]
+            k = self.k_norm(k.flatten(-2)).view(
+                n, length, self.num_heads, self.head_dim
+            )  # [N, L, H, hd]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [N, H, L, hd]
         out = F.scaled_dot_product_attention(q, k, v)  # [N, H, L, hd]
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))  # [N, L, C]
@@ -139,7 +149,9 @@ class InternVisionEncoderLayer(nn.Module):
 class InternVisionEncoder(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(InternVisionEncoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            InternVisionEncoderLayer(config) for _ in range(config.num_layers)
+        )
         self.gradient_checkpointing = False
 
 
@@ -180,13 +192,19 @@ class InternVisionModel(nn.Module):
         """How many encoder layers produce hidden state `layer` (an index into L+1 hidden states)."""
         total = len(self.encoder.layers)
         if not -(total + 1) <= layer <= total:
-            raise ValueError(f"layer {layer} out of range for a ViT with {total} layers ({total + 1} hidden states)")
+            raise ValueError(
+                f"layer {layer} out of range for a ViT with {total} layers ({total + 1} hidden states)"
+            )
         return layer if layer >= 0 else total + 1 + layer
 
-    def hidden_states(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+    def hidden_states(
+        self, pixel_values: torch.Tensor, layers: Sequence[int]
+    ) -> list[torch.Tensor]:
         """Several hidden states from one pass, each [N, 1+P, C], in the order of `layers`."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(f"pixel_values must be [N, {self.config.num_channels}, S, S], got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must be [N, {self.config.num_channels}, S, S], got {tuple(pixel_values.shape)}"
+            )
         wanted = [self.num_layers_for(layer) for layer in layers]
         x = self.embeddings(pixel_values)  # [N, 1+P, C]
         found = {0: x}

@@ -12,7 +12,8 @@ exist when Flash is enabled; routing decisions come in as the `compress` mask or
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Union
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from tessera.model.vit import InternVisionModel
 
 # per-tile routing: None (all at 1/4), bool [N] (True → 1/16), or a hook: last-layer patch tokens [N, P, Cv] → bool [N]
 Compress = Union[torch.Tensor, Sequence[bool], Callable[[torch.Tensor], torch.Tensor], None]
+
 
 class VisionLanguageModel(nn.Module):
     """InternVL3.5. Submodules: `vision_model`, `mlp1`, `language_model`; with Flash also `mlp2` and the router's
@@ -55,9 +57,14 @@ class VisionLanguageModel(nn.Module):
         ref = next(self.mlp1.parameters())
         self.config.flash.enabled = True
         cv, cl = self.config.vision.hidden_size, self.config.language.hidden_size
-        self.mlp2 = make_mlp2(cv, cl, self.config.flash.compressed_downsample_ratio).to(ref.device, ref.dtype)
+        self.mlp2 = make_mlp2(cv, cl, self.config.flash.compressed_downsample_ratio).to(
+            ref.device, ref.dtype
+        )
         pooling, gating = build_router_parts(cv, self.config.flash)
-        self.pooling_before_gating, self.gating = pooling.to(ref.device, ref.dtype), gating.to(ref.device, ref.dtype)
+        self.pooling_before_gating, self.gating = (
+            pooling.to(ref.device, ref.dtype),
+            gating.to(ref.device, ref.dtype),
+        )
 
     # ---- small helpers -------------------------------------------------------------------------
 
@@ -98,8 +105,9 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"{p} patch tokens do not form a square grid")
         return patch_tokens.reshape(n, side, side, c)  # [N, P, Cv] → [N, h, w, Cv]
 
-    def project(self, grid: torch.Tensor, compress: torch.Tensor | Sequence[bool] | None = None
-                ) -> tuple[torch.Tensor, list[int]]:
+    def project(
+        self, grid: torch.Tensor, compress: torch.Tensor | Sequence[bool] | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """Pixel-shuffle and project ViT grids [N, h, w, Cv] tile by tile → (features [ΣT, D], tokens per tile)."""
         n = grid.shape[0]
         mask = self._compress_mask(compress, n, grid.device)
@@ -109,15 +117,21 @@ class VisionLanguageModel(nn.Module):
         keep_idx, comp_idx = (~mask).nonzero().flatten(), mask.nonzero().flatten()
         per_tile: list[torch.Tensor | None] = [None] * n
         if keep_idx.numel():
-            full = self._branch(grid[keep_idx], self.config.downsample_ratio, self.mlp1)  # [n1, t1, D]
+            full = self._branch(
+                grid[keep_idx], self.config.downsample_ratio, self.mlp1
+            )  # [n1, t1, D]
             for row, i in enumerate(keep_idx.tolist()):
                 per_tile[i] = full[row]
-        small = self._branch(grid[comp_idx], self.config.flash.compressed_downsample_ratio, self.mlp2)  # [n2, t2, D]
+        small = self._branch(
+            grid[comp_idx], self.config.flash.compressed_downsample_ratio, self.mlp2
+        )  # [n2, t2, D]
         for row, i in enumerate(comp_idx.tolist()):
             per_tile[i] = small[row]
         return torch.cat(per_tile, dim=0), [t.shape[0] for t in per_tile]  # [ΣT, D]
 
-    def encode_images(self, pixel_values: torch.Tensor, compress: Compress = None) -> tuple[torch.Tensor, list[int]]:
+    def encode_images(
+        self, pixel_values: torch.Tensor, compress: Compress = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """Tiles [N, 3, S, S] → (features [ΣT, D] in tile order, tokens per tile). compress[i] → tile i at 1/16.
 
         `compress` may be a callable (the router hook of tessera.routing): it receives the last-layer patch tokens
@@ -127,7 +141,9 @@ class VisionLanguageModel(nn.Module):
         if not callable(compress):
             return self.project(self.vision_tokens(pixel_values), compress)
         # one ViT pass gives both the select_layer tokens (projected) and the last-layer tokens (routed)
-        selected, last = self.vision_model.hidden_states(pixel_values, [self.config.select_layer, -1])  # [N, 1+P, Cv]
+        selected, last = self.vision_model.hidden_states(
+            pixel_values, [self.config.select_layer, -1]
+        )  # [N, 1+P, Cv]
         grid = self._grid(selected[:, 1:])  # [N, h, w, Cv]
         compress = compress(last[:, 1:])  # [N, P, Cv] → bool [N]
         return self.project(grid, compress)
@@ -142,34 +158,55 @@ class VisionLanguageModel(nn.Module):
             return torch.zeros(n, dtype=torch.bool, device=device)
         mask = torch.as_tensor(compress, device=device)
         if mask.dtype != torch.bool or mask.shape != (n,):
-            raise ValueError(f"compress must be a bool tensor of shape [{n}] (one per tile), got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"compress must be a bool tensor of shape [{n}] (one per tile), got {mask.dtype} {tuple(mask.shape)}"
+            )
         if bool(mask.any()) and not hasattr(self, "mlp2"):
-            raise ValueError("compress asks for the 1/16 branch but this model has no mlp2 (config.flash.enabled is False)")
+            raise ValueError(
+                "compress asks for the 1/16 branch but this model has no mlp2 (config.flash.enabled is False)"
+            )
         return mask
 
     # ---- language ------------------------------------------------------------------------------
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token embeddings [B, T, D] with image features spliced in, in order, at the <IMG_CONTEXT> positions."""
-        input_ids = input_ids.to(self.device)  # prompts are built on the CPU; the model may be on a GPU
+        input_ids = input_ids.to(
+            self.device
+        )  # prompts are built on the CPU; the model may be on a GPU
         embeds = self.language_model.embed_tokens(input_ids)  # [B, T, D]
         slots = input_ids == self.config.image_context_token_id  # [B, T]
         n_slots = int(slots.sum())
         n_rows = 0 if image_features is None else image_features.shape[0]
         if n_slots != n_rows:
-            raise ValueError(f"the prompt has {n_slots} <IMG_CONTEXT> tokens (id {self.config.image_context_token_id}) "
-                             f"but {n_rows} image feature rows were given")
+            raise ValueError(
+                f"the prompt has {n_slots} <IMG_CONTEXT> tokens (id {self.config.image_context_token_id}) "
+                f"but {n_rows} image feature rows were given"
+            )
         if image_features is None:
             return embeds
         if n_rows == 0:  # no rows but a graph (FSDP runs the vision tower on every rank): keep it
             return embeds + image_features.sum() if image_features.requires_grad else embeds  # + 0
         if image_features.dim() != 2 or image_features.shape[1] != embeds.shape[-1]:
-            raise ValueError(f"image_features must be [rows, {embeds.shape[-1]}], got {tuple(image_features.shape)}")
-        return embeds.masked_scatter(slots[..., None], image_features.to(embeds.device, embeds.dtype))  # [B, T, D]
+            raise ValueError(
+                f"image_features must be [rows, {embeds.shape[-1]}], got {tuple(image_features.shape)}"
+            )
+        return embeds.masked_scatter(
+            slots[..., None], image_features.to(embeds.device, embeds.dtype)
+        )  # [B, T, D]
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, cache=None, compress: Compress = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache=None,
+        compress: Compress = None,
+    ) -> torch.Tensor:
         """Logits [B, T, V]. Give either `pixel_values` (encoded here, with `compress`) or `image_features`."""
         if pixel_values is not None:
             if image_features is not None:

@@ -20,15 +20,24 @@ import hmac
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessera.serve.language_server import Generation, LanguageServer
-from tessera.serve.schema import (APIError, ChatCompletionRequest, chunk_body, completion_body, completion_id,
-                                  message_body, parse_request, usage)
+from tessera.serve.schema import (
+    APIError,
+    ChatCompletionRequest,
+    chunk_body,
+    completion_body,
+    completion_id,
+    message_body,
+    parse_request,
+    usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +53,9 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
         finally:
             await server.stop()
 
-    app = FastAPI(title="Tessera", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="Tessera", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.server = server
     model_name = server.options.model_name
 
@@ -82,8 +93,13 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
     async def _auth(request: Request, call_next):
         if api_key and request.url.path != "/health":
             if not authorised(request):
-                return error_response(APIError(401, "invalid or missing API key (expected 'Authorization: Bearer <key>')",
-                                               code="invalid_api_key"))
+                return error_response(
+                    APIError(
+                        401,
+                        "invalid or missing API key (expected 'Authorization: Bearer <key>')",
+                        code="invalid_api_key",
+                    )
+                )
         try:
             return await call_next(request)
         except Exception as e:  # answered here: Starlette's last resort drops the connection
@@ -95,8 +111,11 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
         status = server.status()
         alive = server.alive()
         v = status["vision"]
-        body = {"status": "ok" if alive else "engine_down", "engine": {"running": status["engine"].running,
-                "waiting": status["engine"].waiting}, "vision": v}
+        body = {
+            "status": "ok" if alive else "engine_down",
+            "engine": {"running": status["engine"].running, "waiting": status["engine"].waiting},
+            "vision": v,
+        }
         if alive and v.get("workers_total", 0) and v.get("workers_alive", 0) < v["workers_total"]:
             body["status"] = "degraded"
         if not authorised(request):
@@ -105,26 +124,44 @@ def build_app(server: LanguageServer, api_key: str | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(server.metrics.render(server.status()), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(
+            server.metrics.render(server.status()), media_type="text/plain; version=0.0.4"
+        )
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "tessera"}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "tessera",
+                }
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         data = await read_json(request, server.options.max_body_bytes)
         req = parse_request(data)
         if req.model is not None and req.model != model_name:
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model '{req.model}' does not exist; this server serves '{model_name}'",
+                param="model",
+                code="model_not_found",
+            )
         prepared = await server.prepare(req)
         gen = server.generate(prepared, req)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(gen, req, model_name, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _sse(gen, req, model_name, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         return await _complete(gen, req, model_name)
 
     return app
@@ -134,28 +171,41 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     """The body as JSON, within the size, media type and depth limits (413 / 415 / 400)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-        raise APIError(415, f"the request body must be application/json, not {ctype!r}",
-                       code="unsupported_media_type")
+        raise APIError(
+            415,
+            f"the request body must be application/json, not {ctype!r}",
+            code="unsupported_media_type",
+        )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(413, f"the request body has {declared} bytes, over the {max_bytes} allowed",
-                       code="request_too_large")
+        raise APIError(
+            413,
+            f"the request body has {declared} bytes, over the {max_bytes} allowed",
+            code="request_too_large",
+        )
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > max_bytes:
-            raise APIError(413, f"the request body is larger than the {max_bytes} bytes allowed",
-                           code="request_too_large")
+            raise APIError(
+                413,
+                f"the request body is larger than the {max_bytes} bytes allowed",
+                code="request_too_large",
+            )
     try:
         data, too_deep = json.loads(raw), False
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}",
-                       code="invalid_json") from None
+        raise APIError(
+            400, f"the request body is not valid JSON: {e}", code="invalid_json"
+        ) from None
     except RecursionError:  # the decoder's own guard (about 1000 levels)
         data, too_deep = None, True
     if too_deep or json_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise APIError(400, f"the request body nests arrays/objects deeper than {MAX_JSON_DEPTH}",
-                       code="invalid_json")
+        raise APIError(
+            400,
+            f"the request body nests arrays/objects deeper than {MAX_JSON_DEPTH}",
+            code="invalid_json",
+        )
     return data
 
 
@@ -189,18 +239,35 @@ async def _complete(gen: Generation, req: ChatCompletionRequest, model: str) -> 
             reasonings[ev.index] += ev.delta.reasoning
             if ev.finish_reason:
                 reasons[ev.index] = ev.finish_reason
-    choices = [{"index": i, "message": message_body(texts[i], reasonings[i].strip() if gen.prepared.thinking else None),
-                "finish_reason": reasons[i], "logprobs": None} for i in range(n)]
+    choices = [
+        {
+            "index": i,
+            "message": message_body(
+                texts[i], reasonings[i].strip() if gen.prepared.thinking else None
+            ),
+            "finish_reason": reasons[i],
+            "logprobs": None,
+        }
+        for i in range(n)
+    ]
     p = gen.prepared
-    return completion_body(completion_id(), model, choices,
-                           usage(len(p.prompt_ids), sum(gen.completion_tokens), p.visual_tokens, p.visual_tokens_saved))
+    return completion_body(
+        completion_id(),
+        model,
+        choices,
+        usage(
+            len(p.prompt_ids), sum(gen.completion_tokens), p.visual_tokens, p.visual_tokens_saved
+        ),
+    )
 
 
 def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(gen: Generation, req: ChatCompletionRequest, model: str, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(
+    gen: Generation, req: ChatCompletionRequest, model: str, include_usage: bool
+) -> AsyncIterator[str]:
     """OpenAI's stream: a role chunk per choice, content deltas, a finish chunk per choice, [usage], [DONE]."""
     cid, created = completion_id(), int(time.time())
 
@@ -208,11 +275,22 @@ async def _sse(gen: Generation, req: ChatCompletionRequest, model: str, include_
         return _data(chunk_body(cid, model, created, choices, use, with_usage_field=include_usage))
 
     for i in range(len(gen.ids)):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        yield chunk(
+            [
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
     async with contextlib.aclosing(gen.events()) as events:
         async for ev in events:
             if ev.finish_reason == "error":
-                yield _data(APIError(500, f"generation failed: {ev.error}", code="generation_error").body())
+                yield _data(
+                    APIError(500, f"generation failed: {ev.error}", code="generation_error").body()
+                )
                 break
             delta = {}
             if ev.delta.reasoning:
@@ -220,11 +298,35 @@ async def _sse(gen: Generation, req: ChatCompletionRequest, model: str, include_
             if ev.delta.content:
                 delta["content"] = ev.delta.content
             if delta:
-                yield chunk([{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}])
+                yield chunk(
+                    [{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}]
+                )
             if ev.finish_reason:
-                yield chunk([{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}])
+                yield chunk(
+                    [
+                        {
+                            "index": ev.index,
+                            "delta": {},
+                            "logprobs": None,
+                            "finish_reason": ev.finish_reason,
+                        }
+                    ]
+                )
     if include_usage:
         p = gen.prepared
-        yield _data(chunk_body(cid, model, created, [], usage(len(p.prompt_ids), sum(gen.completion_tokens),
-                                                              p.visual_tokens, p.visual_tokens_saved), True))
+        yield _data(
+            chunk_body(
+                cid,
+                model,
+                created,
+                [],
+                usage(
+                    len(p.prompt_ids),
+                    sum(gen.completion_tokens),
+                    p.visual_tokens,
+                    p.visual_tokens_saved,
+                ),
+                True,
+            )
+        )
     yield "data: [DONE]\n\n"

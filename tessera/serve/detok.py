@@ -29,18 +29,18 @@ class _Stream:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        before = self.decode(self.ids[self.prefix:self.read])
-        now = self.decode(self.ids[self.prefix:])
+        before = self.decode(self.ids[self.prefix : self.read])
+        now = self.decode(self.ids[self.prefix :])
         if len(now) > len(before) and not now.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
-            return now[len(before):]
+            return now[len(before) :]
         return ""
 
     def flush(self) -> str:
-        before = self.decode(self.ids[self.prefix:self.read])
-        now = self.decode(self.ids[self.prefix:])
+        before = self.decode(self.ids[self.prefix : self.read])
+        now = self.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return now[len(before):] if len(now) > len(before) else ""
+        return now[len(before) :] if len(now) > len(before) else ""
 
 
 class StopMatcher:
@@ -98,7 +98,9 @@ class TextAssembler:
         self.content = ""  # everything accepted so far (after stop-string trimming)
         self.reasoning = ""
         self._pending = ""  # answer text held back because it may begin a stop string
-        self._lead = True  # strip the whitespace that follows </think> (and leads a reasoning block)
+        self._lead = (
+            True  # strip the whitespace that follows </think> (and leads a reasoning block)
+        )
         self._rlead = True
         self.stopped = False
 
@@ -134,7 +136,7 @@ class TextAssembler:
         if final:
             # the newline before </think> belongs to the format, not the reasoning
             full = (self.reasoning + text).rstrip()
-            text = full[len(self.reasoning):] if len(full) >= len(self.reasoning) else ""
+            text = full[len(self.reasoning) :] if len(full) >= len(self.reasoning) else ""
         self.reasoning += text
         return text
 
@@ -157,6 +159,6 @@ class TextAssembler:
                     self.content += buf
                     return Delta(content=buf, stopped=True)
         hold = max(m.state for m in self._matchers)  # <= len(buf): what may still become a stop
-        out, self._pending = buf[: len(buf) - hold], buf[len(buf) - hold:]
+        out, self._pending = buf[: len(buf) - hold], buf[len(buf) - hold :]
         self.content += out
         return Delta(content=out)

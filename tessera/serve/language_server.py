@@ -14,8 +14,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -26,8 +27,13 @@ from tessera.serve.metrics import Metrics
 from tessera.serve.prompt import Conversation, read_conversation, render_prompt
 from tessera.serve.protocol import EncodedImage
 from tessera.serve.schema import APIError, ChatCompletionRequest
-from tessera.serve.vision import (MAX_BATCH_TILES, PreparedJob, VisionEncoder, VisionInputError,
-                                  VisionUnavailable)
+from tessera.serve.vision import (
+    MAX_BATCH_TILES,
+    PreparedJob,
+    VisionEncoder,
+    VisionInputError,
+    VisionUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ def longest_token_chars(tokenizer) -> int | None:
     except Exception:
         return None
     return max((len(t) for t in vocab), default=None)
+
 
 class EventPump:
     """Hands token events from the engine thread to the requests' asyncio queues with one loop wake-up per burst.
@@ -100,7 +107,9 @@ def _text_chars(req: ChatCompletionRequest, text_only: bool = False) -> int:
 class VisionBackend(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-    async def encode(self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None) -> list[EncodedImage]: ...
+    async def encode(
+        self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None
+    ) -> list[EncodedImage]: ...
     def status(self) -> dict: ...
 
 
@@ -119,7 +128,9 @@ class ServeOptions:
     default_routing: str = "full"
     default_max_tokens: int = 512
     vision_timeout: float = 120.0
-    compile: bool = False  # decode steps through torch.compile, graphs built at start (Engine.warmup)
+    compile: bool = (
+        False  # decode steps through torch.compile, graphs built at start (Engine.warmup)
+    )
 
 
 class CoupledVision:
@@ -134,7 +145,9 @@ class CoupledVision:
         self.encoder = encoder
         self.max_batch_tiles = max_batch_tiles
         self.engine: Engine | None = None  # set by the LanguageServer
-        self._pending: collections.deque[tuple[PreparedJob, concurrent.futures.Future]] = collections.deque()
+        self._pending: collections.deque[tuple[PreparedJob, concurrent.futures.Future]] = (
+            collections.deque()
+        )
         self._lock = threading.Lock()
         self._scheduled = False
 
@@ -148,8 +161,12 @@ class CoupledVision:
         """Run fn where the vision compute belongs: the engine thread, between steps."""
         self.engine.call_in_loop(fn)
 
-    async def encode(self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None) -> list[EncodedImage]:
-        job = await asyncio.to_thread(self.encoder.prepare, images, routing, max_tiles)  # decode + tile
+    async def encode(
+        self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None
+    ) -> list[EncodedImage]:
+        job = await asyncio.to_thread(
+            self.encoder.prepare, images, routing, max_tiles
+        )  # decode + tile
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             self._pending.append((job, fut))
@@ -162,7 +179,9 @@ class CoupledVision:
         """One ViT batch of the waiting jobs (up to max_batch_tiles tiles; the rest in the next call)."""
         with self._lock:
             batch, tiles = [], 0
-            while self._pending and (not batch or tiles + self._pending[0][0].num_tiles <= self.max_batch_tiles):
+            while self._pending and (
+                not batch or tiles + self._pending[0][0].num_tiles <= self.max_batch_tiles
+            ):
                 batch.append(self._pending.popleft())
                 tiles += batch[-1][0].num_tiles
             more = bool(self._pending)
@@ -171,7 +190,9 @@ class CoupledVision:
             self._submit(self._run_pending)
         try:
             results = self.encoder.run([job for job, _ in batch])
-        except Exception as e:  # the whole batch failed (e.g. a routing setup error): every request hears it
+        except (
+            Exception
+        ) as e:  # the whole batch failed (e.g. a routing setup error): every request hears it
             results = [e] * len(batch)
         for (_, fut), result in zip(batch, results):
             if isinstance(result, Exception):
@@ -181,7 +202,13 @@ class CoupledVision:
 
     def status(self) -> dict:
         c = self.encoder.cache
-        return {"mode": "coupled", "workers_alive": 1, "workers_total": 1, "cache_hits": c.hits, "cache_entries": len(c)}
+        return {
+            "mode": "coupled",
+            "workers_alive": 1,
+            "workers_total": 1,
+            "cache_hits": c.hits,
+            "cache_entries": len(c),
+        }
 
 
 @dataclass
@@ -217,7 +244,7 @@ class ChoiceEvent:
 class Generation:
     """The n sequences of one request, merged into one event stream."""
 
-    server: "LanguageServer"
+    server: LanguageServer
     prepared: Prepared
     ids: list[str]
     queue: asyncio.Queue
@@ -240,7 +267,9 @@ class Generation:
                     self.completion_tokens[i] += 1
                     if self.first_token_at is None:
                         self.first_token_at = time.monotonic()
-                        self.server.metrics.observe_ttft(self.first_token_at - self.prepared.arrival)
+                        self.server.metrics.observe_ttft(
+                            self.first_token_at - self.prepared.arrival
+                        )
                     if not (ev.finished and ev.finish_reason == "stop"):
                         try:
                             delta = asm.push(ev.token_id)
@@ -249,7 +278,9 @@ class Generation:
                             yield ChoiceEvent(i, Delta(), "error", _detok_failed(e))
                             return
                 reason = ev.finish_reason if ev.finished else None
-                if delta.stopped:  # a stop string: this choice ends here, whatever the engine does next
+                if (
+                    delta.stopped
+                ):  # a stop string: this choice ends here, whatever the engine does next
                     if not ev.finished:
                         self.server.engine.abort(ev.request_id)
                     reason = "stop"
@@ -260,7 +291,9 @@ class Generation:
                         log.exception("detokenising %s failed", ev.request_id)
                         yield ChoiceEvent(i, Delta(), "error", _detok_failed(e))
                         return
-                    delta = Delta(delta.content + tail.content, delta.reasoning + tail.reasoning, True)
+                    delta = Delta(
+                        delta.content + tail.content, delta.reasoning + tail.reasoning, True
+                    )
                     open_.discard(i)
                 yield ChoiceEvent(i, delta, reason, ev.error)
         finally:
@@ -271,14 +304,22 @@ class Generation:
 class LanguageServer:
     def __init__(self, model, vision: VisionBackend | None, options: ServeOptions | None = None):
         if getattr(model, "tokenizer", None) is None:
-            raise ValueError("the model has no tokenizer; load it with tessera.load(checkpoint_dir)")
+            raise ValueError(
+                "the model has no tokenizer; load it with tessera.load(checkpoint_dir)"
+            )
         self.options = opts = options or ServeOptions()
         self.model = model.eval()
         self.tokenizer = model.tokenizer
         lm_cfg = model.config.language
         self.max_len = opts.max_len or min(lm_cfg.max_position_embeddings, 4096)
-        self.engine = Engine(model.language_model, max_batch=opts.max_batch, max_len=self.max_len,
-                             max_waiting=opts.max_waiting, embed_fn=model.embed, compile=opts.compile)
+        self.engine = Engine(
+            model.language_model,
+            max_batch=opts.max_batch,
+            max_len=self.max_len,
+            max_waiting=opts.max_waiting,
+            embed_fn=model.embed,
+            compile=opts.compile,
+        )
         self.vision = vision
         if isinstance(vision, CoupledVision):
             vision.engine = self.engine
@@ -288,12 +329,15 @@ class LanguageServer:
         self.stop_ids = frozenset({self.tokenizer.im_end_id, self.tokenizer.pad_id})
         longest = longest_token_chars(self.tokenizer)
         # text longer than this cannot fit the context whatever it says: refused before tokenising
-        self.max_prompt_chars = (None if longest is None
-                                 else self.max_len * longest * NORMALISATION_MARGIN)
+        self.max_prompt_chars = (
+            None if longest is None else self.max_len * longest * NORMALISATION_MARGIN
+        )
 
     async def start(self) -> None:
         if self.options.compile:
-            await asyncio.to_thread(self.engine.warmup)  # compile before the first request, not during it
+            await asyncio.to_thread(
+                self.engine.warmup
+            )  # compile before the first request, not during it
         self.engine.start()
         if self.vision is not None:
             await self.vision.start()
@@ -315,12 +359,21 @@ class LanguageServer:
         # long text (and base64 images) is read and tokenised on a worker thread: the loop serves on
         chars = _text_chars(req, text_only=True)
         if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
-            raise APIError(400, f"this model's context is {self.max_len} tokens; the messages' "
-                                f"{chars} characters need more", param="messages",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"this model's context is {self.max_len} tokens; the messages' "
+                f"{chars} characters need more",
+                param="messages",
+                code="context_length_exceeded",
+            )
         off_loop = _text_chars(req) > OFF_LOOP_CHARS
-        read = (read_conversation, req, opts.max_images, opts.max_image_bytes,
-                opts.allow_remote_images)
+        read = (
+            read_conversation,
+            req,
+            opts.max_images,
+            opts.max_image_bytes,
+            opts.allow_remote_images,
+        )
         conv = await asyncio.to_thread(*read) if off_loop else read[0](*read[1:])
         images = await self._encode_images(conv, req) if conv.images else []
         thinking = req.thinking_enabled
@@ -333,34 +386,63 @@ class LanguageServer:
         limit = req.token_limit
         if room < 1 or (limit is not None and limit > room):
             asked = f" + max_tokens ({limit})" if limit is not None else ""
-            raise APIError(400, f"this model's context is {self.max_len} tokens; the prompt has {len(prompt)}{asked}",
-                           param="messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"this model's context is {self.max_len} tokens; the prompt has {len(prompt)}{asked}",
+                param="messages",
+                code="context_length_exceeded",
+            )
         features = torch.cat([im.features for im in images]) if images else None  # [ΣT, D]
-        return Prepared(uuid.uuid4().hex[:16], prompt, features, images, thinking,
-                        limit or min(opts.default_max_tokens, room), arrival)
+        return Prepared(
+            uuid.uuid4().hex[:16],
+            prompt,
+            features,
+            images,
+            thinking,
+            limit or min(opts.default_max_tokens, room),
+            arrival,
+        )
 
-    async def _encode_images(self, conv: Conversation, req: ChatCompletionRequest) -> list[EncodedImage]:
+    async def _encode_images(
+        self, conv: Conversation, req: ChatCompletionRequest
+    ) -> list[EncodedImage]:
         if self.vision is None:
-            raise APIError(400, "this server has no vision backend; send text only", param="messages")
+            raise APIError(
+                400, "this server has no vision backend; send text only", param="messages"
+            )
         opts = self.options
         if self.vision_inflight >= opts.max_vision_inflight:
             self.metrics.rejected += 1
-            raise APIError(429, f"{self.vision_inflight} image requests are already being encoded; retry later",
-                           code="rate_limit_exceeded")
-        blobs = [ref.data if ref.data is not None else await self._fetch(ref.url, ref.param) for ref in conv.images]
+            raise APIError(
+                429,
+                f"{self.vision_inflight} image requests are already being encoded; retry later",
+                code="rate_limit_exceeded",
+            )
+        blobs = [
+            ref.data if ref.data is not None else await self._fetch(ref.url, ref.param)
+            for ref in conv.images
+        ]
         try:
-            routing = RoutingPolicy(req.routing or opts.default_routing, budget=req.visual_token_budget)
+            routing = RoutingPolicy(
+                req.routing or opts.default_routing, budget=req.visual_token_budget
+            )
         except ValueError as e:
             raise APIError(400, str(e), param="routing") from None
         self.vision_inflight += 1
         try:
-            images = await asyncio.wait_for(self.vision.encode(blobs, routing, req.max_tiles), opts.vision_timeout)
+            images = await asyncio.wait_for(
+                self.vision.encode(blobs, routing, req.max_tiles), opts.vision_timeout
+            )
         except VisionInputError as e:
             raise APIError(e.status, str(e), param=e.param, code="invalid_image") from None
         except VisionUnavailable as e:
             raise APIError(503, f"vision is unavailable: {e}", code="vision_unavailable") from None
         except asyncio.TimeoutError:
-            raise APIError(503, f"vision did not answer within {opts.vision_timeout:.0f} s", code="vision_timeout") from None
+            raise APIError(
+                503,
+                f"vision did not answer within {opts.vision_timeout:.0f} s",
+                code="vision_timeout",
+            ) from None
         finally:
             self.vision_inflight -= 1
         self.metrics.record_images(images)
@@ -371,17 +453,23 @@ class LanguageServer:
 
         limit = self.options.max_image_bytes
         try:
-            async with httpx.AsyncClient(timeout=self.options.remote_fetch_timeout, follow_redirects=True) as client:
+            async with httpx.AsyncClient(
+                timeout=self.options.remote_fetch_timeout, follow_redirects=True
+            ) as client:
                 async with client.stream("GET", url) as r:
                     r.raise_for_status()
                     data = bytearray()
                     async for chunk in r.aiter_bytes():
                         data += chunk
                         if len(data) > limit:
-                            raise APIError(413, f"image at {url} is larger than {limit} bytes", param=param)
+                            raise APIError(
+                                413, f"image at {url} is larger than {limit} bytes", param=param
+                            )
                     return bytes(data)
         except httpx.HTTPError as e:
-            raise APIError(400, f"could not fetch {url}: {e}", param=param, code="image_fetch_failed") from None
+            raise APIError(
+                400, f"could not fetch {url}: {e}", param=param, code="image_fetch_failed"
+            ) from None
 
     # ---- prepared → tokens --------------------------------------------------------------------------------
 
@@ -398,21 +486,37 @@ class LanguageServer:
         try:
             for i, rid in enumerate(ids):
                 seed = None if req.seed is None else (req.seed + i) % 2**64  # choice i: next seed
-                params = SamplingParams(max_tokens=prepared.max_tokens, temperature=temperature,
-                                        top_p=1.0 if req.top_p is None else req.top_p, seed=seed,
-                                        stop_ids=frozenset() if req.ignore_eos else self.stop_ids)
-                self.engine.submit(GenerationRequest(rid, prepared.prompt_ids, params, on_event, prepared.features,
-                                                     prepared.arrival))
+                params = SamplingParams(
+                    max_tokens=prepared.max_tokens,
+                    temperature=temperature,
+                    top_p=1.0 if req.top_p is None else req.top_p,
+                    seed=seed,
+                    stop_ids=frozenset() if req.ignore_eos else self.stop_ids,
+                )
+                self.engine.submit(
+                    GenerationRequest(
+                        rid,
+                        prepared.prompt_ids,
+                        params,
+                        on_event,
+                        prepared.features,
+                        prepared.arrival,
+                    )
+                )
                 submitted.append(rid)
         except EngineFull as e:
             for rid in submitted:
                 self.engine.abort(rid)
             self.metrics.rejected += 1
-            raise APIError(429, f"the server is at capacity ({e}); retry later", code="rate_limit_exceeded") from None
+            raise APIError(
+                429, f"the server is at capacity ({e}); retry later", code="rate_limit_exceeded"
+            ) from None
         except ValueError as e:
             for rid in submitted:
                 self.engine.abort(rid)
-            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+            raise APIError(
+                400, str(e), param="max_tokens", code="context_length_exceeded"
+            ) from None
         self.metrics.requests += 1
         self.metrics.prompt_tokens += len(prepared.prompt_ids)
         assemblers = [TextAssembler(self.tokenizer, prepared.thinking, req.stop) for _ in ids]
@@ -420,5 +524,9 @@ class LanguageServer:
 
     def status(self) -> dict:
         s = self.engine.snapshot()
-        v = self.vision.status() if self.vision is not None else {"mode": "none", "workers_alive": 0, "workers_total": 0}
+        v = (
+            self.vision.status()
+            if self.vision is not None
+            else {"mode": "none", "workers_alive": 0, "workers_total": 0}
+        )
         return {"engine": s, "vision": v, "vision_inflight": self.vision_inflight}

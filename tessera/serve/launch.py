@@ -35,7 +35,9 @@ class Topology:
     max_batch_tiles: int = MAX_BATCH_TILES
     max_wait_ms: float = MAX_WAIT_MS
     heartbeat_timeout: float = 10.0  # a vision worker silent this long is down (503; restart)
-    vision_dtype: str = "float32"  # float32 | bfloat16: precision of the vision side, in either topology
+    vision_dtype: str = (
+        "float32"  # float32 | bfloat16: precision of the vision side, in either topology
+    )
     device: str = "cpu"  # the language server's torch device (and the vision side's when coupled)
     dtype: str | None = None  # the language model's weights (None: as stored)
     vision_device: str = "cpu"  # decoupled: the local vision workers' device
@@ -47,9 +49,13 @@ class Topology:
         if self.mode == "coupled" and (self.vision_workers or self.vision_servers):
             raise ValueError("--vision-workers / --vision-server need --mode decoupled")
         if self.mode == "decoupled" and not (self.vision_workers or self.vision_servers):
-            raise ValueError("--mode decoupled needs --vision-workers N (local) and/or --vision-server tcp://HOST:PORT")
+            raise ValueError(
+                "--mode decoupled needs --vision-workers N (local) and/or --vision-server tcp://HOST:PORT"
+            )
         if self.language_backend not in ("tessera", "vllm"):
-            raise ValueError(f"language backend must be tessera or vllm, got {self.language_backend!r}")
+            raise ValueError(
+                f"language backend must be tessera or vllm, got {self.language_backend!r}"
+            )
         if self.vision_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"vision dtype must be float32 or bfloat16, got {self.vision_dtype!r}")
         for e in self.vision_servers:
@@ -57,15 +63,24 @@ class Topology:
                 raise ValueError(f"vision server address {e!r} must look like tcp://HOST:PORT")
 
 
-def build_server(checkpoint: str, topology: Topology, options: ServeOptions | None = None,
-                 limits: VisionLimits | None = None, model=None, vllm=None) -> LanguageServer:
+def build_server(
+    checkpoint: str,
+    topology: Topology,
+    options: ServeOptions | None = None,
+    limits: VisionLimits | None = None,
+    model=None,
+    vllm=None,
+) -> LanguageServer:
     """A LanguageServer for the topology. `model` (already loaded from `checkpoint`) skips loading it again.
     With `topology.language_backend == "vllm"`, a vLLM server runs the LLM (`vllm`: its VLLMOptions) and
     coupled vision runs on a worker thread of this process."""
     topology.validate()
     if model is None:
-        model = tessera.load(checkpoint, device=topology.device,
-                             dtype=getattr(torch, topology.dtype) if topology.dtype else None)
+        model = tessera.load(
+            checkpoint,
+            device=topology.device,
+            dtype=getattr(torch, topology.dtype) if topology.dtype else None,
+        )
     limits = limits or VisionLimits()
     vllm_backend = topology.language_backend == "vllm"
     if topology.mode == "coupled":
@@ -75,13 +90,26 @@ def build_server(checkpoint: str, topology: Topology, options: ServeOptions | No
         else:
             vision = CoupledVision(encoder, topology.max_batch_tiles)
     else:
-        spec = LocalWorkerSpec(str(checkpoint), topology.worker_threads, topology.max_batch_tiles, topology.max_wait_ms,
-                               limits.cache_entries, topology.vision_dtype, device=str(topology.vision_device))
-        vision = RemoteVision(topology.vision_servers, spec, topology.vision_workers,
-                              heartbeat=min(1.0, topology.heartbeat_timeout / 4),
-                              heartbeat_timeout=topology.heartbeat_timeout)
+        spec = LocalWorkerSpec(
+            str(checkpoint),
+            topology.worker_threads,
+            topology.max_batch_tiles,
+            topology.max_wait_ms,
+            limits.cache_entries,
+            topology.vision_dtype,
+            device=str(topology.vision_device),
+        )
+        vision = RemoteVision(
+            topology.vision_servers,
+            spec,
+            topology.vision_workers,
+            heartbeat=min(1.0, topology.heartbeat_timeout / 4),
+            heartbeat_timeout=topology.heartbeat_timeout,
+        )
     if vllm_backend:
-        return build_vllm_server(checkpoint, model, vision, options or ServeOptions(), vllm or VLLMOptions())
+        return build_vllm_server(
+            checkpoint, model, vision, options or ServeOptions(), vllm or VLLMOptions()
+        )
     return LanguageServer(model, vision, options)
 
 
@@ -95,16 +123,26 @@ class LocalServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.host, self.port = self.sock.getsockname()
-        config = uvicorn.Config(self.app, log_level="warning", loop="asyncio", lifespan="on", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            loop="asyncio",
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+        )
         self.uvicorn = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]}, daemon=True,
-                                       name="tessera-api")
+        self.thread = threading.Thread(
+            target=self.uvicorn.run,
+            kwargs={"sockets": [self.sock]},
+            daemon=True,
+            name="tessera-api",
+        )
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 180.0) -> "LocalServer":
+    def start(self, timeout: float = 180.0) -> LocalServer:
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.uvicorn.started:
@@ -121,16 +159,24 @@ class LocalServer:
         self.thread.join(timeout)
         self.sock.close()
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def serve(checkpoint: str, topology: Topology, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, threads: int | None = None, limits: VisionLimits | None = None,
-          vllm=None) -> int:
+def serve(
+    checkpoint: str,
+    topology: Topology,
+    options: ServeOptions,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    threads: int | None = None,
+    limits: VisionLimits | None = None,
+    vllm=None,
+) -> int:
     """Run the API in the foreground until interrupted."""
     if threads:
         torch.set_num_threads(threads)
@@ -139,6 +185,9 @@ def serve(checkpoint: str, topology: Topology, options: ServeOptions, host: str 
     server = build_server(checkpoint, topology, options, limits, vllm=vllm)
     app = build_app(server, api_key)
     backend = f", language on vLLM at {server.url}" if topology.language_backend == "vllm" else ""
-    print(f"tessera: serving {options.model_name} ({topology.mode}{backend}) on http://{host}:{port}/v1", flush=True)
+    print(
+        f"tessera: serving {options.model_name} ({topology.mode}{backend}) on http://{host}:{port}/v1",
+        flush=True,
+    )
     uvicorn.run(app, host=host, port=port, log_level="info", loop="asyncio")
     return 0

@@ -50,29 +50,86 @@ class Metrics:
             lines.append(f"# HELP tessera_{name} {help_text}")
             lines.append(f"# TYPE tessera_{name} {kind}")
             for labels, value in samples:
-                lines.append(f"tessera_{name}{labels} {value:g}" if isinstance(value, float) else f"tessera_{name}{labels} {value}")
+                lines.append(
+                    f"tessera_{name}{labels} {value:g}"
+                    if isinstance(value, float)
+                    else f"tessera_{name}{labels} {value}"
+                )
 
-        metric("queue_depth", "gauge", "Requests waiting: for the engine, and for their image features.",
-               [('{stage="engine"}', e.waiting), ('{stage="vision"}', status["vision_inflight"])])
-        metric("running_batch", "gauge", "Sequences in the engine's running batch.", [("", e.running)])
-        metric("generation_tokens_per_second", "gauge", "Tokens generated per second over the last few seconds.",
-               [("", float(round(e.tokens_per_second, 3)))])
-        metric("generation_tokens_total", "counter", "Tokens generated.", [("", e.generated_tokens)])
-        metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens)])
+        metric(
+            "queue_depth",
+            "gauge",
+            "Requests waiting: for the engine, and for their image features.",
+            [('{stage="engine"}', e.waiting), ('{stage="vision"}', status["vision_inflight"])],
+        )
+        metric(
+            "running_batch", "gauge", "Sequences in the engine's running batch.", [("", e.running)]
+        )
+        metric(
+            "generation_tokens_per_second",
+            "gauge",
+            "Tokens generated per second over the last few seconds.",
+            [("", float(round(e.tokens_per_second, 3)))],
+        )
+        metric(
+            "generation_tokens_total", "counter", "Tokens generated.", [("", e.generated_tokens)]
+        )
+        metric(
+            "prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", self.prompt_tokens)]
+        )
         metric("requests_total", "counter", "Requests handed to the engine.", [("", self.requests)])
-        metric("rejected_total", "counter", "Requests refused with 429 (queues full).", [("", self.rejected)])
-        metric("errors_total", "counter", "Error responses by HTTP status.",
-               [(f'{{status="{s}"}}', c) for s, c in sorted(self.errors.items())] or [('{status="none"}', 0)])
-        metric("images_total", "counter", "Images encoded (or served from cache).", [("", self.images)])
-        metric("visual_tokens_total", "counter", "Visual tokens placed in prompts.", [("", self.visual_tokens)])
-        metric("visual_tokens_saved_total", "counter", "Visual tokens saved by routing, versus every tile at 1/4.",
-               [("", self.visual_tokens_saved)])
-        metric("compressed_tiles_total", "counter", "Tiles sent through the 1/16 branch.", [("", self.compressed_tiles)])
-        metric("vision_cache_hits_total", "counter", "Images whose features came from a feature cache.",
-               [("", self.cache_hits)])
-        metric("vision_workers", "gauge", "Vision workers by state.",
-               [('{state="alive"}', v.get("workers_alive", 0)), ('{state="total"}', v.get("workers_total", 0))])
-        lines.append("# HELP tessera_time_to_first_token_seconds Time from arrival to the first generated token.")
+        metric(
+            "rejected_total",
+            "counter",
+            "Requests refused with 429 (queues full).",
+            [("", self.rejected)],
+        )
+        metric(
+            "errors_total",
+            "counter",
+            "Error responses by HTTP status.",
+            [(f'{{status="{s}"}}', c) for s, c in sorted(self.errors.items())]
+            or [('{status="none"}', 0)],
+        )
+        metric(
+            "images_total", "counter", "Images encoded (or served from cache).", [("", self.images)]
+        )
+        metric(
+            "visual_tokens_total",
+            "counter",
+            "Visual tokens placed in prompts.",
+            [("", self.visual_tokens)],
+        )
+        metric(
+            "visual_tokens_saved_total",
+            "counter",
+            "Visual tokens saved by routing, versus every tile at 1/4.",
+            [("", self.visual_tokens_saved)],
+        )
+        metric(
+            "compressed_tiles_total",
+            "counter",
+            "Tiles sent through the 1/16 branch.",
+            [("", self.compressed_tiles)],
+        )
+        metric(
+            "vision_cache_hits_total",
+            "counter",
+            "Images whose features came from a feature cache.",
+            [("", self.cache_hits)],
+        )
+        metric(
+            "vision_workers",
+            "gauge",
+            "Vision workers by state.",
+            [
+                ('{state="alive"}', v.get("workers_alive", 0)),
+                ('{state="total"}', v.get("workers_total", 0)),
+            ],
+        )
+        lines.append(
+            "# HELP tessera_time_to_first_token_seconds Time from arrival to the first generated token."
+        )
         lines.append("# TYPE tessera_time_to_first_token_seconds histogram")
         cum = 0
         for edge, count in zip(TTFT_BUCKETS, self.ttft_counts):

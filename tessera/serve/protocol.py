@@ -65,14 +65,19 @@ class Message:
     blobs: list[bytes] = field(default_factory=list)
 
 
-def pack(kind: str, header: dict[str, Any], blobs: list[bytes] | tuple[bytes, ...] = ()) -> list[bytes]:
+def pack(
+    kind: str, header: dict[str, Any], blobs: list[bytes] | tuple[bytes, ...] = ()
+) -> list[bytes]:
     return [MAGIC, kind.encode(), json.dumps(header).encode(), *blobs]
 
 
 def unpack(frames: list[bytes]) -> Message:
     if len(frames) < 3 or frames[0] != MAGIC:
-        raise ProtocolError(f"not a tessera vision message ({len(frames)} frames, magic {frames[0][:8]!r})" if frames
-                            else "empty message")
+        raise ProtocolError(
+            f"not a tessera vision message ({len(frames)} frames, magic {frames[0][:8]!r})"
+            if frames
+            else "empty message"
+        )
     try:
         header = json.loads(frames[2])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -84,8 +89,10 @@ def unpack(frames: list[bytes]) -> Message:
 
 # ---- requests -------------------------------------------------------------------------------------------
 
-def encode_request(request_id: str, images: list[bytes], routing: RoutingPolicy,
-                   max_tiles: int | None = None) -> list[bytes]:
+
+def encode_request(
+    request_id: str, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None = None
+) -> list[bytes]:
     """The wire carries the routing's mode and budget; the vision server applies its model's thresholds."""
     wire = {"mode": routing.mode, "budget": routing.budget}
     return pack("encode", {"id": request_id, "routing": wire, "max_tiles": max_tiles}, images)
@@ -104,15 +111,20 @@ def parse_encode_request(msg: Message) -> tuple[list[bytes], RoutingPolicy, int 
 
 # ---- replies --------------------------------------------------------------------------------------------
 
+
 def features_to_bytes(features: torch.Tensor) -> bytes:
     """[rows, D] → bfloat16 bytes, row-major."""
-    return features.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+    return (
+        features.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+    )
 
 
 def bytes_to_features(blob: bytes, rows: int, dim: int) -> torch.Tensor:
     """bfloat16 bytes → [rows, D] bfloat16 (the caller casts to the LLM's dtype)."""
     if len(blob) != rows * dim * 2:
-        raise ProtocolError(f"feature blob has {len(blob)} bytes, expected rows {rows} × dim {dim} × 2")
+        raise ProtocolError(
+            f"feature blob has {len(blob)} bytes, expected rows {rows} × dim {dim} × 2"
+        )
     if rows == 0:
         return torch.empty(0, dim, dtype=torch.bfloat16)
     return torch.frombuffer(bytearray(blob), dtype=torch.bfloat16).view(rows, dim)  # [rows, D]
@@ -124,9 +136,15 @@ def features_reply(request_id: str, images: list[EncodedImage]) -> list[bytes]:
         raise ProtocolError(f"images of one reply must share the feature dim, got {sorted(dims)}")
     for im in images:
         if im.features.shape[0] != im.meta.rows:
-            raise ProtocolError(f"image has {im.features.shape[0]} feature rows but its tiles sum to {im.meta.rows}")
-    header = {"id": request_id, "dim": dims.pop(), "dtype": "bfloat16",
-              "images": [{**asdict(im.meta), "grid": list(im.meta.grid)} for im in images]}
+            raise ProtocolError(
+                f"image has {im.features.shape[0]} feature rows but its tiles sum to {im.meta.rows}"
+            )
+    header = {
+        "id": request_id,
+        "dim": dims.pop(),
+        "dtype": "bfloat16",
+        "images": [{**asdict(im.meta), "grid": list(im.meta.grid)} for im in images],
+    }
     return pack("features", header, [features_to_bytes(im.features) for im in images])
 
 
@@ -136,17 +154,25 @@ def parse_features(msg: Message) -> list[EncodedImage]:
         raise ProtocolError(f"unsupported feature dtype {h.get('dtype')!r}")
     metas = h.get("images")
     if not isinstance(metas, list) or len(metas) != len(msg.blobs):
-        raise ProtocolError(f"{len(msg.blobs)} feature blobs for {len(metas) if isinstance(metas, list) else '?'} images")
+        raise ProtocolError(
+            f"{len(msg.blobs)} feature blobs for {len(metas) if isinstance(metas, list) else '?'} images"
+        )
     out = []
     for m, blob in zip(metas, msg.blobs):
         try:
-            meta = ImageMeta(tokens_per_tile=[int(t) for t in m["tokens_per_tile"]], grid=tuple(m["grid"]),
-                             full_tokens=int(m["full_tokens"]), cache_hit=bool(m.get("cache_hit", False)))
+            meta = ImageMeta(
+                tokens_per_tile=[int(t) for t in m["tokens_per_tile"]],
+                grid=tuple(m["grid"]),
+                full_tokens=int(m["full_tokens"]),
+                cache_hit=bool(m.get("cache_hit", False)),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"bad image metadata {m!r}: {e}") from None
         out.append(EncodedImage(meta, bytes_to_features(blob, meta.rows, int(h["dim"]))))
     return out
 
 
-def error_reply(request_id: str, status: int, message: str, param: str | None = None) -> list[bytes]:
+def error_reply(
+    request_id: str, status: int, message: str, param: str | None = None
+) -> list[bytes]:
     return pack("error", {"id": request_id, "status": status, "message": message, "param": param})

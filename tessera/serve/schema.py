@@ -15,10 +15,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
-                      ValidationError, field_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 from tessera.routing import MODES
 
@@ -26,18 +35,34 @@ from tessera.routing import MODES
 class APIError(Exception):
     """An error with an HTTP status and an OpenAI-style body."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error",
-             415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-             500: "server_error", 503: "service_unavailable"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        405: "invalid_request_error",
+        413: "invalid_request_error",
+        415: "invalid_request_error",
+        422: "invalid_request_error",
+        429: "rate_limit_error",
+        500: "server_error",
+        503: "service_unavailable",
+    }
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 # ---- request --------------------------------------------------------------------------------------------
@@ -45,6 +70,7 @@ class APIError(Exception):
 MAX_STOPS = 4  # as OpenAI
 MAX_STOP_CHARS = 1024  # per stop string; the hold-back check is linear in it (serve/detok.py)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a 64-bit generator seed holds, signed or unsigned
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -65,13 +91,13 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # e.g. `name`
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[StrictStr, list[ContentPart], None] = None
+    content: StrictStr | list[ContentPart] | None = None
 
     @field_validator("content")
     @classmethod
@@ -103,7 +129,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
     n: StrictInt = Field(default=1, ge=1, le=16)
     seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    stop: Union[StrictStr, list[StrictStr], None] = None
+    stop: StrictStr | list[StrictStr] | None = None
     # Tessera extras
     thinking: StrictBool | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
@@ -126,7 +152,10 @@ class ChatCompletionRequest(BaseModel):
     def thinking_enabled(self) -> bool:
         if self.thinking is not None:
             return self.thinking
-        if self.chat_template_kwargs is not None and self.chat_template_kwargs.enable_thinking is not None:
+        if (
+            self.chat_template_kwargs is not None
+            and self.chat_template_kwargs.enable_thinking is not None
+        ):
             return self.chat_template_kwargs.enable_thinking
         return False
 
@@ -147,8 +176,17 @@ def parse_request(data: Any) -> ChatCompletionRequest:
         err = max(e.errors(), key=lambda er: len(er["loc"]))
         param = _param_path(err) or None
         missing = err["type"] == "missing"
-        message = f"missing required parameter '{param}'" if missing else f"invalid '{param}': {err['msg']}"
-        raise APIError(400, message, param=param, code="missing_required_parameter" if missing else "invalid_value") from None
+        message = (
+            f"missing required parameter '{param}'"
+            if missing
+            else f"invalid '{param}': {err['msg']}"
+        )
+        raise APIError(
+            400,
+            message,
+            param=param,
+            code="missing_required_parameter" if missing else "invalid_value",
+        ) from None
 
 
 def _param_path(err: dict) -> str:
@@ -177,13 +215,18 @@ def _param_path(err: dict) -> str:
 
 # ---- responses ------------------------------------------------------------------------------------------
 
+
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
 def usage(prompt: int, completion: int, visual: int = 0, visual_saved: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"image_tokens": visual, "image_tokens_saved": visual_saved}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"image_tokens": visual, "image_tokens_saved": visual_saved},
+    }
 
 
 def message_body(text: str, reasoning: str | None) -> dict[str, Any]:
@@ -193,14 +236,34 @@ def message_body(text: str, reasoning: str | None) -> dict[str, Any]:
     return body
 
 
-def completion_body(cid: str, model: str, choices: list[dict[str, Any]], use: dict[str, Any]) -> dict[str, Any]:
-    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": use}
+def completion_body(
+    cid: str, model: str, choices: list[dict[str, Any]], use: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": use,
+    }
 
 
-def chunk_body(cid: str, model: str, created: int, choices: list[dict[str, Any]], use: dict[str, Any] | None = None,
-               with_usage_field: bool = False) -> dict[str, Any]:
-    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+def chunk_body(
+    cid: str,
+    model: str,
+    created: int,
+    choices: list[dict[str, Any]],
+    use: dict[str, Any] | None = None,
+    with_usage_field: bool = False,
+) -> dict[str, Any]:
+    body = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
     if with_usage_field:
         body["usage"] = use
     return body

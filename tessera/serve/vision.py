@@ -23,7 +23,13 @@ from tessera.image import ImageError, ImageProcessor, image_hash
 from tessera.routing import RoutingError, RoutingPolicy, decide, router_of
 from tessera.serve.protocol import EncodedImage, ImageMeta
 
-VISION_MODULES = ("vision_model", "mlp1", "mlp2", "pooling_before_gating", "gating")  # everything before the LLM
+VISION_MODULES = (
+    "vision_model",
+    "mlp1",
+    "mlp2",
+    "pooling_before_gating",
+    "gating",
+)  # everything before the LLM
 
 
 # a vision server's batching, by default: a ViT batch closes at this many tiles, or when its oldest request has
@@ -125,7 +131,9 @@ class VisionEncoder:
         self.config = model.config
         self.limits = limits or VisionLimits()
         self.cache = FeatureCache(self.limits.cache_entries, self.limits.cache_bytes)
-        self.has_router = bool(self.config.flash.enabled) and getattr(model, "router", None) is not None
+        self.has_router = (
+            bool(self.config.flash.enabled) and getattr(model, "router", None) is not None
+        )
 
     # ---- phase 1: decode + tile ---------------------------------------------------------------------------
 
@@ -136,34 +144,58 @@ class VisionEncoder:
             return ["+".join(hashes) + suffix]
         return [h + suffix for h in hashes]
 
-    def prepare(self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None = None) -> PreparedJob:
+    def prepare(
+        self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None = None
+    ) -> PreparedJob:
         cfg = self.config
         if max_tiles is None:
             max_tiles = cfg.max_tiles
         if not cfg.min_tiles <= max_tiles <= cfg.max_tiles:
-            raise VisionInputError(f"max_tiles {max_tiles} outside [{cfg.min_tiles}, {cfg.max_tiles}] for this model",
-                                   param="max_tiles")
+            raise VisionInputError(
+                f"max_tiles {max_tiles} outside [{cfg.min_tiles}, {cfg.max_tiles}] for this model",
+                param="max_tiles",
+            )
         if routing.mode != "full" and not self.has_router:
-            raise VisionInputError(f"routing {routing.mode!r} needs a Flash model (router + mlp2); this one is plain",
-                                   param="routing")
+            raise VisionInputError(
+                f"routing {routing.mode!r} needs a Flash model (router + mlp2); this one is plain",
+                param="routing",
+            )
         if routing.budget is not None and not self.has_router:
-            raise VisionInputError("visual_token_budget needs a Flash model (router + mlp2); this one is plain",
-                                   param="visual_token_budget")
+            raise VisionInputError(
+                "visual_token_budget needs a Flash model (router + mlp2); this one is plain",
+                param="visual_token_budget",
+            )
         keys = self.cache_key(images, routing, max_tiles)
         hits = [self.cache.get(k) for k in keys]
         if all(h is not None for h in hits):
-            out = [EncodedImage(ImageMeta(e.meta.tokens_per_tile, e.meta.grid, e.meta.full_tokens, True), e.features)
-                   for h in hits for e in h]
+            out = [
+                EncodedImage(
+                    ImageMeta(e.meta.tokens_per_tile, e.meta.grid, e.meta.full_tokens, True),
+                    e.features,
+                )
+                for h in hits
+                for e in h
+            ]
             return PreparedJob(keys, routing, cached=out)
-        processor = ImageProcessor(cfg.tile_size, cfg.min_tiles, max_tiles, cfg.use_thumbnail, self.limits.max_pixels)
+        processor = ImageProcessor(
+            cfg.tile_size, cfg.min_tiles, max_tiles, cfg.use_thumbnail, self.limits.max_pixels
+        )
         try:
             batch = processor(list(images))
         except ImageError as e:
             raise VisionInputError(str(e)) from None
         if sum(batch.tiles_per_image) > self.limits.max_tiles_per_request:
-            raise VisionInputError(f"the request's images need {sum(batch.tiles_per_image)} tiles, more than the "
-                                   f"{self.limits.max_tiles_per_request} allowed; send fewer or smaller images, or lower max_tiles")
-        return PreparedJob(keys, routing, batch.pixel_values, batch.tiles_per_image, [tuple(g) for g in batch.grids])
+            raise VisionInputError(
+                f"the request's images need {sum(batch.tiles_per_image)} tiles, more than the "
+                f"{self.limits.max_tiles_per_request} allowed; send fewer or smaller images, or lower max_tiles"
+            )
+        return PreparedJob(
+            keys,
+            routing,
+            batch.pixel_values,
+            batch.tiles_per_image,
+            [tuple(g) for g in batch.grids],
+        )
 
     # ---- phase 2: encode many jobs' tiles together -------------------------------------------------------
 
@@ -175,13 +207,17 @@ class VisionEncoder:
         if not todo:
             return results  # type: ignore[return-value]
         model, cfg = self.model, self.config
-        pixels = torch.cat([jobs[i].pixel_values for i in todo]).to(model.device, self.dtype)  # [ΣN, 3, S, S]
+        pixels = torch.cat([jobs[i].pixel_values for i in todo]).to(
+            model.device, self.dtype
+        )  # [ΣN, 3, S, S]
         grid = model.vision_tokens(pixels)  # [ΣN, h, w, Cv]
         n, h, w, cv = grid.shape
         p = None
         if any(jobs[i].routing.needs_router for i in todo):
             if cfg.select_layer not in (-1, cfg.vision.num_layers - 1):
-                raise RoutingError(f"routing reads the last ViT layer, but select_layer is {cfg.select_layer}")
+                raise RoutingError(
+                    f"routing reads the last ViT layer, but select_layer is {cfg.select_layer}"
+                )
             p = router_of(model).p_compress(grid.reshape(n, h * w, cv)).float().cpu()  # [ΣN]
         compress, start, decided = [], 0, {}
         for i in todo:
@@ -189,14 +225,24 @@ class VisionEncoder:
             k = job.num_tiles
             policy = job.routing
             try:
-                d = decide(policy, job.tiles_per_image, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile,
-                           p[start:start + k] if p is not None and policy.needs_router else None,
-                           cfg.flash.relative_threshold, cfg.flash.absolute_threshold)
+                d = decide(
+                    policy,
+                    job.tiles_per_image,
+                    cfg.tokens_per_tile,
+                    cfg.compressed_tokens_per_tile,
+                    p[start : start + k] if p is not None and policy.needs_router else None,
+                    cfg.flash.relative_threshold,
+                    cfg.flash.absolute_threshold,
+                )
                 decided[i] = d
                 compress.append(d.compress)
             except RoutingError as e:
-                results[i] = VisionInputError(str(e), param="visual_token_budget" if job.routing.budget else "routing")
-                compress.append(torch.zeros(k, dtype=torch.bool))  # projected and dropped: keeps the batch aligned
+                results[i] = VisionInputError(
+                    str(e), param="visual_token_budget" if job.routing.budget else "routing"
+                )
+                compress.append(
+                    torch.zeros(k, dtype=torch.bool)
+                )  # projected and dropped: keeps the batch aligned
             start += k
         feats, per_tile = model.project(grid, torch.cat(compress).to(grid.device))  # [ΣT, D], [ΣN]
         row, tile = 0, 0
@@ -204,10 +250,10 @@ class VisionEncoder:
             job = jobs[i]
             encoded = []
             for count, g in zip(job.tiles_per_image, job.grids):
-                tokens = per_tile[tile:tile + count]
+                tokens = per_tile[tile : tile + count]
                 rows = sum(tokens)
                 meta = ImageMeta(list(tokens), g, tokens_of_images([count], cfg.tokens_per_tile)[0])
-                encoded.append(EncodedImage(meta, feats[row:row + rows].clone()))  # [rows, D]
+                encoded.append(EncodedImage(meta, feats[row : row + rows].clone()))  # [rows, D]
                 row += rows
                 tile += count
             if i in decided:
@@ -222,7 +268,9 @@ class VisionEncoder:
             for key, e in zip(job.keys, encoded):
                 self.cache.put(key, [e])
 
-    def encode(self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None = None) -> list[EncodedImage]:
+    def encode(
+        self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None = None
+    ) -> list[EncodedImage]:
         """Both phases for one request (the coupled topology calls this on the engine thread)."""
         result = self.run([self.prepare(images, routing, max_tiles)])[0]
         if isinstance(result, Exception):

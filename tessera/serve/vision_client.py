@@ -69,16 +69,29 @@ class _Worker:
 class RemoteVision:
     """A VisionBackend backed by vision server processes."""
 
-    def __init__(self, endpoints: list[str] | None = None, local: LocalWorkerSpec | None = None, num_local: int = 0,
-                 heartbeat: float = 1.0, heartbeat_timeout: float = 10.0, poll_interval: float = 0.1):
+    def __init__(
+        self,
+        endpoints: list[str] | None = None,
+        local: LocalWorkerSpec | None = None,
+        num_local: int = 0,
+        heartbeat: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+        poll_interval: float = 0.1,
+    ):
         if not endpoints and not num_local:
-            raise ValueError("decoupled vision needs --vision-workers N and/or --vision-server tcp://...")
+            raise ValueError(
+                "decoupled vision needs --vision-workers N and/or --vision-server tcp://..."
+            )
         if num_local and local is None:
             raise ValueError("local vision workers need a LocalWorkerSpec (the checkpoint to load)")
         self.local_spec = local
         self.workers = [_Worker(f"remote-{i}", endpoint=e) for i, e in enumerate(endpoints or [])]
         self.workers += [_Worker(f"local-{i}") for i in range(num_local)]
-        self.heartbeat, self.heartbeat_timeout, self.poll_interval = heartbeat, heartbeat_timeout, poll_interval
+        self.heartbeat, self.heartbeat_timeout, self.poll_interval = (
+            heartbeat,
+            heartbeat_timeout,
+            poll_interval,
+        )
         self.ctx: zmq.asyncio.Context | None = None
         self._monitor: asyncio.Task | None = None
         self._rr = itertools.count()
@@ -93,7 +106,9 @@ class RemoteVision:
         for w in remote:
             self._connect(w)
         local = [w for w in self.workers if w.endpoint is None]
-        await asyncio.gather(*(self._spawn(w) for w in local), *(self._handshake(w, 5.0) for w in remote))
+        await asyncio.gather(
+            *(self._spawn(w) for w in local), *(self._handshake(w, 5.0) for w in remote)
+        )
         self._monitor = asyncio.create_task(self._watch())
 
     async def _handshake(self, w: _Worker, timeout: float) -> bool:
@@ -132,17 +147,37 @@ class RemoteVision:
 
     async def _spawn(self, w: _Worker) -> None:
         spec = self.local_spec
-        cmd = [sys.executable, "-m", "tessera.cli", "vision-server", spec.checkpoint, "--bind", "tcp://127.0.0.1:*",
-               "--threads", str(spec.threads), "--max-batch-tiles", str(spec.max_batch_tiles),
-               "--max-wait-ms", str(spec.max_wait_ms), "--cache-entries", str(spec.cache_entries), "--dtype", spec.dtype, "--exit-with-parent",
-               "--device", spec.device]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tessera.cli",
+            "vision-server",
+            spec.checkpoint,
+            "--bind",
+            "tcp://127.0.0.1:*",
+            "--threads",
+            str(spec.threads),
+            "--max-batch-tiles",
+            str(spec.max_batch_tiles),
+            "--max-wait-ms",
+            str(spec.max_wait_ms),
+            "--cache-entries",
+            str(spec.cache_entries),
+            "--dtype",
+            spec.dtype,
+            "--exit-with-parent",
+            "--device",
+            spec.device,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads)}
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, env=env)
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), spec.startup_timeout)
         except asyncio.TimeoutError:
             proc.kill()
-            raise RuntimeError(f"vision worker {w.name} did not start within {spec.startup_timeout:.0f} s") from None
+            raise RuntimeError(
+                f"vision worker {w.name} did not start within {spec.startup_timeout:.0f} s"
+            ) from None
         except asyncio.CancelledError:  # shutting down while it starts: do not leave it behind
             proc.kill()
             await proc.wait()
@@ -150,7 +185,9 @@ class RemoteVision:
         text = line.decode().strip()
         if not text.startswith("READY "):
             await proc.wait()
-            raise RuntimeError(f"vision worker {w.name} failed to start (exit {proc.returncode}); see its stderr above")
+            raise RuntimeError(
+                f"vision worker {w.name} failed to start (exit {proc.returncode}); see its stderr above"
+            )
         w.proc, w.endpoint = proc, text.split(" ", 1)[1]
         self._connect(w)
         if not await self._handshake(w, spec.startup_timeout):
@@ -209,8 +246,12 @@ class RemoteVision:
                     task = asyncio.create_task(self._restart(w))
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
-                elif w.endpoint is not None and not w.restarting and w.alive \
-                        and now - w.last_seen > self.heartbeat_timeout:
+                elif (
+                    w.endpoint is not None
+                    and not w.restarting
+                    and w.alive
+                    and now - w.last_seen > self.heartbeat_timeout
+                ):
                     self._mark_down(w, f"no heartbeat for {now - w.last_seen:.1f} s")
                     if w.proc is not None and w.proc.returncode is None:
                         w.proc.kill()  # a hung local worker: its exit is seen next poll; replaced
@@ -219,7 +260,9 @@ class RemoteVision:
                 for w in self.workers:
                     if w.sock is not None:
                         try:
-                            await w.sock.send_multipart(P.pack("ping", {"id": "ping"}), flags=zmq.NOBLOCK)
+                            await w.sock.send_multipart(
+                                P.pack("ping", {"id": "ping"}), flags=zmq.NOBLOCK
+                            )
                         except zmq.ZMQError:
                             pass
             await asyncio.sleep(self.poll_interval)
@@ -233,17 +276,24 @@ class RemoteVision:
                 await self._spawn(w)
                 break
             except (RuntimeError, OSError) as e:
-                print(f"tessera: restarting {w.name} failed ({e}); retrying in {delay:.1f} s", file=sys.stderr)
+                print(
+                    f"tessera: restarting {w.name} failed ({e}); retrying in {delay:.1f} s",
+                    file=sys.stderr,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
         w.restarting = False
 
     # ---- requests -----------------------------------------------------------------------------------------
 
-    async def encode(self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None) -> list[P.EncodedImage]:
+    async def encode(
+        self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None
+    ) -> list[P.EncodedImage]:
         alive = [w for w in self.workers if w.alive and w.sock is not None]
         if not alive:
-            down = ", ".join(f"{w.name} ({'restarting' if w.restarting else 'down'})" for w in self.workers)
+            down = ", ".join(
+                f"{w.name} ({'restarting' if w.restarting else 'down'})" for w in self.workers
+            )
             raise VisionUnavailable(f"no vision worker is up: {down}")
         fewest = min(len(w.outstanding) for w in alive)
         ties = [w for w in alive if len(w.outstanding) == fewest]
@@ -252,7 +302,9 @@ class RemoteVision:
         fut = asyncio.get_running_loop().create_future()
         w.outstanding[rid] = fut
         try:
-            await w.sock.send_multipart(P.encode_request(rid, images, routing, max_tiles), flags=zmq.NOBLOCK, copy=False)
+            await w.sock.send_multipart(
+                P.encode_request(rid, images, routing, max_tiles), flags=zmq.NOBLOCK, copy=False
+            )
         except zmq.ZMQError as e:
             w.outstanding.pop(rid, None)
             raise VisionUnavailable(f"vision worker {w.name} is not reachable ({e})") from None
@@ -263,7 +315,9 @@ class RemoteVision:
         if msg.kind == "error":
             status = int(msg.header.get("status", 500))
             if 400 <= status < 500:
-                raise VisionInputError(msg.header.get("message", "bad image"), status, msg.header.get("param"))
+                raise VisionInputError(
+                    msg.header.get("message", "bad image"), status, msg.header.get("param")
+                )
             raise VisionUnavailable(msg.header.get("message", "vision failed"))
         try:
             return P.parse_features(msg)
@@ -271,8 +325,20 @@ class RemoteVision:
             raise VisionUnavailable(f"malformed reply from {w.name}: {e}") from None
 
     def status(self) -> dict:
-        return {"mode": "decoupled", "workers_alive": sum(w.alive for w in self.workers),
-                "workers_total": len(self.workers), "restarts": sum(w.restarts for w in self.workers),
-                "cache_hits": sum(int(w.stats.get("cache_hits", 0)) for w in self.workers),
-                "workers": [{"name": w.name, "endpoint": w.endpoint, "alive": w.alive, "in_flight": len(w.outstanding),
-                             "pid": w.proc.pid if w.proc is not None else None} for w in self.workers]}
+        return {
+            "mode": "decoupled",
+            "workers_alive": sum(w.alive for w in self.workers),
+            "workers_total": len(self.workers),
+            "restarts": sum(w.restarts for w in self.workers),
+            "cache_hits": sum(int(w.stats.get("cache_hits", 0)) for w in self.workers),
+            "workers": [
+                {
+                    "name": w.name,
+                    "endpoint": w.endpoint,
+                    "alive": w.alive,
+                    "in_flight": len(w.outstanding),
+                    "pid": w.proc.pid if w.proc is not None else None,
+                }
+                for w in self.workers
+            ],
+        }

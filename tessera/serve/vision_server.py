@@ -47,13 +47,25 @@ class VisionServerStats:
 
     def as_dict(self) -> dict:
         recent = self.batch_sizes[-100:]
-        return {"requests": self.requests, "errors": self.errors, "batches": self.batches, "tiles": self.tiles,
-                "cache_hits": self.cache_hits, "mean_batch_tiles": sum(recent) / len(recent) if recent else 0.0}
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "batches": self.batches,
+            "tiles": self.tiles,
+            "cache_hits": self.cache_hits,
+            "mean_batch_tiles": sum(recent) / len(recent) if recent else 0.0,
+        }
 
 
 class VisionServer:
-    def __init__(self, encoder: VisionEncoder, bind: str, max_batch_tiles: int = MAX_BATCH_TILES, max_wait_ms: float = MAX_WAIT_MS,
-                 exit_with_parent: bool = False):
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        bind: str,
+        max_batch_tiles: int = MAX_BATCH_TILES,
+        max_wait_ms: float = MAX_WAIT_MS,
+        exit_with_parent: bool = False,
+    ):
         self.encoder = encoder
         self.bind = bind
         self.max_batch_tiles = max_batch_tiles
@@ -117,10 +129,14 @@ class VisionServer:
             return None
         rid = str(msg.header["id"])
         if msg.kind == "ping":
-            sock.send_multipart([ident, *P.pack("pong", {"id": rid, "stats": self.stats.as_dict()})])
+            sock.send_multipart(
+                [ident, *P.pack("pong", {"id": rid, "stats": self.stats.as_dict()})]
+            )
             return None
         if msg.kind != "encode":
-            sock.send_multipart([ident, *P.error_reply(rid, 400, f"unknown message kind {msg.kind!r}")])
+            sock.send_multipart(
+                [ident, *P.error_reply(rid, 400, f"unknown message kind {msg.kind!r}")]
+            )
             return None
         self.stats.requests += 1
         try:
@@ -151,8 +167,9 @@ class VisionServer:
         except Exception as e:  # a model failure fails this batch, not the server
             return [e] * len(pending)
 
-    def _reply(self, sock, pending: list[tuple[bytes, str, PreparedJob]],
-               fut: concurrent.futures.Future) -> None:
+    def _reply(
+        self, sock, pending: list[tuple[bytes, str, PreparedJob]], fut: concurrent.futures.Future
+    ) -> None:
         try:
             results = fut.result()
         except Exception as e:
@@ -167,15 +184,25 @@ class VisionServer:
             sock.send_multipart([ident, *reply])
 
 
-def run_vision_server(checkpoint: str, bind: str, threads: int = 1, max_batch_tiles: int = MAX_BATCH_TILES, max_wait_ms: float = MAX_WAIT_MS,
-                      cache_entries: int = 256, max_pixels: int | None = None, exit_with_parent: bool = False,
-                      dtype: str = "float32", device: str = "cpu") -> int:
+def run_vision_server(
+    checkpoint: str,
+    bind: str,
+    threads: int = 1,
+    max_batch_tiles: int = MAX_BATCH_TILES,
+    max_wait_ms: float = MAX_WAIT_MS,
+    cache_entries: int = 256,
+    max_pixels: int | None = None,
+    exit_with_parent: bool = False,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> int:
     import torch
-
 
     torch.set_num_threads(threads)
     model = tessera.load(checkpoint, device=device)
-    limits = VisionLimits(cache_entries=cache_entries, **({"max_pixels": max_pixels} if max_pixels else {}))
+    limits = VisionLimits(
+        cache_entries=cache_entries, **({"max_pixels": max_pixels} if max_pixels else {})
+    )
     encoder = VisionEncoder(model, limits, dtype=getattr(torch, dtype))
     server = VisionServer(encoder, bind, max_batch_tiles, max_wait_ms, exit_with_parent)
     try:

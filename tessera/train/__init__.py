@@ -48,18 +48,21 @@ def dataclass_from(cls: type, data: Any):
             continue
         if not isinstance(given, dict):
             raise ValueError(
-                f"{cls.__name__} option {name!r} must be a mapping of {sub.__name__} fields")
+                f"{cls.__name__} option {name!r} must be a mapping of {sub.__name__} fields"
+            )
         own = [f.name for f in fields(sub) if f.name in data and f.name not in names]
         flat = {k: data.pop(k) for k in own}
         both = sorted(set(flat) & set(given))
         if both:
             raise ValueError(
-                f"{cls.__name__}: {', '.join(both)} given both flat and under {name!r}")
+                f"{cls.__name__}: {', '.join(both)} given both flat and under {name!r}"
+            )
         if flat or name in data:
             data[name] = dataclass_from(sub, {**asdict(getattr(defaults, name)), **given, **flat})
     unknown = sorted(set(data) - names)
     if unknown:
         known = sorted(names | {f.name for sub in nested.values() for f in fields(sub)})
-        raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}; "
-                         f"known: {', '.join(known)}")
+        raise ValueError(
+            f"unknown {cls.__name__} option(s): {', '.join(unknown)}; known: {', '.join(known)}"
+        )
     return cls(**data)

@@ -60,11 +60,16 @@ class Evidence:
     sink: int | None = None
     row: int = 0
 
-    def packed(self, row: int, start: int) -> "Evidence":
+    def packed(self, row: int, start: int) -> Evidence:
         """The same evidence for a sample packed at `start` of row `row`."""
-        return Evidence([start + q for q in self.queries], [[start + k for k in g] for g in self.keys],
-                        [[start + w for w in g] for g in self.words], self.places,
-                        None if self.sink is None else start + self.sink, row)
+        return Evidence(
+            [start + q for q in self.queries],
+            [[start + k for k in g] for g in self.keys],
+            [[start + w for w in g] for g in self.words],
+            self.places,
+            None if self.sink is None else start + self.sink,
+            row,
+        )
 
 
 @dataclass
@@ -77,8 +82,12 @@ class Encoded:
     image_tokens: list[int]  # visual tokens per image (their sum = number of <IMG_CONTEXT> ids)
     family: str = ""
     index: int = -1  # stream position, for debugging and resume checks
-    grounding: torch.Tensor | None = None  # [N,8,8,F] long, the tiles' cell targets (tessera.world.grounding_targets)
-    evidence: list["Evidence"] | None = None  # per answered turn (row 0, positions in the sample); None without a scene
+    grounding: torch.Tensor | None = (
+        None  # [N,8,8,F] long, the tiles' cell targets (tessera.world.grounding_targets)
+    )
+    evidence: list[Evidence] | None = (
+        None  # per answered turn (row 0, positions in the sample); None without a scene
+    )
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -89,21 +98,53 @@ class Encoded:
         return sum(self.loss_mask[1:])
 
 
-def encode(tokenizer, processor, tokens_per_tile: int, image, question: str, answer: str, thinking: bool = False,
-           family: str = "", index: int = -1, scene=None, lookup=None) -> Encoded:
+def encode(
+    tokenizer,
+    processor,
+    tokens_per_tile: int,
+    image,
+    question: str,
+    answer: str,
+    thinking: bool = False,
+    family: str = "",
+    index: int = -1,
+    scene=None,
+    lookup=None,
+) -> Encoded:
     """Tile `image` (tessera.image.ImageProcessor), expand the prompt with the real token count, mask the labels.
     With the world `scene` the image was drawn from (and what the answer is read from, a tessera.world.Lookup),
     the tiles' dense grounding targets and the answer's evidence positions come along."""
     pixels = processor([image])
     image_tokens = tokens_of_images(pixels.tiles_per_image, tokens_per_tile)
     example = tokenizer.build_example(question, answer, image_tokens, thinking=thinking)
-    evidence = _evidence(example.input_ids, example.loss_mask, tokenizer, scene, tokens_per_tile, [(lookup, thinking)])
-    return Encoded(example.input_ids, example.loss_mask, pixels.pixel_values, image_tokens, family, index,
-                   _grounding(scene, pixels.pixel_values.shape[0]), evidence)
+    evidence = _evidence(
+        example.input_ids,
+        example.loss_mask,
+        tokenizer,
+        scene,
+        tokens_per_tile,
+        [(lookup, thinking)],
+    )
+    return Encoded(
+        example.input_ids,
+        example.loss_mask,
+        pixels.pixel_values,
+        image_tokens,
+        family,
+        index,
+        _grounding(scene, pixels.pixel_values.shape[0]),
+        evidence,
+    )
 
 
-def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_per_tile: int,
-              turns: Sequence[tuple[Any, bool]]) -> list[Evidence] | None:
+def _evidence(
+    ids: Sequence[int],
+    mask: Sequence[int],
+    tokenizer,
+    scene,
+    tokens_per_tile: int,
+    turns: Sequence[tuple[Any, bool]],
+) -> list[Evidence] | None:
     """Per turn (its Lookup or None, thinking?) one Evidence: the positions predicting its answer tokens (not
     `<|im_end|>`); per group, the positions of the visual tokens that show its cells — when `coarse`, only the
     thumbnail's tokens at those cells (a one-tile image has no thumbnail: its tile is the whole canvas); per group,
@@ -126,14 +167,23 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
     image_positions = [i for i, t in enumerate(ids) if t == tokenizer.img_context_id]
     out = []
     for (s, e), (lookup, thinking) in zip(runs, turns):
-        if lookup is None or not (any(lookup.cells) or lookup.counted) or (thinking and not lookup.chain):
+        if (
+            lookup is None
+            or not (any(lookup.cells) or lookup.counted)
+            or (thinking and not lookup.chain)
+        ):
             continue
-        counted = {group for group, _ in lookup.counted}  # their cells are the things' anchors (WorldStream._lookup)
+        counted = {
+            group for group, _ in lookup.counted
+        }  # their cells are the things' anchors (WorldStream._lookup)
         keys = []
         for cells in lookup.cells:
             # a coarse lookup reads places: from the view of the whole canvas (the thumbnail when there is one)
-            ordinals = {thumbnail_token_of_cell(scene, x, y, tokens_per_tile) for x, y in cells} - {None} \
-                if lookup.coarse else set()
+            ordinals = (
+                {thumbnail_token_of_cell(scene, x, y, tokens_per_tile) for x, y in cells} - {None}
+                if lookup.coarse
+                else set()
+            )
             if not ordinals:
                 ordinals = {token_of_cell(scene, x, y, tokens_per_tile) for x, y in cells}
             keys.append(sorted(image_positions[o] for o in ordinals))
@@ -141,23 +191,38 @@ def _evidence(ids: Sequence[int], mask: Sequence[int], tokenizer, scene, tokens_
             reads = _word_positions(tokenizer, ids, s, e, [(text,) for text, _ in lookup.chain])
             for (_, group), written in zip(lookup.chain, reads):
                 if written:
-                    out.append(Evidence([p - 1 for p in written], [keys[group]], [[]],
-                                        sink=0 if group in counted else None))
+                    out.append(
+                        Evidence(
+                            [p - 1 for p in written],
+                            [keys[group]],
+                            [[]],
+                            sink=0 if group in counted else None,
+                        )
+                    )
             continue
-        starts = [i for i in range(s) if ids[i] == tokenizer.im_start_id]  # ..., user message, assistant's
+        starts = [
+            i for i in range(s) if ids[i] == tokenizer.im_start_id
+        ]  # ..., user message, assistant's
         user = starts[-2] if len(starts) >= 2 else 0
-        words = _word_positions(tokenizer, ids, user, s, lookup.names) if lookup.names else [[] for _ in keys]
+        words = (
+            _word_positions(tokenizer, ids, user, s, lookup.names)
+            if lookup.names
+            else [[] for _ in keys]
+        )
         places = [place_of_cells(scene, cells) for cells in lookup.cells] if lookup.coarse else []
         # a sink when the answer is a count; a counted group beside others (a non-thinking reasoning turn) is
         # looked up like any other group
         counting = bool(counted) and len(counted) == len(lookup.cells)
         # position p predicts token p + 1; e - 1 is <|im_end|>
-        out.append(Evidence(list(range(s - 1, e - 2)), keys, words, places, sink=0 if counting else None))
+        out.append(
+            Evidence(list(range(s - 1, e - 2)), keys, words, places, sink=0 if counting else None)
+        )
     return out
 
 
-def _word_positions(tokenizer, ids: Sequence[int], lo: int, hi: int,
-                    names: Sequence[Sequence[str]]) -> list[list[int]]:
+def _word_positions(
+    tokenizer, ids: Sequence[int], lo: int, hi: int, names: Sequence[Sequence[str]]
+) -> list[list[int]]:
     """Per group of words, the positions in ids[lo:hi] of the tokens spelling them (as consecutive words, each
     group found after the previous one); [] for a group that is empty or not found."""
     pieces = [tokenizer.decode([t]) for t in ids[lo:hi]]
@@ -167,12 +232,18 @@ def _word_positions(tokenizer, ids: Sequence[int], lo: int, hi: int,
         at += len(piece)
     text, cursor, out = "".join(pieces), 0, []
     for words in names:
-        found = re.compile(r"\b" + r"\s+".join(map(re.escape, words)) + r"\b").search(text, cursor) if words else None
+        found = (
+            re.compile(r"\b" + r"\s+".join(map(re.escape, words)) + r"\b").search(text, cursor)
+            if words
+            else None
+        )
         if found is None:
             out.append([])
             continue
         cursor = found.end()
-        out.append([lo + i for i, (a, b) in enumerate(spans) if a < found.end() and b > found.start()])
+        out.append(
+            [lo + i for i, (a, b) in enumerate(spans) if a < found.end() and b > found.start()]
+        )
     return out
 
 
@@ -184,12 +255,23 @@ def _grounding(scene, num_tiles: int) -> torch.Tensor | None:
     tiles = scene.cols * scene.rows
     targets = torch.from_numpy(tile_targets(scene, thumbnail=tiles > 1))  # [N,8,8,F]
     if targets.shape[0] != num_tiles:
-        raise ValueError(f"the scene is {scene.cols}x{scene.rows} tiles (+ thumbnail) but the processor made {num_tiles}")
+        raise ValueError(
+            f"the scene is {scene.cols}x{scene.rows} tiles (+ thumbnail) but the processor made {num_tiles}"
+        )
     return targets
 
 
-def encode_turns(tokenizer, processor, tokens_per_tile: int, image, turns: Sequence[tuple[str, str, bool]],
-                 family: str = "", index: int = -1, scene=None, lookups=None) -> Encoded:
+def encode_turns(
+    tokenizer,
+    processor,
+    tokens_per_tile: int,
+    image,
+    turns: Sequence[tuple[str, str, bool]],
+    family: str = "",
+    index: int = -1,
+    scene=None,
+    lookups=None,
+) -> Encoded:
     """A multi-turn conversation about one image: (question, answer, thinking) per turn, image in the first.
 
     The first turn is exactly `ChatTokenizer.build_example`; each later turn appends
@@ -203,22 +285,34 @@ def encode_turns(tokenizer, processor, tokens_per_tile: int, image, turns: Seque
     first = tokenizer.build_example(q, a, image_tokens, thinking=think)
     ids, mask = list(first.input_ids), list(first.loss_mask)
     for q, a, think in rest:
-        prompt = tokenizer.encode("\n" + tokenizer.turn("user", q) + tokenizer.assistant_start(think))
+        prompt = tokenizer.encode(
+            "\n" + tokenizer.turn("user", q) + tokenizer.assistant_start(think)
+        )
         target = tokenizer.encode(a) + [tokenizer.im_end_id]
         ids += prompt + target
         mask += [0] * len(prompt) + [1] * len(target)
     tokenizer.check_image_tokens(ids, image_tokens)
     lookups = lookups if lookups is not None else [None] * len(turns)
-    evidence = _evidence(ids, mask, tokenizer, scene, tokens_per_tile, [(lk, t[2]) for lk, t in zip(lookups, turns)])
-    return Encoded(ids, mask, pixels.pixel_values, image_tokens, family, index,
-                   _grounding(scene, pixels.pixel_values.shape[0]), evidence)
+    evidence = _evidence(
+        ids, mask, tokenizer, scene, tokens_per_tile, [(lk, t[2]) for lk, t in zip(lookups, turns)]
+    )
+    return Encoded(
+        ids,
+        mask,
+        pixels.pixel_values,
+        image_tokens,
+        family,
+        index,
+        _grounding(scene, pixels.pixel_values.shape[0]),
+        evidence,
+    )
 
 
 def square_average_weights(num_loss_tokens: int) -> float:
     """InternVL's square averaging: each of a sample's N loss tokens weighs N^-0.5 (between per-token and per-sample)."""
     if num_loss_tokens <= 0:
         raise ValueError("a training sample must have at least one loss token")
-    return num_loss_tokens ** -0.5
+    return num_loss_tokens**-0.5
 
 
 @dataclass
@@ -226,16 +320,26 @@ class Batch:
     """Packed rows. Position t of a row predicts `targets[:, t]` (the next token of the same sample)."""
 
     input_ids: torch.Tensor  # [B,L] long, pad_id on padding
-    targets: torch.Tensor  # [B,L] long, IGNORE where no loss (prompt, padding, last token of a sample)
-    weights: torch.Tensor  # [B,L] float, N^-0.5 on the loss positions of a sample with N of them, else 0
+    targets: (
+        torch.Tensor
+    )  # [B,L] long, IGNORE where no loss (prompt, padding, last token of a sample)
+    weights: (
+        torch.Tensor
+    )  # [B,L] float, N^-0.5 on the loss positions of a sample with N of them, else 0
     position_ids: torch.Tensor  # [B,L] long, restarting at 0 for every sample
     segment_ids: torch.Tensor  # [B,L] long, 1.. per sample within a row, 0 on padding
-    pixel_values: torch.Tensor  # [ΣN,3,S,S], the tiles in the order their <IMG_CONTEXT> tokens appear (row-major)
+    pixel_values: (
+        torch.Tensor
+    )  # [ΣN,3,S,S], the tiles in the order their <IMG_CONTEXT> tokens appear (row-major)
     image_tokens: list[int]  # per image, same order
     families: list[str]  # per sample, in packing order
     indices: list[int] = field(default_factory=list)  # stream positions of the samples
-    grounding: torch.Tensor | None = None  # [ΣN,8,8,F] cell targets of the tiles, when every sample has them
-    evidence: list[Evidence] = field(default_factory=list)  # every sample's, at its place in the rows
+    grounding: torch.Tensor | None = (
+        None  # [ΣN,8,8,F] cell targets of the tiles, when every sample has them
+    )
+    evidence: list[Evidence] = field(
+        default_factory=list
+    )  # every sample's, at its place in the rows
 
     @property
     def num_samples(self) -> int:
@@ -277,13 +381,15 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
             n = len(e)
             ids = torch.tensor(e.input_ids, dtype=torch.long)
             mask = torch.tensor(e.loss_mask, dtype=torch.bool)
-            input_ids[b, start:start + n] = ids
-            position_ids[b, start:start + n] = torch.arange(n)
-            segment_ids[b, start:start + n] = seg
+            input_ids[b, start : start + n] = ids
+            position_ids[b, start : start + n] = torch.arange(n)
+            segment_ids[b, start : start + n] = seg
             # position t predicts token t+1 of the same sample; the sample's last position predicts nothing
             shifted = torch.where(mask[1:], ids[1:], torch.full_like(ids[1:], IGNORE))  # [n-1]
-            targets[b, start:start + n - 1] = shifted
-            weights[b, start:start + n - 1] = mask[1:].float() * square_average_weights(e.num_loss_tokens)
+            targets[b, start : start + n - 1] = shifted
+            weights[b, start : start + n - 1] = mask[1:].float() * square_average_weights(
+                e.num_loss_tokens
+            )
             evidence.extend(entry.packed(b, start) for entry in e.evidence or [])
             tiles.append(e.pixel_values)
             image_tokens.extend(e.image_tokens)
@@ -293,8 +399,19 @@ def collate(rows: Sequence[Sequence[Encoded]], pad_id: int, pad_to: int | None =
     pixel_values = torch.cat(tiles) if tiles else torch.zeros(0)
     grounds = [e.grounding for row in rows for e in row]
     grounding = torch.cat(grounds) if all(g is not None for g in grounds) else None
-    return Batch(input_ids, targets, weights, position_ids, segment_ids, pixel_values, image_tokens, families, indices,
-                 grounding, evidence)
+    return Batch(
+        input_ids,
+        targets,
+        weights,
+        position_ids,
+        segment_ids,
+        pixel_values,
+        image_tokens,
+        families,
+        indices,
+        grounding,
+        evidence,
+    )
 
 
 class Packer:
@@ -315,7 +432,9 @@ class Packer:
         used = 0  # tokens in the last row
         for position, e in stream:
             if len(e) > self.row_tokens:
-                raise ValueError(f"sample {e.index} has {len(e)} tokens, more than row_tokens={self.row_tokens}; raise row_tokens")
+                raise ValueError(
+                    f"sample {e.index} has {len(e)} tokens, more than row_tokens={self.row_tokens}; raise row_tokens"
+                )
             if rows and used + len(e) <= self.row_tokens:
                 rows[-1].append(e)
                 used += len(e)
@@ -347,16 +466,29 @@ def _identity(x: Any) -> Any:
     return x
 
 
-def stream_batches(make: Callable[[int], Encoded], packer: Packer, start: int = 0, rank: int = 0, world: int = 1,
-                   workers: int = 1, prefetch: int = 32) -> Iterator[tuple[Batch, int]]:
+def stream_batches(
+    make: Callable[[int], Encoded],
+    packer: Packer,
+    start: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 1,
+    prefetch: int = 32,
+) -> Iterator[tuple[Batch, int]]:
     """Packed batches of `make(i)` from stream position `start`; rendering runs in `workers` (0 or 1) processes.
 
     `make` must be picklable when workers > 0 (a module-level function or a dataclass instance).
     """
     dataset = _IndexedStream(make, start, rank, world)
     if workers > 0:
-        loader = DataLoader(dataset, batch_size=None, num_workers=1, prefetch_factor=prefetch,
-                            collate_fn=_identity, persistent_workers=False)
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=1,
+            prefetch_factor=prefetch,
+            collate_fn=_identity,
+            persistent_workers=False,
+        )
         stream: Iterable[tuple[int, Encoded]] = loader
     else:
         stream = iter(dataset)
@@ -366,10 +498,13 @@ def stream_batches(make: Callable[[int], Encoded], packer: Packer, start: int = 
 def tokens_summary(batch: Batch) -> dict[str, float]:
     """Counts for logging: samples, real tokens, padding fraction, tiles, loss tokens."""
     total = batch.input_ids.numel()
-    return {"samples": float(batch.num_samples), "tokens": float(batch.num_tokens),
-            "pad_frac": 1.0 - batch.num_tokens / max(total, 1), "tiles": float(batch.pixel_values.shape[0]),
-            "loss_tokens": float((batch.targets != IGNORE).sum())}
-
+    return {
+        "samples": float(batch.num_samples),
+        "tokens": float(batch.num_tokens),
+        "pad_frac": 1.0 - batch.num_tokens / max(total, 1),
+        "tiles": float(batch.pixel_values.shape[0]),
+        "loss_tokens": float((batch.targets != IGNORE).sum()),
+    }
 
 
 @dataclass
@@ -384,7 +519,9 @@ class Curriculum:
     def __post_init__(self) -> None:
         self.points = tuple((int(i), float(d)) for i, d in self.points)
         if not self.points or any(b[0] <= a[0] for a, b in zip(self.points, self.points[1:])):
-            raise ValueError(f"curriculum points must be non-empty with increasing indices, got {self.points}")
+            raise ValueError(
+                f"curriculum points must be non-empty with increasing indices, got {self.points}"
+            )
         if any(not 0.0 <= d <= 1.0 for _, d in self.points):
             raise ValueError(f"curriculum difficulties must lie in [0, 1], got {self.points}")
 
@@ -415,9 +552,13 @@ class WorldStream:
     seed: int = 0  # offset into the world's seeds, so stages can use disjoint scenes
     split: str = "train"  # the world's split ("eval" for held-out conversations, e.g. the router's tile labels)
     turns: int = 1  # questions per image: extra turns ask other families about the same scene
-    grounding: bool = False  # attach the tiles' dense grounding targets (tessera.world.grounding_targets)
+    grounding: bool = (
+        False  # attach the tiles' dense grounding targets (tessera.world.grounding_targets)
+    )
     chain_evidence: bool = False  # also ground the numbers a thinking chain reads off the image
-    repeat: tuple[str, ...] = ()  # families a conversation may ask more than once (about other things each time)
+    repeat: tuple[
+        str, ...
+    ] = ()  # families a conversation may ask more than once (about other things each time)
     # counts' evidence: one anchor token per counted thing plus a sink with an even share (Evidence.sink), instead
     # of every token of every thing
     count_sink: bool = False
@@ -430,7 +571,9 @@ class WorldStream:
         if self.families:
             names = sorted(self.families)
             family = rng.choices(names, weights=[self.families[n] for n in names])[0]
-        s = make_sample(self.seed + index, family=family, split=self.split, difficulty=self.curriculum(index))
+        s = make_sample(
+            self.seed + index, family=family, split=self.split, difficulty=self.curriculum(index)
+        )
         return s, s.thinking_answer is not None and rng.random() < self.thinking_prob
 
     def conversation(self, index: int):
@@ -477,17 +620,40 @@ class WorldStream:
 
     def _turn(self, rng: random.Random, task, thinking_text) -> tuple[str, str, bool]:
         think = task.think is not None and rng.random() < self.thinking_prob
-        return task.question, thinking_text(task.think, task.answer) if think else task.answer, think
+        return (
+            task.question,
+            thinking_text(task.think, task.answer) if think else task.answer,
+            think,
+        )
 
     def __call__(self, index: int) -> Encoded:
         if self._processor is None:
             self._processor = ImageProcessor.from_config(self.config)
         if self.turns > 1:
             image, turns, family, scene, lookups = self.conversation(index)
-            return encode_turns(self.tokenizer, self._processor, self.config.tokens_per_tile, image, turns, family, index,
-                                scene if self.grounding else None, lookups)
+            return encode_turns(
+                self.tokenizer,
+                self._processor,
+                self.config.tokens_per_tile,
+                image,
+                turns,
+                family,
+                index,
+                scene if self.grounding else None,
+                lookups,
+            )
         s, thinking = self.sample(index)
         answer = s.thinking_answer if thinking else s.answer
-        return encode(self.tokenizer, self._processor, self.config.tokens_per_tile, s.image, s.question, answer,
-                      thinking=thinking, family=s.family, index=index, scene=s.scene if self.grounding else None,
-                      lookup=self._lookup(Lookup.from_meta(s.meta["lookup"])))
+        return encode(
+            self.tokenizer,
+            self._processor,
+            self.config.tokens_per_tile,
+            s.image,
+            s.question,
+            answer,
+            thinking=thinking,
+            family=s.family,
+            index=index,
+            scene=s.scene if self.grounding else None,
+            lookup=self._lookup(Lookup.from_meta(s.meta["lookup"])),
+        )

@@ -39,7 +39,9 @@ class GroundingHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         n, t, _ = tokens.shape
-        return self.proj(tokens).reshape(n, t, self.cells_per_token * len(FIELDS), NUM_CLASSES)  # [N, T, k²·F, C]
+        return self.proj(tokens).reshape(
+            n, t, self.cells_per_token * len(FIELDS), NUM_CLASSES
+        )  # [N, T, k²·F, C]
 
 
 class PlaceHead(nn.Module):
@@ -54,11 +56,13 @@ class PlaceHead(nn.Module):
         self.proj = nn.Linear(hidden_size, self.GROUPS * self.AXES * CELLS_PER_TILE)
         # not zero (unlike the visual-token probes): the places are absent from the answer position at first, and a
         # zero probe passes no gradient back into the heads until it has found something to read
-        nn.init.normal_(self.proj.weight, std=hidden_size ** -0.5)
+        nn.init.normal_(self.proj.weight, std=hidden_size**-0.5)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(hidden).reshape(hidden.shape[0], self.GROUPS, self.AXES, CELLS_PER_TILE)  # [Q, 2, 2, 8]
+        return self.proj(hidden).reshape(
+            hidden.shape[0], self.GROUPS, self.AXES, CELLS_PER_TILE
+        )  # [Q, 2, 2, 8]
 
 
 class CountHead(nn.Module):
@@ -70,7 +74,7 @@ class CountHead(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.proj = nn.Linear(hidden_size, self.MAX_COUNT + 1)
-        nn.init.normal_(self.proj.weight, std=hidden_size ** -0.5)  # not zero: see PlaceHead
+        nn.init.normal_(self.proj.weight, std=hidden_size**-0.5)  # not zero: see PlaceHead
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -82,11 +86,20 @@ class GroundingHeads(nn.Module):
     probes on what the middle layer's heads fetched (`fetched_width` = the width of their concatenated outputs):
     the place probe (PlaceHead) when `place`, the count probe (CountHead) when `count`."""
 
-    def __init__(self, vision_hidden: int, language_hidden: int, cells_per_token: int, fetched_width: int = 0,
-                 place: bool = False, count: bool = False):
+    def __init__(
+        self,
+        vision_hidden: int,
+        language_hidden: int,
+        cells_per_token: int,
+        fetched_width: int = 0,
+        place: bool = False,
+        count: bool = False,
+    ):
         super().__init__()
         if (place or count) and not fetched_width:
-            raise ValueError("the place and count probes need the width of the middle layer's head outputs")
+            raise ValueError(
+                "the place and count probes need the width of the middle layer's head outputs"
+            )
         self.patch = GroundingHead(vision_hidden, 1)
         self.token = GroundingHead(language_hidden, cells_per_token)
         self.place = PlaceHead(fetched_width) if place else None
@@ -100,8 +113,13 @@ def token_targets(cells: torch.Tensor, ratio: float) -> torch.Tensor:
     return grouped.reshape(grouped.shape[0], -1, grouped.shape[-1])  # [N, T, k²·F]
 
 
-def grounding_loss(head: GroundingHead, features: torch.Tensor, cells: torch.Tensor, ratio: float,
-                   name: str = "ground") -> tuple[torch.Tensor, dict[str, float]]:
+def grounding_loss(
+    head: GroundingHead,
+    features: torch.Tensor,
+    cells: torch.Tensor,
+    ratio: float,
+    name: str = "ground",
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy over the labelled (token, cell, field) slots of the batch: the mean over all of them plus
     the mean over those that show something; and per-field accuracy on the slots that show something.
 
@@ -112,11 +130,16 @@ def grounding_loss(head: GroundingHead, features: torch.Tensor, cells: torch.Ten
     if features.shape[0] != n * t:
         raise ValueError(f"{features.shape[0]} visual tokens for {n} tiles of {t} tokens each")
     logits = head(features.reshape(n, t, -1).float())  # [N, T, k²·F, C]
-    ce = F.cross_entropy(logits.reshape(-1, NUM_CLASSES), targets.reshape(-1), ignore_index=IGNORE,
-                         reduction="none")  # [N·T·k²·F], 0 where ignored
+    ce = F.cross_entropy(
+        logits.reshape(-1, NUM_CLASSES), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+    )  # [N·T·k²·F], 0 where ignored
     flat = targets.reshape(-1)
     valid = flat != IGNORE
-    field = (torch.arange(targets.shape[-1], device=flat.device) % len(FIELDS)).expand_as(targets).reshape(-1)
+    field = (
+        (torch.arange(targets.shape[-1], device=flat.device) % len(FIELDS))
+        .expand_as(targets)
+        .reshape(-1)
+    )
     # most slots are empty ("nothing" is learnt in a few steps) and a shape covers many more cells than a label
     # has glyphs: each field's shown slots get a mean of their own, so every field keeps a full-strength signal
     # however sparse it is
@@ -131,22 +154,38 @@ def grounding_loss(head: GroundingHead, features: torch.Tensor, cells: torch.Ten
         for f, field_name in enumerate(FIELDS):
             shown = (targets > 0) & (fields == f)
             if bool(shown.any()):
-                metrics[f"{name}/{field_name}"] = float((pred[shown] == targets[shown]).float().mean())
+                metrics[f"{name}/{field_name}"] = float(
+                    (pred[shown] == targets[shown]).float().mean()
+                )
     return loss, metrics
 
 
-def two_level_grounding_loss(heads: GroundingHeads, grid: torch.Tensor, features: torch.Tensor, cells: torch.Tensor,
-                             ratio: float) -> tuple[torch.Tensor, dict[str, float]]:
+def two_level_grounding_loss(
+    heads: GroundingHeads,
+    grid: torch.Tensor,
+    features: torch.Tensor,
+    cells: torch.Tensor,
+    ratio: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Patch probe on the ViT grid [N, h, w, Cv] plus token probe on the projected features [N·T, D] (at `ratio`).
     Metrics: `ground/<field>` for the tokens, `ground_patch/<field>` for the patches."""
-    patch_loss, patch_metrics = grounding_loss(heads.patch, grid.reshape(-1, grid.shape[-1]), cells, 1.0, "ground_patch")
+    patch_loss, patch_metrics = grounding_loss(
+        heads.patch, grid.reshape(-1, grid.shape[-1]), cells, 1.0, "ground_patch"
+    )
     token_loss, metrics = grounding_loss(heads.token, features, cells, ratio)
     return patch_loss + token_loss, {**metrics, **patch_metrics}
 
 
-def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                            mask: torch.Tensor | None, evidence, heads: Sequence[int] = (0,),
-                            name: str = "evidence_attention") -> tuple[torch.Tensor, dict[str, float]]:
+def evidence_attention_loss(
+    attn: nn.Module,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    evidence,
+    heads: Sequence[int] = (0,),
+    name: str = "evidence_attention",
+) -> tuple[torch.Tensor, dict[str, float]]:
     """−log of the attention mass that the supervised heads of one layer put on the visual tokens showing an
     answer's evidence, averaged over heads and over the positions that predict answer tokens.
 
@@ -177,16 +216,26 @@ def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
     for entry in evidence:
         b, queries, key_groups = entry.row, entry.queries, entry.keys
         s = max(queries) + 1  # keys a causal query can see
-        q = attn.q_norm(attn.q_proj(x[b, queries]).view(len(queries), attn.num_heads, attn.head_dim)[:, heads])  # [Q, H, hd]
-        k = attn.k_norm(attn.k_proj(x[b, :s]).view(s, attn.num_kv_heads, attn.head_dim))  # [S, KV, hd]
+        q = attn.q_norm(
+            attn.q_proj(x[b, queries]).view(len(queries), attn.num_heads, attn.head_dim)[:, heads]
+        )  # [Q, H, hd]
+        k = attn.k_norm(
+            attn.k_proj(x[b, :s]).view(s, attn.num_kv_heads, attn.head_dim)
+        )  # [S, KV, hd]
         k = k[:, [h // group for h in heads]]  # [S, H, hd], the key group of each supervised head
-        q = apply_rope(q.transpose(0, 1)[None], cos[b, queries][None], sin[b, queries][None])[0].float()  # [H, Q, hd]
-        k = apply_rope(k.transpose(0, 1)[None], cos[b, :s][None], sin[b, :s][None])[0].float()  # [H, S, hd]
-        scores = q @ k.transpose(1, 2) / attn.head_dim ** 0.5  # [H, Q, S]
+        q = apply_rope(q.transpose(0, 1)[None], cos[b, queries][None], sin[b, queries][None])[
+            0
+        ].float()  # [H, Q, hd]
+        k = apply_rope(k.transpose(0, 1)[None], cos[b, :s][None], sin[b, :s][None])[
+            0
+        ].float()  # [H, S, hd]
+        scores = q @ k.transpose(1, 2) / attn.head_dim**0.5  # [H, Q, S]
         if mask is not None:
             scores = scores + mask[b, 0][queries][:, :s].float()
         else:
-            scores = scores.masked_fill(torch.arange(s)[None, :] > torch.tensor(queries)[:, None], float("-inf"))
+            scores = scores.masked_fill(
+                torch.arange(s)[None, :] > torch.tensor(queries)[:, None], float("-inf")
+            )
         logp = torch.log_softmax(scores, dim=-1)  # [H, Q, S]
         if entry.sink is not None:  # every head: an even share for the sink and each counted thing
             shares = [entry.sink] + [k for keys in key_groups for k in keys]
@@ -197,7 +246,9 @@ def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
         else:
             for i in range(len(heads)):
                 keys = key_groups[i % len(key_groups)]
-                on_evidence = torch.logsumexp(logp[i][:, keys], dim=-1)  # [Q] log attention mass on the evidence
+                on_evidence = torch.logsumexp(
+                    logp[i][:, keys], dim=-1
+                )  # [Q] log attention mass on the evidence
                 total = total - on_evidence.sum() / len(heads)
                 mass += float(on_evidence.detach().exp().sum()) / len(heads)
         count += len(queries)
@@ -206,7 +257,9 @@ def evidence_attention_loss(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
     return total / count, {name: mass / count}
 
 
-def place_loss(head: PlaceHead, hidden: torch.Tensor, evidence) -> tuple[torch.Tensor, dict[str, float]]:
+def place_loss(
+    head: PlaceHead, hidden: torch.Tensor, evidence
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy of the place probe: at the positions predicting a spatial answer, the hidden state must say
     where each of the two compared things is (column and row on the whole-canvas view).
 
@@ -224,22 +277,30 @@ def place_loss(head: PlaceHead, hidden: torch.Tensor, evidence) -> tuple[torch.T
         if not places:
             continue
         if len(places) > head.GROUPS:
-            raise ValueError(f"the place probe reads {head.GROUPS} groups, the answer compares {len(places)}")
-        target = torch.full((head.GROUPS, head.AXES), IGNORE, dtype=torch.long)  # [2 groups, 2 axes]
-        target[:len(places)] = torch.tensor(places, dtype=torch.long)
+            raise ValueError(
+                f"the place probe reads {head.GROUPS} groups, the answer compares {len(places)}"
+            )
+        target = torch.full(
+            (head.GROUPS, head.AXES), IGNORE, dtype=torch.long
+        )  # [2 groups, 2 axes]
+        target[: len(places)] = torch.tensor(places, dtype=torch.long)
         states.append(hidden[b, queries])  # [Q, D]
         targets.append(target.expand(len(queries), -1, -1))  # [Q, 2, 2]
     if not states:
         return hidden.new_zeros((), dtype=torch.float32), {}
     logits = head(torch.cat(states).float())  # [ΣQ, 2, 2, 8]
     target = torch.cat(targets)  # [ΣQ, 2, 2]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE
+    )
     valid = target != IGNORE
     acc = float((logits.argmax(-1)[valid] == target[valid]).float().mean())
     return loss, {"place/loss": float(loss.detach()), "place/acc": acc}
 
 
-def count_loss(head: CountHead, hidden: torch.Tensor, evidence) -> tuple[torch.Tensor, dict[str, float]]:
+def count_loss(
+    head: CountHead, hidden: torch.Tensor, evidence
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy of the count probe: at the positions predicting a counting answer (the evidence entries with
     a sink, chains' counts included), what the middle layer's heads fetched must say how many things there are
     (the number of counted keys).
@@ -257,7 +318,9 @@ def count_loss(head: CountHead, hidden: torch.Tensor, evidence) -> tuple[torch.T
             continue
         n = sum(len(keys) for keys in entry.keys)
         if n > head.MAX_COUNT:
-            raise ValueError(f"the count probe reads up to {head.MAX_COUNT} things, the answer counts {n}")
+            raise ValueError(
+                f"the count probe reads up to {head.MAX_COUNT} things, the answer counts {n}"
+            )
         states.append(hidden[entry.row, entry.queries])  # [Q, D]
         targets.append(torch.full((len(entry.queries),), n, dtype=torch.long))
     if not states:

@@ -108,14 +108,21 @@ def full_names(model: torch.nn.Module, options: LoraOptions, targets: list[str])
     for name in names:
         inside = [t for t in targets if t == name or t.startswith(name + ".")]
         if inside:
-            raise ValueError(f"LoRA train module {name} holds LoRA target(s) {inside[:3]}; "
-                             "train it in full or adapt it, not both")
+            raise ValueError(
+                f"LoRA train module {name} holds LoRA target(s) {inside[:3]}; "
+                "train it in full or adapt it, not both"
+            )
         own = {p.data_ptr() for p in modules[name].parameters()}
-        shared = [n for n, p in model.named_parameters(remove_duplicate=False)
-                  if p.data_ptr() in own and not n.startswith(name + ".")]
+        shared = [
+            n
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if p.data_ptr() in own and not n.startswith(name + ".")
+        ]
         if shared:
-            raise ValueError(f"LoRA train module {name} shares weights with {shared[:2]} "
-                             "(tied); training a copy would untie them")
+            raise ValueError(
+                f"LoRA train module {name} shares weights with {shared[:2]} "
+                "(tied); training a copy would untie them"
+            )
     return names
 
 
@@ -171,8 +178,13 @@ def save_adapter(
     saved = sorted(n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper))
     (out / CONFIG_FILE).write_text(
         json.dumps(
-            {"base": base, "options": asdict(options), "targets": targets, "train_modules": saved,
-             "peft_type": "LORA"},
+            {
+                "base": base,
+                "options": asdict(options),
+                "targets": targets,
+                "train_modules": saved,
+                "peft_type": "LORA",
+            },
             indent=2,
         )
         + "\n"

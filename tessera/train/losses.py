@@ -16,14 +16,20 @@ IGNORE = -100  # target id of positions without loss
 
 
 def _denominator(weights: torch.Tensor, normalizer: float | torch.Tensor | None) -> torch.Tensor:
-    total = weights.sum() if normalizer is None else torch.as_tensor(normalizer, dtype=weights.dtype)
+    total = (
+        weights.sum() if normalizer is None else torch.as_tensor(normalizer, dtype=weights.dtype)
+    )
     if float(total) <= 0:
         raise ValueError("the loss weights sum to zero: the batch has no loss tokens")
     return total
 
 
-def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                           normalizer: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def weighted_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Σ w·CE / Σ w over the positions whose target is not IGNORE.
 
     logits [B,T,V] (position t predicts targets[:, t]); targets [B,T] long, IGNORE where there is no loss;
@@ -32,7 +38,9 @@ def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights:
     accuracy on loss tokens) and `loss_tokens`.
     """
     if logits.shape[:2] != targets.shape or targets.shape != weights.shape:
-        raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, weights {tuple(weights.shape)}")
+        raise ValueError(
+            f"shape mismatch: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, weights {tuple(weights.shape)}"
+        )
     mask = targets != IGNORE  # [B,T]
     flat_logits = logits[mask].float()  # [L,V], L = loss tokens
     flat_targets = targets[mask]  # [L]
@@ -45,8 +53,12 @@ def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights:
     return loss, {"ce": mean_ce, "token_acc": acc, "loss_tokens": float(len(ce))}
 
 
-def kl_consistency(ref_logits: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor,
-                   normalizer: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def kl_consistency(
+    ref_logits: torch.Tensor,
+    logits: torch.Tensor,
+    weights: torch.Tensor,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """ViCO stage 1: Σ w·KL(π_ref(·|t) ‖ π(·|t)) / Σ w over the positions with weight > 0.
 
     ref_logits [B,T,V] from the frozen reference (image at 1/4), logits [B,T,V] from the trained model (image
@@ -54,7 +66,9 @@ def kl_consistency(ref_logits: torch.Tensor, logits: torch.Tensor, weights: torc
     The reference is detached here, so callers need not remember to.
     """
     if ref_logits.shape != logits.shape or logits.shape[:2] != weights.shape:
-        raise ValueError(f"shape mismatch: ref {tuple(ref_logits.shape)}, logits {tuple(logits.shape)}, weights {tuple(weights.shape)}")
+        raise ValueError(
+            f"shape mismatch: ref {tuple(ref_logits.shape)}, logits {tuple(logits.shape)}, weights {tuple(weights.shape)}"
+        )
     mask = weights > 0  # [B,T]
     ref_logp = F.log_softmax(ref_logits[mask].detach().float(), dim=-1)  # [L,V]
     logp = F.log_softmax(logits[mask].float(), dim=-1)  # [L,V]

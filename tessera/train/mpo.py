@@ -43,7 +43,9 @@ class PreferencePair:
     rejected: list[int]
     chosen_text: str = ""
     rejected_text: str = ""
-    accuracy: float = 0.0  # the query's rollout accuracy (fraction of its G answers that were correct)
+    accuracy: float = (
+        0.0  # the query's rollout accuracy (fraction of its G answers that were correct)
+    )
     # Σ log π_sampler(answer) recorded at sampling time (temperature 1 only; None otherwise): the frozen
     # reference's log-probs when the sampler is the model entering MPO
     chosen_logprob: float | None = None
@@ -54,15 +56,30 @@ class PreferencePair:
         return self.chosen_logprob is not None and self.rejected_logprob is not None
 
     def to_json(self) -> dict:
-        return {**asdict(self.query), "chosen": self.chosen, "rejected": self.rejected, "chosen_text": self.chosen_text,
-                "rejected_text": self.rejected_text, "accuracy": self.accuracy, "chosen_logprob": self.chosen_logprob,
-                "rejected_logprob": self.rejected_logprob}
+        return {
+            **asdict(self.query),
+            "chosen": self.chosen,
+            "rejected": self.rejected,
+            "chosen_text": self.chosen_text,
+            "rejected_text": self.rejected_text,
+            "accuracy": self.accuracy,
+            "chosen_logprob": self.chosen_logprob,
+            "rejected_logprob": self.rejected_logprob,
+        }
 
     @classmethod
-    def from_json(cls, d: dict) -> "PreferencePair":
+    def from_json(cls, d: dict) -> PreferencePair:
         q = Query(d["seed"], d["family"], d["question"], d["answer"], d["thinking"], d["split"])
-        return cls(q, list(d["chosen"]), list(d["rejected"]), d.get("chosen_text", ""), d.get("rejected_text", ""),
-                   float(d["accuracy"]), d.get("chosen_logprob"), d.get("rejected_logprob"))
+        return cls(
+            q,
+            list(d["chosen"]),
+            list(d["rejected"]),
+            d.get("chosen_text", ""),
+            d.get("rejected_text", ""),
+            float(d["accuracy"]),
+            d.get("chosen_logprob"),
+            d.get("rejected_logprob"),
+        )
 
 
 @dataclass
@@ -77,13 +94,14 @@ class QueryStat:
         return {**asdict(self.query), "accuracy": self.accuracy, "rollouts": self.rollouts}
 
     @classmethod
-    def from_json(cls, d: dict) -> "QueryStat":
+    def from_json(cls, d: dict) -> QueryStat:
         q = Query(d["seed"], d["family"], d["question"], d["answer"], d["thinking"], d["split"])
         return cls(q, float(d["accuracy"]), int(d["rollouts"]))
 
 
-def build_pairs(group: Group, max_pairs: int, rng: random.Random,
-                record_logprobs: bool = True) -> list[PreferencePair]:
+def build_pairs(
+    group: Group, max_pairs: int, rng: random.Random, record_logprobs: bool = True
+) -> list[PreferencePair]:
     """Up to `max_pairs` (correct, wrong) pairs from one query's rollouts.
 
     Duplicate answers are merged first; then the distinct correct and wrong answers are shuffled and paired
@@ -101,7 +119,11 @@ def build_pairs(group: Group, max_pairs: int, rng: random.Random,
     for i in range(n):
         c, w = correct[i % len(correct)], wrong[i % len(wrong)]
         logprobs = (sum(c.logprobs), sum(w.logprobs)) if record_logprobs else (None, None)
-        pairs.append(PreferencePair(group.query, c.tokens, w.tokens, c.text, w.text, group.accuracy, *logprobs))
+        pairs.append(
+            PreferencePair(
+                group.query, c.tokens, w.tokens, c.text, w.text, group.accuracy, *logprobs
+            )
+        )
     return pairs
 
 
@@ -123,11 +145,19 @@ def write_jsonl(path: str | Path, records: Sequence) -> None:
 
 
 def read_pairs(path: str | Path) -> list[PreferencePair]:
-    return [PreferencePair.from_json(json.loads(line)) for line in Path(path).read_text().splitlines() if line]
+    return [
+        PreferencePair.from_json(json.loads(line))
+        for line in Path(path).read_text().splitlines()
+        if line
+    ]
 
 
 def read_stats(path: str | Path) -> list[QueryStat]:
-    return [QueryStat.from_json(json.loads(line)) for line in Path(path).read_text().splitlines() if line]
+    return [
+        QueryStat.from_json(json.loads(line))
+        for line in Path(path).read_text().splitlines()
+        if line
+    ]
 
 
 @dataclass
@@ -144,8 +174,15 @@ class CollectResult:
         return sum(s.accuracy for s in self.stats) / max(len(self.stats), 1)
 
 
-def collect_preferences(model, queries: Sequence[Query], sampling: SamplingConfig, max_pairs_per_query: int = 2,
-                        out_dir: str | Path | None = None, verify=None, log=print) -> CollectResult:
+def collect_preferences(
+    model,
+    queries: Sequence[Query],
+    sampling: SamplingConfig,
+    max_pairs_per_query: int = 2,
+    out_dir: str | Path | None = None,
+    verify=None,
+    log=print,
+) -> CollectResult:
     """Roll out every query G times, build pairs and per-query accuracies; write them under `out_dir`.
 
     At temperature 1 each pair carries its answers' summed log-probs under `model`: MPO's reference when `model`
@@ -157,19 +194,25 @@ def collect_preferences(model, queries: Sequence[Query], sampling: SamplingConfi
     kept: dict = {}
     chunk = max(sampling.queries_per_batch * 8, 1)
     for lo in range(0, len(queries), chunk):
-        part = list(queries[lo:lo + chunk])
+        part = list(queries[lo : lo + chunk])
         cfg = SamplingConfig(**{**asdict(sampling), "seed": sampling.seed * 7919 + lo})
         prepared = prepare(model, part)
         for p, g in zip(prepared, rollout(model, part, cfg, verify=verify, prepared=prepared)):
             stats.append(QueryStat(g.query, g.accuracy, len(g.rollouts)))
-            new = build_pairs(g, max_pairs_per_query, rng, record_logprobs=sampling.temperature == 1.0)
+            new = build_pairs(
+                g, max_pairs_per_query, rng, record_logprobs=sampling.temperature == 1.0
+            )
             if new:
-                kept[p.query.key()] = replace(p, pixel_values=p.pixel_values[:0])  # [0,3,S,S]: features suffice
+                kept[p.query.key()] = replace(
+                    p, pixel_values=p.pixel_values[:0]
+                )  # [0,3,S,S]: features suffice
             pairs.extend(new)
         if log:
-            done = stats[-len(part):]
-            log(f"mpo collect: {lo + len(part)}/{len(queries)} queries, {len(pairs)} pairs, "
-                f"rollout accuracy {sum(s.accuracy for s in done) / len(done):.2f}")
+            done = stats[-len(part) :]
+            log(
+                f"mpo collect: {lo + len(part)}/{len(queries)} queries, {len(pairs)} pairs, "
+                f"rollout accuracy {sum(s.accuracy for s in done) / len(done):.2f}"
+            )
     if out_dir is not None:
         write_jsonl(Path(out_dir) / "pairs.jsonl", pairs)
         write_jsonl(Path(out_dir) / "queries.jsonl", stats)
@@ -177,6 +220,7 @@ def collect_preferences(model, queries: Sequence[Query], sampling: SamplingConfi
 
 
 # ---- the training stage --------------------------------------------------------------------------
+
 
 @dataclass
 class PairBatch:
@@ -197,18 +241,26 @@ class MPOStage:
     weights: MPOWeights = field(default_factory=MPOWeights)
     train_vision: bool = False
     seed: int = 0
-    prepared: dict = field(default_factory=dict)  # query key → PreparedQuery (filled in setup; tests may pre-fill)
+    prepared: dict = field(
+        default_factory=dict
+    )  # query key → PreparedQuery (filled in setup; tests may pre-fill)
     name: str = "mpo"
     precision: str = "fp32"  # log-probs must match the fp32 rollouts / reference (see Trainer.fit)
     trainable: dict[str, bool] = field(default_factory=dict)
     running: RunningMean = field(default_factory=RunningMean)
-    reference: str = "auto"  # "rollout" (the pairs' recorded log-probs) | "model" (score every pair) | "auto"
-    reference_tolerance: float = 1e-3  # nats per token the recorded log-probs may differ from the model's
+    reference: str = (
+        "auto"  # "rollout" (the pairs' recorded log-probs) | "model" (score every pair) | "auto"
+    )
+    reference_tolerance: float = (
+        1e-3  # nats per token the recorded log-probs may differ from the model's
+    )
     reference_source: str = field(default="", init=False)  # "rollout" or "model": what setup used
 
     def __post_init__(self) -> None:
         if not self.pairs:
-            raise ValueError("MPO needs at least one preference pair (did every query come back all-correct or all-wrong?)")
+            raise ValueError(
+                "MPO needs at least one preference pair (did every query come back all-correct or all-wrong?)"
+            )
         if self.reference not in ("auto", "rollout", "model"):
             raise ValueError(f"reference must be auto, rollout or model, got {self.reference!r}")
         if not self.trainable:
@@ -223,14 +275,18 @@ class MPOStage:
         "auto" uses the log-probs recorded at sampling time when every pair has them and they agree with the
         model on the first batch (so the pairs were sampled by this very model), else scores every pair."""
         self._pad = model.tokenizer.pad_id
-        missing = unprepared([p.query for p in self.pairs], self.prepared, need_pixels=self.train_vision)
+        missing = unprepared(
+            [p.query for p in self.pairs], self.prepared, need_pixels=self.train_vision
+        )
         if missing:
             for p in prepare(model, missing, keep_pixels=self.train_vision):
                 self.prepared[p.query.key()] = p
         recorded = all(p.recorded for p in self.pairs)
         if self.reference == "rollout" and not recorded:
-            raise ValueError("reference='rollout' needs every pair's recorded log-probs (pairs collected at "
-                             "temperature 1); use reference='model' to score them with the model instead")
+            raise ValueError(
+                "reference='rollout' needs every pair's recorded log-probs (pairs collected at "
+                "temperature 1); use reference='model' to score them with the model instead"
+            )
         if self.reference != "model" and recorded:
             gap = self._recorded_gap(model)
             if gap <= self.reference_tolerance:
@@ -238,9 +294,11 @@ class MPOStage:
                 self.reference_source = "rollout"
                 return
             if self.reference == "rollout":
-                raise ValueError(f"the pairs' recorded log-probs differ from this model's by {gap:.2e} nats per token "
-                                 f"(tolerance {self.reference_tolerance:.0e}): they were sampled by another model. "
-                                 "Use reference='model' to score the pairs with the model entering MPO")
+                raise ValueError(
+                    f"the pairs' recorded log-probs differ from this model's by {gap:.2e} nats per token "
+                    f"(tolerance {self.reference_tolerance:.0e}): they were sampled by another model. "
+                    "Use reference='model' to score the pairs with the model entering MPO"
+                )
         self._ref = self._model_logprobs(model, self.pairs)
         self.reference_source = "model"
 
@@ -252,7 +310,7 @@ class MPOStage:
         out = []
         try:
             for lo in range(0, len(pairs), self.pairs_per_batch):
-                seqs = self._sequences(pairs[lo:lo + self.pairs_per_batch])
+                seqs = self._sequences(pairs[lo : lo + self.pairs_per_batch])
                 lp, mask = response_logprobs(model, seqs, train_vision=self.train_vision)  # [2B,L]
                 sums = sequence_logprobs(lp, mask)  # [2B]
                 half = sums.shape[0] // 2
@@ -263,20 +321,29 @@ class MPOStage:
 
     def _recorded_gap(self, model) -> float:
         """Largest per-token gap between the first batch's recorded log-probs and the model's own."""
-        first = self.pairs[:self.pairs_per_batch]
+        first = self.pairs[: self.pairs_per_batch]
         scored = self._model_logprobs(model, first)
-        gaps = [max(abs(p.chosen_logprob - c) / len(p.chosen), abs(p.rejected_logprob - r) / len(p.rejected))
-                for p, (c, r) in zip(first, scored)]
+        gaps = [
+            max(
+                abs(p.chosen_logprob - c) / len(p.chosen),
+                abs(p.rejected_logprob - r) / len(p.rejected),
+            )
+            for p, (c, r) in zip(first, scored)
+        ]
         return max(gaps)
 
     def _sequences(self, pairs: Sequence[PreferencePair]) -> SequenceBatch:
         prepared = [self.prepared[p.query.key()] for p in pairs]
-        return sequence_batch(prepared + prepared, [p.chosen for p in pairs] + [p.rejected for p in pairs], self._pad)
+        return sequence_batch(
+            prepared + prepared, [p.chosen for p in pairs] + [p.rejected for p in pairs], self._pad
+        )
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[PairBatch, int]]:
         """Endless pass over the pairs, reshuffled every epoch; `position` counts batches already consumed."""
         if not self._ref:
-            raise RuntimeError("MPOStage.setup(model) must run before batches() (the Trainer calls it)")
+            raise RuntimeError(
+                "MPOStage.setup(model) must run before batches() (the Trainer calls it)"
+            )
         n = len(self.pairs)
         step = position
         while True:
@@ -293,23 +360,38 @@ class MPOStage:
     def weight(self, batch: PairBatch) -> float:
         return 1.0  # the loss is already a mean over the batch's pairs
 
-    def loss(self, model, batch: PairBatch, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model, batch: PairBatch, normalizer: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         lp, mask = response_logprobs(model, batch.seqs, train_vision=self.train_vision)  # [2B,L]
         B = batch.pairs
         chosen_lp, rejected_lp = lp[:B], lp[B:]  # [B,L] each
         chosen_mask, rejected_mask = mask[:B], mask[B:]
         with torch.no_grad():
-            batch_reward = implicit_reward_mean(sequence_logprobs(chosen_lp, chosen_mask),
-                                                sequence_logprobs(rejected_lp, rejected_mask),
-                                                batch.ref_chosen, batch.ref_rejected, self.weights.beta)
+            batch_reward = implicit_reward_mean(
+                sequence_logprobs(chosen_lp, chosen_mask),
+                sequence_logprobs(rejected_lp, rejected_mask),
+                batch.ref_chosen,
+                batch.ref_rejected,
+                self.weights.beta,
+            )
         delta = self.running.update(batch_reward)  # δ includes this batch, as in TRL's bco_pair
-        loss, metrics = mpo_loss(chosen_lp, chosen_mask, rejected_lp, rejected_mask, batch.ref_chosen,
-                                 batch.ref_rejected, delta, self.weights)
+        loss, metrics = mpo_loss(
+            chosen_lp,
+            chosen_mask,
+            rejected_lp,
+            rejected_mask,
+            batch.ref_chosen,
+            batch.ref_rejected,
+            delta,
+            self.weights,
+        )
         metrics["pairs"] = float(B)
         return loss / normalizer, metrics
 
 
 # ---- `tessera train mpo` -------------------------------------------------------------------------
+
 
 @dataclass
 class MPOData:
@@ -317,10 +399,14 @@ class MPOData:
     collection draws its answers; its seed is the stage's (the pair shuffles too). A run config may
     give the sampling fields flat (tessera.train.dataclass_from)."""
 
-    pairs: str = ""  # a pairs.jsonl to train on; "" → roll out the model now (or reuse out/pairs.jsonl)
+    pairs: str = (
+        ""  # a pairs.jsonl to train on; "" → roll out the model now (or reuse out/pairs.jsonl)
+    )
     out: str = ""  # folder for pairs.jsonl and queries.jsonl when collecting ("" → not written)
     queries: int = 512  # training queries rolled out
-    families: dict[str, float] = field(default_factory=dict)  # family → weight; {} → default_rl_families()
+    families: dict[str, float] = field(
+        default_factory=dict
+    )  # family → weight; {} → default_rl_families()
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_pairs_per_query: int = 2
     pairs_per_batch: int = 8
@@ -342,16 +428,33 @@ def collect_or_load(model, data: MPOData, log=print) -> CollectResult:
     sampler's differ by ~2e-2 nats per token and MPO would have to score every pair again."""
     out = Path(data.out) if data.out else None
     if out is not None and (out / "pairs.jsonl").exists() and (out / "queries.jsonl").exists():
-        info = json.loads((out / "collect.json").read_text()) if (out / "collect.json").exists() else {}
-        return CollectResult(read_pairs(out / "pairs.jsonl"), read_stats(out / "queries.jsonl"),
-                             float(info.get("cpu_seconds", 0.0)))
+        info = (
+            json.loads((out / "collect.json").read_text())
+            if (out / "collect.json").exists()
+            else {}
+        )
+        return CollectResult(
+            read_pairs(out / "pairs.jsonl"),
+            read_stats(out / "queries.jsonl"),
+            float(info.get("cpu_seconds", 0.0)),
+        )
     queries = training_queries(data.queries, data.families or None, data.sampling.seed)
     model.float()
-    result = collect_preferences(model, queries, data.sampling, data.max_pairs_per_query, out,
-                                 log=log)
+    result = collect_preferences(
+        model, queries, data.sampling, data.max_pairs_per_query, out, log=log
+    )
     if out is not None:
-        (out / "collect.json").write_text(json.dumps({"queries": len(result.stats), "pairs": len(result.pairs),
-                                                      "accuracy": result.accuracy, "cpu_seconds": result.seconds}) + "\n")
+        (out / "collect.json").write_text(
+            json.dumps(
+                {
+                    "queries": len(result.stats),
+                    "pairs": len(result.pairs),
+                    "accuracy": result.accuracy,
+                    "cpu_seconds": result.seconds,
+                }
+            )
+            + "\n"
+        )
     return result
 
 
@@ -363,11 +466,27 @@ def build_stage(model, data: MPOData | dict | None = None) -> MPOStage:
 
         pairs, prepared, report = mpo_inputs(model, d.data, d.skip_bad_records, d.train_vision)
         weights = MPOWeights(d.dpo, d.bco, d.nll, d.beta)
-        stage = MPOStage(pairs, d.pairs_per_batch, weights, d.train_vision, d.sampling.seed,
-                         prepared=prepared, reference="model")
+        stage = MPOStage(
+            pairs,
+            d.pairs_per_batch,
+            weights,
+            d.train_vision,
+            d.sampling.seed,
+            prepared=prepared,
+            reference="model",
+        )
         stage.scan_report = report
         return stage
-    collected = CollectResult(read_pairs(d.pairs), [], 0.0) if d.pairs else collect_or_load(model, d)
+    collected = (
+        CollectResult(read_pairs(d.pairs), [], 0.0) if d.pairs else collect_or_load(model, d)
+    )
     weights = MPOWeights(d.dpo, d.bco, d.nll, d.beta)
-    return MPOStage(collected.pairs, d.pairs_per_batch, weights, d.train_vision, d.sampling.seed,
-                    prepared=dict(collected.prepared), reference=d.reference)
+    return MPOStage(
+        collected.pairs,
+        d.pairs_per_batch,
+        weights,
+        d.train_vision,
+        d.sampling.seed,
+        prepared=dict(collected.prepared),
+        reference=d.reference,
+    )

@@ -24,15 +24,28 @@ class PretrainData:
     curriculum: tuple[tuple[int, float], ...] = ((0, 1.0),)
     workers: int = 1
     grounding: float = 0.0  # weight of the dense grounding loss on the visual tokens (tessera.train.grounding_losses)
-    evidence_attention: float = 0.0  # weight of the attention grounding loss (tessera.train.grounding_losses)
-    evidence_heads: tuple[int, ...] = (0,)  # the middle layer's heads it supervises (one per key/value group: more bandwidth)
-    question_attention: float = 0.0  # the same heads one layer below onto the question's words naming the evidence
+    evidence_attention: float = (
+        0.0  # weight of the attention grounding loss (tessera.train.grounding_losses)
+    )
+    evidence_heads: tuple[int, ...] = (
+        0,
+    )  # the middle layer's heads it supervises (one per key/value group: more bandwidth)
+    question_attention: float = (
+        0.0  # the same heads one layer below onto the question's words naming the evidence
+    )
     families: dict[str, float] = field(default_factory=lambda: {"describe": 1.0})
 
 
 def build_stage(model, data: PretrainData | dict | None = None) -> LanguageModelingStage:
     """The pretrain stage for `model` (which carries the tokenizer and config)."""
     data = dataclass_from(PretrainData, data)
-    stream = WorldStream(model.tokenizer, model.config, families=dict(data.families), thinking_prob=0.0,
-                         curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET, grounding=data.grounding > 0 or data.evidence_attention > 0 or data.question_attention > 0)
+    stream = WorldStream(
+        model.tokenizer,
+        model.config,
+        families=dict(data.families),
+        thinking_prob=0.0,
+        curriculum=Curriculum(tuple(data.curriculum)),
+        seed=SEED_OFFSET,
+        grounding=data.grounding > 0 or data.evidence_attention > 0 or data.question_attention > 0,
+    )
     return lm_stage("pretrain", model, stream, data)

@@ -46,8 +46,12 @@ from tessera.world import corpus
 class StagePlan:
     name: str  # the stage's folder in the run; also its kind unless `stage` says otherwise
     train: TrainConfig
-    data: dict[str, Any] = field(default_factory=dict)  # the stage module's data options ({out}, {stage} in strings)
-    stage: str | None = None  # a key of tessera.train.STAGES, when a recipe runs one kind twice (sft, then spatial)
+    data: dict[str, Any] = field(
+        default_factory=dict
+    )  # the stage module's data options ({out}, {stage} in strings)
+    stage: str | None = (
+        None  # a key of tessera.train.STAGES, when a recipe runs one kind twice (sft, then spatial)
+    )
 
     @property
     def kind(self) -> str:
@@ -58,30 +62,40 @@ class StagePlan:
 class RecipeConfig:
     preset: str = "tiny"
     seed: int = 0
-    tokenizer_corpus: int = 200  # scenes whose text trains the tokenizer (the world's words are few)
+    tokenizer_corpus: int = (
+        200  # scenes whose text trains the tokenizer (the world's words are few)
+    )
     stages: list[StagePlan] = field(default_factory=list)
     # held-out questions of each per-family evaluation in the report: 200 per family (≈ 40 s on one thread), since
     # at 50 a family's accuracy moves by ±7 points between stages that changed nothing (docs/TRAINING.md, session 7)
     eval_n: int = 1400
     eval_seed: int = 0
-    eval_after: list[str] = field(default_factory=lambda: ["sft"])  # stages also evaluated (the final model always is)
+    eval_after: list[str] = field(
+        default_factory=lambda: ["sft"]
+    )  # stages also evaluated (the final model always is)
     flash_n: int = 350  # held-out questions per routing of the Flash table (when the final model is a Flash model)
     probe_n: int = 70  # held-out questions for the accuracy curve during training
     eval_families: list[str] | None = None  # None = every family of the world
     chance_n: int = 400
-    critic_queries: int = 300  # training queries whose rollouts train the final model's Best-of-N critic (0: none)
+    critic_queries: int = (
+        300  # training queries whose rollouts train the final model's Best-of-N critic (0: none)
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def validate(self) -> "RecipeConfig":
+    def validate(self) -> RecipeConfig:
         names = [plan.name for plan in self.stages]
         if len(set(names)) != len(names):
-            raise ValueError(f"every stage may appear once in a recipe (each has one folder), got {names}")
+            raise ValueError(
+                f"every stage may appear once in a recipe (each has one folder), got {names}"
+            )
         unknown = [name for name in self.eval_after if name not in names]
         if unknown:
-            raise ValueError(f"eval_after names stage(s) {unknown} that the recipe does not run ({names}); list the "
-                             "stages whose model the report should evaluate ([] for only the final one)")
+            raise ValueError(
+                f"eval_after names stage(s) {unknown} that the recipe does not run ({names}); list the "
+                "stages whose model the report should evaluate ([] for only the final one)"
+            )
         if min(self.eval_n, self.flash_n, self.probe_n, self.chance_n) < 1:
             raise ValueError("eval_n, flash_n, probe_n and chance_n must be >= 1")
         return self
@@ -138,51 +152,171 @@ def tiny_recipe() -> RecipeConfig:
     s/step (8 four-question samples): vico ≈ 420 s, router ≈ 150 s.
     """
     lrs = {"language": 6e-4, "connector": 3e-3, "vision": 1e-4, "router": 1e-4}
-    pretrain = TrainConfig(steps=250, lr=1e-4, component_lr=lrs, warmup_steps=20, min_lr_ratio=0.3,
-                           precision="bf16", save_every=50)
-    sft = TrainConfig(steps=4800, lr=1e-4, component_lr=lrs, warmup_steps=30, min_lr_ratio=0.1,
-                      precision="bf16", save_every=100, eval_every=300)
-    spatial = TrainConfig(steps=600, lr=1e-4, component_lr=lrs, warmup_steps=10, min_lr_ratio=0.1,
-                          precision="bf16", save_every=100, eval_every=300)
+    pretrain = TrainConfig(
+        steps=250,
+        lr=1e-4,
+        component_lr=lrs,
+        warmup_steps=20,
+        min_lr_ratio=0.3,
+        precision="bf16",
+        save_every=50,
+    )
+    sft = TrainConfig(
+        steps=4800,
+        lr=1e-4,
+        component_lr=lrs,
+        warmup_steps=30,
+        min_lr_ratio=0.1,
+        precision="bf16",
+        save_every=100,
+        eval_every=300,
+    )
+    spatial = TrainConfig(
+        steps=600,
+        lr=1e-4,
+        component_lr=lrs,
+        warmup_steps=10,
+        min_lr_ratio=0.1,
+        precision="bf16",
+        save_every=100,
+        eval_every=300,
+    )
     # RL: constant lr after a short warm-up; the stages pin fp32 themselves (their log-probs meet fp32 rollouts)
-    mpo = TrainConfig(steps=240, lr=2e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=5, save_every=120,
-                      eval_every=120)
-    gspo = TrainConfig(steps=2416, lr=1e-5, warmup_steps=5, min_lr_ratio=1.0, log_every=8, save_every=302,
-                       eval_every=604)
+    mpo = TrainConfig(
+        steps=240,
+        lr=2e-5,
+        warmup_steps=5,
+        min_lr_ratio=1.0,
+        log_every=5,
+        save_every=120,
+        eval_every=120,
+    )
+    gspo = TrainConfig(
+        steps=2416,
+        lr=1e-5,
+        warmup_steps=5,
+        min_lr_ratio=1.0,
+        log_every=8,
+        save_every=302,
+        eval_every=604,
+    )
     # vico: the fresh mlp2 (connector) learns fast, the SFT language model and ViT only follow it
-    vico = TrainConfig(steps=400, lr=3e-5, component_lr={"connector": 3e-4, "language": 3e-5, "vision": 1e-5},
-                       warmup_steps=20, min_lr_ratio=0.1, precision="bf16", save_every=100, eval_every=100)
-    router = TrainConfig(steps=250, lr=3e-4, warmup_steps=10, min_lr_ratio=0.1, save_every=125, eval_every=125)
-    families = {"colour": 1.0, "shape": 1.0, "count": 1.0, "label": 1.0, "document": 1.0, "spatial": 1.0,
-                "reasoning": 1.0, "describe": 1.0}
+    vico = TrainConfig(
+        steps=400,
+        lr=3e-5,
+        component_lr={"connector": 3e-4, "language": 3e-5, "vision": 1e-5},
+        warmup_steps=20,
+        min_lr_ratio=0.1,
+        precision="bf16",
+        save_every=100,
+        eval_every=100,
+    )
+    router = TrainConfig(
+        steps=250, lr=3e-4, warmup_steps=10, min_lr_ratio=0.1, save_every=125, eval_every=125
+    )
+    families = {
+        "colour": 1.0,
+        "shape": 1.0,
+        "count": 1.0,
+        "label": 1.0,
+        "document": 1.0,
+        "spatial": 1.0,
+        "reasoning": 1.0,
+        "describe": 1.0,
+    }
     # the phases after sft: its data at full difficulty, one family asked several times per image, the probes on
     # what the middle layer's heads fetched
-    phase = {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4, "grounding": 1.0,
-             "evidence_attention": 1.0, "evidence_heads": [0, 2], "chain_evidence": True, "place": 1.0,
-             "curriculum": [[0, 1.0]]}
+    phase = {
+        "rows": 4,
+        "row_tokens": 512,
+        "families": families,
+        "thinking_prob": 0.7,
+        "turns": 4,
+        "grounding": 1.0,
+        "evidence_attention": 1.0,
+        "evidence_heads": [0, 2],
+        "chain_evidence": True,
+        "place": 1.0,
+        "curriculum": [[0, 1.0]],
+    }
     phase_train = TrainConfig(**{**asdict(spatial), "steps": 800})  # count, count2 and focus
     counting = {**phase, "repeat": ["count"], "count_sink": True}
-    return RecipeConfig(eval_after=["spatial", "count", "count2", "focus", "mpo", "gspo"], stages=[
-        StagePlan("pretrain", pretrain, {"rows": 4, "row_tokens": 512, "grounding": 1.0,
-                                         "curriculum": [[0, 0.0], [2000, 0.0], [2001, 0.5]]}),
-        StagePlan("sft", sft, {"rows": 4, "row_tokens": 512, "families": families, "thinking_prob": 0.7, "turns": 4,
-                               "grounding": 1.0, "evidence_attention": 1.0, "evidence_heads": [0, 2],
-                               "chain_evidence": True,
-                               "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [12000, 0.5],
-                                                                [16000, 1.0]]}),
-        StagePlan("spatial", spatial, {**phase, "repeat": ["spatial"]}, stage="sft"),
-        StagePlan("count", phase_train, {**counting, "families": {**families, "count": 3.0}, "count": 1.0},
-                  stage="sft"),
-        StagePlan("count2", phase_train, {**counting, "families": {**families, "count": 5.0}, "count": 3.0},
-                  stage="sft"),
-        StagePlan("focus", phase_train, {**counting, "families": {**families, "spatial": 2.0, "label": 2.0, "count": 2.0},
-                                         "repeat": ["spatial", "label", "count"], "count": 1.0}, stage="sft"),
-        StagePlan("mpo", mpo, {"out": "{stage}", "queries": 4000, "group_size": 8, "pairs_per_batch": 8}),
-        StagePlan("gspo", gspo, {"accuracies": "{out}/mpo/queries.jsonl", "group_size": 8, "queries_per_rollout": 8,
-                                 "mini_batches": 4}),
-        StagePlan("vico", vico, {"rows": 4, "row_tokens": 512}),
-        StagePlan("router", router, {"samples_per_batch": 8, "heldout": 48, "absolute_threshold": 0.0, "turns": 4}),
-    ])
+    return RecipeConfig(
+        eval_after=["spatial", "count", "count2", "focus", "mpo", "gspo"],
+        stages=[
+            StagePlan(
+                "pretrain",
+                pretrain,
+                {
+                    "rows": 4,
+                    "row_tokens": 512,
+                    "grounding": 1.0,
+                    "curriculum": [[0, 0.0], [2000, 0.0], [2001, 0.5]],
+                },
+            ),
+            StagePlan(
+                "sft",
+                sft,
+                {
+                    "rows": 4,
+                    "row_tokens": 512,
+                    "families": families,
+                    "thinking_prob": 0.7,
+                    "turns": 4,
+                    "grounding": 1.0,
+                    "evidence_attention": 1.0,
+                    "evidence_heads": [0, 2],
+                    "chain_evidence": True,
+                    "curriculum": [[0, 0.0], [3000, 0.0], [3001, 0.5], [12000, 0.5], [16000, 1.0]],
+                },
+            ),
+            StagePlan("spatial", spatial, {**phase, "repeat": ["spatial"]}, stage="sft"),
+            StagePlan(
+                "count",
+                phase_train,
+                {**counting, "families": {**families, "count": 3.0}, "count": 1.0},
+                stage="sft",
+            ),
+            StagePlan(
+                "count2",
+                phase_train,
+                {**counting, "families": {**families, "count": 5.0}, "count": 3.0},
+                stage="sft",
+            ),
+            StagePlan(
+                "focus",
+                phase_train,
+                {
+                    **counting,
+                    "families": {**families, "spatial": 2.0, "label": 2.0, "count": 2.0},
+                    "repeat": ["spatial", "label", "count"],
+                    "count": 1.0,
+                },
+                stage="sft",
+            ),
+            StagePlan(
+                "mpo",
+                mpo,
+                {"out": "{stage}", "queries": 4000, "group_size": 8, "pairs_per_batch": 8},
+            ),
+            StagePlan(
+                "gspo",
+                gspo,
+                {
+                    "accuracies": "{out}/mpo/queries.jsonl",
+                    "group_size": 8,
+                    "queries_per_rollout": 8,
+                    "mini_batches": 4,
+                },
+            ),
+            StagePlan("vico", vico, {"rows": 4, "row_tokens": 512}),
+            StagePlan(
+                "router",
+                router,
+                {"samples_per_batch": 8, "heldout": 48, "absolute_threshold": 0.0, "turns": 4},
+            ),
+        ],
+    )
 
 
 def quick_recipe() -> RecipeConfig:
@@ -196,25 +330,83 @@ def quick_recipe() -> RecipeConfig:
     small = dict(rows=2, row_tokens=384, workers=0)
     rl_families = {"colour": 1.0, "shape": 1.0}
     quiet = dict(warmup_steps=1, log_every=1)
-    return RecipeConfig(tokenizer_corpus=60, eval_n=14, flash_n=7, probe_n=7, chance_n=50, critic_queries=8, stages=[
-        StagePlan("pretrain", TrainConfig(steps=3, lr=1e-4, save_every=2, **quiet), dict(small)),
-        StagePlan("sft", TrainConfig(steps=60, lr=3e-4, warmup_steps=2, min_lr_ratio=1.0, log_every=5, eval_every=60),
-                  {**small, "families": rl_families, "turns": 4, "curriculum": [[0, 0.0]]}),
-        StagePlan("spatial", TrainConfig(steps=2, lr=1e-4, **quiet),
-                  {**small, "families": {**rl_families, "spatial": 1.0}, "turns": 4, "place": 1.0,
-                   "repeat": ["spatial"], "curriculum": [[0, 1.0]]}, stage="sft"),
-        *[StagePlan(name, TrainConfig(steps=2, lr=1e-4, **quiet),
-                    {**small, "families": {**rl_families, "count": 1.0}, "turns": 4, "count_sink": True, "count": 1.0,
-                     "repeat": ["count"], "curriculum": [[0, 1.0]]}, stage="sft") for name in ("count", "count2", "focus")],
-        StagePlan("mpo", TrainConfig(steps=2, lr=2e-5, min_lr_ratio=1.0, **quiet),
-                  {"out": "{stage}", "queries": 16, "group_size": 4, "pairs_per_batch": 2, "families": rl_families}),
-        StagePlan("gspo", TrainConfig(steps=2, lr=1e-5, min_lr_ratio=1.0, **quiet),
-                  {"accuracies": "{out}/mpo/queries.jsonl", "group_size": 4, "queries_per_rollout": 2,
-                   "mini_batches": 2}),
-        StagePlan("vico", TrainConfig(steps=2, lr=1e-4, **quiet), dict(small)),
-        StagePlan("router", TrainConfig(steps=2, lr=1e-4, eval_every=2, **quiet),
-                  {"samples_per_batch": 2, "workers": 0, "heldout": 4}),
-    ])
+    return RecipeConfig(
+        tokenizer_corpus=60,
+        eval_n=14,
+        flash_n=7,
+        probe_n=7,
+        chance_n=50,
+        critic_queries=8,
+        stages=[
+            StagePlan(
+                "pretrain", TrainConfig(steps=3, lr=1e-4, save_every=2, **quiet), dict(small)
+            ),
+            StagePlan(
+                "sft",
+                TrainConfig(
+                    steps=60, lr=3e-4, warmup_steps=2, min_lr_ratio=1.0, log_every=5, eval_every=60
+                ),
+                {**small, "families": rl_families, "turns": 4, "curriculum": [[0, 0.0]]},
+            ),
+            StagePlan(
+                "spatial",
+                TrainConfig(steps=2, lr=1e-4, **quiet),
+                {
+                    **small,
+                    "families": {**rl_families, "spatial": 1.0},
+                    "turns": 4,
+                    "place": 1.0,
+                    "repeat": ["spatial"],
+                    "curriculum": [[0, 1.0]],
+                },
+                stage="sft",
+            ),
+            *[
+                StagePlan(
+                    name,
+                    TrainConfig(steps=2, lr=1e-4, **quiet),
+                    {
+                        **small,
+                        "families": {**rl_families, "count": 1.0},
+                        "turns": 4,
+                        "count_sink": True,
+                        "count": 1.0,
+                        "repeat": ["count"],
+                        "curriculum": [[0, 1.0]],
+                    },
+                    stage="sft",
+                )
+                for name in ("count", "count2", "focus")
+            ],
+            StagePlan(
+                "mpo",
+                TrainConfig(steps=2, lr=2e-5, min_lr_ratio=1.0, **quiet),
+                {
+                    "out": "{stage}",
+                    "queries": 16,
+                    "group_size": 4,
+                    "pairs_per_batch": 2,
+                    "families": rl_families,
+                },
+            ),
+            StagePlan(
+                "gspo",
+                TrainConfig(steps=2, lr=1e-5, min_lr_ratio=1.0, **quiet),
+                {
+                    "accuracies": "{out}/mpo/queries.jsonl",
+                    "group_size": 4,
+                    "queries_per_rollout": 2,
+                    "mini_batches": 2,
+                },
+            ),
+            StagePlan("vico", TrainConfig(steps=2, lr=1e-4, **quiet), dict(small)),
+            StagePlan(
+                "router",
+                TrainConfig(steps=2, lr=1e-4, eval_every=2, **quiet),
+                {"samples_per_batch": 2, "workers": 0, "heldout": 4},
+            ),
+        ],
+    )
 
 
 @dataclass
@@ -229,19 +421,28 @@ def init_model_for(config: RecipeConfig):
     stages never train mlp2 or the router, so ViCO adds them (VisionLanguageModel.add_flash_branch)."""
     model_config = preset(config.preset)
     model_config.flash.enabled = False
-    tokenizer = build_tokenizer(corpus(config.tokenizer_corpus), vocab_size=model_config.language.vocab_size)
+    tokenizer = build_tokenizer(
+        corpus(config.tokenizer_corpus), vocab_size=model_config.language.vocab_size
+    )
     return init_model(model_config, tokenizer, seed=config.seed)
 
 
-def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny", quick: bool = False,
-               progress: bool = True, device: str | torch.device = "cpu") -> RecipeResult:
+def run_recipe(
+    preset: str | RecipeConfig = "tiny",
+    out: str | Path = "runs/tiny",
+    quick: bool = False,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> RecipeResult:
     """Run the cascade on `device`; returns the final checkpoint folder and the report's summary."""
     if isinstance(preset, RecipeConfig):
         config = preset
     elif preset == "tiny":
         config = quick_recipe() if quick else tiny_recipe()
     else:
-        raise ValueError(f"the recipe has a schedule for the tiny preset only, not {preset!r}; pass a RecipeConfig")
+        raise ValueError(
+            f"the recipe has a schedule for the tiny preset only, not {preset!r}; pass a RecipeConfig"
+        )
     config.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,21 +459,37 @@ def run_recipe(preset: str | RecipeConfig = "tiny", out: str | Path = "runs/tiny
     for plan in config.stages:
         folder = out / plan.name
         stage_dirs[plan.name] = folder
-        model = run_stage(model, plan, config, out, progress).to(device)  # a finished stage loads on the CPU
+        model = run_stage(model, plan, config, out, progress).to(
+            device
+        )  # a finished stage loads on the CPU
         if plan.name in config.eval_after:
-            stage_evals[plan.name] = _evaluate(model, config, out, f"after {plan.name}", folder / "final")
+            stage_evals[plan.name] = _evaluate(
+                model, config, out, f"after {plan.name}", folder / "final"
+            )
     last = config.stages[-1].name if config.stages else None
     final = stage_dirs[last] / "final" if last else init_dir
     result = stage_evals.get(last) or _evaluate(model, config, out, "final", final)
     flash = None
     if model.router is not None:  # the cascade ended on a Flash model: measure what its router buys
         key = _eval_key(final, n=config.flash_n, seed=config.eval_seed)
-        flash = cached(out / "evals.json", "flash", key, lambda: flash_summary(model, config.flash_n, config.eval_seed))
+        flash = cached(
+            out / "evals.json",
+            "flash",
+            key,
+            lambda: flash_summary(model, config.flash_n, config.eval_seed),
+        )
     if config.critic_queries:
         fit_final_critic(model, final, config)
-    summary = write_report(out, result, stage_dirs, read_timings(out / "timings.json"),
-                           {"final_checkpoint": str(final), "quick": quick}, chance_n=config.chance_n,
-                           stage_evals=stage_evals, flash=flash)
+    summary = write_report(
+        out,
+        result,
+        stage_dirs,
+        read_timings(out / "timings.json"),
+        {"final_checkpoint": str(final), "quick": quick},
+        chance_n=config.chance_n,
+        stage_evals=stage_evals,
+        flash=flash,
+    )
     return RecipeResult(out, final, summary)
 
 
@@ -285,8 +502,13 @@ def fit_final_critic(model, final: Path, config: RecipeConfig) -> None:
     if stamp.exists() and json.loads(stamp.read_text()) == key:
         return
     queries = training_queries(config.critic_queries, None, config.seed, CRITIC_SEED_OFFSET)
-    critic, report = fit_critic(model, queries, SamplingConfig(temperature=0.7, group_size=8, seed=config.seed),
-                                CriticTrainConfig(seed=config.seed), log=None)
+    critic, report = fit_critic(
+        model,
+        queries,
+        SamplingConfig(temperature=0.7, group_size=8, seed=config.seed),
+        CriticTrainConfig(seed=config.seed),
+        log=None,
+    )
     critic.save(folder)
     _write_json(folder / "report.json", asdict(report))
     _write_json(stamp, key)
@@ -324,8 +546,10 @@ def stage_finished(folder: Path, steps: int) -> bool:
 def resolve_paths(data: dict[str, Any], out: Path, folder: Path) -> dict[str, Any]:
     """The stage's data options with `{out}` and `{stage}` in string values replaced by the recipe's folder and
     the stage's folder."""
-    return {k: v.replace("{out}", str(out)).replace("{stage}", str(folder)) if isinstance(v, str) else v
-            for k, v in data.items()}
+    return {
+        k: v.replace("{out}", str(out)).replace("{stage}", str(folder)) if isinstance(v, str) else v
+        for k, v in data.items()
+    }
 
 
 def read_timings(path: Path) -> dict[str, float]:
@@ -340,7 +564,9 @@ def record_timing(path: Path, stage: str, seconds: float, resumed: bool) -> None
     _write_json(path, timings)
 
 
-def cached(path: Path, label: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def cached(
+    path: Path, label: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
     """The result stored in `path` under `label` when it was computed with the same `key`, else compute() (stored)."""
     key = json.loads(json.dumps(key))  # the form it takes once stored (tuples become lists)
     store = json.loads(path.read_text()) if path.exists() else {}
@@ -362,25 +588,43 @@ def _write_json(path: Path, data: Any) -> None:
 def _eval_key(checkpoint: Path, **settings: Any) -> dict[str, Any]:
     """What an evaluation depends on: the weights (by file size and modification time) and its settings."""
     weights = (checkpoint / "model.safetensors").stat()
-    return {"checkpoint": str(checkpoint), "weights": [weights.st_size, weights.st_mtime_ns], **settings}
+    return {
+        "checkpoint": str(checkpoint),
+        "weights": [weights.st_size, weights.st_mtime_ns],
+        **settings,
+    }
 
 
 def _evaluate(model, config: RecipeConfig, out: Path, label: str, checkpoint: Path):
     """The report's per-family evaluation of `model` (whose weights are `checkpoint`'s), cached in out/evals.json."""
+
     def compute() -> dict[str, Any]:
         torch.manual_seed(config.seed)
-        return evaluate(model, seed=config.eval_seed, n=config.eval_n, families=config.eval_families,
-                        keep_records=False).to_json()
+        return evaluate(
+            model,
+            seed=config.eval_seed,
+            n=config.eval_n,
+            families=config.eval_families,
+            keep_records=False,
+        ).to_json()
 
-    key = _eval_key(checkpoint, n=config.eval_n, seed=config.eval_seed, families=config.eval_families)
+    key = _eval_key(
+        checkpoint, n=config.eval_n, seed=config.eval_seed, families=config.eval_families
+    )
     return EvalResult(**cached(out / "evals.json", label, key, compute))
 
 
 def _probe(config: RecipeConfig):
     """The eval_fn the trainer calls during training: a small held-out set, disjoint from the final one."""
+
     def probe(model, step: int) -> dict[str, Any]:
-        r = evaluate(model, seed=config.eval_seed + 100_000, n=config.probe_n, families=config.eval_families,
-                     keep_records=False)
+        r = evaluate(
+            model,
+            seed=config.eval_seed + 100_000,
+            n=config.probe_n,
+            families=config.eval_families,
+            keep_records=False,
+        )
         return {"overall": r.overall, "families": r.families}
 
     return probe

@@ -57,17 +57,33 @@ def plot_curves(stage_dirs: dict[str, Path], out: Path) -> Path:
         evals = [r for r in evals if "overall" in r["eval"]]
         if train:
             steps, losses = [offset + r["step"] for r in train], [r["loss"] for r in train]
-            line, = ax_loss.plot(steps, losses, alpha=0.3)
+            (line,) = ax_loss.plot(steps, losses, alpha=0.3)
             k = max(1, len(losses) // 30)  # moving average over ~1/30 of the stage
-            smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+            smooth = [
+                sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
+                for i in range(len(losses))
+            ]
             ax_loss.plot(steps, smooth, color=line.get_color(), label=name)
         if evals:
-            ax_acc.plot([offset + r["step"] for r in evals], [r["eval"]["overall"] for r in evals], marker="o", label=name)
+            ax_acc.plot(
+                [offset + r["step"] for r in evals],
+                [r["eval"]["overall"] for r in evals],
+                marker="o",
+                label=name,
+            )
         offset += train[-1]["step"] if train else 0
-    ax_loss.set(xlabel="step (stages in sequence)", ylabel="loss (each stage's objective)",
-                title="training loss")
+    ax_loss.set(
+        xlabel="step (stages in sequence)",
+        ylabel="loss (each stage's objective)",
+        title="training loss",
+    )
     ax_loss.set_yscale("symlog", linthresh=1e-2)
-    ax_acc.set(xlabel="step (stages in sequence)", ylabel="held-out accuracy", ylim=(0, 1), title="accuracy during training")
+    ax_acc.set(
+        xlabel="step (stages in sequence)",
+        ylabel="held-out accuracy",
+        ylim=(0, 1),
+        title="accuracy during training",
+    )
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -78,19 +94,28 @@ def plot_curves(stage_dirs: dict[str, Path], out: Path) -> Path:
     return out
 
 
-def stage_table(stage_dirs: dict[str, Path], stage_seconds: dict[str, float]) -> tuple[list[str], dict[str, dict]]:
+def stage_table(
+    stage_dirs: dict[str, Path], stage_seconds: dict[str, float]
+) -> tuple[list[str], dict[str, dict]]:
     """Markdown lines and numbers per stage: steps, wall seconds (build, training, probes), mean seconds of the
     logged steps, last logged loss."""
     rows: dict[str, dict] = {}
     lines = ["| stage | steps | seconds | s / step | final loss |", "|---|---:|---:|---:|---:|"]
     for name, folder in stage_dirs.items():
         train, _ = read_metrics(folder / "metrics.jsonl")
-        row = {"steps": train[-1]["step"] if train else 0, "seconds": stage_seconds.get(name),
-               "sec_per_step": sum(r["sec"] for r in train) / len(train) if train else None,
-               "final_loss": train[-1]["loss"] if train else None}
+        row = {
+            "steps": train[-1]["step"] if train else 0,
+            "seconds": stage_seconds.get(name),
+            "sec_per_step": sum(r["sec"] for r in train) / len(train) if train else None,
+            "final_loss": train[-1]["loss"] if train else None,
+        }
         rows[name] = row
-        cells = [str(row["steps"]), _number(row["seconds"], ".0f"), _number(row["sec_per_step"], ".2f"),
-                 _number(row["final_loss"], ".4f")]
+        cells = [
+            str(row["steps"]),
+            _number(row["seconds"], ".0f"),
+            _number(row["sec_per_step"], ".2f"),
+            _number(row["final_loss"], ".4f"),
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines, rows
 
@@ -103,26 +128,43 @@ def flash_table(flash: dict[str, Any]) -> list[str]:
     """Markdown lines of the Flash table (a tessera.flash_table.summarise result): per routing, the accuracy per
     family and overall, visual tokens per image, and tokens saved / accuracy kept relative to full."""
     fams = flash["families"]
-    lines = ["| routing | " + " | ".join(fams) + " | overall | visual tokens / image | tokens saved | accuracy kept |",
-             "|---|" + "---:|" * (len(fams) + 4)]
+    lines = [
+        "| routing | "
+        + " | ".join(fams)
+        + " | overall | visual tokens / image | tokens saved | accuracy kept |",
+        "|---|" + "---:|" * (len(fams) + 4),
+    ]
     for mode in MODES:
         r = flash["modes"][mode]
         cells = " | ".join(f"{r['families'].get(f, float('nan')):.1%}" for f in fams)
-        kept = "-" if math.isnan(r["accuracy_kept"]) else f"{r['accuracy_kept']:.1f} %"  # nan: full got nothing right
-        lines.append(f"| {mode} | {cells} | {r['overall']:.1%} | {r['visual_tokens']:.1f} | {r['tokens_saved']:.1f} % "
-                     f"| {kept} |")
+        kept = (
+            "-" if math.isnan(r["accuracy_kept"]) else f"{r['accuracy_kept']:.1f} %"
+        )  # nan: full got nothing right
+        lines.append(
+            f"| {mode} | {cells} | {r['overall']:.1%} | {r['visual_tokens']:.1f} | {r['tokens_saved']:.1f} % "
+            f"| {kept} |"
+        )
     drop = 0.0 - flash["compressed_reading_drop"]  # 0.0 - x: no "-0.0"
-    lines += ["", f"Router thresholds: relative {flash['relative_threshold']:.2f}, absolute "
-              f"{flash['absolute_threshold']:.2f}; `random` compresses as many tiles per image as the router. On the "
-              f"reading families (label, document): router − random {flash['router_minus_random']:+.1f} points, "
-              f"all-compressed − full {drop:+.1f} points."]
+    lines += [
+        "",
+        f"Router thresholds: relative {flash['relative_threshold']:.2f}, absolute "
+        f"{flash['absolute_threshold']:.2f}; `random` compresses as many tiles per image as the router. On the "
+        f"reading families (label, document): router − random {flash['router_minus_random']:+.1f} points, "
+        f"all-compressed − full {drop:+.1f} points.",
+    ]
     return lines
 
 
-def write_report(out: Path, result: EvalResult, stage_dirs: dict[str, Path], stage_seconds: dict[str, float],
-                 extra: dict[str, Any] | None = None, chance_n: int = 400,
-                 stage_evals: dict[str, EvalResult] | None = None,
-                 flash: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_report(
+    out: Path,
+    result: EvalResult,
+    stage_dirs: dict[str, Path],
+    stage_seconds: dict[str, float],
+    extra: dict[str, Any] | None = None,
+    chance_n: int = 400,
+    stage_evals: dict[str, EvalResult] | None = None,
+    flash: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write report.md, curves.png and summary.json into `out`; return the summary.
 
     result: the final model's evaluation; stage_evals: stage → evaluation of the model that stage produced (e.g.
@@ -131,26 +173,61 @@ def write_report(out: Path, result: EvalResult, stage_dirs: dict[str, Path], sta
     chance = chance_levels(chance_n)
     curves = plot_curves(stage_dirs, out / "curves.png")
     stages_md, stages = stage_table(stage_dirs, stage_seconds)
-    summary = {"eval": result.to_json(), "chance": chance, "stage_seconds": stage_seconds,
-               "final_losses": {name: row["final_loss"] for name, row in stages.items()}, "stages": stages,
-               "stage_evals": {name: r.to_json() for name, r in stage_evals.items()}, "flash": flash,
-               **(extra or {})}
-    lines = ["# Tessera recipe report", "",
-             f"Final model{f' (after {list(stage_dirs)[-1]})' if stage_dirs else ''}, held-out world set: {result.n} "
-             f"questions (seed {result.seed}), routing `{result.routing}`.", "",
-             format_report(result, chance), "",
-             "Chance = always answering the family's most frequent answer on the training distribution.", ""]
+    summary = {
+        "eval": result.to_json(),
+        "chance": chance,
+        "stage_seconds": stage_seconds,
+        "final_losses": {name: row["final_loss"] for name, row in stages.items()},
+        "stages": stages,
+        "stage_evals": {name: r.to_json() for name, r in stage_evals.items()},
+        "flash": flash,
+        **(extra or {}),
+    }
+    lines = [
+        "# Tessera recipe report",
+        "",
+        f"Final model{f' (after {list(stage_dirs)[-1]})' if stage_dirs else ''}, held-out world set: {result.n} "
+        f"questions (seed {result.seed}), routing `{result.routing}`.",
+        "",
+        format_report(result, chance),
+        "",
+        "Chance = always answering the family's most frequent answer on the training distribution.",
+        "",
+    ]
     if stage_evals:
-        columns = {f"after {name}": {"families": r.families, "overall": r.overall} for name, r in stage_evals.items()}
+        columns = {
+            f"after {name}": {"families": r.families, "overall": r.overall}
+            for name, r in stage_evals.items()
+        }
         columns["final"] = {"families": result.families, "overall": result.overall}
-        lines += ["## Per family through the cascade", "",
-                  f"The same {result.n} held-out questions (routing `full`) for the model each stage produced.", "",
-                  *family_table(columns), ""]
+        lines += [
+            "## Per family through the cascade",
+            "",
+            f"The same {result.n} held-out questions (routing `full`) for the model each stage produced.",
+            "",
+            *family_table(columns),
+            "",
+        ]
     if flash is not None:
-        lines += ["## Flash: what the router buys (final model)", "",
-                  f"{flash['n']} held-out questions per routing (seed {flash['seed']}).", "", *flash_table(flash), ""]
-    lines += ["## Stages", "", "Wall seconds per stage (building it, e.g. mpo's rollouts, training and probes); "
-              "s / step = mean over the logged steps.", "", *stages_md, "", f"![training curves]({curves.name})", ""]
+        lines += [
+            "## Flash: what the router buys (final model)",
+            "",
+            f"{flash['n']} held-out questions per routing (seed {flash['seed']}).",
+            "",
+            *flash_table(flash),
+            "",
+        ]
+    lines += [
+        "## Stages",
+        "",
+        "Wall seconds per stage (building it, e.g. mpo's rollouts, training and probes); "
+        "s / step = mean over the logged steps.",
+        "",
+        *stages_md,
+        "",
+        f"![training curves]({curves.name})",
+        "",
+    ]
     (out / "report.md").write_text("\n".join(lines))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -28,12 +28,22 @@ Metrics = dict[str, float]
 
 # ---- MPO: preference (DPO), quality (BCO) and generation (NLL) ------------------------------------
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, Metrics]:
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, Metrics]:
     """Sigmoid DPO: −log σ(β[(log π_c − log π_ref,c) − (log π_r − log π_ref,r)]), mean over pairs.
 
     All inputs are summed sequence log-probs [B]; the reference values carry no gradient."""
-    for name, t in (("policy_rejected", policy_rejected), ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
+    for name, t in (
+        ("policy_rejected", policy_rejected),
+        ("ref_chosen", ref_chosen),
+        ("ref_rejected", ref_rejected),
+    ):
         _same_shape(policy_chosen, t, "policy_chosen", name)
     chosen_reward = beta * (policy_chosen - ref_chosen.detach())  # [B]
     rejected_reward = beta * (policy_rejected - ref_rejected.detach())  # [B]
@@ -48,11 +58,18 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     }
 
 
-def implicit_reward_mean(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                         ref_rejected: torch.Tensor, beta: float = 0.1) -> float:
+def implicit_reward_mean(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> float:
     """The batch mean of the implicit rewards β(log π − log π_ref) over chosen and rejected together: the
     value fed to BCO's running mean (δ) before the loss is computed."""
-    rewards = torch.cat([beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)])  # [2B]
+    rewards = torch.cat(
+        [beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)]
+    )  # [2B]
     return rewards.mean().item()
 
 
@@ -73,13 +90,23 @@ class RunningMean:
         return self.total / self.count if self.count else 0.0
 
 
-def bco_pair_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                  ref_rejected: torch.Tensor, delta: float, beta: float = 0.1) -> tuple[torch.Tensor, Metrics]:
+def bco_pair_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    delta: float,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, Metrics]:
     """BCO on pairs: a binary classifier whose logit is the implicit reward shifted by δ.
 
     loss = −log σ(r_c − δ) − log σ(−(r_r − δ)), r = β(log π − log π_ref), mean over pairs. Unlike DPO, each
     response is judged on its own (absolute quality), not only relative to its partner."""
-    for name, t in (("policy_rejected", policy_rejected), ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
+    for name, t in (
+        ("policy_rejected", policy_rejected),
+        ("ref_chosen", ref_chosen),
+        ("ref_rejected", ref_rejected),
+    ):
         _same_shape(policy_chosen, t, "policy_chosen", name)
     chosen_reward = beta * (policy_chosen - ref_chosen.detach())  # [B]
     rejected_reward = beta * (policy_rejected - ref_rejected.detach())  # [B]
@@ -110,9 +137,16 @@ class MPOWeights:
     beta: float = 0.1
 
 
-def mpo_loss(chosen_token_logp: torch.Tensor, chosen_mask: torch.Tensor, rejected_token_logp: torch.Tensor,
-             rejected_mask: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, delta: float,
-             weights: MPOWeights = MPOWeights()) -> tuple[torch.Tensor, Metrics]:
+def mpo_loss(
+    chosen_token_logp: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_token_logp: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    delta: float,
+    weights: MPOWeights = MPOWeights(),
+) -> tuple[torch.Tensor, Metrics]:
     """The MPO objective for B pairs.
 
     chosen/rejected_token_logp [B,T] are the policy's per-token log-probs with their response masks [B,T];
@@ -120,13 +154,16 @@ def mpo_loss(chosen_token_logp: torch.Tensor, chosen_mask: torch.Tensor, rejecte
     policy_chosen = sequence_logprobs(chosen_token_logp, chosen_mask)  # [B]
     policy_rejected = sequence_logprobs(rejected_token_logp, rejected_mask)  # [B]
     dpo, m_dpo = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, weights.beta)
-    bco, m_bco = bco_pair_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, delta, weights.beta)
+    bco, m_bco = bco_pair_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, delta, weights.beta
+    )
     nll, m_nll = nll_loss(chosen_token_logp, chosen_mask)
     loss = weights.dpo * dpo + weights.bco * bco + weights.nll * nll  # []
     return loss, {"loss": loss.item(), **m_dpo, **m_bco, **m_nll}
 
 
 # ---- GSPO ---------------------------------------------------------------------------------------
+
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Â_i = (r_i − mean_G) / std_G within each query's group: rewards [Q,G] → [Q,G].
@@ -143,7 +180,9 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.where(flat, torch.zeros_like(centred), centred / std.clamp_min(eps))  # [Q,G]
 
 
-def gspo_log_ratio(token_logp: torch.Tensor, old_token_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def gspo_log_ratio(
+    token_logp: torch.Tensor, old_token_logp: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """log s_i = (1/|y_i|) Σ_t (log π − log π_old): the length-normalised sequence importance ratio.
 
     token_logp, old_token_logp, mask [B,T] → [B]. The old log-probs are constants (recorded at rollout time)."""
@@ -156,15 +195,25 @@ def gspo_log_ratio(token_logp: torch.Tensor, old_token_logp: torch.Tensor, mask:
     return ((token_logp - old_token_logp.detach()) * m).sum(dim=-1) / lengths  # [B,T] → [B]
 
 
-def gspo_loss(token_logp: torch.Tensor, old_token_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
-              eps_low: float = 3e-4, eps_high: float = 4e-4) -> tuple[torch.Tensor, Metrics]:
+def gspo_loss(
+    token_logp: torch.Tensor,
+    old_token_logp: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: float = 3e-4,
+    eps_high: float = 4e-4,
+) -> tuple[torch.Tensor, Metrics]:
     """GSPO: −mean_i min(s_i Â_i, clip(s_i, 1 − ε_low, 1 + ε_high) Â_i), no KL.
 
     token_logp [B,T] (with grad), old_token_logp [B,T], mask [B,T], advantages [B] → []."""
     if advantages.shape != token_logp.shape[:1]:
-        raise ValueError(f"advantages {tuple(advantages.shape)} must be [B] for token_logp {tuple(token_logp.shape)}")
+        raise ValueError(
+            f"advantages {tuple(advantages.shape)} must be [B] for token_logp {tuple(token_logp.shape)}"
+        )
     if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"clipping ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+        raise ValueError(
+            f"clipping ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}"
+        )
     log_ratio = gspo_log_ratio(token_logp, old_token_logp, mask)  # [B]
     ratio = torch.exp(log_ratio)  # [B]
     adv = advantages.detach().to(ratio.dtype)  # [B]
@@ -172,7 +221,9 @@ def gspo_loss(token_logp: torch.Tensor, old_token_logp: torch.Tensor, mask: torc
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv  # [B]
     objective = torch.minimum(unclipped, clipped)  # [B]
     loss = -objective.mean()  # [B] → []
-    was_clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps_low))  # [B]
+    was_clipped = ((adv > 0) & (ratio > 1.0 + eps_high)) | (
+        (adv < 0) & (ratio < 1.0 - eps_low)
+    )  # [B]
     return loss, {
         "gspo": loss.item(),
         "ratio_mean": ratio.mean().item(),
@@ -185,4 +236,6 @@ def gspo_loss(token_logp: torch.Tensor, old_token_logp: torch.Tensor, mask: torc
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same shape")
+        raise ValueError(
+            f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same shape"
+        )

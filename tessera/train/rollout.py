@@ -31,18 +31,27 @@ def default_rl_families() -> dict[str, float]:
     return {f: weights.get(f, 1.0) for f in FAMILIES}
 
 
-def training_queries(n: int, families: dict[str, float] | None = None, seed: int = 0,
-                     seed_offset: int = RL_SEED_OFFSET) -> list[Query]:
+def training_queries(
+    n: int,
+    families: dict[str, float] | None = None,
+    seed: int = 0,
+    seed_offset: int = RL_SEED_OFFSET,
+) -> list[Query]:
     """n train-split queries at scene seeds seed_offset + seed·n + i, families drawn by weight (deterministic)."""
     families = families or default_rl_families()
     names, weights = list(families), [float(families[f]) for f in families]
     if not names or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"families must map at least one family to a positive weight, got {families}")
+        raise ValueError(
+            f"families must map at least one family to a positive weight, got {families}"
+        )
     rng = random.Random(seed)
-    return [world_query(seed_offset + seed * n + i, rng.choices(names, weights)[0]) for i in range(n)]
+    return [
+        world_query(seed_offset + seed * n + i, rng.choices(names, weights)[0]) for i in range(n)
+    ]
 
 
 # ---- teacher-forced scoring ------------------------------------------------------------------------
+
 
 @dataclass
 class SequenceBatch:
@@ -60,17 +69,32 @@ class SequenceBatch:
         return self.batch.targets != IGNORE  # [B,L]
 
 
-def sequence_batch(prepared: Sequence[PreparedQuery], responses: Sequence[Sequence[int]], pad_id: int,
-                   old_logprobs: Sequence[Sequence[float]] | None = None) -> SequenceBatch:
+def sequence_batch(
+    prepared: Sequence[PreparedQuery],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    old_logprobs: Sequence[Sequence[float]] | None = None,
+) -> SequenceBatch:
     """Rows prompt_i + response_i with the loss on the response tokens (data.collate builds the tensors)."""
     if len(prepared) != len(responses) or not prepared:
-        raise ValueError(f"need one response per prompt, got {len(prepared)} prompts and {len(responses)} responses")
+        raise ValueError(
+            f"need one response per prompt, got {len(prepared)} prompts and {len(responses)} responses"
+        )
     rows = []
     for p, r in zip(prepared, responses):
         if not r:
             raise ValueError(f"empty response for query seed={p.query.seed} ({p.query.family})")
-        rows.append([Encoded(list(p.prompt_ids) + list(r), [0] * len(p.prompt_ids) + [1] * len(r), p.pixel_values,
-                             p.image_tokens, p.query.family)])
+        rows.append(
+            [
+                Encoded(
+                    list(p.prompt_ids) + list(r),
+                    [0] * len(p.prompt_ids) + [1] * len(r),
+                    p.pixel_values,
+                    p.image_tokens,
+                    p.query.family,
+                )
+            ]
+        )
     batch = collate(rows, pad_id)
     feats = [p.image_features for p in prepared]
     features = torch.cat(feats) if sum(f.shape[0] for f in feats) else None  # [ΣT, D]
@@ -79,14 +103,17 @@ def sequence_batch(prepared: Sequence[PreparedQuery], responses: Sequence[Sequen
         old = torch.zeros(batch.targets.shape)  # [B,L]
         for b, (p, lp) in enumerate(zip(prepared, old_logprobs)):
             if len(lp) != len(responses[b]):
-                raise ValueError(f"row {b}: {len(lp)} old log-probs for {len(responses[b])} response tokens")
+                raise ValueError(
+                    f"row {b}: {len(lp)} old log-probs for {len(responses[b])} response tokens"
+                )
             start = len(p.prompt_ids) - 1  # position that predicts the first response token
-            old[b, start:start + len(lp)] = torch.tensor(lp)
+            old[b, start : start + len(lp)] = torch.tensor(lp)
     return SequenceBatch(batch, features, old)
 
 
-def response_logprobs(model, seqs: SequenceBatch, temperature: float = 1.0,
-                      train_vision: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logprobs(
+    model, seqs: SequenceBatch, temperature: float = 1.0, train_vision: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(response tokens) with gradients: → (token_logp [B,L], mask [B,L]), aligned with batch.targets.
 
     With `train_vision` the tiles are encoded again (gradients reach the projector and the ViT, if trainable);
@@ -96,7 +123,9 @@ def response_logprobs(model, seqs: SequenceBatch, temperature: float = 1.0,
         pixels = b.pixel_values if b.pixel_values.numel() else None
         logits = model(b.input_ids, pixel_values=pixels, position_ids=b.position_ids)  # [B,L,V]
     else:
-        logits = model(b.input_ids, image_features=seqs.image_features, position_ids=b.position_ids)  # [B,L,V]
+        logits = model(
+            b.input_ids, image_features=seqs.image_features, position_ids=b.position_ids
+        )  # [B,L,V]
     mask = seqs.mask
     return token_logprobs(logits, b.targets.clamp_min(0), temperature) * mask, mask  # [B,L], [B,L]
 

@@ -35,15 +35,24 @@ from tessera.train.grounding_losses import GroundingHeads
 from tessera.train.losses import IGNORE, weighted_cross_entropy
 from tessera.train.sharding import is_sharded
 
-COMPONENTS = {"vision_model": "vision", "mlp1": "connector", "mlp2": "connector", "router": "router",
-              "pooling_before_gating": "router", "gating": "router", "language_model": "language"}
+COMPONENTS = {
+    "vision_model": "vision",
+    "mlp1": "connector",
+    "mlp2": "connector",
+    "router": "router",
+    "pooling_before_gating": "router",
+    "gating": "router",
+    "language_model": "language",
+}
 
 
 def component_of(param_name: str) -> str:
     """The component a parameter belongs to, from its top-level module name; unknown names fail loudly."""
     top = param_name.split(".", 1)[0]
     if top not in COMPONENTS:
-        raise ValueError(f"parameter {param_name!r} belongs to no known component ({', '.join(sorted(COMPONENTS))})")
+        raise ValueError(
+            f"parameter {param_name!r} belongs to no known component ({', '.join(sorted(COMPONENTS))})"
+        )
     return COMPONENTS[top]
 
 
@@ -58,7 +67,9 @@ class Stage(Protocol):
 
     def weight(self, batch: Any) -> float: ...
 
-    def loss(self, model: torch.nn.Module, batch: Any, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(
+        self, model: torch.nn.Module, batch: Any, normalizer: float
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
 @dataclass
@@ -79,17 +90,28 @@ class LanguageModelingStage:
     trainable: dict[str, bool] = field(default_factory=dict)
     component_lr: dict[str, float] = field(default_factory=dict)
     aux: tuple[AuxiliaryLoss, ...] = ()  # the auxiliary losses, in the order they are added
-    extra: torch.nn.Module | None = None  # their heads (one module: the trainer optimises it as "aux")
+    extra: torch.nn.Module | None = (
+        None  # their heads (one module: the trainer optimises it as "aux")
+    )
     scan_report: Any = None  # tessera.data.scan.ScanReport of a stage reading a user's file
     fsdp_ready: ClassVar[bool] = True  # every rank runs the same forward passes per step
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[Batch, int]]:
-        return stream_batches(self.make, Packer(self.rows, self.row_tokens, self.pad_id), position, rank, world, self.workers)
+        return stream_batches(
+            self.make,
+            Packer(self.rows, self.row_tokens, self.pad_id),
+            position,
+            rank,
+            world,
+            self.workers,
+        )
 
     def weight(self, batch: Batch) -> float:
         return batch.weight_sum
 
-    def loss(self, model: torch.nn.Module, batch: Batch, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model: torch.nn.Module, batch: Batch, normalizer: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         return packed_lm_loss(model, batch, normalizer, aux=self.aux)
 
 
@@ -101,23 +123,46 @@ def lm_stage(name: str, model, stream, data) -> LanguageModelingStage:
     place, count = getattr(data, "place", 0.0), getattr(data, "count", 0.0)
     if data.grounding > 0 or place > 0 or count > 0:
         language = model.config.language
-        head = GroundingHeads(model.config.vision.hidden_size, language.hidden_size,
-                              shuffle_factor(model.config.downsample_ratio) ** 2,
-                              fetched_width=language.num_heads * language.head_dim, place=place > 0, count=count > 0)
-    aux = world_aids((head, data.grounding) if data.grounding > 0 else None, data.evidence_attention,
-                     tuple(data.evidence_heads), data.question_attention,
-                     (head.place, place) if place > 0 else None, (head.count, count) if count > 0 else None)
-    return LanguageModelingStage(name, stream, data.rows, data.row_tokens, model.tokenizer.pad_id, data.workers,
-                                 aux=tuple(aux), extra=head)
+        head = GroundingHeads(
+            model.config.vision.hidden_size,
+            language.hidden_size,
+            shuffle_factor(model.config.downsample_ratio) ** 2,
+            fetched_width=language.num_heads * language.head_dim,
+            place=place > 0,
+            count=count > 0,
+        )
+    aux = world_aids(
+        (head, data.grounding) if data.grounding > 0 else None,
+        data.evidence_attention,
+        tuple(data.evidence_heads),
+        data.question_attention,
+        (head.place, place) if place > 0 else None,
+        (head.count, count) if count > 0 else None,
+    )
+    return LanguageModelingStage(
+        name,
+        stream,
+        data.rows,
+        data.row_tokens,
+        model.tokenizer.pad_id,
+        data.workers,
+        aux=tuple(aux),
+        extra=head,
+    )
 
 
-def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | None = None,
-                   grounding: tuple[torch.nn.Module, float] | None = None,
-                   evidence_attention: float = 0.0, evidence_heads: Sequence[int] = (0,),
-                   question_attention: float = 0.0,
-                   place: tuple[torch.nn.Module, float] | None = None,
-                   count: tuple[torch.nn.Module, float] | None = None,
-                   aux: Sequence[AuxiliaryLoss] = ()) -> tuple[torch.Tensor, dict[str, float]]:
+def packed_lm_loss(
+    model: torch.nn.Module,
+    batch: Batch,
+    normalizer: float | None = None,
+    grounding: tuple[torch.nn.Module, float] | None = None,
+    evidence_attention: float = 0.0,
+    evidence_heads: Sequence[int] = (0,),
+    question_attention: float = 0.0,
+    place: tuple[torch.nn.Module, float] | None = None,
+    count: tuple[torch.nn.Module, float] | None = None,
+    aux: Sequence[AuxiliaryLoss] = (),
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The paper's SFT loss: forward a packed batch (block-diagonal causal mask, per-sample positions) and take
     the square-averaged next-token cross-entropy — plus, for each auxiliary loss (tessera.train.aux_losses),
     its weight × its loss × the batch's share of the step (weight_sum / normalizer), so gradient accumulation and
@@ -129,7 +174,12 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
     layer below, from the answer positions onto the question's words that name each piece of evidence;
     `place` / `count` = (head, weight) the probes on what the middle layer's heads fetched at spatial / counting
     answers (tessera.train.grounding_losses)."""
-    aids = [*world_aids(grounding, evidence_attention, evidence_heads, question_attention, place, count), *aux]
+    aids = [
+        *world_aids(
+            grounding, evidence_attention, evidence_heads, question_attention, place, count
+        ),
+        *aux,
+    ]
     grid = features = None  # a batch of text-only conversations has no tiles
     given = None  # the features the model is given
     if batch.pixel_values.numel():
@@ -146,14 +196,20 @@ def packed_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: float | Non
         given = blank[:0]  # [0, D]
     hooks = [h for aid in aids for h in aid.attach(model, batch)]
     try:
-        logits = model(batch.input_ids, image_features=given, position_ids=batch.position_ids,
-                       attn_mask=batch.attn_mask())  # [B,L,V]
+        logits = model(
+            batch.input_ids,
+            image_features=given,
+            position_ids=batch.position_ids,
+            attn_mask=batch.attn_mask(),
+        )  # [B,L,V]
     finally:
         for hook in hooks:
             hook.remove()
     loss, metrics = weighted_cross_entropy(logits, batch.targets, batch.weights, normalizer)
     share = batch.weight_sum / normalizer if normalizer else 1.0
-    router = model.language_model.aux_loss(batch.segment_ids > 0)  # MoE load balancing (None when dense)
+    router = model.language_model.aux_loss(
+        batch.segment_ids > 0
+    )  # MoE load balancing (None when dense)
     if router is not None:  # already weighted by router_aux_loss_coef
         loss = loss + share * router
         metrics["router_aux_loss"] = float(router.detach())
@@ -181,6 +237,8 @@ def exact_match_by_family(logits: torch.Tensor, batch: Batch) -> dict[str, float
     k = 0
     for b in range(ok.shape[0]):
         for seg in range(1, int(batch.segment_ids[b].max()) + 1):
-            hits.setdefault(batch.families[k], []).append(bool(ok[b][batch.segment_ids[b] == seg].all()))
+            hits.setdefault(batch.families[k], []).append(
+                bool(ok[b][batch.segment_ids[b] == seg].all())
+            )
             k += 1
     return {f"em/{f}": sum(v) / len(v) for f, v in hits.items()}

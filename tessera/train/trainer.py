@@ -46,7 +46,9 @@ _NO_DECAY_MARKERS = ("norm", "bias", "embed", "ls1", "ls2", "class_embedding", "
 @dataclass
 class TrainConfig:
     steps: int = 1000  # optimiser steps of the schedule
-    lr: float = 1e-4  # base learning rate (the calibration found a cliff above ~1e-4 for this tiny model)
+    lr: float = (
+        1e-4  # base learning rate (the calibration found a cliff above ~1e-4 for this tiny model)
+    )
     component_lr: dict[str, float] = field(default_factory=dict)  # component → lr, overrides `lr`
     trainable: dict[str, bool] = field(default_factory=dict)  # component → trainable (default True)
     warmup_steps: int = 100
@@ -55,7 +57,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # 0 = no clipping
     accum_steps: int = 1
-    precision: str = "auto"  # "auto" | "fp32" | "bf16" (CPU autocast); auto = bf16 where the CPU has native bf16
+    precision: str = (
+        "auto"  # "auto" | "fp32" | "bf16" (CPU autocast); auto = bf16 where the CPU has native bf16
+    )
     log_every: int = 10
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2
@@ -65,18 +69,27 @@ class TrainConfig:
     progress: bool = True
     fsdp: bool = False  # under torchrun: shard with FSDP2, not replicate (no effect in one process)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if self.steps < 1 or self.accum_steps < 1 or self.lr <= 0:
-            raise ValueError(f"need steps ≥ 1, accum_steps ≥ 1 and lr > 0 (got {self.steps}, {self.accum_steps}, {self.lr})")
+            raise ValueError(
+                f"need steps ≥ 1, accum_steps ≥ 1 and lr > 0 (got {self.steps}, {self.accum_steps}, {self.lr})"
+            )
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        unknown = (set(self.component_lr) | set(self.trainable)) - {"vision", "connector", "language", "router"}
+        unknown = (set(self.component_lr) | set(self.trainable)) - {
+            "vision",
+            "connector",
+            "language",
+            "router",
+        }
         if unknown:
-            raise ValueError(f"unknown component(s) {sorted(unknown)}; use vision, connector, language, router")
+            raise ValueError(
+                f"unknown component(s) {sorted(unknown)}; use vision, connector, language, router"
+            )
         return self
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         names = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -126,7 +139,7 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def setup(cls) -> "Distributed":
+    def setup(cls) -> Distributed:
         """Join the torchrun process group (gloo) when WORLD_SIZE > 1; otherwise a single process."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
@@ -148,8 +161,12 @@ def set_threads(config: TrainConfig, world: int) -> int:
     return n
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, overrides: dict[str, dict] | None = None,
-                    extra: torch.nn.Module | None = None):
+def build_optimizer(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    overrides: dict[str, dict] | None = None,
+    extra: torch.nn.Module | None = None,
+):
     """AdamW with one group per (component, decay?) pair; frozen components get requires_grad=False.
     A stage's `extra` module trains as component "aux" (lr: component_lr["aux"], else the connector's)."""
     overrides = overrides or {}
@@ -157,26 +174,40 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, overrides: dict
     lrs.setdefault("aux", lrs.get("connector", config.lr))
     trainable = {**config.trainable, **overrides.get("trainable", {})}
     keep = overrides.get("param_filter")  # name → bool: only these train (e.g. LoRA adapters)
-    scale = overrides.get("lr_scale") or (lambda name: 1.0)  # name → lr factor (e.g. LoRA+ on lora_B)
+    scale = overrides.get("lr_scale") or (
+        lambda name: 1.0
+    )  # name → lr factor (e.g. LoRA+ on lora_B)
     groups: dict[tuple[str, bool, float], list[torch.nn.Parameter]] = {}
     named = [(n, p, component_of(n)) for n, p in model.named_parameters()]
     named += [(n, p, "aux") for n, p in (extra.named_parameters() if extra is not None else [])]
     for name, p, comp in named:
-        p.requires_grad_(trainable.get(comp, True) and (comp == "aux" or keep is None or keep(name)))
+        p.requires_grad_(
+            trainable.get(comp, True) and (comp == "aux" or keep is None or keep(name))
+        )
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2 and not any(m in name for m in _NO_DECAY_MARKERS)
         groups.setdefault((comp, decay, scale(name)), []).append(p)
     if not groups:
         raise ValueError("every component is frozen: nothing to train")
-    param_groups = [{"params": ps, "lr": lrs.get(comp, config.lr) * factor,
-                     "weight_decay": config.weight_decay if decay else 0.0, "name": f"{comp}{'' if decay else '.no_decay'}{'' if factor == 1 else f'.x{factor:g}'}"}
-                    for (comp, decay, factor), ps in sorted(groups.items())]
+    param_groups = [
+        {
+            "params": ps,
+            "lr": lrs.get(comp, config.lr) * factor,
+            "weight_decay": config.weight_decay if decay else 0.0,
+            "name": f"{comp}{'' if decay else '.no_decay'}{'' if factor == 1 else f'.x{factor:g}'}",
+        }
+        for (comp, decay, factor), ps in sorted(groups.items())
+    ]
     return torch.optim.AdamW(param_groups, betas=config.betas)
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -193,7 +224,9 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     loaded = {ptrs[k] for k in weights if k in ptrs}
     missing = [k for k in result.missing_keys if ptrs[k] not in loaded]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise ValueError(
+            f"{path} does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
 
 
 def _default_save_model(model: torch.nn.Module, path: Path) -> None:
@@ -214,9 +247,15 @@ class TrainResult:
 class Trainer:
     """Runs `stage` on `model` for `config.steps` optimiser steps, writing into `out`."""
 
-    def __init__(self, model: torch.nn.Module, stage: Stage, config: TrainConfig, out: str | Path,
-                 save_model: Callable[[torch.nn.Module, Path], None] = _default_save_model,
-                 eval_fn: Callable[[torch.nn.Module, int], dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        stage: Stage,
+        config: TrainConfig,
+        out: str | Path,
+        save_model: Callable[[torch.nn.Module, Path], None] = _default_save_model,
+        eval_fn: Callable[[torch.nn.Module, int], dict[str, Any]] | None = None,
+    ):
         self.model, self.stage, self.config = model, stage, config.validate()
         self.out = Path(out)
         self.save_model, self.eval_fn = save_model, eval_fn
@@ -251,8 +290,13 @@ class Trainer:
             gathered = [None] * ddp.world
             dist.all_gather_object(gathered, (position, _rng_state()))
         plain = self._plain_model()
-        optim_state = (sharding.full_optimizer_state(self._joint, optimizer) if self._fsdp
-                       else optimizer.state_dict() if ddp.main else None)
+        optim_state = (
+            sharding.full_optimizer_state(self._joint, optimizer)
+            if self._fsdp
+            else optimizer.state_dict()
+            if ddp.main
+            else None
+        )
         if ddp.main:
             name = f"step-{step:06d}"
             tmp = self.ckpt_dir / f".tmp-{name}"
@@ -261,11 +305,21 @@ class Trainer:
             self.save_model(plain, tmp)
             del plain
             extra = getattr(self.stage, "extra", None)
-            torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                        "extra": extra.state_dict() if extra is not None else None,
-                        "positions": [g[0] for g in gathered], "rng": [g[1] for g in gathered],
-                        "world": ddp.world, "fsdp": self._fsdp, "stage": self.stage.name,
-                        "config": asdict(self.config)}, tmp / "trainer.pt")
+            torch.save(
+                {
+                    "step": step,
+                    "optimizer": optim_state,
+                    "scheduler": scheduler.state_dict(),
+                    "extra": extra.state_dict() if extra is not None else None,
+                    "positions": [g[0] for g in gathered],
+                    "rng": [g[1] for g in gathered],
+                    "world": ddp.world,
+                    "fsdp": self._fsdp,
+                    "stage": self.stage.name,
+                    "config": asdict(self.config),
+                },
+                tmp / "trainer.pt",
+            )
             final = self.ckpt_dir / name
             shutil.rmtree(final, ignore_errors=True)
             os.rename(tmp, final)  # the checkpoint appears complete or not at all
@@ -281,21 +335,26 @@ class Trainer:
     def _load(self, path: Path, optimizer, scheduler, ddp: Distributed) -> tuple[int, int]:
         state = torch.load(path / "trainer.pt", weights_only=False)
         if state["world"] != ddp.world:
-            raise ValueError(f"{path} was written by {state['world']} processes; resume with the same number (now {ddp.world})")
+            raise ValueError(
+                f"{path} was written by {state['world']} processes; resume with the same number (now {ddp.world})"
+            )
         if state["stage"] != self.stage.name:
             raise ValueError(f"{path} is a {state['stage']!r} checkpoint, not {self.stage.name!r}")
         if state.get("fsdp", False) != self._fsdp:
             how = "with" if state.get("fsdp") else "without"
-            raise ValueError(f"{path} was written {how} FSDP; resume it the same way "
-                             f"({how} --fsdp)")
+            raise ValueError(
+                f"{path} was written {how} FSDP; resume it the same way ({how} --fsdp)"
+            )
         if self._fsdp:
             sharding.load_full_state(self.model, load_file(str(path / "model.safetensors")))
         else:
             load_weights(self.model, path / "model.safetensors")
         extra = getattr(self.stage, "extra", None)
         if (extra is None) != (state.get("extra") is None):
-            raise ValueError(f"{path} was written {'with' if state.get('extra') is not None else 'without'} a stage "
-                             f"head (e.g. grounding) and this run is configured {'with' if extra is not None else 'without'} one")
+            raise ValueError(
+                f"{path} was written {'with' if state.get('extra') is not None else 'without'} a stage "
+                f"head (e.g. grounding) and this run is configured {'with' if extra is not None else 'without'} one"
+            )
         if extra is not None:
             extra.load_state_dict(state["extra"])
         if self._fsdp:
@@ -312,7 +371,11 @@ class Trainer:
         """On resume, drop lines logged after the checkpoint so the curve has no duplicated steps."""
         if not self.metrics_path.exists():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= step
+        ]
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.metrics_path)
@@ -333,14 +396,17 @@ class Trainer:
         # a stage may pin the precision: RL stages compare the policy's log-probs with ones recorded outside
         # the trainer (rollouts, a frozen reference) in fp32, and bf16 noise (~1e-3) exceeds GSPO's clip range
         device = model_device(self.model)
-        precision = getattr(self.stage, "precision", None) or resolve_precision(cfg.precision, device)
+        precision = getattr(self.stage, "precision", None) or resolve_precision(
+            cfg.precision, device
+        )
         ddp = Distributed.setup()
         self._fsdp = cfg.fsdp and ddp.world > 1
         if self._fsdp and not getattr(self.stage, "fsdp_ready", False):
             raise sharding.ShardingError(
                 f"stage {self.stage.name!r} cannot train under FSDP: its ranks do not run the "
                 "same forward passes in lockstep (e.g. online rollouts of different lengths), which "
-                "FSDP's per-layer all-gathers need; train it with DDP (without --fsdp)")
+                "FSDP's per-layer all-gathers need; train it with DDP (without --fsdp)"
+            )
         set_threads(cfg, ddp.world)
         torch.manual_seed(cfg.seed + ddp.rank)
         np.random.seed(cfg.seed + ddp.rank)
@@ -354,10 +420,16 @@ class Trainer:
             self.stage.setup(self.model)
         extra = getattr(self.stage, "extra", None)
         if ddp.world > 1:
-            for t in [*self.model.state_dict().values(), *(extra.state_dict().values() if extra is not None else [])]:
+            for t in [
+                *self.model.state_dict().values(),
+                *(extra.state_dict().values() if extra is not None else []),
+            ]:
                 dist.broadcast(t, src=0)
-        overrides = {k: getattr(self.stage, k) for k in ("trainable", "component_lr", "param_filter", "lr_scale")
-                     if getattr(self.stage, k, None)}
+        overrides = {
+            k: getattr(self.stage, k)
+            for k in ("trainable", "component_lr", "param_filter", "lr_scale")
+            if getattr(self.stage, k, None)
+        }
         if self._fsdp:
             self._template = sharding.skeleton(self.model) if ddp.main else None
             sharding.shard(self.model)
@@ -365,7 +437,8 @@ class Trainer:
                 self._joint = torch.nn.ModuleDict({"model": self.model, "extra": extra})
         optimizer = build_optimizer(self.model, cfg, overrides, extra)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+            optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        )
         step, position = 0, 0
         latest = self.latest_checkpoint() if resume else None
         if latest is not None:
@@ -380,15 +453,22 @@ class Trainer:
         params += [p for p in (extra.parameters() if extra is not None else []) if p.requires_grad]
         batches = self.stage.batches(position, ddp.rank, ddp.world)
         end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-        bar = tqdm(total=cfg.steps, initial=step, desc=self.stage.name, disable=not (cfg.progress and ddp.main),
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=step,
+            desc=self.stage.name,
+            disable=not (cfg.progress and ddp.main),
+            dynamic_ncols=True,
+        )
         history: list[dict[str, float]] = []
         self.model.train()
         while step < end:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.accum_steps)]
             position = micro[-1][1]
-            total_weight = torch.tensor(sum(self.stage.weight(b) for b, _ in micro), dtype=torch.float64)
+            total_weight = torch.tensor(
+                sum(self.stage.weight(b) for b, _ in micro), dtype=torch.float64
+            )
             if ddp.world > 1:
                 dist.all_reduce(total_weight)
             sums: dict[str, float] = {}
@@ -412,9 +492,15 @@ class Trainer:
             if ddp.world > 1:
                 dist.all_reduce(stats)  # loss: the global loss is the sum of the ranks' shares
                 stats[1] /= ddp.world
-            record = {"step": step, "loss": float(stats[0]), "lr": optimizer.param_groups[0]["lr"],
-                      "grad_norm": float(stats[1]), "sec": time.perf_counter() - t0, "position": position,
-                      **{k: v / counts[k] for k, v in sums.items()}}
+            record = {
+                "step": step,
+                "loss": float(stats[0]),
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": float(stats[1]),
+                "sec": time.perf_counter() - t0,
+                "position": position,
+                **{k: v / counts[k] for k, v in sums.items()},
+            }
             history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
@@ -455,7 +541,7 @@ class Trainer:
             offset = 0
             for p in params:
                 n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).clone()  # [n] → the parameter's shape
+                p.grad = flat[offset : offset + n].view_as(p).clone()  # [n] → the parameter's shape
                 offset += n
         if self.config.grad_clip > 0:
             return float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip))
@@ -471,7 +557,7 @@ class Trainer:
             dist.all_reduce(flat)
             offset = 0
             for p in replicated:
-                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()  # [n] → its shape
+                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()  # [n] → its shape
                 offset += p.numel()
         # ‖g‖² = Σ over ranks of each rank's shard, plus the replicated parameters once
         local = [p.grad.to_local().double().pow(2).sum() for p in sharded if p.grad is not None]

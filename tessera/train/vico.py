@@ -39,7 +39,9 @@ from tessera.train.sft import SEED_OFFSET, default_families
 XI_SEED = 0x51C0  # mixes the ξ draw with the stream index
 
 
-def shrink_image_tokens(enc: Encoded, compress: list[bool], full: int, small: int, img_context_id: int) -> Encoded:
+def shrink_image_tokens(
+    enc: Encoded, compress: list[bool], full: int, small: int, img_context_id: int
+) -> Encoded:
     """The same sample with tile i's `<IMG_CONTEXT>` run cut from `full` to `small` tokens wherever compress[i].
 
     Tiles are in prompt order: tile i owns the i-th block of `full` context tokens (blocks never straddle images,
@@ -47,7 +49,9 @@ def shrink_image_tokens(enc: Encoded, compress: list[bool], full: int, small: in
     """
     tiles_per_image = [t // full for t in enc.image_tokens]
     if any(t % full for t in enc.image_tokens) or sum(tiles_per_image) != len(compress):
-        raise ValueError(f"sample {enc.index}: image tokens {enc.image_tokens} are not {len(compress)} tiles × {full}")
+        raise ValueError(
+            f"sample {enc.index}: image tokens {enc.image_tokens} are not {len(compress)} tiles × {full}"
+        )
     ids, mask = [], []
     seen = 0  # context tokens passed so far
     for tok, m in zip(enc.input_ids, enc.loss_mask):
@@ -59,10 +63,12 @@ def shrink_image_tokens(enc: Encoded, compress: list[bool], full: int, small: in
         ids.append(tok)
         mask.append(m)
     if seen != sum(enc.image_tokens):
-        raise ValueError(f"sample {enc.index}: {seen} <IMG_CONTEXT> tokens in the prompt, image_tokens say {sum(enc.image_tokens)}")
+        raise ValueError(
+            f"sample {enc.index}: {seen} <IMG_CONTEXT> tokens in the prompt, image_tokens say {sum(enc.image_tokens)}"
+        )
     image_tokens, start = [], 0
     for n in tiles_per_image:
-        image_tokens.append(sum(small if c else full for c in compress[start:start + n]))
+        image_tokens.append(sum(small if c else full for c in compress[start : start + n]))
         start += n
     return Encoded(ids, mask, enc.pixel_values, image_tokens, enc.family, enc.index)
 
@@ -78,21 +84,40 @@ class ViCOBatch:
     reference: Batch  # every image at 1/4
     policy: Batch  # each image at its ξ
     compress: torch.Tensor  # bool [ΣN tiles], the policy's tiles at 1/16
-    small_positions: torch.Tensor  # bool [B,L'] of the policy batch: positions of samples with an image at 1/16
+    small_positions: (
+        torch.Tensor
+    )  # bool [B,L'] of the policy batch: positions of samples with an image at 1/16
 
 
 class PairPacker:
     """Packs (reference, policy) pairs into rows by the reference length; both batches get the same rows."""
 
-    def __init__(self, rows: int, row_tokens: int, pad_id: int, full: int, small: int, img_context_id: int,
-                 compress_prob: float = 0.5):
+    def __init__(
+        self,
+        rows: int,
+        row_tokens: int,
+        pad_id: int,
+        full: int,
+        small: int,
+        img_context_id: int,
+        compress_prob: float = 0.5,
+    ):
         self.rows, self.row_tokens, self.pad_id = rows, row_tokens, pad_id
-        self.full, self.small, self.img_context_id, self.compress_prob = full, small, img_context_id, compress_prob
+        self.full, self.small, self.img_context_id, self.compress_prob = (
+            full,
+            small,
+            img_context_id,
+            compress_prob,
+        )
 
     def pair(self, enc: Encoded) -> tuple[Encoded, Encoded, list[bool], bool]:
         xi = draw_xi(enc.index, len(enc.image_tokens), self.compress_prob)
         per_tile = [c for c, t in zip(xi, enc.image_tokens) for _ in range(t // self.full)]
-        policy = shrink_image_tokens(enc, per_tile, self.full, self.small, self.img_context_id) if any(xi) else enc
+        policy = (
+            shrink_image_tokens(enc, per_tile, self.full, self.small, self.img_context_id)
+            if any(xi)
+            else enc
+        )
         return enc, policy, per_tile, any(xi)
 
     def _collate(self, rows: list[list[tuple[Encoded, Encoded, list[bool], bool]]]) -> ViCOBatch:
@@ -111,7 +136,9 @@ class PairPacker:
         used = 0
         for position, enc in stream:
             if len(enc) > self.row_tokens:
-                raise ValueError(f"sample {enc.index} has {len(enc)} tokens, more than row_tokens={self.row_tokens}")
+                raise ValueError(
+                    f"sample {enc.index} has {len(enc)} tokens, more than row_tokens={self.row_tokens}"
+                )
             item = self.pair(enc)
             if rows and used + len(enc) <= self.row_tokens:
                 rows[-1].append(item)
@@ -136,7 +163,9 @@ class ViCOStage:
     component_lr: dict[str, float] = field(default_factory=dict)
     reference: torch.nn.Module | None = None
     grounding: float = 0.0  # weight of the dense grounding loss on every tile's 1/16 tokens
-    extra: torch.nn.Module | None = None  # its head (tessera.train.grounding_losses.GroundingHead), when grounding > 0
+    extra: torch.nn.Module | None = (
+        None  # its head (tessera.train.grounding_losses.GroundingHead), when grounding > 0
+    )
 
     def setup(self, model: torch.nn.Module) -> None:
         model.add_flash_branch()  # an SFT model trained without Flash parts gets a fresh 1/16 branch and router
@@ -148,31 +177,57 @@ class ViCOStage:
     def weight(self, batch: ViCOBatch) -> float:
         return batch.policy.weight_sum
 
-    def loss(self, model: torch.nn.Module, batch: ViCOBatch, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model: torch.nn.Module, batch: ViCOBatch, normalizer: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         if self.reference is None:
-            raise RuntimeError("ViCOStage.setup(model) must run before loss (it builds the frozen reference)")
+            raise RuntimeError(
+                "ViCOStage.setup(model) must run before loss (it builds the frozen reference)"
+            )
         ref, pol = batch.reference, batch.policy
         with torch.no_grad():
-            ref_logits = self.reference(ref.input_ids, pixel_values=ref.pixel_values, position_ids=ref.position_ids,
-                                        attn_mask=ref.attn_mask())  # [B,L,V]
+            ref_logits = self.reference(
+                ref.input_ids,
+                pixel_values=ref.pixel_values,
+                position_ids=ref.position_ids,
+                attn_mask=ref.attn_mask(),
+            )  # [B,L,V]
         grid = model.vision_tokens(pol.pixel_values)  # [ΣN, h, w, Cv]
         features, _ = model.project(grid, batch.compress)  # [ΣT', D], each tile at its ξ
-        logits = model(pol.input_ids, image_features=features, position_ids=pol.position_ids,
-                       attn_mask=pol.attn_mask())  # [B,L',V]
+        logits = model(
+            pol.input_ids,
+            image_features=features,
+            position_ids=pol.position_ids,
+            attn_mask=pol.attn_mask(),
+        )  # [B,L',V]
         rmask, pmask = ref.targets != IGNORE, pol.targets != IGNORE  # [B,L], [B,L']
         if not torch.equal(ref.targets[rmask], pol.targets[pmask]):
-            raise ValueError("reference and policy answer tokens differ: the pair sequences are misaligned")
-        ref_sel, pol_sel = ref_logits[rmask], logits[pmask]  # [M,V] each, the same answer tokens in order
+            raise ValueError(
+                "reference and policy answer tokens differ: the pair sequences are misaligned"
+            )
+        ref_sel, pol_sel = (
+            ref_logits[rmask],
+            logits[pmask],
+        )  # [M,V] each, the same answer tokens in order
         weights = pol.weights[pmask]  # [M]
-        loss, metrics = kl_consistency(ref_sel[None], pol_sel[None], weights[None], normalizer)  # [1,M,V] each
+        loss, metrics = kl_consistency(
+            ref_sel[None], pol_sel[None], weights[None], normalizer
+        )  # [1,M,V] each
         if self.grounding > 0:
             if ref.grounding is None or self.extra is None:
-                raise ValueError("vico grounding needs samples with grounding targets and a head (build_stage makes both)")
+                raise ValueError(
+                    "vico grounding needs samples with grounding targets and a head (build_stage makes both)"
+                )
             every_small = torch.ones(grid.shape[0], dtype=torch.bool, device=grid.device)
             small, _ = model.project(grid, every_small)  # [ΣN·t16, D], every tile at 1/16
             share = pol.weight_sum / normalizer if normalizer else 1.0
-            aux, aux_metrics = grounding_loss(self.extra, small, ref.grounding,
-                                              model.config.flash.compressed_downsample_ratio, name="ground16")
+            aux, aux_metrics = grounding_loss(
+                self.extra,
+                small,
+                ref.grounding,
+                model.config.flash.compressed_downsample_ratio,
+                name="ground16",
+            )
             loss = loss + self.grounding * share * aux
             metrics.update(aux_metrics)
         with torch.no_grad():
@@ -195,30 +250,51 @@ class ViCOData:
     curriculum: tuple[tuple[int, float], ...] = ((0, 1.0),)
     thinking_prob: float = 0.5
     train_vision: bool = True  # the paper trains the whole model; False freezes the ViT
-    grounding: float = 0.0  # weight of the dense grounding probe on the 1/16 tokens (see the module doc)
+    grounding: float = (
+        0.0  # weight of the dense grounding probe on the 1/16 tokens (see the module doc)
+    )
     data: str | None = None  # your conversations (tessera.data) instead of the SFT world stream
     skip_bad_records: bool = False  # with data: drop (and count) bad records instead of stopping
 
 
-def build_stage(model, data: "ViCOData | dict | None" = None) -> ViCOStage:
+def build_stage(model, data: ViCOData | dict | None = None) -> ViCOStage:
     """The ViCO stage on the SFT stream (same families and seeds as `sft`) for a Flash `model` with a tokenizer."""
     data = dataclass_from(ViCOData, data)
     cfg, tok = model.config, model.tokenizer
     report = None
     if data.data is not None:
         if data.grounding > 0:
-            raise ValueError("vico grounding reads the world's scenes; a --data file has none (set grounding to 0)")
+            raise ValueError(
+                "vico grounding reads the world's scenes; a --data file has none (set grounding to 0)"
+            )
         stream, report = file_stream(model, data.data, data.row_tokens, data.skip_bad_records)
     else:
-        stream = WorldStream(tok, cfg, families=default_families(), thinking_prob=data.thinking_prob,
-                             curriculum=Curriculum(tuple(data.curriculum)), seed=SEED_OFFSET,
-                             grounding=data.grounding > 0)
-    packer = PairPacker(data.rows, data.row_tokens, tok.pad_id, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile,
-                        cfg.image_context_token_id, data.compress_prob)
+        stream = WorldStream(
+            tok,
+            cfg,
+            families=default_families(),
+            thinking_prob=data.thinking_prob,
+            curriculum=Curriculum(tuple(data.curriculum)),
+            seed=SEED_OFFSET,
+            grounding=data.grounding > 0,
+        )
+    packer = PairPacker(
+        data.rows,
+        data.row_tokens,
+        tok.pad_id,
+        cfg.tokens_per_tile,
+        cfg.compressed_tokens_per_tile,
+        cfg.image_context_token_id,
+        data.compress_prob,
+    )
     trainable = {"router": False} if data.train_vision else {"router": False, "vision": False}
     head = None
     if data.grounding > 0:
-        head = GroundingHead(cfg.language.hidden_size, shuffle_factor(cfg.flash.compressed_downsample_ratio) ** 2)
-    stage = ViCOStage(stream, packer, data.workers, trainable=trainable, grounding=data.grounding, extra=head)
+        head = GroundingHead(
+            cfg.language.hidden_size, shuffle_factor(cfg.flash.compressed_downsample_ratio) ** 2
+        )
+    stage = ViCOStage(
+        stream, packer, data.workers, trainable=trainable, grounding=data.grounding, extra=head
+    )
     stage.scan_report = report
     return stage

@@ -9,13 +9,48 @@ scenes.py renders, tasks.py asks, verify.py judges, bench.py fixes the evaluatio
 the difficulty knob to scene settings, probe.py measures how much text a tile and a token carry.
 """
 
-from tessera.world.eval_sets import EvalItem, eval_items, eval_set, score, text_free_token_savings
 from tessera.world.curriculum import Level, level
+from tessera.world.eval_sets import EvalItem, eval_items, eval_set, score, text_free_token_savings
 from tessera.world.scenes import Scene, render
-from tessera.world.tasks import (ALL_FAMILIES, DESCRIBE, FAMILIES, READING_FAMILIES, SPLIT_OFFSETS, Lookup, Sample,
-                                 build, corpus, describe, make_sample, pick_family)
+from tessera.world.tasks import (
+    ALL_FAMILIES,
+    DESCRIBE,
+    FAMILIES,
+    READING_FAMILIES,
+    SPLIT_OFFSETS,
+    Lookup,
+    Sample,
+    build,
+    corpus,
+    describe,
+    make_sample,
+    pick_family,
+)
 from tessera.world.verify import final_text, normalise, verify
 
-__all__ = ["ALL_FAMILIES", "DESCRIBE", "FAMILIES", "READING_FAMILIES", "SPLIT_OFFSETS", "EvalItem", "Level", "Lookup", "Sample",
-           "Scene", "build", "corpus", "describe", "eval_items", "eval_set", "final_text", "level", "make_sample",
-           "normalise", "pick_family", "render", "score", "text_free_token_savings", "verify"]
+__all__ = [
+    "ALL_FAMILIES",
+    "DESCRIBE",
+    "FAMILIES",
+    "READING_FAMILIES",
+    "SPLIT_OFFSETS",
+    "EvalItem",
+    "Level",
+    "Lookup",
+    "Sample",
+    "Scene",
+    "build",
+    "corpus",
+    "describe",
+    "eval_items",
+    "eval_set",
+    "final_text",
+    "level",
+    "make_sample",
+    "normalise",
+    "pick_family",
+    "render",
+    "score",
+    "text_free_token_savings",
+    "verify",
+]

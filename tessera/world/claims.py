@@ -22,8 +22,12 @@ from tessera.world.verify import normalise
 
 _KINDS = "|".join(SHAPES)
 _LABELLED = re.compile(r"The (\w+ (?:" + _KINDS + r")) is labelled (\d+)\.")
-_COUNTED = re.compile(r"There (?:is|are) (\d+) (" + _KINDS + r"|" + "|".join(f"{k}s" for k in SHAPES) + r")\.")
-_SUM = re.compile(r"(\d+) ([+-]) (\d+) = (-?\d+)\.")  # a whole sum ends a sentence; a column step ends in ","
+_COUNTED = re.compile(
+    r"There (?:is|are) (\d+) (" + _KINDS + r"|" + "|".join(f"{k}s" for k in SHAPES) + r")\."
+)
+_SUM = re.compile(
+    r"(\d+) ([+-]) (\d+) = (-?\d+)\."
+)  # a whole sum ends a sentence; a column step ends in ","
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,10 @@ class Claim:
 
 def perception_claims(chain: str) -> list[Claim]:
     """Every label read and every count the chain states, in order of appearance."""
-    found = [(m.start(), Claim(label_question(m.group(1)), m.group(2))) for m in _LABELLED.finditer(chain)]
+    found = [
+        (m.start(), Claim(label_question(m.group(1)), m.group(2)))
+        for m in _LABELLED.finditer(chain)
+    ]
     for m in _COUNTED.finditer(chain):
         kind = m.group(2)
         kind = kind[:-1] if kind.endswith("s") and kind not in SHAPES else kind

@@ -45,7 +45,9 @@ class Level:
     max_entries: int
     max_columns: int  # entries side by side in a document row
     slots: bool  # objects on a fixed 4-cell lattice and the document at its tile's top-left
-    distractor_document: float  # chance that a scene for a non-document question still has a document
+    distractor_document: (
+        float  # chance that a scene for a non-document question still has a document
+    )
     max_same_kind: int  # at most this many shapes of one kind (bounds the count answers)
 
     @property
@@ -70,7 +72,9 @@ def level(difficulty: float = 1.0) -> Level:
         code_digits=3,
         min_entries=1 + round(2 * (d - 0.5) / 0.5) if d > 0.5 else 1,
         max_entries=max_entries,
-        max_columns=1 if max_entries <= 2 else 2,  # one column holds at most 3 entries (scenes.MAX_ENTRY_ROWS)
+        max_columns=1
+        if max_entries <= 2
+        else 2,  # one column holds at most 3 entries (scenes.MAX_ENTRY_ROWS)
         slots=d < 0.25,
         distractor_document=0.5 * d,
         max_same_kind=min(4, max_objects),

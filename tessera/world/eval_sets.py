@@ -25,8 +25,9 @@ class EvalItem:
         return make_sample(self.seed, self.family, self.split)
 
 
-def eval_items(n_per_family: int = 50, families: Sequence[str] = FAMILIES, split: str = "eval",
-               offset: int = 0) -> list[EvalItem]:
+def eval_items(
+    n_per_family: int = 50, families: Sequence[str] = FAMILIES, split: str = "eval", offset: int = 0
+) -> list[EvalItem]:
     """The fixed evaluation set: n_per_family items per family, interleaved by family."""
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
@@ -34,11 +35,16 @@ def eval_items(n_per_family: int = 50, families: Sequence[str] = FAMILIES, split
     if split == "train":
         raise ValueError("evaluation sets come from the 'eval' or 'test' split, never from 'train'")
     k = len(FAMILIES)
-    return [EvalItem((offset + i) * k + FAMILIES.index(f), f, split) for i in range(n_per_family) for f in families]
+    return [
+        EvalItem((offset + i) * k + FAMILIES.index(f), f, split)
+        for i in range(n_per_family)
+        for f in families
+    ]
 
 
-def eval_set(n_per_family: int = 50, families: Sequence[str] = FAMILIES, split: str = "eval",
-             offset: int = 0) -> list[Sample]:
+def eval_set(
+    n_per_family: int = 50, families: Sequence[str] = FAMILIES, split: str = "eval", offset: int = 0
+) -> list[Sample]:
     """The fixed evaluation set, rendered."""
     return [item.sample() for item in eval_items(n_per_family, families, split, offset)]
 
@@ -52,7 +58,12 @@ def score(results: Iterable[tuple[str, str, str]]) -> dict[str, float]:
     if not hits:
         raise ValueError("no results to score")
     acc = {f: sum(h) / len(h) for f, h in hits.items()}
-    out = dict(sorted(acc.items(), key=lambda kv: FAMILIES.index(kv[0]) if kv[0] in FAMILIES else len(FAMILIES)))
+    out = dict(
+        sorted(
+            acc.items(),
+            key=lambda kv: FAMILIES.index(kv[0]) if kv[0] in FAMILIES else len(FAMILIES),
+        )
+    )
     out["overall"] = sum(acc.values()) / len(acc)
     reading = [acc[f] for f in READING_FAMILIES if f in acc]
     if reading:
@@ -61,7 +72,9 @@ def score(results: Iterable[tuple[str, str, str]]) -> dict[str, float]:
     return out
 
 
-def text_free_token_savings(samples: Iterable[Sample], full_tokens: int, compressed_tokens: int) -> dict[str, float]:
+def text_free_token_savings(
+    samples: Iterable[Sample], full_tokens: int, compressed_tokens: int
+) -> dict[str, float]:
     """What a question-agnostic router can save without ever compressing small text, on these samples.
 
     Reading answers need their text tile at full resolution (all-compressed reading is ~0 %), and a router that
@@ -71,7 +84,9 @@ def text_free_token_savings(samples: Iterable[Sample], full_tokens: int, compres
     (`text_free_and_thumbnails`; the thumbnail carries the whole-canvas view that spatial and count read).
     """
     if not 0 < compressed_tokens <= full_tokens:
-        raise ValueError(f"need 0 < compressed_tokens <= full_tokens, got {compressed_tokens}, {full_tokens}")
+        raise ValueError(
+            f"need 0 < compressed_tokens <= full_tokens, got {compressed_tokens}, {full_tokens}"
+        )
     saved_per_tile = full_tokens - compressed_tokens
     total = text_free = thumbnails = 0
     for s in samples:
@@ -83,4 +98,7 @@ def text_free_token_savings(samples: Iterable[Sample], full_tokens: int, compres
         thumbnails += saved_per_tile * thumbnail
     if not total:
         raise ValueError("no samples")
-    return {"text_free": text_free / total, "text_free_and_thumbnails": (text_free + thumbnails) / total}
+    return {
+        "text_free": text_free / total,
+        "text_free_and_thumbnails": (text_free + thumbnails) / total,
+    }

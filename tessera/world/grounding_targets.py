@@ -41,16 +41,22 @@ def cell_targets(scene: Scene) -> np.ndarray:
     h, w = scene.rows * CELLS_PER_TILE, scene.cols * CELLS_PER_TILE
     out = np.zeros((h, w, len(FIELDS)), dtype=np.int64)
     for s in scene.shapes:
-        out[s.y:s.y + s.size, s.x:s.x + s.size, 2] = 1 + _KIND_INDEX[s.kind] * len(COLOURS) + _COLOUR_INDEX[s.colour]
+        out[s.y : s.y + s.size, s.x : s.x + s.size, 2] = (
+            1 + _KIND_INDEX[s.kind] * len(COLOURS) + _COLOUR_INDEX[s.colour]
+        )
         out[s.y, s.x, 3] = 1
         lx, ly = s.label_cell
-        for k, ch in enumerate(s.label):  # a label's glyph k sits in slot k of the label cell (scenes._glyphs)
+        for k, ch in enumerate(
+            s.label
+        ):  # a label's glyph k sits in slot k of the label cell (scenes._glyphs)
             out[ly, lx, k] = _glyph_class(ch)
     doc = scene.document
     if doc is not None:
         for i, (key, code) in enumerate(zip(doc.keys, doc.codes)):
             cx, cy = doc.cell(i)
-            out[cy, cx, 0] = 11 + DOC_KEYS.index(key)  # the mark in slot 0, then the code's glyphs in slots 1, 2, 3
+            out[cy, cx, 0] = 11 + DOC_KEYS.index(
+                key
+            )  # the mark in slot 0, then the code's glyphs in slots 1, 2, 3
             for k, ch in enumerate(code, start=1):
                 out[cy, cx + k // 2, k % 2] = _glyph_class(ch)
     return out
@@ -92,8 +98,12 @@ def tile_targets(scene: Scene, thumbnail: bool) -> np.ndarray:
     (`thumbnail_targets`)."""
     cells = cell_targets(scene)  # [rows·8, cols·8, F]
     c = CELLS_PER_TILE
-    tiles = cells.reshape(scene.rows, c, scene.cols, c, len(FIELDS)).transpose(0, 2, 1, 3, 4)  # [rows, cols, 8, 8, F]
-    tiles = tiles.reshape(scene.rows * scene.cols, c, c, len(FIELDS))  # [N, 8, 8, F], row-major tiles
+    tiles = cells.reshape(scene.rows, c, scene.cols, c, len(FIELDS)).transpose(
+        0, 2, 1, 3, 4
+    )  # [rows, cols, 8, 8, F]
+    tiles = tiles.reshape(
+        scene.rows * scene.cols, c, c, len(FIELDS)
+    )  # [N, 8, 8, F], row-major tiles
     if len(tiles) == 1:
         _place(tiles[0])  # the only tile is the whole canvas
     else:
@@ -105,9 +115,11 @@ def tile_targets(scene: Scene, thumbnail: bool) -> np.ndarray:
 
 def tokens_per_side(tokens_per_tile: int) -> int:
     """Side of a tile's square grid of 1/4 tokens; each token covers an equal block of the tile's patch cells."""
-    per_side = int(round(tokens_per_tile ** 0.5))
+    per_side = int(round(tokens_per_tile**0.5))
     if per_side * per_side != tokens_per_tile or CELLS_PER_TILE % per_side:
-        raise ValueError(f"{tokens_per_tile} tokens per tile do not tile an {CELLS_PER_TILE}×{CELLS_PER_TILE} patch grid")
+        raise ValueError(
+            f"{tokens_per_tile} tokens per tile do not tile an {CELLS_PER_TILE}×{CELLS_PER_TILE} patch grid"
+        )
     return per_side
 
 
@@ -119,7 +131,9 @@ def thumbnail_token_of_cell(scene: Scene, x: int, y: int, tokens_per_tile: int) 
         return None
     per_side = tokens_per_side(tokens_per_tile)
     w, h = scene.size
-    tx = min(per_side - 1, int((x + 0.5) * CELL * per_side / w))  # the canvas squeezed onto per_side × per_side
+    tx = min(
+        per_side - 1, int((x + 0.5) * CELL * per_side / w)
+    )  # the canvas squeezed onto per_side × per_side
     ty = min(per_side - 1, int((y + 0.5) * CELL * per_side / h))
     return tiles * tokens_per_tile + ty * per_side + tx
 
@@ -130,7 +144,9 @@ def place_of_cells(scene: Scene, cells) -> tuple[int, int]:
     w, h = scene.size
     cx = sum(x + 0.5 for x, _ in cells) / len(cells) * CELL  # px on the canvas
     cy = sum(y + 0.5 for _, y in cells) / len(cells) * CELL
-    return min(CELLS_PER_TILE - 1, int(cx * CELLS_PER_TILE / w)), min(CELLS_PER_TILE - 1, int(cy * CELLS_PER_TILE / h))
+    return min(CELLS_PER_TILE - 1, int(cx * CELLS_PER_TILE / w)), min(
+        CELLS_PER_TILE - 1, int(cy * CELLS_PER_TILE / h)
+    )
 
 
 def token_of_cell(scene: Scene, x: int, y: int, tokens_per_tile: int) -> int:

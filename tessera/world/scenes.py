@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -40,26 +40,51 @@ TILE = 112  # px, the tiny preset's tile
 CELL = 14  # px, the tiny preset's patch
 CELLS_PER_TILE = TILE // CELL  # 8
 PITCH = 7  # px between small glyphs: two glyphs per patch cell
-FONT_SIZE = 11  # Aileron 11 px: digits ink 6×8 px, legible at 1:1, smeared below 2 px in the thumbnail
+FONT_SIZE = (
+    11  # Aileron 11 px: digits ink 6×8 px, legible at 1:1, smeared below 2 px in the thumbnail
+)
 MARGIN = 2  # px between a shape and the border of its cell block
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 40, 40), "green": (40, 155, 60), "blue": (40, 80, 215),
-    "yellow": (230, 195, 25), "purple": (135, 60, 175), "orange": (240, 125, 20),
+    "red": (215, 40, 40),
+    "green": (40, 155, 60),
+    "blue": (40, 80, 215),
+    "yellow": (230, 195, 25),
+    "purple": (135, 60, 175),
+    "orange": (240, 125, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "white": (250, 250, 250), "cream": (245, 238, 218), "grey": (226, 226, 226),
-    "pale blue": (220, 232, 245), "pale green": (222, 240, 222), "pale pink": (245, 225, 230),
+    "white": (250, 250, 250),
+    "cream": (245, 238, 218),
+    "grey": (226, 226, 226),
+    "pale blue": (220, 232, 245),
+    "pale green": (222, 240, 222),
+    "pale pink": (245, 225, 230),
 }
 PATTERNS = ("plain", "stripes", "dots", "gradient")
 INKS = ((20, 20, 20), (25, 30, 85))  # near-black and dark-blue text; both far from KEY_INK
-DOC_KEYS = tuple(COLOURS)  # entry keys: colour marks (a document has at most 6 entries, one per colour)
-KEY_INK = (190, 20, 20)  # letter keys (if DOC_KEYS is set to letters, e.g. for probing) are drawn red
+DOC_KEYS = tuple(
+    COLOURS
+)  # entry keys: colour marks (a document has at most 6 entries, one per colour)
+KEY_INK = (
+    190,
+    20,
+    20,
+)  # letter keys (if DOC_KEYS is set to letters, e.g. for probing) are drawn red
 ENTRY_CELLS = 2  # an entry is 4 glyph slots: the key and up to 3 code digits
-MAX_ENTRY_ROWS = 3  # entry rows at local cell rows 2, 4, 6 at most: a document holds ≤ 6 entries in two columns
+MAX_ENTRY_ROWS = (
+    3  # entry rows at local cell rows 2, 4, 6 at most: a document holds ≤ 6 entries in two columns
+)
 PAPER = (253, 253, 250)
-TILE_WEIGHTS = {1: 3, 2: 3, 3: 3, 4: 2, 5: 1, 6: 2}  # how often each tile count is drawn (split over its grids)
+TILE_WEIGHTS = {
+    1: 3,
+    2: 3,
+    3: 3,
+    4: 2,
+    5: 1,
+    6: 2,
+}  # how often each tile count is drawn (split over its grids)
 
 
 @dataclass(frozen=True)
@@ -142,7 +167,10 @@ class Scene:
         return (cy // CELLS_PER_TILE) * self.cols + cx // CELLS_PER_TILE
 
     def count(self, kind: str | None = None, colour: str | None = None) -> int:
-        return sum((kind is None or s.kind == kind) and (colour is None or s.colour == colour) for s in self.shapes)
+        return sum(
+            (kind is None or s.kind == kind) and (colour is None or s.colour == colour)
+            for s in self.shapes
+        )
 
     def find(self, name: str) -> Shape:
         for s in self.shapes:
@@ -158,10 +186,17 @@ class Scene:
         return sorted(tiles)
 
     def shape_tiles(self, shape: Shape) -> list[int]:
-        return sorted({self.tile_of(shape.x + i, shape.y + j) for i in range(shape.size) for j in range(shape.size)})
+        return sorted(
+            {
+                self.tile_of(shape.x + i, shape.y + j)
+                for i in range(shape.size)
+                for j in range(shape.size)
+            }
+        )
 
 
 # ---- layout ---------------------------------------------------------------------------------------
+
 
 class _Occupancy:
     """Which cells are taken; footprints are checked with a ring of free cells around them (the ring is clipped
@@ -179,11 +214,19 @@ class _Occupancy:
         # prefix sums of the grid padded by the ring (outside the canvas counts as free):
         # p[j, i] = taken cells in padded rows < j and padded cols < i, shape [H+2r+1, W+2r+1]
         p = np.zeros((self.h + 2 * ring + 1, self.w + 2 * ring + 1), dtype=np.int32)
-        p[1 + ring:1 + ring + self.h, 1 + ring:1 + ring + self.w] = self.taken
+        p[1 + ring : 1 + ring + self.h, 1 + ring : 1 + ring + self.w] = self.taken
         p = p.cumsum(0).cumsum(1)
-        bh, bw = h + 2 * ring, w + 2 * ring  # footprint plus ring, in padded coordinates starting at (y, x)
+        bh, bw = (
+            h + 2 * ring,
+            w + 2 * ring,
+        )  # footprint plus ring, in padded coordinates starting at (y, x)
         ny, nx = self.h - h + 1, self.w - w + 1
-        window = p[bh:bh + ny, bw:bw + nx] - p[:ny, bw:bw + nx] - p[bh:bh + ny, :nx] + p[:ny, :nx]  # [ny, nx]
+        window = (
+            p[bh : bh + ny, bw : bw + nx]
+            - p[:ny, bw : bw + nx]
+            - p[bh : bh + ny, :nx]
+            + p[:ny, :nx]
+        )  # [ny, nx]
         ok = window == 0
         if xs is not None:
             keep = np.zeros(nx, dtype=bool)
@@ -197,13 +240,15 @@ class _Occupancy:
         return list(zip(xs_ok.tolist(), ys_ok.tolist()))
 
     def take(self, x: int, y: int, w: int, h: int) -> None:
-        self.taken[max(0, y):max(0, y + h), max(0, x):max(0, x + w)] = 1
+        self.taken[max(0, y) : max(0, y + h), max(0, x) : max(0, x + w)] = 1
 
 
 def choose_grid(rng: random.Random, max_tiles: int) -> tuple[int, int]:
     """A (cols, rows) grid with cols·rows ≤ max_tiles, drawn with TILE_WEIGHTS per tile count."""
     grids = [g for g in candidate_grids(1, max_tiles)]
-    weights = [TILE_WEIGHTS[c * r] / sum(1 for g in grids if g[0] * g[1] == c * r) for c, r in grids]
+    weights = [
+        TILE_WEIGHTS[c * r] / sum(1 for g in grids if g[0] * g[1] == c * r) for c, r in grids
+    ]
     return rng.choices(grids, weights)[0]
 
 
@@ -214,31 +259,42 @@ def _place_document(rng: random.Random, occ: _Occupancy, lv: Level) -> Document 
     tiles_x, tiles_y = occ.w // CELLS_PER_TILE, occ.h // CELLS_PER_TILE
     if lv.slots:  # near the top-left corner of a random tile
         tx, ty = rng.randrange(tiles_x), rng.randrange(tiles_y)
-        spots = occ.spots(width, height, 1, xs=(tx * CELLS_PER_TILE + 2,), ys=(ty * CELLS_PER_TILE + 2,))
+        spots = occ.spots(
+            width, height, 1, xs=(tx * CELLS_PER_TILE + 2,), ys=(ty * CELLS_PER_TILE + 2,)
+        )
     else:  # token-aligned (even cells), the whole ring inside the canvas, the text area inside one tile
-        candidates = occ.spots(width, height, 1, xs=range(2, occ.w - width, 2), ys=range(2, occ.h - height, 2))
-        spots = [(x, y) for x, y in candidates
-                 if x // CELLS_PER_TILE == (x + width - 1) // CELLS_PER_TILE
-                 and y // CELLS_PER_TILE == (y + height - 1) // CELLS_PER_TILE]
+        candidates = occ.spots(
+            width, height, 1, xs=range(2, occ.w - width, 2), ys=range(2, occ.h - height, 2)
+        )
+        spots = [
+            (x, y)
+            for x, y in candidates
+            if x // CELLS_PER_TILE == (x + width - 1) // CELLS_PER_TILE
+            and y // CELLS_PER_TILE == (y + height - 1) // CELLS_PER_TILE
+        ]
     if not spots:
         return None
     x, y = rng.choice(spots)
     occ.take(x - 1, y - 1, width + 2, height + 2)
     keys = tuple(rng.sample(DOC_KEYS, n))
-    codes = tuple("".join(rng.choice("0123456789") for _ in range(lv.code_digits)) for _ in range(n))
+    codes = tuple(
+        "".join(rng.choice("0123456789") for _ in range(lv.code_digits)) for _ in range(n)
+    )
     return Document(x, y, columns, keys, codes)
 
 
 def _label(rng: random.Random, digits: int, used: set[str]) -> str:
     """A label not yet used in the scene (1 digit: 1–9; 2 digits: 10–99)."""
     while True:
-        label = str(rng.randint(1, 9)) if digits == 1 else str(rng.randint(10, 10 ** digits - 1))
+        label = str(rng.randint(1, 9)) if digits == 1 else str(rng.randint(10, 10**digits - 1))
         if label not in used:
             used.add(label)
             return label
 
 
-def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int = 12) -> tuple[int, int, int]:
+def _jitter(
+    rng: random.Random, rgb: tuple[int, int, int], amount: int = 12
+) -> tuple[int, int, int]:
     return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
 
 
@@ -250,7 +306,9 @@ def layout(rng: random.Random, lv: Level, document: bool, min_shapes: int = 1) -
     occ = _Occupancy(cols * CELLS_PER_TILE, rows * CELLS_PER_TILE)
     doc = _place_document(rng, occ, lv) if document else None
     if document and doc is None:
-        raise RuntimeError("a document always fits an empty canvas; the layout constants are inconsistent")
+        raise RuntimeError(
+            "a document always fits an empty canvas; the layout constants are inconsistent"
+        )
     pairs = [(k, c) for k in SHAPES for c in COLOURS]
     rng.shuffle(pairs)
     shapes: list[Shape] = []
@@ -273,22 +331,37 @@ def layout(rng: random.Random, lv: Level, document: bool, min_shapes: int = 1) -
         label = _label(rng, lv.label_digits, labels)
         shapes.append(Shape(kind, colour, x, y, size, label, _jitter(rng, COLOURS[colour])))
         kinds[kind] = kinds.get(kind, 0) + 1
-    shapes.sort(key=lambda s: (s.y, s.x))  # reading order, so descriptions list shapes deterministically
-    return Scene(cols, rows, rng.choice(list(BACKGROUNDS)), rng.choice(PATTERNS), rng.choice(INKS), tuple(shapes), doc)
+    shapes.sort(
+        key=lambda s: (s.y, s.x)
+    )  # reading order, so descriptions list shapes deterministically
+    return Scene(
+        cols,
+        rows,
+        rng.choice(list(BACKGROUNDS)),
+        rng.choice(PATTERNS),
+        rng.choice(INKS),
+        tuple(shapes),
+        doc,
+    )
 
 
 # ---- rendering ------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
+
+@cache
 def font() -> ImageFont.FreeTypeFont:
     """Pillow's built-in scalable font (Aileron), so rendering never depends on installed fonts."""
     f = ImageFont.load_default(size=FONT_SIZE)
     if not isinstance(f, ImageFont.FreeTypeFont):
-        raise RuntimeError("Pillow was built without FreeType; the world needs ImageFont.load_default(size=...)")
+        raise RuntimeError(
+            "Pillow was built without FreeType; the world needs ImageFont.load_default(size=...)"
+        )
     return f
 
 
-def _glyphs(draw: ImageDraw.ImageDraw, cx: int, cy: int, text: str, ink: tuple[int, int, int]) -> None:
+def _glyphs(
+    draw: ImageDraw.ImageDraw, cx: int, cy: int, text: str, ink: tuple[int, int, int]
+) -> None:
     """Draw `text` from cell (cx, cy), glyph k in slot k (7 px wide), ink vertically centred in the cell."""
     f = font()
     top = (CELL - 8) // 2 - f.getbbox("0")[1]  # digits' ink is 8 px tall at 11 px
@@ -311,7 +384,9 @@ def _background(draw: ImageDraw.ImageDraw, scene: Scene) -> None:
     w, h = scene.size
     base = BACKGROUNDS[scene.background]
     shade = tuple(max(0, c - 14) for c in base)
-    if scene.pattern == "stripes":  # faint horizontal stripes at a 9 px period, out of phase with the cells
+    if (
+        scene.pattern == "stripes"
+    ):  # faint horizontal stripes at a 9 px period, out of phase with the cells
         for y in range(4, h, 9):
             draw.line([(0, y), (w - 1, y)], fill=shade)
     elif scene.pattern == "dots":
@@ -320,7 +395,10 @@ def _background(draw: ImageDraw.ImageDraw, scene: Scene) -> None:
                 draw.point((x, y), fill=shade)
     elif scene.pattern == "gradient":  # darkens by up to 24 levels from top to bottom
         for y in range(h):
-            draw.line([(0, y), (w - 1, y)], fill=tuple(max(0, c - (24 * y) // max(1, h - 1)) for c in base))
+            draw.line(
+                [(0, y), (w - 1, y)],
+                fill=tuple(max(0, c - (24 * y) // max(1, h - 1)) for c in base),
+            )
 
 
 def _shape(draw: ImageDraw.ImageDraw, s: Shape) -> None:

@@ -67,20 +67,31 @@ class Lookup:
     cells: tuple[tuple[tuple[int, int], ...], ...] = ()
     names: tuple[tuple[str, ...], ...] = ()
     coarse: bool = False
-    chain: tuple[tuple[str, int], ...] = ()  # the worked chain's numbers read off the image: (text, group), in order
+    chain: tuple[
+        tuple[str, int], ...
+    ] = ()  # the worked chain's numbers read off the image: (text, group), in order
     counted: tuple[tuple[int, tuple[tuple[int, int], ...]], ...] = ()
 
     def to_meta(self) -> dict[str, Any]:
-        return {"cells": [[list(c) for c in group] for group in self.cells], "names": [list(w) for w in self.names],
-                "coarse": self.coarse, "chain": [list(read) for read in self.chain],
-                "counted": [[g, [list(c) for c in anchors]] for g, anchors in self.counted]}
+        return {
+            "cells": [[list(c) for c in group] for group in self.cells],
+            "names": [list(w) for w in self.names],
+            "coarse": self.coarse,
+            "chain": [list(read) for read in self.chain],
+            "counted": [[g, [list(c) for c in anchors]] for g, anchors in self.counted],
+        }
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "Lookup":
-        return cls(tuple(tuple(tuple(c) for c in group) for group in meta["cells"]),
-                   tuple(tuple(w) for w in meta["names"]), bool(meta["coarse"]),
-                   tuple((text, int(group)) for text, group in meta["chain"]),
-                   tuple((int(g), tuple(tuple(c) for c in anchors)) for g, anchors in meta.get("counted", ())))
+    def from_meta(cls, meta: dict[str, Any]) -> Lookup:
+        return cls(
+            tuple(tuple(tuple(c) for c in group) for group in meta["cells"]),
+            tuple(tuple(w) for w in meta["names"]),
+            bool(meta["coarse"]),
+            tuple((text, int(group)) for text, group in meta["chain"]),
+            tuple(
+                (int(g), tuple(tuple(c) for c in anchors)) for g, anchors in meta.get("counted", ())
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,9 @@ class _Task:
 
 
 def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"
+    return (
+        f"{n} {noun}" if n == 1 else f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"
+    )
 
 
 def _tiles(scene: Scene, shapes: list[Shape], labels: bool = False) -> tuple[int, ...]:
@@ -126,13 +139,19 @@ def count_question(kind: str) -> str:
 
 # ---- the families: each returns None when the scene cannot support the question ---------------------
 
+
 def _colour(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     unique = [s for s in scene.shapes if scene.count(kind=s.kind) == 1]
     if not unique:
         return None
     s = rng.choice(unique)
-    return _Task(f"What colour is the {s.kind}?", s.colour, None, _tiles(scene, [s]),
-                 Lookup((_block(s),), ((s.kind,),)))
+    return _Task(
+        f"What colour is the {s.kind}?",
+        s.colour,
+        None,
+        _tiles(scene, [s]),
+        Lookup((_block(s),), ((s.kind,),)),
+    )
 
 
 def _shape(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -140,8 +159,13 @@ def _shape(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if not unique:
         return None
     s = rng.choice(unique)
-    return _Task(f"What shape is the {s.colour} object?", s.kind, None, _tiles(scene, [s]),
-                 Lookup((_block(s),), ((s.colour,),)))
+    return _Task(
+        f"What shape is the {s.colour} object?",
+        s.kind,
+        None,
+        _tiles(scene, [s]),
+        Lookup((_block(s),), ((s.colour,),)),
+    )
 
 
 def _count(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -158,14 +182,26 @@ def _count(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
         hits = list(scene.shapes)
         question, names = "How many shapes are there?", ((),)
     counted = ((0, _anchors(*hits)),)
-    return _Task(question, str(len(hits)), None, _tiles(scene, hits),
-                 Lookup((_block(*hits),), names, counted=counted) if hits else Lookup(((),), counted=counted))
+    return _Task(
+        question,
+        str(len(hits)),
+        None,
+        _tiles(scene, hits),
+        Lookup((_block(*hits),), names, counted=counted)
+        if hits
+        else Lookup(((),), counted=counted),
+    )
 
 
 def _label(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     s = rng.choice(scene.shapes)
-    return _Task(label_question(s.name), s.label, None, _tiles(scene, [s], labels=True),
-                 Lookup(((s.label_cell,),), ((s.colour, s.kind),)))
+    return _Task(
+        label_question(s.name),
+        s.label,
+        None,
+        _tiles(scene, [s], labels=True),
+        Lookup(((s.label_cell,),), ((s.colour, s.kind),)),
+    )
 
 
 def _document(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -174,8 +210,13 @@ def _document(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
         return None
     key = rng.choice(doc.keys)
     x, y = doc.cell(doc.keys.index(key))
-    return _Task(f"In the document, what is the number after the {key} mark?", doc.code_for(key), None,
-                 (scene.tile_of(doc.x, doc.y),), Lookup((((x, y), (x + 1, y)),), ((key,),)))
+    return _Task(
+        f"In the document, what is the number after the {key} mark?",
+        doc.code_for(key),
+        None,
+        (scene.tile_of(doc.x, doc.y),),
+        Lookup((((x, y), (x + 1, y)),), ((key,),)),
+    )
 
 
 def _spatial(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
@@ -193,8 +234,13 @@ def _spatial(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if not pairs:
         return None
     a, b, axis, answer = rng.choice(pairs)
-    return _Task(f"Is the {a.name} {axis} the {b.name}?", answer, None, _tiles(scene, [a, b]),
-                 Lookup((_block(a), _block(b)), ((a.colour, a.kind), (b.colour, b.kind)), coarse=True))
+    return _Task(
+        f"Is the {a.name} {axis} the {b.name}?",
+        answer,
+        None,
+        _tiles(scene, [a, b]),
+        Lookup((_block(a), _block(b)), ((a.colour, a.kind), (b.colour, b.kind)), coarse=True),
+    )
 
 
 def worked_sum(a: int, b: int, op: str) -> str:
@@ -233,12 +279,21 @@ def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     if variant == "sum":
         o = rng.choice(others)
         value = label + int(o.label)
-        chain = (f"The {s.name} is labelled {s.label}. The {o.name} is labelled {o.label}. "
-                 f"{worked_sum(label, int(o.label), '+')}")
-        return _Task(f"What is the sum of the labels of the {s.name} and the {o.name}?", str(value), chain,
-                     _tiles(scene, [s, o], labels=True),
-                     Lookup(((s.label_cell,), (o.label_cell,)), ((s.colour, s.kind), (o.colour, o.kind)),
-                            chain=((s.label, 0), (o.label, 1))))
+        chain = (
+            f"The {s.name} is labelled {s.label}. The {o.name} is labelled {o.label}. "
+            f"{worked_sum(label, int(o.label), '+')}"
+        )
+        return _Task(
+            f"What is the sum of the labels of the {s.name} and the {o.name}?",
+            str(value),
+            chain,
+            _tiles(scene, [s, o], labels=True),
+            Lookup(
+                ((s.label_cell,), (o.label_cell,)),
+                ((s.colour, s.kind), (o.colour, o.kind)),
+                chain=((s.label, 0), (o.label, 1)),
+            ),
+        )
     kind = rng.choice(sorted({o.kind for o in scene.shapes}))
     n = scene.count(kind=kind)
     if variant == "minus" and label < n:
@@ -248,10 +303,18 @@ def _reasoning(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
     verb = "is" if n == 1 else "are"
     chain = f"The {s.name} is labelled {s.label}. There {verb} {_plural(n, kind)}. {worked_sum(label, n, op)}"
     hits = [o for o in scene.shapes if o.kind == kind]
-    return _Task(f"What is the label of the {s.name} {variant} the number of {kind}s?", str(value), chain,
-                 _tiles(scene, [s] + hits, labels=True),
-                 Lookup(((s.label_cell,), _block(*hits)), ((s.colour, s.kind), (f"{kind}s",)),
-                        chain=((s.label, 0), (str(n), 1)), counted=((1, _anchors(*hits)),)))
+    return _Task(
+        f"What is the label of the {s.name} {variant} the number of {kind}s?",
+        str(value),
+        chain,
+        _tiles(scene, [s] + hits, labels=True),
+        Lookup(
+            ((s.label_cell,), _block(*hits)),
+            ((s.colour, s.kind), (f"{kind}s",)),
+            chain=((s.label, 0), (str(n), 1)),
+            counted=((1, _anchors(*hits)),),
+        ),
+    )
 
 
 def _position(scene: Scene, s: Shape) -> str:
@@ -282,19 +345,28 @@ def _describe(rng: random.Random, scene: Scene, lv: Level) -> _Task | None:
 
 
 _FAMILY_FNS: dict[str, Callable[[random.Random, Scene, Level], _Task | None]] = {
-    "colour": _colour, "shape": _shape, "count": _count, "label": _label, "document": _document,
-    "spatial": _spatial, "reasoning": _reasoning, DESCRIBE: _describe,
+    "colour": _colour,
+    "shape": _shape,
+    "count": _count,
+    "label": _label,
+    "document": _document,
+    "spatial": _spatial,
+    "reasoning": _reasoning,
+    DESCRIBE: _describe,
 }
 
 
 # ---- sampling -------------------------------------------------------------------------------------
+
 
 def global_seed(seed: int, split: str) -> int:
     """The split's seed range: train [0, 1e9), eval [1e9, 2e9), test [2e9, 3e9)."""
     if split not in SPLIT_OFFSETS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLIT_OFFSETS)}")
     if not 0 <= seed < SEEDS_PER_SPLIT:
-        raise ValueError(f"seed must lie in [0, {SEEDS_PER_SPLIT}) (splits own disjoint seed ranges), got {seed}")
+        raise ValueError(
+            f"seed must lie in [0, {SEEDS_PER_SPLIT}) (splits own disjoint seed ranges), got {seed}"
+        )
     return SPLIT_OFFSETS[split] + seed
 
 
@@ -303,8 +375,9 @@ def pick_family(seed: int, split: str = "train") -> str:
     return FAMILIES[random.Random(global_seed(seed, split) * 64 + 63).randrange(len(FAMILIES))]
 
 
-def build(seed: int, family: str | None = None, split: str = "train",
-          difficulty: float = 1.0) -> tuple[Scene, _Task, str, dict[str, Any]]:
+def build(
+    seed: int, family: str | None = None, split: str = "train", difficulty: float = 1.0
+) -> tuple[Scene, _Task, str, dict[str, Any]]:
     """The scene and question for a seed, without rendering (fast: used by corpus())."""
     family = pick_family(seed, split) if family is None else family
     if family not in _FAMILY_FNS:
@@ -316,15 +389,27 @@ def build(seed: int, family: str | None = None, split: str = "train",
     for _ in range(MAX_ATTEMPTS):
         doc = family == "document" or rng.random() < lv.distractor_document
         scene = layout(rng, lv, document=doc, min_shapes=MIN_SHAPES.get(family, 1))
-        task = fn(rng, scene, lv) if scene.shapes else None  # every family refers to at least one shape
+        task = (
+            fn(rng, scene, lv) if scene.shapes else None
+        )  # every family refers to at least one shape
         if task is not None:
             break
     else:
-        raise RuntimeError(f"no {family} question fits {MAX_ATTEMPTS} scenes for seed {seed} ({split}, difficulty "
-                           f"{difficulty}); the family's preconditions and the curriculum level disagree")
-    meta = {"seed": seed, "split": split, "difficulty": difficulty, "stage": lv.stage, "grid": [scene.cols, scene.rows],
-            "size": list(scene.size), "text_tiles": scene.text_tiles(), "evidence_tiles": list(task.evidence),
-            "lookup": task.lookup.to_meta()}
+        raise RuntimeError(
+            f"no {family} question fits {MAX_ATTEMPTS} scenes for seed {seed} ({split}, difficulty "
+            f"{difficulty}); the family's preconditions and the curriculum level disagree"
+        )
+    meta = {
+        "seed": seed,
+        "split": split,
+        "difficulty": difficulty,
+        "stage": lv.stage,
+        "grid": [scene.cols, scene.rows],
+        "size": list(scene.size),
+        "text_tiles": scene.text_tiles(),
+        "evidence_tiles": list(task.evidence),
+        "lookup": task.lookup.to_meta(),
+    }
     return scene, task, family, meta
 
 
@@ -333,7 +418,9 @@ def thinking_text(chain: str, answer: str) -> str:
     return f"<think>\n{chain}\n</think>\n\n{answer}"
 
 
-def make_sample(seed: int, family: str | None = None, split: str = "train", difficulty: float = 1.0) -> Sample:
+def make_sample(
+    seed: int, family: str | None = None, split: str = "train", difficulty: float = 1.0
+) -> Sample:
     """The sample for `seed` in `split` (family drawn from the seed when None), rendered.
 
     `difficulty` ∈ [0, 1] is the curriculum knob (see curriculum.py); evaluation uses 1.0.
@@ -348,7 +435,19 @@ def corpus(n: int, seed: int = 0) -> Iterator[str]:
     then for n seeds and every family (difficulties cycling over the curriculum) the question, the answer,
     the thinking text and the scene description. No image is rendered."""
     words = list(COLOURS) + list(SHAPES) + [f"{k}s" for k in SHAPES] + list("0123456789")
-    words += ["left", "right", "above", "below", "top", "middle", "bottom", "centre", "background", "document", "mark"]
+    words += [
+        "left",
+        "right",
+        "above",
+        "below",
+        "top",
+        "middle",
+        "bottom",
+        "centre",
+        "background",
+        "document",
+        "mark",
+    ]
     yield " ".join(words)
     for i in range(n):
         difficulty = (0.0, 0.5, 1.0)[i % 3]

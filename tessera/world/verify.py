@@ -16,9 +16,13 @@ import re
 from tessera.world.tasks import ALL_FAMILIES
 
 THINK, END_THINK = "<think>", "</think>"
-_PREFIX = re.compile(r"^(?:so,?\s+)?(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:=]?\s*", re.IGNORECASE)
-_SPATIAL = re.compile(r"^(?:to the |on the |)(left|right)(?: of (?:it|them|the .+))?$"
-                      r"|^(above|below)(?: (?:it|them|the .+))?$")
+_PREFIX = re.compile(
+    r"^(?:so,?\s+)?(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:=]?\s*", re.IGNORECASE
+)
+_SPATIAL = re.compile(
+    r"^(?:to the |on the |)(left|right)(?: of (?:it|them|the .+))?$"
+    r"|^(above|below)(?: (?:it|them|the .+))?$"
+)
 
 
 def final_text(prediction: str) -> str | None:
