@@ -22,11 +22,21 @@ channel the official system message allows). `<|return|>` ends the answer: it is
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -126,8 +136,12 @@ class ChatTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path, template: str = "internvl2_5") -> ChatTokenizer:
+        """tokenizer.json, or a folder holding one — or, as some InternVL releases ship it, the Qwen2
+        files vocab.json + merges.txt with the added tokens in tokenizer_config.json."""
         path = Path(path)
         if path.is_dir():
+            if not (path / "tokenizer.json").exists() and has_qwen2_files(path):
+                return cls(qwen2_tokenizer(path), template=template)
             path = path / "tokenizer.json"
         if not path.exists():
             raise TokenizerError(f"no tokenizer at {path}")
@@ -333,3 +347,66 @@ def fallback_corpus() -> list[str]:
         "question",
     ]
     return [" ".join(words), DEFAULT_SYSTEM] + [str(i) for i in range(100)]
+
+
+# ---- Qwen2 tokenizer files (vocab.json + merges.txt) ----------------------------------------------
+
+# Qwen2's pre-tokenizer split (transformers' Qwen2 tokenizer uses the same pattern), then byte-level BPE
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def has_qwen2_files(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+
+
+def _added_tokens(folder: Path) -> list[tuple[int, str, bool]]:
+    """(id, content, special) of the tokens beyond the BPE vocabulary, from tokenizer_config.json's
+    added_tokens_decoder and added_tokens.json."""
+    found: dict[int, tuple[str, bool]] = {}
+    for name in ("added_tokens.json", "tokenizer_config.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{file}: not valid JSON ({e})") from None
+        if name == "added_tokens.json":
+            found.update({int(i): (t, True) for t, i in data.items()})
+        else:
+            for i, entry in (data.get("added_tokens_decoder") or {}).items():
+                found[int(i)] = (entry["content"], bool(entry.get("special", True)))
+    return sorted((i, t, special) for i, (t, special) in found.items())
+
+
+def qwen2_tokenizer(folder: str | Path) -> Tokenizer:
+    """A `tokenizers.Tokenizer` equal to transformers' Qwen2 tokenizer of vocab.json + merges.txt."""
+    folder = Path(folder)
+    try:
+        bpe = models.BPE.from_file(
+            str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token=None
+        )
+    except Exception as e:  # the Rust side raises a bare Exception on malformed files
+        raise TokenizerError(f"{folder}: unreadable vocab.json / merges.txt ({e})") from None
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    added = _added_tokens(folder)
+    for i, content, special in added:
+        tok.add_tokens([AddedToken(content, special=special, normalized=not special)])
+        if tok.token_to_id(content) != i:
+            raise TokenizerError(
+                f"{folder}: added token {content!r} has id {i} in the config files but "
+                f"{tok.token_to_id(content)} after the vocabulary; the files disagree"
+            )
+    return tok

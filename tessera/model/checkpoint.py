@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from tessera.chat import IMG_CONTEXT, has_qwen2_files, qwen2_tokenizer
 from tessera.config import ConfigError, ModelConfig
 from tessera.model import hf_export, layouts
 from tessera.model.vlm import VisionLanguageModel
@@ -186,7 +187,7 @@ def _img_context_id(path: Path) -> int | None:
     """The id of <IMG_CONTEXT> in the folder's tokenizer.json, if both exist."""
     file = path / TOKENIZER
     if not file.is_file():
-        return None
+        return qwen2_tokenizer(path).token_to_id(IMG_CONTEXT) if has_qwen2_files(path) else None
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -309,12 +310,13 @@ def load_checkpoint(
     if leftover:
         raise CheckpointError(f"{path}: tensors left unloaded: {', '.join(leftover[:12])}")
     model.eval()
-    if tokenizer and (path / TOKENIZER).is_file():
-        model.tokenizer = _load_tokenizer(path / TOKENIZER, config.template)
+    if tokenizer and ((path / TOKENIZER).is_file() or has_qwen2_files(path)):
+        model.tokenizer = _load_tokenizer(path, config.template)
     return model
 
 
 def _load_tokenizer(file: Path, template: str = "internvl2_5"):
+    """tokenizer.json (a file, or a folder with one or with Qwen2's vocab.json + merges.txt)."""
     try:  # here, not at the top: weights load without the tokenizers package
         from tessera.chat import ChatTokenizer
     except ImportError:
@@ -400,8 +402,8 @@ def convert(
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise CheckpointError(f"source and destination are the same folder: {src}")
-    model = load_checkpoint(src, dtype=dtype, tokenizer=False)
     tok = src / TOKENIZER
+    model = load_checkpoint(src, dtype=dtype, tokenizer=not tok.is_file())  # Qwen2 files: rebuilt
     return save_checkpoint(
         model, dst, layout=to, tokenizer_file=tok if tok.is_file() else None, drop_flash=drop_flash
     )
