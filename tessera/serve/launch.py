@@ -21,7 +21,13 @@ import uvicorn
 import tessera
 from tessera.serve.api import build_app
 from tessera.serve.language_server import CoupledVision, LanguageServer, ServeOptions
-from tessera.serve.vision import MAX_BATCH_TILES, MAX_WAIT_MS, VisionEncoder, VisionLimits
+from tessera.serve.vision import (
+    MAX_BATCH_TILES,
+    MAX_WAIT_MS,
+    VisionEncoder,
+    VisionLimits,
+    vision_only,
+)
 from tessera.serve.vision_client import LocalWorkerSpec, RemoteVision
 from tessera.serve.vllm_backend import ThreadVision, VLLMOptions, build_vllm_server
 
@@ -75,14 +81,13 @@ def build_server(
     With `topology.language_backend == "vllm"`, a vLLM server runs the LLM (`vllm`: its VLLMOptions) and
     coupled vision runs on a worker thread of this process."""
     topology.validate()
-    if model is None:
-        model = tessera.load(
-            checkpoint,
-            device=topology.device,
-            dtype=getattr(torch, topology.dtype) if topology.dtype else None,
-        )
-    limits = limits or VisionLimits()
     vllm_backend = topology.language_backend == "vllm"
+    dtype = getattr(torch, topology.dtype) if topology.dtype else None
+    if model is None and vllm_backend:
+        model = vision_only(tessera.load(checkpoint), topology.device, dtype)
+    elif model is None:
+        model = tessera.load(checkpoint, device=topology.device, dtype=dtype)
+    limits = limits or VisionLimits()
     if topology.mode == "coupled":
         encoder = VisionEncoder(model, limits, dtype=getattr(torch, topology.vision_dtype))
         if vllm_backend:

@@ -128,6 +128,8 @@ class VisionEncoder:
                 if hasattr(model, name):
                     getattr(model, name).to(dtype)
         self.dtype = next(model.vision_model.parameters()).dtype
+        # the vision tower's device: with `--language-backend vllm` the language model is not here
+        self.device = next(model.vision_model.parameters()).device
         self.config = model.config
         self.limits = limits or VisionLimits()
         self.cache = FeatureCache(self.limits.cache_entries, self.limits.cache_bytes)
@@ -208,7 +210,7 @@ class VisionEncoder:
             return results  # type: ignore[return-value]
         model, cfg = self.model, self.config
         pixels = torch.cat([jobs[i].pixel_values for i in todo]).to(
-            model.device, self.dtype
+            self.device, self.dtype
         )  # [ΣN, 3, S, S]
         grid = model.vision_tokens(pixels)  # [ΣN, h, w, Cv]
         n, h, w, cv = grid.shape
@@ -276,3 +278,17 @@ class VisionEncoder:
         if isinstance(result, Exception):
             raise result
         return result
+
+
+def vision_only(model, device, dtype: torch.dtype | None):
+    """The model without its language model's weights, the vision side on `device`: what a vision worker
+    and a server whose language model runs elsewhere (`--language-backend vllm`) need.
+
+    Loaded memory-mapped on the CPU, the language model's tensors are replaced by meta tensors before
+    anything is cast or moved, so they never occupy memory here (on a GPU or in RAM)."""
+    model.language_model.to_empty(device="meta")
+    for name in ("vision_model", "mlp1", "mlp2", "router"):
+        part = getattr(model, name, None)
+        if part is not None:
+            part.to(device=device, dtype=dtype)
+    return model

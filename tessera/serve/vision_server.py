@@ -33,6 +33,7 @@ from tessera.serve.vision import (
     VisionEncoder,
     VisionInputError,
     VisionLimits,
+    vision_only,
 )
 
 
@@ -199,7 +200,7 @@ def run_vision_server(
     import torch
 
     torch.set_num_threads(threads)
-    model = tessera.load(checkpoint, device=device)
+    model = vision_only(tessera.load(checkpoint), device, None)  # no language model here
     limits = VisionLimits(
         cache_entries=cache_entries, **({"max_pixels": max_pixels} if max_pixels else {})
     )
