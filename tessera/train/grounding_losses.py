@@ -201,7 +201,7 @@ def evidence_attention_loss(
     and every supervised head should split its mass evenly between each of those tokens and the sink: the loss is
     KL(that uniform target ‖ the head's attention). Pulling all the mass onto the things (as above) makes a head's
     output the *average* of what it found, the same for one circle as for three: the model then detects and does
-    not count (docs/log/2026-11-24-session-5.md: 1 → 97 %, 2 → 36 %). With the sink in the share, n things take
+    not count (docs/log/2026-11-24-notes-5.md: 1 → 97 %, 2 → 36 %). With the sink in the share, n things take
     n / (n + 1) of the mass, and what the heads fetch says how many there are (none: all on the sink).
 
     attn: the layer's Qwen3Attention; x [B, T, D] its (normed) input, cos/sin [B, T, hd], mask the additive
@@ -266,7 +266,7 @@ def place_loss(
     Session 4's probe found the places in the visual tokens (98 / 95 %) but not at the answer position (object
     A's column 22 % vs 19 % for the majority class): the evidence heads fetched *what* the objects are, not
     *where*. This loss asks for where directly, from the heads' own outputs (a probe on the residual stream
-    after the layer did not learn at any weight: docs/log/2026-11-24-session-5.md).
+    after the layer did not learn at any weight: docs/log/2026-11-24-notes-5.md).
 
     hidden: [B, T, H·hd] the middle layer's concatenated head outputs (the input of its o_proj); evidence: the
     batch's Evidence entries — those without places are skipped. Metric `place/acc`:

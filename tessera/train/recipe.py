@@ -67,7 +67,7 @@ class RecipeConfig:
     )
     stages: list[StagePlan] = field(default_factory=list)
     # held-out questions of each per-family evaluation in the report: 200 per family (≈ 40 s on one thread), since
-    # at 50 a family's accuracy moves by ±7 points between stages that changed nothing (docs/log/2026-11-24-session-7.md)
+    # at 50 a family's accuracy moves by ±7 points between stages that changed nothing (docs/log/2026-11-24-notes-7.md)
     eval_n: int = 1400
     eval_seed: int = 0
     eval_after: list[str] = field(
@@ -109,24 +109,24 @@ def tiny_recipe() -> RecipeConfig:
     vision path learns to see glyphs and objects from a signal at every token rather than from a few answer tokens.
     sft: every question family plus descriptions, four questions per image (one ViT pass serves four answers),
     families weighted equally (weighting the reading families 3× cost colour and shape more than it gave reading,
-    docs/log/2026-11-24-session-2.md, E7 vs E8), grounding still on, the world's difficulty stepping up (fixed slots → free placement → full scenes) by sample index, with a
+    docs/log/2026-11-24-notes-2.md, E7 vs E8), grounding still on, the world's difficulty stepping up (fixed slots → free placement → full scenes) by sample index, with a
     long middle phase (0.5) in which the language model learns to look entries up among a few.
     sft also tells two attention heads of the language model's middle layer where each answer's evidence is
     (tessera.train.grounding_losses.evidence_attention_loss), answers and the numbers thinking chains read off the
     image alike: without it the digits sit in the visual tokens but the language model never learns to fetch
-    them (docs/log/2026-11-24-session-2.md). 4,800 steps: at 3,200 the accuracy was still rising when the learning
-    rate ran out (docs/log/2026-11-24-session-4.md, has the trade-off against the 30-minute target).
+    them (docs/log/2026-11-24-notes-2.md). 4,800 steps: at 3,200 the accuracy was still rising when the learning
+    rate ran out (docs/log/2026-11-24-notes-4.md, has the trade-off against the 30-minute target).
     spatial: 600 more sft steps at full difficulty in which an image may be asked several spatial questions
     (`repeat`) and the place probe (tessera.train.grounding_losses.place_loss) asks what the evidence heads fetched at
     a spatial answer to say where both objects are. With one spatial answer per image at most, the heads found
     both objects but fetched only what they are and spatial stayed at chance through 4,800 steps; this phase
-    lifts it to ≈ 80 % (docs/log/2026-11-24-session-5.md: run from scratch with both on from the start trailed).
+    lifts it to ≈ 80 % (docs/log/2026-11-24-notes-5.md: run from scratch with both on from the start trailed).
     count: 800 more steps at full difficulty with counting weighted 3× and asked up to four times per image, a
     count's evidence being one anchor per thing plus a sink (SFTData.count_sink: n things take n / (n + 1) of the
     heads' mass) and the count probe reading n from what they fetched (SFTData.count); count2: 800 steps more,
     counting 5× and the probe at 3. On 1,400 held-out questions count went 73.5 → 75.5 → 83.5 % and overall
     82.8 → 84.2 → 85.5 % (label, document and spatial rose too); the same 800 steps again at count's settings
-    reached 77.5 % count (docs/log/2026-11-24-session-7.md). From sft's first step the sink trailed (75.4 % overall,
+    reached 77.5 % count (docs/log/2026-11-24-notes-7.md). From sft's first step the sink trailed (75.4 % overall,
     colour 54 %: session 6), so sft itself keeps the plain lookup.
     focus: 800 more steps in which spatial, label and count (the three families below 85 %) are weighted 2× and
     may each be asked again about the same image, the count probe at 1. Over four disjoint held-out sets of 1,400
@@ -142,10 +142,10 @@ def tiny_recipe() -> RecipeConfig:
     questions (docs/BENCHMARKS.md "Cascade RL"). vico adds the fresh 1/16 branch and router and distils the 1/4
     reading into it; router trains only the router, on the loss ratios of four of sft's questions per image (each
     answer weighing the same: 89.5 % of full's accuracy at 31 % fewer tokens in session 8, 84.5 % in session 9's
-    run, against 69.9 % with one question; docs/log/2026-11-24-session-8.md), and ships with the absolute
+    run, against 69.9 % with one question; docs/log/2026-11-24-notes-8.md), and ships with the absolute
     threshold at 0 (the relative one alone sets the share of tiles compressed). Labels from scene descriptions
     (RouterData.families) are learnt far better (AUC 0.95 against their own labels vs 0.53) but routed worse on
-    the questions (docs/log/2026-11-24-session-3.md).
+    the questions (docs/log/2026-11-24-notes-3.md).
     Measured on this machine: at two threads, mpo's collection ≈ 270 s (540 CPU s) + 0.46 s/step (8 pairs),
     gspo ≈ 0.44 s/step averaged over its rollouts (8 queries × 8 answers per 4 steps), so mpo ≈ 6 minutes and
     gspo ≈ 18; at one thread beside another job, vico ≈ 1.05 s/step (4 × 512 tokens, bf16) and router ≈ 0.6

@@ -24,7 +24,7 @@ from tessera.world import FAMILIES
 def default_rl_families() -> dict[str, float]:
     """Every family; reasoning (RL's target) 8×, count 2×, the others 1×.
 
-    Count is weighted up because a reasoning-only pool cost it 5.5 points (docs/log/2026-11-24-session-8.md): its
+    Count is weighted up because a reasoning-only pool cost it 5.5 points (docs/log/2026-11-24-notes-8.md): its
     answers are the reads that reasoning chains build on, and the [0.2, 0.8] filter keeps many of its queries
     (221 of 545 against 2–29 of ~270 for the reading families)."""
     weights = {"reasoning": 8.0, "count": 2.0}

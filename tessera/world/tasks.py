@@ -248,8 +248,8 @@ def worked_sum(a: int, b: int, op: str) -> str:
     so 47 + 85 = 132." / "47 - 9: 17 - 9 = 8, 4 - 0 - 1 = 3, so 47 - 9 = 38." (a >= b for "-").
 
     A small model that reads the digits well still adds whole numbers badly when it must write the sum's first
-    digit before it has looked at the units (a session-4 probe: 80 % of greedy chains got the sum wrong); one
-    column at a time, each step is a one-digit fact plus a carry it has just written."""
+    digit before it has looked at the units (80 % of greedy chains got the sum wrong in a probe,
+    docs/log/2026-11-24-notes-4.md); one column at a time, each step is a one-digit fact plus a carry it has just written."""
     if op not in ("+", "-") or a < 0 or b < 0 or (op == "-" and a < b):
         raise ValueError(f"no worked sum for {a} {op} {b}")
     da, db = str(a)[::-1], str(b)[::-1]  # units first
