@@ -8,11 +8,13 @@ model). Torch runs on one thread for the whole session (`torch_threads`).
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from tessera.chat import build_tokenizer, fallback_corpus
+from tessera.config import FlashConfig, LanguageConfig, ModelConfig, VisionConfig
 from tessera.model.init import init_lively_model, init_model
 from tessera.train.recipe import RecipeConfig, init_model_for
 
@@ -161,3 +163,51 @@ def _markdown_tables(text: str) -> list[list[dict[str, str]]]:
 def markdown_tables():
     """markdown_tables(text) → every pipe table of a markdown text, as lists of {header: cell}."""
     return _markdown_tables
+
+
+def unit_config(
+    *,
+    flash: bool = False,
+    tied: bool = False,
+    rms: bool = False,
+    vocab_size: int = 96,
+    vit_layers: int = 2,
+    select_layer: int = -1,
+    relative_threshold: float = 0.5,
+    preset: str = "",
+) -> ModelConfig:
+    """The smallest whole model the layout, parity and model tests build: 56 px tiles, patch 14 (4×4
+    patches → 4 tokens at 1/4, 1 at 1/16), a 2-layer GQA decoder (4 heads / 2 kv heads),
+    <IMG_CONTEXT> = 3. `rms`: InternViT-6B style (RMSNorm, q/k norm, no qkv bias)."""
+    vision = VisionConfig(
+        image_size=56,
+        patch_size=14,
+        hidden_size=32,
+        num_layers=vit_layers,
+        num_heads=2,
+        intermediate_size=64,
+    )
+    if rms:
+        vision = dataclasses.replace(
+            vision, norm_type="rms_norm", qkv_bias=False, qk_normalization=True
+        )
+    language = LanguageConfig(
+        vocab_size=vocab_size,
+        hidden_size=48,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10_000.0,
+        tie_word_embeddings=tied,
+    )
+    return ModelConfig(
+        vision=vision,
+        language=language,
+        flash=FlashConfig(enabled=flash, relative_threshold=relative_threshold),
+        max_tiles=4,
+        select_layer=select_layer,
+        image_context_token_id=3,
+        preset=preset,
+    ).validate()

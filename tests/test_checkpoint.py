@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import unit_config
 from safetensors.torch import load_file, save_file
 
 from tessera.chat import build_tokenizer, fallback_corpus
 from tessera.cli import main as cli
-from tessera.config import ConfigError, FlashConfig, LanguageConfig, ModelConfig, VisionConfig
+from tessera.config import ConfigError, ModelConfig
 from tessera.model.checkpoint import (
     CheckpointError,
     convert,
@@ -22,38 +23,10 @@ from tessera.model.vlm import VisionLanguageModel
 
 
 def tiny_config(flash: bool = False, tied: bool = False, rms: bool = False) -> ModelConfig:
-    vision = VisionConfig(
-        image_size=56,
-        patch_size=14,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=64,
+    # a vocabulary the shared tokenizer fits; relative threshold 0.3 so the official layout's round trip shows it
+    return unit_config(
+        flash=flash, tied=tied, rms=rms, vocab_size=320, relative_threshold=0.3, preset="unit"
     )
-    if rms:
-        vision = dataclasses.replace(
-            vision, norm_type="rms_norm", qkv_bias=False, qk_normalization=True
-        )
-    language = LanguageConfig(
-        vocab_size=320,
-        hidden_size=48,
-        intermediate_size=96,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rope_theta=10_000.0,
-        tie_word_embeddings=tied,
-    )
-    # released router settings (hidden = Cv, 4 blocks, 16 heads) so the model is writable in the official layout
-    return ModelConfig(
-        vision=vision,
-        language=language,
-        flash=FlashConfig(enabled=flash, relative_threshold=0.3),
-        max_tiles=4,
-        image_context_token_id=3,
-        preset="unit",
-    ).validate()
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> VisionLanguageModel:

@@ -4,9 +4,10 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import unit_config
 
 from tessera import geometry
-from tessera.config import FlashConfig, LanguageConfig, ModelConfig, VisionConfig
+from tessera.config import ModelConfig
 from tessera.engine import SamplingParams, generate
 from tessera.engine.kv_cache import CacheGeometry, SlotKVCache
 from tessera.engine.sampling import sample_tokens
@@ -20,36 +21,7 @@ IMG = 3  # <IMG_CONTEXT> id of these tiny models
 
 def tiny_config(flash: bool = True, rms: bool = False) -> ModelConfig:
     """56 px tiles, patch 14: 4×4 patches → 4 tokens at 1/4, 1 token at 1/16. GQA 4 heads / 2 kv heads."""
-    vision = VisionConfig(
-        image_size=56,
-        patch_size=14,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=64,
-    )
-    if rms:
-        vision = dataclasses.replace(
-            vision, norm_type="rms_norm", qkv_bias=False, qk_normalization=True
-        )
-    language = LanguageConfig(
-        vocab_size=96,
-        hidden_size=48,
-        intermediate_size=96,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rope_theta=10_000.0,
-        tie_word_embeddings=False,
-    )
-    return ModelConfig(
-        vision=vision,
-        language=language,
-        flash=FlashConfig(enabled=flash),
-        max_tiles=4,
-        image_context_token_id=IMG,
-    ).validate()
+    return unit_config(flash=flash, rms=rms)
 
 
 @pytest.fixture(scope="module")

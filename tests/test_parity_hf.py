@@ -2,12 +2,11 @@
 `transformers.InternVLForConditionalGeneration.from_pretrained` gives the same logits (fp32) and the same
 greedy continuation. Covers both ViT variants, GQA, tied/untied heads, one- and multi-tile images."""
 
-import dataclasses
-
 import pytest
 import torch
+from conftest import unit_config
 
-from tessera.config import LanguageConfig, ModelConfig, VisionConfig
+from tessera.config import ModelConfig
 from tessera.engine import SamplingParams, generate
 from tessera.model.checkpoint import convert, save_checkpoint
 from tessera.model.vlm import VisionLanguageModel
@@ -19,36 +18,7 @@ TOL = 1e-4
 
 
 def tiny_config(rms: bool, tied: bool, select_layer: int) -> ModelConfig:
-    vision = VisionConfig(
-        image_size=56,
-        patch_size=14,
-        hidden_size=32,
-        num_layers=3,
-        num_heads=2,
-        intermediate_size=64,
-    )
-    if rms:  # InternViT-6B style
-        vision = dataclasses.replace(
-            vision, norm_type="rms_norm", qkv_bias=False, qk_normalization=True
-        )
-    language = LanguageConfig(
-        vocab_size=96,
-        hidden_size=48,
-        intermediate_size=96,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rope_theta=10_000.0,
-        tie_word_embeddings=tied,
-    )
-    return ModelConfig(
-        vision=vision,
-        language=language,
-        max_tiles=4,
-        select_layer=select_layer,
-        image_context_token_id=IMG,
-    ).validate()
+    return unit_config(rms=rms, tied=tied, vit_layers=3, select_layer=select_layer)
 
 
 CASES = {
