@@ -83,42 +83,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_process(checkpoint: str, port: int, args: list[str], threads: int) -> subprocess.Popen:
+    """`tessera serve CHECKPOINT` on 127.0.0.1:port as a benchmark runs it (queues deep enough for the
+    load, model name `bench`), with `args` added and OMP_NUM_THREADS=threads."""
+    cmd = [sys.executable, "-m", "tessera.cli", "serve", checkpoint, "--port", str(port)]
+    cmd += ["--model-name", "bench", "--max-waiting", "256", "--max-vision-inflight", "256", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
 def start_server(
     checkpoint: str, topology: str, workers: int, port: int, vision_dtype: str
 ) -> subprocess.Popen:
     cores = os.cpu_count() or 1
-    cmd = [
-        sys.executable,
-        "-m",
-        "tessera.cli",
-        "serve",
-        checkpoint,
-        "--port",
-        str(port),
-        "--model-name",
-        "bench",
-        "--max-waiting",
-        "256",
-        "--max-vision-inflight",
-        "256",
-        "--vision-dtype",
-        vision_dtype,
-    ]
+    args = ["--vision-dtype", vision_dtype]
     if topology == "coupled":
-        cmd += ["--mode", "coupled", "--threads", str(cores)]
-    else:
-        cmd += [
-            "--mode",
-            "decoupled",
-            "--vision-workers",
-            str(workers),
-            "--threads",
-            "1",
-            "--worker-threads",
-            "1",
-        ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(cores if topology == "coupled" else 1)}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return serve_process(
+            checkpoint, port, [*args, "--mode", "coupled", "--threads", str(cores)], cores
+        )
+    args += ["--mode", "decoupled", "--vision-workers", str(workers)]
+    return serve_process(checkpoint, port, [*args, "--threads", "1", "--worker-threads", "1"], 1)
 
 
 def wait_ready(proc: subprocess.Popen, base: str, timeout: float = 180.0) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tessera.bench.loadgen import LoadResult, data_url, image_for_tiles, image_message, run_load
-from tessera.bench.serve import free_port, wait_ready
+from tessera.bench.serve import free_port, serve_process, wait_ready
 from tessera.model.checkpoint import load_config
 from tessera.serve.vllm_backend import VLLMOptions, VLLMProcess, export_for_vllm
 
@@ -88,32 +88,8 @@ def bodies(tile_size: int, tiles: int, n: int, max_tokens: int, seed0: int) -> l
 
 def start_tessera(checkpoint: str, port: int, extra: list[str]) -> subprocess.Popen:
     cores = os.cpu_count() or 1
-    cmd = [
-        sys.executable,
-        "-m",
-        "tessera.cli",
-        "serve",
-        checkpoint,
-        "--port",
-        str(port),
-        "--model-name",
-        "bench",
-        "--max-waiting",
-        "256",
-        "--max-vision-inflight",
-        "256",
-        "--dtype",
-        "float32",
-        "--threads",
-        str(cores),
-        *extra,
-    ]
-    return subprocess.Popen(
-        cmd,
-        env={**os.environ, "OMP_NUM_THREADS": str(cores)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    args = ["--dtype", "float32", "--threads", str(cores), *extra]
+    return serve_process(checkpoint, port, args, cores)
 
 
 def p99(xs: list[float]) -> float:
