@@ -482,6 +482,7 @@ def best_of_n(
                 batch.pixel_values,
                 batch.tiles_per_image,
                 RoutingPolicy.parse(routing, **({"seed": seed} if seed is not None else {})),
+                questions=[question],
             )
             image_tokens, tiles, compressed = (
                 decision.image_tokens,

@@ -219,6 +219,25 @@ class FlashConfig:
     router_num_heads: int = 16  # heads of the pooling cross-attention (released: 16)
     relative_threshold: float = 0.5
     absolute_threshold: float = 0.5
+    # Tessera's question-aware router (tessera.model.question_router; absent from released checkpoints): the
+    # same pooling and gating, conditioned on a text embedding of the question. Its own thresholds, same rule.
+    question_router: bool = False
+    question_relative_threshold: float = 0.0
+    question_absolute_threshold: float = 0.5
+
+    def validate(self) -> None:
+        for name in (
+            "relative_threshold",
+            "absolute_threshold",
+            "question_relative_threshold",
+            "question_absolute_threshold",
+        ):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"flash.{name} must lie in [0, 1], got {value}")
+        _require(
+            self.enabled or not self.question_router,
+            "flash.question_router needs flash.enabled (it routes between mlp1 and mlp2)",
+        )
 
 
 @dataclass
@@ -257,6 +276,7 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         self.vision.validate()
         self.language.validate()
+        self.flash.validate()
         for name, ratio in (
             ("downsample_ratio", self.downsample_ratio),
             ("flash.compressed_downsample_ratio", self.flash.compressed_downsample_ratio),

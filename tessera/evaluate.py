@@ -50,7 +50,7 @@ def evaluate(
     model,
     seed: int = 0,
     n: int = 140,
-    routing: str = "full",
+    routing: str | RoutingPolicy = "full",
     batch_size: int = 16,
     thinking: str = "auto",
     max_new_tokens: int = 32,
@@ -76,6 +76,7 @@ def evaluate(
     if tok is None:
         raise ValueError("the model has no tokenizer; load it with tessera.load(checkpoint_dir)")
     fams = list(families or FAMILIES)
+    policy = RoutingPolicy.parse(routing, seed=seed)
     processor = ImageProcessor.from_config(model.config)
     samples = [item.sample() for item in eval_items(-(-n // len(fams)), fams, offset=seed)[:n]]
     think = [
@@ -102,7 +103,8 @@ def evaluate(
                 model,
                 pixels.pixel_values,
                 pixels.tiles_per_image,
-                RoutingPolicy(mode=routing, seed=seed),
+                policy,
+                questions=[samples[i].question for i in part] if policy.needs_question else None,
             )
             image_tokens = decision.image_tokens
             prompts = [
@@ -149,7 +151,7 @@ def evaluate(
         counts={f: c for f, c in counts.items() if c},
         visual_tokens_per_image=tokens_total / max(1, n),
         n=n,
-        routing=routing,
+        routing=policy.mode + (f"@{policy.match}" if policy.match else ""),
         seed=seed,
         seconds=seconds,
         samples_per_second=n / max(seconds, 1e-9),

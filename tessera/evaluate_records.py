@@ -73,7 +73,7 @@ def evaluate_records(
     batch_size: int = 16,
     max_new_tokens: int = 32,
     thinking: bool = False,
-    routing: str = "full",
+    routing: str | RoutingPolicy = "full",
     skip_bad: bool = False,
 ) -> RecordsResult:
     """Score `model` on every question of `path`."""
@@ -102,7 +102,11 @@ def evaluate_records(
         if images:
             pixels = processor(images)
             features, decision = encode_routed(
-                model, pixels.pixel_values, pixels.tiles_per_image, RoutingPolicy(mode=routing)
+                model,
+                pixels.pixel_values,
+                pixels.tiles_per_image,
+                RoutingPolicy.parse(routing),
+                questions=[r.question for r in part for _ in r.images],
             )
             per_image = list(decision.image_tokens)
         prompts, k = [], 0

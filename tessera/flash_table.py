@@ -8,7 +8,7 @@ claims in miniature (Table 17: the router saves visual tokens and keeps accuracy
 from __future__ import annotations
 
 from tessera.evaluate import evaluate
-from tessera.routing import MODES
+from tessera.routing import RELEASED_MODES
 from tessera.world import READING_FAMILIES
 
 TARGETS = {
@@ -20,9 +20,12 @@ TARGETS = {
 
 
 def evaluate_modes(
-    model, n: int, seed: int = 0, batch_size: int = 16, modes: tuple[str, ...] = MODES
+    model, n: int, seed: int = 0, batch_size: int = 16, modes: tuple[str, ...] | None = None
 ) -> dict:
     """routing → EvalResult on the same n held-out questions; `random` compresses as many tiles as the router."""
+    if modes is None:
+        has_question = getattr(model, "question_router", None) is not None
+        modes = RELEASED_MODES + (("question",) if has_question else ())
     return {
         m: evaluate(model, seed=seed, n=n, routing=m, batch_size=batch_size, keep_records=False)
         for m in modes
@@ -38,7 +41,7 @@ def reading_accuracy(r) -> float:
 def summarise(results: dict, vision: dict | None, router_acc: dict | None) -> dict:
     reading = reading_accuracy
 
-    full, comp, rout, rand = (results[m] for m in MODES)
+    full, comp, rout, rand = (results[m] for m in RELEASED_MODES)
     s = {
         "families": list(full.families),
         "modes": {

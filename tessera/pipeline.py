@@ -58,6 +58,7 @@ class Pipeline:
                 batch.pixel_values,
                 batch.tiles_per_image,
                 RoutingPolicy.parse(routing, **({"seed": seed} if seed is not None else {})),
+                questions=[question],
             )
             image_tokens = decision.image_tokens
             tiles = len(decision.tokens_per_tile)

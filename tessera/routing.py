@@ -1,6 +1,6 @@
 """Routing policy: which tiles go through the 1/16 branch (mlp2) and which keep 1/4 (mlp1).
 
-Four modes, one code path (eval, chat, serve and the benchmark all call `decide`):
+Five modes, one code path (eval, chat, serve and the benchmark all call `decide`):
 - `full`        every tile at 1/4 (plain InternVL3.5)
 - `compressed`  every tile at 1/16
 - `router`      ViR: compress tile i of an image when p_i > q and p_i >= absolute, with p = p(compress) from the
@@ -8,6 +8,12 @@ Four modes, one code path (eval, chat, serve and the benchmark all call `decide`
                 takes the quantile over all tiles of a generate call, i.e. per image in single-image chat)
 - `random`      per image, exactly as many tiles as `router` would compress, chosen uniformly at random: the fair
                 baseline at the same visual-token budget
+- `question`    Tessera's question-aware router (tessera.model.question_router): the same rule on p(compress)
+                given the tile *and the question*, with its own thresholds (`config.flash.question_*`)
+
+`match` makes two modes meet at the same budget: `router` or `random` with `match="question"` compresses, per
+image, exactly as many tiles as `question` would — the released router its highest-p tiles, random any.
+(`random` alone matches `router`.)
 
 A per-request `budget` (visual tokens over all images of the request) is applied after the mode: if the
 request is over budget, still-kept tiles are compressed in decreasing p(compress) until it fits; a budget
@@ -15,19 +21,25 @@ below the all-compressed count is an error, never a silent overrun.
 
 `encode_routed` is the compute-saving inference path: ViT once, router on its last-layer tokens, then only the
 chosen branch per tile (tiles batched per branch) — via `VisionLanguageModel.encode_images(compress=callable)`.
+The question modes take one question per image: its text (embedded here with the model's own token
+embeddings) or its embedding (`question_vectors`, what a language server sends a vision server).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Union
 
 import torch
 
 from tessera.geometry import routed_tokens, tokens_of_images
 from tessera.image import load_image, preprocess
+from tessera.model.question_router import question_embedding
 
-MODES = ("full", "compressed", "router", "random")
+MODES = ("full", "compressed", "router", "random", "question")
+RELEASED_MODES = MODES[:4]  # what the released Flash design can do (no question router)
+ROUTERS = ("router", "question")  # the modes that decide from router scores, and so can be matched
 
 
 class RoutingError(ValueError):
@@ -44,11 +56,21 @@ class RoutingPolicy:
     absolute_threshold: float | None = None
     budget: int | None = None  # max visual tokens for the whole request
     seed: int = 0  # for `random`
+    match: str | None = (
+        None  # router/random: per image, compress as many tiles as this router would
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise RoutingError(
                 f"unknown routing mode {self.mode!r}; choose from {', '.join(MODES)}"
+            )
+        if self.match is not None and (
+            self.match not in ROUTERS or self.mode not in ("router", "random")
+        ):
+            raise RoutingError(
+                f"match={self.match!r} with mode {self.mode!r}: only router or random can match the "
+                f"budget of {' or '.join(ROUTERS)}"
             )
         for name in ("relative_threshold", "absolute_threshold"):
             value = getattr(self, name)
@@ -63,17 +85,30 @@ class RoutingPolicy:
 
     def key(self) -> str:
         """What the decision depends on besides the images: part of a feature-cache key."""
-        base = f"{self.mode}:{self.budget}"
+        base = f"{self.mode}:{self.budget}" + (f":match={self.match}" if self.match else "")
         if (self.relative_threshold, self.absolute_threshold, self.seed) == (None, None, 0):
             return base
         return f"{base}:{self.relative_threshold}:{self.absolute_threshold}:{self.seed}"
 
     @property
+    def counts_from(self) -> str | None:
+        """The router whose per-image compressed counts this policy takes (random: `router` by default)."""
+        return self.match or ("router" if self.mode == "random" else None)
+
+    @property
     def needs_router(self) -> bool:
-        """True when the decision reads router scores (router, random, or any budgeted request but all-compressed)."""
-        return self.mode in ("router", "random") or (
-            self.budget is not None and self.mode != "compressed"
+        """True when the decision reads the released router's scores (router, random matching it, or a budget
+        on full or random)."""
+        return (
+            self.mode == "router"
+            or self.counts_from == "router"
+            or (self.budget is not None and self.mode in ("full", "random"))
         )
+
+    @property
+    def needs_question(self) -> bool:
+        """True when the decision reads the question-aware router's scores (so it needs the question)."""
+        return self.mode == "question" or self.match == "question"
 
     @classmethod
     def parse(cls, routing: str | RoutingPolicy | None, **overrides) -> RoutingPolicy:
@@ -89,7 +124,7 @@ class RoutingDecision:
     compress: torch.Tensor  # bool [N]
     tokens_per_tile: list[int]
     tiles_per_image: list[int]
-    p_compress: torch.Tensor | None = None  # float [N], when the router ran
+    p_compress: torch.Tensor | None = None  # float [N]: the deciding router's scores, when one ran
 
     @property
     def visual_tokens(self) -> int:
@@ -147,6 +182,29 @@ def random_decision(
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
+def top_k_decision(
+    p_compress: torch.Tensor, counts: list[int], tiles_per_image: list[int]
+) -> torch.Tensor:
+    """Per image, compress the `counts[i]` tiles with the highest p(compress) (ties by position). → bool [ΣN]."""
+    if len(counts) != len(tiles_per_image):
+        raise RoutingError(f"{len(counts)} counts for {len(tiles_per_image)} images")
+    out = torch.zeros(p_compress.numel(), dtype=torch.bool)
+    start = 0
+    for k, n in zip(counts, tiles_per_image):
+        if not 0 <= k <= n:
+            raise RoutingError(f"cannot compress {k} of {n} tiles")
+        chunk = p_compress[start : start + n].detach().float()
+        order = sorted(range(n), key=lambda i: (-float(chunk[i]), i))
+        out[[start + i for i in order[:k]]] = True
+        start += n
+    return out
+
+
+def per_image_counts(compress: torch.Tensor, tiles_per_image: list[int]) -> list[int]:
+    """Compressed tiles per image of a decision."""
+    return [int(part.sum()) for part in compress.split(tiles_per_image)]
+
+
 def enforce_budget(
     compress: torch.Tensor,
     p_compress: torch.Tensor | None,
@@ -187,51 +245,75 @@ def decide(
     relative: float = 0.5,
     absolute: float = 0.5,
     generator: torch.Generator | None = None,
+    p_question: torch.Tensor | None = None,
+    question_thresholds: tuple[float, float] = (0.0, 0.5),
 ) -> RoutingDecision:
-    """Route one request. `relative`/`absolute` are the model's defaults, overridden by the policy's own values."""
+    """Route one request. `p_compress` / `p_question` are the released / question-aware router's scores [N];
+    `relative`/`absolute` and `question_thresholds` are the model's defaults for each, overridden by the
+    policy's own values."""
     n = sum(tiles_per_image)
     _check_tiles(n, tiles_per_image)
-    if policy.needs_router and p_compress is None:
-        raise RoutingError(
-            f"routing mode {policy.mode!r}{' with a budget' if policy.budget else ''} needs router "
-            "scores, and none were given (is this a Flash model?)"
-        )
-    if p_compress is not None and p_compress.numel() != n:
-        raise RoutingError(f"{p_compress.numel()} router scores for {n} tiles")
-    rel = policy.relative_threshold if policy.relative_threshold is not None else relative
-    ab = policy.absolute_threshold if policy.absolute_threshold is not None else absolute
+    scores = {"router": p_compress, "question": p_question}
+    for name, needed in (("router", policy.needs_router), ("question", policy.needs_question)):
+        p = scores[name]
+        if needed and p is None:
+            what = "router" if name == "router" else "question-aware router"
+            raise RoutingError(
+                f"routing mode {policy.mode!r}{' with a budget' if policy.budget else ''}"
+                f"{f' matching {policy.match!r}' if policy.match else ''} needs {what} scores, and none "
+                "were given (is this a Flash model"
+                + (" with a question router?)" if name != "router" else "?)")
+            )
+        if p is not None and p.numel() != n:
+            raise RoutingError(f"{p.numel()} {name} scores for {n} tiles")
+    defaults = {"router": (relative, absolute), "question": tuple(question_thresholds)}
+
+    def thresholded(name: str) -> torch.Tensor:
+        rel, ab = defaults[name]
+        rel = policy.relative_threshold if policy.relative_threshold is not None else rel
+        ab = policy.absolute_threshold if policy.absolute_threshold is not None else ab
+        return threshold_decision(scores[name], tiles_per_image, rel, ab)
+
     if policy.mode == "full":
         compress = torch.zeros(n, dtype=torch.bool)
     elif policy.mode == "compressed":
         compress = torch.ones(n, dtype=torch.bool)
+    elif policy.counts_from is None:  # router or question on its own thresholds
+        compress = thresholded(policy.mode)
     else:
-        compress = threshold_decision(p_compress, tiles_per_image, rel, ab)
+        counts = per_image_counts(thresholded(policy.counts_from), tiles_per_image)
         if policy.mode == "random":
-            counts, start = [], 0
-            for k in tiles_per_image:
-                counts.append(int(compress[start : start + k].sum()))
-                start += k
             gen = generator if generator is not None else torch.Generator().manual_seed(policy.seed)
             compress = random_decision(counts, tiles_per_image, gen)
+        else:  # the released router at another router's budget: its own highest-p tiles
+            compress = top_k_decision(p_compress, counts, tiles_per_image)
+    deciding = p_question if policy.mode == "question" else p_compress
     if policy.budget is not None:
         # random stays random under a budget: extra tiles in position order rather than by router score
-        scores = None if policy.mode == "random" else p_compress
-        compress = enforce_budget(compress, scores, policy.budget, full_tokens, compressed_tokens)
+        order = None if policy.mode == "random" else deciding
+        compress = enforce_budget(compress, order, policy.budget, full_tokens, compressed_tokens)
     tokens = routed_tokens(compress.tolist(), full_tokens, compressed_tokens)
     return RoutingDecision(
         compress,
         tokens,
         list(tiles_per_image),
-        p_compress.detach().float() if p_compress is not None else None,
+        deciding.detach().float() if deciding is not None else None,
     )
 
 
 # ---- the model-facing path --------------------------------------------------------------------------------
 
+Questions = Union[Sequence[str], torch.Tensor, None]  # one per image: texts, or embeddings [I, Dl]
+
 
 def _model_thresholds(model) -> tuple[float, float]:
     flash = model.config.flash
     return flash.relative_threshold, flash.absolute_threshold
+
+
+def _question_thresholds(model) -> tuple[float, float]:
+    flash = model.config.flash
+    return flash.question_relative_threshold, flash.question_absolute_threshold
 
 
 def router_of(model):
@@ -244,28 +326,107 @@ def router_of(model):
     return router
 
 
+def question_router_of(model):
+    """The model's QuestionAwareRouter, or a RoutingError naming what is missing."""
+    router = getattr(model, "question_router", None)
+    if router is None or not model.config.flash.question_router:
+        raise RoutingError(
+            "this model has no question-aware router (train one with `tessera train question_router`); "
+            "use --routing router or full"
+        )
+    return router
+
+
+def question_vectors(model, questions: Sequence[str]) -> torch.Tensor:
+    """Each question's embedding [I, Dl] from the model's own token embeddings (the language side's job)."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise RoutingError(
+            "embedding a question needs the model's tokenizer (tessera.load attaches it)"
+        )
+    return question_embedding(model.language_model.embed_tokens, [tok.encode(q) for q in questions])
+
+
+def _per_tile_questions(model, questions: Questions, tiles_per_image: list[int]) -> torch.Tensor:
+    """The question embedding of each tile [ΣN, Dl], from one question (text or embedding) per image."""
+    if questions is None:
+        raise RoutingError(
+            "routing 'question' needs the question: one per image (text or embedding)"
+        )
+    vectors = (
+        questions
+        if isinstance(questions, torch.Tensor)
+        else question_vectors(model, list(questions))
+    )
+    if vectors.dim() != 2 or vectors.shape[0] != len(tiles_per_image):
+        raise RoutingError(
+            f"{tuple(vectors.shape)} question embeddings for {len(tiles_per_image)} images "
+            "(need one row per image)"
+        )
+    return vectors.repeat_interleave(torch.tensor(tiles_per_image), dim=0)  # [ΣN, Dl]
+
+
+def route_patch_tokens(
+    model,
+    patch_tokens: torch.Tensor,
+    tiles_per_image: list[int],
+    policy: RoutingPolicy,
+    questions: Questions = None,
+    generator: torch.Generator | None = None,
+) -> RoutingDecision:
+    """The decision for tiles whose last-layer ViT tokens [ΣN, P, Cv] are given: only the routers the policy
+    reads run. What every path calls once the ViT has run (in-process, and a vision server's cached tokens)."""
+    cfg = model.config
+    p = router_of(model).p_compress(patch_tokens) if policy.needs_router else None
+    pq = None
+    if policy.needs_question:
+        per_tile = _per_tile_questions(model, questions, tiles_per_image)
+        pq = question_router_of(model).p_compress(patch_tokens, per_tile.to(patch_tokens.device))
+    rel, ab = _model_thresholds(model)
+    return decide(
+        policy,
+        tiles_per_image,
+        cfg.tokens_per_tile,
+        cfg.compressed_tokens_per_tile,
+        p.cpu() if p is not None else None,
+        rel,
+        ab,
+        generator,
+        pq.cpu() if pq is not None else None,
+        _question_thresholds(model),
+    )
+
+
 def make_router_hook(
     model,
     tiles_per_image: list[int],
     policy: RoutingPolicy,
     generator: torch.Generator | None = None,
+    questions: Questions = None,
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list]:
     """A callable for `encode_images(compress=...)`: last-layer patch tokens [N,P,Cv] → bool [N].
 
     Returns (hook, box); after encoding, box[0] holds the RoutingDecision.
     """
-    cfg = model.config
-    full, small = cfg.tokens_per_tile, cfg.compressed_tokens_per_tile
-    rel, ab = _model_thresholds(model)
     box: list[RoutingDecision] = []
 
     def hook(patch_tokens: torch.Tensor) -> torch.Tensor:
-        p = router_of(model).p_compress(patch_tokens) if policy.needs_router else None
-        decision = decide(policy, tiles_per_image, full, small, p, rel, ab, generator)
+        decision = route_patch_tokens(
+            model, patch_tokens, tiles_per_image, policy, questions, generator
+        )
         box.append(decision)
         return decision.compress.to(patch_tokens.device)
 
     return hook, box
+
+
+def _check_model_can(model, policy: RoutingPolicy) -> None:
+    if policy.mode != "full" and not model.config.flash.enabled:
+        raise RoutingError(
+            f"routing {policy.mode!r} needs a Flash model (mlp2 and the router); this one is plain"
+        )
+    if policy.needs_question:
+        question_router_of(model)
 
 
 @torch.no_grad()
@@ -276,18 +437,16 @@ def encode_routed(
     routing: str | RoutingPolicy,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    questions: Questions = None,
 ) -> tuple[torch.Tensor, RoutingDecision]:
     """ViT once → router (only when the policy needs it) → only the chosen branch per tile.
 
     Returns (features [ΣT, D], decision); `decision.image_tokens` is what the prompt must carry per image.
-    `seed` (or a `generator`, which wins) drives `random`.
+    `seed` (or a `generator`, which wins) drives `random`; `questions` (one per image) feed `question`.
     """
     policy = RoutingPolicy.parse(routing, **({"seed": seed} if seed is not None else {}))
-    if policy.mode != "full" and not model.config.flash.enabled:
-        raise RoutingError(
-            f"routing {policy.mode!r} needs a Flash model (mlp2 and the router); this one is plain"
-        )
-    hook, box = make_router_hook(model, tiles_per_image, policy, generator)
+    _check_model_can(model, policy)
+    hook, box = make_router_hook(model, tiles_per_image, policy, generator, questions)
     features, tokens_per_tile = model.encode_images(pixel_values, compress=hook)
     decision = box[0]
     if (
@@ -309,38 +468,35 @@ def route_tiles(
     routing: str | RoutingPolicy,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    questions: Questions = None,
 ) -> torch.Tensor | None:
-    """Only the per-tile compress flags (runs the ViT for the router; prefer `encode_routed`, which runs it once)."""
+    """Only the per-tile compress flags, None for `full` without a budget (runs the ViT for the routers;
+    prefer `encode_routed`, which runs it once and also projects)."""
     policy = RoutingPolicy.parse(routing, **({"seed": seed} if seed is not None else {}))
     if policy.mode == "full" and policy.budget is None:
         return None
-    p = None
-    if policy.needs_router:
-        grid = model.vision_tokens(pixel_values)  # [N, h, w, Cv]
-        p = router_of(model).p_compress(grid.reshape(grid.shape[0], -1, grid.shape[-1]))  # [N]
-    rel, ab = _model_thresholds(model)
-    cfg = model.config
-    return decide(
-        policy,
-        tiles_per_image,
-        cfg.tokens_per_tile,
-        cfg.compressed_tokens_per_tile,
-        p,
-        rel,
-        ab,
-        generator,
-    ).compress
+    _check_model_can(model, policy)
+    tokens = model.vision_patch_tokens(pixel_values)  # [N, P, Cv]
+    return route_patch_tokens(model, tokens, tiles_per_image, policy, questions, generator).compress
 
 
 # ---- a picture of one routing decision ----------------------------------------------------------------------
 
 
 def draw_routing(
-    model, image, routing: str | RoutingPolicy, out_png: str, seed: int = 0, scale: int = 0
+    model,
+    image,
+    routing: str | RoutingPolicy,
+    out_png: str,
+    seed: int = 0,
+    scale: int = 0,
+    question: str | None = None,
 ) -> RoutingDecision:
     """Draw the tiled image with each tile marked kept (1/4, green) or compressed (1/16, red), plus the thumbnail.
 
-    Each tile is labelled with its branch and, when the router ran, p(compress). Returns the decision drawn.
+    Each tile is labelled with its branch and, when a router ran, the deciding router's p(compress); with a
+    `question` (needed by `question` routing) the picture shows what was kept for that question and names it.
+    Returns the decision drawn.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -351,15 +507,14 @@ def draw_routing(
     )
     n = pixel_values.shape[0]
     policy = RoutingPolicy.parse(routing, seed=seed)
+    _check_model_can(model, policy)
     with torch.no_grad():
-        p = None
-        if cfg.flash.enabled and getattr(model, "router", None) is not None:
-            grid = model.vision_tokens(pixel_values)  # [N, h, w, Cv]
-            p = router_of(model).p_compress(grid.reshape(n, -1, grid.shape[-1]))  # [N]
-        rel, ab = _model_thresholds(model)
-        decision = decide(
-            policy, [n], cfg.tokens_per_tile, cfg.compressed_tokens_per_tile, p, rel, ab
-        )
+        tokens = model.vision_patch_tokens(pixel_values)  # [N, P, Cv]
+        questions = [question] if question is not None else None
+        decision = route_patch_tokens(model, tokens, [n], policy, questions)
+        p = decision.p_compress
+        if p is None and cfg.flash.enabled and getattr(model, "router", None) is not None:
+            p = router_of(model).p_compress(tokens)  # [N], shown even when it did not decide
     S = cfg.tile_size
     k = scale or max(1, round(448 / S))  # small tiles are drawn larger so the labels fit
     T = S * k
@@ -404,12 +559,14 @@ def draw_routing(
             stroke_fill=colour + (255,),
         )
     canvas = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
-    ImageDraw.Draw(canvas).text(
-        (4, T * rows + 6),
+    caption = (
         f"routing {policy.mode}: {decision.compressed_tiles}/{n} tiles at 1/16, "
-        f"{decision.visual_tokens} visual tokens (all 1/4: {n * cfg.tokens_per_tile})",
-        fill=(0, 0, 0),
-        font=ImageFont.load_default(size=14),
+        f"{decision.visual_tokens} visual tokens (all 1/4: {n * cfg.tokens_per_tile})"
+    )
+    if question is not None:
+        caption += f' for "{question}"'
+    ImageDraw.Draw(canvas).text(
+        (4, T * rows + 6), caption, fill=(0, 0, 0), font=ImageFont.load_default(size=14)
     )
     canvas.save(out_png)
     return decision

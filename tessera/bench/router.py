@@ -25,7 +25,7 @@ import tessera
 from tessera.bench.docs import replace_section
 from tessera.flash_table import evaluate_modes, reading_accuracy, summarise
 from tessera.image import ImageProcessor
-from tessera.routing import MODES, draw_routing, encode_routed
+from tessera.routing import draw_routing, encode_routed
 from tessera.train.router_stage import evaluate_router, heldout_samples
 from tessera.world import FAMILIES, READING_FAMILIES, eval_items, text_free_token_savings
 
@@ -191,8 +191,7 @@ def markdown(s: dict, checkpoint: str, command: str = "") -> str:
         + " | overall | reading | visual tokens / image | tiles at 1/16 | questions/s |",
         "|---|" + "---:|" * (len(fams) + 5),
     ]
-    for m in MODES:
-        r = s["modes"][m]
+    for m, r in s["modes"].items():
         cells = " | ".join(f"{100 * r['families'].get(f, float('nan')):.1f}" for f in fams)
         lines.append(
             f"| {m} | {cells} | {100 * r['overall']:.1f} | {100 * r['reading']:.1f} | {r['visual_tokens']:.1f} "
@@ -254,8 +253,7 @@ def plot(s: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for m, marker in zip(MODES, "osD^"):
-        r = s["modes"][m]
+    for (m, r), marker in zip(s["modes"].items(), "osD^v<>"):
         ax.scatter(
             r["visual_tokens"], 100 * r["overall"], marker=marker, s=60, label=f"{m} (overall)"
         )

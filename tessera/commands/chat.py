@@ -85,6 +85,6 @@ def run(args: argparse.Namespace) -> int:
     if args.show_routing:
         from tessera.routing import draw_routing
 
-        draw_routing(model, args.image, args.routing, args.show_routing)
+        draw_routing(model, args.image, args.routing, args.show_routing, question=args.question)
         print(f"routing picture written to {args.show_routing}", file=sys.stderr)
     return 0

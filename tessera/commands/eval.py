@@ -1,4 +1,4 @@
-"""`tessera eval CKPT [--routing full|compressed|router|random] [--seed S --n N] [--best-of N] [--json]`
+"""`tessera eval CKPT [--routing full|compressed|router|random|question] [--seed S --n N] [--best-of N] [--json]`
 
 `tessera eval CKPT --data FILE [--reward exact|numeric|choice|boxed|module:function] [--json]` scores your own
 questions instead of the world's (tessera.evaluate_records): `--json` prints overall, n and categories.

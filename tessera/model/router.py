@@ -60,7 +60,12 @@ class CrossAttentionPooling(nn.Module):
     """Learned-query cross-attention over one tile's patch tokens → one vector per tile (released `pooling_before_gating`)."""
 
     def __init__(
-        self, vision_hidden: int, hidden: int = 0, num_heads: int = 16, num_queries: int = 1
+        self,
+        vision_hidden: int,
+        hidden: int = 0,
+        num_heads: int = 16,
+        num_queries: int = 1,
+        num_attention: int = 4,
     ):
         super().__init__()
         hidden = hidden or vision_hidden
@@ -76,9 +81,11 @@ class CrossAttentionPooling(nn.Module):
                 vision_hidden, hidden
             )  # Tessera extension, see the module docstring
         self.query_token = nn.Parameter(torch.randn(num_queries, hidden))  # [Q, H]
-        for k in range(
-            1, 5
-        ):  # all four exist in released checkpoints; the forward uses attn1 and attn2
+        # all four exist in released checkpoints; the forward uses attn1 and attn2 (Tessera's own routers
+        # build only those two: `num_attention=2`)
+        if num_attention not in (2, 4):
+            raise ValueError(f"num_attention must be 2 or 4, got {num_attention}")
+        for k in range(1, num_attention + 1):
             setattr(self, f"attn{k}", nn.MultiheadAttention(hidden, num_heads, batch_first=True))
             setattr(self, f"norm{k}", nn.LayerNorm(hidden))
 
@@ -109,8 +116,13 @@ class CrossAttentionPooling(nn.Module):
         out = out.transpose(1, 2).reshape(N, Q, H)  # [N,Q,H]
         return attn.out_proj(out)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [N,P,Cv] (one tile per row, CLS removed) → pooled [N,H]."""
+    def forward(
+        self, tokens: torch.Tensor, query_offset: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens [N,P,Cv] (one tile per row, CLS removed) → pooled [N,H].
+
+        `query_offset` [N,H] is added to every learned query of its row (the question-aware router's way of
+        asking each tile for what the question names); None is the released forward."""
         if tokens.dim() != 3:
             raise ValueError(
                 f"router pooling expects tile tokens [N,P,C], got shape {tuple(tokens.shape)}"
@@ -120,6 +132,8 @@ class CrossAttentionPooling(nn.Module):
             raise ValueError(f"router pooling expects width {self.hidden}, got {x.shape[-1]}")
         x = x.to(self.query_token.dtype)
         query = self.query_token.unsqueeze(0).expand(x.shape[0], -1, -1)  # [N,Q,H]
+        if query_offset is not None:
+            query = query + query_offset.to(query.dtype).unsqueeze(1)  # [N,Q,H]
         k1, v1 = self._keys_values(self.attn1, x)
         h = self.norm1(self._attend(self.attn1, query, k1, v1))  # [N,Q,H]
         k2, v2 = self._keys_values(

@@ -21,6 +21,7 @@ from torch import nn
 from tessera.config import ModelConfig
 from tessera.model.connector import make_mlp1, make_mlp2, pixel_shuffle
 from tessera.model.llm import Qwen3ForCausalLM
+from tessera.model.question_router import QuestionAwareRouter
 from tessera.model.router import VisualResolutionRouter, build_router_parts
 from tessera.model.vit import InternVisionModel
 
@@ -44,6 +45,10 @@ class VisionLanguageModel(nn.Module):
             self.mlp2 = make_mlp2(cv, cl, config.flash.compressed_downsample_ratio)
             # the router's two parts sit at the top level under their official key names
             self.pooling_before_gating, self.gating = build_router_parts(cv, config.flash)
+            if (
+                config.flash.question_router
+            ):  # Tessera's question-aware router, beside the released one
+                self.question_router = QuestionAwareRouter(cv, cl, config.flash)
         self.language_model = Qwen3ForCausalLM(config.language)
         self.tokenizer = None  # a tessera.chat.ChatTokenizer, attached by the checkpoint loader
 
@@ -65,6 +70,20 @@ class VisionLanguageModel(nn.Module):
             pooling.to(ref.device, ref.dtype),
             gating.to(ref.device, ref.dtype),
         )
+
+    def add_question_router(self) -> QuestionAwareRouter:
+        """Give a Flash model the question-aware router, copied from its released router (so it starts deciding
+        as that one does), on its device and dtype; `config.flash.question_router` is set. Returns it."""
+        if self.router is None:
+            raise ValueError("the question-aware router needs a Flash model (mlp2 and the router)")
+        if not hasattr(self, "question_router"):
+            ref = next(self.gating.parameters())
+            cv, cl = self.config.vision.hidden_size, self.config.language.hidden_size
+            qr = QuestionAwareRouter(cv, cl, self.config.flash).to(ref.device, ref.dtype)
+            qr.init_from(self.router)
+            self.question_router = qr
+            self.config.flash.question_router = True
+        return self.question_router
 
     # ---- small helpers -------------------------------------------------------------------------
 

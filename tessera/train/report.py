@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from tessera.evaluate import EvalResult, family_table, format_report
-from tessera.routing import MODES
 from tessera.world import FAMILIES, build
 
 
@@ -134,8 +133,7 @@ def flash_table(flash: dict[str, Any]) -> list[str]:
         + " | overall | visual tokens / image | tokens saved | accuracy kept |",
         "|---|" + "---:|" * (len(fams) + 4),
     ]
-    for mode in MODES:
-        r = flash["modes"][mode]
+    for mode, r in flash["modes"].items():
         cells = " | ".join(f"{r['families'].get(f, float('nan')):.1%}" for f in fams)
         kept = (
             "-" if math.isnan(r["accuracy_kept"]) else f"{r['accuracy_kept']:.1f} %"

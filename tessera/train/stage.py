@@ -42,6 +42,7 @@ COMPONENTS = {
     "router": "router",
     "pooling_before_gating": "router",
     "gating": "router",
+    "question_router": "router",
     "language_model": "language",
 }
 
