@@ -63,11 +63,12 @@ def test_wire_format_round_trip_and_errors():
     req = P.unpack(
         P.encode_request("r2", [b"png-bytes"], RoutingPolicy("router", budget=40), max_tiles=4)
     )
-    images, routing, max_tiles = P.parse_encode_request(req)
+    images, routing, max_tiles, question = P.parse_encode_request(req)
     assert (
         images == [b"png-bytes"]
         and routing == RoutingPolicy("router", budget=40)
         and max_tiles == 4
+        and question is None
     )
     with pytest.raises(P.ProtocolError, match="magic"):
         P.unpack([b"HTTP", b"encode", b"{}"])

@@ -79,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--routing",
         choices=MODES,
         default="full",
-        help="default routing when a request does not say (Flash models)",
+        help="default routing when a request does not say (Flash models; question: a model with a "
+        "question-aware router, Tessera's language backend only)",
     )
     p.add_argument(
         "--allow-remote-images",
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
     # imports stay in functions here: `tessera serve --help` builds its parser without them
     from tessera.serve.language_server import ServeOptions
-    from tessera.serve.launch import Topology, serve
+    from tessera.serve.launch import ServeSetupError, Topology, check_default_routing, serve
     from tessera.serve.vision import VisionLimits
 
     devices = devices_from_args(args)
@@ -205,16 +206,20 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        return serve(
-            args.checkpoint,
-            topology,
-            options,
-            args.host,
-            args.port,
-            args.api_key,
-            args.threads,
-            limits,
-        )
+        try:
+            return serve(
+                args.checkpoint,
+                topology,
+                options,
+                args.host,
+                args.port,
+                args.api_key,
+                args.threads,
+                limits,
+            )
+        except ServeSetupError as e:  # e.g. --routing question without a question-aware router
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from tessera.serve.vllm_backend import VLLMOptions, VLLMUnavailable, find_python
 
     vllm = VLLMOptions(
@@ -224,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=topology.dtype or "auto",
     )
     try:
+        check_default_routing(None, args.routing, "vllm")  # before vLLM or the model is looked for
         if vllm.url is None:
             find_python(vllm.python)  # a missing vLLM is a one-line error, before the model loads
         return serve(
@@ -237,6 +243,6 @@ def run(args: argparse.Namespace) -> int:
             limits,
             vllm=vllm,
         )
-    except VLLMUnavailable as e:  # not installed, not reachable, or failed to start
+    except (VLLMUnavailable, ServeSetupError) as e:  # vLLM missing / unreachable, or a bad setup
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,9 @@
 It runs on the API's asyncio loop and never computes on tensors itself: vision work happens in the vision
 backend (on the engine thread between steps when coupled; in other processes when decoupled), generation on
 the engine's thread. While a request's features are awaited, the engine keeps decoding everyone else.
+Question routing (`routing: "question"`): the question's embedding (the last user message's text parts, mean
+of the LLM's token embeddings) is computed here, on a worker thread, and sent with the images; the vision
+side (possibly a worker without language weights) never computes it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Protocol
 import torch
 
 from tessera.engine import Engine, EngineFull, GenerationRequest, SamplingParams, TokenEvent
-from tessera.routing import RoutingPolicy
+from tessera.routing import RoutingPolicy, question_vectors
 from tessera.serve.detok import Delta, TextAssembler
 from tessera.serve.metrics import Metrics
 from tessera.serve.prompt import Conversation, read_conversation, render_prompt
@@ -104,11 +107,41 @@ def _text_chars(req: ChatCompletionRequest, text_only: bool = False) -> int:
     return total
 
 
+def check_question_routing(model, mode: str = "question") -> None:
+    """Question routing needs the question-aware router and, here, the LLM's token embeddings (to embed the
+    question): an APIError 400 on `routing` naming what is missing."""
+    if not (model.config.flash.enabled and model.config.flash.question_router):
+        raise APIError(
+            400,
+            f"routing {mode!r} needs a model with a question-aware router (tessera train "
+            "question_router); this one has none: use routing 'router' or 'full'",
+            param="routing",
+        )
+    if model.language_model.embed_tokens.weight.is_meta:
+        raise APIError(
+            400,
+            f"routing {mode!r} is not available with --language-backend vllm: the question's "
+            "embedding needs the LLM's token embeddings, which live in vLLM; use routing 'router'",
+            param="routing",
+        )
+
+
+def embed_question(model, text: str) -> torch.Tensor:
+    """The question's embedding [Dl] float32 (tessera.routing.question_vectors: mean token embedding) of the
+    last user message's text, what question routing sends the vision side with the images."""
+    with torch.inference_mode():
+        return question_vectors(model, [text])[0].float().contiguous()  # [1, Dl] → [Dl]
+
+
 class VisionBackend(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def encode(
-        self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None
+        self,
+        images: list[bytes],
+        routing: RoutingPolicy,
+        max_tiles: int | None,
+        question: torch.Tensor | None = None,  # [Dl] float32, for question routing
     ) -> list[EncodedImage]: ...
     def status(self) -> dict: ...
 
@@ -162,11 +195,15 @@ class CoupledVision:
         self.engine.call_in_loop(fn)
 
     async def encode(
-        self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None
+        self,
+        images: list[bytes],
+        routing: RoutingPolicy,
+        max_tiles: int | None,
+        question: torch.Tensor | None = None,
     ) -> list[EncodedImage]:
         job = await asyncio.to_thread(
-            self.encoder.prepare, images, routing, max_tiles
-        )  # decode + tile
+            self.encoder.prepare, images, routing, max_tiles, question
+        )  # decode + tile (or find the ViT tokens)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             self._pending.append((job, fut))
@@ -208,6 +245,8 @@ class CoupledVision:
             "workers_total": 1,
             "cache_hits": c.hits,
             "cache_entries": len(c),
+            "token_cache_hits": self.encoder.tokens.hits,
+            "vit_tiles": self.encoder.vit_tiles,
         }
 
 
@@ -428,10 +467,14 @@ class LanguageServer:
             )
         except ValueError as e:
             raise APIError(400, str(e), param="routing") from None
+        question = None
+        if routing.needs_question:
+            check_question_routing(self.model, routing.mode)
+            question = await asyncio.to_thread(embed_question, self.model, conv.turns[-1][1])
         self.vision_inflight += 1
         try:
             images = await asyncio.wait_for(
-                self.vision.encode(blobs, routing, req.max_tiles), opts.vision_timeout
+                self.vision.encode(blobs, routing, req.max_tiles, question), opts.vision_timeout
             )
         except VisionInputError as e:
             raise APIError(e.status, str(e), param=e.param, code="invalid_image") from None

@@ -19,6 +19,7 @@ import torch
 import uvicorn
 
 import tessera
+from tessera.routing import RoutingPolicy
 from tessera.serve.api import build_app
 from tessera.serve.language_server import CoupledVision, LanguageServer, ServeOptions
 from tessera.serve.vision import (
@@ -30,6 +31,28 @@ from tessera.serve.vision import (
 )
 from tessera.serve.vision_client import LocalWorkerSpec, RemoteVision
 from tessera.serve.vllm_backend import ThreadVision, VLLMOptions, build_vllm_server
+
+
+class ServeSetupError(ValueError):
+    """A serving setup that cannot work (said before the port opens)."""
+
+
+def check_default_routing(model, routing: str, language_backend: str) -> None:
+    """`--routing question` needs a question-aware router, and Tessera's own language backend (the question
+    embedding needs the LLM's token embeddings, which a vLLM backend keeps to itself)."""
+    if not RoutingPolicy(routing).needs_question:
+        return
+    if language_backend == "vllm":
+        raise ServeSetupError(
+            f"--routing {routing} is not available with --language-backend vllm: the question's "
+            "embedding needs the LLM's token embeddings, which live in vLLM; use --routing router"
+        )
+    flash = model.config.flash
+    if not (flash.enabled and flash.question_router):
+        raise ServeSetupError(
+            f"--routing {routing} needs a model with a question-aware router (tessera train "
+            "question_router); this checkpoint has none: use --routing router or full"
+        )
 
 
 @dataclass
@@ -82,11 +105,15 @@ def build_server(
     coupled vision runs on a worker thread of this process."""
     topology.validate()
     vllm_backend = topology.language_backend == "vllm"
+    options = options or ServeOptions()
+    if vllm_backend:  # refused before anything loads
+        check_default_routing(None, options.default_routing, topology.language_backend)
     dtype = getattr(torch, topology.dtype) if topology.dtype else None
     if model is None and vllm_backend:
         model = vision_only(tessera.load(checkpoint), topology.device, dtype)
     elif model is None:
         model = tessera.load(checkpoint, device=topology.device, dtype=dtype)
+    check_default_routing(model, options.default_routing, topology.language_backend)
     limits = limits or VisionLimits()
     if topology.mode == "coupled":
         encoder = VisionEncoder(model, limits, dtype=getattr(torch, topology.vision_dtype))
@@ -112,9 +139,7 @@ def build_server(
             heartbeat_timeout=topology.heartbeat_timeout,
         )
     if vllm_backend:
-        return build_vllm_server(
-            checkpoint, model, vision, options or ServeOptions(), vllm or VLLMOptions()
-        )
+        return build_vllm_server(checkpoint, model, vision, options, vllm or VLLMOptions())
     return LanguageServer(model, vision, options)
 
 

@@ -3,7 +3,8 @@
 Every message is `[MAGIC, kind, header JSON, *blobs]`:
 
   language → vision (DEALER → ROUTER)
-    b"encode"  {"id", "routing": {"mode", "budget"}, "max_tiles"}          blobs: one encoded image file each
+    b"encode"  {"id", "routing": {"mode", "budget"}, "max_tiles"[, "question_dim"]}
+                                                 blobs: one encoded image file each[, the question]
     b"ping"    {"id"}
   vision → language
     b"features" {"id", "dim", "dtype": "bfloat16", "images": [ImageMeta...]}  blobs: per image, rows×dim bf16
@@ -13,6 +14,10 @@ Every message is `[MAGIC, kind, header JSON, *blobs]`:
 Features travel one way, in bfloat16 (half the bytes of float32; what the paper sends), row-major
 [rows, dim], little-endian as the machine stores them. The tokens-per-tile list of each image travels in its
 header so the language server can build the prompt (`<IMG_CONTEXT>` × sum) without touching the tensor.
+A question-routed request (`RoutingPolicy.needs_question`) also carries its question's embedding (the mean
+token embedding of the last user message's text, computed by the language server, which has the LLM's token
+embeddings) as a last blob of `question_dim` float32 numbers, little-endian; the vision server checks that
+`question_dim` is its model's language hidden size.
 Malformed messages raise `ProtocolError` naming what is wrong.
 """
 
@@ -90,23 +95,73 @@ def unpack(frames: list[bytes]) -> Message:
 # ---- requests -------------------------------------------------------------------------------------------
 
 
+def question_to_bytes(question: torch.Tensor) -> bytes:
+    """A question embedding [Dl] → float32 bytes, little-endian."""
+    if question.dim() != 1:
+        raise ProtocolError(f"a question embedding is one vector [Dl], got {tuple(question.shape)}")
+    return question.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+
+
+def bytes_to_question(blob: bytes, dim: int) -> torch.Tensor:
+    """float32 bytes → [dim] float32, checking the length and that every number is finite."""
+    if len(blob) != 4 * dim:
+        raise ProtocolError(
+            f"question blob has {len(blob)} bytes, expected question_dim {dim} × 4 (float32)"
+        )
+    out = torch.frombuffer(bytearray(blob), dtype=torch.float32) if dim else torch.empty(0)
+    if not bool(torch.isfinite(out).all()):
+        raise ProtocolError("the question embedding holds a NaN or infinite number")
+    return out  # [dim]
+
+
 def encode_request(
-    request_id: str, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None = None
+    request_id: str,
+    images: list[bytes],
+    routing: RoutingPolicy,
+    max_tiles: int | None = None,
+    question: torch.Tensor | None = None,
 ) -> list[bytes]:
-    """The wire carries the routing's mode and budget; the vision server applies its model's thresholds."""
+    """The wire carries the routing's mode and budget; the vision server applies its model's thresholds.
+    `question` [Dl] (question routing) goes as a last float32 blob."""
     wire = {"mode": routing.mode, "budget": routing.budget}
-    return pack("encode", {"id": request_id, "routing": wire, "max_tiles": max_tiles}, images)
+    header: dict[str, Any] = {"id": request_id, "routing": wire, "max_tiles": max_tiles}
+    blobs = list(images)
+    if question is not None:
+        header["question_dim"] = int(question.numel())
+        blobs.append(question_to_bytes(question))
+    return pack("encode", header, blobs)
 
 
-def parse_encode_request(msg: Message) -> tuple[list[bytes], RoutingPolicy, int | None]:
+def parse_encode_request(
+    msg: Message, question_dim: int | None = None
+) -> tuple[list[bytes], RoutingPolicy, int | None, torch.Tensor | None]:
+    """→ (images, routing, max_tiles, question [Dl] or None). `question_dim`: the vision model's language
+    hidden size, which a question embedding must have."""
     r = msg.header.get("routing") or {}
     try:
         routing = RoutingPolicy(mode=r.get("mode", "full"), budget=r.get("budget"))
     except ValueError as e:
         raise ProtocolError(str(e)) from None
-    if not msg.blobs:
+    blobs, question = list(msg.blobs), None
+    dim = msg.header.get("question_dim")
+    if dim is not None:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ProtocolError(f"question_dim must be a positive integer, got {dim!r}")
+        if question_dim is not None and dim != question_dim:
+            raise ProtocolError(
+                f"the question embedding has {dim} numbers but this vision model's language hidden "
+                f"size is {question_dim}: language and vision servers must run the same model"
+            )
+        if not blobs:
+            raise ProtocolError("question_dim is set but the request has no question blob")
+        question = bytes_to_question(blobs.pop(), dim)
+    elif routing.needs_question:
+        raise ProtocolError(
+            f"routing {routing.mode!r} needs the question's embedding (question_dim and its blob)"
+        )
+    if not blobs:
         raise ProtocolError("an encode request needs at least one image")
-    return msg.blobs, routing, msg.header.get("max_tiles")
+    return blobs, routing, msg.header.get("max_tiles"), question
 
 
 # ---- replies --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import torch
 import zmq
 import zmq.asyncio
 
@@ -287,8 +288,13 @@ class RemoteVision:
     # ---- requests -----------------------------------------------------------------------------------------
 
     async def encode(
-        self, images: list[bytes], routing: RoutingPolicy, max_tiles: int | None
+        self,
+        images: list[bytes],
+        routing: RoutingPolicy,
+        max_tiles: int | None,
+        question: torch.Tensor | None = None,
     ) -> list[P.EncodedImage]:
+        """question: the question's embedding [Dl] for question routing (sent with the images)."""
         alive = [w for w in self.workers if w.alive and w.sock is not None]
         if not alive:
             down = ", ".join(
@@ -303,7 +309,9 @@ class RemoteVision:
         w.outstanding[rid] = fut
         try:
             await w.sock.send_multipart(
-                P.encode_request(rid, images, routing, max_tiles), flags=zmq.NOBLOCK, copy=False
+                P.encode_request(rid, images, routing, max_tiles, question),
+                flags=zmq.NOBLOCK,
+                copy=False,
             )
         except zmq.ZMQError as e:
             w.outstanding.pop(rid, None)
@@ -331,6 +339,7 @@ class RemoteVision:
             "workers_total": len(self.workers),
             "restarts": sum(w.restarts for w in self.workers),
             "cache_hits": sum(int(w.stats.get("cache_hits", 0)) for w in self.workers),
+            "token_cache_hits": sum(int(w.stats.get("token_cache_hits", 0)) for w in self.workers),
             "workers": [
                 {
                     "name": w.name,

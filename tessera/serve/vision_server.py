@@ -1,7 +1,9 @@
 """A DvD vision server: a ZeroMQ ROUTER that turns image bytes into bf16 features for language servers.
 
 One thread, one socket, a small batching loop:
-- each arriving `encode` request is decoded and tiled at once (or answered from the feature cache);
+- each arriving `encode` request is decoded and tiled at once (or answered from the feature cache; images
+  whose ViT tokens are cached are not decoded again: a question-routed request about a known image runs only
+  the question-aware router and the projectors);
 - its tiles join a pending batch, which runs through ViT → router → projector when it holds
   `max_batch_tiles` tiles or its oldest request has waited `max_wait_ms`;
 - replies go back per request, with per-tile token counts in the header and bf16 features as blobs.
@@ -130,9 +132,12 @@ class VisionServer:
             return None
         rid = str(msg.header["id"])
         if msg.kind == "ping":
-            sock.send_multipart(
-                [ident, *P.pack("pong", {"id": rid, "stats": self.stats.as_dict()})]
-            )
+            stats = {
+                **self.stats.as_dict(),
+                "token_cache_hits": self.encoder.tokens.hits,
+                "vit_tiles": self.encoder.vit_tiles,
+            }
+            sock.send_multipart([ident, *P.pack("pong", {"id": rid, "stats": stats})])
             return None
         if msg.kind != "encode":
             sock.send_multipart(
@@ -141,8 +146,9 @@ class VisionServer:
             return None
         self.stats.requests += 1
         try:
-            images, routing, max_tiles = P.parse_encode_request(msg)
-            job = self.encoder.prepare(images, routing, max_tiles)
+            dim = self.encoder.config.language.hidden_size
+            images, routing, max_tiles, question = P.parse_encode_request(msg, dim)
+            job = self.encoder.prepare(images, routing, max_tiles, question)
         except VisionInputError as e:
             self.stats.errors += 1
             sock.send_multipart([ident, *P.error_reply(rid, e.status, str(e), e.param)])
