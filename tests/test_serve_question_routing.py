@@ -4,6 +4,7 @@ side and travels with the DvD request; models without the router, and the vLLM b
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import copy
 import threading
@@ -15,7 +16,9 @@ import torch
 
 from tessera.bench.loadgen import data_url, image_for_tiles, image_message
 from tessera.bench.question_cache import cached_question_cost
+from tessera.commands import serve as serve_command
 from tessera.image import ImageProcessor
+from tessera.model.checkpoint import save_checkpoint
 from tessera.routing import RoutingPolicy, encode_routed
 from tessera.serve import protocol as P
 from tessera.serve.language_server import (
@@ -265,3 +268,20 @@ def test_cached_question_cost_measures_both_paths(qmodel, image):
     assert out["images"] == 1 and out["questions"] == 2 and out["tiles"] == 7
     assert out["vit_ms"] > 0 and out["cached_question_ms"] > 0
     assert out["ratio"] == pytest.approx(out["cached_question_ms"] / out["vit_ms"])
+
+
+def serve_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    return serve_command.run(parser.parse_args(list(argv)))
+
+
+def test_serve_cli_refuses_question_default_it_cannot_serve(tiny, tmp_path, capsys):
+    save_checkpoint(tiny, tmp_path / "plain")  # a Flash model without a question router
+    assert serve_cli(str(tmp_path / "plain"), "--routing", "question", "--port", "0") == 2
+    assert (
+        "--routing question needs a model with a question-aware router" in capsys.readouterr().err
+    )
+    missing = str(tmp_path / "never-loaded")
+    assert serve_cli(missing, "--routing", "question", "--language-backend", "vllm") == 2
+    assert "not available with --language-backend vllm" in capsys.readouterr().err

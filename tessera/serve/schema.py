@@ -3,7 +3,8 @@
 Only what Tessera serves is modelled; unknown top-level fields are ignored (as OpenAI-compatible servers do)
 so clients that send e.g. `user` or `logit_bias: null` keep working. Tessera's own extras (sent by the
 official client through `extra_body`): `thinking` (or vLLM/Qwen3's `chat_template_kwargs.enable_thinking`),
-`routing` ("full" | "compressed" | "router"), `visual_token_budget` (max visual tokens over the request's images) and
+`routing` (one of tessera.routing.MODES; "question" routes on the last user message's text and needs a
+model with a question-aware router), `visual_token_budget` (max visual tokens over the request's images) and
 `max_tiles` (tiling limit per image, at most the model's), `ignore_eos` (benchmarks: run to max_tokens).
 
 Types are as strict as OpenAI's: integers must be JSON integers (not 3.0, "5" or true), booleans
