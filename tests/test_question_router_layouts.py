@@ -256,3 +256,9 @@ def test_chat_question_routing_without_the_router_is_a_clear_error(chat_ckpts, t
     err = capsys.readouterr().err
     assert err.startswith("error:") and "no question-aware router" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_show_routing_without_an_image_is_a_clear_error(chat_ckpts, tmp_path, capsys):
+    ckpt, _, _ = chat_ckpts
+    assert cli(["chat", str(ckpt), QUESTION, "--show-routing", str(tmp_path / "r.png")]) == 2
+    assert "give one with --image" in capsys.readouterr().err
