@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from tessera.device import add_device_arguments, devices_from_args
-from tessera.routing import MODES
+from tessera.routing import MODES, RoutingError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
     import tessera
     from tessera.image import ImageError
 
+    if args.show_routing and not args.image:
+        print(
+            "error: --show-routing draws the image's tiles; give one with --image", file=sys.stderr
+        )
+        return 2
     devices = devices_from_args(args)
     model = tessera.load(args.checkpoint, device=devices.device, dtype=devices.dtype)
     pipe = tessera.Pipeline(model)
@@ -73,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
                 top_p=args.top_p,
                 seed=args.seed,
             )
-    except (ImageError, FileNotFoundError) as e:
+    except (ImageError, FileNotFoundError, RoutingError) as e:
+        # RoutingError: e.g. --routing question on a model without the question-aware router
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(answer.text.strip())
@@ -85,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     if args.show_routing:
         from tessera.routing import draw_routing
 
-        draw_routing(model, args.image, args.routing, args.show_routing, question=args.question)
+        try:
+            draw_routing(model, args.image, args.routing, args.show_routing, question=args.question)
+        except (RoutingError, OSError) as e:
+            print(f"error: --show-routing: {e}", file=sys.stderr)
+            return 2
         print(f"routing picture written to {args.show_routing}", file=sys.stderr)
     return 0

@@ -3,7 +3,9 @@
 The source layout (tessera, official InternVL3.5, transformers) is detected from its config.json; tensors
 are copied bit for bit and tokenizer.json is copied along, and so is the Best-of-N critic (critic/, tessera.best_of_n)
 when the source has one. `--to hf` also writes what transformers and vLLM read (tessera.model.hf_export) and,
-for a Flash model, leaves out the router and mlp2 they do not have (one line says so; `--keep-flash` keeps them).
+for a Flash model, leaves out the router and mlp2 they do not have, and the question-aware router
+with them (one line says so; `--keep-flash` keeps them all, the question router under Tessera's
+own names, `model.question_router.*`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-flash",
         action="store_true",
-        help="--to hf: keep a Flash model's router and mlp2 (Tessera reads them; transformers and vLLM "
-        "refuse them)",
+        help="--to hf: keep a Flash model's router and mlp2, and its question-aware router "
+        "(Tessera reads them; transformers and vLLM refuse them)",
     )
     p.add_argument(
         "--force",

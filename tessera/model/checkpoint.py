@@ -246,6 +246,23 @@ def _drop_tied_head(state: dict[str, torch.Tensor], config: ModelConfig) -> None
     del state["language_model.lm_head.weight"]
 
 
+def check_question_router(state: dict[str, torch.Tensor], config: ModelConfig, where: str) -> None:
+    """The config and the weights must agree on the question-aware router (all of it or none of it)."""
+    prefix = layouts.QUESTION_ROUTER_PREFIX
+    stored = sum(k.startswith(prefix) for k in state)
+    if config.flash.question_router and not stored:
+        raise CheckpointError(
+            f"{where}: the config says flash.question_router (Tessera's question-aware router) but the "
+            f"weights hold no {prefix}* tensors; save the model again with its router, or set "
+            "flash.question_router false to load it without one"
+        )
+    if stored and not config.flash.question_router:
+        raise CheckpointError(
+            f"{where}: the weights hold the question-aware router ({stored} {prefix}* tensors) but the "
+            "config's flash.question_router is false; set it true (with flash.enabled) to load them"
+        )
+
+
 def check_state(
     state: dict[str, torch.Tensor], expected: dict[str, torch.Size], unknown: list[str], where: str
 ) -> None:
@@ -294,6 +311,7 @@ def load_checkpoint(
     config, layout = load_config(path)
     state, unknown = to_tessera_state(read_weights(path), layout)
     _drop_tied_head(state, config)
+    check_question_router(state, config, f"{path} ({layout} layout)")
     with torch.device("meta"):
         model = VisionLanguageModel(config)
     check_state(state, _expected(model), unknown, f"{path} ({layout} layout)")
@@ -347,8 +365,10 @@ def save_checkpoint(
     The tokenizer is copied from `tokenizer_file` when given, else saved from `model.tokenizer` when set. The hf
     and official layouts also get the files transformers and vLLM read (tessera.model.hf_export: tokenizer and
     processor configs, chat template, generation config; the official layout's configuration module).
-    `drop_flash` (hf only): leave out the router and mlp2, which transformers and vLLM do not have, and log
-    one line saying so; without it a Flash model's hf folder keeps them under the InternvlFlash port's names.
+    `drop_flash` (hf only): leave out the router and mlp2 (and the question-aware router), which transformers
+    and vLLM do not have, and log one line saying so; without it a Flash model's hf folder keeps them under the
+    InternvlFlash port's names (the question router, which not even that port has, under
+    `model.question_router.*`, with a line saying that only Tessera reads it).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
@@ -363,6 +383,10 @@ def save_checkpoint(
         config, state, note = hf_export.strip_flash(config, state)
         if note:
             log.warning(note)
+    elif layout != "tessera":
+        note = hf_export.question_router_note(config, state, layout)
+        if note:
+            log.info(note)
     if layout == "tessera":
         raw, tensors = config.to_dict(), state
     elif layout == "official":

@@ -19,7 +19,9 @@ the template (with the official `<image>` placeholder) and our configuration mod
 
 transformers and vLLM have no Visual Resolution Router, so the hf export of a Flash model leaves out
 the router and the 1/16 projector (`strip_flash`) and says so in one line; the full model stays in
-the tessera and official layouts.
+the tessera and official layouts. Tessera's question-aware router (`question_router.*`) is left out
+with them and named in that line. Where it is kept (the official layout, or hf with --keep-flash,
+under Tessera's own names) a line at INFO says that only Tessera reads it (`question_router_note`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from tessera.chat import (
 )
 from tessera.config import FlashConfig, ModelConfig
 from tessera.image import IMAGENET_MEAN, IMAGENET_STD
-from tessera.model.layouts import FLASH_PREFIXES
+from tessera.model.layouts import FLASH_PREFIXES, QUESTION_ROUTER_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +86,42 @@ def strip_flash(
     if not config.flash.enabled:
         return config, state, None
     dropped = [k for k in state if k.startswith(FLASH_PREFIXES)]
-    kept = {k: v for k, v in state.items() if not k.startswith(FLASH_PREFIXES)}
+    asking = [k for k in state if k.startswith(QUESTION_ROUTER_PREFIX)]
+    left_out = (*FLASH_PREFIXES, QUESTION_ROUTER_PREFIX)
+    kept = {k: v for k, v in state.items() if not k.startswith(left_out)}
     numel = sum(state[k].numel() for k in dropped)
     plain = dataclasses.replace(config, flash=FlashConfig(enabled=False))
+    question = (
+        f" and the question-aware router ({QUESTION_ROUTER_PREFIX}*: {len(asking)} tensors, "
+        f"{sum(state[k].numel() for k in asking):,} values)"
+        if asking
+        else ""
+    )
     note = (
         "hf export: left out the Flash router and 1/16 projector (mlp2, pooling_before_gating, "
-        f"gating: {len(dropped)} tensors, {numel:,} values), which transformers and vLLM do not "
-        "have; the export is the full-resolution model (every tile at 1/4). The full Flash model "
-        "stays in the tessera and official layouts (tessera convert SRC DST --to tessera|official)."
+        f"gating: {len(dropped)} tensors, {numel:,} values){question}, which transformers and vLLM "
+        "do not have; the export is the full-resolution model (every tile at 1/4). The full Flash "
+        "model stays in the tessera and official layouts (tessera convert SRC DST --to "
+        "tessera|official)."
     )
     return plain, kept, note
+
+
+def question_router_note(
+    config: ModelConfig, state: dict[str, torch.Tensor], layout: str
+) -> str | None:
+    """The one line for an official or hf (--keep-flash) folder that keeps the question-aware router
+    under Tessera's own names; None for a model without one."""
+    asking = [k for k in state if k.startswith(QUESTION_ROUTER_PREFIX)]
+    if not config.flash.question_router or not asking:
+        return None
+    where = QUESTION_ROUTER_PREFIX if layout == "official" else "model." + QUESTION_ROUTER_PREFIX
+    return (
+        f"{layout} layout: kept the question-aware router under {where}* ({len(asking)} tensors), "
+        "a Tessera extension that neither the released InternVL code nor transformers (nor its "
+        "InternvlFlash port) has: only Tessera reads it back; other loaders ignore it as unused "
+        "weights (tessera convert SRC DST --to hf leaves it out)."
+    )
 
 
 # ---- tokenizer

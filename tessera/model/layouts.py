@@ -13,6 +13,12 @@ Three layouts, told apart by config.json:
 
 Fields a layout cannot express (the preset name, router sizes, tiling limits for hf) travel in a
 `tessera_config` block inside config.json; the layout's own fields always win over it.
+
+Tessera's question-aware router (tessera.model.question_router) has no counterpart in either released layout.
+It travels under its own Tessera-only prefix, with its tensors under Tessera's names: `question_router.*` at the
+top level of the official layout, `model.question_router.*` in the hf layout (InternVL's and transformers'
+loaders report such keys as unused and ignore them). Its weights switch it on when a checkpoint is read
+(`flash.question_router`), and its thresholds travel in `tessera_config`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ OFFICIAL_ARCH = "InternVLChatModel"
 HF_ARCH = "InternVLForConditionalGeneration"
 QWEN3_IMG_CONTEXT_ID = 151671  # <IMG_CONTEXT> in the InternVL3.5 (Qwen3) tokenizer
 FLASH_PREFIXES = ("mlp2.", "pooling_before_gating.", "gating.")
+QUESTION_ROUTER_PREFIX = "question_router."  # Tessera-only: the question-aware router's keys
+QUESTION_ROUTER_FIELDS = ("question_relative_threshold", "question_absolute_threshold")
 
 
 def detect_layout(raw: dict[str, Any]) -> str:
@@ -237,8 +245,11 @@ def _overlay(derived: ModelConfig, raw: dict[str, Any], tiling_from_embedded: bo
     kept = {
         f.name: getattr(base.flash, f.name)
         for f in dataclasses.fields(FlashConfig)
-        if f.name.startswith("router_")
+        if f.name.startswith("router_") or f.name in QUESTION_ROUTER_FIELDS
     }
+    # weights switch the question router on; an embedded config that names it without them fails when the
+    # weights are checked (tessera.model.checkpoint), rather than silently giving a model without it
+    kept["question_router"] = derived.flash.question_router or base.flash.question_router
     for name in ("relative_threshold", "absolute_threshold"):  # written only for Flash models
         if f"flash_{name}" not in raw:
             kept[name] = getattr(base.flash, name)
@@ -269,6 +280,7 @@ def _flash(raw: dict[str, Any], keys: set[str], prefix: str, ratio: float) -> Fl
         compressed_downsample_ratio=ratio * ratio,
         relative_threshold=raw.get("flash_relative_threshold", 0.5),
         absolute_threshold=raw.get("flash_absolute_threshold", 0.5),
+        question_router=any(k.startswith(prefix + QUESTION_ROUTER_PREFIX) for k in keys),
         **({"router_num_blocks": blocks} if blocks else {}),
     )
 
@@ -586,6 +598,8 @@ def tessera_to_hf_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         elif key.startswith(FLASH_PREFIXES):
             flash[key] = value
             continue
+        elif key.startswith(QUESTION_ROUTER_PREFIX):  # Tessera-only: its own names under `model.`
+            new = "model." + key
         if new is None:
             raise KeyError(f"no transformers name for tessera key {key!r}")
         out[new] = value
@@ -644,6 +658,8 @@ def hf_to_tessera_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
         elif key.startswith(tuple("model." + p for p in FLASH_PREFIXES)):
             flash[key] = value
             continue
+        elif key.startswith("model." + QUESTION_ROUTER_PREFIX):
+            new = key[len("model.") :]
         if new is None:
             unknown.append(key)
         else:
