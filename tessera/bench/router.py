@@ -1,21 +1,28 @@
-"""`tessera bench router CKPT`: the Flash table — what the Visual Resolution Router buys, measured.
+"""`tessera bench router CKPT`: the Flash table — what the two routers buy, measured.
 
-A miniature of the paper's Table 17: on the world's held-out questions, per-family accuracy and visual tokens
-per image for four routings of the same Flash checkpoint —
-    full        every tile at 1/4 (mlp1)          compressed  every tile at 1/16 (mlp2)
-    router      ViR decides per tile              random      per image, as many tiles as the router, at random
-— then % visual tokens saved and % accuracy kept (router vs full), router − random on the reading families
-(same budget), the vision-side cost (ViT + router + chosen branch vs ViT + mlp1, timed and counted in MACs),
-the end-to-end eval throughput ratio, and the router's accuracy on held-out tiles against exact loss-ratio
-labels. `--docs docs/BENCHMARKS.md` rewrites that file's "## Flash" section with the result; `--out DIR` also
-writes flash.json, an accuracy-vs-tokens plot and a routing picture.
+A miniature of the paper's Table 17, for the released Visual Resolution Router and for Tessera's
+question-aware router. In one run:
+1. thresholds are chosen on the *training* split (`--tune-n` questions): the released router's relative
+   threshold is the most accurate one that saves >= 90 % of the world bound's savings (else the one saving
+   most); the question router's absolute threshold is the one saving most while keeping >= 98 % of full's
+   accuracy (else the most accurate);
+2. every routing (tessera.flash_table: full, compressed, router, random, question, router@question,
+   random@question and the world's two oracles) is evaluated on the same held-out questions (`--seeds`,
+   eval split, `--n` per seed) with those thresholds;
+3. the vision side is timed: full (ViT + mlp1) vs router (ViT + router + chosen branch), and per question on an
+   image whose ViT tokens are cached (question router + chosen branch) vs the ViT alone;
+4. each router is scored against exact loss-ratio labels on held-out tiles.
+`--docs docs/BENCHMARKS.md` rewrites that file's "## Flash" section; `--out DIR` writes flash.json, an
+accuracy-vs-tokens plot and the routing pictures; `--save-thresholds` writes the chosen thresholds into CKPT.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,62 +30,80 @@ import torch
 
 import tessera
 from tessera.bench.docs import replace_section
-from tessera.flash_table import evaluate_modes, reading_accuracy, summarise
+from tessera.bench.question_cache import cached_question_cost, world_inputs
+from tessera.bench.router_report import markdown, plot
+from tessera.config import ModelConfig
+from tessera.evaluate import evaluate
+from tessera.flash_table import TARGETS, evaluate_modes, merge, reading_accuracy, summarise
 from tessera.image import ImageProcessor
-from tessera.routing import draw_routing, encode_routed
+from tessera.routing import RoutingPolicy, draw_routing, encode_routed
+from tessera.train.question_router_stage import (
+    build_stage as build_question_stage,
+)
+from tessera.train.question_router_stage import (
+    evaluate_question_router,
+    heldout_stream_samples,
+)
 from tessera.train.router_stage import evaluate_router, heldout_samples
-from tessera.world import FAMILIES, READING_FAMILIES, eval_items, text_free_token_savings
+from tessera.world import (
+    FAMILIES,
+    READING_FAMILIES,
+    eval_items,
+    text_free_token_savings,
+    tuning_items,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a Flash checkpoint (trained: ViCO then router)")
+    p.add_argument("checkpoint", help="a Flash checkpoint (trained: ViCO, router, question_router)")
     p.add_argument(
-        "--n",
-        type=int,
-        default=140,
-        help="held-out questions per routing, interleaved over the families",
+        "--n", type=int, default=350, help="held-out questions per routing and seed (eval split)"
     )
-    p.add_argument("--seed", type=int, default=0, help="offset of the held-out set")
+    p.add_argument(
+        "--seeds",
+        default="0,50000",
+        help="comma-separated held-out set offsets; the table pools them",
+    )
+    p.add_argument(
+        "--tune-n",
+        type=int,
+        default=350,
+        help="training-split questions on which the thresholds are chosen (0: keep the checkpoint's)",
+    )
+    p.add_argument(
+        "--relative-grid",
+        default="0.3,0.5,0.7,0.9",
+        help="released router: relative thresholds tried on the training split",
+    )
+    p.add_argument(
+        "--question-grid",
+        default="0.3,0.4,0.5,0.6,0.7,0.8",
+        help="question router: absolute thresholds tried on the training split",
+    )
+    p.add_argument(
+        "--save-thresholds", action="store_true", help="write the chosen thresholds into CKPT"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument(
         "--router-samples",
         type=int,
-        default=48,
-        help="held-out samples for the router's tile accuracy (0: skip)",
+        default=32,
+        help="held-out conversations for each router's tile accuracy (0: skip)",
     )
     p.add_argument(
         "--router-turns",
         type=int,
         default=4,
-        help="questions per held-out image whose loss ratios label the tiles (the recipe's router stage: 4)",
+        help="questions per held-out image whose loss ratios label the tiles (the recipe's: 4)",
     )
     p.add_argument(
         "--vision-images", type=int, default=32, help="images for the vision-side timing"
     )
     p.add_argument(
-        "--rounds",
-        type=int,
-        default=5,
-        help="timed rounds of the vision side; the median is reported",
+        "--rounds", type=int, default=5, help="timed rounds of the vision side (median reported)"
     )
-    p.add_argument("--out", help="folder for flash.json, flash_tradeoff.png and flash_routing.png")
-    p.add_argument(
-        "--docs", help="markdown file whose '## Flash' section is replaced with the result"
-    )
-    p.add_argument(
-        "--relative-threshold",
-        type=float,
-        help="override the checkpoint's flash.relative_threshold",
-    )
-    p.add_argument(
-        "--absolute-threshold",
-        type=float,
-        help="override the checkpoint's flash.absolute_threshold",
-    )
-    p.add_argument(
-        "--sweep",
-        help="comma-separated relative thresholds: router and random at each (the trade-off curve)",
-    )
+    p.add_argument("--out", help="folder for flash.json, the plot and the routing pictures")
+    p.add_argument("--docs", help="markdown file whose '## Flash' section is replaced")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
 
 
@@ -159,216 +184,175 @@ def vision_cost(model, images, rounds: int) -> dict[str, float]:
     }
 
 
-# ---- the table ---------------------------------------------------------------------------------------------
+# ---- choosing thresholds on the training split --------------------------------------------------------------
 
 
-def world_bound(config, n: int, seed: int = 0) -> dict[str, float]:
-    """tessera.world.text_free_token_savings on the table's own n held-out questions."""
-    items = eval_items(-(-n // len(FAMILIES)), FAMILIES, offset=seed)[:n]
+def world_bound(config, n: int, seeds: list[int], split: str = "eval") -> dict[str, float]:
+    """tessera.world.text_free_token_savings on the table's own questions (n per seed)."""
+    per_family = -(-n // len(FAMILIES))
+    items = [
+        it
+        for seed in seeds
+        for it in (
+            tuning_items(per_family, offset=seed)
+            if split == "train"
+            else eval_items(per_family, offset=seed)
+        )[:n]
+    ]
     return text_free_token_savings(
         (it.sample() for it in items), config.tokens_per_tile, config.compressed_tokens_per_tile
     )
 
 
-INTRO = """`tessera bench router` (tessera/bench/router.py) evaluates one Flash checkpoint four ways on the same held-out
-questions: every tile at 1/4 (`full`, mlp1), every tile at 1/16 (`compressed`, mlp2), the Visual Resolution Router
-deciding per tile (`router`), and per image as many tiles as the router compresses but chosen at random (`random`, the
-same visual-token budget). Inference runs the ViT once, then the router, then only the chosen branch per tile, and the
-prompt carries exactly the tokens used. A miniature of the paper's Table 17."""
+def _point(value: float, r, full) -> dict[str, float]:
+    return {
+        "threshold": value,
+        "overall": r.overall,
+        "reading": reading_accuracy(r),
+        "visual_tokens": r.visual_tokens_per_image,
+        "tokens_saved": 100 * (1 - r.visual_tokens_per_image / full.visual_tokens_per_image),
+        "accuracy_kept": 100 * r.overall / full.overall,
+    }
 
 
-def markdown(s: dict, checkpoint: str, command: str = "") -> str:
-    fams = s["families"]
-    lines = [INTRO, ""]
-    if command:
-        lines += ["```", command, "```", ""]
-    lines += [
-        f"Checkpoint `{checkpoint}`, {s['n']} held-out questions per routing (seed {s['seed']}); router thresholds "
-        f"relative {s['relative_threshold']:.2f}, absolute {s['absolute_threshold']:.2f}.",
-        "",
-        "| routing | "
-        + " | ".join(fams)
-        + " | overall | reading | visual tokens / image | tiles at 1/16 | questions/s |",
-        "|---|" + "---:|" * (len(fams) + 5),
-    ]
-    for m, r in s["modes"].items():
-        cells = " | ".join(f"{100 * r['families'].get(f, float('nan')):.1f}" for f in fams)
-        lines.append(
-            f"| {m} | {cells} | {100 * r['overall']:.1f} | {100 * r['reading']:.1f} | {r['visual_tokens']:.1f} "
-            f"| {100 * r['compressed_tiles']:.0f} % | {r['samples_per_second']:.2f} |"
-        )
-    lines += [
-        "",
-        f"- router vs full: **{s['tokens_saved']:.1f} % fewer visual tokens**, **{s['accuracy_kept']:.1f} % of the "
-        f"accuracy** ({s['reading_kept']:.1f} % on reading families)",
-        f"- all-compressed vs full on reading: {-s['compressed_reading_drop']:+.1f} points; router − random at the same "
-        f"budget on reading: {s['router_minus_random']:+.1f} points",
-        f"- end-to-end eval throughput, router / full: **{s['throughput_ratio']:.2f}×**",
-    ]
-    if "vision" in s:
-        v = s["vision"]
-        lines.append(
-            f"- vision side over {v['tiles']:.0f} tiles ({100 * v['compressed_fraction']:.0f} % routed to 1/16): "
-            f"router / full time **{v['time_ratio']:.2f}×** ({1e3 * v['sec_router']:.0f} ms vs {1e3 * v['sec_full']:.0f} ms; "
-            f"both branches as transformers' Flash does: {1e3 * v['sec_both_branches']:.0f} ms), MACs {v['mac_ratio']:.3f}× "
-            f"(router = {100 * v['router_share_of_vit']:.1f} % of the ViT; one mlp2 tile = {v['mlp2_over_mlp1']:.2f}× an mlp1 tile)"
-        )
-    if s.get("sweep"):
-        lines += [
-            "",
-            f"Trade-off (absolute threshold {s['absolute_threshold']:.2f}; random compresses as many tiles as the "
-            "router at each point):",
-            "",
-            "| relative threshold | visual tokens / image | router overall | router reading | random overall | random reading |",
-            "|---:|---:|---:|---:|---:|---:|",
-        ]
-        for pt in s["sweep"]:
-            lines.append(
-                f"| {pt['relative']:.2f} | {pt['router']['visual_tokens']:.1f} | {100 * pt['router']['overall']:.1f} | "
-                f"{100 * pt['router']['reading']:.1f} | {100 * pt['random']['overall']:.1f} | {100 * pt['random']['reading']:.1f} |"
+def tune(model, args: argparse.Namespace) -> dict:
+    """Sweep each router's threshold on training-split questions and choose (the module docstring's rules)."""
+    n, bs = args.tune_n, args.batch_size
+    full = evaluate(model, n=n, routing="full", batch_size=bs, keep_records=False, split="train")
+    bound = world_bound(model.config, n, [0], split="train")
+    need = TARGETS["bound_share"] / 100 * 100 * bound["text_free_and_thumbnails"]  # % tokens saved
+    out: dict = {"n": n, "full": full.overall, "bound": bound, "router": [], "question": []}
+    for rel in [float(x) for x in args.relative_grid.split(",")]:
+        policy = RoutingPolicy("router", relative_threshold=rel)
+        r = evaluate(model, n=n, routing=policy, batch_size=bs, keep_records=False, split="train")
+        out["router"].append(_point(rel, r, full))
+    meets = [p for p in out["router"] if p["tokens_saved"] >= need]
+    pick = (
+        max(meets, key=lambda p: p["overall"])
+        if meets
+        else max(out["router"], key=lambda p: p["tokens_saved"])
+    )
+    out["relative_threshold"] = pick["threshold"]
+    if getattr(model, "question_router", None) is not None:
+        for ab in [float(x) for x in args.question_grid.split(",")]:
+            policy = RoutingPolicy("question", absolute_threshold=ab)
+            r = evaluate(
+                model, n=n, routing=policy, batch_size=bs, keep_records=False, split="train"
             )
-    if "router_tiles" in s:
-        r = s["router_tiles"]
-        lines.append(
-            f"- router on {r['tiles']:.0f} held-out tiles vs exact loss-ratio labels from {r.get('turns', 1):.0f} "
-            f"question(s) per image (τ = median r = {r['tau']:.3f}): "
-            f"accuracy {100 * r['accuracy']:.1f} %, balanced {100 * r['balanced_accuracy']:.1f} %, AUC {r['auc']:.3f}"
+            out["question"].append(_point(ab, r, full))
+        kept = [p for p in out["question"] if p["accuracy_kept"] >= TARGETS["accuracy_kept"]]
+        pick = (
+            max(kept, key=lambda p: p["tokens_saved"])
+            if kept
+            else max(out["question"], key=lambda p: p["overall"])
         )
-    if "world_bound" in s:
-        b = s["world_bound"]
-        lines.append(
-            f"- world bound: a router that sees tiles but not the question keeps every reading answer only by keeping "
-            f"every tile with text; compressing exactly the others saves {100 * b['text_free']:.1f} % of the visual "
-            f"tokens ({100 * b['text_free_and_thumbnails']:.1f} % with every thumbnail too)"
-        )
-    lines += ["", "| target | met |", "|---|---|"]
-    lines += [f"| {k} | {'yes' if ok else '**no**'} |" for k, ok in s["targets"].items()]
-    return "\n".join(lines)
+        out["question_absolute_threshold"] = pick["threshold"]
+    return out
 
 
-def plot(s: dict, out: Path) -> None:
-    import matplotlib
+def save_thresholds(checkpoint: str, flash) -> Path:
+    """Write the flash thresholds into a tessera-layout checkpoint's config.json."""
+    path = Path(checkpoint) / "config.json"
+    config = ModelConfig.load(path)
+    for name in (
+        "relative_threshold",
+        "absolute_threshold",
+        "question_relative_threshold",
+        "question_absolute_threshold",
+    ):
+        setattr(config.flash, name, getattr(flash, name))
+    config.save(path)
+    return path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for (m, r), marker in zip(s["modes"].items(), "osD^v<>"):
-        ax.scatter(
-            r["visual_tokens"], 100 * r["overall"], marker=marker, s=60, label=f"{m} (overall)"
-        )
-        ax.scatter(
-            r["visual_tokens"],
-            100 * r["reading"],
-            marker=marker,
-            s=60,
-            facecolors="none",
-            edgecolors="k",
-        )
-        ax.annotate(
-            m,
-            (r["visual_tokens"], 100 * r["overall"]),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=8,
-        )
-    if s.get("sweep"):
-        for m, style in (("router", "-"), ("random", "--")):
-            xs = [pt[m]["visual_tokens"] for pt in s["sweep"]]
-            ax.plot(
-                xs,
-                [100 * pt[m]["reading"] for pt in s["sweep"]],
-                style,
-                color="k",
-                lw=1,
-                label=f"{m} sweep (reading)",
-            )
-    ax.set_xlabel("visual tokens per image")
-    ax.set_ylabel("accuracy (%)  — hollow: reading families")
-    ax.set_title("Flash: accuracy vs visual tokens")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+# ---- the run ------------------------------------------------------------------------------------------------
+
+
+def question_router_tiles(model, samples: int, turns: int) -> dict[str, float]:
+    """The question router against exact per-question labels on held-out conversations of its stage's stream."""
+    stream = build_question_stage(model, {"turns": turns, "workers": 0}).make
+    return evaluate_question_router(model, heldout_stream_samples(stream, samples))
 
 
 def run(args: argparse.Namespace) -> int:
-    model = tessera.load(args.checkpoint).eval()
+    model = tessera.load(args.checkpoint).float().eval()
     if not model.config.flash.enabled:
         raise SystemExit(f"{args.checkpoint} is not a Flash model (no router, no mlp2)")
     flash = model.config.flash
-    if args.relative_threshold is not None:
-        flash.relative_threshold = args.relative_threshold
-    if args.absolute_threshold is not None:
-        flash.absolute_threshold = args.absolute_threshold
-
-    results = evaluate_modes(model, args.n, args.seed, args.batch_size)
-    sweep = []
-    chosen = flash.relative_threshold
-    for t in [float(x) for x in args.sweep.split(",")] if args.sweep else []:
-        flash.relative_threshold = (
-            t  # routing reads the thresholds from the config at each decision
-        )
-        pair = evaluate_modes(model, args.n, args.seed, args.batch_size, ("router", "random"))
-        sweep.append(
-            {
-                "relative": t,
-                **{
-                    m: {
-                        "overall": r.overall,
-                        "reading": reading_accuracy(r),
-                        "visual_tokens": r.visual_tokens_per_image,
-                    }
-                    for m, r in pair.items()
-                },
-            }
-        )
-    flash.relative_threshold = chosen
-    images = [
-        item.sample().image
-        for item in eval_items(-(-args.vision_images // 7), offset=args.seed + 10_000)
-    ]
-    vision = (
-        vision_cost(model, images[: args.vision_images], args.rounds)
-        if args.vision_images
-        else None
-    )
+    has_question = getattr(model, "question_router", None) is not None
+    seeds = [int(x) for x in args.seeds.split(",")]
+    tuning = tune(model, args) if args.tune_n else None
+    if tuning:
+        flash.relative_threshold = tuning["relative_threshold"]
+        if has_question:
+            flash.question_absolute_threshold = tuning["question_absolute_threshold"]
+    per_seed = [evaluate_modes(model, args.n, seed, args.batch_size) for seed in seeds]
+    results = {m: merge([r[m] for r in per_seed]) for m in per_seed[0]}
+    bound = world_bound(model.config, args.n, seeds)
+    vision = None
+    if args.vision_images:
+        images = [
+            item.sample().image
+            for item in eval_items(-(-args.vision_images // 7), offset=seeds[0] + 10_000)
+        ][: args.vision_images]
+        vision = vision_cost(model, images, args.rounds)
+        if has_question:
+            data, questions = world_inputs(min(8, args.vision_images), 4)
+            cached = cached_question_cost(model, data, questions, args.rounds)
+            vision.update(
+                question_cached_ms=cached["cached_question_ms"],
+                question_vit_ms=cached["vit_ms"],
+                question_cached_ratio=cached["ratio"],
+            )
     router_acc = None
     if args.router_samples:
         router_acc = evaluate_router(
             model, heldout_samples(model, args.router_samples, turns=args.router_turns)
         )
         router_acc["turns"] = float(args.router_turns)
-    s = summarise(results, vision, router_acc)
-    s["world_bound"] = world_bound(model.config, args.n, args.seed)
+        if has_question:
+            router_acc["question"] = question_router_tiles(
+                model, args.router_samples, args.router_turns
+            )
+    s = summarise(results, vision, router_acc, bound)
     s.update(
+        seeds=seeds,
+        tuning=tuning,
         relative_threshold=flash.relative_threshold,
         absolute_threshold=flash.absolute_threshold,
-        sweep=sweep,
+        question_relative_threshold=flash.question_relative_threshold,
+        question_absolute_threshold=flash.question_absolute_threshold,
     )
-    import shlex
-    import sys
-
-    text = markdown(
-        s,
-        args.checkpoint,
+    if args.save_thresholds:
+        print(f"thresholds written to {save_thresholds(args.checkpoint, flash)}", file=sys.stderr)
+    command = (
         "tessera bench router " + " ".join(shlex.quote(a) for a in sys.argv[3:])
         if sys.argv[1:3] == ["bench", "router"]
-        else "",
+        else ""
     )
+    text = markdown(s, args.checkpoint, command)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "flash.json").write_text(json.dumps(s, indent=2) + "\n")
-        plot(s, out / "flash_tradeoff.png")
-        doc = next(
-            it.sample() for it in eval_items(4, families=[READING_FAMILIES[-1]], offset=args.seed)
-        )
-        doc.image.save(out / "flash_example.png")
-        draw_routing(model, out / "flash_example.png", "router", str(out / "flash_routing.png"))
-        text += f"\n\nPlot: `{out / 'flash_tradeoff.png'}`; routing picture: `{out / 'flash_routing.png'}`."
+        text += "\n\n" + write_figures(model, s, Path(args.out), seeds[0])
     if args.docs:
         replace_section(Path(args.docs), "## Flash", text)
     print(json.dumps(s, indent=2) if args.json else text)
     return 0
+
+
+def write_figures(model, s: dict, out: Path, seed: int) -> str:
+    """flash.json, the trade-off plot and the routing pictures (released router; question router for the
+    document question asked of the same image). Returns the markdown line naming them."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "flash.json").write_text(json.dumps(s, indent=2) + "\n")
+    plot(s, out / "flash_tradeoff.png")
+    doc = next(it.sample() for it in eval_items(4, families=[READING_FAMILIES[-1]], offset=seed))
+    doc.image.save(out / "flash_example.png")
+    draw_routing(model, out / "flash_example.png", "router", str(out / "flash_routing.png"))
+    names = [f"`{out / 'flash_tradeoff.png'}`", f"`{out / 'flash_routing.png'}` (router)"]
+    if getattr(model, "question_router", None) is not None:
+        picture = out / "flash_routing_question.png"
+        draw_routing(
+            model, out / "flash_example.png", "question", str(picture), question=doc.question
+        )
+        names.append(f"`{picture}` (question router, for {doc.question!r})")
+    return "Plot and pictures: " + ", ".join(names) + "."

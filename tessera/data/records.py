@@ -16,6 +16,11 @@ from tessera.chat import THINK
 IMAGE_PLACEHOLDER = "<image>"
 
 
+def question_text(question: str) -> str:
+    """A turn's question without its image placeholders: the text the question-aware router reads."""
+    return " ".join(question.replace(IMAGE_PLACEHOLDER, " ").split())
+
+
 class DataError(ValueError):
     """A record or file that cannot be used; the message starts with `file:line`. `reason` names the
     kind of

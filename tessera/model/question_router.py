@@ -82,6 +82,7 @@ class QuestionAwareRouter(nn.Module):
         self.gating.load_state_dict(router.gating.state_dict())
 
 
+@torch.no_grad()
 def question_embedding(embed_tokens: nn.Embedding, ids: list[list[int]]) -> torch.Tensor:
     """Mean token embedding of each question → [B, Dl] float32 (zeros for a question without text tokens)."""
     weight = embed_tokens.weight

@@ -15,6 +15,7 @@ STAGES: dict[str, str] = {
     "sft": "tessera.train.sft",
     "vico": "tessera.train.vico",
     "router": "tessera.train.router_stage",
+    "question_router": "tessera.train.question_router_stage",
     "mpo": "tessera.train.mpo",
     "gspo": "tessera.train.gspo",
 }

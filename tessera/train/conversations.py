@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tessera.data.encode import encode_ids
-from tessera.data.records import Conversation
+from tessera.data.records import Conversation, question_text
 from tessera.data.scan import ScanReport, scan
 from tessera.data.source import Records
 from tessera.image import ImageProcessor
@@ -53,7 +53,8 @@ class ConversationStream:
                 torch.zeros(0, 3, self.config.tile_size, self.config.tile_size),
             )
         ids, mask = encode_ids(self.tokenizer, conv, image_tokens)
-        return Encoded(ids, mask, tiles, image_tokens, conv.category, index)
+        questions = tuple(question_text(t.question) for t in conv.turns)
+        return Encoded(ids, mask, tiles, image_tokens, conv.category, index, questions=questions)
 
 
 def scan_for(

@@ -88,6 +88,9 @@ class Encoded:
     evidence: list[Evidence] | None = (
         None  # per answered turn (row 0, positions in the sample); None without a scene
     )
+    questions: tuple[
+        str, ...
+    ] = ()  # each answered turn's question text, in order (the question router's input)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -134,6 +137,7 @@ def encode(
         index,
         _grounding(scene, pixels.pixel_values.shape[0]),
         evidence,
+        (question,),
     )
 
 
@@ -305,6 +309,7 @@ def encode_turns(
         index,
         _grounding(scene, pixels.pixel_values.shape[0]),
         evidence,
+        tuple(q for q, _, _ in turns),
     )
 
 

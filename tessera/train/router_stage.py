@@ -46,7 +46,7 @@ class TileRatios:
     patch_tokens: torch.Tensor  # [ΣN, P, Cv] last-layer ViT tokens (what the router reads)
 
 
-def _answer_losses(
+def answer_losses(
     model, rows: list[tuple[list[int], list[int], torch.Tensor]], pad_id: int, chunk: int
 ) -> list[torch.Tensor]:
     """Mean cross-entropy of every answer of each (ids, loss_mask, features) row → R tensors [A_r].
@@ -124,7 +124,7 @@ def tile_loss_ratios(
             )
             rows.append((enc.input_ids, enc.loss_mask, feats))
         offset += k
-    losses = _answer_losses(model, rows, pad_id, chunk)  # Σ(N_s + 1) rows, each [A_s]
+    losses = answer_losses(model, rows, pad_id, chunk)  # Σ(N_s + 1) rows, each [A_s]
     base, per_tile, ratios, at = [], [], [], 0
     for k in tiles:
         full_a = losses[at]  # [A] each answer's loss with every tile at 1/4

@@ -70,7 +70,9 @@ def shrink_image_tokens(
     for n in tiles_per_image:
         image_tokens.append(sum(small if c else full for c in compress[start : start + n]))
         start += n
-    return Encoded(ids, mask, enc.pixel_values, image_tokens, enc.family, enc.index)
+    return Encoded(
+        ids, mask, enc.pixel_values, image_tokens, enc.family, enc.index, questions=enc.questions
+    )
 
 
 def draw_xi(index: int, num_images: int, compress_prob: float = 0.5) -> list[bool]:

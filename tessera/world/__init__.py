@@ -10,7 +10,17 @@ the difficulty knob to scene settings, probe.py measures how much text a tile an
 """
 
 from tessera.world.curriculum import Level, level
-from tessera.world.eval_sets import EvalItem, eval_items, eval_set, score, text_free_token_savings
+from tessera.world.eval_sets import (
+    ORACLES,
+    EvalItem,
+    bound_oracle,
+    eval_items,
+    eval_set,
+    evidence_oracle,
+    score,
+    text_free_token_savings,
+    tuning_items,
+)
 from tessera.world.scenes import Scene, render
 from tessera.world.tasks import (
     ALL_FAMILIES,
@@ -30,6 +40,10 @@ from tessera.world.verify import final_text, normalise, verify
 
 __all__ = [
     "ALL_FAMILIES",
+    "ORACLES",
+    "bound_oracle",
+    "evidence_oracle",
+    "tuning_items",
     "DESCRIBE",
     "FAMILIES",
     "READING_FAMILIES",

@@ -33,7 +33,25 @@ def eval_items(
     if unknown:
         raise ValueError(f"unknown eval families {unknown}; choose from {', '.join(FAMILIES)}")
     if split == "train":
-        raise ValueError("evaluation sets come from the 'eval' or 'test' split, never from 'train'")
+        raise ValueError(
+            "evaluation sets come from the 'eval' or 'test' split, never from 'train' "
+            "(a set for choosing settings on training seeds is `tuning_items`)"
+        )
+    return _items(n_per_family, families, split, offset)
+
+
+def tuning_items(
+    n_per_family: int = 50, families: Sequence[str] = FAMILIES, offset: int = 0
+) -> list[EvalItem]:
+    """A set laid out like `eval_items` but from the *train* split: where a benchmark chooses thresholds (on
+    training seeds) before it reports on held-out ones."""
+    return _items(n_per_family, families, "train", offset)
+
+
+def _items(n_per_family: int, families: Sequence[str], split: str, offset: int) -> list[EvalItem]:
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown eval families {unknown}; choose from {', '.join(FAMILIES)}")
     k = len(FAMILIES)
     return [
         EvalItem((offset + i) * k + FAMILIES.index(f), f, split)
@@ -102,3 +120,28 @@ def text_free_token_savings(
         "text_free": text_free / total,
         "text_free_and_thumbnails": (text_free + thumbnails) / total,
     }
+
+
+def _tiles(sample: Sample) -> tuple[int, int | None]:
+    """(tiles of the grid, the thumbnail's index or None): the tiler adds a thumbnail to multi-tile images."""
+    cols, rows = sample.meta["grid"]
+    grid = cols * rows
+    return grid, (grid if grid > 1 else None)
+
+
+def bound_oracle(sample: Sample) -> list[bool]:
+    """The world bound's routing (`text_free_token_savings`): every tile without small text and the thumbnail
+    at 1/16 — the most a question-blind router can compress without ever compressing text. Flags in tile order."""
+    grid, thumb = _tiles(sample)
+    text = set(sample.meta["text_tiles"])
+    return [i == thumb or i not in text for i in range(grid + (thumb is not None))]
+
+
+def evidence_oracle(sample: Sample) -> list[bool]:
+    """A question-aware oracle: every tile but the question's evidence tiles and the thumbnail at 1/16."""
+    grid, thumb = _tiles(sample)
+    evidence = set(sample.meta["evidence_tiles"])
+    return [i != thumb and i not in evidence for i in range(grid + (thumb is not None))]
+
+
+ORACLES = {"bound oracle": bound_oracle, "evidence oracle": evidence_oracle}

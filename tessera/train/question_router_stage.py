@@ -1,0 +1,329 @@
+"""Stage `question_router`: train Tessera's question-aware router (tessera.model.question_router) per question.
+
+ViCO's stage 2, asked per question instead of per image. The model is frozen; for every (tile i, answer a) of a
+batch the label comes from the loss ratio of *that answer* with tile i at 1/16 against tile i at 1/4, in one or
+both of two contexts:
+
+    context "full"        r_full = (L_a(tile i at 1/16, the rest at 1/4) + eps) / (L_a(every tile at 1/4) + eps)
+                          (the released router's ratio: what losing this tile's detail costs)
+    context "compressed"  r_comp = (L_a(every tile at 1/16) + eps) / (L_a(tile i at 1/4, the rest at 1/16) + eps)
+                          (what keeping this tile alone at 1/4 buys when the router compresses the others,
+                          which is the situation a question router creates)
+    context "both"        r = max(r_full, r_comp)
+
+"both" matters where evidence is duplicated: the thumbnail and a tile both show a shape, so compressing either
+alone costs nothing (r_full ≈ 1 for each) while compressing both loses it; r_comp sees that either one rescues
+the answer. Each ratio is exact (one variant per tile, all variants of a batch in batched LLM forwards).
+A (tile, answer) pair is labelled *compress* when r < τ, τ = the k-th percentile of r over a sliding window;
+the router reads the tile's last-layer ViT tokens and the answer's question (its mean token embedding) and is
+trained with the 2-way softmax cross-entropy of the released router. One multi-question conversation per
+image gives `turns` labelled questions for one ViT pass.
+
+The stage adds the question router to a Flash model that lacks one (copied from its released router, so it
+starts deciding as that one does) and writes its thresholds into the config it saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from tessera.auc import auc
+from tessera.routing import question_vectors
+from tessera.train import dataclass_from
+from tessera.train.conversations import file_stream
+from tessera.train.data import Curriculum, Encoded, WorldStream, stream_batches
+from tessera.train.router_stage import (
+    HELDOUT_SEED,
+    RatioWindow,
+    SampleBatch,
+    SampleGrouper,
+    answer_losses,
+    router_bce,
+    router_labels,
+)
+from tessera.train.sft import SEED_OFFSET, default_families
+from tessera.train.vico import shrink_image_tokens
+
+CONTEXTS = ("full", "compressed", "both")
+
+
+@dataclass
+class QuestionRatios:
+    """One row per (sample, answer, tile) of a batch."""
+
+    r: torch.Tensor  # [M] the loss ratio the label is cut from
+    r_full: torch.Tensor  # [M] in the released context (nan when not computed)
+    r_compressed: torch.Tensor  # [M] in the compressed context (nan when not computed)
+    tile: torch.Tensor  # [M] long: row of `patch_tokens`
+    question: torch.Tensor  # [M] long: row of `questions`
+    patch_tokens: torch.Tensor  # [ΣN, P, Cv] last-layer ViT tokens
+    questions: list[str]  # [ΣA] every answer's question, sample by sample
+
+
+def _variants(k: int, context: str) -> list[list[bool]]:
+    """The compress masks one sample is scored under: all 1/4 and one-at-1/16 (full context), then all
+    1/16 and one-at-1/4 (compressed context)."""
+    out = []
+    if context in ("full", "both"):
+        out += [[False] * k] + [[i == j for i in range(k)] for j in range(k)]
+    if context in ("compressed", "both"):
+        out += [[True] * k] + [[i != j for i in range(k)] for j in range(k)]
+    return out
+
+
+@torch.no_grad()
+def question_tile_ratios(
+    model, samples: list[Encoded], context: str = "both", eps: float = 1e-3, chunk: int = 16
+) -> QuestionRatios:
+    """Exact per-(tile, answer) loss ratios for `samples` (Encoded at 1/4, each with its `questions`)."""
+    if context not in CONTEXTS:
+        raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+    cfg = model.config
+    full, small, ctx = (
+        cfg.tokens_per_tile,
+        cfg.compressed_tokens_per_tile,
+        cfg.image_context_token_id,
+    )
+    pad_id = getattr(getattr(model, "tokenizer", None), "pad_id", 0)
+    pixel_values = torch.cat([s.pixel_values for s in samples])  # [ΣN,3,S,S]
+    grid = model.vision_tokens(pixel_values)  # [ΣN,h,w,Cv]
+    n = grid.shape[0]
+    feats_full = model.project(grid, None)[0].view(n, full, -1)  # [ΣN,t1,D]
+    feats_small = model.project(grid, torch.ones(n, dtype=torch.bool))[0].view(n, small, -1)
+    rows, plan, offset = [], [], 0
+    for s in samples:
+        k = s.pixel_values.shape[0]
+        for compress in _variants(k, context):
+            enc = shrink_image_tokens(s, compress, full, small, ctx) if any(compress) else s
+            feats = torch.cat(
+                [
+                    feats_small[offset + i] if c else feats_full[offset + i]
+                    for i, c in enumerate(compress)
+                ]
+            )  # [tokens, D]
+            rows.append((enc.input_ids, enc.loss_mask, feats))
+        plan.append((k, offset))
+        offset += k
+    losses = answer_losses(model, rows, pad_id, chunk)  # one [A_s] per row
+    rs, r_fulls, r_comps, tiles, qs, questions, at = [], [], [], [], [], [], 0
+    for s, (k, first) in zip(samples, plan):
+        answers = losses[at].numel()
+        if len(s.questions) != answers:
+            raise ValueError(
+                f"sample {s.index}: {answers} answers but {len(s.questions)} questions "
+                "(the question router needs each answered turn's question)"
+            )
+        nan = torch.full((k, answers), float("nan"))
+        r_full, r_comp = nan, nan.clone()
+        if context in ("full", "both"):
+            base = losses[at]  # [A] every tile at 1/4
+            one = torch.stack(losses[at + 1 : at + 1 + k])  # [k, A] tile i at 1/16
+            r_full = (one + eps) / (base + eps)  # [k, A]
+            at += k + 1
+        if context in ("compressed", "both"):
+            base = losses[at]  # [A] every tile at 1/16
+            one = torch.stack(losses[at + 1 : at + 1 + k])  # [k, A] tile i alone at 1/4
+            r_comp = (base + eps) / (one + eps)  # [k, A]
+            at += k + 1
+        r = torch.fmax(r_full, r_comp)  # [k, A]; fmax ignores the context not computed (nan)
+        rs.append(r.T.reshape(-1))  # [A·k], answer-major
+        r_fulls.append(r_full.T.reshape(-1))
+        r_comps.append(r_comp.T.reshape(-1))
+        tiles.append((first + torch.arange(k)).repeat(answers))  # [A·k]
+        qs.append((len(questions) + torch.arange(answers)).repeat_interleave(k))  # [A·k]
+        questions += list(s.questions)
+    return QuestionRatios(
+        torch.cat(rs),
+        torch.cat(r_fulls),
+        torch.cat(r_comps),
+        torch.cat(tiles),
+        torch.cat(qs),
+        grid.reshape(n, -1, grid.shape[-1]),
+        questions,
+    )
+
+
+def question_router_scores(model, ratios: QuestionRatios) -> torch.Tensor:
+    """The question router's logits [M, 2] for every (tile, answer) row of `ratios`."""
+    vectors = question_vectors(model, ratios.questions).to(ratios.patch_tokens.device)  # [ΣA, Dl]
+    return model.question_router(ratios.patch_tokens[ratios.tile], vectors[ratios.question])
+
+
+@dataclass
+class QuestionRouterStage:
+    make: object  # global stream index → Encoded at 1/4 (a picklable WorldStream or ConversationStream)
+    samples_per_batch: int = 8
+    percentile: float = (
+        70.0  # k: τ is the k-th percentile of r; about k % of (tile, question) rows compress
+    )
+    window: int = 4096  # (tile, question) rows in the sliding window
+    context: str = "both"
+    eps: float = 1e-3
+    workers: int = 1
+    name: str = "question_router"
+    trainable: dict[str, bool] = field(
+        default_factory=lambda: {
+            "vision": False,
+            "connector": False,
+            "language": False,
+            "router": True,
+        }
+    )
+    component_lr: dict[str, float] = field(default_factory=dict)
+    heldout: int = 32  # held-out conversations for `eval_fn`
+    thresholds: tuple[float | None, float | None] = (None, None)  # (relative, absolute) to ship
+
+    def __post_init__(self) -> None:
+        if self.context not in CONTEXTS:
+            raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {self.context!r}")
+        self._window = RatioWindow(self.window, self.percentile)
+        self._heldout: list[Encoded] | None = None
+
+    @staticmethod
+    def param_filter(name: str) -> bool:
+        """Only the question router's weights move (the released router is in the same component)."""
+        return name.startswith("question_router.")
+
+    def setup(self, model) -> None:
+        model.add_question_router()
+        relative, absolute = self.thresholds  # written into the config the checkpoint saves
+        if relative is not None:
+            model.config.flash.question_relative_threshold = float(relative)
+        if absolute is not None:
+            model.config.flash.question_absolute_threshold = float(absolute)
+
+    def eval_fn(self, model, step: int) -> dict[str, float]:
+        """Per-question accuracy and AUC on held-out conversations (every `eval_every` steps)."""
+        if self._heldout is None:
+            self._heldout = heldout_stream_samples(self.make, self.heldout)
+        return evaluate_question_router(
+            model, self._heldout, self.percentile, self.context, self.eps
+        )
+
+    def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[SampleBatch, int]]:
+        return stream_batches(
+            self.make, SampleGrouper(self.samples_per_batch), position, rank, world, self.workers
+        )
+
+    def weight(self, batch: SampleBatch) -> float:
+        return float(sum(s.pixel_values.shape[0] * len(s.questions) for s in batch.samples))
+
+    def loss(
+        self, model, batch: SampleBatch, normalizer: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        model.eval()  # the frozen model labels in eval mode ...
+        model.question_router.train()  # ... while the router trains with its dropout
+        ratios = question_tile_ratios(model, batch.samples, self.context, self.eps)
+        tau = self._window.update(ratios.r)
+        labels = router_labels(ratios.r, tau)  # [M]
+        logits = question_router_scores(model, ratios)  # [M, 2]
+        loss, metrics = router_bce(logits, labels, normalizer)
+        metrics.update(tau=tau, r_mean=float(ratios.r.mean()), rows=float(ratios.r.numel()))
+        return loss, metrics
+
+
+def heldout_stream_samples(stream, n: int, seed: int = HELDOUT_SEED) -> list[Encoded]:
+    """n held-out samples drawn as `stream` draws its own: a WorldStream's eval split, or a user file's first
+    n records (in file order)."""
+    if isinstance(stream, WorldStream):
+        held = dataclasses.replace(stream, split="eval", seed=seed)
+        return [held(i) for i in range(n)]
+    unshuffled = dataclasses.replace(
+        stream, source=dataclasses.replace(stream.source, shuffle=False)
+    )
+    return [unshuffled(i) for i in range(min(n, len(stream.source)))]
+
+
+@torch.no_grad()
+def evaluate_question_router(
+    model,
+    samples: list[Encoded],
+    percentile: float = 70.0,
+    context: str = "both",
+    eps: float = 1e-3,
+    chunk_samples: int = 8,
+) -> dict[str, float]:
+    """The question router against exact per-question labels on `samples` (τ: their own k-th percentile),
+    beside the released router scored on the same rows (it sees the tile only)."""
+    was_training = model.training
+    model.eval()
+    rs, ps, released = [], [], []
+    for lo in range(0, len(samples), chunk_samples):
+        ratios = question_tile_ratios(model, samples[lo : lo + chunk_samples], context, eps)
+        rs.append(ratios.r)
+        ps.append(torch.softmax(question_router_scores(model, ratios).float(), -1)[:, 0])
+        released.append(model.router.p_compress(ratios.patch_tokens)[ratios.tile])
+    model.train(was_training)
+    r, p, p_released = torch.cat(rs), torch.cat(ps), torch.cat(released)  # [M] each
+    tau = float(torch.quantile(r, percentile / 100))
+    labels = router_labels(r, tau)
+    pred = p >= 0.5
+    return {
+        "rows": float(r.numel()),
+        "tau": tau,
+        "accuracy": float((pred == labels).float().mean()),
+        "auc": auc(p, labels),
+        "released_auc": auc(p_released, labels),
+        "label_compress": float(labels.float().mean()),
+        "predicted_compress": float(pred.float().mean()),
+    }
+
+
+@dataclass
+class QuestionRouterData:
+    samples_per_batch: int = 8
+    percentile: float = 70.0
+    window: int = 4096
+    context: str = "both"
+    eps: float = 1e-3
+    workers: int = 1
+    thinking_prob: float = 0.5
+    heldout: int = 32
+    families: dict[str, float] | None = None  # the questions asked (None: sft's families)
+    turns: int = 4  # questions per image, each labelled on its own
+    relative_threshold: float | None = None  # the question router's thresholds the checkpoint ships
+    absolute_threshold: float | None = None
+    data: str | None = (
+        None  # your conversations (tessera.data): each turn's question labels the tiles
+    )
+    skip_bad_records: bool = False
+
+
+def build_stage(model, data: QuestionRouterData | dict | None = None) -> QuestionRouterStage:
+    """The question router stage on the SFT stream (same seeds and families as `sft`), or on `data.data`."""
+    data = dataclass_from(QuestionRouterData, data)
+    if data.data is not None:
+        stream, report = file_stream(
+            model, data.data, model.config.language.max_position_embeddings, data.skip_bad_records
+        )
+    else:
+        stream, report = (
+            WorldStream(
+                model.tokenizer,
+                model.config,
+                families=dict(data.families) if data.families else default_families(),
+                thinking_prob=data.thinking_prob,
+                curriculum=Curriculum(((0, 1.0),)),
+                seed=SEED_OFFSET,
+                turns=data.turns,
+            ),
+            None,
+        )
+    stage = QuestionRouterStage(
+        stream,
+        data.samples_per_batch,
+        data.percentile,
+        data.window,
+        data.context,
+        data.eps,
+        data.workers,
+        heldout=data.heldout,
+        thresholds=(data.relative_threshold, data.absolute_threshold),
+    )
+    if report is not None:
+        stage.scan_report = report
+    return stage
