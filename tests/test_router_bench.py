@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from tessera.bench.docs import replace_section
-from tessera.bench.router import markdown, plot, vision_cost, vision_macs
+from tessera.bench.router import vision_cost, vision_macs
+from tessera.bench.router_report import markdown, plot
 from tessera.config import preset
 from tessera.evaluate import EvalResult
-from tessera.flash_table import summarise
+from tessera.flash_table import merge, summarise
 
 
 def result(
@@ -34,52 +35,97 @@ def test_summary_ratios_and_targets(tmp_path, markdown_tables):
     results = {
         "full": result("full", dict(zip(fams, [1.0, 0.8, 0.6])), 64.0, 2.0, 0.0),
         "compressed": result("compressed", dict(zip(fams, [1.0, 0.2, 0.1])), 16.0, 3.0, 1.0),
-        "router": result("router", dict(zip(fams, [1.0, 0.8, 0.58])), 32.0, 2.5, 0.66),
-        "random": result("random", dict(zip(fams, [1.0, 0.5, 0.3])), 32.0, 2.5, 0.66),
+        "router": result("router", dict(zip(fams, [1.0, 0.8, 0.58])), 48.0, 2.5, 0.33),
+        "random": result("random", dict(zip(fams, [1.0, 0.5, 0.3])), 48.0, 2.5, 0.33),
+        "question": result("question", dict(zip(fams, [1.0, 0.8, 0.6])), 30.0, 2.6, 0.7),
+        "router@question": result(
+            "router@question", dict(zip(fams, [1.0, 0.6, 0.4])), 30.0, 2.6, 0.7
+        ),
+        "random@question": result(
+            "random@question", dict(zip(fams, [1.0, 0.3, 0.2])), 30.0, 2.6, 0.7
+        ),
     }
-    s = summarise(results, None, None)
+    bound = {"text_free": 0.105, "text_free_and_thumbnails": 0.25}
+    s = summarise(results, None, None, bound)
     s.update(
         relative_threshold=0.5,
-        absolute_threshold=0.5,
-        sweep=[
-            {
-                "relative": 0.3,
-                "router": {"overall": 0.7, "reading": 0.6, "visual_tokens": 30.0},
-                "random": {"overall": 0.6, "reading": 0.4, "visual_tokens": 30.0},
-            }
-        ],
+        absolute_threshold=0.0,
+        question_relative_threshold=0.0,
+        question_absolute_threshold=0.6,
+        seeds=[0, 50000],
+        tuning={
+            "n": 14,
+            "full": 0.9,
+            "bound": bound,
+            "relative_threshold": 0.5,
+            "question_absolute_threshold": 0.6,
+            "router": [
+                {
+                    "threshold": 0.5,
+                    "overall": 0.8,
+                    "reading": 0.7,
+                    "visual_tokens": 48.0,
+                    "tokens_saved": 25.0,
+                    "accuracy_kept": 88.9,
+                },
+            ],
+            "question": [
+                {
+                    "threshold": 0.6,
+                    "overall": 0.9,
+                    "reading": 0.9,
+                    "visual_tokens": 30.0,
+                    "tokens_saved": 53.1,
+                    "accuracy_kept": 100.0,
+                },
+            ],
+        },
     )
-    assert s["tokens_saved"] == pytest.approx(50.0)
+    assert s["tokens_saved"] == pytest.approx(25.0)
+    assert s["bound_share"] == pytest.approx(100.0)  # 25 % saved of a 25 % bound
     assert s["accuracy_kept"] == pytest.approx(100 * (2.38 / 3) / (2.4 / 3))
     assert s["compressed_reading_drop"] == pytest.approx(100 * (0.7 - 0.15))
-    assert s["router_minus_random"] == pytest.approx(100 * (0.69 - 0.4))
+    assert s["router_minus_random_families"]["label"] == pytest.approx(30.0)
+    assert s["router_minus_random_families"]["document"] == pytest.approx(28.0)
     assert s["throughput_ratio"] == pytest.approx(1.25)
+    q = s["question"]
+    assert q["tokens_saved"] == pytest.approx(100 * (1 - 30 / 64))
+    assert q["accuracy_kept"] == pytest.approx(100.0)
+    assert q["minus_router"]["label"] == pytest.approx(20.0)
+    assert q["minus_router"]["document"] == pytest.approx(20.0)
+    assert q["throughput_ratio"] == pytest.approx(1.3)
     assert all(s["targets"].values())
     text = markdown(s, "ckpt")
-    modes, sweep, targets = markdown_tables(text)
-    assert [row["routing"] for row in modes] == list(results)  # one row per mode, its measurements
+    modes, tuning, targets = markdown_tables(text)
+    assert [row["routing"] for row in modes] == list(results)  # one row per routing
     assert {row["routing"]: float(row["visual tokens / image"]) for row in modes} == {
         m: r.visual_tokens_per_image for m, r in results.items()
     }
-    assert sweep == [
-        {
-            "relative threshold": "0.30",
-            "visual tokens / image": "30.0",
-            "router overall": "70.0",
-            "router reading": "60.0",
-            "random overall": "60.0",
-            "random reading": "40.0",
-        }
+    assert [(row["router"], row["chosen"]) for row in tuning] == [
+        ("router", "yes"),
+        ("question", "yes"),
     ]
     assert {row["target"] for row in targets} == set(s["targets"])
     assert all(row["met"] == "yes" for row in targets)
-    assert "50.0 % fewer visual tokens" in text
-    s["world_bound"] = {"text_free": 0.105, "text_free_and_thumbnails": 0.263}
-    assert "saves 10.5 % of the visual tokens (26.3 % with every thumbnail too)" in markdown(
-        s, "ckpt"
-    )
+    results["question"] = result("question", dict(zip(fams, [1.0, 0.6, 0.5])), 40.0, 1.0, 0.5)
+    worse = summarise(results, None, None, bound)["targets"]
+    assert not worse["question router keeps >= 98 % of full's accuracy"]
+    assert not worse["question >= router + 10 points on label (same budget)"]
+    assert not worse["end-to-end eval throughput with question > full"]
     plot(s, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_merging_held_out_seeds_weighs_families_by_count():
+    a = result("router", {"colour": 1.0, "label": 0.5}, 40.0, 2.0, 0.4)
+    b = result("router", {"colour": 0.5, "label": 0.5}, 60.0, 4.0, 0.2)
+    b.counts = {"colour": 30, "label": 10}
+    b.n = 40
+    m = merge([a, b])
+    assert m.counts == {"colour": 40, "label": 20} and m.n == 60
+    assert m.families["colour"] == pytest.approx((10 * 1.0 + 30 * 0.5) / 40)
+    assert m.overall == pytest.approx((m.families["colour"] + 0.5) / 2)
+    assert m.visual_tokens_per_image == pytest.approx((20 * 40 + 40 * 60) / 60)
 
 
 def test_replace_section_keeps_the_rest(tmp_path):

@@ -1,4 +1,5 @@
-"""The recipe end to end (init → pretrain → sft → mpo → gspo → vico → router → eval → report), its resume, and the
+"""The recipe end to end (init → pretrain → sft → mpo → gspo → vico → router → question_router → eval →
+report), its resume, and the
 `tessera train` command."""
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CASCADE = [
     "gspo",
     "vico",
     "router",
+    "question_router",
 ]
 
 
@@ -130,7 +132,7 @@ def files_with_times(root):
 
 def test_quick_recipe_runs_the_whole_cascade_and_resumes_as_a_no_op(tmp_path, markdown_tables):
     import tessera
-    from tessera.routing import MODES
+    from tessera.flash_table import default_modes
 
     plans = {p.name: p for p in quick_recipe().stages}
     assert list(plans) == CASCADE
@@ -145,14 +147,17 @@ def test_quick_recipe_runs_the_whole_cascade_and_resumes_as_a_no_op(tmp_path, ma
         json.loads((tmp_path / "gspo" / "metrics.jsonl").read_text().splitlines()[0])["sequences"]
         > 0
     )
-    # the base stages train without Flash parts, vico adds them, the recipe ends on the router's Flash model
+    # the base stages train without Flash parts, vico adds them, the recipe ends on a Flash model with both routers
     assert tessera.load(tmp_path / "gspo" / "final").router is None
-    assert result.final_checkpoint == tmp_path / "router" / "final"
-    assert tessera.load(result.final_checkpoint).router is not None
+    assert tessera.load(tmp_path / "router" / "final").config.flash.question_router is False
+    assert result.final_checkpoint == tmp_path / "question_router" / "final"
+    final = tessera.load(result.final_checkpoint)
+    assert final.router is not None and final.question_router is not None
     # the report: before/after per-family table, the Flash table, seconds per stage
     assert list(summary["stage_evals"]) == ["sft"] and summary["stage_evals"]["sft"]["n"] == 14
     flash = summary["flash"]
-    assert set(flash["modes"]) == set(MODES) and flash["n"] == 7
+    assert list(flash["modes"]) == list(default_modes(final)) and flash["n"] == 7
+    assert {"question", "router@question", "bound oracle"} <= set(flash["modes"])
     full, compressed = flash["modes"]["full"], flash["modes"]["compressed"]
     assert compressed["visual_tokens"] == pytest.approx(
         full["visual_tokens"] / 4
@@ -164,7 +169,7 @@ def test_quick_recipe_runs_the_whole_cascade_and_resumes_as_a_no_op(tmp_path, ma
     cascade = next(t for head, t in tables.items() if head[0] == "family" and "after sft" in head)
     assert list(cascade[0])[-1] == "final" and cascade[-1]["family"] == "overall"
     flash_rows = next(t for h, t in tables.items() if h[0] == "routing" and "tokens saved" in h)
-    assert [row["routing"] for row in flash_rows] == list(MODES)
+    assert [row["routing"] for row in flash_rows] == list(flash["modes"])
     saved = {row["routing"]: float(row["tokens saved"].rstrip(" %")) for row in flash_rows}
     assert saved["compressed"] == pytest.approx(75.0) and saved["full"] == 0.0
 
@@ -177,14 +182,14 @@ def test_quick_recipe_runs_the_whole_cascade_and_resumes_as_a_no_op(tmp_path, ma
 
     # a stage whose folder is gone is trained again from the stage before it; the Flash table is re-measured
     vico_final = (tmp_path / "vico" / "final" / "model.safetensors").stat().st_mtime_ns
-    shutil.rmtree(tmp_path / "router")
+    shutil.rmtree(tmp_path / "question_router")
     third = run_recipe("tiny", tmp_path, quick=True, progress=False)
-    assert training_steps(tmp_path / "router") == [1, 2]
+    assert training_steps(tmp_path / "question_router") == [1, 2, 3, 4]
     assert (tmp_path / "vico" / "final" / "model.safetensors").stat().st_mtime_ns == vico_final
     stored = json.loads((tmp_path / "evals.json").read_text())
-    router_weights = tmp_path / "router" / "final" / "model.safetensors"
+    router_weights = tmp_path / "question_router" / "final" / "model.safetensors"
     assert stored["flash"]["key"]["weights"][1] == router_weights.stat().st_mtime_ns
-    assert tessera.load(third.final_checkpoint).router is not None
+    assert tessera.load(third.final_checkpoint).question_router is not None
 
 
 def test_tiny_recipe_runs_the_cascade_in_order_with_constant_rl_learning_rates(tmp_path):

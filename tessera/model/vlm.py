@@ -81,6 +81,7 @@ class VisionLanguageModel(nn.Module):
             cv, cl = self.config.vision.hidden_size, self.config.language.hidden_size
             qr = QuestionAwareRouter(cv, cl, self.config.flash).to(ref.device, ref.dtype)
             qr.init_from(self.router)
+            qr.train(self.training)
             self.question_router = qr
             self.config.flash.question_router = True
         return self.question_router

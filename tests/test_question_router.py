@@ -1,0 +1,226 @@
+"""The question-aware router: its conditioning, the `question` routing mode and matched budgets, the
+per-question labels of its stage, a learning step, and the world's oracles."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from test_router_stage import answer_loss
+from test_vico import make_sample
+
+from tessera.image import ImageProcessor
+from tessera.routing import (
+    RoutingError,
+    RoutingPolicy,
+    decide,
+    encode_routed,
+    per_image_counts,
+    question_vectors,
+)
+from tessera.train.data import Encoded
+from tessera.train.question_router_stage import (
+    QuestionRouterStage,
+    Replay,
+    SampleBatch,
+    question_router_scores,
+    question_tile_ratios,
+)
+from tessera.train.router_stage import router_bce, router_labels
+from tessera.train.vico import shrink_image_tokens
+from tessera.world import (
+    bound_oracle,
+    eval_items,
+    evidence_oracle,
+    text_free_token_savings,
+    tuning_items,
+)
+from tessera.world import (
+    make_sample as world_sample,
+)
+
+QUESTIONS = [
+    "What colour is the triangle?",
+    "In the document, what is the number after the red mark?",
+    "What is the label of the blue circle?",
+    "How many squares are there?",
+]
+
+
+@pytest.fixture(scope="module")
+def conditioned(tokenizer):
+    """A tiny Flash model whose question router is moved off its zero-init conditioning."""
+    from tessera.model.init import init_model
+
+    model = init_model("tiny", tokenizer=tokenizer, seed=0).eval()
+    qr = model.add_question_router()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in (qr.film, qr.query_proj, qr.question_proj):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+    return model
+
+
+def image_tiles(model, seed: int = 3):
+    sample = world_sample(seed, family="document", split="eval")
+    return ImageProcessor.from_config(model.config)([sample.image])
+
+
+def test_a_fresh_question_router_decides_as_the_released_router(tiny):
+    model = copy.deepcopy(tiny)
+    qr = model.add_question_router()
+    tokens = torch.randn(5, 64, model.config.vision.hidden_size)
+    questions = question_vectors(model, QUESTIONS[:1] * 5)
+    assert torch.allclose(qr.p_compress(tokens, questions), model.router.p_compress(tokens))
+    assert model.config.flash.question_router
+
+
+def test_different_questions_about_the_same_image_give_different_decisions(conditioned):
+    batch = image_tiles(conditioned)
+    decisions = []
+    for q in QUESTIONS:
+        policy = RoutingPolicy("question", absolute_threshold=0.5)
+        feats, d = encode_routed(
+            conditioned, batch.pixel_values, batch.tiles_per_image, policy, questions=[q]
+        )
+        assert feats.shape[0] == d.visual_tokens == sum(d.image_tokens)
+        decisions.append(tuple(d.compress.tolist()))
+    assert len(set(decisions)) > 1
+    # the question's text and its embedding (what a language server sends) decide alike
+    vec = question_vectors(conditioned, [QUESTIONS[1]])
+    _, by_text = encode_routed(
+        conditioned, batch.pixel_values, batch.tiles_per_image, "question", questions=[QUESTIONS[1]]
+    )
+    _, by_vector = encode_routed(
+        conditioned, batch.pixel_values, batch.tiles_per_image, "question", questions=vec
+    )
+    assert torch.equal(by_text.compress, by_vector.compress)
+
+
+def test_question_routing_errors_name_what_is_missing(tiny, conditioned):
+    batch = image_tiles(tiny)
+    with pytest.raises(RoutingError, match="no question-aware router"):
+        encode_routed(tiny, batch.pixel_values, batch.tiles_per_image, "question", questions=["q"])
+    with pytest.raises(RoutingError, match="needs the question"):
+        encode_routed(conditioned, batch.pixel_values, batch.tiles_per_image, "question")
+    with pytest.raises(RoutingError, match="one row per image"):
+        encode_routed(
+            conditioned,
+            batch.pixel_values,
+            batch.tiles_per_image,
+            "question",
+            questions=torch.zeros(2, conditioned.config.language.hidden_size),
+        )
+    with pytest.raises(RoutingError, match="only router or random"):
+        RoutingPolicy("full", match="question")
+
+
+def test_matched_budgets_compress_as_many_tiles_per_image_as_the_question_router():
+    tiles = [4, 3]
+    p = torch.tensor([0.9, 0.1, 0.8, 0.2, 0.3, 0.95, 0.5])  # released router
+    pq = torch.tensor([0.2, 0.9, 0.7, 0.8, 0.6, 0.1, 0.9])  # question router
+    args = dict(full_tokens=16, compressed_tokens=4, p_compress=p, relative=0.0, absolute=0.5)
+    q = decide(RoutingPolicy("question"), tiles, p_question=pq, **args)
+    assert q.compress.tolist() == [False, True, True, True, True, False, True]
+    assert torch.equal(q.p_compress, pq)
+    counts = per_image_counts(q.compress, tiles)
+    router = decide(RoutingPolicy("router", match="question"), tiles, p_question=pq, **args)
+    assert per_image_counts(router.compress, tiles) == counts == [3, 2]
+    # the released router picks its own highest-p tiles at that budget
+    assert router.compress.tolist() == [True, False, True, True, False, True, True]
+    random = decide(RoutingPolicy("random", match="question", seed=3), tiles, p_question=pq, **args)
+    assert per_image_counts(random.compress, tiles) == counts
+    assert random.visual_tokens == router.visual_tokens == q.visual_tokens
+    with pytest.raises(RoutingError, match="question-aware router scores"):
+        decide(RoutingPolicy("router", match="question"), tiles, **args)
+
+
+def with_questions(sample: Encoded, *questions: str) -> Encoded:
+    return dataclasses.replace(sample, questions=questions)
+
+
+def test_per_question_ratios_are_exact_in_both_contexts(tiny):
+    model = tiny.eval()
+    cfg = model.config
+    s = with_questions(make_sample(model, 5, [3]), "what is the label?")
+    ratios = question_tile_ratios(model, [s], context="both", eps=0.0)
+    assert ratios.r.shape == ratios.tile.shape == ratios.question.shape == (3,)
+    assert ratios.questions == ["what is the label?"]
+
+    def loss_with(compress):
+        enc = shrink_image_tokens(
+            s,
+            compress,
+            cfg.tokens_per_tile,
+            cfg.compressed_tokens_per_tile,
+            cfg.image_context_token_id,
+        )
+        with torch.no_grad():
+            feats, _ = model.encode_images(s.pixel_values, compress=torch.tensor(compress))
+        return answer_loss(model, enc.input_ids, enc.loss_mask, feats)
+
+    full, small = loss_with([False] * 3), loss_with([True] * 3)
+    for i in range(3):
+        r_full = loss_with([j == i for j in range(3)]) / full
+        r_comp = small / loss_with([j != i for j in range(3)])
+        assert ratios.r_full[i].item() == pytest.approx(r_full, rel=1e-3)
+        assert ratios.r_compressed[i].item() == pytest.approx(r_comp, rel=1e-3)
+        assert ratios.r[i].item() == pytest.approx(max(r_full, r_comp), rel=1e-3)
+    with pytest.raises(ValueError, match="1 answers but 0 questions"):
+        question_tile_ratios(model, [make_sample(model, 6, [2])])
+
+
+def test_a_few_updates_lower_the_question_routers_loss_on_a_toy_set(make_tiny):
+    model = make_tiny().eval()
+    model.add_question_router()
+    samples = [
+        with_questions(make_sample(model, i, [2, 1] if i % 2 else [3]), QUESTIONS[i % 4])
+        for i in range(8)
+    ]
+    stage = QuestionRouterStage(lambda i: samples[i % 8], rows_per_step=64, percentile=50.0)
+    stage.setup(model)
+    trained = [n for n, _ in model.named_parameters() if stage.param_filter(n)]
+    assert trained and all(n.startswith("question_router.") for n in trained)
+    ratios = question_tile_ratios(model, samples)
+    labels = router_labels(ratios.r, float(ratios.r.median()))
+
+    def bce() -> float:
+        model.question_router.eval()
+        with torch.no_grad():
+            return float(router_bce(question_router_scores(model, ratios), labels)[0])
+
+    before = bce()
+    params = [p for n, p in model.named_parameters() if stage.param_filter(n)]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    stage.loss(model, SampleBatch(samples), 64)  # labels the batch into the replay buffer
+    for _ in range(40):  # replay steps: no new labels
+        loss, metrics = stage.loss(model, Replay(64), 64)
+        assert metrics["labelled"] == 0.0
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert bce() < 0.8 * before
+
+
+def test_the_world_oracles_match_the_bound_and_keep_the_evidence():
+    samples = [it.sample() for it in eval_items(3)]
+    full, small = 16, 4
+    saved = tokens = 0
+    for s in samples:
+        flags = bound_oracle(s)
+        cols, rows = s.meta["grid"]
+        assert len(flags) == cols * rows + (cols * rows > 1)
+        saved += (full - small) * sum(flags)
+        tokens += full * len(flags)
+        kept = [i for i, c in enumerate(evidence_oracle(s)) if not c]
+        assert set(s.meta["evidence_tiles"]) <= set(kept)
+    bound = text_free_token_savings(samples, full, small)
+    assert saved / tokens == pytest.approx(bound["text_free_and_thumbnails"])
+
+
+def test_tuning_items_come_from_the_training_split_and_eval_items_never_do():
+    assert {it.split for it in tuning_items(2)} == {"train"}
+    with pytest.raises(ValueError, match="tuning_items"):
+        eval_items(2, split="train")
