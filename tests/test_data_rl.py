@@ -135,8 +135,8 @@ def test_train_mpo_and_gspo_on_files_report_rewards(base, tmp_path, capsys, monk
         )
 
 
-@pytest.mark.parametrize("stage", ["vico", "router"])
-def test_vico_and_router_train_on_conversation_files(base, tmp_path, write_dataset, capsys, stage):
+@pytest.mark.parametrize("stage", ["vico", "router", "question_router"])
+def test_flash_stages_train_on_conversation_files(base, tmp_path, write_dataset, capsys, stage):
     data = write_dataset(tmp_path / "ds", 8)
     extra = ["--rows", "2", "--row-tokens", "256"] if stage == "vico" else []
     assert (

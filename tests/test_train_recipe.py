@@ -1,6 +1,5 @@
-"""The recipe end to end (init → pretrain → sft → mpo → gspo → vico → router → question_router → eval →
-report), its resume, and the
-`tessera train` command."""
+"""The recipe end to end (init → pretrain → sft → mpo → gspo → vico → vico_compressed → router →
+question_router → eval → report), its resume, and the `tessera train` command."""
 
 from __future__ import annotations
 
@@ -33,6 +32,7 @@ CASCADE = [
     "mpo",
     "gspo",
     "vico",
+    "vico_compressed",
     "router",
     "question_router",
 ]

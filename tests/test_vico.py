@@ -176,3 +176,42 @@ def test_grounding_probe_reaches_the_compressed_branch_on_world_samples(tiny):
         for n, p in model.named_parameters()
         if n.startswith("mlp2.")
     )
+
+
+def test_compressed_branch_only_leaves_the_full_path_bit_identical(tiny, tmp_path):
+    """ViCOData.branch="compressed": only mlp2 moves, so every answer at 1/4 is what it was."""
+    import copy
+
+    from tessera.train.trainer import TrainConfig, Trainer
+    from tessera.train.vico import compressed_branch_only
+
+    model = copy.deepcopy(tiny)
+    stage = ViCOStage(
+        ListStream(model, 16),
+        packer_for(model, rows=2, row_tokens=160, compress_prob=1.0),
+        workers=0,
+        param_filter=compressed_branch_only,
+    )
+    sample = make_sample(model, 3, [2])
+    ids = torch.tensor([sample.input_ids])
+
+    def full_logits():
+        with torch.no_grad():
+            return model.eval()(ids, pixel_values=sample.pixel_values)
+
+    before_logits = full_logits()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(steps=2, warmup_steps=1, lr=1e-3, log_every=1, progress=False, threads=1)
+    Trainer(
+        model, stage, cfg, tmp_path, save_model=lambda m, p: torch.save(m.state_dict(), p / "w.pt")
+    ).fit()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("mlp2.") for n in changed)
+    assert torch.equal(full_logits(), before_logits)
+
+
+def test_vico_refuses_an_unknown_branch(tiny):
+    from tessera.train.vico import ViCOData, build_stage
+
+    with pytest.raises(ValueError, match="branch"):
+        build_stage(tiny, ViCOData(branch="mlp2"))

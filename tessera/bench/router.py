@@ -72,12 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--relative-grid",
-        default="0.3,0.5,0.7,0.9",
+        default="0.3,0.4,0.5,0.55,0.6,0.65,0.7,0.8,0.9",
         help="released router: relative thresholds tried on the training split",
     )
     p.add_argument(
         "--question-grid",
-        default="0.3,0.4,0.5,0.6,0.7,0.8",
+        default="0.3,0.4,0.5,0.6,0.7,0.75,0.8,0.85,0.9,0.95",
         help="question router: absolute thresholds tried on the training split",
     )
     p.add_argument(

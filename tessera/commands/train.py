@@ -71,6 +71,7 @@ DATA_STAGES = (
     "sft",
     "vico",
     "router",
+    "question_router",
     "mpo",
     "gspo",
 )  # the stages that read --data (the others still read the world)

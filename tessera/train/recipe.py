@@ -1,5 +1,5 @@
-"""The training cascade end to end: init → pretrain → sft → mpo → gspo → vico → router → question_router →
-critic → evaluation → report.
+"""The training cascade end to end: init → pretrain → sft → mpo → gspo → vico → vico_compressed → router →
+question_router → critic → evaluation → report.
 
 Every stage writes into its own folder of `out/` (checkpoints, metrics.jsonl, final/), so rerunning the
 recipe with the same `out` resumes where it stopped: a finished stage is reloaded from its final/ folder
@@ -10,8 +10,8 @@ accuracies from "{out}/mpo/queries.jsonl"). Evaluations are cached in out/evals.
 they measured, and the seconds each stage took in out/timings.json, so rerunning a finished recipe trains and
 evaluates nothing and rewrites the same report.
 
-The base stages train a model without Flash parts; vico adds mlp2 and the router, the router stage trains the
-router, the question_router stage adds and trains Tessera's question-aware router, and the recipe's final
+The base stages train a model without Flash parts; vico adds mlp2 and the router, vico_compressed goes on
+teaching mlp2 alone, the router stage trains the router, the question_router stage adds and trains Tessera's question-aware router, and the recipe's final
 checkpoint (the last stage's final/) is then a Flash model with both: the report adds its Flash table
 (tessera.flash_table: every routing, tessera.bench.router).
 """
@@ -215,6 +215,12 @@ def tiny_recipe() -> RecipeConfig:
         save_every=100,
         eval_every=100,
     )
+    # vico_compressed: ViCO again on mlp2 alone, every image at 1/16 (the 1/4 path stays bit-identical). vico's
+    # 400 whole-model steps leave the 1/16 branch blind to colour (13 % all-compressed); 800 more on mlp2 bring
+    # colour to 96 % and shape to 90 % (docs/log/2026-12-03-question-router.md)
+    vico_compressed = TrainConfig(
+        steps=800, lr=5e-4, warmup_steps=20, min_lr_ratio=0.1, save_every=200, eval_every=100000
+    )
     router = TrainConfig(
         steps=250, lr=3e-4, warmup_steps=10, min_lr_ratio=0.1, save_every=125, eval_every=125
     )
@@ -324,6 +330,12 @@ def tiny_recipe() -> RecipeConfig:
             ),
             StagePlan("vico", vico, {"rows": 4, "row_tokens": 512}),
             StagePlan(
+                "vico_compressed",
+                vico_compressed,
+                {"rows": 4, "row_tokens": 512, "compress_prob": 1.0, "branch": "compressed"},
+                stage="vico",
+            ),
+            StagePlan(
                 "router",
                 router,
                 {"samples_per_batch": 8, "heldout": 48, "absolute_threshold": 0.0, "turns": 4},
@@ -418,6 +430,12 @@ def quick_recipe() -> RecipeConfig:
                 },
             ),
             StagePlan("vico", TrainConfig(steps=2, lr=1e-4, **quiet), dict(small)),
+            StagePlan(
+                "vico_compressed",
+                TrainConfig(steps=2, lr=1e-4, **quiet),
+                {**small, "compress_prob": 1.0, "branch": "compressed"},
+                stage="vico",
+            ),
             StagePlan(
                 "router",
                 TrainConfig(steps=2, lr=1e-4, eval_every=2, **quiet),

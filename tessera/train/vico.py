@@ -15,13 +15,17 @@ With `ViCOData.grounding` > 0 the 1/16 tokens also get the dense grounding probe
 (tessera.train.grounding_losses, one linear head reading the 4×4 cells each 1/16 token covers): the KL alone tells mlp2
 what the answers need only through a few answer tokens per sample, while the probe asks every 1/16 token of every
 tile which object and which glyphs it covers — the fresh branch starts from nothing, as the projector once did.
+
+With `ViCOData.branch = "compressed"` only mlp2 trains: the policy at 1/4 is then the reference itself (its KL is
+0), so `compress_prob = 1.0` spends every sample on the 1/16 branch, and every answer under `full` routing stays
+bit-identical — the way to continue ViCO on a finished Flash model without touching what it already does.
 """
 
 from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -168,6 +172,7 @@ class ViCOStage:
     extra: torch.nn.Module | None = (
         None  # its head (tessera.train.grounding_losses.GroundingHead), when grounding > 0
     )
+    param_filter: Callable[[str], bool] | None = None  # branch="compressed": only mlp2.* trains
 
     def setup(self, model: torch.nn.Module) -> None:
         model.add_flash_branch()  # an SFT model trained without Flash parts gets a fresh 1/16 branch and router
@@ -257,11 +262,21 @@ class ViCOData:
     )
     data: str | None = None  # your conversations (tessera.data) instead of the SFT world stream
     skip_bad_records: bool = False  # with data: drop (and count) bad records instead of stopping
+    # "all": the paper's whole-model stage; "compressed": only the 1/16 branch (mlp2) trains, so the 1/4 path
+    # (and every answer under `full`) stays bit-identical: continue ViCO on a finished model
+    branch: str = "all"
+
+
+def compressed_branch_only(name: str) -> bool:
+    """The parameters `branch="compressed"` trains: the 1/16 projector's."""
+    return name.startswith("mlp2.")
 
 
 def build_stage(model, data: ViCOData | dict | None = None) -> ViCOStage:
     """The ViCO stage on the SFT stream (same families and seeds as `sft`) for a Flash `model` with a tokenizer."""
     data = dataclass_from(ViCOData, data)
+    if data.branch not in ("all", "compressed"):
+        raise ValueError(f"vico branch must be 'all' or 'compressed', not {data.branch!r}")
     cfg, tok = model.config, model.tokenizer
     report = None
     if data.data is not None:
@@ -296,7 +311,13 @@ def build_stage(model, data: ViCOData | dict | None = None) -> ViCOStage:
             cfg.language.hidden_size, shuffle_factor(cfg.flash.compressed_downsample_ratio) ** 2
         )
     stage = ViCOStage(
-        stream, packer, data.workers, trainable=trainable, grounding=data.grounding, extra=head
+        stream,
+        packer,
+        data.workers,
+        trainable=trainable,
+        grounding=data.grounding,
+        extra=head,
+        param_filter=compressed_branch_only if data.branch == "compressed" else None,
     )
     stage.scan_report = report
     return stage
