@@ -11,9 +11,9 @@ they measured, and the seconds each stage took in out/timings.json, so rerunning
 evaluates nothing and rewrites the same report.
 
 The base stages train a model without Flash parts; vico adds mlp2 and the router, vico_compressed goes on
-teaching mlp2 alone, the router stage trains the router, the question_router stage adds and trains Tessera's question-aware router, and the recipe's final
-checkpoint (the last stage's final/) is then a Flash model with both: the report adds its Flash table
-(tessera.flash_table: every routing, tessera.bench.router).
+teaching mlp2 alone, the router stage trains the router, the question_router stage adds and trains Tessera's
+question-aware router, and the recipe's final checkpoint (the last stage's final/) is then a Flash model with
+both: the report adds its Flash table (tessera.flash_table: every routing, tessera.bench.router).
 """
 
 from __future__ import annotations
