@@ -170,16 +170,25 @@ def test_no_question_router_or_vllm_backend_refuse_clearly(qmodel, tiny):
     with pytest.raises(APIError, match="question-aware router") as e:
         check_question_routing(tiny)
     assert e.value.status == 400 and e.value.param == "routing"
-    lean = vision_only(copy.deepcopy(qmodel), "cpu", None)  # what a vLLM language backend holds
-    with pytest.raises(APIError, match="language-backend vllm") as e:
+    lean = vision_only(copy.deepcopy(qmodel), "cpu", None)  # a vision worker: no LLM weights at all
+    with pytest.raises(APIError, match="token embeddings") as e:
         check_question_routing(lean)
     assert e.value.status == 400 and e.value.param == "routing"
     with pytest.raises(ServeSetupError, match="--routing question needs a model"):
-        check_default_routing(tiny, "question", "tessera")
-    with pytest.raises(ServeSetupError, match="language-backend vllm"):
-        check_default_routing(None, "question", "vllm")
-    check_default_routing(qmodel, "question", "tessera")
-    check_default_routing(None, "router", "vllm")
+        check_default_routing(tiny, "question")
+    check_default_routing(qmodel, "question")
+    check_default_routing(None, "router")
+
+
+def test_vllm_language_side_keeps_what_question_routing_needs(qmodel):
+    """A server whose LLM runs in vLLM holds the vision side and the token embeddings: it embeds the
+    question exactly as the full model does, and no other language weight occupies memory."""
+    lean = vision_only(copy.deepcopy(qmodel), "cpu", None, keep_embeddings=True)
+    check_question_routing(lean)
+    question = "What is the label of the red diamond?"
+    assert torch.equal(embed_question(lean, question), embed_question(qmodel, question))
+    held = [n for n, p in lean.language_model.named_parameters() if not p.is_meta]
+    assert held == ["model.embed_tokens.weight"]
 
 
 def ask(http, image: bytes, question: str, routing: str | None = "question"):
@@ -282,6 +291,3 @@ def test_serve_cli_refuses_question_default_it_cannot_serve(tiny, tmp_path, caps
     assert (
         "--routing question needs a model with a question-aware router" in capsys.readouterr().err
     )
-    missing = str(tmp_path / "never-loaded")
-    assert serve_cli(missing, "--routing", "question", "--language-backend", "vllm") == 2
-    assert "not available with --language-backend vllm" in capsys.readouterr().err

@@ -96,7 +96,7 @@ def ask(server, content, **extra):
     )
 
 
-@pytest.mark.parametrize("routing", ["full", "router"])
+@pytest.mark.parametrize("routing", ["full", "router", "question"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_image_requests_answer_as_tesseras_engine(servers, routing, seed):
     plain, backed, decoupled = servers

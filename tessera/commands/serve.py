@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
     # imports stay in functions here: `tessera serve --help` builds its parser without them
     from tessera.serve.language_server import ServeOptions
-    from tessera.serve.launch import ServeSetupError, Topology, check_default_routing, serve
+    from tessera.serve.launch import ServeSetupError, Topology, serve
     from tessera.serve.vision import VisionLimits
 
     devices = devices_from_args(args)
@@ -229,7 +229,6 @@ def run(args: argparse.Namespace) -> int:
         dtype=topology.dtype or "auto",
     )
     try:
-        check_default_routing(None, args.routing, "vllm")  # before vLLM or the model is looked for
         if vllm.url is None:
             find_python(vllm.python)  # a missing vLLM is a one-line error, before the model loads
         return serve(

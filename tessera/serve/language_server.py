@@ -120,8 +120,9 @@ def check_question_routing(model, mode: str = "question") -> None:
     if model.language_model.embed_tokens.weight.is_meta:
         raise APIError(
             400,
-            f"routing {mode!r} is not available with --language-backend vllm: the question's "
-            "embedding needs the LLM's token embeddings, which live in vLLM; use routing 'router'",
+            f"routing {mode!r} needs the LLM's token embeddings to embed the question, and this "
+            "server holds none (load the model with tessera.serve.vision.vision_only(..., "
+            "keep_embeddings=True)); use routing 'router'",
             param="routing",
         )
 

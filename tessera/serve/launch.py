@@ -37,16 +37,10 @@ class ServeSetupError(ValueError):
     """A serving setup that cannot work (said before the port opens)."""
 
 
-def check_default_routing(model, routing: str, language_backend: str) -> None:
-    """`--routing question` needs a question-aware router, and Tessera's own language backend (the question
-    embedding needs the LLM's token embeddings, which a vLLM backend keeps to itself)."""
+def check_default_routing(model, routing: str) -> None:
+    """`--routing question` needs a question-aware router."""
     if not RoutingPolicy(routing).needs_question:
         return
-    if language_backend == "vllm":
-        raise ServeSetupError(
-            f"--routing {routing} is not available with --language-backend vllm: the question's "
-            "embedding needs the LLM's token embeddings, which live in vLLM; use --routing router"
-        )
     flash = model.config.flash
     if not (flash.enabled and flash.question_router):
         raise ServeSetupError(
@@ -106,14 +100,13 @@ def build_server(
     topology.validate()
     vllm_backend = topology.language_backend == "vllm"
     options = options or ServeOptions()
-    if vllm_backend:  # refused before anything loads
-        check_default_routing(None, options.default_routing, topology.language_backend)
     dtype = getattr(torch, topology.dtype) if topology.dtype else None
+    # with vLLM running the LLM, the token embeddings still stay here: question routing embeds questions
     if model is None and vllm_backend:
-        model = vision_only(tessera.load(checkpoint), topology.device, dtype)
+        model = vision_only(tessera.load(checkpoint), topology.device, dtype, keep_embeddings=True)
     elif model is None:
         model = tessera.load(checkpoint, device=topology.device, dtype=dtype)
-    check_default_routing(model, options.default_routing, topology.language_backend)
+    check_default_routing(model, options.default_routing)
     limits = limits or VisionLimits()
     if topology.mode == "coupled":
         encoder = VisionEncoder(model, limits, dtype=getattr(torch, topology.vision_dtype))

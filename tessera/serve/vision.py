@@ -395,13 +395,19 @@ class VisionEncoder:
         return result
 
 
-def vision_only(model, device, dtype: torch.dtype | None):
+def vision_only(model, device, dtype: torch.dtype | None, keep_embeddings: bool = False):
     """The model without its language model's weights, the vision side on `device`: what a vision worker
     and a server whose language model runs elsewhere (`--language-backend vllm`) need.
 
     Loaded memory-mapped on the CPU, the language model's tensors are replaced by meta tensors before
-    anything is cast or moved, so they never occupy memory here (on a GPU or in RAM)."""
+    anything is cast or moved, so they never occupy memory here (on a GPU or in RAM). `keep_embeddings`
+    keeps the token embedding table (memory-mapped, on the CPU): what a language side that hands the LLM to
+    vLLM still needs to embed questions for question routing (tessera.routing.question_vectors)."""
+    embed = model.language_model.embed_tokens
+    kept = embed.weight.data if keep_embeddings else None
     model.language_model.to_empty(device="meta")
+    if kept is not None:
+        embed.weight = torch.nn.Parameter(kept, requires_grad=False)
     for name in ("vision_model", "mlp1", "mlp2", "router", "question_router"):
         part = getattr(model, name, None)
         if part is not None:
