@@ -141,7 +141,7 @@ def with_questions(sample: Encoded, *questions: str) -> Encoded:
     return dataclasses.replace(sample, questions=questions)
 
 
-def test_per_question_ratios_are_exact_in_both_contexts(tiny):
+def test_per_question_ratios_and_differences_are_exact_in_both_contexts(tiny):
     model = tiny.eval()
     cfg = model.config
     s = with_questions(make_sample(model, 5, [3]), "what is the label?")
@@ -162,28 +162,42 @@ def test_per_question_ratios_are_exact_in_both_contexts(tiny):
         return answer_loss(model, enc.input_ids, enc.loss_mask, feats)
 
     full, small = loss_with([False] * 3), loss_with([True] * 3)
+    nats = question_tile_ratios(model, [s], context="both", measure="difference")
     for i in range(3):
-        r_full = loss_with([j == i for j in range(3)]) / full
-        r_comp = small / loss_with([j != i for j in range(3)])
+        one_small, alone = (
+            loss_with([j == i for j in range(3)]),
+            loss_with([j != i for j in range(3)]),
+        )
+        r_full, r_comp = one_small / full, small / alone
         assert ratios.r_full[i].item() == pytest.approx(r_full, rel=1e-3)
         assert ratios.r_compressed[i].item() == pytest.approx(r_comp, rel=1e-3)
         assert ratios.r[i].item() == pytest.approx(max(r_full, r_comp), rel=1e-3)
+        # measure="difference": the nats the answer loses, in each context
+        d_full, d_comp = one_small - full, small - alone
+        assert nats.r_full[i].item() == pytest.approx(d_full, abs=1e-4)
+        assert nats.r_compressed[i].item() == pytest.approx(d_comp, abs=1e-4)
+        assert nats.r[i].item() == pytest.approx(max(d_full, d_comp), abs=1e-4)
+    with pytest.raises(ValueError, match="measure must be one of ratio, difference"):
+        question_tile_ratios(model, [s], measure="log")
     with pytest.raises(ValueError, match="1 answers but 0 questions"):
         question_tile_ratios(model, [make_sample(model, 6, [2])])
 
 
-def test_a_few_updates_lower_the_question_routers_loss_on_a_toy_set(make_tiny):
+@pytest.mark.parametrize("measure", ["ratio", "difference"])
+def test_a_few_updates_lower_the_question_routers_loss_on_a_toy_set(make_tiny, measure):
     model = make_tiny().eval()
     model.add_question_router()
     samples = [
         with_questions(make_sample(model, i, [2, 1] if i % 2 else [3]), QUESTIONS[i % 4])
         for i in range(8)
     ]
-    stage = QuestionRouterStage(lambda i: samples[i % 8], rows_per_step=64, percentile=50.0)
+    stage = QuestionRouterStage(
+        lambda i: samples[i % 8], rows_per_step=64, percentile=50.0, measure=measure
+    )
     stage.setup(model)
     trained = [n for n, _ in model.named_parameters() if stage.param_filter(n)]
     assert trained and all(n.startswith("question_router.") for n in trained)
-    ratios = question_tile_ratios(model, samples)
+    ratios = question_tile_ratios(model, samples, measure=measure)
     labels = router_labels(ratios.r, float(ratios.r.median()))
 
     def bce() -> float:

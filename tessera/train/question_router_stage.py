@@ -11,6 +11,15 @@ both of two contexts:
                           which is the situation a question router creates)
     context "both"        r = max(r_full, r_comp)
 
+`measure="difference"` labels from how many nats the answer loses instead, d = L_a(…at 1/16) − L_a(…at 1/4)
+in each context (d = max(d_full, d_comp) for "both"). A loss ratio treats a colour answer whose loss moves
+0.001 → 0.01 (10×, nothing lost) like a label read wrongly, and a count whose loss moves 0.5 → 0.9 (1.8×, an
+answer often lost) as cheap; the difference is the answer's log-likelihood lost. Measured on the tiny model
+(docs/log/2026-12-03-question-router-difference.md): difference labels keep 6 % of colour and 10 % of shape
+(tile, question) rows at 1/4 against 38 % and 42 % with ratios, but rank label tiles less sharply and keep no
+more of count's; the router trained on them is better above 50 % fewer tokens and worse below, so "ratio"
+stays the default.
+
 "both" matters where evidence is duplicated: the thumbnail and a tile both show a shape, so compressing either
 alone costs nothing (r_full ≈ 1 for each) while compressing both loses it; r_comp sees that either one rescues
 the answer. Each ratio is exact (one variant per tile, all variants of a batch in batched LLM forwards).
@@ -56,13 +65,14 @@ from tessera.train.sft import SEED_OFFSET, default_families
 from tessera.train.vico import shrink_image_tokens
 
 CONTEXTS = ("full", "compressed", "both")
+MEASURES = ("ratio", "difference")
 
 
 @dataclass
 class QuestionRatios:
     """One row per (sample, answer, tile) of a batch."""
 
-    r: torch.Tensor  # [M] the loss ratio the label is cut from
+    r: torch.Tensor  # [M] the score the label is cut from (a loss ratio, or a difference in nats)
     r_full: torch.Tensor  # [M] in the released context (nan when not computed)
     r_compressed: torch.Tensor  # [M] in the compressed context (nan when not computed)
     tile: torch.Tensor  # [M] long: row of `patch_tokens`
@@ -84,11 +94,24 @@ def _variants(k: int, context: str) -> list[list[bool]]:
 
 @torch.no_grad()
 def question_tile_ratios(
-    model, samples: list[Encoded], context: str = "both", eps: float = 1e-3, chunk: int = 16
+    model,
+    samples: list[Encoded],
+    context: str = "both",
+    eps: float = 1e-3,
+    chunk: int = 16,
+    measure: str = "ratio",
 ) -> QuestionRatios:
-    """Exact per-(tile, answer) loss ratios for `samples` (Encoded at 1/4, each with its `questions`)."""
+    """Exact per-(tile, answer) loss ratios (or differences) for `samples` (Encoded at 1/4, each with its
+    `questions`)."""
     if context not in CONTEXTS:
         raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+
+    def worse_than(small: torch.Tensor, large: torch.Tensor) -> torch.Tensor:
+        """How much worse the answer is with less detail (`small`) than with more (`large`)."""
+        return (small + eps) / (large + eps) if measure == "ratio" else small - large
+
     cfg = model.config
     full, small, ctx = (
         cfg.tokens_per_tile,
@@ -127,14 +150,14 @@ def question_tile_ratios(
         nan = torch.full((k, answers), float("nan"))
         r_full, r_comp = nan, nan.clone()
         if context in ("full", "both"):
-            base = losses[at]  # [A] every tile at 1/4
+            all_full = losses[at]  # [A] every tile at 1/4
             one = torch.stack(losses[at + 1 : at + 1 + k])  # [k, A] tile i at 1/16
-            r_full = (one + eps) / (base + eps)  # [k, A]
+            r_full = worse_than(one, all_full)  # [k, A]
             at += k + 1
         if context in ("compressed", "both"):
-            base = losses[at]  # [A] every tile at 1/16
-            one = torch.stack(losses[at + 1 : at + 1 + k])  # [k, A] tile i alone at 1/4
-            r_comp = (base + eps) / (one + eps)  # [k, A]
+            all_small = losses[at]  # [A] every tile at 1/16
+            alone = torch.stack(losses[at + 1 : at + 1 + k])  # [k, A] tile i alone at 1/4
+            r_comp = worse_than(all_small, alone)  # [k, A]
             at += k + 1
         r = torch.fmax(r_full, r_comp)  # [k, A]; fmax ignores the context not computed (nan)
         rs.append(r.T.reshape(-1))  # [A·k], answer-major
@@ -208,6 +231,7 @@ class QuestionRouterStage:
     eps: float = 1e-3
     workers: int = 1
     name: str = "question_router"
+    measure: str = "ratio"  # "difference": label from the nats an answer loses (module docstring)
     trainable: dict[str, bool] = field(
         default_factory=lambda: {
             "vision": False,
@@ -227,6 +251,8 @@ class QuestionRouterStage:
     def __post_init__(self) -> None:
         if self.context not in CONTEXTS:
             raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {self.context!r}")
+        if self.measure not in MEASURES:
+            raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {self.measure!r}")
         self._window = RatioWindow(self.window, self.percentile)
         self._heldout: list[Encoded] | None = None
         self._buffer: deque[LabelledRows] = deque(maxlen=self.buffer_batches)
@@ -251,7 +277,7 @@ class QuestionRouterStage:
         if self._heldout is None:
             self._heldout = heldout_stream_samples(self.make, self.heldout)
         return evaluate_question_router(
-            model, self._heldout, self.percentile, self.context, self.eps
+            model, self._heldout, self.percentile, self.context, self.eps, measure=self.measure
         )
 
     def batches(self, position: int, rank: int, world: int) -> Iterator[tuple[object, int]]:
@@ -263,7 +289,9 @@ class QuestionRouterStage:
 
     def label(self, model, batch: SampleBatch) -> None:
         """Exact per-question ratios of `batch` into the buffer and the sliding window."""
-        ratios = question_tile_ratios(model, batch.samples, self.context, self.eps)
+        ratios = question_tile_ratios(
+            model, batch.samples, self.context, self.eps, measure=self.measure
+        )
         self._tau = self._window.update(ratios.r)
         vectors = question_vectors(model, ratios.questions)  # [ΣA, Dl]
         self._buffer.append(
@@ -320,6 +348,7 @@ def evaluate_question_router(
     context: str = "both",
     eps: float = 1e-3,
     chunk_samples: int = 8,
+    measure: str = "ratio",
 ) -> dict[str, float]:
     """The question router against exact per-question labels on `samples` (τ: their own k-th percentile),
     beside the released router scored on the same rows (it sees the tile only)."""
@@ -327,7 +356,9 @@ def evaluate_question_router(
     model.eval()
     rs, ps, released = [], [], []
     for lo in range(0, len(samples), chunk_samples):
-        ratios = question_tile_ratios(model, samples[lo : lo + chunk_samples], context, eps)
+        ratios = question_tile_ratios(
+            model, samples[lo : lo + chunk_samples], context, eps, measure=measure
+        )
         rs.append(ratios.r)
         ps.append(torch.softmax(question_router_scores(model, ratios).float(), -1)[:, 0])
         released.append(model.router.p_compress(ratios.patch_tokens)[ratios.tile])
@@ -368,6 +399,7 @@ class QuestionRouterData:
     relabel_every: int = 4  # steps per labelled batch; the others replay the buffer
     rows_per_step: int = 128
     buffer_batches: int = 32
+    measure: str = "ratio"  # or "difference" (nats lost; the module docstring says why)
 
 
 def build_stage(model, data: QuestionRouterData | dict | None = None) -> QuestionRouterStage:
@@ -403,6 +435,7 @@ def build_stage(model, data: QuestionRouterData | dict | None = None) -> Questio
         relabel_every=data.relabel_every,
         rows_per_step=data.rows_per_step,
         buffer_batches=data.buffer_batches,
+        measure=data.measure,
     )
     if report is not None:
         stage.scan_report = report
