@@ -179,6 +179,8 @@ def test_per_question_ratios_and_differences_are_exact_in_both_contexts(tiny):
         assert nats.r[i].item() == pytest.approx(max(d_full, d_comp), abs=1e-4)
     with pytest.raises(ValueError, match="measure must be one of ratio, difference"):
         question_tile_ratios(model, [s], measure="log")
+    with pytest.raises(ValueError, match="context must be one of full, compressed, both"):
+        QuestionRouterStage(lambda i: s, context="half")  # refused when built, before labelling
     with pytest.raises(ValueError, match="1 answers but 0 questions"):
         question_tile_ratios(model, [make_sample(model, 6, [2])])
 

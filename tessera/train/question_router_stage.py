@@ -68,6 +68,13 @@ CONTEXTS = ("full", "compressed", "both")
 MEASURES = ("ratio", "difference")
 
 
+def check_labelling(context: str, measure: str) -> None:
+    """Raise ValueError unless `context` and `measure` name a way to label (CONTEXTS, MEASURES)."""
+    for name, value, choices in (("context", context, CONTEXTS), ("measure", measure, MEASURES)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 @dataclass
 class QuestionRatios:
     """One row per (sample, answer, tile) of a batch."""
@@ -103,10 +110,7 @@ def question_tile_ratios(
 ) -> QuestionRatios:
     """Exact per-(tile, answer) loss ratios (or differences) for `samples` (Encoded at 1/4, each with its
     `questions`)."""
-    if context not in CONTEXTS:
-        raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {context!r}")
-    if measure not in MEASURES:
-        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+    check_labelling(context, measure)
 
     def worse_than(small: torch.Tensor, large: torch.Tensor) -> torch.Tensor:
         """How much worse the answer is with less detail (`small`) than with more (`large`)."""
@@ -249,10 +253,7 @@ class QuestionRouterStage:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.context not in CONTEXTS:
-            raise ValueError(f"context must be one of {', '.join(CONTEXTS)}, got {self.context!r}")
-        if self.measure not in MEASURES:
-            raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {self.measure!r}")
+        check_labelling(self.context, self.measure)  # at build time, before any labelling
         self._window = RatioWindow(self.window, self.percentile)
         self._heldout: list[Encoded] | None = None
         self._buffer: deque[LabelledRows] = deque(maxlen=self.buffer_batches)
