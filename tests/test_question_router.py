@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_router_stage import answer_loss
+from test_router_stage import routed_answer_loss
 from test_vico import make_sample
 
 from tessera.image import ImageProcessor
@@ -25,11 +25,11 @@ from tessera.train.question_router_stage import (
     QuestionRouterStage,
     Replay,
     SampleBatch,
+    mixed_mask,
     question_router_scores,
     question_tile_ratios,
 )
 from tessera.train.router_stage import router_bce, router_labels
-from tessera.train.vico import shrink_image_tokens
 from tessera.world import (
     bound_oracle,
     eval_items,
@@ -143,23 +143,13 @@ def with_questions(sample: Encoded, *questions: str) -> Encoded:
 
 def test_per_question_ratios_and_differences_are_exact_in_both_contexts(tiny):
     model = tiny.eval()
-    cfg = model.config
     s = with_questions(make_sample(model, 5, [3]), "what is the label?")
     ratios = question_tile_ratios(model, [s], context="both", eps=0.0)
     assert ratios.r.shape == ratios.tile.shape == ratios.question.shape == (3,)
     assert ratios.questions == ["what is the label?"]
 
     def loss_with(compress):
-        enc = shrink_image_tokens(
-            s,
-            compress,
-            cfg.tokens_per_tile,
-            cfg.compressed_tokens_per_tile,
-            cfg.image_context_token_id,
-        )
-        with torch.no_grad():
-            feats, _ = model.encode_images(s.pixel_values, compress=torch.tensor(compress))
-        return answer_loss(model, enc.input_ids, enc.loss_mask, feats)
+        return routed_answer_loss(model, s, compress)
 
     full, small = loss_with([False] * 3), loss_with([True] * 3)
     nats = question_tile_ratios(model, [s], context="both", measure="difference")
@@ -179,10 +169,65 @@ def test_per_question_ratios_and_differences_are_exact_in_both_contexts(tiny):
         assert nats.r[i].item() == pytest.approx(max(d_full, d_comp), abs=1e-4)
     with pytest.raises(ValueError, match="measure must be one of ratio, difference"):
         question_tile_ratios(model, [s], measure="log")
-    with pytest.raises(ValueError, match="context must be one of full, compressed, both"):
+    with pytest.raises(ValueError, match="context must be one of full, compressed, mixed, routed"):
         QuestionRouterStage(lambda i: s, context="half")  # refused when built, before labelling
     with pytest.raises(ValueError, match="1 answers but 0 questions"):
         question_tile_ratios(model, [make_sample(model, 6, [2])])
+
+
+def test_mixed_context_scores_each_tile_against_the_samples_random_mask(tiny):
+    model = tiny.eval()
+    s = with_questions(make_sample(model, 7, [5]), "how many circles are there?")
+    k = s.pixel_values.shape[0]
+    mask = mixed_mask(k, s.index)
+    assert mask == mixed_mask(k, s.index)  # the same sample is labelled the same every time
+    assert any(mask) and not all(mask)  # half-compressed, not one of the uniform contexts
+
+    def loss_with(compress):
+        return routed_answer_loss(model, s, compress)
+
+    mixed = question_tile_ratios(model, [s], context="mixed", eps=0.0)
+    every = question_tile_ratios(model, [s], context="full+compressed+mixed", eps=0.0)
+    assert torch.isnan(mixed.r_full).all() and torch.isnan(mixed.r_compressed).all()
+    for i in range(k):
+        at_small = loss_with([c or j == i for j, c in enumerate(mask)])
+        at_large = loss_with([c and j != i for j, c in enumerate(mask)])
+        assert mixed.r_mixed[i].item() == pytest.approx(at_small / at_large, rel=1e-3)
+        assert mixed.r[i].item() == pytest.approx(at_small / at_large, rel=1e-3)
+        three = [every.r_full[i], every.r_compressed[i], every.r_mixed[i]]
+        assert every.r[i].item() == pytest.approx(max(x.item() for x in three), rel=1e-6)
+    assert every.r_mixed.tolist() == pytest.approx(mixed.r_mixed.tolist(), rel=1e-5)
+    for bad in ("full+full", "full+half", ""):
+        with pytest.raises(ValueError, match="several joined with"):
+            question_tile_ratios(model, [s], context=bad)
+
+
+def test_routed_context_scores_the_routed_questions_answer_under_the_routers_own_mask(make_tiny):
+    model = make_tiny().eval()
+    with pytest.raises(ValueError, match="needs the question router"):
+        question_tile_ratios(model, [with_questions(make_sample(model, 3, [4]), "q?")], "routed")
+    model.add_question_router()
+    model.config.flash.question_relative_threshold = 0.0
+    model.config.flash.question_absolute_threshold = 0.0  # compress all but the lowest-p tile
+    s = with_questions(make_sample(model, 3, [4]), "what is the label?")
+    k = s.pixel_values.shape[0]
+    routed = question_tile_ratios(model, [s], context="routed", eps=0.0)
+    with torch.no_grad():
+        tokens = model.vision_patch_tokens(s.pixel_values)
+    p = model.question_router.p_compress(
+        tokens, question_vectors(model, [s.questions[0]]).expand(k, -1)
+    )
+    mask = (p > p.min()).tolist()  # the released rule at relative 0: all but the lowest-p tile
+
+    def loss_with(compress):
+        return routed_answer_loss(model, s, compress)
+
+    assert any(mask) and not all(mask)
+    for i in range(k):
+        at_small = loss_with([c or j == i for j, c in enumerate(mask)])
+        at_large = loss_with([c and j != i for j, c in enumerate(mask)])
+        assert routed.r_routed[i].item() == pytest.approx(at_small / at_large, rel=1e-3)
+        assert routed.r[i].item() == pytest.approx(at_small / at_large, rel=1e-3)
 
 
 @pytest.mark.parametrize("measure", ["ratio", "difference"])

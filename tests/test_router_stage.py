@@ -31,6 +31,21 @@ def answer_loss(model, ids: list[int], mask: list[int], features: torch.Tensor) 
     return float(F.cross_entropy(logits[:-1][keep], targets[keep]))
 
 
+def routed_answer_loss(model, sample, compress: list[bool]) -> float:
+    """Mean answer CE of `sample` (Encoded at 1/4) with the tiles flagged in `compress` at 1/16."""
+    cfg = model.config
+    enc = shrink_image_tokens(
+        sample,
+        compress,
+        cfg.tokens_per_tile,
+        cfg.compressed_tokens_per_tile,
+        cfg.image_context_token_id,
+    )
+    with torch.no_grad():
+        feats, _ = model.encode_images(sample.pixel_values, compress=torch.tensor(compress))
+    return answer_loss(model, enc.input_ids, enc.loss_mask, feats)
+
+
 def test_ratios_are_exact_one_tile_at_a_time(tiny):
     model = tiny.eval()
     cfg = model.config
@@ -48,17 +63,7 @@ def test_ratios_are_exact_one_tile_at_a_time(tiny):
     base = answer_loss(model, s.input_ids, s.loss_mask, feats)
     assert ratios.loss_full[0].item() == pytest.approx(base, rel=1e-4)
     for i in range(3):
-        compress = [j == i for j in range(3)]
-        enc = shrink_image_tokens(
-            s,
-            compress,
-            cfg.tokens_per_tile,
-            cfg.compressed_tokens_per_tile,
-            cfg.image_context_token_id,
-        )
-        with torch.no_grad():
-            feats, _ = model.encode_images(s.pixel_values, compress=torch.tensor(compress))
-        want = answer_loss(model, enc.input_ids, enc.loss_mask, feats)
+        want = routed_answer_loss(model, s, [j == i for j in range(3)])
         assert ratios.loss_tile[i].item() == pytest.approx(want, rel=1e-4)
         assert ratios.r[i].item() == pytest.approx(want / base, rel=1e-4)
 

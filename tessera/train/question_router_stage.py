@@ -9,7 +9,15 @@ both of two contexts:
     context "compressed"  r_comp = (L_a(every tile at 1/16) + eps) / (L_a(tile i at 1/4, the rest at 1/16) + eps)
                           (what keeping this tile alone at 1/4 buys when the router compresses the others,
                           which is the situation a question router creates)
-    context "both"        r = max(r_full, r_comp)
+    context "mixed"       r_mix = L_a(tile i at 1/16 | m) / L_a(tile i at 1/4 | m), the other tiles as a random
+                          mask m sets them (each at 1/16 with probability 1/2, drawn from the sample's index):
+                          what tile i is worth in the half-compressed images a question router makes
+    context "routed"      r_route = the same ratio with the other tiles as the question router now routes them
+                          for one of the sample's questions (its thresholds in the config; the other
+                          answers' rows get no score from this context): what tile i is worth where the
+                          router puts it
+    context "both"        r = max(r_full, r_comp); contexts join with "+" ("full+compressed+routed"), r the
+                          largest of theirs
 
 `measure="difference"` labels from how many nats the answer loses instead, d = L_a(…at 1/16) − L_a(…at 1/4)
 in each context (d = max(d_full, d_comp) for "both"). A loss ratio treats a colour answer whose loss moves
@@ -19,6 +27,13 @@ answer often lost) as cheap; the difference is the answer's log-likelihood lost.
 (tile, question) rows at 1/4 against 38 % and 42 % with ratios, but rank label tiles less sharply and keep no
 more of count's; the router trained on them is better above 50 % fewer tokens and worse below, so "ratio"
 stays the default.
+
+"mixed" and "routed" were built for counts, measured on the tiny model and left as options
+(docs/log/2026-12-04-question-router-contexts.md): a count whose loss is 0.02 with every tile at 1/4 and 0.02
+with every tile at 1/16 can rise to 0.32 as the router mixes them, and restoring one tile mends 8 of 9 count
+answers the router loses, which neither uniform context sees. Trained with "full+compressed+mixed" or
+"full+compressed+routed", the router's count accuracy at 50 % fewer tokens stayed where it was (74-76 of 88)
+and its curve was no better than "both", which stays the default.
 
 "both" matters where evidence is duplicated: the thumbnail and a tile both show a shape, so compressing either
 alone costs nothing (r_full ≈ 1 for each) while compressing both loses it; r_comp sees that either one rescues
@@ -48,7 +63,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tessera.auc import auc
-from tessera.routing import question_vectors
+from tessera.routing import model_question_thresholds, question_vectors, threshold_decision
 from tessera.train import dataclass_from
 from tessera.train.conversations import file_stream
 from tessera.train.data import Curriculum, Encoded, WorldStream, stream_batches
@@ -64,15 +79,26 @@ from tessera.train.router_stage import (
 from tessera.train.sft import SEED_OFFSET, default_families
 from tessera.train.vico import shrink_image_tokens
 
-CONTEXTS = ("full", "compressed", "both")
+CONTEXTS = ("full", "compressed", "mixed", "routed")  # joined with "+"; "both" = "full+compressed"
 MEASURES = ("ratio", "difference")
 
 
+def context_parts(context: str) -> tuple[str, ...]:
+    """The contexts `context` scores in: "both" or CONTEXTS joined with "+" (ValueError otherwise)."""
+    parts = tuple(("full+compressed" if context == "both" else context).split("+"))
+    if not parts or any(p not in CONTEXTS for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(
+            f"context must be one of {', '.join(CONTEXTS)} or several joined with '+' "
+            f"('both' = 'full+compressed'), got {context!r}"
+        )
+    return parts
+
+
 def check_labelling(context: str, measure: str) -> None:
-    """Raise ValueError unless `context` and `measure` name a way to label (CONTEXTS, MEASURES)."""
-    for name, value, choices in (("context", context, CONTEXTS), ("measure", measure, MEASURES)):
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    """Raise ValueError unless `context` and `measure` name a way to label (context_parts, MEASURES)."""
+    context_parts(context)
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
 
 
 @dataclass
@@ -82,21 +108,40 @@ class QuestionRatios:
     r: torch.Tensor  # [M] the score the label is cut from (a loss ratio, or a difference in nats)
     r_full: torch.Tensor  # [M] in the released context (nan when not computed)
     r_compressed: torch.Tensor  # [M] in the compressed context (nan when not computed)
+    r_mixed: torch.Tensor  # [M] in the mixed context (nan when not computed)
+    r_routed: torch.Tensor  # [M] in the routed context (nan when not computed or another answer's)
     tile: torch.Tensor  # [M] long: row of `patch_tokens`
     question: torch.Tensor  # [M] long: row of `questions`
     patch_tokens: torch.Tensor  # [ΣN, P, Cv] last-layer ViT tokens
     questions: list[str]  # [ΣA] every answer's question, sample by sample
 
 
-def _variants(k: int, context: str) -> list[list[bool]]:
-    """The compress masks one sample is scored under: all 1/4 and one-at-1/16 (full context), then all
-    1/16 and one-at-1/4 (compressed context)."""
+def mixed_mask(k: int, index: int) -> list[bool]:
+    """The mixed context's random mask for a sample of k tiles: each at 1/16 with probability 1/2, drawn from
+    the sample's stream index (so a sample is labelled the same every time)."""
+    draw = torch.rand(k, generator=torch.Generator().manual_seed(int(index) & 0xFFFFFFFF))
+    return (draw < 0.5).tolist()
+
+
+def _variants(bases: list[list[bool]]) -> list[list[bool]]:
+    """The compress masks one sample is scored under: each context's base mask, then that base with each
+    tile flipped in turn."""
     out = []
-    if context in ("full", "both"):
-        out += [[False] * k] + [[i == j for i in range(k)] for j in range(k)]
-    if context in ("compressed", "both"):
-        out += [[True] * k] + [[i != j for i in range(k)] for j in range(k)]
+    for base in bases:
+        out += [base] + [[c != (i == j) for i, c in enumerate(base)] for j in range(len(base))]
     return out
+
+
+def routed_masks(model, patch_tokens: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """How the question router routes one image's k tiles [k, P, Cv] for each of A questions [A, Dl] under
+    the config's question thresholds → bool [A, k]."""
+    relative, absolute = model_question_thresholds(model)
+    k = patch_tokens.shape[0]
+    out = []
+    for v in vectors:
+        p = model.question_router.p_compress(patch_tokens, v.expand(k, -1))  # [k]
+        out.append(threshold_decision(p, [k], relative, absolute))
+    return torch.stack(out)  # [A, k]
 
 
 @torch.no_grad()
@@ -128,10 +173,30 @@ def question_tile_ratios(
     n = grid.shape[0]
     feats_full = model.project(grid, None)[0].view(n, full, -1)  # [ΣN,t1,D]
     feats_small = model.project(grid, torch.ones(n, dtype=torch.bool))[0].view(n, small, -1)
-    rows, plan, offset = [], [], 0
+    parts = context_parts(context)
+    tokens = grid.reshape(n, -1, grid.shape[-1])  # [ΣN, P, Cv]
+    if "routed" in parts:
+        if getattr(model, "question_router", None) is None:
+            raise ValueError(
+                "context 'routed' needs the question router (model.add_question_router())"
+            )
+        all_questions = [q for s in samples for q in s.questions]
+        vectors = question_vectors(model, all_questions).to(tokens.device)  # [ΣA, Dl]
+    rows, plan, offset, asked = [], [], 0, 0
     for s in samples:
-        k = s.pixel_values.shape[0]
-        for compress in _variants(k, context):
+        k, bases = s.pixel_values.shape[0], []
+        routed_answer = int(s.index) % max(
+            1, len(s.questions)
+        )  # the question the router routes for
+        for part in parts:
+            if part == "routed":
+                q = vectors[asked + routed_answer : asked + routed_answer + 1]  # [1, Dl]
+                bases.append(routed_masks(model, tokens[offset : offset + k], q)[0].tolist())
+            elif part == "mixed":
+                bases.append(mixed_mask(k, s.index))
+            else:  # every tile at 1/4 ("full") or every tile at 1/16 ("compressed")
+                bases.append([part == "compressed"] * k)
+        for compress in _variants(bases):
             enc = shrink_image_tokens(s, compress, full, small, ctx) if any(compress) else s
             feats = torch.cat(
                 [
@@ -140,11 +205,13 @@ def question_tile_ratios(
                 ]
             )  # [tokens, D]
             rows.append((enc.input_ids, enc.loss_mask, feats))
-        plan.append((k, offset))
+        plan.append((k, offset, bases, routed_answer))
         offset += k
+        asked += len(s.questions)
     losses = answer_losses(model, rows, pad_id, chunk)  # one [A_s] per row
-    rs, r_fulls, r_comps, tiles, qs, questions, at = [], [], [], [], [], [], 0
-    for s, (k, first) in zip(samples, plan):
+    rs, r_fulls, r_comps, r_mixes, r_routes, tiles, qs, questions = [], [], [], [], [], [], [], []
+    at = 0
+    for s, (k, first, bases, routed_answer) in zip(samples, plan):
         answers = losses[at].numel()
         if len(s.questions) != answers:
             raise ValueError(
@@ -152,21 +219,26 @@ def question_tile_ratios(
                 "(the question router needs each answered turn's question)"
             )
         nan = torch.full((k, answers), float("nan"))
-        r_full, r_comp = nan, nan.clone()
-        if context in ("full", "both"):
-            all_full = losses[at]  # [A] every tile at 1/4
-            one = torch.stack(losses[at + 1 : at + 1 + k])  # [k, A] tile i at 1/16
-            r_full = worse_than(one, all_full)  # [k, A]
+        scores = dict.fromkeys(CONTEXTS, nan)  # each [k, A]
+        for part, base in zip(parts, bases):
+            loss_base, flipped = losses[at], torch.stack(losses[at + 1 : at + 1 + k])  # [A], [k, A]
             at += k + 1
-        if context in ("compressed", "both"):
-            all_small = losses[at]  # [A] every tile at 1/16
-            alone = torch.stack(losses[at + 1 : at + 1 + k])  # [k, A] tile i alone at 1/4
-            r_comp = worse_than(all_small, alone)  # [k, A]
-            at += k + 1
-        r = torch.fmax(r_full, r_comp)  # [k, A]; fmax ignores the context not computed (nan)
+            masked = torch.as_tensor(base)[:, None]  # [k, 1]: tile i at 1/16 in the base
+            scores[part] = worse_than(  # tile i at 1/16 against tile i at 1/4, the rest as the base
+                torch.where(masked, loss_base, flipped), torch.where(masked, flipped, loss_base)
+            )
+            if part == "routed":  # only the routed question's answer saw its router's mask
+                scores[part][:, torch.arange(answers) != routed_answer] = float("nan")
+        r_full, r_comp, r_mix = scores["full"], scores["compressed"], scores["mixed"]
+        r_route = scores["routed"]
+        r = (
+            torch.stack([r_full, r_comp, r_mix, r_route]).nan_to_num(float("-inf")).amax(0)
+        )  # [k, A]
         rs.append(r.T.reshape(-1))  # [A·k], answer-major
         r_fulls.append(r_full.T.reshape(-1))
         r_comps.append(r_comp.T.reshape(-1))
+        r_mixes.append(r_mix.T.reshape(-1))
+        r_routes.append(r_route.T.reshape(-1))
         tiles.append((first + torch.arange(k)).repeat(answers))  # [A·k]
         qs.append((len(questions) + torch.arange(answers)).repeat_interleave(k))  # [A·k]
         questions += list(s.questions)
@@ -174,9 +246,11 @@ def question_tile_ratios(
         torch.cat(rs),
         torch.cat(r_fulls),
         torch.cat(r_comps),
+        torch.cat(r_mixes),
+        torch.cat(r_routes),
         torch.cat(tiles),
         torch.cat(qs),
-        grid.reshape(n, -1, grid.shape[-1]),
+        tokens,
         questions,
     )
 
