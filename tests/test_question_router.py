@@ -229,6 +229,17 @@ def test_routed_context_scores_the_routed_questions_answer_under_the_routers_own
         assert routed.r_routed[i].item() == pytest.approx(at_small / at_large, rel=1e-3)
         assert routed.r[i].item() == pytest.approx(at_small / at_large, rel=1e-3)
 
+    # two answers: only the routed one (index 3 % 2 = 1) is scored, the other's rows are left out
+    two = copy.deepcopy(s)
+    answer = [t for t, m in enumerate(two.loss_mask) if m]
+    two.loss_mask[answer[len(answer) // 2]] = 0
+    two = with_questions(two, "what colour?", "what is the label?")
+    alone = question_tile_ratios(model, [two], context="routed", eps=0.0)
+    assert alone.question.tolist() == [1] * k and alone.tile.tolist() == list(range(k))
+    both = question_tile_ratios(model, [two], context="full+routed", eps=0.0)
+    assert both.question.tolist() == [0] * k + [1] * k  # the full context scores both answers
+    assert torch.isnan(both.r_routed[:k]).all() and not torch.isnan(both.r_routed[k:]).any()
+
 
 @pytest.mark.parametrize("measure", ["ratio", "difference"])
 def test_a_few_updates_lower_the_question_routers_loss_on_a_toy_set(make_tiny, measure):

@@ -132,16 +132,13 @@ def _variants(bases: list[list[bool]]) -> list[list[bool]]:
     return out
 
 
-def routed_masks(model, patch_tokens: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """How the question router routes one image's k tiles [k, P, Cv] for each of A questions [A, Dl] under
-    the config's question thresholds → bool [A, k]."""
+def routed_mask(model, patch_tokens: torch.Tensor, vector: torch.Tensor) -> list[bool]:
+    """How the question router routes one image's k tiles [k, P, Cv] for one question [Dl] under the
+    config's question thresholds."""
     relative, absolute = model_question_thresholds(model)
     k = patch_tokens.shape[0]
-    out = []
-    for v in vectors:
-        p = model.question_router.p_compress(patch_tokens, v.expand(k, -1))  # [k]
-        out.append(threshold_decision(p, [k], relative, absolute))
-    return torch.stack(out)  # [A, k]
+    p = model.question_router.p_compress(patch_tokens, vector.expand(k, -1))  # [k]
+    return threshold_decision(p, [k], relative, absolute).tolist()
 
 
 @torch.no_grad()
@@ -185,13 +182,12 @@ def question_tile_ratios(
     rows, plan, offset, asked = [], [], 0, 0
     for s in samples:
         k, bases = s.pixel_values.shape[0], []
-        routed_answer = int(s.index) % max(
-            1, len(s.questions)
-        )  # the question the router routes for
+        # the "routed" context routes for one of the sample's questions, a different one per sample
+        routed_answer = int(s.index) % max(1, len(s.questions))
         for part in parts:
             if part == "routed":
-                q = vectors[asked + routed_answer : asked + routed_answer + 1]  # [1, Dl]
-                bases.append(routed_masks(model, tokens[offset : offset + k], q)[0].tolist())
+                vector = vectors[asked + routed_answer]  # [Dl]
+                bases.append(routed_mask(model, tokens[offset : offset + k], vector))
             elif part == "mixed":
                 bases.append(mixed_mask(k, s.index))
             else:  # every tile at 1/4 ("full") or every tile at 1/16 ("compressed")
@@ -209,8 +205,8 @@ def question_tile_ratios(
         offset += k
         asked += len(s.questions)
     losses = answer_losses(model, rows, pad_id, chunk)  # one [A_s] per row
-    rs, r_fulls, r_comps, r_mixes, r_routes, tiles, qs, questions = [], [], [], [], [], [], [], []
-    at = 0
+    per_context = {part: [] for part in CONTEXTS}
+    tiles, qs, questions, at = [], [], [], 0
     for s, (k, first, bases, routed_answer) in zip(samples, plan):
         answers = losses[at].numel()
         if len(s.questions) != answers:
@@ -229,29 +225,24 @@ def question_tile_ratios(
             )
             if part == "routed":  # only the routed question's answer saw its router's mask
                 scores[part][:, torch.arange(answers) != routed_answer] = float("nan")
-        r_full, r_comp, r_mix = scores["full"], scores["compressed"], scores["mixed"]
-        r_route = scores["routed"]
-        r = (
-            torch.stack([r_full, r_comp, r_mix, r_route]).nan_to_num(float("-inf")).amax(0)
-        )  # [k, A]
-        rs.append(r.T.reshape(-1))  # [A·k], answer-major
-        r_fulls.append(r_full.T.reshape(-1))
-        r_comps.append(r_comp.T.reshape(-1))
-        r_mixes.append(r_mix.T.reshape(-1))
-        r_routes.append(r_route.T.reshape(-1))
+        for part in CONTEXTS:
+            per_context[part].append(scores[part].T.reshape(-1))  # [A·k], answer-major
         tiles.append((first + torch.arange(k)).repeat(answers))  # [A·k]
         qs.append((len(questions) + torch.arange(answers)).repeat_interleave(k))  # [A·k]
         questions += list(s.questions)
+    scored = {part: torch.cat(per_context[part]) for part in CONTEXTS}  # each [M]
+    r = torch.stack(list(scored.values())).nan_to_num(float("-inf")).amax(0)  # [M]
+    keep = r > float("-inf")  # rows no context scored (another answer's routing only) are left out
     return QuestionRatios(
-        torch.cat(rs),
-        torch.cat(r_fulls),
-        torch.cat(r_comps),
-        torch.cat(r_mixes),
-        torch.cat(r_routes),
-        torch.cat(tiles),
-        torch.cat(qs),
-        tokens,
-        questions,
+        r=r[keep],
+        r_full=scored["full"][keep],
+        r_compressed=scored["compressed"][keep],
+        r_mixed=scored["mixed"][keep],
+        r_routed=scored["routed"][keep],
+        tile=torch.cat(tiles)[keep],
+        question=torch.cat(qs)[keep],
+        patch_tokens=tokens,
+        questions=questions,
     )
 
 
