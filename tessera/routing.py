@@ -311,7 +311,7 @@ def _model_thresholds(model) -> tuple[float, float]:
     return flash.relative_threshold, flash.absolute_threshold
 
 
-def model_question_thresholds(model) -> tuple[float, float]:
+def _question_thresholds(model) -> tuple[float, float]:
     flash = model.config.flash
     return flash.question_relative_threshold, flash.question_absolute_threshold
 
@@ -393,7 +393,7 @@ def route_patch_tokens(
         ab,
         generator,
         pq.cpu() if pq is not None else None,
-        model_question_thresholds(model),
+        _question_thresholds(model),
     )
 
 

@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tessera.auc import auc
-from tessera.routing import model_question_thresholds, question_vectors, threshold_decision
+from tessera.routing import RoutingPolicy, question_vectors, route_patch_tokens
 from tessera.train import dataclass_from
 from tessera.train.conversations import file_stream
 from tessera.train.data import Curriculum, Encoded, WorldStream, stream_batches
@@ -79,6 +79,9 @@ from tessera.train.router_stage import (
 from tessera.train.sft import SEED_OFFSET, default_families
 from tessera.train.vico import shrink_image_tokens
 
+ROUTED = RoutingPolicy(
+    "question"
+)  # the "routed" context's policy: the model's own question thresholds
 CONTEXTS = ("full", "compressed", "mixed", "routed")  # joined with "+"; "both" = "full+compressed"
 MEASURES = ("ratio", "difference")
 
@@ -132,15 +135,6 @@ def _variants(bases: list[list[bool]]) -> list[list[bool]]:
     return out
 
 
-def routed_mask(model, patch_tokens: torch.Tensor, vector: torch.Tensor) -> list[bool]:
-    """How the question router routes one image's k tiles [k, P, Cv] for one question [Dl] under the
-    config's question thresholds."""
-    relative, absolute = model_question_thresholds(model)
-    k = patch_tokens.shape[0]
-    p = model.question_router.p_compress(patch_tokens, vector.expand(k, -1))  # [k]
-    return threshold_decision(p, [k], relative, absolute).tolist()
-
-
 @torch.no_grad()
 def question_tile_ratios(
     model,
@@ -172,22 +166,22 @@ def question_tile_ratios(
     feats_small = model.project(grid, torch.ones(n, dtype=torch.bool))[0].view(n, small, -1)
     parts = context_parts(context)
     tokens = grid.reshape(n, -1, grid.shape[-1])  # [ΣN, P, Cv]
-    if "routed" in parts:
-        if getattr(model, "question_router", None) is None:
-            raise ValueError(
-                "context 'routed' needs the question router (model.add_question_router())"
-            )
-        all_questions = [q for s in samples for q in s.questions]
-        vectors = question_vectors(model, all_questions).to(tokens.device)  # [ΣA, Dl]
-    rows, plan, offset, asked = [], [], 0, 0
+    if "routed" in parts and getattr(model, "question_router", None) is None:
+        raise ValueError("context 'routed' needs the question router (model.add_question_router())")
+    rows, plan, offset = [], [], 0
     for s in samples:
         k, bases = s.pixel_values.shape[0], []
         # the "routed" context routes for one of the sample's questions, a different one per sample
         routed_answer = int(s.index) % max(1, len(s.questions))
         for part in parts:
-            if part == "routed":
-                vector = vectors[asked + routed_answer]  # [Dl]
-                bases.append(routed_mask(model, tokens[offset : offset + k], vector))
+            if (
+                part == "routed"
+            ):  # the decision serving makes, under the config's question thresholds
+                question = [s.questions[routed_answer]]
+                decision = route_patch_tokens(
+                    model, tokens[offset : offset + k], [k], ROUTED, question
+                )
+                bases.append(decision.compress.tolist())
             elif part == "mixed":
                 bases.append(mixed_mask(k, s.index))
             else:  # every tile at 1/4 ("full") or every tile at 1/16 ("compressed")
@@ -203,7 +197,6 @@ def question_tile_ratios(
             rows.append((enc.input_ids, enc.loss_mask, feats))
         plan.append((k, offset, bases, routed_answer))
         offset += k
-        asked += len(s.questions)
     losses = answer_losses(model, rows, pad_id, chunk)  # one [A_s] per row
     per_context = {part: [] for part in CONTEXTS}
     tiles, qs, questions, at = [], [], [], 0
