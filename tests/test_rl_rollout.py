@@ -54,6 +54,20 @@ def test_sample_tokens_greedy_top_p_and_generator():
     assert a == b
 
 
+def test_sampled_tokens_follow_the_distribution_and_skip_impossible_ones():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2])  # token 1 can never be drawn
+    logits = probs.clamp_min(1e-30).log().repeat(4000, 1)  # [4000, 4]
+    free = SamplingParams(temperature=1.0)
+    for generators in (
+        torch.Generator().manual_seed(3),  # one for the batch
+        [torch.Generator().manual_seed(i) for i in range(4000)],  # one per row
+    ):
+        ids, _ = sample_tokens(logits, [free] * 4000, generators)
+        freq = torch.bincount(torch.tensor(ids), minlength=4).float() / 4000
+        assert freq[1] == 0
+        assert torch.allclose(freq, probs, atol=0.03)
+
+
 def test_rollouts_are_reproducible_under_a_seed(model):
     prep = _prepared(model, QUERIES)
     cfg = SamplingConfig(

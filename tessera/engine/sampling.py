@@ -95,6 +95,21 @@ def _ban(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return out
 
 
+def _draw(
+    probs: torch.Tensor, generators: torch.Generator | list[torch.Generator | None] | None, rows
+) -> torch.Tensor:
+    """One id per row of probs [n, V] by inverse CDF. The uniforms come from the CPU generators (one per row,
+    or one for all), so a seed draws the same tokens on every device and only n numbers cross to it."""
+    if isinstance(generators, list):
+        u = torch.cat([torch.rand(1, generator=generators[b]) for b in rows])  # [n]
+    else:
+        u = torch.rand(len(rows), generator=generators)  # [n]
+    cum = probs.cumsum(-1)  # [n, V]
+    u = u.to(probs.device, probs.dtype)[:, None] * cum[:, -1:]  # [n, 1], scaled to each row's mass
+    # the first token whose cumulative mass passes u: never one of zero probability
+    return torch.searchsorted(cum, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
+
+
 def sample_tokens(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -123,14 +138,7 @@ def sample_tokens(
             picked / temperature[:, None], [params[b].top_k for b in rows]
         )  # [n, V]
         probs = top_p_filter(torch.softmax(picked, dim=-1), top_p)  # [n, V]
-        if isinstance(generators, list):
-            drawn = [
-                int(torch.multinomial(probs[i], 1, generator=generators[b]))
-                for i, b in enumerate(rows)
-            ]
-            ids[rows] = torch.tensor(drawn, device=ids.device)
-        else:
-            ids[rows] = torch.multinomial(probs, 1, generator=generators).squeeze(1)  # [n, 1] → [n]
+        ids[rows] = _draw(probs, generators, rows)
     if not logprobs:
         return ids.tolist(), None
     temps = torch.tensor(
