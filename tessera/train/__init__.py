@@ -16,6 +16,7 @@ STAGES: dict[str, str] = {
     "vico": "tessera.train.vico",
     "router": "tessera.train.router_stage",
     "question_router": "tessera.train.question_router_stage",
+    "question_router_policy": "tessera.train.question_router_policy",
     "mpo": "tessera.train.mpo",
     "gspo": "tessera.train.gspo",
 }

@@ -75,6 +75,7 @@ from tessera.train.router_stage import (
     answer_losses,
     router_bce,
     router_labels,
+    router_only,
 )
 from tessera.train.sft import SEED_OFFSET, default_families
 from tessera.train.vico import shrink_image_tokens
@@ -135,6 +136,39 @@ def _variants(bases: list[list[bool]]) -> list[list[bool]]:
     return out
 
 
+def routed_row(
+    model,
+    sample: Encoded,
+    compress: list[bool],
+    feats_full: torch.Tensor,
+    feats_small: torch.Tensor,
+) -> tuple[list[int], list[int], torch.Tensor]:
+    """`sample` (Encoded at 1/4) with tile i at 1/16 wherever compress[i], as an (ids, loss_mask,
+    features) row for `answer_losses`; feats_full [k, t1, D] and feats_small [k, t2, D] are its tiles'
+    features through each projector."""
+    cfg = model.config
+    full, small = cfg.tokens_per_tile, cfg.compressed_tokens_per_tile
+    enc = (
+        shrink_image_tokens(sample, compress, full, small, cfg.image_context_token_id)
+        if any(compress)
+        else sample
+    )
+    feats = torch.cat([feats_small[i] if c else feats_full[i] for i, c in enumerate(compress)])
+    return enc.input_ids, enc.loss_mask, feats  # feats [tokens, D]
+
+
+def projected_tiles(model, samples: list[Encoded]) -> tuple[torch.Tensor, ...]:
+    """The frozen vision side of `samples` once: last-layer ViT tokens [ΣN, P, Cv] and every tile's
+    features through the 1/4 projector [ΣN, t1, D] and the 1/16 one [ΣN, t2, D]."""
+    cfg = model.config
+    grid = model.vision_tokens(torch.cat([s.pixel_values for s in samples]))  # [ΣN,h,w,Cv]
+    n = grid.shape[0]
+    feats_full = model.project(grid, None)[0].view(n, cfg.tokens_per_tile, -1)
+    every = torch.ones(n, dtype=torch.bool)
+    feats_small = model.project(grid, every)[0].view(n, cfg.compressed_tokens_per_tile, -1)
+    return grid.reshape(n, -1, grid.shape[-1]), feats_full, feats_small
+
+
 @torch.no_grad()
 def question_tile_ratios(
     model,
@@ -152,20 +186,9 @@ def question_tile_ratios(
         """How much worse the answer is with less detail (`small`) than with more (`large`)."""
         return (small + eps) / (large + eps) if measure == "ratio" else small - large
 
-    cfg = model.config
-    full, small, ctx = (
-        cfg.tokens_per_tile,
-        cfg.compressed_tokens_per_tile,
-        cfg.image_context_token_id,
-    )
     pad_id = getattr(getattr(model, "tokenizer", None), "pad_id", 0)
-    pixel_values = torch.cat([s.pixel_values for s in samples])  # [ΣN,3,S,S]
-    grid = model.vision_tokens(pixel_values)  # [ΣN,h,w,Cv]
-    n = grid.shape[0]
-    feats_full = model.project(grid, None)[0].view(n, full, -1)  # [ΣN,t1,D]
-    feats_small = model.project(grid, torch.ones(n, dtype=torch.bool))[0].view(n, small, -1)
+    tokens, feats_full, feats_small = projected_tiles(model, samples)  # [ΣN,P,Cv], [ΣN,t,D] ×2
     parts = context_parts(context)
-    tokens = grid.reshape(n, -1, grid.shape[-1])  # [ΣN, P, Cv]
     if "routed" in parts and getattr(model, "question_router", None) is None:
         raise ValueError("context 'routed' needs the question router (model.add_question_router())")
     rows, plan, offset = [], [], 0
@@ -187,14 +210,15 @@ def question_tile_ratios(
             else:  # every tile at 1/4 ("full") or every tile at 1/16 ("compressed")
                 bases.append([part == "compressed"] * k)
         for compress in _variants(bases):
-            enc = shrink_image_tokens(s, compress, full, small, ctx) if any(compress) else s
-            feats = torch.cat(
-                [
-                    feats_small[offset + i] if c else feats_full[offset + i]
-                    for i, c in enumerate(compress)
-                ]
-            )  # [tokens, D]
-            rows.append((enc.input_ids, enc.loss_mask, feats))
+            rows.append(
+                routed_row(
+                    model,
+                    s,
+                    compress,
+                    feats_full[offset : offset + k],
+                    feats_small[offset : offset + k],
+                )
+            )
         plan.append((k, offset, bases, routed_answer))
         offset += k
     losses = answer_losses(model, rows, pad_id, chunk)  # one [A_s] per row
@@ -243,6 +267,22 @@ def question_router_scores(model, ratios: QuestionRatios) -> torch.Tensor:
     """The question router's logits [M, 2] for every (tile, answer) row of `ratios`."""
     vectors = question_vectors(model, ratios.questions).to(ratios.patch_tokens.device)  # [ΣA, Dl]
     return model.question_router(ratios.patch_tokens[ratios.tile], vectors[ratios.question])
+
+
+def is_question_router_weight(name: str) -> bool:
+    """Only the question router's weights move (the released router is in the same component)."""
+    return name.startswith("question_router.")
+
+
+def install_question_router(model, thresholds: tuple[float | None, float | None]) -> None:
+    """Give `model` its question router (a copy of the released one where it has none) and write the
+    (relative, absolute) thresholds that are not None into the config the checkpoint saves."""
+    model.add_question_router()
+    relative, absolute = thresholds
+    if relative is not None:
+        model.config.flash.question_relative_threshold = float(relative)
+    if absolute is not None:
+        model.config.flash.question_absolute_threshold = float(absolute)
 
 
 @dataclass
@@ -294,14 +334,7 @@ class QuestionRouterStage:
     workers: int = 1
     name: str = "question_router"
     measure: str = "ratio"  # "difference": label from the nats an answer loses (module docstring)
-    trainable: dict[str, bool] = field(
-        default_factory=lambda: {
-            "vision": False,
-            "connector": False,
-            "language": False,
-            "router": True,
-        }
-    )
+    trainable: dict[str, bool] = field(default_factory=router_only)
     component_lr: dict[str, float] = field(default_factory=dict)
     heldout: int = 32  # held-out conversations for `eval_fn`
     thresholds: tuple[float | None, float | None] = (None, None)  # (relative, absolute) to ship
@@ -318,18 +351,10 @@ class QuestionRouterStage:
         self._draws = torch.Generator().manual_seed(self.seed)
         self._tau = float("nan")
 
-    @staticmethod
-    def param_filter(name: str) -> bool:
-        """Only the question router's weights move (the released router is in the same component)."""
-        return name.startswith("question_router.")
+    param_filter = staticmethod(is_question_router_weight)
 
     def setup(self, model) -> None:
-        model.add_question_router()
-        relative, absolute = self.thresholds  # written into the config the checkpoint saves
-        if relative is not None:
-            model.config.flash.question_relative_threshold = float(relative)
-        if absolute is not None:
-            model.config.flash.question_absolute_threshold = float(absolute)
+        install_question_router(model, self.thresholds)
 
     def eval_fn(self, model, step: int) -> dict[str, float]:
         """Per-question accuracy and AUC on held-out conversations (every `eval_every` steps)."""

@@ -47,14 +47,21 @@ class TileRatios:
 
 
 def answer_losses(
-    model, rows: list[tuple[list[int], list[int], torch.Tensor]], pad_id: int, chunk: int
+    model,
+    rows: list[tuple[list[int], list[int], torch.Tensor]],
+    pad_id: int,
+    chunk: int,
+    reduction: str = "mean",
 ) -> list[torch.Tensor]:
-    """Mean cross-entropy of every answer of each (ids, loss_mask, features) row → R tensors [A_r].
+    """Cross-entropy of every answer of each (ids, loss_mask, features) row → R tensors [A_r]: the mean
+    over the answer's tokens, or with reduction "sum" the nats of the whole answer.
 
     An answer is a maximal run of loss-mask tokens (one per turn of a multi-question sample). Rows are sorted by
     length and run `chunk` at a time with right padding (causal attention, so padding after a row's end changes
     nothing), which keeps the padded compute close to the real tokens.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     for lo in range(0, len(rows), chunk):
@@ -86,7 +93,7 @@ def answer_losses(
             counts = torch.zeros(n).index_add_(
                 0, answer[b][keep], torch.ones(int(keep.sum()))
             )  # [A]
-            out[i] = sums / counts.clamp_min(1.0)  # [A]
+            out[i] = sums if reduction == "sum" else sums / counts.clamp_min(1.0)  # [A]
     return out
 
 
@@ -206,6 +213,11 @@ def router_bce(
     }
 
 
+def router_only() -> dict[str, bool]:
+    """The trainable components of the router stages: the routers; every other weight is frozen."""
+    return {"vision": False, "connector": False, "language": False, "router": True}
+
+
 @dataclass
 class RouterStage:
     make: object  # global stream index → Encoded at 1/4 (a picklable WorldStream)
@@ -215,14 +227,7 @@ class RouterStage:
     eps: float = 1e-3
     workers: int = 1
     name: str = "router"
-    trainable: dict[str, bool] = field(
-        default_factory=lambda: {
-            "vision": False,
-            "connector": False,
-            "language": False,
-            "router": True,
-        }
-    )
+    trainable: dict[str, bool] = field(default_factory=router_only)
     component_lr: dict[str, float] = field(default_factory=dict)
     heldout: int = 48  # samples for `eval_fn`
     thresholds: tuple[float | None, float | None] = (
