@@ -12,12 +12,14 @@ from test_vico import make_sample
 import tessera.train.question_router_policy as policy
 from tessera.model.router import COMPRESS, KEEP
 from tessera.train.question_router_policy import (
+    MaskScores,
     QuestionRouterPolicyStage,
-    answer_loss_per_mask,
+    answer_cost,
     group_advantages,
     kept_share,
     mask_log_prob,
     question_rows,
+    score_masks,
 )
 from tessera.train.question_router_stage import projected_tiles
 from tessera.train.router_stage import SampleBatch
@@ -37,12 +39,16 @@ def test_every_draw_is_scored_exactly_and_its_tokens_counted(tiny):
     masks = torch.tensor([[True, False, True, False, False, True], [False] * 6, [True] * 6])
     with torch.no_grad():
         _, feats_full, feats_small = projected_tiles(model, samples)
-    losses = answer_loss_per_mask(model, samples, masks, feats_full, feats_small)  # [G, Q]
-    assert losses.shape == (3, 2)
+    scores = score_masks(model, samples, masks, feats_full, feats_small)  # [G, Q] each
+    assert scores.mean.shape == (3, 2)
+    answer_tokens = [sum(s.loss_mask[1:]) for s in samples]
     for g in range(3):
         for q, s in enumerate(samples):
             expect = routed_answer_loss(model, s, masks[g, 3 * q : 3 * q + 3].tolist())
-            assert losses[g, q].item() == pytest.approx(expect, rel=1e-4)
+            assert scores.mean[g, q].item() == pytest.approx(expect, rel=1e-4)
+            assert scores.tokens[g, q].item() == answer_tokens[q]
+            assert scores.nats[g, q].item() == pytest.approx(expect * answer_tokens[q], rel=1e-4)
+            assert 0 <= scores.misses[g, q].item() <= answer_tokens[q]
     full, small = cfg.tokens_per_tile, cfg.compressed_tokens_per_tile
     kept = kept_share(masks, row_question, 2, full, small)
     assert kept[0].tolist() == pytest.approx(
@@ -65,6 +71,20 @@ def test_log_probability_of_a_mask_and_the_group_baseline():
     rewards = torch.tensor([[1.0, 0.3], [3.0, 0.3], [2.0, 0.3]])
     adv = group_advantages(rewards)
     assert adv[:, 0].tolist() == pytest.approx([-1.0, 1.0, 0.0]) and adv[:, 1].tolist() == [0.0] * 3
+
+
+def test_answer_costs():
+    scores = MaskScores(
+        nats=torch.tensor([[6.0, 0.2]]),
+        tokens=torch.tensor([[2.0, 2.0]]),
+        misses=torch.tensor([[1.0, 0.0]]),
+    )
+    assert answer_cost(scores, "mean_nats", cap=2.0)[0].tolist() == pytest.approx([2.0, 0.1])
+    assert answer_cost(scores, "nats", cap=5.0)[0].tolist() == pytest.approx([5.0, 0.2])
+    # exact: 1 where greedy no longer reproduces the answer, the mean cross-entropy as a small tie-break
+    assert answer_cost(scores, "exact", cap=5.0)[0].tolist() == pytest.approx([1.3, 0.01])
+    with pytest.raises(ValueError, match="cost must be one of"):
+        answer_cost(scores, "bleu", cap=1.0)
 
 
 def _steps(model, stage, samples, n: int, lr: float = 0.05) -> None:
@@ -99,10 +119,11 @@ def test_the_policy_compresses_what_costs_nothing_and_keeps_what_the_answer_need
     ):  # the tile the answer needs looks different (the router sees tiles, not positions)
         s.pixel_values[0] = s.pixel_values[0].abs() + 2.0
 
-    def loss_needing_tile_0(model, samples, masks, feats_full, feats_small, **options):
-        return 3.0 * masks.view(masks.shape[0], len(samples), 3)[:, :, 0].float()  # [G, Q]
+    def loss_needing_tile_0(model, samples, masks, feats_full, feats_small, *options):
+        lost = 3.0 * masks.view(masks.shape[0], len(samples), 3)[:, :, 0].float()  # [G, Q]
+        return MaskScores(lost, torch.ones_like(lost), torch.zeros_like(lost))
 
-    monkeypatch.setattr(policy, "answer_loss_per_mask", loss_needing_tile_0)
+    monkeypatch.setattr(policy, "score_masks", loss_needing_tile_0)
     stage = QuestionRouterPolicyStage(lambda i: samples[i % 4], group=8, price=1.0, price_lr=0.0)
     before = _p_compress(model, samples).view(4, 3)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -127,6 +148,15 @@ def test_the_price_rises_while_the_masks_save_too_little_and_falls_when_they_sav
         _, metrics = stage.loss(model, SampleBatch(samples), 2.0)
         assert metrics["price"] == 1.0 and (stage.price - 1.0) * direction > 0
         assert 0.0 <= metrics["saved"] <= 0.75
+    # a floor by default: the price stops at zero; held, it turns negative and pays for kept tokens
+    prices = []
+    for hold in (False, True):
+        stage = QuestionRouterPolicyStage(
+            lambda i: samples[i % 2], group=2, target_saved=0.01, price=0.0, hold_target=hold
+        )
+        stage.loss(model, SampleBatch(samples), 2.0)
+        prices.append(stage.price)
+    assert prices[0] == 0.0 and prices[1] < 0.0
 
 
 def test_bad_policy_options_are_refused():
@@ -136,3 +166,5 @@ def test_bad_policy_options_are_refused():
         QuestionRouterPolicyStage(lambda i: None, target_saved=0.9)
     with pytest.raises(ValueError, match="temperature"):
         QuestionRouterPolicyStage(lambda i: None, temperature=0.0)
+    with pytest.raises(ValueError, match="cost must be one of"):
+        QuestionRouterPolicyStage(lambda i: None, cost="accuracy")

@@ -8,8 +8,9 @@ This stage optimises the decision itself. For one (image, question) the router's
 compress masks m (one bit per tile):
 
     π(m | image, q) = Π_i p_i^{m_i} (1 − p_i)^{1 − m_i}       p_i = p(compress | tile i, q), temperature T
-    R(m) = −min(L_a(m), loss_cap) − λ · kept(m)
-           L_a(m): the frozen model's mean answer cross-entropy with the tiles routed by m
+    R(m) = −C_a(m) − λ · kept(m)
+           C_a(m): what m costs the answer under the frozen model, teacher-forced (`answer_cost`): its mean
+                   cross-entropy, its summed cross-entropy, or whether greedy decoding still reproduces it
            kept(m): the image's visual tokens under m / its visual tokens with every tile at 1/4
 
 `group` masks are drawn from π per question and scored exactly (one LLM forward each, all of a batch in
@@ -17,7 +18,8 @@ batched forwards); the advantage of each is its reward against its group's mean 
 value model; not divided by the group's std, which blew tiny differences up to whole units and made the
 router deterministic within 150 steps on the tiny model), and the loss is REINFORCE's −(1/G) Σ_g A_g log π(m_g), averaged over
 questions. λ is a dual variable: after each batch λ ← max(0, λ + η (target_saved − saved)), with saved the
-share of visual tokens the batch's masks removed, so the user names the budget and the stage finds its price.
+share of visual tokens the batch's masks removed, so the user names the budget and the stage finds its price
+(`hold_target`: without the max, so that a saving above the target is paid back in kept tokens).
 
 The model is frozen (only `question_router.*` moves); the stage adds a question router copied from the released
 one where the model has none, but starting from a labelled one (`tessera train question_router`) is the
@@ -27,7 +29,7 @@ intended path: that router already ranks tiles, and this stage moves its decisio
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,7 @@ from tessera.train.question_router_stage import (
     projected_tiles,
     routed_row,
 )
-from tessera.train.router_stage import SampleBatch, SampleGrouper, answer_losses, router_only
+from tessera.train.router_stage import SampleBatch, SampleGrouper, answer_scores, router_only
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Rollouts:
     logits: torch.Tensor  # [M, 2] the router's logits for every (tile, question) row (with grad)
     masks: torch.Tensor  # [G, M] bool: compress, per draw and row
     row_question: torch.Tensor  # [M] long: the question of each row
-    losses: torch.Tensor  # [G, Q] each draw's mean answer cross-entropy
+    scores: MaskScores  # [G, Q] each draw's answer, scored
     kept: torch.Tensor  # [G, Q] visual tokens kept / at full, per draw and question
 
 
@@ -74,49 +76,73 @@ def question_rows(samples: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, l
 def router_logits(model, tokens: torch.Tensor, tile, question, questions) -> torch.Tensor:
     """The question router's logits [M, 2] for rows (tile, question) of the batch's ViT tokens."""
     vectors = question_vectors(model, questions).to(tokens.device)  # [Q, Dl]
+    tile, question = tile.to(tokens.device), question.to(tokens.device)
     return model.question_router(tokens[tile], vectors[question])
 
 
-def answer_loss_per_mask(
-    model,
-    samples: list[Encoded],
-    masks: torch.Tensor,
-    feats_full,
-    feats_small,
-    chunk: int = 16,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Answer cross-entropy [G, Q] (mean over its tokens, or "sum": its nats) of question q (rows
-    question-major, as `question_rows`) when its image's tiles are routed by masks[g] ([G, M] bool); one LLM
-    forward per (draw, question)."""
+@dataclass
+class MaskScores:
+    """How the frozen model answers each question under each draw, teacher-forced: [G, Q] each."""
+
+    nats: torch.Tensor  # the answer's summed cross-entropy
+    tokens: torch.Tensor  # its tokens
+    misses: (
+        torch.Tensor
+    )  # its tokens whose argmax is wrong (0: greedy decoding reproduces the answer)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.nats / self.tokens.clamp_min(1.0)  # [G, Q] mean cross-entropy
+
+
+def score_masks(
+    model, samples: list[Encoded], masks: torch.Tensor, feats_full, feats_small, chunk: int = 16
+) -> MaskScores:
+    """Question q's answer (rows question-major, as `question_rows`) scored with its image's tiles routed by
+    masks[g] ([G, M] bool); one LLM forward per (draw, question)."""
     pad_id = getattr(getattr(model, "tokenizer", None), "pad_id", 0)
     rows, pick, at, first = [], [], 0, 0
     for s in samples:
         k = s.pixel_values.shape[0]
+        full_k, small_k = feats_full[first : first + k], feats_small[first : first + k]
         for a in range(len(s.questions)):
             for g in range(masks.shape[0]):
-                compress = masks[g, at : at + k].tolist()
-                rows.append(
-                    routed_row(
-                        model,
-                        s,
-                        compress,
-                        feats_full[first : first + k],
-                        feats_small[first : first + k],
-                    )
-                )
+                rows.append(routed_row(model, s, masks[g, at : at + k].tolist(), full_k, small_k))
                 pick.append(a)
             at += k
         first += k
-    losses = answer_losses(model, rows, pad_id, chunk, reduction)  # one [A_s] per row
-    for row, (loss, a) in enumerate(zip(losses, pick)):
-        if loss.numel() <= a:
+    scores = answer_scores(model, rows, pad_id, chunk)  # one AnswerScores [A_s] per row
+    for row, (score, a) in enumerate(zip(scores, pick)):
+        if score.nats.numel() <= a:
             raise ValueError(
-                f"row {row}: {loss.numel()} answers but question {a} asked "
+                f"row {row}: {score.nats.numel()} answers but question {a} asked "
                 "(each answered turn needs its question)"
             )
-    flat = torch.stack([loss[a] for loss, a in zip(losses, pick)])  # [Q·G], question-major
-    return flat.view(-1, masks.shape[0]).T  # [G, Q]
+
+    def grid(field: str) -> torch.Tensor:  # [Q·G] question-major → [G, Q]
+        flat = torch.stack([getattr(score, field)[a] for score, a in zip(scores, pick)])
+        return flat.view(-1, masks.shape[0]).T
+
+    return MaskScores(grid("nats"), grid("tokens"), grid("misses"))
+
+
+COSTS = ("mean_nats", "nats", "exact")
+EXACT_TIE_BREAK = (
+    0.1  # "exact": the mean cross-entropy's weight, ordering draws that all keep (or lose) it
+)
+
+
+def answer_cost(scores: MaskScores, cost: str, cap: float) -> torch.Tensor:
+    """What a draw costs the answer [G, Q]: its mean cross-entropy ("mean_nats"), its summed cross-entropy
+    ("nats"), or ("exact") 1 when greedy decoding would no longer reproduce it plus EXACT_TIE_BREAK × its mean
+    cross-entropy; the cross-entropies capped at `cap` (a lost answer is lost)."""
+    if cost == "mean_nats":
+        return scores.mean.clamp(max=cap)
+    if cost == "nats":
+        return scores.nats.clamp(max=cap)
+    if cost == "exact":
+        return (scores.misses > 0).float() + EXACT_TIE_BREAK * scores.mean.clamp(max=cap)
+    raise ValueError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
 
 
 def kept_share(masks: torch.Tensor, row_question: torch.Tensor, questions: int, full, small):
@@ -139,7 +165,9 @@ def mask_log_prob(logits: torch.Tensor, masks: torch.Tensor, row_question, quest
     """log π(m) [G, Q]: Σ over each question's tiles of log p(compress) or log p(keep) as masks [G, M] say."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)  # [M, 2]
     per_row = torch.where(masks, logp[:, COMPRESS], logp[:, KEEP])  # [G, M]
-    return torch.zeros(masks.shape[0], questions).index_add_(1, row_question, per_row)
+    return torch.zeros(masks.shape[0], questions, device=per_row.device).index_add_(
+        1, row_question.to(per_row.device), per_row
+    )
 
 
 @dataclass
@@ -154,7 +182,11 @@ class QuestionRouterPolicyStage:
     temperature: float = 1.0  # of the router's softmax, for the policy
     workers: int = 1
     heldout: int = 16
-    loss_reduction: str = "mean"  # L_a: the answer's mean cross-entropy, or "sum": its nats
+    cost: str = "mean_nats"  # what a draw costs its answer (answer_cost: mean_nats, nats, exact)
+    chunk: int = 16  # sequences per LLM forward when scoring the masks (larger on a GPU)
+    hold_target: bool = (
+        False  # True: λ may turn negative, holding the saving at target_saved exactly
+    )
     thresholds: tuple[float | None, float | None] = (None, None)  # (relative, absolute) to ship
     seed: int = 0
     name: str = "question_router_policy"
@@ -170,8 +202,8 @@ class QuestionRouterPolicyStage:
             raise ValueError(f"target_saved must be in (0, 0.75], got {self.target_saved}")
         if self.temperature <= 0 or self.loss_cap <= 0 or self.price < 0 or self.price_lr < 0:
             raise ValueError("temperature and loss_cap must be > 0, price and price_lr >= 0")
-        if self.loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
+        if self.cost not in COSTS:
+            raise ValueError(f"cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
         self._draws = torch.Generator().manual_seed(self.seed)
         self._heldout: list[Encoded] | None = None
 
@@ -199,19 +231,18 @@ class QuestionRouterPolicyStage:
         draw = torch.rand(self.group, p.numel(), generator=self._draws)
         masks = draw < p  # [G, M]
         with torch.no_grad():
-            losses = answer_loss_per_mask(
-                model, samples, masks, feats_full, feats_small, reduction=self.loss_reduction
-            )
+            scores = score_masks(model, samples, masks, feats_full, feats_small, self.chunk)
         kept = kept_share(
             masks, row_question, len(questions), cfg.tokens_per_tile, cfg.compressed_tokens_per_tile
         )
-        return Rollouts(logits, masks, row_question, losses.float().cpu(), kept)
+        return Rollouts(logits, masks, row_question, scores, kept)
 
     def loss(self, model, batch: SampleBatch, normalizer: float):
         model.eval()  # the frozen model scores in eval mode; the router's dropout is off too
         roll = self.rollouts(model, batch.samples)
-        questions = roll.losses.shape[1]
-        rewards = -roll.losses.clamp(max=self.loss_cap) - self.price * roll.kept  # [G, Q]
+        questions = roll.kept.shape[1]
+        cost = answer_cost(roll.scores, self.cost, self.loss_cap)  # [G, Q]
+        rewards = -cost - self.price * roll.kept  # [G, Q]
         adv = group_advantages(rewards)  # [G, Q]
         logp = mask_log_prob(
             roll.logits,
@@ -223,13 +254,16 @@ class QuestionRouterPolicyStage:
         loss = -(adv * logp).mean(0).sum() / normalizer  # Σ over questions of the group mean
         saved = 1.0 - float(roll.kept.mean())
         metrics = {
-            "answer_loss": float(roll.losses.mean()),
+            "answer_loss": float(roll.scores.mean.mean()),
+            "answer_cost": float(cost.mean()),
             "saved": saved,
             "price": self.price,
             "p_compress": float(roll.masks.float().mean()),
             "flat_groups": float((adv.abs().sum(0) == 0).float().mean()),
         }
-        self.price = max(0.0, self.price + self.price_lr * (self.target_saved - saved))
+        self.price += self.price_lr * (self.target_saved - saved)
+        if not self.hold_target:
+            self.price = max(0.0, self.price)  # a floor: saving more than asked costs nothing
         return loss, metrics
 
     @torch.no_grad()
@@ -254,7 +288,7 @@ def evaluate_policy(model, samples: list[Encoded], chunk_samples: int = 4) -> di
         tile, row_question, questions = question_rows(part)
         p = torch.softmax(router_logits(model, tokens, tile, row_question, questions).float(), -1)
         masks = torch.stack([p[:, COMPRESS].cpu() >= 0.5, torch.zeros(len(tile), dtype=torch.bool)])
-        losses = answer_loss_per_mask(model, part, masks, feats_full, feats_small)  # [2, Q]
+        losses = score_masks(model, part, masks, feats_full, feats_small).mean  # [2, Q]
         routed.append(losses[0])
         full.append(losses[1])
         kept.append(
@@ -288,7 +322,13 @@ class QuestionRouterPolicyData:
     temperature: float = 1.0
     workers: int = 1
     heldout: int = 16
-    loss_reduction: str = "mean"  # or "sum": the answer's nats (long reasoning answers weigh more)
+    cost: str = (
+        "mean_nats"  # or "nats" (long answers weigh more), "exact" (greedy reproduces it or not)
+    )
+    chunk: int = 16  # sequences per LLM forward when scoring masks
+    hold_target: bool = (
+        False  # True: save target_saved exactly (a negative price pays for kept tokens)
+    )
     thinking_prob: float = 0.5
     families: dict[str, float] | None = None  # the questions asked (None: sft's families)
     turns: int = 4  # questions per image
@@ -315,21 +355,10 @@ def build_stage(
             "skip_bad_records": data.skip_bad_records,
         },
     )
-    stage = QuestionRouterPolicyStage(
-        labelled.make,
-        data.samples_per_batch,
-        data.group,
-        data.target_saved,
-        data.price,
-        data.price_lr,
-        data.loss_cap,
-        data.temperature,
-        data.workers,
-        data.heldout,
-        data.loss_reduction,
-        (data.relative_threshold, data.absolute_threshold),
-        data.seed,
-    )
+    own = {f.name for f in fields(QuestionRouterPolicyStage)}
+    options = {k: v for k, v in asdict(data).items() if k in own}
+    thresholds = (data.relative_threshold, data.absolute_threshold)
+    stage = QuestionRouterPolicyStage(labelled.make, thresholds=thresholds, **options)
     if hasattr(labelled, "scan_report"):
         stage.scan_report = labelled.scan_report
     return stage

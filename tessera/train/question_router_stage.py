@@ -161,7 +161,10 @@ def projected_tiles(model, samples: list[Encoded]) -> tuple[torch.Tensor, ...]:
     """The frozen vision side of `samples` once: last-layer ViT tokens [ΣN, P, Cv] and every tile's
     features through the 1/4 projector [ΣN, t1, D] and the 1/16 one [ΣN, t2, D]."""
     cfg = model.config
-    grid = model.vision_tokens(torch.cat([s.pixel_values for s in samples]))  # [ΣN,h,w,Cv]
+    device = next(model.parameters()).device
+    grid = model.vision_tokens(
+        torch.cat([s.pixel_values for s in samples]).to(device)
+    )  # [ΣN,h,w,Cv]
     n = grid.shape[0]
     feats_full = model.project(grid, None)[0].view(n, cfg.tokens_per_tile, -1)
     every = torch.ones(n, dtype=torch.bool)

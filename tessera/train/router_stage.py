@@ -46,24 +46,33 @@ class TileRatios:
     patch_tokens: torch.Tensor  # [ΣN, P, Cv] last-layer ViT tokens (what the router reads)
 
 
-def answer_losses(
-    model,
-    rows: list[tuple[list[int], list[int], torch.Tensor]],
-    pad_id: int,
-    chunk: int,
-    reduction: str = "mean",
-) -> list[torch.Tensor]:
-    """Cross-entropy of every answer of each (ids, loss_mask, features) row → R tensors [A_r]: the mean
-    over the answer's tokens, or with reduction "sum" the nats of the whole answer.
+@dataclass
+class AnswerScores:
+    """What the frozen model makes of each answer of one row, teacher-forced."""
+
+    nats: torch.Tensor  # [A] the answer's summed cross-entropy
+    tokens: torch.Tensor  # [A] its tokens
+    misses: (
+        torch.Tensor
+    )  # [A] tokens whose argmax is not the answer's token (0: greedy reproduces it)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.nats / self.tokens.clamp_min(1.0)  # [A] mean cross-entropy
+
+
+def answer_scores(
+    model, rows: list[tuple[list[int], list[int], torch.Tensor]], pad_id: int, chunk: int
+) -> list[AnswerScores]:
+    """Every answer of each (ids, loss_mask, features) row, scored: R AnswerScores of [A_r] each.
 
     An answer is a maximal run of loss-mask tokens (one per turn of a multi-question sample). Rows are sorted by
     length and run `chunk` at a time with right padding (causal attention, so padding after a row's end changes
     nothing), which keeps the padded compute close to the real tokens.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    out: list[AnswerScores | None] = [None] * len(rows)
+    device = next(model.parameters()).device
     for lo in range(0, len(rows), chunk):
         idx = order[lo : lo + chunk]
         part = [rows[i] for i in idx]
@@ -73,28 +82,40 @@ def answer_losses(
         for b, (row_ids, row_mask, _) in enumerate(part):
             ids[b, : len(row_ids)] = torch.tensor(row_ids)
             mask[b, : len(row_mask)] = torch.tensor(row_mask, dtype=torch.bool)
+        ids, mask = ids.to(device), mask.to(device)
         logits = model(
-            ids, image_features=torch.cat([f for _, _, f in part])
+            ids, image_features=torch.cat([f for _, _, f in part]).to(device)
         )  # [R,L,V], causal: padding is after
         ce = F.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
         )  # [R,L-1]
+        miss = (logits[:, :-1].argmax(-1) != ids[:, 1:]).float()  # [R,L-1]
         target = mask[
             :, 1:
         ]  # [R,L-1] position t predicts token t+1, a loss token when its mask is set
         starts = target & ~F.pad(target[:, :-1], (1, 0))  # [R,L-1] first token of each answer
-        answer = (starts.long().cumsum(1) - 1).masked_fill(
-            ~target, -1
-        )  # [R,L-1] answer index, -1 elsewhere
+        # [R,L-1] answer index, -1 elsewhere
+        answer = (starts.long().cumsum(1) - 1).masked_fill(~target, -1)
         for b, i in enumerate(idx):
-            n = int(starts[b].sum())
-            keep = answer[b] >= 0
-            sums = torch.zeros(n).index_add_(0, answer[b][keep], ce[b][keep])  # [A]
-            counts = torch.zeros(n).index_add_(
-                0, answer[b][keep], torch.ones(int(keep.sum()))
-            )  # [A]
-            out[i] = sums if reduction == "sum" else sums / counts.clamp_min(1.0)  # [A]
+            n, keep = int(starts[b].sum()), answer[b] >= 0
+            at = answer[b][keep]
+
+            def per_answer(values: torch.Tensor) -> torch.Tensor:
+                return torch.zeros(n, device=device).index_add_(0, at, values).cpu()  # [A]
+
+            out[i] = AnswerScores(
+                per_answer(ce[b][keep]),
+                per_answer(torch.ones_like(ce[b][keep])),
+                per_answer(miss[b][keep]),
+            )
     return out
+
+
+def answer_losses(
+    model, rows: list[tuple[list[int], list[int], torch.Tensor]], pad_id: int, chunk: int
+) -> list[torch.Tensor]:
+    """Mean cross-entropy of every answer of each row → R tensors [A_r] (answer_scores' `mean`)."""
+    return [s.mean for s in answer_scores(model, rows, pad_id, chunk)]
 
 
 @torch.no_grad()
