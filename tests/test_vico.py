@@ -88,6 +88,44 @@ def test_pairs_share_rows_answers_and_tiles(tiny):
     assert batch.small_positions.any()
 
 
+def test_xi_per_tile_mixes_resolutions_inside_an_image(tiny):
+    cfg = tiny.config
+    samples = [make_sample(tiny, i, [3]) for i in range(12)]  # one image of three tiles each
+
+    def per_image_masks(xi_per: str) -> list[list[bool]]:
+        packer = PairPacker(
+            4,
+            512,
+            tiny.tokenizer.pad_id,
+            cfg.tokens_per_tile,
+            cfg.compressed_tokens_per_tile,
+            cfg.image_context_token_id,
+            0.5,
+            xi_per,
+        )
+        return [packer.pair(s)[2] for s in samples]
+
+    images = per_image_masks("image")
+    assert all(len(set(m)) == 1 for m in images)  # the paper: one ξ for every tile of an image
+    tiles = per_image_masks("tile")
+    assert any(len(set(m)) == 2 for m in tiles) and tiles == per_image_masks("tile")
+    for s, mask in zip(samples, tiles):
+        policy = PairPacker(
+            4,
+            512,
+            tiny.tokenizer.pad_id,
+            cfg.tokens_per_tile,
+            cfg.compressed_tokens_per_tile,
+            cfg.image_context_token_id,
+            0.5,
+            "tile",
+        ).pair(s)[1]
+        saved = sum(mask) * (cfg.tokens_per_tile - cfg.compressed_tokens_per_tile)
+        assert policy.image_tokens == [s.image_tokens[0] - saved]
+    with pytest.raises(ValueError, match="xi_per must be one of image, tile"):
+        PairPacker(4, 512, 0, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile, 1, 0.5, "patch")
+
+
 def test_kl_is_zero_at_quarter_and_training_reduces_it_at_one_sixteenth(tiny):
     import copy
 

@@ -19,6 +19,9 @@ tile which object and which glyphs it covers — the fresh branch starts from no
 With `ViCOData.branch = "compressed"` only mlp2 trains: the policy at 1/4 is then the reference itself (its KL is
 0), so `compress_prob = 1.0` spends every sample on the 1/16 branch, and every answer under `full` routing stays
 bit-identical — the way to continue ViCO on a finished Flash model without touching what it already does.
+
+With `ViCOData.xi_per = "tile"` each tile draws its own ξ (Tessera's extension): the routers make images
+that mix 1/4 and 1/16 tiles, which one ξ per image never shows the model.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ from tessera.train.losses import IGNORE, kl_consistency
 from tessera.train.sft import SEED_OFFSET, default_families
 
 XI_SEED = 0x51C0  # mixes the ξ draw with the stream index
+XI_UNITS = (
+    "image",
+    "tile",
+)  # what one ξ applies to: the paper's per image, or each tile (mixed images)
 
 
 def shrink_image_tokens(
@@ -107,7 +114,11 @@ class PairPacker:
         small: int,
         img_context_id: int,
         compress_prob: float = 0.5,
+        xi_per: str = "image",
     ):
+        if xi_per not in XI_UNITS:
+            raise ValueError(f"xi_per must be one of {', '.join(XI_UNITS)}, got {xi_per!r}")
+        self.xi_per = xi_per
         self.rows, self.row_tokens, self.pad_id = rows, row_tokens, pad_id
         self.full, self.small, self.img_context_id, self.compress_prob = (
             full,
@@ -117,14 +128,18 @@ class PairPacker:
         )
 
     def pair(self, enc: Encoded) -> tuple[Encoded, Encoded, list[bool], bool]:
-        xi = draw_xi(enc.index, len(enc.image_tokens), self.compress_prob)
-        per_tile = [c for c, t in zip(xi, enc.image_tokens) for _ in range(t // self.full)]
+        tiles = [t // self.full for t in enc.image_tokens]
+        if self.xi_per == "tile":  # each tile its own ξ: images that mix 1/4 and 1/16 tiles
+            per_tile = draw_xi(enc.index, sum(tiles), self.compress_prob)
+        else:
+            xi = draw_xi(enc.index, len(enc.image_tokens), self.compress_prob)
+            per_tile = [c for c, n in zip(xi, tiles) for _ in range(n)]
         policy = (
             shrink_image_tokens(enc, per_tile, self.full, self.small, self.img_context_id)
-            if any(xi)
+            if any(per_tile)
             else enc
         )
-        return enc, policy, per_tile, any(xi)
+        return enc, policy, per_tile, any(per_tile)
 
     def _collate(self, rows: list[list[tuple[Encoded, Encoded, list[bool], bool]]]) -> ViCOBatch:
         ref = collate([[p[0] for p in row] for row in rows], self.pad_id)
@@ -265,6 +280,9 @@ class ViCOData:
     # "all": the paper's whole-model stage; "compressed": only the 1/16 branch (mlp2) trains, so the 1/4 path
     # (and every answer under `full`) stays bit-identical: continue ViCO on a finished model
     branch: str = "all"
+    # "image": one ξ per image (the paper); "tile": one per tile, so images mix 1/4 and 1/16 tiles as a router
+    # makes them (Tessera's extension: consistency where the routers put the model)
+    xi_per: str = "image"
 
 
 def compressed_branch_only(name: str) -> bool:
@@ -303,6 +321,7 @@ def build_stage(model, data: ViCOData | dict | None = None) -> ViCOStage:
         cfg.compressed_tokens_per_tile,
         cfg.image_context_token_id,
         data.compress_prob,
+        data.xi_per,
     )
     trainable = {"router": False} if data.train_vision else {"router": False, "vision": False}
     head = None
