@@ -1,5 +1,5 @@
 """The recipe end to end (init → pretrain → sft → mpo → gspo → vico → vico_compressed → router →
-question_router → eval → report), its resume, and the `tessera train` command."""
+question_router → vico_tiles ×2 → eval → report), its resume, and the `tessera train` command."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ CASCADE = [
     "vico_compressed",
     "router",
     "question_router",
+    "vico_tiles",
+    "vico_tiles2",
 ]
 
 
@@ -150,7 +152,7 @@ def test_quick_recipe_runs_the_whole_cascade_and_resumes_as_a_no_op(tmp_path, ma
     # the base stages train without Flash parts, vico adds them, the recipe ends on a Flash model with both routers
     assert tessera.load(tmp_path / "gspo" / "final").router is None
     assert tessera.load(tmp_path / "router" / "final").config.flash.question_router is False
-    assert result.final_checkpoint == tmp_path / "question_router" / "final"
+    assert result.final_checkpoint == tmp_path / "vico_tiles2" / "final"
     final = tessera.load(result.final_checkpoint)
     assert final.router is not None and final.question_router is not None
     # the report: before/after per-family table, the Flash table, seconds per stage
@@ -181,14 +183,15 @@ def test_quick_recipe_runs_the_whole_cascade_and_resumes_as_a_no_op(tmp_path, ma
     assert json.dumps(again.summary, sort_keys=True) == json.dumps(summary, sort_keys=True)
 
     # a stage whose folder is gone is trained again from the stage before it; the Flash table is re-measured
-    vico_final = (tmp_path / "vico" / "final" / "model.safetensors").stat().st_mtime_ns
-    shutil.rmtree(tmp_path / "question_router")
+    before_last = tmp_path / "vico_tiles" / "final" / "model.safetensors"
+    written = before_last.stat().st_mtime_ns
+    shutil.rmtree(tmp_path / "vico_tiles2")
     third = run_recipe("tiny", tmp_path, quick=True, progress=False)
-    assert training_steps(tmp_path / "question_router") == [1, 2, 3, 4]
-    assert (tmp_path / "vico" / "final" / "model.safetensors").stat().st_mtime_ns == vico_final
+    assert training_steps(tmp_path / "vico_tiles2") == [1, 2]
+    assert before_last.stat().st_mtime_ns == written
     stored = json.loads((tmp_path / "evals.json").read_text())
-    router_weights = tmp_path / "question_router" / "final" / "model.safetensors"
-    assert stored["flash"]["key"]["weights"][1] == router_weights.stat().st_mtime_ns
+    final_weights = tmp_path / "vico_tiles2" / "final" / "model.safetensors"
+    assert stored["flash"]["key"]["weights"][1] == final_weights.stat().st_mtime_ns
     assert tessera.load(third.final_checkpoint).question_router is not None
 
 
