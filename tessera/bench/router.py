@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import tessera
-from tessera.bench.docs import replace_section
+from tessera.bench.docs import machine, replace_section
 from tessera.bench.question_cache import cached_question_cost, world_inputs
 from tessera.bench.router_report import markdown, plot
 from tessera.config import ModelConfig
@@ -334,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         text += "\n\n" + write_figures(model, s, Path(args.out), seeds[0])
     if args.docs:
-        replace_section(Path(args.docs), "## Flash", text)
+        replace_section(Path(args.docs), "## Flash", text + f"\n\nMachine: {machine()}.")
     print(json.dumps(s, indent=2) if args.json else text)
     return 0
 
