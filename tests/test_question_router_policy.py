@@ -23,10 +23,28 @@ from tessera.train.question_router_policy import (
 )
 from tessera.train.question_router_stage import projected_tiles
 from tessera.train.router_stage import SampleBatch
+from tessera.train.vico import shrink_image_tokens
 
 
 def asked(model, index: int, tiles: list[int], question: str = "what is the label?"):
     return dataclasses.replace(make_sample(model, index, tiles), questions=(question,))
+
+
+def plain_misses(model, sample, compress: list[bool]) -> int:
+    """Answer tokens whose argmax is wrong, one plain forward with the tiles in `compress` at 1/16."""
+    cfg = model.config
+    enc = shrink_image_tokens(
+        sample,
+        compress,
+        cfg.tokens_per_tile,
+        cfg.compressed_tokens_per_tile,
+        cfg.image_context_token_id,
+    )
+    with torch.no_grad():
+        feats, _ = model.encode_images(sample.pixel_values, compress=torch.tensor(compress))
+        logits = model(torch.tensor([enc.input_ids]), image_features=feats)[0]  # [T, V]
+    ids, mask = torch.tensor(enc.input_ids), torch.tensor(enc.loss_mask, dtype=torch.bool)
+    return int((logits[:-1].argmax(-1) != ids[1:])[mask[1:]].sum())
 
 
 def test_every_draw_is_scored_exactly_and_its_tokens_counted(tiny):
@@ -48,7 +66,8 @@ def test_every_draw_is_scored_exactly_and_its_tokens_counted(tiny):
             assert scores.mean[g, q].item() == pytest.approx(expect, rel=1e-4)
             assert scores.tokens[g, q].item() == answer_tokens[q]
             assert scores.nats[g, q].item() == pytest.approx(expect * answer_tokens[q], rel=1e-4)
-            assert 0 <= scores.misses[g, q].item() <= answer_tokens[q]
+            compress = masks[g, 3 * q : 3 * q + 3].tolist()
+            assert scores.misses[g, q].item() == plain_misses(model, s, compress)
     full, small = cfg.tokens_per_tile, cfg.compressed_tokens_per_tile
     kept = kept_share(masks, row_question, 2, full, small)
     assert kept[0].tolist() == pytest.approx(
