@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_router_stage import routed_answer_loss
+from test_router_stage import routed_answer_loss, routed_inputs
 from test_vico import make_sample
 
 import tessera.train.question_router_policy as policy
@@ -23,7 +23,6 @@ from tessera.train.question_router_policy import (
 )
 from tessera.train.question_router_stage import projected_tiles
 from tessera.train.router_stage import SampleBatch
-from tessera.train.vico import shrink_image_tokens
 
 
 def asked(model, index: int, tiles: list[int], question: str = "what is the label?"):
@@ -32,16 +31,8 @@ def asked(model, index: int, tiles: list[int], question: str = "what is the labe
 
 def plain_misses(model, sample, compress: list[bool]) -> int:
     """Answer tokens whose argmax is wrong, one plain forward with the tiles in `compress` at 1/16."""
-    cfg = model.config
-    enc = shrink_image_tokens(
-        sample,
-        compress,
-        cfg.tokens_per_tile,
-        cfg.compressed_tokens_per_tile,
-        cfg.image_context_token_id,
-    )
+    enc, feats = routed_inputs(model, sample, compress)
     with torch.no_grad():
-        feats, _ = model.encode_images(sample.pixel_values, compress=torch.tensor(compress))
         logits = model(torch.tensor([enc.input_ids]), image_features=feats)[0]  # [T, V]
     ids, mask = torch.tensor(enc.input_ids), torch.tensor(enc.loss_mask, dtype=torch.bool)
     return int((logits[:-1].argmax(-1) != ids[1:])[mask[1:]].sum())

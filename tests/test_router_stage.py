@@ -31,8 +31,8 @@ def answer_loss(model, ids: list[int], mask: list[int], features: torch.Tensor) 
     return float(F.cross_entropy(logits[:-1][keep], targets[keep]))
 
 
-def routed_answer_loss(model, sample, compress: list[bool]) -> float:
-    """Mean answer CE of `sample` (Encoded at 1/4) with the tiles flagged in `compress` at 1/16."""
+def routed_inputs(model, sample, compress: list[bool]):
+    """(Encoded, image features) of `sample` (Encoded at 1/4) with the tiles flagged in `compress` at 1/16."""
     cfg = model.config
     enc = shrink_image_tokens(
         sample,
@@ -43,6 +43,12 @@ def routed_answer_loss(model, sample, compress: list[bool]) -> float:
     )
     with torch.no_grad():
         feats, _ = model.encode_images(sample.pixel_values, compress=torch.tensor(compress))
+    return enc, feats
+
+
+def routed_answer_loss(model, sample, compress: list[bool]) -> float:
+    """Mean answer CE of `sample` (Encoded at 1/4) with the tiles flagged in `compress` at 1/16."""
+    enc, feats = routed_inputs(model, sample, compress)
     return answer_loss(model, enc.input_ids, enc.loss_mask, feats)
 
 

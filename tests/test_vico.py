@@ -56,7 +56,7 @@ def test_xi_is_per_image_and_deterministic():
     assert not any(draw_xi(5, 4, compress_prob=0.0)) and all(draw_xi(5, 4, compress_prob=1.0))
 
 
-def packer_for(model, rows=4, compress_prob=0.5, row_tokens=512) -> PairPacker:
+def packer_for(model, rows=4, compress_prob=0.5, row_tokens=512, xi_per="image") -> PairPacker:
     cfg = model.config
     return PairPacker(
         rows,
@@ -66,6 +66,7 @@ def packer_for(model, rows=4, compress_prob=0.5, row_tokens=512) -> PairPacker:
         cfg.compressed_tokens_per_tile,
         cfg.image_context_token_id,
         compress_prob,
+        xi_per,
     )
 
 
@@ -91,39 +92,15 @@ def test_pairs_share_rows_answers_and_tiles(tiny):
 def test_xi_per_tile_mixes_resolutions_inside_an_image(tiny):
     cfg = tiny.config
     samples = [make_sample(tiny, i, [3]) for i in range(12)]  # one image of three tiles each
-
-    def per_image_masks(xi_per: str) -> list[list[bool]]:
-        packer = PairPacker(
-            4,
-            512,
-            tiny.tokenizer.pad_id,
-            cfg.tokens_per_tile,
-            cfg.compressed_tokens_per_tile,
-            cfg.image_context_token_id,
-            0.5,
-            xi_per,
-        )
-        return [packer.pair(s)[2] for s in samples]
-
-    images = per_image_masks("image")
-    assert all(len(set(m)) == 1 for m in images)  # the paper: one ξ for every tile of an image
-    tiles = per_image_masks("tile")
-    assert any(len(set(m)) == 2 for m in tiles) and tiles == per_image_masks("tile")
-    for s, mask in zip(samples, tiles):
-        policy = PairPacker(
-            4,
-            512,
-            tiny.tokenizer.pad_id,
-            cfg.tokens_per_tile,
-            cfg.compressed_tokens_per_tile,
-            cfg.image_context_token_id,
-            0.5,
-            "tile",
-        ).pair(s)[1]
+    per_image, per_tile = packer_for(tiny), packer_for(tiny, xi_per="tile")
+    assert all(len(set(per_image.pair(s)[2])) == 1 for s in samples)  # the paper: one ξ per image
+    masks = [per_tile.pair(s)[2] for s in samples]
+    assert any(len(set(m)) == 2 for m in masks) and masks == [per_tile.pair(s)[2] for s in samples]
+    for s, mask in zip(samples, masks):
         saved = sum(mask) * (cfg.tokens_per_tile - cfg.compressed_tokens_per_tile)
-        assert policy.image_tokens == [s.image_tokens[0] - saved]
+        assert per_tile.pair(s)[1].image_tokens == [s.image_tokens[0] - saved]
     with pytest.raises(ValueError, match="xi_per must be one of image, tile"):
-        PairPacker(4, 512, 0, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile, 1, 0.5, "patch")
+        packer_for(tiny, xi_per="patch")
 
 
 def test_kl_is_zero_at_quarter_and_training_reduces_it_at_one_sixteenth(tiny):
